@@ -1,0 +1,49 @@
+"""nbpipe: notebook pipelines on Dask with content-addressed resume.
+
+>>> from nbpipe import Pipeline, task
+>>> pipe = Pipeline("demo")                       # doctest: +SKIP
+>>> @pipe.task
+... def square(x: int) -> int:
+...     return x * x                              # doctest: +SKIP
+>>> refs = [square(i) for i in range(10)]         # doctest: +SKIP
+>>> pipe.run(check=True)                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from .bash import BashResult
+from .context import TaskContext, context
+from .errors import (
+    BashTaskError,
+    CycleError,
+    MissingInputError,
+    NbpipeError,
+    PipelineBusy,
+    ResultCorrupt,
+    StoreError,
+    StoreNotWritable,
+    StoreVersionError,
+    TaskDefinitionError,
+    TaskFailed,
+    TaskfileError,
+    TaskKilled,
+    UnhashableValue,
+    UnknownTask,
+    UpstreamFailed,
+)
+from .files import In, Out
+from .pipeline import Pipeline, RunSummary, TaskInfo, current_pipeline, use
+from .states import State
+from .task import TaskFunction, TaskRef, bash_task, task
+from .taskfile import TaskItem, load_tasks
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BashResult", "BashTaskError", "CycleError", "In", "MissingInputError", "NbpipeError",
+    "Out", "Pipeline", "PipelineBusy", "ResultCorrupt", "RunSummary", "State", "StoreError",
+    "StoreNotWritable", "StoreVersionError", "TaskContext", "TaskDefinitionError",
+    "TaskFailed", "TaskFunction", "TaskInfo", "TaskItem", "TaskKilled", "TaskRef",
+    "TaskfileError", "UnhashableValue", "UnknownTask", "UpstreamFailed", "bash_task",
+    "context", "current_pipeline", "load_tasks", "task", "use",
+]

@@ -1,0 +1,61 @@
+"""What a running task can know about itself: ``nbpipe.context()``.
+
+>>> from nbpipe import task, context
+>>> @task
+... def long_job(n: int) -> int:
+...     ctx = context()
+...     for i in range(n):
+...         if ctx.should_stop():      # the worker got SIGTERM: walltime or preemption
+...             break
+...     return i
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+from .errors import NotInTask
+
+__all__ = ["TaskContext", "context", "stop_requested"]
+
+_local = threading.local()
+_stop = threading.Event()
+
+
+def stop_requested() -> threading.Event:
+    """The worker-wide event set when the worker process receives SIGTERM."""
+    return _stop
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """Information about the task running in this thread."""
+
+    name: str
+    key: str
+    label: str
+    attempt: int
+    pipeline: str
+    worker: str | None = None
+    slurm_job_id: str | None = field(default_factory=lambda: os.environ.get("SLURM_JOB_ID"))
+
+    def should_stop(self) -> bool:
+        """True once the worker received SIGTERM (walltime, preemption): save and return soon."""
+        return _stop.is_set()
+
+
+def context() -> TaskContext:
+    """The :class:`TaskContext` of the task running in the current thread.
+
+    Raises :class:`~nbpipe.errors.NotInTask` when called outside a task.
+    """
+    ctx = getattr(_local, "ctx", None)
+    if ctx is None:
+        raise NotInTask("nbpipe.context() is only available inside a running task")
+    return ctx
+
+
+def _set(ctx: TaskContext | None) -> None:
+    _local.ctx = ctx

@@ -1,0 +1,88 @@
+"""Exception types: one per kind of mistake, each message saying what to do."""
+
+from __future__ import annotations
+
+
+class NbpipeError(Exception):
+    """Base class of every error nbpipe raises on purpose."""
+
+
+class TaskDefinitionError(NbpipeError, TypeError):
+    """A task was declared or called with options or arguments that cannot work."""
+
+
+class UnhashableValue(NbpipeError, TypeError):
+    """A value that enters a task's identity cannot be hashed deterministically.
+
+    The message names the task and the argument (or global) and how to fix it.
+    """
+
+
+class CycleError(NbpipeError):
+    """The tasks' dependencies form a cycle."""
+
+
+class MissingInputError(NbpipeError, FileNotFoundError):
+    """A declared input file neither exists nor is produced by any task."""
+
+
+class TaskFailed(NbpipeError):
+    """One or more tasks failed; ``failed`` holds their labels."""
+
+    def __init__(self, message: str, failed: list[str] | None = None):
+        super().__init__(message)
+        self.failed = list(failed or [])
+
+
+class UpstreamFailed(TaskFailed):
+    """A task did not run because a task it depends on failed or was killed."""
+
+
+class TaskKilled(NbpipeError):
+    """The task was killed on request (``pipe.kill``, ``nbpipe kill`` or the sidebar)."""
+
+
+class BashTaskError(NbpipeError):
+    """A bash task exited with a non-zero status; ``exit_code`` holds it."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.exit_code))
+
+
+class ResultCorrupt(NbpipeError):
+    """A result file is missing or does not match its recorded checksum."""
+
+
+class StoreError(NbpipeError):
+    """The pipeline store cannot be opened or used."""
+
+
+class StoreNotWritable(StoreError, PermissionError):
+    """The store directory cannot be created or written."""
+
+
+class StoreVersionError(StoreError):
+    """The store was written by a newer nbpipe whose schema this one does not know."""
+
+
+class PipelineBusy(NbpipeError):
+    """Another process is already running this pipeline."""
+
+
+class TaskfileError(NbpipeError, ValueError):
+    """A task file (YAML or JSON) is malformed."""
+
+
+class NotInTask(NbpipeError, RuntimeError):
+    """``nbpipe.context()`` was called outside a running task."""
+
+
+class UnknownTask(NbpipeError, KeyError):
+    """A task name or key does not match any task of the pipeline."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
+        return str(self.args[0]) if self.args else ""

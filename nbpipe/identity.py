@@ -1,0 +1,413 @@
+"""Content identity: an unambiguous encoding of values and code, and the digests built from it.
+
+A task's key is the digest of its *components*: the normalised code of its function, the code
+of the helpers and the values of the globals it uses (followed recursively), the versions of the
+modules it touches, its arguments, its upstream keys, the content of its input files and its
+``version``. Names and resources are not part of it.
+
+Nothing here pickles: pickles of dicts and plain string joins collide or drift. Every value is
+written as a type tag, a length and a payload, so two different values never share an encoding.
+
+>>> digest({"b": 1, "a": (1.5, "x")}) == digest({"a": (1.5, "x"), "b": 1})
+True
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import datetime as _dt
+import enum
+import functools
+import hashlib
+import importlib.metadata
+import inspect
+import os
+import sys
+import sysconfig
+import textwrap
+import types
+from collections.abc import Callable, Iterator
+from pathlib import PurePath
+from typing import Any
+
+from .errors import UnhashableValue
+
+__all__ = ["CodeIdentity", "Unencodable", "code_identity", "digest", "encode", "module_version"]
+
+
+class Unencodable(Exception):
+    """Internal: raised with the path inside the value that could not be encoded."""
+
+    def __init__(self, typename: str, path: str = ""):
+        super().__init__(typename, path)
+        self.typename = typename
+        self.path = path
+
+
+def _hasher() -> Any:
+    return hashlib.blake2b(digest_size=16)
+
+
+def digest(value: Any) -> str:
+    """The hex digest of ``value``'s canonical encoding (32 hex characters)."""
+    h = _hasher()
+    for chunk in encode(value):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _frame(tag: bytes, payload: bytes) -> bytes:
+    return tag + len(payload).to_bytes(8, "little") + payload
+
+
+def encode(value: Any, path: str = "") -> Iterator[bytes]:
+    """Yield the canonical encoding of ``value``: tag, length, payload, recursively.
+
+    Raises :class:`Unencodable` (with the path of the offending part) for values that have no
+    deterministic encoding, such as open files, locks or arbitrary objects.
+    """
+    # Order matters: bool before int, enums and named tuples before their bases.
+    if value is None:
+        yield b"N"
+    elif value is True or value is False:
+        yield b"B1" if value else b"B0"
+    elif isinstance(value, enum.Enum):
+        yield _frame(b"M", _qualname(type(value)).encode())
+        yield from encode(value.value, path)
+    elif type(value) is int:
+        yield _frame(b"I", str(value).encode())
+    elif type(value) is float:
+        yield _frame(b"F", value.hex().encode())
+    elif type(value) is complex:
+        yield _frame(b"X", f"{value.real.hex()},{value.imag.hex()}".encode())
+    elif type(value) is str:
+        yield _frame(b"S", value.encode("utf-8", "surrogatepass"))
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        yield _frame(b"Y", bytes(value))
+    elif isinstance(value, PurePath):
+        yield _frame(b"P", os.fspath(value).encode("utf-8", "surrogateescape"))
+    elif hasattr(value, "__nbpipe_token__"):
+        yield _frame(b"K", _qualname(type(value)).encode())
+        yield from encode(value.__nbpipe_token__(), path)
+    elif isinstance(value, tuple) and hasattr(value, "_fields"):
+        yield _frame(b"U", _qualname(type(value)).encode())
+        yield from _encode_items(value, path)
+    elif type(value) in (list, tuple):
+        yield b"L" if type(value) is list else b"T"
+        yield from _encode_items(value, path)
+    elif isinstance(value, dict):
+        items = sorted(
+            (b"".join(encode(k, f"{path}[{k!r}]")), b"".join(encode(v, f"{path}[{k!r}]")))
+            for k, v in value.items()
+        )
+        yield _frame(b"D", len(items).to_bytes(8, "little"))
+        for k, v in items:
+            yield k
+            yield v
+    elif isinstance(value, (set, frozenset)):
+        items = sorted(b"".join(encode(v, f"{path}{{...}}")) for v in value)
+        yield _frame(b"E", len(items).to_bytes(8, "little"))
+        yield from items
+    elif isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
+        yield _frame(b"t", f"{type(value).__name__}:{value.isoformat()}".encode())
+    elif isinstance(value, _dt.timedelta):
+        yield _frame(b"d", repr(value.total_seconds()).encode())
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        yield _frame(b"C", _qualname(type(value)).encode())
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        yield from encode(fields, path)
+    elif _is_numpy(value):
+        yield from _encode_numpy(value, path)
+    elif isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type)):
+        yield _frame(b"G", code_identity(value).digest.encode())
+    elif isinstance(value, types.ModuleType):
+        yield _frame(b"O", f"{value.__name__}=={module_version(value.__name__)}".encode())
+    elif hasattr(value, "__nbpipe_key__"):  # a TaskRef: identified by its upstream key
+        yield _frame(b"R", value.__nbpipe_key__().encode())
+    else:
+        raise Unencodable(_qualname(type(value)), path)
+
+
+def _encode_items(items: Any, path: str) -> Iterator[bytes]:
+    yield len(items).to_bytes(8, "little")
+    for i, item in enumerate(items):
+        yield from encode(item, f"{path}[{i}]")
+
+
+def _is_numpy(value: Any) -> bool:
+    return type(value).__module__ == "numpy" and hasattr(value, "dtype")
+
+
+def _encode_numpy(value: Any, path: str) -> Iterator[bytes]:
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        yield _frame(b"n", value.dtype.str.encode())
+        yield from encode(value.item(), path)
+        return
+    if value.dtype.hasobject:
+        raise Unencodable("numpy.ndarray of dtype object", path)
+    array = np.ascontiguousarray(value)
+    yield _frame(b"A", f"{array.dtype.str}:{array.shape}".encode())
+    yield _frame(b"a", array.tobytes())
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+# --------------------------------------------------------------------------------------------
+# Modules and their versions
+
+
+@functools.cache
+def _package_distributions() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()
+
+
+@functools.cache
+def module_version(name: str) -> str:
+    """The version of the distribution that provides top-level module ``name``.
+
+    Standard-library modules report the Python version; unknown ones ``"unknown"``.
+    """
+    top = name.partition(".")[0]
+    if top in sys.stdlib_module_names or top == "builtins":
+        return f"python-{sys.version_info.major}.{sys.version_info.minor}"
+    for dist in _package_distributions().get(top, []):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:  # pragma: no cover - broken install
+            continue
+    mod = sys.modules.get(top)
+    return str(getattr(mod, "__version__", "unknown"))
+
+
+@functools.cache
+def _library_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    roots.add(os.path.dirname(os.__file__))
+    roots.add(os.path.dirname(os.path.dirname(__file__)) + os.sep + "nbpipe")
+    return tuple(sorted(os.path.realpath(r) for r in roots))
+
+
+def _is_user_code(obj: Any) -> bool:
+    """True for functions and classes of the user's own scripts and notebooks.
+
+    Library code (standard library, site-packages, nbpipe itself) enters a key by its module's
+    version instead of its code.
+    """
+    modname = getattr(obj, "__module__", None) or ""
+    if modname.partition(".")[0] in ("nbpipe", "builtins"):
+        return False
+    module = sys.modules.get(modname)
+    filename = getattr(module, "__file__", None)
+    if module is None or not filename:
+        return True  # __main__ of a notebook or an interactive session
+    return not os.path.realpath(filename).startswith(_library_roots())
+
+
+# --------------------------------------------------------------------------------------------
+# Code
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeIdentity:
+    """Everything about a function's code that determines what it computes.
+
+    ``code`` is the digest of the function's normalised AST; ``helpers`` maps the user-defined
+    functions and classes it uses (recursively) to their code digests; ``globals`` maps the
+    global values they read to value digests; ``modules`` maps library modules to versions.
+    """
+
+    code: str
+    helpers: dict[str, str]
+    globals: dict[str, str]
+    modules: dict[str, str]
+
+    @property
+    def digest(self) -> str:
+        """One digest of all four parts."""
+        return digest([self.code, self.helpers, self.globals, self.modules])
+
+
+class _StripDocstrings(ast.NodeTransformer):
+    def _strip(self, node: Any) -> Any:
+        self.generic_visit(node)
+        body = node.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            if isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+        return node
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = visit_Module = _strip
+
+
+def normalised_source_digest(source: str) -> str:
+    """Digest of Python source with comments, docstrings and formatting removed.
+
+    >>> normalised_source_digest("x = 1  # one") == normalised_source_digest("x=1")
+    True
+    """
+    tree = _StripDocstrings().visit(ast.parse(textwrap.dedent(source)))
+    return digest(ast.dump(tree, annotate_fields=True, include_attributes=False))
+
+
+@dataclasses.dataclass
+class _CodeInfo:
+    digest: str
+    names: tuple[str, ...]  # global names the code reads
+
+
+_code_cache: dict[Any, _CodeInfo] = {}
+
+
+def _function_ast(fn: Any) -> ast.AST | None:
+    try:
+        source = textwrap.dedent(inspect.getsource(fn))
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        return None
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if node.name != getattr(fn, "__name__", None):
+                return None
+            node.decorator_list = []  # decorator options are resources, not identity
+            node.name = "_"  # names are not identity either
+            return _StripDocstrings().visit(node)
+    return None
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _bytecode_digest(code: types.CodeType) -> str:
+    """Fallback when the source is not available: bytecode and constants, no line numbers."""
+    consts = []
+    for i, const in enumerate(code.co_consts):
+        if isinstance(const, types.CodeType):
+            consts.append(_bytecode_digest(const))
+        elif i == 0 and isinstance(const, str) and code.co_flags & inspect.CO_NEWLOCALS:
+            consts.append(None)  # a docstring (or a first string constant): not identity
+        else:
+            try:
+                consts.append(digest(const))
+            except Unencodable:
+                consts.append(repr(const))
+    return digest([code.co_code, consts, list(code.co_names), list(code.co_varnames)])
+
+
+def _code_info(fn: Any) -> _CodeInfo:
+    code = getattr(fn, "__code__", None)
+    cache_key = code if code is not None else fn
+    info = _code_cache.get(cache_key)
+    if info is not None:
+        return info
+    tree = _function_ast(fn)
+    if isinstance(fn, type):
+        if tree is not None:
+            loads = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+            info = _CodeInfo(digest(ast.dump(tree, include_attributes=False)), tuple(sorted(loads)))
+        else:  # no source (some notebook classes): the code of its methods
+            methods = {k: v for k, v in vars(fn).items() if isinstance(v, types.FunctionType)}
+            parts = {k: _code_info(v).digest for k, v in methods.items()}
+            names = set().union(*(_code_info(v).names for v in methods.values())) if methods else set()
+            info = _CodeInfo(digest([fn.__name__, parts]), tuple(sorted(names)))
+    elif code is None:
+        raise Unencodable(_qualname(fn))
+    else:
+        read = _code_names(code) | set(code.co_freevars)
+        if tree is not None:
+            loads = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+            read &= loads | set(code.co_freevars)
+            info = _CodeInfo(digest(ast.dump(tree, include_attributes=False)), tuple(sorted(read)))
+        else:
+            info = _CodeInfo(_bytecode_digest(code), tuple(sorted(read)))
+    _code_cache[cache_key] = info
+    return info
+
+
+def _unwrap(obj: Any) -> Any:
+    """The plain function behind a TaskFunction (or anything exposing ``__nbpipe_function__``)."""
+    inner = getattr(obj, "__nbpipe_function__", None)
+    return inner if inner is not None else obj
+
+
+def _lookup(fn: Any, name: str) -> tuple[bool, Any]:
+    code = getattr(fn, "__code__", None)
+    if code is not None and fn.__closure__ and name in code.co_freevars:
+        cell = fn.__closure__[code.co_freevars.index(name)]
+        try:
+            return True, cell.cell_contents
+        except ValueError:  # an empty cell
+            return False, None
+    module_globals = getattr(fn, "__globals__", None)
+    if module_globals is None:
+        module = sys.modules.get(getattr(fn, "__module__", "") or "")
+        module_globals = vars(module) if module is not None else {}
+    if name in module_globals:
+        return True, module_globals[name]
+    return False, None
+
+
+def code_identity(fn: Callable[..., Any], *, owner: str = "") -> CodeIdentity:
+    """The :class:`CodeIdentity` of ``fn``, following the helpers and globals it uses.
+
+    Raises :class:`~nbpipe.errors.UnhashableValue` naming the global when one of the values it
+    reads has no deterministic encoding. ``owner`` names the task in that message.
+    """
+    fn = _unwrap(fn)
+    owner = owner or getattr(fn, "__name__", "?")
+    helpers: dict[str, str] = {}
+    values: dict[str, str] = {}
+    modules: dict[str, str] = {}
+    if not _is_user_code(fn):
+        modules[fn.__module__.partition(".")[0]] = module_version(fn.__module__)
+        return CodeIdentity(digest(_qualname(fn)), helpers, values, modules)
+    root = _code_info(fn)
+    seen: set[int] = {id(fn)}
+    stack: list[Any] = [fn]
+    while stack:
+        current = stack.pop()
+        current_module = getattr(current, "__module__", "")
+        for name in _code_info(current).names:
+            found, value = _lookup(current, name)
+            if not found:
+                continue  # a builtin, or a name defined later
+            label = name if current_module == fn.__module__ else f"{current_module}.{name}"
+            value = _unwrap(value)
+            if isinstance(value, types.ModuleType):
+                top = value.__name__.partition(".")[0]
+                modules[top] = module_version(top)
+            elif isinstance(value, (types.FunctionType, type)) and _is_user_code(value):
+                if id(value) in seen:
+                    continue
+                seen.add(id(value))
+                try:
+                    helpers[label] = _code_info(value).digest
+                except Unencodable:
+                    continue
+                stack.append(value)
+            elif isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type)):
+                top = (getattr(value, "__module__", None) or "builtins").partition(".")[0]
+                if top != "builtins":
+                    modules[top] = module_version(top)
+            else:
+                try:
+                    values[label] = digest(value)
+                except Unencodable as exc:
+                    raise UnhashableValue(
+                        f"task {owner!r} reads global {label!r}{exc.path}, a "
+                        f"{exc.typename}, which nbpipe cannot hash deterministically; pass it "
+                        "as an argument of a type nbpipe can hash (numbers, strings, paths, "
+                        "lists, dicts, numpy arrays, dataclasses), give its class a "
+                        "__nbpipe_token__() method, or build it inside the task"
+                    ) from None
+    return CodeIdentity(root.digest, helpers, values, modules)

@@ -1,0 +1,742 @@
+"""Pipelines: a named graph of tasks, recorded in a store, run on Dask, resumed by content.
+
+>>> import nbpipe
+>>> pipe = nbpipe.Pipeline("pi", store=".nbpipe")      # doctest: +SKIP
+>>> @pipe.task
+... def fraction(seed: int) -> float: ...              # doctest: +SKIP
+>>> refs = [fraction(seed=i) for i in range(20)]        # doctest: +SKIP
+>>> pipe.run(check=True)                                # doctest: +SKIP
+
+Running the same script again executes nothing that already succeeded.
+"""
+
+from __future__ import annotations
+
+import atexit
+import graphlib
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import cloudpickle
+
+from .cluster import Connection, connect
+from .errors import (
+    CycleError,
+    MissingInputError,
+    NbpipeError,
+    ResultCorrupt,
+    TaskDefinitionError,
+    TaskFailed,
+    TaskKilled,
+    UnhashableValue,
+    UnknownTask,
+    UpstreamFailed,
+)
+from .files import file_digest, paths_in
+from .identity import CodeIdentity, Unencodable, digest
+from .results import read_result
+from .runner import Runner
+from .states import BAD, State
+from .store import RunnerLock, Store
+from .task import TaskFunction, TaskRef, _label, bash_task, task
+from .why import explain
+
+__all__ = ["Pipeline", "RunSummary", "TaskInfo", "current_pipeline", "use"]
+
+
+class TaskInfo(NamedTuple):
+    """One row of ``pipe.tasks()``."""
+
+    name: str
+    key: str
+    label: str
+    state: str
+    attempts: int
+    error: str | None
+    reason: str | None = None
+
+
+class RunSummary(NamedTuple):
+    """What ``pipe.run()`` did: counts by state, failed task labels, how many ran."""
+
+    counts: dict[str, int]
+    failed: list[str]
+    executed: int
+    cached: int
+    paused: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when every task of the run succeeded."""
+        return not self.failed and set(self.counts) <= {State.SUCCEEDED.value}
+
+    def __str__(self) -> str:
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items()))
+        text = f"{self.executed} executed, {self.cached} already done ({counts or 'no tasks'})"
+        if self.failed:
+            text += f"; failed: {', '.join(self.failed[:10])}"
+            if len(self.failed) > 10:
+                text += f" and {len(self.failed) - 10} more"
+        if self.paused:
+            text += "; the pipeline is paused (pipe.resume() to continue)"
+        return text
+
+
+class _Slot:
+    """Stands for the i-th upstream TaskRef of a call inside its encoded arguments."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __nbpipe_token__(self) -> tuple[str, int]:
+        return ("upstream", self.index)
+
+
+class RemoteTraceback(Exception):
+    """The traceback of a task's exception on its worker (set as the exception's cause)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _default_name() -> str:
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None) or (sys.argv[0] if sys.argv else "")
+    stem = Path(path).stem if path else ""
+    if not stem or stem in ("-c", "ipykernel_launcher", "pytest", "__main__"):
+        return "default"
+    return stem
+
+
+_stack: list[Pipeline] = []
+_default: Pipeline | None = None
+_stack_lock = threading.Lock()
+
+
+def current_pipeline() -> Pipeline:
+    """The pipeline that module-level ``@task`` functions register into.
+
+    ``with pipe:`` or ``nbpipe.use(pipe)`` choose it; otherwise a default pipeline named after
+    the script, in ``./.nbpipe``.
+    """
+    global _default
+    with _stack_lock:
+        if _stack:
+            return _stack[-1]
+        if _default is None:
+            _default = Pipeline(_default_name())
+        return _default
+
+
+def use(pipeline: Pipeline) -> Pipeline:
+    """Make ``pipeline`` the current pipeline for module-level ``@task`` functions."""
+    global _default
+    with _stack_lock:
+        _default = pipeline
+        _stack.clear()
+    return pipeline
+
+
+_open: weakref.WeakSet[Pipeline] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for pipe in list(_open):
+        try:
+            pipe.close()
+        except Exception:
+            pass
+
+
+class Pipeline:
+    """A named pipeline of tasks in a store, run on a Dask cluster.
+
+    ``store`` is a directory (default ``./.nbpipe`` or ``$NBPIPE_STORE``); ``cluster`` is
+    ``None``/``"local"`` (a LocalCluster started on demand), a scheduler address, a dask
+    Cluster or a Client.
+    """
+
+    def __init__(self, name: str | None = None, store: str | os.PathLike[str] | Store | None = None,
+                 cluster: Any = None):
+        name = _default_name() if name is None else name
+        if not isinstance(name, str) or not name.strip():
+            raise TaskDefinitionError(f"a pipeline needs a non-empty name, got {name!r}")
+        self.name = name
+        self.store = store if isinstance(store, Store) else Store(store)
+        self.pipeline_id = self.store.pipeline_id(name, source=_default_name())
+        self.cluster = cluster
+        self._refs: dict[str, TaskRef] = {}  # call id -> ref, the active tasks of this process
+        self._by_label: dict[str, TaskRef] = {}
+        self._lock = threading.RLock()
+        self._runner: Runner | None = None
+        self._connection: Connection | None = None
+        _open.add(self)
+
+    def __repr__(self) -> str:
+        return f"<Pipeline {self.name!r} store={str(self.store.path)!r} tasks={len(self._refs)}>"
+
+    # -- registration -------------------------------------------------------------------------
+
+    def task(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+        """``@pipe.task``: like :func:`nbpipe.task`, registering into this pipeline."""
+        decorate = task(_pipeline=self, **options)
+        return decorate(fn) if fn is not None else decorate
+
+    def bash_task(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+        """``@pipe.bash_task``: like :func:`nbpipe.bash_task`, registering into this pipeline."""
+        decorate = bash_task(_pipeline=self, **options)
+        return decorate(fn) if fn is not None else decorate
+
+    def __enter__(self) -> Pipeline:
+        with _stack_lock:
+            _stack.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with _stack_lock:
+            if self in _stack:
+                _stack.remove(self)
+
+    def _slot(self, value: Any, upstream: list[TaskRef], func: TaskFunction) -> Any:
+        kind = type(value)
+        if kind in (int, float, str, bool) or value is None:
+            return value
+        if isinstance(value, TaskRef):
+            if value.pipeline is not self:
+                raise TaskDefinitionError(
+                    f"task {func.name!r} got {value!r} from pipeline {value.pipeline.name!r}; "
+                    f"tasks can only depend on tasks of the same pipeline ({self.name!r})"
+                )
+            upstream.append(value)
+            return _Slot(len(upstream) - 1)
+        if kind is list:
+            return [self._slot(v, upstream, func) for v in value]
+        if kind is tuple:
+            return tuple(self._slot(v, upstream, func) for v in value)
+        if kind is dict:
+            return {k: self._slot(v, upstream, func) for k, v in value.items()}
+        return value
+
+    def _add(self, func: TaskFunction, args: Sequence[Any], kwargs: dict[str, Any], *,
+             identity: CodeIdentity | None = None, label: str | None = None,
+             group: str | None = None, chunksize: int | None = None) -> TaskRef:
+        try:
+            bound = func.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TaskDefinitionError(
+                f"task {func.name!r}: {exc}; its signature is {func.name}{func.signature}"
+            ) from None
+        bound.apply_defaults()
+        upstream: list[TaskRef] = []
+        slotted = {p: self._slot(v, upstream, func) for p, v in bound.arguments.items()}
+        identity = identity or func.identity()
+        arg_digests = {}
+        for param, value in slotted.items():
+            try:
+                arg_digests[param] = digest(value)
+            except Unencodable as exc:
+                raise UnhashableValue(
+                    f"task {func.name!r}: argument {param!r}{exc.path} is a {exc.typename}, "
+                    "which nbpipe cannot hash deterministically; pass a value of a type nbpipe "
+                    "can hash (numbers, strings, paths, lists, dicts, numpy arrays, "
+                    "dataclasses), give its class a __nbpipe_token__() method, or build the "
+                    "object inside the task"
+                ) from None
+        in_files: list[Path] = []
+        out_files: list[Path] = []
+        for param, role in func.file_roles.items():
+            try:
+                paths = [Path(os.path.abspath(p)) for p in paths_in(bound.arguments.get(param))]
+            except TypeError as exc:
+                raise TaskDefinitionError(
+                    f"task {func.name!r}: argument {param!r} is declared "
+                    f"{'In' if role == 'in' else 'Out'} file(s) but {exc}"
+                ) from None
+            (in_files if role == "in" else out_files).extend(paths)
+        partial = {
+            "kind": func.kind, "code": identity.code, "helpers": identity.helpers,
+            "globals": identity.globals, "modules": identity.modules, "args": arg_digests,
+            "version": func.opts.version,
+        }
+        after = func.opts.after
+        call_id = digest([
+            partial, [u.call_id for u in upstream],
+            [a if isinstance(a, str) else a.call_id for a in after],
+            [str(p) for p in in_files],
+        ])
+        with self._lock:
+            existing = self._refs.get(call_id)
+            if existing is not None:
+                return existing
+            label = label or _label(func.name, bound, func.signature)
+            previous = self._by_label.get(label)
+            if previous is not None:
+                if previous.func is func:  # same function, arguments that print alike
+                    n = 2
+                    while f"{label}~{n}" in self._by_label:
+                        n += 1
+                    label = f"{label}~{n}"
+                else:  # a redefinition (an edited cell run again) replaces the old task
+                    self._refs.pop(previous.call_id, None)
+            ref = TaskRef(self, func, func.name, label)
+            ref.args, ref.kwargs = bound.args, bound.kwargs
+            ref.call_id = call_id
+            ref.upstream = upstream
+            ref.after = after
+            ref.in_files, ref.out_files = in_files, out_files
+            ref.partial = partial
+            ref.group, ref.chunksize = group, chunksize
+            self._refs[call_id] = ref
+            self._by_label[label] = ref
+        return ref
+
+    def _add_many(self, func: TaskFunction, items: Iterable[Any], chunksize: int | None
+                  ) -> list[TaskRef]:
+        from .taskfile import TaskItem
+
+        identity = func.identity()  # once for the whole map
+        group = f"{func.name}-{uuid.uuid4().hex[:8]}"
+        refs = []
+        for item in items:
+            label = f"{func.name}[{item.task_id}]" if isinstance(item, TaskItem) else None
+            refs.append(self._add(func, (item,), {}, identity=identity, label=label,
+                                  group=group if chunksize else None, chunksize=chunksize))
+        return refs
+
+    # -- resolution: keys, dependencies, what is already done ---------------------------------
+
+    def _task_by_name(self, name: str, owner: TaskRef) -> TaskRef:
+        found = self._by_label.get(name)
+        if found is None:
+            found = next((r for r in reversed(self._refs.values()) if r.name == name), None)
+        if found is None:
+            raise UnknownTask(
+                f"task {owner.label!r} has after={name!r}, but no task of pipeline "
+                f"{self.name!r} has that name; register it first or fix the name"
+            )
+        return found
+
+    def _deps(self, ref: TaskRef) -> list[TaskRef]:
+        return list(ref.deps)
+
+    def _resolve(self, refs: Iterable[TaskRef] | None = None) -> None:
+        """Compute keys and dependencies of new (and file-dependent) tasks; find what is done."""
+        with self._lock:
+            todo = [r for r in self._refs.values() if r.key_ is None or r.dynamic]
+            if refs is not None:
+                todo += [r for r in refs if r.key_ is None and r.call_id not in self._refs]
+            if not todo:
+                return
+            producers: dict[Path, TaskRef] = {}
+            for r in self._refs.values():
+                for p in r.out_files:
+                    other = producers.get(p)
+                    if other is not None and other is not r:
+                        raise TaskDefinitionError(
+                            f"tasks {other.label!r} and {r.label!r} both declare {p} as their "
+                            "output; give each task its own output path"
+                        )
+                    producers[p] = r
+            todo_set = set(todo)
+            for r in todo:
+                deps: dict[TaskRef, str] = dict.fromkeys(r.upstream, "data")
+                for a in r.after:
+                    deps.setdefault(self._task_by_name(a, r) if isinstance(a, str) else a, "after")
+                for p in r.in_files:
+                    producer = producers.get(p)
+                    if producer is not None and producer is not r:
+                        deps.setdefault(producer, "file")
+                    elif not p.exists():
+                        raise MissingInputError(
+                            f"task {r.label!r} reads {p}, which does not exist and which no "
+                            "task of the pipeline declares as an Out file; create the file, "
+                            "fix the path, or register the task that writes it"
+                        )
+                    else:
+                        r.dynamic = True  # an external file: its content is re-read every run
+                r.deps = deps
+            graph = {r: [d for d in r.deps if d in todo_set] for r in todo}
+            try:
+                order = list(graphlib.TopologicalSorter(graph).static_order())
+            except graphlib.CycleError as exc:
+                cycle = " -> ".join(r.label for r in exc.args[1])
+                raise CycleError(
+                    f"tasks form a cycle: {cycle}; remove one of these dependencies "
+                    "(an after= or an In/Out file)"
+                ) from None
+            changed = []
+            for r in order:
+                if any(d.dynamic for d in r.deps):
+                    r.dynamic = True
+                if r.key_ is not None and r.state in (State.PENDING, State.RUNNING):
+                    continue  # in flight: keeps its key until it ends
+                after_deps = [d for d, kind in r.deps.items() if kind == "after"]
+                comps = dict(r.partial)
+                comps["upstream"] = [[u.label, u.key_] for u in dict.fromkeys(r.upstream)]
+                comps["after"] = sorted(d.key_ for d in after_deps if d.key_)
+                comps["files"] = {
+                    str(p): (producers[p].key_ if p in producers and producers[p] is not r
+                             else file_digest(p))
+                    for p in r.in_files
+                }
+                key = digest(comps)
+                if key == r.key_:
+                    continue
+                r.key_, r.components = key, comps
+                changed.append(r)
+            if changed:
+                self._find_done(changed)
+
+    def _find_done(self, refs: list[TaskRef]) -> None:
+        keys = [r.key for r in refs]
+        results = self.store.results(keys)
+        rows = self.store.task_rows(self.pipeline_id, keys, active_only=False)
+        latest = self.store.latest_by_label(self.pipeline_id, [r.label for r in refs])
+        register, edges = [], []
+        for r in refs:
+            res = results.get(r.key_)
+            intact = res is not None and _intact(res["path"], res["size"])
+            if res is not None and not intact:
+                self.store.forget_result(r.key)
+            missing_out = [p for p in r.out_files if not p.exists()]
+            row = rows.get(r.key_)
+            if row is not None and not r.attempts:
+                r.attempts = r.budget = row["attempts"]
+            if r.func.opts.cache and intact and not missing_out:
+                r.state = State.SUCCEEDED
+                r.result_file = (res["path"], res["checksum"])
+                r.reason = (row["reason"] if row is not None else None) or "found done"
+            else:
+                r.state, r.result_file = State.WAITING, None
+                if not r.func.opts.cache:
+                    r.reason = "cache=False: runs every time"
+                elif row is not None and row["state"] == State.SUCCEEDED.value:
+                    r.reason = (f"output file {missing_out[0]} is missing" if missing_out
+                                else "its result file is missing or damaged")
+                elif row is not None and row["state"] in {s.value for s in BAD}:
+                    r.reason = f"the previous run was {row['state']}" + (
+                        f" ({row['error']})" if row["error"] else "")
+                elif row is not None:
+                    r.reason = "the previous run did not finish"
+                else:
+                    prev = latest.get(r.label)
+                    old = json.loads(prev["components"]) if prev is not None else None
+                    r.reason = explain(r.components, old, r.name)
+            register.append({
+                "key": r.key_, "name": r.name, "label": r.label, "kind": r.func.kind,
+                "state": r.state.value, "components": r.components, "reason": r.reason,
+                "resources": r.func.opts.resources(),
+            })
+            edges += [(d.key_, r.key_, kind) for d, kind in r.deps.items()]
+        self.store.register(self.pipeline_id, register, edges)
+
+    # -- running ------------------------------------------------------------------------------
+
+    def _closure(self, targets: Iterable[TaskRef]) -> list[TaskRef]:
+        seen: dict[TaskRef, None] = {}
+        todo = list(targets)
+        while todo:
+            r = todo.pop()
+            if r in seen:
+                continue
+            seen[r] = None
+            todo.extend(r.deps)
+        return list(seen)
+
+    def _as_refs(self, tasks: Any) -> list[TaskRef]:
+        if isinstance(tasks, (TaskRef, str)):
+            tasks = [tasks]
+        refs = []
+        for t in tasks:
+            if isinstance(t, TaskRef):
+                refs.append(t)
+                continue
+            matches = [r for r in self._refs.values()
+                       if t in (r.name, r.label) or (r.key_ and r.key_.startswith(str(t)))]
+            if not matches:
+                raise UnknownTask(
+                    f"no task {t!r} in pipeline {self.name!r}; see pipe.tasks() for names"
+                )
+            refs.extend(matches)
+        return refs
+
+    def _ensure_runner(self) -> Runner:
+        if self._runner is not None and self._runner.alive:
+            return self._runner
+        lock = RunnerLock(self.store, self.name)
+        lock.acquire()  # before starting a cluster: a busy pipeline fails fast
+        try:
+            if self._connection is None:
+                self._connection = connect(self.cluster)
+            self._runner = Runner(self, self._connection, lock)
+        except BaseException:
+            lock.release()
+            raise
+        return self._runner
+
+    def run(self, targets: Iterable[TaskRef] | TaskRef | None = None, *, wait: bool = True,
+            check: bool = False, timeout: float | None = None) -> RunSummary:
+        """Run what is not done: every task, or ``targets`` and what they need.
+
+        ``wait=False`` returns at once while the tasks run in the background. ``check=True``
+        raises :class:`~nbpipe.TaskFailed` naming the tasks that failed.
+        """
+        if isinstance(targets, TaskRef):
+            targets = [targets]
+        self._resolve(targets)
+        refs = self._closure(targets if targets is not None else list(self._refs.values()))
+        for r in refs:  # what failed or was killed before runs again
+            if r.state in BAD:
+                r.state, r.budget = State.WAITING, r.attempts
+        todo = [r for r in refs if r.state is State.WAITING]
+        executed = len(todo)
+        paused = self.store.is_paused(self.pipeline_id)
+        if todo:
+            runner = self._ensure_runner()
+            runner.add(todo)
+            paused = runner.paused
+        if wait and todo:
+            self._wait(refs, timeout)
+        summary = self._summary(refs, executed)
+        if check and summary.failed:
+            raise TaskFailed(
+                f"pipeline {self.name!r}: {len(summary.failed)} task(s) failed: "
+                f"{', '.join(summary.failed[:10])}; see pipe.tasks(state='FAILED') and "
+                "ref.result() for their errors",
+                summary.failed,
+            )
+        return summary
+
+    def _summary(self, refs: list[TaskRef], executed: int) -> RunSummary:
+        counts = Counter(r.state.value for r in refs)
+        failed = [r.label for r in refs if r.state in (State.FAILED, State.KILLED)]
+        runner = self._runner
+        paused = runner.paused if runner is not None else self.store.is_paused(self.pipeline_id)
+        return RunSummary(dict(counts), failed, executed, len(refs) - executed, paused)
+
+    def _wait(self, refs: list[TaskRef], timeout: float | None) -> None:
+        runner = self._runner
+        assert runner is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with runner.changed:
+            while True:
+                pending = [r for r in refs if not r.state.final]
+                if not pending or not runner.alive:
+                    return
+                if runner.paused and not any(r.state in (State.PENDING, State.RUNNING)
+                                             for r in pending):
+                    return
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(
+                        f"{len(pending)} task(s) of pipeline {self.name!r} not finished after "
+                        f"{timeout} s (e.g. {pending[0].label}); they keep running"
+                    )
+                runner.changed.wait(0.5 if left is None else min(0.5, left))
+
+    def wait(self, timeout: float | None = None) -> RunSummary:
+        """Wait until every task handed to the runner reached a final state."""
+        refs = list(self._refs.values())
+        if self._runner is not None:
+            self._wait(refs, timeout)
+        return self._summary(refs, 0)
+
+    def _result(self, ref: TaskRef, timeout: float | None) -> Any:
+        if not ref.state.final or ref.state in BAD and ref.exception is None and ref.error is None:
+            self.run([ref], wait=True, timeout=timeout)
+        if ref.state is State.SUCCEEDED:
+            assert ref.result_file is not None
+            try:
+                return read_result(*ref.result_file)
+            except ResultCorrupt:
+                self.store.forget_result(ref.key)
+                ref.state, ref.result_file, ref.key_ = State.WAITING, None, None
+                self._resolve([ref])
+                self.run([ref], wait=True, timeout=timeout)
+                if ref.state is State.SUCCEEDED and ref.result_file is not None:
+                    return read_result(*ref.result_file)
+        if ref.state is State.FAILED:
+            if ref.exception is not None:
+                try:
+                    exc = cloudpickle.loads(ref.exception)
+                except Exception:
+                    exc = None
+                if isinstance(exc, BaseException):
+                    if ref.traceback:
+                        exc.__cause__ = RemoteTraceback(
+                            f"\nTraceback of task {ref.label!r} on its worker:\n{ref.traceback}")
+                    raise exc
+            raise TaskFailed(f"task {ref.label!r} failed: {ref.error}\n{ref.traceback or ''}",
+                             [ref.label])
+        if ref.state is State.UPSTREAM_FAILED:
+            raise UpstreamFailed(f"task {ref.label!r} did not run: {ref.error}", [ref.label])
+        if ref.state is State.KILLED:
+            raise TaskKilled(f"task {ref.label!r} was killed")
+        raise NbpipeError(f"task {ref.label!r} is {ref.state.value} (the pipeline is paused?)")
+
+    # -- inspection ---------------------------------------------------------------------------
+
+    def tasks(self, state: str | State | None = None) -> list[TaskInfo]:
+        """The pipeline's tasks: those registered in this process, else those in the store."""
+        wanted = State(state).value if state is not None else None
+        if self._refs:
+            self._resolve()
+            infos = [TaskInfo(r.name, r.key, r.label, r.state.value, r.attempts, r.error, r.reason)
+                     for r in self._refs.values()]
+        else:
+            rows = self.store.task_rows(self.pipeline_id).values()
+            infos = [TaskInfo(r["name"], r["key"], r["label"], r["state"], r["attempts"],
+                              r["error"], r["reason"]) for r in rows]
+        return [i for i in infos if wanted is None or i.state == wanted]
+
+    def why(self, task: TaskRef | str) -> str:
+        """Why the task ran (or will run) in this pipeline's latest run."""
+        ref = self._as_refs(task)[0]
+        self._resolve([ref])
+        return ref.reason or "found done"
+
+    # -- control (works from any process, through the store's command table) ------------------
+
+    def _keys(self, tasks: Any) -> list[str]:
+        if tasks is None:
+            return []
+        if isinstance(tasks, (TaskRef, str)):
+            tasks = [tasks]
+        keys = []
+        store_rows = None
+        for t in tasks:
+            if isinstance(t, TaskRef):
+                keys.append(t.key)
+                continue
+            matches = [r.key for r in self._refs.values() if t in (r.name, r.label)]
+            if not matches:
+                if store_rows is None:
+                    store_rows = list(self.store.task_rows(self.pipeline_id).values())
+                matches = [r["key"] for r in store_rows
+                           if t in (r["name"], r["label"]) or r["key"].startswith(t)]
+            if not matches:
+                raise UnknownTask(f"no task {t!r} in pipeline {self.name!r}; see pipe.tasks()")
+            keys.extend(matches)
+        return keys
+
+    def _command(self, verb: str, **args: Any) -> str:
+        """Post a command; when this process runs the pipeline, wait until it is handled."""
+        command_id = self.store.post_command(self.pipeline_id, verb, **args)
+        runner = self._runner
+        if runner is not None and runner.alive:
+            runner.poke()
+            deadline = time.monotonic() + 30
+            while self.store.command_status(command_id) == "new" and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return self.store.command_status(command_id)
+        return "posted"
+
+    def _runner_elsewhere(self) -> bool:
+        lock = RunnerLock(self.store, self.name)
+        try:
+            lock.acquire()
+        except NbpipeError:
+            return True
+        lock.release()
+        return False
+
+    def _offline(self) -> bool:
+        """True when no runner (here or in another process) will pick commands up."""
+        return (self._runner is None or not self._runner.alive) and not self._runner_elsewhere()
+
+    def retry(self, tasks: Any = None, *, failed: bool = False, wait: bool = False) -> None:
+        """Run tasks again, with everything they block; ``failed=True`` for every failed one."""
+        if tasks is None and not failed:
+            raise TaskDefinitionError("pipe.retry() needs tasks to retry, or failed=True")
+        keys = self._keys(tasks)
+        if self._offline():
+            rows = self.store.task_rows(self.pipeline_id)
+            if failed:
+                keys += [k for k, r in rows.items() if r["state"] in (State.FAILED.value,
+                                                                     State.KILLED.value)]
+            for key in keys:
+                self.store.forget_result(key)
+            refs = [r for r in self._refs.values() if r.key_ in set(keys)]
+            self.store.set_states(self.pipeline_id, keys, State.WAITING.value, "retry requested")
+            if refs:
+                for r in refs:
+                    r.key_ = None  # found again: the result was forgotten, so it re-runs
+                    r.state = State.WAITING
+                self._resolve(refs)
+                targets = [r for r in self._refs.values()
+                           if r.state is not State.SUCCEEDED]
+                self.run(targets, wait=wait)
+            return
+        self._command("retry", keys=keys, failed=failed)
+
+    def kill(self, tasks: Any = None, *, all: bool = False) -> None:
+        """Stop tasks (running ones within seconds, CPU-bound Python loops included)."""
+        if all:
+            keys = [r.key for r in self._refs.values() if not r.state.final]
+            if not self._refs:
+                keys = [k for k, r in self.store.task_rows(self.pipeline_id).items()
+                        if r["state"] in ("WAITING", "PENDING", "RUNNING")]
+        else:
+            keys = self._keys(tasks)
+        if self._offline():
+            self.store.set_states(self.pipeline_id, keys, State.KILLED.value, "killed")
+            for r in self._refs.values():
+                if r.key_ in set(keys):
+                    r.state = State.KILLED
+            return
+        self._command("kill", keys=keys)
+
+    def pause(self) -> None:
+        """Start no new task; running tasks finish."""
+        if self._offline():
+            self.store.set_paused(self.pipeline_id, True)
+            return
+        self._command("pause")
+
+    def resume(self) -> None:
+        """Start tasks again after :meth:`pause`."""
+        if self._offline():
+            self.store.set_paused(self.pipeline_id, False)
+            return
+        self._command("resume")
+
+    @property
+    def paused(self) -> bool:
+        """Whether the pipeline is paused."""
+        return self.store.is_paused(self.pipeline_id)
+
+    @property
+    def client(self) -> Any:
+        """The Dask client (connecting on first use)."""
+        if self._connection is None:
+            self._connection = connect(self.cluster)
+        return self._connection.client
+
+    def close(self) -> None:
+        """Stop the runner and close the cluster nbpipe started."""
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+        _open.discard(self)
+
+
+def _intact(path: str, size: int) -> bool:
+    try:
+        return os.stat(path).st_size == size
+    except OSError:
+        return False

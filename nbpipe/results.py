@@ -1,0 +1,68 @@
+"""Result files: written atomically by the worker, verified by checksum when read.
+
+A result lives at ``<store>/results/<key[:2]>/<key>.pkl``. The worker writes it to a temporary
+file in the same directory and renames it into place, so a reader sees the whole file or none.
+The store records its path, size and checksum; results are never kept in the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import cloudpickle
+
+from .errors import ResultCorrupt
+
+__all__ = ["ResultFile", "read_result", "result_path", "write_result", "checksum_of"]
+
+
+class ResultFile(NamedTuple):
+    """Where a result was written, and how to tell it is intact."""
+
+    path: str
+    checksum: str
+    size: int
+
+
+def result_path(store_dir: str | os.PathLike[str], key: str) -> Path:
+    """The path of the result file of task ``key`` in a store."""
+    return Path(store_dir) / "results" / key[:2] / f"{key}.pkl"
+
+
+def checksum_of(data: bytes) -> str:
+    """The checksum recorded for a result file's bytes."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def write_result(store_dir: str | os.PathLike[str], key: str, value: Any) -> ResultFile:
+    """Serialise ``value`` with cloudpickle and write it atomically; return path and checksum."""
+    data = cloudpickle.dumps(value, protocol=5)
+    path = result_path(store_dir, key)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return ResultFile(str(path), checksum_of(data), len(data))
+
+
+def read_result(path: str | os.PathLike[str], checksum: str | None = None) -> Any:
+    """Load a result file, raising :class:`ResultCorrupt` when it is missing or altered."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ResultCorrupt(f"result file {path} is missing; the task will run again") from None
+    if checksum is not None and checksum_of(data) != checksum:
+        raise ResultCorrupt(
+            f"result file {path} does not match its checksum (truncated or altered); "
+            "the task will run again"
+        )
+    return cloudpickle.loads(data)

@@ -1,0 +1,543 @@
+"""The runner: owns a Dask client, submits ready tasks, records every transition, obeys commands.
+
+One runner thread per pipeline and process, holding the pipeline's lock, so there is exactly one
+writer of task states. It wakes on task completions and start notices from the workers, polls
+the store's command table (retry, kill, pause, resume, from this or another process), submits
+what became ready and commits everything that changed in one transaction per tick. The thread
+that registered the tasks never blocks while they run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from .cluster import Connection
+from .states import BAD, State
+from .store import Batch, RunnerLock
+from .worker import Outcome, Upstream, WorkItem, install_termination_notice, interrupt, run_items
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+    from .task import TaskRef
+
+__all__ = ["Runner"]
+
+log = logging.getLogger("nbpipe")
+
+KILL_GRACE = 2.0  # seconds for an interrupted task to stop before its worker is restarted
+COMMAND_POLL = 0.2  # seconds between looks at the command table
+
+
+class TerminationNoticePlugin(WorkerPlugin):
+    """Installs the SIGTERM notice behind ``context().should_stop()`` on every worker."""
+
+    name = "nbpipe-termination-notice"
+
+    def setup(self, worker: Any) -> None:
+        install_termination_notice()
+
+
+@dataclass(eq=False)
+class Submission:
+    """One Dask future running one task attempt, or a chunk of a map."""
+
+    dask_key: str
+    refs: list[TaskRef]
+    future: Any = None
+    started: bool = False
+    cancelled: bool = False
+
+
+@dataclass
+class _Counters:
+    submitted: int = 0
+    finished: Counter[str] = field(default_factory=Counter)
+
+
+class Runner:
+    """Runs the tasks of one pipeline on one Dask client (see the module docstring)."""
+
+    def __init__(self, pipeline: Pipeline, connection: Connection, lock: RunnerLock):
+        self.pipe = pipeline
+        self.store = pipeline.store
+        self.pid = pipeline.pipeline_id
+        self.connection = connection
+        self.client = connection.client
+        self.lock = lock
+        self.topic = f"nbpipe-{uuid.uuid4().hex[:12]}"
+        self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.wake = threading.Event()
+        self.changed = threading.Condition()
+        self.by_key: dict[str, TaskRef] = {}
+        self.children: dict[TaskRef, set[TaskRef]] = defaultdict(set)
+        self.blockers: dict[TaskRef, int] = {}
+        self.ready: deque[TaskRef] = deque()
+        self.inflight: dict[str, Submission] = {}
+        self.sub_of: dict[TaskRef, Submission] = {}
+        self.active: Counter[Any] = Counter()
+        self.kill_requested: set[TaskRef] = set()
+        self.kill_deadline: dict[TaskRef, float] = {}
+        self.paused = self.store.is_paused(self.pid)
+        self.counters = _Counters()
+        self.batch = Batch()
+        self.error: BaseException | None = None
+        self._stop = False
+        self._last_poll = 0.0
+        self.client.subscribe_topic(self.topic, self._on_event)
+        try:
+            self.client.register_plugin(TerminationNoticePlugin())
+        except Exception:  # pragma: no cover - old schedulers without plugin support
+            log.debug("could not register the termination notice plugin", exc_info=True)
+        self.worker_resources = self._advertised_resources()
+        self.store.set_runner(
+            self.pid,
+            {"pid": __import__("os").getpid(), "host": __import__("socket").gethostname(),
+             "started": time.time(), "cluster": connection.description,
+             "dashboard": connection.dashboard},
+        )
+        self.thread = threading.Thread(target=self._loop, name=f"nbpipe-runner-{pipeline.name}",
+                                       daemon=True)
+        self.thread.start()
+
+    # -- called from other threads -----------------------------------------------------------
+
+    def add(self, refs: list[TaskRef]) -> None:
+        """Hand resolved tasks (WAITING) to the runner."""
+        self.inbox.put(("add", refs))
+        self.wake.set()
+
+    def poke(self) -> None:
+        """Look at the command table now."""
+        self._last_poll = 0.0
+        self.wake.set()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the runner thread is running."""
+        return self.thread.is_alive() and not self._stop
+
+    def in_flight(self) -> int:
+        """How many tasks are submitted and not finished."""
+        return sum(len(s.refs) for s in list(self.inflight.values()))
+
+    def close(self) -> None:
+        """Stop the thread, cancel what runs, give the pipeline's lock back."""
+        self._stop = True
+        self.wake.set()
+        self.thread.join(timeout=30)
+        for sub in list(self.inflight.values()):
+            for ref in sub.refs:
+                if ref.state in (State.PENDING, State.RUNNING):
+                    ref.state = State.WAITING
+                    self.batch.state(self.pid, ref.key, State.WAITING.value, attempts=ref.attempts,
+                                     message="runner closed before the task finished")
+            if sub.future is not None:
+                sub.future.cancel()
+        self.inflight.clear()
+        try:
+            self.store.write(self.batch)
+            self.store.set_runner(self.pid, None)
+        except Exception:  # pragma: no cover - closing at interpreter exit
+            log.debug("could not record the runner's end", exc_info=True)
+        try:
+            self.client.unsubscribe_topic(self.topic)
+        except Exception:
+            pass
+        self.lock.release()
+        with self.changed:
+            self.changed.notify_all()
+
+    # -- callbacks from the Dask client's thread ----------------------------------------------
+
+    def _on_event(self, event: Any) -> None:
+        msg = event[1] if isinstance(event, tuple) else event
+        self.inbox.put(("start", msg))
+        self.wake.set()
+
+    def _on_done(self, future: Any) -> None:
+        self.inbox.put(("done", future.key))
+        self.wake.set()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self.wake.wait(timeout=COMMAND_POLL)
+            self.wake.clear()
+            if self._stop:
+                break
+            try:
+                self._tick()
+            except Exception as exc:  # keep running; the error is logged and shown to waiters
+                log.exception("nbpipe runner error")
+                self.error = exc
+            with self.changed:
+                self.changed.notify_all()
+
+    def _tick(self) -> None:
+        while True:
+            try:
+                kind, payload = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                self._integrate(payload)
+            elif kind == "start":
+                self._started(payload)
+            elif kind == "done":
+                self._done(payload)
+        now = time.monotonic()
+        if now - self._last_poll >= COMMAND_POLL:
+            self._last_poll = now
+            for command in self.store.new_commands(self.pid):
+                self._command(command)
+        self._kill_fallbacks(now)
+        self._submit_ready()
+        if self.batch:
+            batch, self.batch = self.batch, Batch()
+            self.store.write(batch)
+
+    # -- graph bookkeeping --------------------------------------------------------------------
+
+    def _integrate(self, refs: list[TaskRef]) -> None:
+        for ref in refs:
+            self.by_key[ref.key] = ref
+        for ref in refs:
+            if ref.state is not State.WAITING or ref in self.sub_of:
+                continue
+            self._arm(ref)
+
+    def _arm(self, ref: TaskRef) -> None:
+        """Count what the task still waits for; queue it when nothing, fail it when upstream did."""
+        waiting = 0
+        failed_upstream = None
+        for dep in self.pipe._deps(ref):
+            self.children[dep].add(ref)
+            if dep.state is State.SUCCEEDED:
+                continue
+            if dep.state in BAD:
+                failed_upstream = dep
+            waiting += 1
+        self.blockers[ref] = waiting
+        if failed_upstream is not None:
+            self._finish(ref, State.UPSTREAM_FAILED,
+                         f"upstream task {failed_upstream.label!r} is {failed_upstream.state.value}")
+        elif waiting == 0:
+            self.ready.append(ref)
+
+    def _finish(self, ref: TaskRef, state: State, error: str | None = None) -> None:
+        ref.state = state
+        ref.error = error if state is not State.SUCCEEDED else None
+        self.kill_requested.discard(ref)
+        self.kill_deadline.pop(ref, None)
+        self.counters.finished[state.value] += 1
+        self.batch.state(self.pid, ref.key, state.value, attempts=ref.attempts, error=ref.error)
+        if state is State.SUCCEEDED:
+            for child in self.children.get(ref, ()):
+                if child.state is State.WAITING and child in self.blockers:
+                    self.blockers[child] -= 1
+                    if self.blockers[child] == 0:
+                        self.ready.append(child)
+            return
+        todo = list(self.children.get(ref, ()))
+        while todo:
+            child = todo.pop()
+            if child.state is State.WAITING and child not in self.sub_of:
+                child.state = State.UPSTREAM_FAILED
+                child.error = f"upstream task {ref.label!r} is {state.value}"
+                self.counters.finished[State.UPSTREAM_FAILED.value] += 1
+                self.batch.state(self.pid, child.key, child.state.value, attempts=child.attempts,
+                                 error=child.error)
+                todo.extend(self.children.get(child, ()))
+
+    # -- submission ---------------------------------------------------------------------------
+
+    def _advertised_resources(self) -> set[str]:
+        try:
+            workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
+        except TypeError:  # older distributed without n_workers
+            workers = self.client.scheduler_info()["workers"].values()
+        except Exception:
+            return set()
+        return {name for w in workers for name in (w.get("resources") or {})}
+
+    def _submit_ready(self) -> None:
+        if self.paused or not self.ready:
+            return
+        deferred: list[TaskRef] = []
+        chunks: dict[str, list[TaskRef]] = defaultdict(list)
+        while self.ready:
+            ref = self.ready.popleft()
+            if ref.state is not State.WAITING or ref in self.sub_of:
+                continue
+            limit = ref.func.opts.max_concurrent
+            if limit is not None and self.active[ref.func] >= limit:
+                deferred.append(ref)
+                continue
+            self.active[ref.func] += 1
+            if ref.chunksize and ref.group:
+                chunk = chunks[ref.group]
+                chunk.append(ref)
+                if len(chunk) >= ref.chunksize:
+                    self._submit(chunks.pop(ref.group))
+            else:
+                self._submit([ref])
+        for chunk in chunks.values():
+            self._submit(chunk)
+        self.ready.extend(deferred)
+
+    def _upstream_value(self, ref: TaskRef) -> Upstream:
+        assert ref.result_file is not None, f"{ref.label} has no result yet"
+        return Upstream(ref.key, *ref.result_file)
+
+    def _substitute(self, value: Any) -> Any:
+        from .task import TaskRef
+
+        if isinstance(value, TaskRef):
+            return self._upstream_value(value)
+        if type(value) is list:
+            return [self._substitute(v) for v in value]
+        if type(value) is tuple:
+            return tuple(self._substitute(v) for v in value)
+        if type(value) is dict:
+            return {k: self._substitute(v) for k, v in value.items()}
+        return value
+
+    def _submit(self, refs: list[TaskRef]) -> None:
+        items = []
+        for ref in refs:
+            ref.attempts += 1
+            ref.state = State.PENDING
+            ref.worker = None
+            items.append(WorkItem(
+                key=ref.key, name=ref.name, label=ref.label, attempt=ref.attempts,
+                args=self._substitute(ref.args) if ref.upstream else ref.args,
+                kwargs=self._substitute(ref.kwargs) if ref.upstream else ref.kwargs,
+                kind=ref.func.kind, env=dict(ref.func.opts.env),
+                outputs=tuple(str(p) for p in ref.out_files),
+            ))
+            self.batch.state(self.pid, ref.key, State.PENDING.value, attempts=ref.attempts,
+                             reason=ref.reason)
+        first = refs[0]
+        dask_key = f"{first.name}-{first.key[:16]}-{first.attempts}"
+        if len(refs) > 1:
+            dask_key += f"-x{len(refs)}"
+        sub = Submission(dask_key, refs)
+        self.inflight[dask_key] = sub
+        for ref in refs:
+            self.sub_of[ref] = sub
+        self.counters.submitted += len(refs)
+        opts = first.func.opts
+        resources = {
+            name: amount for name, amount in
+            (("cores", opts.cores), ("memory", opts.memory), ("gpus", opts.gpus))
+            if name in self.worker_resources and amount
+        }
+        sub.future = self.client.submit(
+            run_items, first.func.fn, items, str(self.store.path), self.pipe.name, self.topic,
+            key=dask_key, pure=False, resources=resources or None,
+        )
+        sub.future.add_done_callback(self._on_done)
+
+    # -- results ------------------------------------------------------------------------------
+
+    def _started(self, msg: dict[str, Any]) -> None:
+        for key in msg.get("keys", ()):
+            ref = self.by_key.get(key)
+            if ref is None or ref.state is not State.PENDING:
+                continue
+            sub = self.sub_of.get(ref)
+            if sub is not None:
+                sub.started = True
+            ref.state = State.RUNNING
+            ref.worker = msg.get("worker")
+            self.batch.state(self.pid, key, State.RUNNING.value, attempts=ref.attempts,
+                             message=ref.worker)
+
+    def _release(self, sub: Submission) -> None:
+        self.inflight.pop(sub.dask_key, None)
+        for ref in sub.refs:
+            if self.sub_of.get(ref) is sub:
+                del self.sub_of[ref]
+                self.active[ref.func] -= 1
+
+    def _done(self, dask_key: str) -> None:
+        sub = self.inflight.get(dask_key)
+        if sub is None or sub.cancelled:
+            return
+        self._release(sub)
+        future = sub.future
+        if future.status == "finished":
+            outcomes: list[Outcome] = future.result()
+            for outcome in outcomes:
+                ref = self.by_key.get(outcome.key)
+                if ref is not None:
+                    self._outcome(ref, outcome)
+        else:
+            exc = future.exception() if future.status == "error" else None
+            message = (f"{type(exc).__name__}: {exc}" if exc is not None
+                       else f"the Dask future was {future.status}")
+            for ref in sub.refs:
+                if ref in self.kill_requested:
+                    self._finish(ref, State.KILLED, f"task {ref.label!r} was killed on request")
+                else:
+                    self._attempt_failed(ref, message, None, None)
+        future.release()
+
+    def _outcome(self, ref: TaskRef, o: Outcome) -> None:
+        self.batch.attempts.append((
+            self.pid, o.key, o.attempt, o.state, o.start, o.end, o.worker, o.hostname, o.pid,
+            o.slurm_job_id, o.exit_code, o.error, o.traceback, o.stdout, o.stderr, o.env_id,
+        ))
+        if o.env is not None:
+            self.batch.envs.append((o.env_id, json.dumps(o.env, sort_keys=True)))
+        if o.state == State.SUCCEEDED.value and o.result is not None:
+            path, checksum, size = o.result
+            ref.result_file = (path, checksum)
+            self.batch.results.append((o.key, path, checksum, size, time.time()))
+            self._finish(ref, State.SUCCEEDED)
+        elif o.state == State.KILLED.value or ref in self.kill_requested:
+            self._finish(ref, State.KILLED, o.error or f"task {ref.label!r} was killed on request")
+        else:
+            self._attempt_failed(ref, o.error, o.traceback, o.exception)
+
+    def _attempt_failed(self, ref: TaskRef, error: str | None, tb: str | None,
+                        exception: bytes | None) -> None:
+        ref.error, ref.traceback, ref.exception = error, tb, exception
+        if ref.attempts - ref.budget <= ref.func.opts.retries:
+            ref.state = State.WAITING
+            self.batch.state(
+                self.pid, ref.key, State.WAITING.value, attempts=ref.attempts, error=error,
+                message=f"attempt {ref.attempts} failed ({error}); retrying",
+            )
+            self.ready.append(ref)
+        else:
+            self._finish(ref, State.FAILED, error)
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def _command(self, command: Any) -> None:
+        args = json.loads(command["args"])
+        verb = command["verb"]
+        try:
+            message = getattr(self, f"_cmd_{verb}")(**args)
+            status = "done"
+        except Exception as exc:  # a bad command must not stop the runner
+            message, status = f"{type(exc).__name__}: {exc}", "failed"
+        self.store.finish_command(command["id"], status, message or "")
+
+    def _targets(self, keys: list[str] | None) -> list[TaskRef]:
+        return [self.by_key[k] for k in keys or () if k in self.by_key]
+
+    def _cmd_pause(self) -> str:
+        self.paused = True
+        self.store.set_paused(self.pid, True)
+        requeue = []
+        for sub in list(self.inflight.values()):
+            if sub.started or any(r.state is not State.PENDING for r in sub.refs):
+                continue
+            sub.cancelled = True
+            sub.future.cancel()
+            self._release(sub)
+            for ref in sub.refs:
+                ref.attempts -= 1
+                ref.state = State.WAITING
+                self.batch.state(self.pid, ref.key, State.WAITING.value, attempts=ref.attempts,
+                                 message="paused before it started")
+                requeue.append(ref)
+        self.ready.extendleft(reversed(requeue))
+        return f"paused; {len(requeue)} queued task(s) held back"
+
+    def _cmd_resume(self) -> str:
+        self.paused = False
+        self.store.set_paused(self.pid, False)
+        return "resumed"
+
+    def _cmd_kill(self, keys: list[str] | None = None) -> str:
+        killed = 0
+        for ref in self._targets(keys):
+            if ref.state is State.WAITING:
+                self._finish(ref, State.KILLED, f"task {ref.label!r} was killed before it started")
+            elif ref.state is State.PENDING:
+                sub = self.sub_of[ref]
+                if len(sub.refs) == 1:
+                    sub.cancelled = True
+                    sub.future.cancel()
+                    self._release(sub)
+                    self._finish(ref, State.KILLED, f"task {ref.label!r} was killed before it started")
+                else:  # part of a chunk: every worker skips it when its turn comes
+                    self.kill_requested.add(ref)
+                    self.client.run(interrupt, ref.key, wait=False)
+            elif ref.state is State.RUNNING:
+                self.kill_requested.add(ref)
+                self.kill_deadline[ref] = time.monotonic() + KILL_GRACE
+                workers = [ref.worker] if ref.worker else None
+                self.client.run(interrupt, ref.key, workers=workers, wait=False)
+            else:
+                continue
+            killed += 1
+        return f"killing {killed} task(s)"
+
+    def _kill_fallbacks(self, now: float) -> None:
+        """Restart the worker of a killed task that did not stop (blocked in C code)."""
+        for ref, deadline in list(self.kill_deadline.items()):
+            if now < deadline:
+                continue
+            del self.kill_deadline[ref]
+            sub = self.sub_of.get(ref)
+            if sub is None or ref.state is not State.RUNNING:
+                continue
+            sub.cancelled = True
+            sub.future.cancel()
+            self._release(sub)
+            if ref.worker:
+                threading.Thread(
+                    target=self.client.restart_workers, args=([ref.worker],),
+                    kwargs={"raise_for_error": False}, daemon=True,
+                ).start()
+            for other in sub.refs:
+                if other is ref or other in self.kill_requested:
+                    self._finish(other, State.KILLED,
+                                 f"task {other.label!r} was killed on request (worker restarted)")
+                elif not other.state.final:
+                    other.attempts -= 1
+                    other.state = State.WAITING
+                    self.ready.append(other)
+
+    def _cmd_retry(self, keys: list[str] | None = None, failed: bool = False) -> str:
+        targets = self._targets(keys)
+        if failed:
+            targets += [r for r in self.by_key.values() if r.state in (State.FAILED, State.KILLED)]
+        reset: dict[TaskRef, None] = {}
+        for ref in targets:
+            if ref.state in (State.PENDING, State.RUNNING) or ref in self.sub_of:
+                continue
+            reset[ref] = None
+            todo = list(self.children.get(ref, ()))
+            while todo:
+                child = todo.pop()
+                if child.state in BAD and child not in reset:
+                    reset[child] = None
+                    todo.extend(self.children.get(child, ()))
+        for ref in reset:
+            if ref.state is State.SUCCEEDED:
+                ref.result_file = None
+            ref.state = State.WAITING
+            ref.budget = ref.attempts
+            ref.error = ref.traceback = ref.exception = None
+            ref.reason = "retry requested"
+            self.batch.state(self.pid, ref.key, State.WAITING.value, attempts=ref.attempts,
+                             reason="retry requested", message="retry requested")
+        for ref in reset:
+            self._arm(ref)
+        return f"retrying {len(reset)} task(s)"

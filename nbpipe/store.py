@@ -1,0 +1,502 @@
+"""The pipeline store: one SQLite file that is the source of truth for pipelines and tasks.
+
+Layout of a store directory (default ``./.nbpipe``, created private to the user)::
+
+    .nbpipe/
+      nbpipe.sqlite        pipelines, tasks, edges, attempts, results, events, commands
+      results/ab/<key>.pkl result files, written atomically by the workers
+      locks/<pipeline>.lock held by the one process running a pipeline
+
+The schema is documented in ``docs/store.md``; query it with ``sqlite3``. Writes from a runner
+are batched: one transaction per tick, however many tasks changed state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import PipelineBusy, StoreError, StoreNotWritable, StoreVersionError
+
+__all__ = ["SCHEMA_VERSION", "Batch", "RunnerLock", "Store"]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pipelines (
+    id        INTEGER PRIMARY KEY,
+    name      TEXT NOT NULL UNIQUE,
+    created   REAL NOT NULL,
+    paused    INTEGER NOT NULL DEFAULT 0,
+    runner    TEXT,              -- JSON: pid, host, started, cluster, dashboard of the runner
+    source    TEXT               -- the script or notebook that defines the pipeline
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    pipeline_id INTEGER NOT NULL REFERENCES pipelines(id),
+    key         TEXT NOT NULL,   -- content identity (see docs/identity.md)
+    name        TEXT NOT NULL,   -- function or cell name
+    label       TEXT NOT NULL,   -- name plus distinguishing arguments, e.g. fraction(seed=3)
+    kind        TEXT NOT NULL,   -- python | bash
+    state       TEXT NOT NULL,
+    active      INTEGER NOT NULL DEFAULT 1,  -- 0 once a newer task took its label
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    components  TEXT NOT NULL,   -- JSON: the parts of the key
+    reason      TEXT,            -- why it (re-)ran
+    resources   TEXT,            -- JSON: cores, memory, walltime, gpus, pool, retries, ...
+    error       TEXT,
+    created     REAL NOT NULL,
+    updated     REAL NOT NULL,
+    PRIMARY KEY (pipeline_id, key)
+);
+CREATE INDEX IF NOT EXISTS tasks_label ON tasks (pipeline_id, label);
+CREATE INDEX IF NOT EXISTS tasks_state ON tasks (pipeline_id, state);
+CREATE TABLE IF NOT EXISTS edges (
+    pipeline_id INTEGER NOT NULL,
+    parent      TEXT NOT NULL,
+    child       TEXT NOT NULL,
+    kind        TEXT NOT NULL,   -- data | after | file
+    PRIMARY KEY (pipeline_id, parent, child)
+);
+CREATE TABLE IF NOT EXISTS results (
+    key      TEXT PRIMARY KEY,   -- results are shared by every pipeline of the store
+    path     TEXT NOT NULL,
+    checksum TEXT NOT NULL,
+    size     INTEGER NOT NULL,
+    created  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS environments (
+    id       TEXT PRIMARY KEY,
+    snapshot TEXT NOT NULL       -- JSON: python, packages, hostname, git_commit, ...
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    id          INTEGER PRIMARY KEY,
+    pipeline_id INTEGER NOT NULL,
+    key         TEXT NOT NULL,
+    number      INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    start       REAL,
+    end         REAL,
+    worker      TEXT,
+    hostname    TEXT,
+    pid         INTEGER,
+    slurm_job_id TEXT,
+    exit_code   INTEGER,
+    error       TEXT,
+    traceback   TEXT,
+    stdout      TEXT,
+    stderr      TEXT,
+    env_id      TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_key ON attempts (pipeline_id, key);
+CREATE TABLE IF NOT EXISTS events (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    pipeline_id INTEGER NOT NULL,
+    time        REAL NOT NULL,
+    key         TEXT,
+    state       TEXT,
+    message     TEXT
+);
+CREATE INDEX IF NOT EXISTS events_pipeline ON events (pipeline_id, id);
+CREATE TABLE IF NOT EXISTS commands (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    pipeline_id INTEGER NOT NULL,
+    time        REAL NOT NULL,
+    verb        TEXT NOT NULL,   -- retry | kill | pause | resume
+    args        TEXT NOT NULL,   -- JSON
+    status      TEXT NOT NULL DEFAULT 'new',  -- new | done | failed
+    done_time   REAL,
+    message     TEXT
+);
+"""
+
+
+class Batch:
+    """Writes collected by a runner and committed together in one transaction."""
+
+    def __init__(self) -> None:
+        self.states: list[tuple[Any, ...]] = []
+        self.attempts: list[tuple[Any, ...]] = []
+        self.results: list[tuple[Any, ...]] = []
+        self.events: list[tuple[Any, ...]] = []
+        self.envs: list[tuple[str, str]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.states or self.attempts or self.results or self.events or self.envs)
+
+    def state(
+        self, pipeline_id: int, key: str, state: str, *, attempts: int, error: str | None = None,
+        reason: str | None = None, message: str | None = None,
+    ) -> None:
+        """Record a task's new state (and an event saying so)."""
+        now = time.time()
+        self.states.append((state, attempts, error, reason, now, pipeline_id, key))
+        self.events.append((pipeline_id, now, key, state, message))
+
+
+class Store:
+    """A store directory and its SQLite database (one connection per thread)."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None):
+        self.path = Path(path or os.environ.get("NBPIPE_STORE") or ".nbpipe").absolute()
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            (self.path / "results").mkdir(mode=0o700, exist_ok=True)
+            (self.path / "locks").mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise StoreNotWritable(
+                f"cannot create the nbpipe store at {self.path}: {exc.strerror}; choose a "
+                "writable directory with Pipeline(store=...) or the NBPIPE_STORE variable"
+            ) from None
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise StoreNotWritable(
+                f"the nbpipe store {self.path} is not writable by this user; fix its "
+                "permissions or choose another with Pipeline(store=...) or NBPIPE_STORE"
+            )
+        self.db_path = self.path / "nbpipe.sqlite"
+        self._local = threading.local()
+        self._init_schema()
+
+    # -- connections ------------------------------------------------------------------------
+
+    def connect(self) -> sqlite3.Connection:
+        """This thread's connection (created on first use)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            new = not self.db_path.exists()
+            try:
+                conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
+            except sqlite3.OperationalError as exc:
+                raise StoreNotWritable(f"cannot open {self.db_path}: {exc}") from None
+            if new:
+                os.chmod(self.db_path, 0o600)
+            conn.execute("PRAGMA busy_timeout = 60000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = OFF")
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (taken at once, so concurrent writers queue instead of failing)."""
+        conn = self.connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _init_schema(self) -> None:
+        conn = self.connect()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreVersionError(
+                f"the store {self.path} was written by a newer nbpipe (schema {version}; this "
+                f"nbpipe knows {SCHEMA_VERSION}); upgrade nbpipe (pip install -U nbpipe) or use "
+                "another store"
+            )
+        if version < SCHEMA_VERSION:
+            try:  # every statement is idempotent, so concurrent first opens are safe
+                conn.executescript(_SCHEMA)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            except sqlite3.OperationalError as exc:
+                raise StoreError(f"cannot initialise the store {self.path}: {exc}") from None
+
+    # -- pipelines ----------------------------------------------------------------------------
+
+    def pipeline_id(self, name: str, *, create: bool = True, source: str | None = None) -> int:
+        """The id of pipeline ``name``, created when ``create`` is true."""
+        conn = self.connect()
+        row = conn.execute("SELECT id FROM pipelines WHERE name = ?", (name,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        if not create:
+            from .errors import UnknownTask
+
+            raise UnknownTask(f"no pipeline named {name!r} in the store {self.path}")
+        with self.transaction() as tx:
+            tx.execute(
+                "INSERT OR IGNORE INTO pipelines (name, created, source) VALUES (?, ?, ?)",
+                (name, time.time(), source),
+            )
+        return int(conn.execute("SELECT id FROM pipelines WHERE name = ?", (name,)).fetchone()[0])
+
+    def pipelines(self) -> list[sqlite3.Row]:
+        """Every pipeline of the store."""
+        return self.connect().execute("SELECT * FROM pipelines ORDER BY name").fetchall()
+
+    def set_paused(self, pipeline_id: int, paused: bool) -> None:
+        """Mark a pipeline paused (no new task starts) or not."""
+        with self.transaction() as tx:
+            tx.execute("UPDATE pipelines SET paused = ? WHERE id = ?", (int(paused), pipeline_id))
+
+    def is_paused(self, pipeline_id: int) -> bool:
+        """Whether the pipeline is paused."""
+        row = self.connect().execute(
+            "SELECT paused FROM pipelines WHERE id = ?", (pipeline_id,)
+        ).fetchone()
+        return bool(row and row[0])
+
+    def set_runner(self, pipeline_id: int, info: dict[str, Any] | None) -> None:
+        """Record (or clear) which process runs the pipeline."""
+        with self.transaction() as tx:
+            tx.execute(
+                "UPDATE pipelines SET runner = ? WHERE id = ?",
+                (json.dumps(info) if info else None, pipeline_id),
+            )
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    def register(
+        self, pipeline_id: int, rows: Sequence[dict[str, Any]], edges: Iterable[tuple[str, str, str]]
+    ) -> None:
+        """Insert or refresh task rows and their edges; older tasks with the same labels retire.
+
+        A task already in the store keeps its state and attempts; the row is marked active.
+        """
+        now = time.time()
+        with self.transaction() as tx:
+            tx.executemany(
+                "UPDATE tasks SET active = 0 WHERE pipeline_id = ? AND label = ? AND key != ?",
+                [(pipeline_id, r["label"], r["key"]) for r in rows],
+            )
+            tx.executemany(
+                """INSERT INTO tasks (pipeline_id, key, name, label, kind, state, active,
+                       components, reason, resources, created, updated)
+                   VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)
+                   ON CONFLICT (pipeline_id, key) DO UPDATE SET
+                       active = 1, name = excluded.name, label = excluded.label,
+                       resources = excluded.resources,
+                       state = excluded.state, reason = excluded.reason, updated = excluded.updated""",
+                [
+                    (
+                        pipeline_id, r["key"], r["name"], r["label"], r["kind"], r["state"],
+                        json.dumps(r["components"], sort_keys=True), r.get("reason"),
+                        json.dumps(r.get("resources") or {}, sort_keys=True), now, now,
+                    )
+                    for r in rows
+                ],
+            )
+            tx.executemany(
+                "INSERT OR IGNORE INTO edges (pipeline_id, parent, child, kind) VALUES (?, ?, ?, ?)",
+                [(pipeline_id, p, c, k) for p, c, k in edges],
+            )
+
+    def task_rows(
+        self, pipeline_id: int, keys: Sequence[str] | None = None, *, active_only: bool = True
+    ) -> dict[str, sqlite3.Row]:
+        """Task rows by key: the given keys, or every (active) task of the pipeline."""
+        conn = self.connect()
+        if keys is None:
+            sql = "SELECT * FROM tasks WHERE pipeline_id = ?" + (" AND active = 1" if active_only else "")
+            return {r["key"]: r for r in conn.execute(sql, (pipeline_id,))}
+        found: dict[str, sqlite3.Row] = {}
+        for chunk in _chunks(list(keys), 900):
+            marks = ",".join("?" * len(chunk))
+            for r in conn.execute(
+                f"SELECT * FROM tasks WHERE pipeline_id = ? AND key IN ({marks})", (pipeline_id, *chunk)
+            ):
+                found[r["key"]] = r
+        return found
+
+    def latest_by_label(self, pipeline_id: int, labels: Sequence[str]) -> dict[str, sqlite3.Row]:
+        """For each label, the most recently updated task row that carried it."""
+        conn = self.connect()
+        found: dict[str, sqlite3.Row] = {}
+        for chunk in _chunks(list(labels), 900):
+            marks = ",".join("?" * len(chunk))
+            for r in conn.execute(
+                f"""SELECT * FROM tasks WHERE pipeline_id = ? AND label IN ({marks})
+                    ORDER BY updated""",
+                (pipeline_id, *chunk),
+            ):
+                found[r["label"]] = r
+        return found
+
+    def labels_of(self, keys: Sequence[str]) -> dict[str, str]:
+        """Labels of tasks by key, across pipelines (for naming upstream tasks in reasons)."""
+        conn = self.connect()
+        found: dict[str, str] = {}
+        for chunk in _chunks(list(keys), 900):
+            marks = ",".join("?" * len(chunk))
+            for r in conn.execute(f"SELECT key, label FROM tasks WHERE key IN ({marks})", chunk):
+                found[r[0]] = r[1]
+        return found
+
+    def results(self, keys: Sequence[str]) -> dict[str, sqlite3.Row]:
+        """Recorded result files by key."""
+        conn = self.connect()
+        found: dict[str, sqlite3.Row] = {}
+        for chunk in _chunks(list(keys), 900):
+            marks = ",".join("?" * len(chunk))
+            for r in conn.execute(f"SELECT * FROM results WHERE key IN ({marks})", chunk):
+                found[r["key"]] = r
+        return found
+
+    def forget_result(self, key: str) -> None:
+        """Drop the record of a result file that turned out missing or corrupt."""
+        with self.transaction() as tx:
+            tx.execute("DELETE FROM results WHERE key = ?", (key,))
+
+    def attempts(self, pipeline_id: int, key: str) -> list[sqlite3.Row]:
+        """Every attempt of a task, oldest first."""
+        return self.connect().execute(
+            "SELECT * FROM attempts WHERE pipeline_id = ? AND key = ? ORDER BY number, id",
+            (pipeline_id, key),
+        ).fetchall()
+
+    def environment(self, env_id: str) -> dict[str, Any] | None:
+        """A recorded environment snapshot."""
+        row = self.connect().execute(
+            "SELECT snapshot FROM environments WHERE id = ?", (env_id,)
+        ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def events(self, pipeline_id: int, since: int = 0, limit: int = 10_000) -> list[sqlite3.Row]:
+        """Events of a pipeline after event id ``since``."""
+        return self.connect().execute(
+            "SELECT * FROM events WHERE pipeline_id = ? AND id > ? ORDER BY id LIMIT ?",
+            (pipeline_id, since, limit),
+        ).fetchall()
+
+    def set_states(self, pipeline_id: int, keys: Sequence[str], state: str, message: str) -> None:
+        """Set tasks' state directly (used by commands when no runner is attached)."""
+        batch = Batch()
+        rows = self.task_rows(pipeline_id, keys)
+        for key in keys:
+            if key in rows:
+                batch.state(pipeline_id, key, state, attempts=rows[key]["attempts"], message=message)
+        self.write(batch)
+
+    def write(self, batch: Batch) -> None:
+        """Commit a batch of writes in one transaction."""
+        if not batch:
+            return
+        with self.transaction() as tx:
+            if batch.envs:
+                tx.executemany("INSERT OR IGNORE INTO environments VALUES (?, ?)", batch.envs)
+            if batch.results:
+                tx.executemany(
+                    "INSERT OR REPLACE INTO results (key, path, checksum, size, created) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    batch.results,
+                )
+            if batch.attempts:
+                tx.executemany(
+                    """INSERT INTO attempts (pipeline_id, key, number, state, start, end, worker,
+                           hostname, pid, slurm_job_id, exit_code, error, traceback, stdout,
+                           stderr, env_id)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    batch.attempts,
+                )
+            if batch.states:
+                tx.executemany(
+                    """UPDATE tasks SET state = ?, attempts = ?, error = ?,
+                           reason = COALESCE(?, reason), updated = ?
+                       WHERE pipeline_id = ? AND key = ?""",
+                    batch.states,
+                )
+            if batch.events:
+                tx.executemany(
+                    "INSERT INTO events (pipeline_id, time, key, state, message) VALUES (?, ?, ?, ?, ?)",
+                    batch.events,
+                )
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def post_command(self, pipeline_id: int, verb: str, **args: Any) -> int:
+        """Queue a command for the pipeline's runner; returns its id."""
+        with self.transaction() as tx:
+            cur = tx.execute(
+                "INSERT INTO commands (pipeline_id, time, verb, args) VALUES (?, ?, ?, ?)",
+                (pipeline_id, time.time(), verb, json.dumps(args)),
+            )
+            return int(cur.lastrowid or 0)
+
+    def new_commands(self, pipeline_id: int) -> list[sqlite3.Row]:
+        """Commands not yet handled, oldest first."""
+        return self.connect().execute(
+            "SELECT * FROM commands WHERE pipeline_id = ? AND status = 'new' ORDER BY id",
+            (pipeline_id,),
+        ).fetchall()
+
+    def finish_command(self, command_id: int, status: str = "done", message: str = "") -> None:
+        """Mark a command handled."""
+        with self.transaction() as tx:
+            tx.execute(
+                "UPDATE commands SET status = ?, done_time = ?, message = ? WHERE id = ?",
+                (status, time.time(), message, command_id),
+            )
+
+    def command_status(self, command_id: int) -> str:
+        """``new``, ``done`` or ``failed``."""
+        row = self.connect().execute(
+            "SELECT status FROM commands WHERE id = ?", (command_id,)
+        ).fetchone()
+        return row[0] if row else "unknown"
+
+
+class RunnerLock:
+    """An exclusive lock (``flock``) that makes one process the runner of a pipeline."""
+
+    def __init__(self, store: Store, pipeline: str):
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in pipeline)
+        self.path = store.path / "locks" / f"{safe}.lock"
+        self.pipeline = pipeline
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`PipelineBusy` naming the process that holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = Path(self.path).read_text().strip() or "another process"
+            os.close(fd)
+            raise PipelineBusy(
+                f"pipeline {self.pipeline!r} is already being run by {holder}; wait for it to "
+                "finish, watch it with `nbpipe tasks`, or stop it with `nbpipe pause` "
+                "(only one process may run a pipeline at a time)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Give the lock back."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fd is not None
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,336 @@
+"""Tasks: the ``@task`` and ``@bash_task`` decorators, their options, and ``TaskRef`` handles.
+
+>>> from nbpipe import task
+>>> @task(retries=2, cores=1, memory="1GB")
+... def fraction(seed: int, size: int = 100_000) -> float:
+...     import numpy as np
+...     xy = np.random.default_rng(seed).uniform(-1, 1, (2, size))
+...     return float(((xy ** 2).sum(0) < 1).mean())
+
+Calling ``fraction(seed=1)`` registers a task in the current pipeline and returns a
+:class:`TaskRef` at once; nothing runs until the pipeline runs or a value is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from dask.utils import parse_bytes, parse_timedelta
+
+from .errors import TaskDefinitionError
+from .files import file_params
+from .identity import CodeIdentity, code_identity
+from .states import State
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+__all__ = ["TaskFunction", "TaskOptions", "TaskRef", "bash_task", "task"]
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Options of a task. Only ``version`` (and ``cache``) affect its identity.
+
+    ``memory`` is in bytes and ``walltime`` in seconds once parsed.
+    """
+
+    name: str | None = None
+    retries: int = 0
+    cores: int = 1
+    memory: int | None = None
+    walltime: float | None = None
+    gpus: int = 0
+    pool: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    version: str | int | None = None
+    cache: bool = True
+    after: tuple[Any, ...] = ()
+    max_concurrent: int | None = None
+
+    def resources(self) -> dict[str, Any]:
+        """The options a scheduler needs, for the store and the command line."""
+        return {
+            "retries": self.retries, "cores": self.cores, "memory": self.memory,
+            "walltime": self.walltime, "gpus": self.gpus, "pool": self.pool,
+            "max_concurrent": self.max_concurrent,
+        }
+
+
+_OPTION_NAMES = {f for f in TaskOptions.__dataclass_fields__}
+
+
+def parse_walltime(value: Any, task: str) -> float | None:
+    """Seconds from ``"HH:MM:SS"``, ``"D-HH:MM:SS"``, ``"2h"``/``"30min"`` or a number."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", value.strip())
+        if m:
+            days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
+            return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+        try:
+            return float(parse_timedelta(value))
+        except (ValueError, KeyError, TypeError):
+            pass
+    raise TaskDefinitionError(
+        f"task {task!r}: walltime={value!r} is not a duration; use 'HH:MM:SS', "
+        "'D-HH:MM:SS', '2h', '30min' or a number of seconds"
+    )
+
+
+def _positive_int(value: Any, option: str, task: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise TaskDefinitionError(
+            f"task {task!r}: {option}={value!r} must be an integer >= {minimum}"
+        )
+    return value
+
+
+def make_options(task: str, **kw: Any) -> TaskOptions:
+    """Validate decorator options; every mistake names the task, the option and the fix."""
+    unknown = set(kw) - _OPTION_NAMES
+    if unknown:
+        raise TaskDefinitionError(
+            f"task {task!r}: unknown option(s) {', '.join(sorted(unknown))}; "
+            f"valid options are {', '.join(sorted(_OPTION_NAMES))}"
+        )
+    out: dict[str, Any] = {}
+    if kw.get("name") is not None:
+        if not isinstance(kw["name"], str) or not kw["name"].strip():
+            raise TaskDefinitionError(f"task {task!r}: name={kw['name']!r} must be a non-empty string")
+        out["name"] = kw["name"]
+    for option, minimum in (("retries", 0), ("cores", 1), ("gpus", 0)):
+        if kw.get(option) is not None:
+            out[option] = _positive_int(kw[option], option, task, minimum)
+    if kw.get("max_concurrent") is not None:
+        out["max_concurrent"] = _positive_int(kw["max_concurrent"], "max_concurrent", task, 1)
+    if kw.get("memory") is not None:
+        memory = kw["memory"]
+        try:
+            out["memory"] = int(parse_bytes(memory)) if isinstance(memory, str) else int(memory)
+            if isinstance(memory, bool) or out["memory"] <= 0:
+                raise ValueError
+        except (ValueError, TypeError):
+            raise TaskDefinitionError(
+                f"task {task!r}: memory={memory!r} is not a size; use e.g. '4GB', '500MiB' "
+                "or a number of bytes"
+            ) from None
+    if "walltime" in kw:
+        out["walltime"] = parse_walltime(kw["walltime"], task)
+    if kw.get("pool") is not None:
+        if not isinstance(kw["pool"], str):
+            raise TaskDefinitionError(f"task {task!r}: pool={kw['pool']!r} must be a pool name")
+        out["pool"] = kw["pool"]
+    if kw.get("env") is not None:
+        env = kw["env"]
+        if not isinstance(env, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, (str, int, float)) for k, v in env.items()
+        ):
+            raise TaskDefinitionError(
+                f"task {task!r}: env={env!r} must be a dict of variable names to strings"
+            )
+        out["env"] = {k: str(v) for k, v in env.items()}
+    if kw.get("version") is not None:
+        if not isinstance(kw["version"], (str, int)) or isinstance(kw["version"], bool):
+            raise TaskDefinitionError(f"task {task!r}: version={kw['version']!r} must be a str or int")
+        out["version"] = kw["version"]
+    if "cache" in kw:
+        if not isinstance(kw["cache"], bool):
+            raise TaskDefinitionError(f"task {task!r}: cache={kw['cache']!r} must be True or False")
+        out["cache"] = kw["cache"]
+    if kw.get("after"):
+        after = kw["after"]
+        after = list(after) if isinstance(after, (list, tuple, set)) else [after]
+        for a in after:
+            if not isinstance(a, (TaskRef, str)):
+                raise TaskDefinitionError(
+                    f"task {task!r}: after= takes task references or task names, "
+                    f"not {type(a).__name__}"
+                )
+        out["after"] = tuple(after)
+    return TaskOptions(**out)
+
+
+class TaskRef:
+    """A handle on a registered task, returned at once by calling a task function.
+
+    Pass it to other tasks (also inside lists, tuples and dicts) to make them depend on it;
+    ``ref.result()`` waits for the value.
+    """
+
+    __slots__ = (
+        "pipeline", "func", "name", "label", "args", "kwargs", "call_id", "upstream",
+        "after", "in_files", "out_files", "partial", "arg_slots", "key_", "components",
+        "state", "attempts", "error", "exception", "traceback", "result_file", "reason",
+        "group", "chunksize", "worker", "dynamic", "budget", "deps", "__weakref__",
+    )
+
+    def __init__(self, pipeline: Pipeline, func: TaskFunction, name: str, label: str):
+        self.pipeline = pipeline
+        self.func = func
+        self.name = name
+        self.label = label
+        self.key_: str | None = None
+        self.state = State.WAITING
+        self.attempts = 0
+        self.budget = 0  # attempts made before the last retry command
+        self.error: str | None = None
+        self.exception: bytes | None = None
+        self.traceback: str | None = None
+        self.result_file: tuple[str, str] | None = None
+        self.reason: str | None = None
+        self.group: str | None = None
+        self.chunksize: int | None = None
+        self.worker: str | None = None
+        self.dynamic = False
+        self.deps: dict[TaskRef, str] = {}  # upstream task -> data | after | file
+
+    @property
+    def key(self) -> str:
+        """The task's content key (computed when the graph is resolved)."""
+        if self.key_ is None:
+            self.pipeline._resolve([self])
+        assert self.key_ is not None
+        return self.key_
+
+    def __nbpipe_key__(self) -> str:
+        return self.key
+
+    def done(self) -> bool:
+        """Whether the task reached a final state."""
+        return self.state.final
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The task's value; runs it (and what it needs) if it has not run.
+
+        Re-raises the task's own exception, with its remote traceback attached, if it failed.
+        """
+        return self.pipeline._result(self, timeout)
+
+    def __repr__(self) -> str:
+        return f"<TaskRef {self.label} {self.state.value}>"
+
+
+def _label(name: str, bound: inspect.BoundArguments, sig: inspect.Signature) -> str:
+    parts = []
+    for param, value in bound.arguments.items():
+        default = sig.parameters[param].default
+        if default is not inspect.Parameter.empty:
+            try:
+                if value is default or (type(value) is type(default) and value == default):
+                    continue
+            except Exception:  # numpy arrays and other odd equality
+                pass
+        text = f"<{value.name}>" if isinstance(value, TaskRef) else repr(value)
+        if isinstance(value, (list, tuple)) and any(isinstance(v, TaskRef) for v in value):
+            text = f"[{len(value)} tasks]"
+        if len(text) > 24:
+            text = text[:21] + "..."
+        parts.append(f"{param}={text}")
+    return f"{name}({', '.join(parts)})" if parts else name
+
+
+class TaskFunction:
+    """A function registered as a task. Call it to register a task; ``.map`` for many."""
+
+    def __init__(
+        self, fn: Callable[..., Any], kind: str, options: TaskOptions, pipeline: Pipeline | None
+    ):
+        if not callable(fn) or isinstance(fn, type):
+            decorator = "@task" if kind == "python" else "@bash_task"
+            raise TaskDefinitionError(f"{decorator} needs a function, got {fn!r}")
+        if inspect.iscoroutinefunction(fn) or inspect.isgeneratorfunction(fn):
+            raise TaskDefinitionError(
+                f"task {fn.__name__!r}: async and generator functions cannot be tasks; "
+                "return a value instead"
+            )
+        self.fn = fn
+        self.kind = kind
+        self.opts = options
+        self.pipeline = pipeline
+        self.name = options.name or getattr(fn, "__name__", "task")
+        self.signature = inspect.signature(fn)
+        self.file_roles = file_params(fn)
+        self._lock = threading.Lock()
+        functools.update_wrapper(self, fn)
+
+    @property
+    def __nbpipe_function__(self) -> Callable[..., Any]:
+        return self.fn
+
+    def identity(self) -> CodeIdentity:
+        """The content identity of the function's code and everything it reads."""
+        return code_identity(self.fn, owner=self.name)
+
+    def with_options(self, **options: Any) -> TaskFunction:
+        """A copy of this task function with some options changed."""
+        merged = {**self.opts.__dict__, **options}
+        return TaskFunction(self.fn, self.kind, make_options(self.name, **merged), self.pipeline)
+
+    def _target(self) -> Pipeline:
+        if self.pipeline is not None:
+            return self.pipeline
+        from .pipeline import current_pipeline
+
+        return current_pipeline()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> TaskRef:
+        return self._target()._add(self, args, kwargs)
+
+    def map(self, items: Iterable[Any], chunksize: int | None = None) -> list[TaskRef]:
+        """Register one task per item (``fn(item)``); return their refs in order.
+
+        With ``chunksize``, items run in batches of that size on the workers, while each item
+        keeps its own identity, state and result.
+        """
+        if chunksize is not None:
+            _positive_int(chunksize, "chunksize", self.name, 1)
+        return self._target()._add_many(self, items, chunksize)
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} task {self.name}>"
+
+
+def _decorator(kind: str) -> Callable[..., Any]:
+    def decorate(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+        pipeline = options.pop("_pipeline", None)
+
+        def wrap(f: Callable[..., Any]) -> TaskFunction:
+            name = options.get("name") or getattr(f, "__name__", "task")
+            return TaskFunction(f, kind, make_options(name, **options), pipeline)
+
+        if fn is None:
+            return wrap
+        if options:
+            raise TaskDefinitionError("use @task(option=...) or bare @task, not both")
+        return wrap(fn)
+
+    return decorate
+
+
+task = _decorator("python")
+task.__doc__ = """Make a function a task: ``@task`` or ``@task(retries=2, memory="4GB", ...)``.
+
+Options: ``name, retries, cores, memory, walltime, gpus, pool, env, version, cache, after,
+max_concurrent``. Calling the decorated function registers a task in the current pipeline
+(``with pipe:`` or ``nbpipe.use(pipe)``; else a default pipeline named after the script).
+"""
+
+bash_task = _decorator("bash")
+bash_task.__doc__ = """Make a function that returns a bash command (a string, or an argv list) a task.
+
+The command's stdout is the task's value; a non-zero exit fails the task with its exit code.
+
+>>> @bash_task
+... def greet(name: str) -> str:
+...     return f"echo hello {name}"
+"""

@@ -1,0 +1,303 @@
+"""The worker-side wrapper: runs task items, captures their output, writes their results.
+
+The runner submits :func:`run_items` to Dask with the task function and a list of
+:class:`WorkItem` (one item, or a chunk of a ``map``). For every item the wrapper loads upstream
+values from their result files, sets the task's environment variables, runs the function (or its
+bash command) with stdout and stderr captured, writes the result atomically and returns a small
+:class:`Outcome`. It never raises for a task's own failure: outcomes are explicit states.
+
+Kills: threads cannot be stopped from outside, so :func:`interrupt` raises ``TaskKilled``
+asynchronously in the thread running the item; that stops pure-Python code at once. Code blocked
+in C does not see it, and the runner then restarts the worker process (a real kill).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from .context import TaskContext, stop_requested
+from .context import _set as _set_context
+from .bash import run_command
+from .bookkeeping import environment
+from .errors import BashTaskError, TaskKilled
+from .results import read_result, write_result
+
+__all__ = ["Outcome", "Upstream", "WorkItem", "interrupt", "run_items"]
+
+TAIL = 64 * 1024  # characters of stdout/stderr kept with an attempt
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Placeholder in an item's arguments for the value of an upstream task."""
+
+    key: str
+    path: str
+    checksum: str
+
+
+@dataclass
+class WorkItem:
+    """One task attempt to run."""
+
+    key: str
+    name: str
+    label: str
+    attempt: int
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    kind: str = "python"
+    env: dict[str, str] = field(default_factory=dict)
+    outputs: tuple[str, ...] = ()
+
+
+@dataclass
+class Outcome:
+    """What happened to one item. ``state`` is ``SUCCEEDED``, ``FAILED`` or ``KILLED``."""
+
+    key: str
+    attempt: int
+    state: str
+    start: float
+    end: float
+    worker: str | None
+    hostname: str
+    pid: int
+    env_id: str
+    env: dict[str, Any] | None = None
+    result: tuple[str, str, int] | None = None
+    stdout: str = ""
+    stderr: str = ""
+    error: str | None = None
+    traceback: str | None = None
+    exception: bytes | None = None
+    exit_code: int | None = None
+    slurm_job_id: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Output capture: one router per worker process sends each thread's writes to its own buffer.
+
+
+class _Router(io.TextIOBase):
+    def __init__(self, fallback: Any):
+        self._fallback = fallback
+        self._local = threading.local()
+
+    def capture(self, buffer: io.StringIO | None) -> None:
+        self._local.buffer = buffer
+
+    def write(self, text: str) -> int:
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None:
+            return self._fallback.write(text)
+        return buffer.write(text)
+
+    def flush(self) -> None:
+        if getattr(self._local, "buffer", None) is None:
+            self._fallback.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._fallback, "encoding", "utf-8")
+
+
+_install_lock = threading.Lock()
+
+
+def _routers() -> tuple[_Router, _Router]:
+    with _install_lock:
+        if not isinstance(sys.stdout, _Router):
+            sys.stdout = _Router(sys.stdout)
+        if not isinstance(sys.stderr, _Router):
+            sys.stderr = _Router(sys.stderr)
+    return sys.stdout, sys.stderr  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kills and termination notices
+
+
+_running: dict[str, int] = {}  # key -> thread id of the thread running it
+_killed: set[str] = set()
+_env_lock = threading.Lock()
+_sent_envs: set[tuple[str, str]] = set()
+
+
+def interrupt(key: str) -> bool:
+    """Stop task ``key`` on this worker: raise TaskKilled in its thread. True if it was running."""
+    _killed.add(key)
+    thread_id = _running.get(key)
+    if thread_id is None:
+        return False
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(TaskKilled)
+    )
+    return True
+
+
+def install_termination_notice() -> None:
+    """Set ``context().should_stop()`` when this process gets SIGTERM; keep the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if getattr(previous, "__nbpipe__", False):
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        stop_requested().set()
+        if callable(previous):
+            previous(signum, frame)
+
+    on_sigterm.__nbpipe__ = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _worker_address() -> str | None:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except Exception:
+        return None
+
+
+def _notify_start(topic: str | None, keys: list[str], address: str | None) -> None:
+    if not topic:
+        return
+    try:
+        from distributed import get_worker
+
+        get_worker().log_event(topic, {"keys": keys, "worker": address, "time": time.time()})
+    except Exception:  # not on a Dask worker (tests calling run_items directly)
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _resolve(value: Any, cache: dict[str, Any]) -> Any:
+    if isinstance(value, Upstream):
+        if value.key not in cache:
+            cache[value.key] = read_result(value.path, value.checksum)
+        return cache[value.key]
+    if type(value) is list:
+        return [_resolve(v, cache) for v in value]
+    if type(value) is tuple:
+        return tuple(_resolve(v, cache) for v in value)
+    if type(value) is dict:
+        return {k: _resolve(v, cache) for k, v in value.items()}
+    return value
+
+
+def _call(fn: Any, item: WorkItem, values: dict[str, Any]) -> Any:
+    args = _resolve(item.args, values)
+    kwargs = _resolve(item.kwargs, values)
+    if item.kind == "bash":
+        command = fn(*args, **kwargs)
+        result = run_command(command, task=item.label, env=item.env)
+        sys.stdout.write(result.stdout)
+        sys.stderr.write(result.stderr)
+        return result.stdout
+    if not item.env:
+        return fn(*args, **kwargs)
+    with _env_lock:  # os.environ is per process: tasks with env= take turns on a worker
+        saved = {k: os.environ.get(k) for k in item.env}
+        os.environ.update(item.env)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _run_one(
+    fn: Any, item: WorkItem, store_dir: str, pipeline: str, topic: str | None,
+    address: str | None, values: dict[str, Any],
+) -> Outcome:
+    out_router, err_router = _routers()
+    out, err = io.StringIO(), io.StringIO()
+    env_id, env = environment()
+    outcome = Outcome(
+        key=item.key, attempt=item.attempt, state="FAILED", start=time.time(), end=0.0,
+        worker=address, hostname=socket.gethostname(), pid=os.getpid(), env_id=env_id,
+        slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+    )
+    if topic and (topic, env_id) not in _sent_envs:
+        _sent_envs.add((topic, env_id))
+        outcome.env = env
+    ctx = TaskContext(item.name, item.key, item.label, item.attempt, pipeline, address)
+    out_router.capture(out)
+    err_router.capture(err)
+    _set_context(ctx)
+    try:
+        try:
+            if item.key in _killed:
+                raise TaskKilled(f"task {item.label!r} was killed")
+            _running[item.key] = threading.get_ident()
+            try:
+                value = _call(fn, item, values)
+            finally:
+                _running.pop(item.key, None)
+            missing = [p for p in item.outputs if not os.path.exists(p)]
+            if missing:
+                raise FileNotFoundError(
+                    f"task {item.label!r} finished without writing its declared output "
+                    f"file(s) {', '.join(missing)}"
+                )
+            outcome.result = tuple(write_result(store_dir, item.key, value))  # type: ignore[assignment]
+            outcome.state = "SUCCEEDED"
+        except TaskKilled:
+            outcome.state = "KILLED"
+            outcome.error = f"task {item.label!r} was killed on request"
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes an outcome
+            outcome.error = f"{type(exc).__name__}: {exc}"
+            outcome.traceback = "".join(
+                traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next)
+            )
+            if isinstance(exc, BashTaskError):
+                outcome.exit_code = exc.exit_code
+            try:
+                outcome.exception = cloudpickle.dumps(exc)
+            except Exception:
+                outcome.exception = None
+    except TaskKilled:  # the async exception arrived just after the task returned
+        outcome.state = "KILLED"
+        outcome.error = f"task {item.label!r} was killed on request"
+    finally:
+        _set_context(None)
+        out_router.capture(None)
+        err_router.capture(None)
+        _killed.discard(item.key)
+    outcome.end = time.time()
+    outcome.stdout = out.getvalue()[-TAIL:]
+    outcome.stderr = err.getvalue()[-TAIL:]
+    return outcome
+
+
+def run_items(
+    fn: Any, items: list[WorkItem], store_dir: str, pipeline: str, topic: str | None = None
+) -> list[Outcome]:
+    """Run ``items`` one after another with ``fn``; return one :class:`Outcome` per item."""
+    address = _worker_address()
+    _notify_start(topic, [item.key for item in items], address)
+    values: dict[str, Any] = {}
+    return [_run_one(fn, item, store_dir, pipeline, topic, address, values) for item in items]
