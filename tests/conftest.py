@@ -1,0 +1,70 @@
+"""Shared fixtures: one real LocalCluster for the session, a fresh store per test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from distributed import Client, LocalCluster
+
+from nbpipe import Pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "ci_required: a skip of this test fails the run when CI=true"
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    """In CI, a skipped test that CI must run (Slurm, browser) is a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("CI") and item.get_closest_marker("ci_required"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where it must run: {report.longrepr}"
+
+
+@pytest.fixture(scope="session")
+def cluster() -> LocalCluster:
+    """Two worker processes with one thread each, shared by the tests."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as lc:
+        yield lc
+
+
+@pytest.fixture
+def client(cluster: LocalCluster) -> Client:
+    """A client of the shared cluster."""
+    with Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    """A store directory of the test's own."""
+    return tmp_path / ".nbpipe"
+
+
+@pytest.fixture
+def pipe(request: pytest.FixtureRequest, store: Path, client: Client) -> Pipeline:
+    """A pipeline named after the test, on the shared cluster, in a fresh store."""
+    p = Pipeline(request.node.name[:60], store=store, cluster=client)
+    yield p
+    p.close()
+
+
+def run_script(path: Path, source: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """Write ``source`` to ``path`` and run it in a fresh Python process (cwd = its folder)."""
+    path.write_text(textwrap.dedent(source))
+    return subprocess.run(
+        [sys.executable, str(path), *args], cwd=path.parent, capture_output=True, text=True,
+        timeout=timeout,
+    )
