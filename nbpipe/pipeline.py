@@ -502,12 +502,13 @@ class Pipeline:
                 r.state, r.budget = State.WAITING, r.attempts
         todo = [r for r in refs if r.state is State.WAITING]
         executed = len(todo)
-        paused = self.store.is_paused(self.pipeline_id)
-        if todo:
+        live = self._runner is not None and self._runner.alive
+        paused = self._runner.paused if live else self.store.is_paused(self.pipeline_id)
+        if todo and (live or not paused):  # a paused pipeline starts no cluster for nothing
             runner = self._ensure_runner()
             runner.add(todo)
             paused = runner.paused
-        if wait and todo:
+        if wait and todo and not paused:
             self._wait(refs, timeout)
         summary = self._summary(refs, executed)
         if check and summary.failed:

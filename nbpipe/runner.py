@@ -501,10 +501,7 @@ class Runner:
             sub.future.cancel()
             self._release(sub)
             if ref.worker:
-                threading.Thread(
-                    target=self.client.restart_workers, args=([ref.worker],),
-                    kwargs={"raise_for_error": False}, daemon=True,
-                ).start()
+                threading.Thread(target=self._restart_worker, args=(ref.worker,), daemon=True).start()
             for other in sub.refs:
                 if other is ref or other in self.kill_requested:
                     self._finish(other, State.KILLED,
@@ -513,6 +510,12 @@ class Runner:
                     other.attempts -= 1
                     other.state = State.WAITING
                     self.ready.append(other)
+
+    def _restart_worker(self, address: str) -> None:
+        try:
+            self.client.restart_workers([address], raise_for_error=False)
+        except Exception:  # the cluster may be closing; the task is killed either way
+            log.debug("could not restart worker %s", address, exc_info=True)
 
     def _cmd_retry(self, keys: list[str] | None = None, failed: bool = False) -> str:
         targets = self._targets(keys)

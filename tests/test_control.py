@@ -1,0 +1,197 @@
+"""Control through the store's command table: kill, pause, resume, retry — also from another process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nbpipe import Pipeline, State, TaskKilled
+
+
+def _wait_for(predicate, timeout: float = 20.0, step: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(step)
+    raise AssertionError("condition not reached in time")
+
+
+def test_kill_stops_a_cpu_bound_python_loop_within_5_seconds(pipe: Pipeline) -> None:
+    @pipe.task
+    def spin(n: int) -> int:
+        total = 0
+        while True:  # a pure-Python loop that never returns by itself
+            total += n
+
+    ref = spin(1)
+    pipe.run(wait=False)
+    _wait_for(lambda: ref.state is State.RUNNING)
+    start = time.monotonic()
+    pipe.kill(ref)
+    _wait_for(lambda: ref.state.final, timeout=5)
+    assert time.monotonic() - start < 5
+    assert ref.state is State.KILLED
+    with pytest.raises(TaskKilled):
+        ref.result()
+
+
+def test_kill_stops_a_task_blocked_in_c_code_by_restarting_its_worker(pipe: Pipeline) -> None:
+    @pipe.task
+    def nap(seconds: float) -> float:
+        time.sleep(seconds)  # blocked in C: the async exception cannot reach it
+        return seconds
+
+    ref = nap(600.0)
+    pipe.run(wait=False)
+    _wait_for(lambda: ref.state is State.RUNNING)
+    start = time.monotonic()
+    pipe.kill(ref)
+    _wait_for(lambda: ref.state.final, timeout=5)
+    assert ref.state is State.KILLED
+    assert time.monotonic() - start < 5
+    rows = pipe.store.task_rows(pipe.pipeline_id, [ref.key])
+    assert rows[ref.key]["state"] == "KILLED"
+
+
+def test_killing_a_task_marks_its_downstream_upstream_failed(pipe: Pipeline) -> None:
+    @pipe.task
+    def slow() -> int:
+        while True:
+            pass
+
+    @pipe.task
+    def after_slow(x: int) -> int:
+        return x
+
+    @pipe.task
+    def independent() -> int:
+        return 7
+
+    first = slow()
+    second = after_slow(first)
+    other = independent()
+    pipe.run(wait=False)
+    _wait_for(lambda: first.state is State.RUNNING)
+    pipe.kill(first)
+    _wait_for(lambda: second.state.final)
+    assert first.state is State.KILLED
+    assert second.state is State.UPSTREAM_FAILED
+    assert other.result() == 7
+
+
+def test_pause_starts_no_new_task_and_resume_continues(pipe: Pipeline, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+
+    @pipe.task
+    def blocker() -> str:
+        while not gate.exists():
+            time.sleep(0.05)
+        return "open"
+
+    @pipe.task
+    def later(x: str) -> str:
+        return x + "!"
+
+    first = blocker()
+    second = later(first)
+    pipe.run(wait=False)
+    _wait_for(lambda: first.state is State.RUNNING)
+    pipe.pause()
+    assert pipe.paused
+    gate.write_text("go")
+    _wait_for(lambda: first.state is State.SUCCEEDED)
+    time.sleep(0.5)
+    assert second.state is State.WAITING  # paused: not started
+    summary = pipe.run()
+    assert summary.paused
+    pipe.resume()
+    assert not pipe.paused
+    assert second.result(timeout=30) == "open!"
+
+
+def test_retry_reruns_a_failed_task_and_what_it_blocked(pipe: Pipeline, tmp_path: Path) -> None:
+    flag = tmp_path / "fixed"
+
+    @pipe.task
+    def flaky() -> int:
+        if not flag.exists():
+            raise RuntimeError("not yet")
+        return 1
+
+    @pipe.task
+    def plus_one(x: int) -> int:
+        return x + 1
+
+    a = flaky()
+    b = plus_one(a)
+    pipe.run()
+    assert (a.state, b.state) == (State.FAILED, State.UPSTREAM_FAILED)
+    flag.write_text("ok")
+    pipe.retry(failed=True)
+    _wait_for(lambda: b.state.final, timeout=30)
+    assert (a.state, b.state) == (State.SUCCEEDED, State.SUCCEEDED)
+    assert b.result() == 2
+    attempts = pipe.store.attempts(pipe.pipeline_id, a.key)
+    assert [r["state"] for r in attempts] == ["FAILED", "SUCCEEDED"]
+
+
+def test_retry_of_a_succeeded_task_runs_it_again(pipe: Pipeline, tmp_path: Path) -> None:
+    counter = tmp_path / "count"
+
+    @pipe.task
+    def count() -> int:
+        n = int(counter.read_text()) + 1 if counter.exists() else 1
+        counter.write_text(str(n))
+        return n
+
+    ref = count()
+    assert ref.result() == 1
+    pipe.retry(ref)
+    _wait_for(lambda: counter.read_text() == "2", timeout=30)
+    _wait_for(lambda: ref.state is State.SUCCEEDED)
+    assert ref.result() == 2
+
+
+def test_commands_from_another_process_reach_the_runner(pipe: Pipeline, tmp_path: Path) -> None:
+    @pipe.task
+    def forever() -> None:
+        while True:
+            pass
+
+    ref = forever()
+    pipe.run(wait=False)
+    _wait_for(lambda: ref.state is State.RUNNING)
+    code = (
+        "from nbpipe import Pipeline\n"
+        f"p = Pipeline({pipe.name!r}, store={str(pipe.store.path)!r})\n"
+        f"p.kill({ref.key!r})\n"
+    )
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    _wait_for(lambda: ref.state.final, timeout=5)
+    assert ref.state is State.KILLED
+    assert time.monotonic() - start < 10  # includes the other interpreter's start-up
+
+
+def test_pause_without_a_runner_is_kept_in_the_store(tmp_path: Path) -> None:
+    store = tmp_path / ".nbpipe"
+    Pipeline("offline", store=store).pause()
+    fresh = Pipeline("offline", store=store)
+    assert fresh.paused
+
+    @fresh.task
+    def one() -> int:
+        return 1
+
+    ref = one()
+    summary = fresh.run()
+    assert summary.paused
+    assert ref.state is State.WAITING
+    fresh.resume()
+    assert not Pipeline("offline", store=store).paused
+    fresh.close()
