@@ -7,6 +7,7 @@ kill request (an exception raised in this thread) is noticed and the child proce
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -67,10 +68,8 @@ def run_command(
                 continue
     finally:
         if proc.poll() is None:  # interrupted (killed task): stop the whole process group
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, 9)
-            except ProcessLookupError:
-                pass
             proc.wait()
     if proc.returncode != 0:
         tail = err.strip().splitlines()[-5:]

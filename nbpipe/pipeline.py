@@ -13,6 +13,7 @@ Running the same script again executes nothing that already succeeded.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import graphlib
 import json
 import os
@@ -154,10 +155,8 @@ _open: weakref.WeakSet[Pipeline] = weakref.WeakSet()
 @atexit.register
 def _close_all() -> None:
     for pipe in list(_open):
-        try:
+        with contextlib.suppress(Exception):
             pipe.close()
-        except Exception:
-            pass
 
 
 class Pipeline:

@@ -9,6 +9,7 @@ that registered the tasks never blocks while they run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -149,10 +150,8 @@ class Runner:
             self.store.set_runner(self.pid, None)
         except Exception:  # pragma: no cover - closing at interpreter exit
             log.debug("could not record the runner's end", exc_info=True)
-        try:
+        with contextlib.suppress(Exception):
             self.client.unsubscribe_topic(self.topic)
-        except Exception:
-            pass
         self.lock.release()
         with self.changed:
             self.changed.notify_all()

@@ -27,10 +27,10 @@ from typing import Any
 
 import cloudpickle
 
-from .context import TaskContext, stop_requested
-from .context import _set as _set_context
 from .bash import run_command
 from .bookkeeping import environment
+from .context import TaskContext, stop_requested
+from .context import _set as _set_context
 from .errors import BashTaskError, TaskKilled
 from .results import read_result, write_result
 
