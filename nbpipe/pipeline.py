@@ -48,7 +48,7 @@ from .results import read_result
 from .runner import Runner
 from .states import BAD, State
 from .store import RunnerLock, Store
-from .task import TaskFunction, TaskRef, _label, bash_task, task
+from .task import TaskFunction, TaskOutput, TaskRef, _label, bash_task, task
 from .why import explain
 
 __all__ = ["Pipeline", "RunSummary", "TaskInfo", "current_pipeline", "use"]
@@ -93,15 +93,16 @@ class RunSummary(NamedTuple):
 
 
 class _Slot:
-    """Stands for the i-th upstream TaskRef of a call inside its encoded arguments."""
+    """Stands for the i-th upstream TaskRef (or one output of it) inside encoded arguments."""
 
-    __slots__ = ("index",)
+    __slots__ = ("index", "output")
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, output: str | None = None):
         self.index = index
+        self.output = output
 
-    def __nbpipe_token__(self) -> tuple[str, int]:
-        return ("upstream", self.index)
+    def __nbpipe_token__(self) -> tuple[str, int, str | None]:
+        return ("upstream", self.index, self.output)
 
 
 class RemoteTraceback(Exception):
@@ -212,14 +213,15 @@ class Pipeline:
         kind = type(value)
         if kind in (int, float, str, bool) or value is None:
             return value
-        if isinstance(value, TaskRef):
-            if value.pipeline is not self:
+        if isinstance(value, (TaskRef, TaskOutput)):
+            ref = value if isinstance(value, TaskRef) else value.ref
+            if ref.pipeline is not self:
                 raise TaskDefinitionError(
-                    f"task {func.name!r} got {value!r} from pipeline {value.pipeline.name!r}; "
+                    f"task {func.name!r} got {value!r} from pipeline {ref.pipeline.name!r}; "
                     f"tasks can only depend on tasks of the same pipeline ({self.name!r})"
                 )
-            upstream.append(value)
-            return _Slot(len(upstream) - 1)
+            upstream.append(ref)
+            return _Slot(len(upstream) - 1, value.name if isinstance(value, TaskOutput) else None)
         if kind is list:
             return [self._slot(v, upstream, func) for v in value]
         if kind is tuple:

@@ -295,15 +295,17 @@ class Runner:
             self._submit(chunk)
         self.ready.extend(deferred)
 
-    def _upstream_value(self, ref: TaskRef) -> Upstream:
+    def _upstream_value(self, ref: TaskRef, output: str | None = None) -> Upstream:
         assert ref.result_file is not None, f"{ref.label} has no result yet"
-        return Upstream(ref.key, *ref.result_file)
+        return Upstream(ref.key, *ref.result_file, output)
 
     def _substitute(self, value: Any) -> Any:
-        from .task import TaskRef
+        from .task import TaskOutput, TaskRef
 
         if isinstance(value, TaskRef):
             return self._upstream_value(value)
+        if isinstance(value, TaskOutput):
+            return self._upstream_value(value.ref, value.name)
         if type(value) is list:
             return [self._substitute(v) for v in value]
         if type(value) is tuple:

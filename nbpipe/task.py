@@ -31,7 +31,7 @@ from .states import State
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
-__all__ = ["TaskFunction", "TaskOptions", "TaskRef", "bash_task", "task"]
+__all__ = ["TaskFunction", "TaskOptions", "TaskOutput", "TaskRef", "bash_task", "task"]
 
 
 @dataclass(frozen=True)
@@ -216,8 +216,29 @@ class TaskRef:
         """
         return self.pipeline._result(self, timeout)
 
+    def output(self, name: str) -> TaskOutput:
+        """One entry of a task whose value is a dict (a ``%%task`` cell's outputs)."""
+        return TaskOutput(self, name)
+
     def __repr__(self) -> str:
         return f"<TaskRef {self.label} {self.state.value}>"
+
+
+class TaskOutput:
+    """``ref.output(name)``: the entry ``name`` of the dict a task returns, as a dependency."""
+
+    __slots__ = ("name", "ref")
+
+    def __init__(self, ref: TaskRef, name: str):
+        self.ref = ref
+        self.name = name
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The entry's value (waits for the task)."""
+        return self.ref.result(timeout)[self.name]
+
+    def __repr__(self) -> str:
+        return f"<TaskOutput {self.ref.label}.{self.name} {self.ref.state.value}>"
 
 
 def _label(name: str, bound: inspect.BoundArguments, sig: inspect.Signature) -> str:

@@ -46,6 +46,7 @@ class Upstream:
     key: str
     path: str
     checksum: str
+    output: str | None = None  # one entry of a dict result (a cell's output)
 
 
 @dataclass
@@ -195,7 +196,7 @@ def _resolve(value: Any, cache: dict[str, Any]) -> Any:
     if isinstance(value, Upstream):
         if value.key not in cache:
             cache[value.key] = read_result(value.path, value.checksum)
-        return cache[value.key]
+        return cache[value.key] if value.output is None else cache[value.key][value.output]
     if type(value) is list:
         return [_resolve(v, cache) for v in value]
     if type(value) is tuple:

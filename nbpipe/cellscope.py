@@ -1,0 +1,267 @@
+"""What a cell reads and what it defines, found statically with Python's scoping rules.
+
+>>> scope = analyze("import numpy as np\\nmean = data.mean()\\nsq = [x * x for x in data]")
+>>> scope.reads, scope.writes
+(['data'], ['mean', 'sq'])
+
+Reads are the names the cell takes from outside (in order of first use); writes are the names
+assigned at the cell's top level (imports excluded: a module is not a result). Comprehension
+variables, function parameters and locals, class bodies, ``global`` and ``nonlocal``
+declarations, ``del``, augmented assignment and the walrus operator follow Python's rules.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+
+__all__ = ["CellScope", "analyze"]
+
+
+@dataclass
+class CellScope:
+    """The names a cell reads from outside and the names it defines at top level."""
+
+    reads: list[str] = field(default_factory=list)
+    writes: list[str] = field(default_factory=list)
+    imports: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+
+
+class _Scope:
+    def __init__(self, kind: str, parent: _Scope | None):
+        self.kind = kind  # module | function | class | comprehension
+        self.parent = parent
+        self.defined: set[str] = set()
+        self.globals: set[str] = set()
+        self.nonlocals: set[str] = set()
+
+
+def _stored_names(node: ast.AST) -> set[str]:
+    """Every name a function body binds (so reads of it inside are local, not outside)."""
+    names: set[str] = set()
+    for child in ast.walk(node):
+        if isinstance(child, ast.Name) and isinstance(child.ctx, (ast.Store, ast.Del)):
+            names.add(child.id)
+        elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(child.name)
+        elif isinstance(child, (ast.Import, ast.ImportFrom)):
+            for alias in child.names:
+                names.add((alias.asname or alias.name).partition(".")[0])
+        elif isinstance(child, ast.ExceptHandler) and child.name:
+            names.add(child.name)
+        elif isinstance(child, ast.arg):
+            names.add(child.arg)
+        elif isinstance(child, (ast.MatchAs, ast.MatchStar)) and child.name:
+            names.add(child.name)
+        elif isinstance(child, ast.MatchMapping) and child.rest:
+            names.add(child.rest)
+    return names
+
+
+class _Visitor(ast.NodeVisitor):
+    def __init__(self) -> None:
+        self.module = _Scope("module", None)
+        self.scope = self.module
+        self.result = CellScope()
+        self._reads: dict[str, None] = {}
+        self._writes: dict[str, None] = {}
+        self._deferred: list[tuple[ast.AST, _Scope]] = []
+
+    # -- name resolution ----------------------------------------------------------------------
+
+    def _binding_scope(self, name: str) -> _Scope:
+        scope = self.scope
+        if name in scope.globals:
+            return self.module
+        if scope.kind == "comprehension":  # walrus targets bind in the enclosing function
+            while scope.kind == "comprehension" and scope.parent is not None:
+                scope = scope.parent
+        return scope
+
+    def _define(self, name: str, *, imported: bool = False) -> None:
+        scope = self._binding_scope(name)
+        if name in scope.nonlocals:
+            return
+        scope.defined.add(name)
+        if scope is self.module:
+            if imported:
+                self.result.imports.append(name)
+                self._writes.pop(name, None)
+            else:
+                self._writes[name] = None
+            if name in self.result.deleted:
+                self.result.deleted.remove(name)
+
+    def _read(self, name: str) -> None:
+        scope: _Scope | None = self.scope
+        if name in self.scope.globals:
+            scope = self.module
+        while scope is not None:
+            if name in scope.defined and (scope.kind != "class" or scope is self.scope):
+                return
+            scope = scope.parent
+        self._reads.setdefault(name, None)
+
+    # -- nodes ---------------------------------------------------------------------------------
+
+    def visit_Name(self, node: ast.Name) -> None:
+        if isinstance(node.ctx, ast.Load):
+            self._read(node.id)
+        elif isinstance(node.ctx, ast.Store):
+            self._define(node.id)
+        else:  # del
+            self._read(node.id)
+            scope = self._binding_scope(node.id)
+            scope.defined.discard(node.id)
+            if scope is self.module:
+                self._writes.pop(node.id, None)
+                self.result.deleted.append(node.id)
+
+    def visit_AugAssign(self, node: ast.AugAssign) -> None:
+        self.visit(node.value)
+        if isinstance(node.target, ast.Name):
+            self._read(node.target.id)
+            self._define(node.target.id)
+        else:
+            self.visit(node.target)
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        if node.value is not None:
+            self.visit(node.value)
+        if self.scope.kind != "function":
+            self.visit(node.annotation)
+        if node.value is not None or not isinstance(node.target, ast.Name):
+            self.visit(node.target)
+
+    def visit_Assign(self, node: ast.Assign) -> None:
+        self.visit(node.value)  # the value is evaluated before the targets are bound
+        for target in node.targets:
+            self.visit(target)
+
+    def visit_NamedExpr(self, node: ast.NamedExpr) -> None:
+        self.visit(node.value)
+        self._define(node.target.id)
+
+    def visit_Import(self, node: ast.Import) -> None:
+        for alias in node.names:
+            self._define((alias.asname or alias.name).partition(".")[0], imported=True)
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        for alias in node.names:
+            if alias.name != "*":
+                self._define(alias.asname or alias.name, imported=True)
+
+    def visit_Global(self, node: ast.Global) -> None:
+        self.scope.globals.update(node.names)
+
+    def visit_Nonlocal(self, node: ast.Nonlocal) -> None:
+        self.scope.nonlocals.update(node.names)
+
+    def visit_ExceptHandler(self, node: ast.ExceptHandler) -> None:
+        if node.type is not None:
+            self.visit(node.type)
+        if node.name:
+            self._define(node.name)
+        for stmt in node.body:
+            self.visit(stmt)
+
+    def visit_MatchAs(self, node: ast.MatchAs) -> None:
+        if node.pattern is not None:
+            self.visit(node.pattern)
+        if node.name:
+            self._define(node.name)
+
+    def visit_MatchStar(self, node: ast.MatchStar) -> None:
+        if node.name:
+            self._define(node.name)
+
+    def visit_MatchMapping(self, node: ast.MatchMapping) -> None:
+        self.generic_visit(node)
+        if node.rest:
+            self._define(node.rest)
+
+    def _function(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> None:
+        args = node.args
+        for default in [*args.defaults, *(d for d in args.kw_defaults if d is not None)]:
+            self.visit(default)
+        if not isinstance(node, ast.Lambda):
+            for deco in node.decorator_list:
+                self.visit(deco)
+            for a in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]:
+                if a is not None and a.annotation is not None:
+                    self.visit(a.annotation)
+            if node.returns is not None:
+                self.visit(node.returns)
+            self._define(node.name)
+        scope = _Scope("function", self.scope)
+        # Bodies run later, when everything the cell defines exists: analyse them at the end.
+        self._deferred.append((node, scope))
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _function
+
+    def _run_function_body(self, node: ast.AST, scope: _Scope) -> None:
+        saved, self.scope = self.scope, scope
+        body = node.body if isinstance(node.body, list) else [node.body]
+        for stmt in body:
+            if isinstance(stmt, (ast.Global, ast.Nonlocal)):
+                self.visit(stmt)
+        for child in ast.walk(node):
+            if isinstance(child, (ast.Global, ast.Nonlocal)):
+                self.visit(child)
+        holder = ast.Module(body=body, type_ignores=[])
+        local = _stored_names(holder) - scope.globals - scope.nonlocals
+        args = node.args
+        local |= {a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs,
+                                  args.vararg, args.kwarg] if a is not None}
+        scope.defined |= local
+        for stmt in body:
+            self.visit(stmt)
+        self.scope = saved
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        for expr in [*node.decorator_list, *node.bases, *(k.value for k in node.keywords)]:
+            self.visit(expr)
+        saved, self.scope = self.scope, _Scope("class", self.scope)
+        for stmt in node.body:
+            self.visit(stmt)
+        self.scope = saved
+        self._define(node.name)
+
+    def _comprehension(self, node: ast.ListComp | ast.SetComp | ast.GeneratorExp | ast.DictComp) -> None:
+        generators = node.generators
+        self.visit(generators[0].iter)  # the first iterable is evaluated outside
+        saved, self.scope = self.scope, _Scope("comprehension", self.scope)
+        for i, gen in enumerate(generators):
+            if i:
+                self.visit(gen.iter)
+            for name in ast.walk(gen.target):
+                if isinstance(name, ast.Name):
+                    self.scope.defined.add(name.id)
+            for cond in gen.ifs:
+                self.visit(cond)
+        if isinstance(node, ast.DictComp):
+            self.visit(node.key)
+            self.visit(node.value)
+        else:
+            self.visit(node.elt)
+        self.scope = saved
+
+    visit_ListComp = visit_SetComp = visit_GeneratorExp = visit_DictComp = _comprehension
+
+    def finish(self) -> CellScope:
+        while self._deferred:
+            node, scope = self._deferred.pop(0)
+            self._run_function_body(node, scope)
+        self.result.reads = list(self._reads)
+        self.result.writes = [w for w in self._writes if w not in self.result.imports]
+        return self.result
+
+
+def analyze(source: str) -> CellScope:
+    """The :class:`CellScope` of Python ``source`` (raises ``SyntaxError`` on bad code)."""
+    tree = ast.parse(source)
+    visitor = _Visitor()
+    for stmt in tree.body:
+        visitor.visit(stmt)
+    return visitor.finish()
