@@ -47,3 +47,17 @@ __all__ = [
     "TaskfileError", "UnhashableValue", "UnknownTask", "UpstreamFailed", "bash_task",
     "context", "current_pipeline", "load_tasks", "task", "use",
 ]
+
+
+def load_ipython_extension(shell: object) -> None:
+    """``%load_ext nbpipe`` (the notebook layer is imported only here)."""
+    from .magics import load_ipython_extension as load
+
+    load(shell)
+
+
+def unload_ipython_extension(shell: object) -> None:
+    """``%unload_ext nbpipe``."""
+    from .magics import unload_ipython_extension as unload
+
+    unload(shell)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass, field
 
-__all__ = ["CellScope", "analyze"]
+__all__ = ["CellScope", "analyze", "analyze_tree"]
 
 
 @dataclass
@@ -260,7 +260,11 @@ class _Visitor(ast.NodeVisitor):
 
 def analyze(source: str) -> CellScope:
     """The :class:`CellScope` of Python ``source`` (raises ``SyntaxError`` on bad code)."""
-    tree = ast.parse(source)
+    return analyze_tree(ast.parse(source))
+
+
+def analyze_tree(tree: ast.Module) -> CellScope:
+    """The :class:`CellScope` of a parsed module."""
     visitor = _Visitor()
     for stmt in tree.body:
         visitor.visit(stmt)

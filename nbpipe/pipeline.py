@@ -271,6 +271,9 @@ class Pipeline:
             "globals": identity.globals, "modules": identity.modules, "args": arg_digests,
             "version": func.opts.version,
         }
+        outputs = getattr(func, "outputs", None)
+        if outputs is not None:  # a %%task cell: its value is a dict of these names
+            partial["outputs"] = list(outputs)
         after = func.opts.after
         call_id = digest([
             partial, [u.call_id for u in upstream],
@@ -509,7 +512,8 @@ class Pipeline:
             runner = self._ensure_runner()
             runner.add(todo)
             paused = runner.paused
-        if wait and todo and not paused:
+        live = self._runner is not None and self._runner.alive
+        if wait and live and not paused and any(not r.state.final for r in refs):
             self._wait(refs, timeout)
         summary = self._summary(refs, executed)
         if check and summary.failed:

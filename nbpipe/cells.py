@@ -1,0 +1,105 @@
+"""Cells as tasks: the source of a ``%%task`` cell, its inputs by name and its outputs as a dict.
+
+This module knows nothing of IPython: the magics give it a cell's source and the values of the
+names it reads; it gives back a task function whose identity is the cell's normalised code.
+
+>>> runner = CellRunner("stats", "mean = sum(data) / len(data)", ["mean"])
+>>> runner(data=[1, 2, 3])
+{'mean': 2.0}
+"""
+
+from __future__ import annotations
+
+import builtins
+import linecache
+import re
+import shlex
+from typing import Any
+
+import cloudpickle
+
+from .identity import CodeIdentity, digest, normalised_source_digest
+from .task import TaskFunction, TaskOptions
+
+__all__ = ["CellRunner", "CellTask", "fill_placeholders", "placeholders"]
+
+_PLACEHOLDER = re.compile(r"(?<![{$])\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
+
+
+def placeholders(script: str) -> list[str]:
+    """The ``{name}`` placeholders of a bash cell, in order (``${VAR}`` and ``{{x}}`` are not)."""
+    return list(dict.fromkeys(_PLACEHOLDER.findall(script)))
+
+
+def fill_placeholders(script: str, values: dict[str, Any]) -> str:
+    """Replace ``{name}`` with the shell-quoted value of ``name``."""
+    return _PLACEHOLDER.sub(
+        lambda m: shlex.quote(str(values[m.group(1)])) if m.group(1) in values else m.group(0),
+        script,
+    )
+
+
+class CellRunner:
+    """Runs a cell on a worker: executes its source with its inputs, returns its outputs.
+
+    Tracebacks point into the cell's own line numbers (the file name is ``<task NAME>``).
+    For a bash cell, calling it returns the script with its placeholders filled.
+    """
+
+    def __init__(self, name: str, source: str, outputs: list[str], kind: str = "python"):
+        self.name = name
+        self.source = source
+        self.outputs = list(outputs)
+        self.kind = kind
+        self.__name__ = name
+        self.__qualname__ = name
+
+    @property
+    def filename(self) -> str:
+        """The pseudo file name the cell's code is compiled under."""
+        return f"<task {self.name}>"
+
+    def __call__(self, **inputs: Any) -> Any:
+        if self.kind == "bash":
+            return fill_placeholders(self.source, inputs)
+        linecache.cache[self.filename] = (
+            len(self.source), None, self.source.splitlines(True), self.filename
+        )
+        namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins, **inputs}
+        exec(compile(self.source, self.filename, "exec"), namespace)
+        outputs: dict[str, Any] = {}
+        for name in self.outputs:
+            if name not in namespace:
+                continue  # assigned on a branch that did not run
+            value = namespace[name]
+            try:
+                cloudpickle.dumps(value)
+            except Exception as exc:
+                raise TypeError(
+                    f"output {name!r} of task {self.name!r} cannot be pickled ({exc}); "
+                    f"compute it in the cell that needs it, or `del {name}` at the end of "
+                    "this cell"
+                ) from None
+            outputs[name] = value
+        return outputs
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CellRunner, (self.name, self.source, self.outputs, self.kind))
+
+
+class CellTask(TaskFunction):
+    """A ``%%task`` cell as a task function; its identity is the cell's normalised code."""
+
+    def __init__(self, name: str, source: str, outputs: list[str], options: TaskOptions,
+                 pipeline: Any, kind: str = "python", cell_id: str | None = None):
+        super().__init__(CellRunner(name, source, outputs, kind), kind, options, pipeline)
+        self.name = name
+        self.source = source
+        self.outputs = list(outputs)
+        self.cell_id = cell_id
+
+    def identity(self) -> CodeIdentity:
+        """The cell's code (comments and formatting do not count); inputs enter as arguments."""
+        code = (normalised_source_digest(self.source) if self.kind == "python"
+                else digest(["bash", self.source.strip()]))
+        return CodeIdentity(code, {}, {}, {})

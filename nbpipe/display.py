@@ -1,0 +1,121 @@
+"""What a notebook shows while tasks run: a live status line per ``%%task`` cell, tables.
+
+In a Jupyter kernel the status line is an ipywidgets box updated from a background thread, so
+the cell returns at once; where widgets cannot render (terminal IPython, ``NBPIPE_WIDGETS=0``)
+it is one plain line printed when the cell runs.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+from .states import State
+from .task import TaskRef
+
+__all__ = ["StatusLine", "TaskTable", "widgets_enabled"]
+
+COLOURS = {
+    "WAITING": "#9e9e9e", "PENDING": "#90caf9", "RUNNING": "#1e88e5", "SUCCEEDED": "#43a047",
+    "FAILED": "#e53935", "UPSTREAM_FAILED": "#fb8c00", "KILLED": "#6d4c41",
+}
+
+
+def widgets_enabled() -> bool:
+    """True inside a Jupyter kernel with ipywidgets installed (unless NBPIPE_WIDGETS=0)."""
+    if os.environ.get("NBPIPE_WIDGETS", "1") == "0" or "ipykernel" not in sys.modules:
+        return False
+    try:
+        import ipywidgets  # noqa: F401
+        from IPython import get_ipython
+
+        return getattr(get_ipython(), "kernel", None) is not None
+    except Exception:
+        return False
+
+
+def _status_text(ref: TaskRef, started: float) -> str:
+    elapsed = time.monotonic() - started
+    worker = f" on {ref.worker}" if ref.worker else ""
+    note = f" ({ref.reason})" if ref.state is State.WAITING and ref.reason else ""
+    if ref.state is State.SUCCEEDED and ref.attempts == 0:
+        note = " (found done: nothing to run)"
+    return f"task {ref.label}: {ref.state.value}{worker}, {elapsed:.1f} s{note}"
+
+
+class StatusLine:
+    """A live line (state, elapsed, worker) for one task, then its output or its error."""
+
+    def __init__(self, ref: TaskRef, poll: float = 0.25):
+        self.ref = ref
+        self.poll = poll
+        self.started = time.monotonic()
+        self._widget: Any = None
+        if widgets_enabled():
+            import ipywidgets as w
+            from IPython.display import display
+
+            self._html = w.HTML(value=self._html_value())
+            self._out = w.Output()
+            self._widget = w.VBox([self._html, self._out])
+            display(self._widget)
+            threading.Thread(target=self._follow, daemon=True, name=f"nbpipe-status-{ref.name}").start()
+        else:
+            print(_status_text(ref, self.started))
+
+    def _html_value(self) -> str:
+        colour = COLOURS.get(self.ref.state.value, "#000")
+        text = html.escape(_status_text(self.ref, self.started))
+        return f'<span style="color:{colour}">&#9679;</span> <code>{text}</code>'
+
+    def _follow(self) -> None:
+        while not self.ref.state.final:
+            self._html.value = self._html_value()
+            time.sleep(self.poll)
+        self._html.value = self._html_value()
+        self._show_output()
+
+    def _show_output(self) -> None:
+        ref = self.ref
+        try:
+            attempts = ref.pipeline.store.attempts(ref.pipeline.pipeline_id, ref.key)
+        except Exception:
+            attempts = []
+        last = attempts[-1] if attempts else None
+        if last is not None and last["stdout"]:
+            self._out.append_stdout(last["stdout"])
+        if last is not None and last["stderr"]:
+            self._out.append_stderr(last["stderr"])
+        if ref.state is not State.SUCCEEDED:
+            text = ref.traceback or ref.error or ref.state.value
+            self._out.append_stderr(f"{text}\n")
+
+
+class TaskTable:
+    """Rows of tasks shown as an HTML table in notebooks and as text elsewhere."""
+
+    def __init__(self, title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]):
+        self.title = title
+        self.rows = rows
+        self.header = header
+
+    def __repr__(self) -> str:
+        widths = [max(len(str(c)) for c in col) for col in zip(self.header, *self.rows)]
+        lines = [self.title, "  ".join(h.ljust(w) for h, w in zip(self.header, widths))]
+        lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in self.rows]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
+        body = "".join(
+            "<tr>" + "".join(
+                f'<td style="color:{COLOURS[c]}">{c}</td>' if c in COLOURS else f"<td>{html.escape(str(c))}</td>"
+                for c in row
+            ) + "</tr>"
+            for row in self.rows
+        )
+        return f"<b>{html.escape(self.title)}</b><table><tr>{head}</tr>{body}</table>"

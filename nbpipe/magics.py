@@ -1,0 +1,428 @@
+"""The notebook layer: ``%load_ext nbpipe``, ``%%task`` cells, ``%pipeline``, outputs as variables.
+
+A thin layer over the core: cells become :class:`~nbpipe.cells.CellTask` tasks, whose inputs are
+the names they read (task outputs become dependencies; other variables are captured by value)
+and whose outputs are the names they assign. A plain cell that reads a task output waits for the
+task and finds the value in the variable, through an AST transformer that pulls the values in
+before the cell's own code runs (so Ctrl-C stops the waiting, and a task's error is the cell's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import builtins
+import json
+import os
+import shlex
+import warnings
+from pathlib import Path
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from .cells import CellTask, placeholders
+from .cellscope import analyze, analyze_tree
+from .display import COLOURS, StatusLine, TaskTable
+from .errors import CycleError, NbpipeError, UnknownTask
+from .pipeline import Pipeline, use
+from .results import read_result
+from .states import State
+from .task import TaskOutput, TaskRef, make_options
+
+__all__ = ["NotebookSession", "load_ipython_extension", "notebook_path"]
+
+PULL = "__nbpipe_pull__"
+
+
+def notebook_path(shell: Any) -> Path | None:
+    """The notebook's path, from ``__session__`` or ``JPY_SESSION_NAME`` (None when unknown)."""
+    for candidate in (shell.user_ns.get("__session__"), os.environ.get("JPY_SESSION_NAME")):
+        if isinstance(candidate, str) and candidate.endswith(".ipynb"):
+            return Path(candidate).absolute()
+    return None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # never sys.exit inside a kernel
+        raise UsageError(f"{message}\n{self.format_usage()}")
+
+    def exit(self, status: int = 0, message: str | None = None) -> None:
+        raise UsageError(message or self.format_help())
+
+
+class NotebookSession:
+    """nbpipe's state in one kernel: the pipeline, which task produces which name, the options."""
+
+    def __init__(self, shell: Any, name: str | None = None, store: str | None = None):
+        self.shell = shell
+        path = notebook_path(shell)
+        self.notebook = path
+        name = name or os.environ.get("NBPIPE_PIPELINE") or (path.stem if path else "notebook")
+        store = store or os.environ.get("NBPIPE_STORE") or str(
+            (path.parent if path else Path.cwd()) / ".nbpipe")
+        self.pipe = Pipeline(name, store=store)
+        self.outputs: dict[str, TaskRef | TaskOutput] = {}
+        self.cell_of: dict[str, str | None] = {}  # task name -> id of the cell that defined it
+        self.autorun = True
+        use(self.pipe)
+
+    def banner(self) -> str:
+        """One line: pipeline, store, cluster, dashboard."""
+        cluster = self.pipe.cluster or "local"
+        dashboard = ""
+        connection = self.pipe._connection
+        if connection is not None:
+            cluster = connection.description
+            dashboard = f" · dashboard {connection.dashboard}"
+        return (f"nbpipe: pipeline {self.pipe.name!r} · store {self.pipe.store.path} · "
+                f"cluster {cluster}{dashboard}")
+
+    # -- plain cells ----------------------------------------------------------------------------
+
+    def pull(self, names: list[str]) -> None:
+        """Wait for the tasks that produce ``names`` and put their values in the namespace."""
+        for name in names:
+            producer = self.outputs.get(name)
+            if producer is None:
+                continue
+            ref = producer.ref if isinstance(producer, TaskOutput) else producer
+            if not ref.state.final:
+                print(f"waiting for task {ref.label} ({ref.state.value})…", flush=True)
+            self.shell.user_ns[name] = producer.result()
+
+    def override(self, names: list[str]) -> None:
+        """Names a plain cell assigns stop following their task from then on."""
+        for name in names:
+            self.outputs.pop(name, None)
+
+
+class _PullTransformer(ast.NodeTransformer):
+    """Puts ``__nbpipe_pull__([...])`` first in plain cells that read task outputs."""
+
+    def __init__(self, session: NotebookSession):
+        self.session = session
+
+    def visit_Module(self, node: ast.Module) -> ast.Module:
+        if not self.session.outputs:
+            return node
+        scope = analyze_tree(node)
+        wanted = [n for n in scope.reads if n in self.session.outputs]
+        self.session.override([n for n in scope.writes if n in self.session.outputs])
+        if wanted:
+            call = ast.Expr(ast.Call(
+                func=ast.Name(PULL, ast.Load()),
+                args=[ast.List([ast.Constant(n) for n in wanted], ast.Load())], keywords=[],
+            ))
+            node.body.insert(0, ast.copy_location(call, node.body[0]) if node.body else call)
+            ast.fix_missing_locations(node)
+        return node
+
+
+@magics_class
+class NbpipeMagics(Magics):
+    """``%%task`` and ``%pipeline``."""
+
+    def __init__(self, shell: Any, session: NotebookSession):
+        super().__init__(shell)
+        self.session = session
+
+    # -- %%task ---------------------------------------------------------------------------------
+
+    @magic_arguments()
+    @argument("name", nargs="?", help="task name (default: the cell's first output)")
+    @argument("--after", nargs="+", default=[], metavar="TASK", help="run after these tasks")
+    @argument("--retries", type=int, help="attempts after the first failure")
+    @argument("--cores", type=int, help="cores a worker must have")
+    @argument("--memory", help="memory a worker must have, e.g. 4GB")
+    @argument("--walltime", help="time limit, e.g. 01:30:00")
+    @argument("--gpus", type=int, help="GPUs a worker must have")
+    @argument("--pool", help="worker pool to run in")
+    @argument("--env", nargs="+", default=[], metavar="K=V", help="environment variables")
+    @argument("--version", help="bump to re-run without changing code")
+    @argument("--no-cache", action="store_true", help="run every time")
+    @argument("--bash", action="store_true", help="the cell is a bash script; {name} fills values")
+    @cell_magic
+    def task(self, line: str, cell: str) -> None:
+        """Turn the cell into a task: ``%%task [NAME] [--retries N] [--memory 4GB] ...``."""
+        args = parse_argstring(self.task, line)
+        session = self.session
+        env = {}
+        for pair in args.env:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise UsageError(f"--env takes KEY=VALUE pairs, got {pair!r}")
+            env[key] = value
+        if args.bash:
+            if not args.name:
+                raise UsageError("a --bash cell needs a name: %%task NAME --bash")
+            reads, outputs, name = placeholders(cell), [], args.name
+        else:
+            try:
+                compile(cell, f"<task {args.name or 'cell'}>", "exec")
+                scope = analyze(cell)
+            except SyntaxError as exc:
+                exc.filename = f"<task {args.name or 'cell'}>"
+                raise exc from None
+            reads, outputs = scope.reads, scope.writes
+            name = args.name or (outputs[0] if outputs else None)
+            if not name:
+                raise UsageError("this cell assigns nothing, so name it: %%task NAME")
+        options = make_options(
+            name, retries=args.retries, cores=args.cores, memory=args.memory,
+            walltime=args.walltime, gpus=args.gpus, pool=args.pool, env=env or None,
+            version=args.version, cache=not args.no_cache, after=args.after or None,
+        )
+        inputs = self._inputs(name, reads)
+        cell_id = self._cell_id()
+        previous_cell = session.cell_of.get(name)
+        if previous_cell is not None and cell_id is not None and previous_cell != cell_id:
+            warnings.warn(f"task {name!r} was defined by another cell; this cell replaces it",
+                          stacklevel=2)
+        func = CellTask(name, cell, outputs, options, session.pipe,
+                        kind="bash" if args.bash else "python", cell_id=cell_id)
+        self._check_cycle(name, inputs)
+        ref = session.pipe._add(func, (), inputs, label=name)
+        session.cell_of[name] = cell_id
+        for output in outputs:
+            session.outputs[output] = ref.output(output)
+        if args.bash:
+            session.outputs[name] = ref
+        if session.autorun:
+            session.pipe.run([ref], wait=False)
+        else:
+            session.pipe._resolve([ref])
+        StatusLine(ref)
+
+    def _cell_id(self) -> str | None:
+        try:
+            return self.shell.kernel.get_parent()["metadata"].get("cellId")
+        except Exception:
+            return None
+
+    def _inputs(self, task_name: str, reads: list[str]) -> dict[str, Any]:
+        """Values for the names a cell reads: task outputs (dependencies) or captured values."""
+        session, ns = self.session, self.shell.user_ns
+        inputs: dict[str, Any] = {}
+        for name in reads:
+            if name in session.outputs:
+                inputs[name] = session.outputs[name]
+            elif name in ns:
+                inputs[name] = ns[name]
+            elif hasattr(builtins, name):
+                continue
+            else:
+                raise NameError(
+                    f"task {task_name!r} reads {name!r}, but no task output, variable or "
+                    f"builtin has that name; define {name!r} in a cell (or a %%task cell) "
+                    "and run it first"
+                )
+        return inputs
+
+    def _check_cycle(self, name: str, inputs: dict[str, Any]) -> None:
+        todo: list[TaskRef] = []
+        for value in inputs.values():
+            if isinstance(value, TaskOutput):
+                todo.append(value.ref)
+        seen: set[int] = set()
+        path: dict[int, TaskRef | None] = {id(r): None for r in todo}
+        while todo:
+            ref = todo.pop()
+            if id(ref) in seen:
+                continue
+            seen.add(id(ref))
+            if ref.label == name:
+                chain, node = [name], ref
+                while node is not None:
+                    chain.append(node.label)
+                    node = path.get(id(node))
+                raise CycleError(f"cells form a cycle: {' -> '.join(dict.fromkeys(chain))} -> {name}; "
+                                 "a cell cannot read what a cell downstream of it produces")
+            for dep in ref.upstream:
+                path.setdefault(id(dep), ref)
+                todo.append(dep)
+
+    # -- %pipeline ------------------------------------------------------------------------------
+
+    def _parser(self) -> _Parser:
+        parser = _Parser(prog="%pipeline", description="Inspect and control this notebook's pipeline.")
+        sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+        sub.add_parser("status", help="tasks by state")
+        sub.add_parser("graph", help="the task graph, coloured by state")
+        p = sub.add_parser("run", help="run tasks (all, or NAMES and what they need)")
+        p.add_argument("names", nargs="*")
+        p.add_argument("--detach", action="store_true")
+        p = sub.add_parser("wait", help="wait until every submitted task ends")
+        p.add_argument("--timeout", type=float)
+        p = sub.add_parser("retry", help="run tasks again, with what they blocked")
+        p.add_argument("names", nargs="*")
+        p.add_argument("--failed", action="store_true")
+        p = sub.add_parser("kill", help="stop tasks")
+        p.add_argument("names", nargs="+")
+        sub.add_parser("pause", help="start no new task")
+        sub.add_parser("resume", help="start tasks again")
+        p = sub.add_parser("why", help="why a task ran or will run")
+        p.add_argument("name")
+        p = sub.add_parser("logs", help="stdout, stderr and traceback of a task's last attempt")
+        p.add_argument("name")
+        p = sub.add_parser("pull", help="load outputs of done tasks into the namespace")
+        p.add_argument("names", nargs="+")
+        p = sub.add_parser("use", help="switch to another pipeline")
+        p.add_argument("name")
+        p.add_argument("--store")
+        p = sub.add_parser("cluster", help="show or set the Dask cluster (before tasks run)")
+        p.add_argument("spec", nargs="?")
+        p = sub.add_parser("autorun", help="submit %%task cells when they run (on) or not (off)")
+        p.add_argument("mode", choices=["on", "off"])
+        return parser
+
+    @line_magic
+    def pipeline(self, line: str) -> Any:
+        """``%pipeline status|graph|run|wait|retry|kill|pause|resume|why|logs|pull|use|cluster|autorun``."""
+        args = self._parser().parse_args(shlex.split(line))
+        try:
+            return getattr(self, f"_do_{args.command}")(args)
+        except (NbpipeError, KeyError) as exc:
+            raise UsageError(str(exc)) from None
+
+    def _do_status(self, args: Any) -> TaskTable:
+        pipe = self.session.pipe
+        infos = pipe.tasks()
+        counts: dict[str, int] = {}
+        for info in infos:
+            counts[info.state] = counts.get(info.state, 0) + 1
+        title = f"pipeline {pipe.name!r}: " + (", ".join(f"{n} {s}" for s, n in counts.items()) or "no tasks")
+        rows = [(i.label, i.state, str(i.attempts), i.reason or "", i.key[:12]) for i in infos]
+        return TaskTable(title, rows, ("task", "state", "attempts", "why", "key"))
+
+    def _do_graph(self, args: Any) -> Any:
+        import graphviz
+
+        pipe = self.session.pipe
+        pipe._resolve()
+        dot = graphviz.Digraph(pipe.name, graph_attr={"rankdir": "LR"},
+                               node_attr={"shape": "box", "style": "rounded,filled", "fontcolor": "white"})
+        refs = list(pipe._refs.values())
+        for ref in refs:
+            dot.node(ref.key, ref.label, fillcolor=COLOURS[ref.state.value])
+        for ref in refs:
+            for dep in ref.deps:
+                dot.edge(dep.key, ref.key)
+        return dot
+
+    def _targets(self, names: list[str]) -> list[TaskRef]:
+        return self.session.pipe._as_refs(names) if names else []
+
+    def _do_run(self, args: Any) -> None:
+        if args.detach:
+            raise UsageError("%pipeline run --detach needs `nbpipe spawn`, which is not built yet")
+        targets = self._targets(args.names) or None
+        summary = self.session.pipe.run(targets, wait=False)
+        print(f"submitted: {summary}")
+
+    def _do_wait(self, args: Any) -> None:
+        print(self.session.pipe.wait(timeout=args.timeout))
+
+    def _do_retry(self, args: Any) -> None:
+        if not args.names and not args.failed:
+            raise UsageError("%pipeline retry NAME... or %pipeline retry --failed")
+        self.session.pipe.retry(args.names or None, failed=args.failed)
+
+    def _do_kill(self, args: Any) -> None:
+        self.session.pipe.kill(args.names)
+
+    def _do_pause(self, args: Any) -> None:
+        self.session.pipe.pause()
+        print(f"pipeline {self.session.pipe.name!r} paused")
+
+    def _do_resume(self, args: Any) -> None:
+        self.session.pipe.resume()
+        print(f"pipeline {self.session.pipe.name!r} resumed")
+
+    def _do_why(self, args: Any) -> None:
+        print(f"{args.name}: {self.session.pipe.why(args.name)}")
+
+    def _row(self, name: str) -> Any:
+        pipe = self.session.pipe
+        rows = pipe.store.task_rows(pipe.pipeline_id)
+        matches = [r for r in rows.values() if name in (r["name"], r["label"])]
+        if not matches:
+            raise UnknownTask(f"no task {name!r} in pipeline {pipe.name!r}; see %pipeline status")
+        return max(matches, key=lambda r: r["updated"])
+
+    def _do_logs(self, args: Any) -> None:
+        pipe = self.session.pipe
+        row = self._row(args.name)
+        attempts = pipe.store.attempts(pipe.pipeline_id, row["key"])
+        if not attempts:
+            print(f"task {row['label']} has not run in this store ({row['state']})")
+            return
+        last = attempts[-1]
+        print(f"task {row['label']}: attempt {last['number']} {last['state']} on {last['hostname']}")
+        for part in ("stdout", "stderr", "traceback"):
+            if last[part]:
+                print(f"--- {part} ---\n{last[part].rstrip()}")
+
+    def _do_pull(self, args: Any) -> None:
+        pipe = self.session.pipe
+        for name in args.names:
+            row = self._row(name)
+            result = pipe.store.results([row["key"]]).get(row["key"])
+            if result is None or row["state"] != State.SUCCEEDED.value:
+                raise UsageError(f"task {row['label']} is {row['state']}: nothing to pull")
+            value = read_result(result["path"], result["checksum"])
+            outputs = json.loads(row["components"]).get("outputs")
+            if outputs is not None and isinstance(value, dict):
+                self.shell.user_ns.update(value)
+                print(f"pulled {', '.join(value) or 'nothing'} from task {row['label']}")
+            else:
+                self.shell.user_ns[row["name"]] = value
+                print(f"pulled {row['name']} from task {row['label']}")
+
+    def _do_use(self, args: Any) -> None:
+        old = self.session.pipe
+        self.session.pipe = Pipeline(args.name, store=args.store or old.store, cluster=old.cluster)
+        self.session.outputs.clear()
+        use(self.session.pipe)
+        print(self.session.banner())
+
+    def _do_cluster(self, args: Any) -> None:
+        pipe = self.session.pipe
+        if args.spec:
+            if pipe._connection is not None:
+                raise UsageError("the cluster is already running; restart the kernel to change it")
+            pipe.cluster = args.spec
+        print(self.session.banner())
+
+    def _do_autorun(self, args: Any) -> None:
+        self.session.autorun = args.mode == "on"
+        print(f"autorun {args.mode}")
+
+
+def load_ipython_extension(shell: Any) -> None:
+    """``%load_ext nbpipe``: open the notebook's pipeline and register the magics."""
+    session = getattr(shell, "_nbpipe_session", None)
+    if session is None:
+        session = NotebookSession(shell)
+        shell._nbpipe_session = session
+        shell.register_magics(NbpipeMagics(shell, session))
+        shell.ast_transformers.append(_PullTransformer(session))
+        shell.user_ns[PULL] = session.pull
+        shell.user_ns_hidden[PULL] = session.pull
+        try:
+            session.pipe.client  # start the cluster now: the banner shows its dashboard
+        except Exception as exc:
+            print(f"nbpipe: the cluster could not start yet ({exc}); tasks will retry it")
+    print(session.banner())
+
+
+def unload_ipython_extension(shell: Any) -> None:
+    """``%unload_ext nbpipe``: stop the runner and the cluster nbpipe started."""
+    session = getattr(shell, "_nbpipe_session", None)
+    if session is None:
+        return
+    shell.ast_transformers[:] = [t for t in shell.ast_transformers if not isinstance(t, _PullTransformer)]
+    session.pipe.close()
+    del shell._nbpipe_session
