@@ -95,6 +95,13 @@ class StatusLine:
             self._out.append_stderr(f"{text}\n")
 
 
+def _cell(value: object) -> str:
+    text = str(value)
+    if text in COLOURS:
+        return f'<td style="color:{COLOURS[text]}">{text}</td>'
+    return f"<td>{html.escape(text)}</td>"
+
+
 class TaskTable:
     """Rows of tasks shown as an HTML table in notebooks and as text elsewhere."""
 
@@ -104,18 +111,15 @@ class TaskTable:
         self.header = header
 
     def __repr__(self) -> str:
-        widths = [max(len(str(c)) for c in col) for col in zip(self.header, *self.rows)]
-        lines = [self.title, "  ".join(h.ljust(w) for h, w in zip(self.header, widths))]
-        lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in self.rows]
+        widths = [max(len(str(c)) for c in col) for col in zip(self.header, *self.rows, strict=True)]
+        lines = [self.title, "  ".join(h.ljust(w) for h, w in zip(self.header, widths, strict=True))]
+        lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in self.rows]
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
         body = "".join(
-            "<tr>" + "".join(
-                f'<td style="color:{COLOURS[c]}">{c}</td>' if c in COLOURS else f"<td>{html.escape(str(c))}</td>"
-                for c in row
-            ) + "</tr>"
+            "<tr>" + "".join(_cell(c) for c in row) + "</tr>"
             for row in self.rows
         )
         return f"<b>{html.escape(self.title)}</b><table><tr>{head}</tr>{body}</table>"

@@ -412,7 +412,7 @@ def load_ipython_extension(shell: Any) -> None:
         shell.user_ns[PULL] = session.pull
         shell.user_ns_hidden[PULL] = session.pull
         try:
-            session.pipe.client  # start the cluster now: the banner shows its dashboard
+            _ = session.pipe.client  # start the cluster now: the banner shows its dashboard
         except Exception as exc:
             print(f"nbpipe: the cluster could not start yet ({exc}); tasks will retry it")
     print(session.banner())
