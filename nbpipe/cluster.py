@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import dask
 from distributed import Client, LocalCluster
 
 from .errors import NbpipeError
@@ -63,6 +64,8 @@ def connect(cluster: Any = None) -> Connection:
     """Turn a ``cluster=`` value into a :class:`Connection`."""
     from distributed.deploy.cluster import Cluster
 
+    if cluster is None:  # configuration: dask.config key nbpipe.cluster (env DASK_NBPIPE__CLUSTER)
+        cluster = dask.config.get("nbpipe.cluster", None)
     if isinstance(cluster, Client):
         return Connection(cluster, owns_client=False, description=f"client {cluster.scheduler.address}")
     if isinstance(cluster, Cluster):
