@@ -192,6 +192,16 @@ def _notify_start(topic: str | None, keys: list[str], address: str | None) -> No
 # ---------------------------------------------------------------------------------------------
 
 
+_OWN_FILES = (__file__, __file__.replace("worker.py", "cells.py"), __file__.replace("worker.py", "bash.py"))
+
+
+def _user_frames(tb: Any) -> Any:
+    """Skip nbpipe's own frames at the top of a traceback: users see their code first."""
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename in _OWN_FILES:
+        tb = tb.tb_next
+    return tb
+
+
 def _resolve(value: Any, cache: dict[str, Any]) -> Any:
     if isinstance(value, Upstream):
         if value.key not in cache:
@@ -272,7 +282,7 @@ def _run_one(
         except BaseException as exc:  # noqa: BLE001 - every failure becomes an outcome
             outcome.error = f"{type(exc).__name__}: {exc}"
             outcome.traceback = "".join(
-                traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next)
+                traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__))
             )
             if isinstance(exc, BashTaskError):
                 outcome.exit_code = exc.exit_code
