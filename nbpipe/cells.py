@@ -10,6 +10,7 @@ names it reads; it gives back a task function whose identity is the cell's norma
 
 from __future__ import annotations
 
+import ast
 import builtins
 import linecache
 import re
@@ -22,6 +23,8 @@ from .identity import CodeIdentity, digest, normalised_source_digest
 from .task import TaskFunction, TaskOptions
 
 __all__ = ["CellRunner", "CellTask", "fill_placeholders", "placeholders"]
+
+DISPLAY = "__nbpipe_display__"  # key of a cell's rich output in its result dict
 
 _PLACEHOLDER = re.compile(r"(?<![{$])\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
 
@@ -65,9 +68,24 @@ class CellRunner:
         linecache.cache[self.filename] = (
             len(self.source), None, self.source.splitlines(True), self.filename
         )
-        namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins, **inputs}
-        exec(compile(self.source, self.filename, "exec"), namespace)
-        outputs: dict[str, Any] = {}
+        displays: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+        def display(*objects: Any, **_: Any) -> None:
+            """Rich output of the cell, shown under it in the notebook when the task ends."""
+            from IPython.core.formatters import format_display_data
+
+            displays.extend(format_display_data(obj) for obj in objects)
+
+        namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins,
+                                     "display": display, **inputs}
+        tree = ast.parse(self.source, self.filename)
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        exec(compile(tree, self.filename, "exec"), namespace)
+        if last is not None:  # like a notebook cell, the value of a final expression is shown
+            value = eval(compile(ast.Expression(last.value), self.filename, "eval"), namespace)
+            if value is not None:
+                display(value)
+        outputs: dict[str, Any] = {DISPLAY: displays} if displays else {}
         for name in self.outputs:
             if name not in namespace:
                 continue  # assigned on a branch that did not run

@@ -93,6 +93,17 @@ class StatusLine:
         if ref.state is not State.SUCCEEDED:
             text = ref.traceback or ref.error or ref.state.value
             self._out.append_stderr(f"{text}\n")
+            return
+        if getattr(ref.func, "outputs", None) is not None:  # a cell: show its rich output
+            from .cells import DISPLAY
+
+            try:
+                displays = ref.result().get(DISPLAY, [])
+            except Exception:
+                displays = []
+            for data, metadata in displays:
+                self._out.outputs += ({"output_type": "display_data", "data": data,
+                                       "metadata": metadata},)
 
 
 def _cell(value: object) -> str:

@@ -23,7 +23,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from .cells import CellTask, placeholders
+from .cells import DISPLAY, CellTask, placeholders
 from .cellscope import analyze, analyze_tree
 from .display import COLOURS, StatusLine, TaskTable
 from .errors import CycleError, NbpipeError, UnknownTask
@@ -375,6 +375,7 @@ class NbpipeMagics(Magics):
             value = read_result(result["path"], result["checksum"])
             outputs = json.loads(row["components"]).get("outputs")
             if outputs is not None and isinstance(value, dict):
+                value = {k: v for k, v in value.items() if k != DISPLAY}
                 self.shell.user_ns.update(value)
                 print(f"pulled {', '.join(value) or 'nothing'} from task {row['label']}")
             else:
