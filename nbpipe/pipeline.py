@@ -255,6 +255,7 @@ class Pipeline:
                     "dataclasses), give its class a __nbpipe_token__() method, or build the "
                     "object inside the task"
                 ) from None
+        label = label or _label(func.name, bound, func.signature)  # before paths turn absolute
         in_files: list[Path] = []
         out_files: list[Path] = []
         for param, role in func.file_roles.items():
@@ -266,6 +267,8 @@ class Pipeline:
                     f"{'In' if role == 'in' else 'Out'} file(s) but {exc}"
                 ) from None
             (in_files if role == "in" else out_files).extend(paths)
+            # Workers may run elsewhere (another cwd, another node): they get absolute paths.
+            bound.arguments[param] = _absolute(bound.arguments.get(param))
         partial = {
             "kind": func.kind, "code": identity.code, "helpers": identity.helpers,
             "globals": identity.globals, "modules": identity.modules, "args": arg_digests,
@@ -284,7 +287,6 @@ class Pipeline:
             existing = self._refs.get(call_id)
             if existing is not None:
                 return existing
-            label = label or _label(func.name, bound, func.signature)
             previous = self._by_label.get(label)
             if previous is not None:
                 if previous.func is func:  # same function, arguments that print alike
@@ -421,7 +423,7 @@ class Pipeline:
             if r.func.opts.cache and intact and not missing_out:
                 r.state = State.SUCCEEDED
                 r.result_file = (res["path"], res["checksum"])
-                r.reason = (row["reason"] if row is not None else None) or "found done"
+                r.reason = "found done"
             else:
                 r.state, r.result_file = State.WAITING, None
                 if not r.func.opts.cache:
@@ -440,7 +442,8 @@ class Pipeline:
                     r.reason = explain(r.components, old, r.name)
             register.append({
                 "key": r.key_, "name": r.name, "label": r.label, "kind": r.func.kind,
-                "state": r.state.value, "components": r.components, "reason": r.reason,
+                "state": r.state.value, "components": r.components,
+                "reason": None if r.state is State.SUCCEEDED else r.reason,  # keep why it ran
                 "resources": r.func.opts.resources(),
             })
             edges += [(d.key_, r.key_, kind) for d, kind in r.deps.items()]
@@ -739,6 +742,17 @@ class Pipeline:
             self._connection.close()
             self._connection = None
         _open.discard(self)
+
+
+def _absolute(value: Any) -> Any:
+    """Paths made absolute against the current directory, keeping str/Path and list shapes."""
+    if isinstance(value, Path):
+        return Path(os.path.abspath(value))
+    if isinstance(value, str):
+        return os.path.abspath(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_absolute(v) for v in value)
+    return value
 
 
 def _intact(path: str, size: int) -> bool:

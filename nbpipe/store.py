@@ -287,7 +287,10 @@ class Store:
                    ON CONFLICT (pipeline_id, key) DO UPDATE SET
                        active = 1, name = excluded.name, label = excluded.label,
                        resources = excluded.resources,
-                       state = excluded.state, reason = excluded.reason, updated = excluded.updated""",
+                       state = CASE WHEN tasks.state IN ('PENDING', 'RUNNING') THEN tasks.state
+                                    ELSE excluded.state END,
+                       reason = COALESCE(excluded.reason, tasks.reason),
+                       updated = excluded.updated""",
                 [
                     (
                         pipeline_id, r["key"], r["name"], r["label"], r["kind"], r["state"],

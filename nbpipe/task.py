@@ -19,6 +19,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
 from dask.utils import parse_bytes, parse_timedelta
@@ -251,7 +252,8 @@ def _label(name: str, bound: inspect.BoundArguments, sig: inspect.Signature) -> 
                     continue
             except Exception:  # numpy arrays and other odd equality
                 pass
-        text = f"<{value.name}>" if isinstance(value, TaskRef) else repr(value)
+        text = (f"<{value.name}>" if isinstance(value, TaskRef)
+                else str(value) if isinstance(value, PurePath) else repr(value))
         if isinstance(value, (list, tuple)) and any(isinstance(v, TaskRef) for v in value):
             text = f"[{len(value)} tasks]"
         if len(text) > 24:

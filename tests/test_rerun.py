@@ -1,0 +1,172 @@
+"""What re-runs after an edit, each run in a fresh process, as a user re-running a script would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = '''
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+from nbpipe import In, Out, Pipeline
+
+SCALE = {scale}
+
+
+def helper(x):
+    {helper_body}
+
+
+def run():
+    pipe = Pipeline("rerun", store=sys.argv[1], cluster=sys.argv[2])
+
+    @pipe.task(cores={cores}, memory="{memory}", retries={retries})
+    def step(x: int) -> int:
+        """Docstring: not part of the identity."""
+        {step_comment}
+        return helper(x) * SCALE
+
+    @pipe.task
+    def unrelated(x: int) -> int:
+        return x + 1
+
+    @pipe.task
+    def total(values: list) -> int:
+        return sum(values)
+
+    @pipe.task
+    def read(path: Annotated[Path, In]) -> str:
+        return path.read_text()
+
+    @pipe.task
+    def write(text: str, out: Annotated[Path, Out]) -> int:
+        out.write_text(text)
+        return len(text)
+
+    steps = [step(i) for i in range(3)]
+    final = total(steps)
+    other = unrelated(1)
+    content = read(Path("input.txt"))
+    written = write("hello", Path("output.txt"))
+    summary = pipe.run()
+    refs = [*steps, final, other, content, written]
+    print("RESULT " + json.dumps({{
+        "executed": summary.executed,
+        "reasons": {{r.label: r.reason for r in refs}},
+        "states": {{r.label: r.state.value for r in refs}},
+        "total": final.result(),
+    }}))
+
+if __name__ == "__main__":
+    run()
+'''
+
+DEFAULTS = {
+    "scale": "1", "helper_body": "return x * 2", "cores": "1", "memory": "1GB", "retries": "0",
+    "step_comment": "# a comment",
+}
+
+
+def _run(tmp_path: Path, address: str, **changes: str) -> dict:
+    source = SCRIPT.format(**{**DEFAULTS, **changes})
+    script = tmp_path / "pipeline.py"
+    script.write_text(source)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / ".nbpipe"), address],
+        cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def _rerun(result: dict) -> set[str]:
+    return {label for label, reason in result["reasons"].items() if reason != "found done"}
+
+
+@pytest.fixture
+def first_run(tmp_path: Path, cluster) -> tuple[Path, str, dict]:
+    (tmp_path / "input.txt").write_text("one")
+    address = cluster.scheduler_address
+    result = _run(tmp_path, address)
+    assert result["executed"] == 7
+    assert set(result["states"].values()) == {"SUCCEEDED"}
+    return tmp_path, address, result
+
+
+def test_unchanged_script_executes_nothing(first_run) -> None:
+    tmp_path, address, _ = first_run
+    result = _run(tmp_path, address)
+    assert result["executed"] == 0
+    assert _rerun(result) == set()
+
+
+def test_comment_docstring_and_formatting_edits_rerun_nothing(first_run) -> None:
+    tmp_path, address, _ = first_run
+    result = _run(tmp_path, address, step_comment="# another comment entirely",
+                  helper_body="return (x   *   2)  # spaced out")
+    assert result["executed"] == 0
+
+
+def test_helper_edit_reruns_its_users_and_their_downstream_only(first_run) -> None:
+    tmp_path, address, _ = first_run
+    result = _run(tmp_path, address, helper_body="return x * 3")
+    assert result["executed"] == 4
+    assert _rerun(result) == {"step(x=0)", "step(x=1)", "step(x=2)", "total(values=[3 tasks])"}
+    assert "the code of helper `helper` changed" in result["reasons"]["step(x=1)"]
+    assert "upstream task" in result["reasons"]["total(values=[3 tasks])"]
+    assert result["total"] == 9
+
+
+def test_global_constant_edit_reruns_its_users(first_run) -> None:
+    tmp_path, address, _ = first_run
+    result = _run(tmp_path, address, scale="10")
+    assert _rerun(result) == {"step(x=0)", "step(x=1)", "step(x=2)", "total(values=[3 tasks])"}
+    assert "global `SCALE` changed" in result["reasons"]["step(x=0)"]
+    assert result["total"] == 60
+
+
+def test_input_file_content_edit_reruns_its_reader(first_run) -> None:
+    tmp_path, address, _ = first_run
+    (tmp_path / "input.txt").write_text("two")
+    result = _run(tmp_path, address)
+    assert _rerun(result) == {"read(path=input.txt)"}
+    assert "input file" in result["reasons"]["read(path=input.txt)"]
+    assert "changed" in result["reasons"]["read(path=input.txt)"]
+
+
+def test_resource_only_edit_reruns_nothing(first_run) -> None:
+    tmp_path, address, _ = first_run
+    result = _run(tmp_path, address, cores="4", memory="8GB", retries="3")
+    assert result["executed"] == 0
+
+
+def test_deleted_output_file_reruns_its_writer(first_run) -> None:
+    tmp_path, address, _ = first_run
+    (tmp_path / "output.txt").unlink()
+    result = _run(tmp_path, address)
+    label = "write(text='hello', out=output.txt)"
+    assert _rerun(result) == {label}
+    assert "output file" in result["reasons"][label]
+    assert (tmp_path / "output.txt").read_text() == "hello"
+
+
+def test_damaged_result_file_reruns_the_task(first_run) -> None:
+    tmp_path, address, _ = first_run
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / ".nbpipe" / "nbpipe.sqlite")
+    key, path = db.execute(
+        "SELECT t.key, r.path FROM tasks t JOIN results r USING (key) WHERE t.label = 'unrelated(x=1)'"
+    ).fetchone()
+    db.close()
+    Path(path).write_bytes(b"truncated")
+    result = _run(tmp_path, address)
+    assert _rerun(result) == {"unrelated(x=1)"}
