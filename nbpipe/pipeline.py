@@ -539,19 +539,22 @@ class Pipeline:
         runner = self._runner
         assert runner is not None
         deadline = None if timeout is None else time.monotonic() + timeout
+        cursor = 0  # tasks end roughly in order: skip what ended, look at the rest later
         with runner.changed:
             while True:
-                pending = [r for r in refs if not r.state.final]
-                if not pending or not runner.alive:
+                while cursor < len(refs) and refs[cursor].state.final:
+                    cursor += 1
+                if cursor == len(refs) or not runner.alive:
                     return
                 if runner.paused and not any(r.state in (State.PENDING, State.RUNNING)
-                                             for r in pending):
+                                             for r in refs[cursor:]):
                     return
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
+                    unfinished = sum(not r.state.final for r in refs)
                     raise TimeoutError(
-                        f"{len(pending)} task(s) of pipeline {self.name!r} not finished after "
-                        f"{timeout} s (e.g. {pending[0].label}); they keep running"
+                        f"{unfinished} task(s) of pipeline {self.name!r} not finished after "
+                        f"{timeout} s (e.g. {refs[cursor].label}); they keep running"
                     )
                 runner.changed.wait(0.5 if left is None else min(0.5, left))
 

@@ -20,6 +20,7 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from distributed import as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .cluster import Connection
@@ -37,6 +38,8 @@ log = logging.getLogger("nbpipe")
 
 KILL_GRACE = 2.0  # seconds for an interrupted task to stop before its worker is restarted
 COMMAND_POLL = 0.2  # seconds between looks at the command table
+RESULT_POLL = 0.02  # seconds between looks at the futures while tasks are in flight
+OUTCOME_GRACE = 2.0  # seconds a finished future waits for its outcome event before a gather
 
 
 class TerminationNoticePlugin(WorkerPlugin):
@@ -91,6 +94,10 @@ class Runner:
         self.paused = self.store.is_paused(self.pid)
         self.counters = _Counters()
         self.batch = Batch()
+        self._to_submit: dict[tuple[Any, tuple[Any, ...]], list[tuple[Submission, list[WorkItem]]]] = \
+            defaultdict(list)
+        self.awaiting: dict[Submission, float] = {}
+        self._completed = as_completed()  # no per-future callbacks: drained each tick
         self.error: BaseException | None = None
         self._stop = False
         self._last_poll = 0.0
@@ -160,27 +167,25 @@ class Runner:
 
     def _on_event(self, event: Any) -> None:
         msg = event[1] if isinstance(event, tuple) else event
-        self.inbox.put(("start", msg))
-        self.wake.set()
-
-    def _on_done(self, future: Any) -> None:
-        self.inbox.put(("done", future.key))
+        self.inbox.put(("outcomes" if "outcomes" in msg else "start", msg))
         self.wake.set()
 
     # -- the loop -----------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while not self._stop:
-            self.wake.wait(timeout=COMMAND_POLL)
+            self.wake.wait(timeout=RESULT_POLL if self.inflight else COMMAND_POLL)
             self.wake.clear()
             if self._stop:
                 break
-            try:
-                self._tick()
-            except Exception as exc:  # keep running; the error is logged and shown to waiters
-                log.exception("nbpipe runner error")
-                self.error = exc
+            # Waiters hold this lock while they look at states: they never see a state whose
+            # transition is not yet committed to the store.
             with self.changed:
+                try:
+                    self._tick()
+                except Exception as exc:  # keep running; the error is logged and shown to waiters
+                    log.exception("nbpipe runner error")
+                    self.error = exc
                 self.changed.notify_all()
 
     def _tick(self) -> None:
@@ -193,8 +198,17 @@ class Runner:
                 self._integrate(payload)
             elif kind == "start":
                 self._started(payload)
-            elif kind == "done":
-                self._done(payload)
+            elif kind == "outcomes":
+                sub = self.inflight.get(payload["dask_key"])
+                if sub is None or sub.cancelled:
+                    continue
+                if payload["outcomes"] is None:  # too large for an event: gather it now
+                    self.awaiting[sub] = 0.0
+                else:
+                    self._apply(sub, [Outcome(**o) for o in payload["outcomes"]])
+        done = [f.key for f in self._completed.next_batch(block=False)]
+        if done or self.awaiting:
+            self._done(done)
         now = time.monotonic()
         if now - self._last_poll >= COMMAND_POLL:
             self._last_poll = now
@@ -294,6 +308,7 @@ class Runner:
         for chunk in chunks.values():
             self._submit(chunk)
         self.ready.extend(deferred)
+        self._flush_submissions()
 
     def _upstream_value(self, ref: TaskRef, output: str | None = None) -> Upstream:
         assert ref.result_file is not None, f"{ref.label} has no result yet"
@@ -339,16 +354,25 @@ class Runner:
             self.sub_of[ref] = sub
         self.counters.submitted += len(refs)
         opts = first.func.opts
-        resources = {
-            name: amount for name, amount in
+        resources = tuple(
+            (name, amount) for name, amount in
             (("cores", opts.cores), ("memory", opts.memory), ("gpus", opts.gpus))
             if name in self.worker_resources and amount
-        }
-        sub.future = self.client.submit(
-            run_items, first.func.fn, items, str(self.store.path), self.pipe.name, self.topic,
-            key=dask_key, pure=False, resources=resources or None,
         )
-        sub.future.add_done_callback(self._on_done)
+        self._to_submit[(first.func, resources)].append((sub, items))
+
+    def _flush_submissions(self) -> None:
+        """Submit what this tick made ready: one ``client.map`` per function and resources."""
+        for (func, resources), batch in self._to_submit.items():
+            futures = self.client.map(
+                run_items, [items for _, items in batch], key=[sub.dask_key for sub, _ in batch],
+                pure=False, resources=dict(resources) or None, fn=func.fn,
+                store_dir=str(self.store.path), pipeline=self.pipe.name, topic=self.topic,
+            )
+            for (sub, _), future in zip(batch, futures, strict=True):
+                sub.future = future
+            self._completed.update(futures)
+        self._to_submit.clear()
 
     # -- results ------------------------------------------------------------------------------
 
@@ -372,28 +396,69 @@ class Runner:
                 del self.sub_of[ref]
                 self.active[ref.func] -= 1
 
-    def _done(self, dask_key: str) -> None:
-        sub = self.inflight.get(dask_key)
-        if sub is None or sub.cancelled:
+    def _done(self, dask_keys: list[str]) -> None:
+        """Futures that ended. Outcomes normally arrived first, pushed by the workers as events
+        (no request per task); a finished future whose outcomes did not arrive in time is
+        gathered instead, and a failed one (a lost worker, a cancelled key) fails its tasks."""
+        now = time.monotonic()
+        for key in dict.fromkeys(dask_keys):
+            sub = self.inflight.get(key)
+            if sub is None or sub.cancelled:
+                continue
+            if sub.future.status == "finished":
+                self.awaiting.setdefault(sub, now + OUTCOME_GRACE)
+            else:
+                self._failed_future(sub)
+        due = [sub for sub, deadline in self.awaiting.items()
+               if now >= deadline or self.inflight.get(sub.dask_key) is not sub]
+        for sub in due:
+            del self.awaiting[sub]
+        due = [sub for sub in due if self.inflight.get(sub.dask_key) is sub]
+        if not due:
             return
-        self._release(sub)
+        try:  # one gather for all of them, not a round trip per task
+            gathered = self.client.gather([sub.future for sub in due], errors="skip")
+        except Exception:
+            gathered = []
+        results = ({id(s): g for s, g in zip(due, gathered, strict=True)}
+                   if len(gathered) == len(due) else {})
+        for sub in due:
+            if id(sub) in results:
+                self._apply(sub, results[id(sub)])
+            else:
+                self._failed_future(sub)
+
+    def _detach(self, sub: Submission, ref: TaskRef) -> bool:
+        """Take ``ref`` out of ``sub``; False when it was no longer part of it."""
+        if self.sub_of.get(ref) is not sub:
+            return False
+        del self.sub_of[ref]
+        self.active[ref.func] -= 1
+        if not any(self.sub_of.get(r) is sub for r in sub.refs):
+            self.inflight.pop(sub.dask_key, None)
+            self.awaiting.pop(sub, None)
+            if sub.future is not None:
+                sub.future.release()
+        return True
+
+    def _apply(self, sub: Submission, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            ref = self.by_key.get(outcome.key)
+            if ref is not None and outcome.attempt == ref.attempts and self._detach(sub, ref):
+                self._outcome(ref, outcome)
+
+    def _failed_future(self, sub: Submission) -> None:
         future = sub.future
-        if future.status == "finished":
-            outcomes: list[Outcome] = future.result()
-            for outcome in outcomes:
-                ref = self.by_key.get(outcome.key)
-                if ref is not None:
-                    self._outcome(ref, outcome)
-        else:
-            exc = future.exception() if future.status == "error" else None
-            message = (f"{type(exc).__name__}: {exc}" if exc is not None
-                       else f"the Dask future was {future.status}")
-            for ref in sub.refs:
-                if ref in self.kill_requested:
-                    self._finish(ref, State.KILLED, f"task {ref.label!r} was killed on request")
-                else:
-                    self._attempt_failed(ref, message, None, None)
-        future.release()
+        exc = future.exception() if future.status == "error" else None
+        message = (f"{type(exc).__name__}: {exc}" if exc is not None
+                   else f"the Dask future was {future.status}")
+        for ref in list(sub.refs):
+            if not self._detach(sub, ref):
+                continue
+            if ref in self.kill_requested:
+                self._finish(ref, State.KILLED, f"task {ref.label!r} was killed on request")
+            else:
+                self._attempt_failed(ref, message, None, None)
 
     def _outcome(self, ref: TaskRef, o: Outcome) -> None:
         self.batch.attempts.append((
@@ -478,16 +543,27 @@ class Runner:
                     self._finish(ref, State.KILLED, f"task {ref.label!r} was killed before it started")
                 else:  # part of a chunk: every worker skips it when its turn comes
                     self.kill_requested.add(ref)
-                    self.client.run(interrupt, ref.key, wait=False)
+                    self._interrupt(ref.key, None)
             elif ref.state is State.RUNNING:
                 self.kill_requested.add(ref)
                 self.kill_deadline[ref] = time.monotonic() + KILL_GRACE
                 workers = [ref.worker] if ref.worker else None
-                self.client.run(interrupt, ref.key, workers=workers, wait=False)
+                self._interrupt(ref.key, workers)
             else:
                 continue
             killed += 1
         return f"killing {killed} task(s)"
+
+    def _interrupt(self, key: str, workers: list[str] | None) -> None:
+        """Raise TaskKilled in the thread running ``key`` (from a thread: never block the loop)."""
+
+        def send() -> None:
+            try:
+                self.client.run(interrupt, key, workers=workers, on_error="ignore")
+            except Exception:  # the worker is gone: the restart fallback still applies
+                log.debug("could not interrupt %s", key, exc_info=True)
+
+        threading.Thread(target=send, daemon=True).start()
 
     def _kill_fallbacks(self, now: float) -> None:
         """Restart the worker of a killed task that did not stop (blocked in C code)."""

@@ -268,6 +268,8 @@ class TaskFunction:
     def __init__(
         self, fn: Callable[..., Any], kind: str, options: TaskOptions, pipeline: Pipeline | None
     ):
+        if isinstance(fn, TaskFunction):  # re-decorating: the new options apply
+            fn = fn.fn
         if not callable(fn) or isinstance(fn, type):
             decorator = "@task" if kind == "python" else "@bash_task"
             raise TaskDefinitionError(f"{decorator} needs a function, got {fn!r}")
@@ -284,7 +286,7 @@ class TaskFunction:
         self.signature = inspect.signature(fn)
         self.file_roles = file_params(fn)
         self._lock = threading.Lock()
-        functools.update_wrapper(self, fn)
+        functools.update_wrapper(self, fn, updated=())
 
     @property
     def __nbpipe_function__(self) -> Callable[..., Any]:

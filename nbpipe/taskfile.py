@@ -40,6 +40,8 @@ def load_tasks(path: str | os.PathLike[str]) -> list[TaskItem]:
         text = path.read_text()
     except FileNotFoundError:
         raise TaskfileError(f"task file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TaskfileError(f"task file {path} cannot be read: {exc}") from None
     try:
         if path.suffix.lower() == ".json":
             entries = json.loads(text)

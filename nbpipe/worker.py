@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import cloudpickle
@@ -37,6 +37,7 @@ from .results import read_result, write_result
 __all__ = ["Outcome", "Upstream", "WorkItem", "interrupt", "run_items"]
 
 TAIL = 64 * 1024  # characters of stdout/stderr kept with an attempt
+EVENT_LIMIT = 16 * 1024  # outcomes larger than this are gathered, not pushed as events
 
 
 @dataclass(frozen=True)
@@ -246,15 +247,11 @@ def _run_one(
 ) -> Outcome:
     out_router, err_router = _routers()
     out, err = io.StringIO(), io.StringIO()
-    env_id, env = environment()
     outcome = Outcome(
         key=item.key, attempt=item.attempt, state="FAILED", start=time.time(), end=0.0,
-        worker=address, hostname=socket.gethostname(), pid=os.getpid(), env_id=env_id,
+        worker=address, hostname=socket.gethostname(), pid=os.getpid(), env_id="",
         slurm_job_id=os.environ.get("SLURM_JOB_ID"),
     )
-    if topic and (topic, env_id) not in _sent_envs:
-        _sent_envs.add((topic, env_id))
-        outcome.env = env
     ctx = TaskContext(item.name, item.key, item.label, item.attempt, pipeline, address)
     out_router.capture(out)
     err_router.capture(err)
@@ -299,16 +296,34 @@ def _run_one(
         err_router.capture(None)
         _killed.discard(item.key)
     outcome.end = time.time()
+    # After the task: the packages it imported itself are part of what ran.
+    outcome.env_id, env = environment()
+    if (topic, outcome.env_id) not in _sent_envs:
+        _sent_envs.add((topic, outcome.env_id))
+        outcome.env = env
     outcome.stdout = out.getvalue()[-TAIL:]
     outcome.stderr = err.getvalue()[-TAIL:]
     return outcome
 
 
 def run_items(
-    fn: Any, items: list[WorkItem], store_dir: str, pipeline: str, topic: str | None = None
+    items: list[WorkItem], fn: Any, store_dir: str, pipeline: str, topic: str | None = None
 ) -> list[Outcome]:
     """Run ``items`` one after another with ``fn``; return one :class:`Outcome` per item."""
     address = _worker_address()
     _notify_start(topic, [item.key for item in items], address)
     values: dict[str, Any] = {}
-    return [_run_one(fn, item, store_dir, pipeline, topic, address, values) for item in items]
+    outcomes = [_run_one(fn, item, store_dir, pipeline, topic, address, values) for item in items]
+    if topic:  # pushed to the runner at once: no gather round trip per task
+        try:
+            from distributed import get_worker
+
+            worker = get_worker()
+            size = sum(len(o.stdout) + len(o.stderr) + len(o.traceback or "")
+                       + len(o.exception or b"") for o in outcomes)
+            # Large outcomes are fetched by the runner (the scheduler keeps a log of events).
+            payload = [asdict(o) for o in outcomes] if size <= EVENT_LIMIT else None
+            worker.log_event(topic, {"dask_key": worker.get_current_task(), "outcomes": payload})
+        except Exception:  # not on a worker: the runner gathers the return value instead
+            pass
+    return outcomes
