@@ -20,6 +20,7 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import dask
 from distributed import as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -40,6 +41,11 @@ KILL_GRACE = 2.0  # seconds for an interrupted task to stop before its worker is
 COMMAND_POLL = 0.2  # seconds between looks at the command table
 RESULT_POLL = 0.02  # seconds between looks at the futures while tasks are in flight
 OUTCOME_GRACE = 2.0  # seconds a finished future waits for its outcome event before a gather
+BATCH_SECONDS = 0.2  # work per Dask task when tiny tasks are batched (config nbpipe.batch-seconds)
+MAX_BATCH = 256  # tasks per automatic batch at most
+PROBE_MIN = 64  # fewer ready tasks of a function than this are never held back
+PROBE_COUNT = 16  # tasks run first to learn how long a function's tasks take
+PROBE_TIME = 0.5  # seconds at most that the other tasks wait for those probes
 
 
 class TerminationNoticePlugin(WorkerPlugin):
@@ -97,6 +103,10 @@ class Runner:
         self._to_submit: dict[tuple[Any, tuple[Any, ...]], list[tuple[Submission, list[WorkItem]]]] = \
             defaultdict(list)
         self.awaiting: dict[Submission, float] = {}
+        self.durations: dict[Any, tuple[int, float]] = {}  # function -> (count, total seconds)
+        self.probe_deadline: dict[Any, float] = {}
+        self._thread_count = 1
+        self._threads_checked = 0.0
         self._completed = as_completed()  # no per-future callbacks: drained each tick
         self.error: BaseException | None = None
         self._stop = False
@@ -287,28 +297,70 @@ class Runner:
     def _submit_ready(self) -> None:
         if self.paused or not self.ready:
             return
-        deferred: list[TaskRef] = []
+        now = time.monotonic()
+        held: list[TaskRef] = []
         chunks: dict[str, list[TaskRef]] = defaultdict(list)
+        by_func: dict[Any, list[TaskRef]] = defaultdict(list)
         while self.ready:
             ref = self.ready.popleft()
             if ref.state is not State.WAITING or ref in self.sub_of:
                 continue
             limit = ref.func.opts.max_concurrent
-            if limit is not None and self.active[ref.func] >= limit:
-                deferred.append(ref)
-                continue
-            self.active[ref.func] += 1
-            if ref.chunksize and ref.group:
+            if limit is not None and self.active[ref.func] + len(by_func[ref.func]) >= limit:
+                held.append(ref)
+            elif ref.chunksize and ref.group:  # the user's own chunks (map(..., chunksize=))
+                self.active[ref.func] += 1
                 chunk = chunks[ref.group]
                 chunk.append(ref)
                 if len(chunk) >= ref.chunksize:
                     self._submit(chunks.pop(ref.group))
             else:
-                self._submit([ref])
+                by_func[ref.func].append(ref)
         for chunk in chunks.values():
             self._submit(chunk)
-        self.ready.extend(deferred)
+        for func, refs in by_func.items():
+            batches, rest = self._batches(func, refs, now)
+            for batch in batches:
+                self.active[func] += len(batch)
+                self._submit(batch)
+            held.extend(rest)
+        self.ready.extend(held)
         self._flush_submissions()
+
+    def _batches(self, func: Any, refs: list[TaskRef], now: float
+                 ) -> tuple[list[list[TaskRef]], list[TaskRef]]:
+        """How to submit ready tasks of one function: (batches to submit now, tasks to hold).
+
+        Tiny tasks cost Dask more to schedule than to run, so once a function's tasks are known
+        to be short, ready ones run in batches of about BATCH_SECONDS of work (each task keeps
+        its own key, state, attempts and result). While durations are unknown and many tasks
+        wait, a few run first as probes, for at most PROBE_TIME.
+        """
+        singles = [[r] for r in refs]
+        batch_seconds = float(dask.config.get("nbpipe.batch-seconds", BATCH_SECONDS))
+        if func.opts.max_concurrent is not None or batch_seconds <= 0:
+            return singles, []
+        count, total = self.durations.get(func, (0, 0.0))
+        if count >= PROBE_COUNT // 4:
+            mean = total / count
+            size = min(MAX_BATCH, int(batch_seconds / max(mean, 1e-4)),
+                       len(refs) // (2 * self._threads()))
+            if size <= 1:
+                return singles, []
+            return [refs[i:i + size] for i in range(0, len(refs), size)], []
+        if len(refs) < PROBE_MIN or now >= self.probe_deadline.setdefault(func, now + PROBE_TIME):
+            return singles, []
+        probes = max(0, PROBE_COUNT - self.active[func])
+        return singles[:probes], refs[probes:]
+
+    def _threads(self) -> int:
+        """Worker threads in the cluster (looked up at most once a second)."""
+        now = time.monotonic()
+        if now - self._threads_checked > 1.0:
+            self._threads_checked = now
+            with contextlib.suppress(Exception):
+                self._thread_count = max(1, sum(self.client.nthreads().values()))
+        return self._thread_count
 
     def _upstream_value(self, ref: TaskRef, output: str | None = None) -> Upstream:
         assert ref.result_file is not None, f"{ref.label} has no result yet"
@@ -461,6 +513,8 @@ class Runner:
                 self._attempt_failed(ref, message, None, None)
 
     def _outcome(self, ref: TaskRef, o: Outcome) -> None:
+        count, total = self.durations.get(ref.func, (0, 0.0))
+        self.durations[ref.func] = (count + 1, total + max(0.0, o.end - o.start))
         self.batch.attempts.append((
             self.pid, o.key, o.attempt, o.state, o.start, o.end, o.worker, o.hostname, o.pid,
             o.slurm_job_id, o.exit_code, o.error, o.traceback, o.stdout, o.stderr, o.env_id,
