@@ -25,6 +25,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/responsiveness.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check nbpipe tests benchmarks nb

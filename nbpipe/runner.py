@@ -337,7 +337,8 @@ class Runner:
         wait, a few run first as probes, for at most PROBE_TIME.
         """
         singles = [[r] for r in refs]
-        batch_seconds = float(dask.config.get("nbpipe.batch-seconds", BATCH_SECONDS))
+        configured = dask.config.get("nbpipe.batch-seconds", None)
+        batch_seconds = BATCH_SECONDS if configured is None else float(configured)
         if func.opts.max_concurrent is not None or batch_seconds <= 0:
             return singles, []
         count, total = self.durations.get(func, (0, 0.0))

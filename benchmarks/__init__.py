@@ -1,0 +1,1 @@
+"""nbpipe's benchmarks: run with ``make bench``; results go to docs/performance.md."""
