@@ -568,20 +568,20 @@ def test_attempt_records_hostname_and_environment(pipe: Pipeline) -> None:
 
 
 def test_environment_lists_a_package_the_task_itself_imported(pipe: Pipeline, client: Client) -> None:
-    # tomlkit is installed (a build dependency) but nothing else imports it on the workers.
-    assert not any(client.run(lambda: "tomlkit" in sys.modules).values())
+    # rich is a dependency of nbpipe, but nothing imports it on the workers.
+    assert not any(client.run(lambda: "rich" in sys.modules).values())
 
     @pipe.task
-    def uses_tomlkit() -> str:
-        import tomlkit
+    def uses_rich() -> str:
+        import rich.markup
 
-        return tomlkit.dumps({"a": 1})
+        return rich.markup.escape("[a]")
 
-    ref = uses_tomlkit()
-    assert ref.result(timeout=TIMEOUT).strip() == "a = 1"
+    ref = uses_rich()
+    assert ref.result(timeout=TIMEOUT) == "\\[a]"
     (attempt,) = pipe.store.attempts(pipe.pipeline_id, ref.key)
     env = pipe.store.environment(attempt["env_id"])
-    assert "tomlkit" in env["packages"], "the attempt's environment misses what the task imported"
+    assert "rich" in env["packages"], "the attempt's environment misses what the task imported"
 
 
 # -- file dependencies ------------------------------------------------------------------------
