@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 SCRIPT = '''
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -170,3 +172,16 @@ def test_damaged_result_file_reruns_the_task(first_run) -> None:
     Path(path).write_bytes(b"truncated")
     result = _run(tmp_path, address)
     assert _rerun(result) == {"unrelated(x=1)"}
+
+
+def test_pi_demo_runs_and_a_second_run_executes_nothing(tmp_path: Path, cluster) -> None:
+    script = tmp_path / "pi.py"
+    script.write_text((Path(__file__).resolve().parent.parent / "nb" / "pi.py").read_text())
+    env = {**os.environ, "DASK_NBPIPE__CLUSTER": cluster.scheduler_address}
+    runs = [subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=180) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "pi ≈ 3.1" in run.stdout
+    assert "this run: 22 executed, 0 already done" in runs[0].stdout
+    assert "this run: 0 executed, 22 already done" in runs[1].stdout
