@@ -1,0 +1,101 @@
+"""Task identity in process: canonical encoding, what enters a key and what does not."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from nbpipe import Pipeline, UnhashableValue
+from nbpipe.identity import digest, normalised_source_digest
+
+LOCK = threading.Lock()
+
+
+def test_encoding_is_canonical_and_unambiguous() -> None:
+    assert digest({"a": 1, "b": [1, 2]}) == digest({"b": [1, 2], "a": 1})
+    values = [1, 1.0, True, "1", b"1", (1,), [1], {1}, None, Path("1")]
+    assert len({digest(v) for v in values}) == len(values)
+    assert digest(("ab", "c")) != digest(("a", "bc"))  # no plain string joins
+
+
+def test_numpy_arrays_are_hashed_by_dtype_shape_and_content() -> None:
+    np = pytest.importorskip("numpy")
+    a = np.arange(6)
+    assert digest(a) == digest(np.arange(6))
+    assert digest(a) != digest(a.reshape(2, 3))
+    assert digest(a) != digest(a.astype("float64"))
+
+
+def test_comments_docstrings_and_formatting_do_not_change_code_identity() -> None:
+    plain = "def f(x):\n    return x + 1\n"
+    noisy = 'def f(x):\n    """Docs."""\n    # a comment\n\n    return (x +\n            1)\n'
+    assert normalised_source_digest(plain) == normalised_source_digest(noisy)
+    assert normalised_source_digest(plain) != normalised_source_digest(plain.replace("1", "2"))
+
+
+def test_resources_and_names_are_not_identity_but_version_is(tmp_path: Path) -> None:
+    pipe = Pipeline("identity", store=tmp_path / ".nbpipe")
+
+    def work(x: int) -> int:
+        return x
+
+    base = pipe.task(work)(1).key
+    assert pipe.task(cores=8, memory="16GB", retries=3, walltime="01:00:00", pool="big")(work)(1).key == base
+    assert pipe.task(name="renamed")(work)(1).key == base
+    assert pipe.task(version=2)(work)(1).key != base
+    assert pipe.task(work)(2).key != base
+
+
+def test_identical_calls_are_one_task(tmp_path: Path) -> None:
+    pipe = Pipeline("dedupe", store=tmp_path / ".nbpipe")
+
+    @pipe.task
+    def work(x: int) -> int:
+        return x
+
+    assert work(1) is work(1)
+    assert work(x=1) is work(1)
+    assert work(1) is not work(2)
+
+
+def test_unhashable_argument_names_the_task_and_the_argument(tmp_path: Path) -> None:
+    pipe = Pipeline("unhashable", store=tmp_path / ".nbpipe")
+
+    @pipe.task
+    def locked(guard: object, n: int = 1) -> int:
+        return n
+
+    with pytest.raises(UnhashableValue, match=r"task 'locked': argument 'guard'.*lock.*__nbpipe_token__"):
+        locked(threading.Lock())
+    assert pipe.tasks() == []  # nothing registered
+
+
+def test_unhashable_global_names_the_task_and_the_global(tmp_path: Path) -> None:
+    pipe = Pipeline("unhashable-global", store=tmp_path / ".nbpipe")
+
+    @pipe.task
+    def uses_lock() -> bool:
+        return LOCK.locked()
+
+    with pytest.raises(UnhashableValue, match=r"task 'uses_lock' reads global 'LOCK'"):
+        uses_lock()
+
+
+def test_objects_with_an_nbpipe_token_are_hashable(tmp_path: Path) -> None:
+    pipe = Pipeline("token", store=tmp_path / ".nbpipe")
+
+    class Config:
+        def __init__(self, level: int):
+            self.level = level
+
+        def __nbpipe_token__(self) -> int:
+            return self.level
+
+    @pipe.task
+    def use(config: Config) -> int:
+        return config.level
+
+    assert use(Config(1)).key == use(Config(1)).key
+    assert use(Config(1)).key != use(Config(2)).key
