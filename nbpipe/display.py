@@ -42,7 +42,7 @@ def _status_text(ref: TaskRef, started: float) -> str:
     elapsed = time.monotonic() - started
     worker = f" on {ref.worker}" if ref.worker else ""
     note = f" ({ref.reason})" if ref.state is State.WAITING and ref.reason else ""
-    if ref.state is State.SUCCEEDED and ref.attempts == 0:
+    if ref.state is State.SUCCEEDED and ref.reason == "found done":
         note = " (found done: nothing to run)"
     return f"task {ref.label}: {ref.state.value}{worker}, {elapsed:.1f} s{note}"
 

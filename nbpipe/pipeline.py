@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import graphlib
+import inspect
 import json
 import os
 import sys
@@ -244,7 +245,13 @@ class Pipeline:
         slotted = {p: self._slot(v, upstream, func) for p, v in bound.arguments.items()}
         identity = identity or func.identity()
         arg_digests = {}
+        named: list[tuple[str, Any]] = []
         for param, value in slotted.items():
+            if func.signature.parameters[param].kind is inspect.Parameter.VAR_KEYWORD:
+                named += list(value.items())  # **kwargs: each keyword is an argument of its own
+            else:
+                named.append((param, value))
+        for param, value in named:
             try:
                 arg_digests[param] = digest(value)
             except Unencodable as exc:

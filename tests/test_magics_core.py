@@ -1,0 +1,209 @@
+"""The notebook layer in process, on an IPython InteractiveShell (as ipyparallel tests magics)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import dask
+import pytest
+from IPython.core.error import UsageError
+from IPython.terminal.interactiveshell import TerminalInteractiveShell
+from IPython.testing.globalipapp import start_ipython
+
+from nbpipe import CycleError, State
+from nbpipe.cellscope import analyze
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def shell(cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A shell with nbpipe loaded on the shared cluster, a fresh pipeline and store."""
+    ip = start_ipython() or TerminalInteractiveShell.instance()  # one shell per process
+    monkeypatch.setenv("NBPIPE_STORE", str(tmp_path / ".nbpipe"))
+    monkeypatch.setenv("NBPIPE_PIPELINE", f"magics-{next(_names)}")
+    monkeypatch.setenv("NBPIPE_WIDGETS", "0")
+    with dask.config.set({"nbpipe.cluster": cluster.scheduler_address}):
+        ip.run_line_magic("load_ext", "nbpipe")
+        yield ip
+        ip.run_line_magic("unload_ext", "nbpipe")
+    for name in ("data", "mean", "std", "pi", "fractions", "x", "y", "total", "greeting"):
+        ip.user_ns.pop(name, None)
+
+
+def run(ip, source: str):
+    result = ip.run_cell(source)
+    if result.error_before_exec is not None:
+        raise result.error_before_exec
+    if result.error_in_exec is not None:
+        raise result.error_in_exec
+    return result.result
+
+
+def session(ip):
+    return ip._nbpipe_session
+
+
+def test_loading_prints_a_banner_and_loading_twice_is_harmless(shell, capsys) -> None:
+    from nbpipe.magics import load_ipython_extension
+
+    first = session(shell)
+    shell.run_line_magic("load_ext", "nbpipe")
+    load_ipython_extension(shell)  # what %reload_ext does
+    out = capsys.readouterr().out
+    assert f"pipeline '{first.pipe.name}'" in out and "store" in out and "cluster" in out
+    assert session(shell) is first
+
+
+def test_the_design_scenario_runs_and_plain_cells_get_values(shell) -> None:
+    run(shell, "%%task load --retries 2\nimport numpy as np\n"
+               "data = np.random.default_rng(0).normal(size=10_000)")
+    run(shell, "%%task stats\nmean, std = data.mean(), data.std()")
+    run(shell, "from nbpipe import task\n"
+               "@task(cores=1, memory='1GB')\n"
+               "def fraction(seed: int, size: int = 10_000) -> float:\n"
+               "    import numpy as np\n"
+               "    xy = np.random.default_rng(seed).uniform(-1, 1, (2, size))\n"
+               "    return float(((xy ** 2).sum(0) < 1).mean())\n"
+               "fractions = [fraction(seed=i) for i in range(20)]")
+    run(shell, "%%task pi\npi = 4 * sum(fractions) / len(fractions)")
+    run(shell, "result = (mean, pi)")
+    mean, pi = shell.user_ns["result"]
+    assert abs(mean) < 0.05 and abs(pi - 3.14) < 0.05
+    pipe = session(shell).pipe
+    stats = pipe._by_label["stats"]
+    assert [d.label for d in stats.deps] == ["load"]
+    assert len(pipe._by_label["pi"].deps) == 20
+    assert stats.func.outputs == ["mean", "std"]
+
+
+def test_names_and_outputs_follow_python_scoping() -> None:
+    scope = analyze(
+        "import os\n"
+        "total = sum(v for v in values)\n"
+        "def helper(a):\n    local = a + offset\n    return local\n"
+        "count += 1\n"
+        "if (n := len(values)) > 2:\n    big = True\n"
+        "tmp = 1\ndel tmp\n"
+    )
+    assert scope.reads == ["sum", "values", "count", "len", "offset"]
+    assert scope.writes == ["total", "helper", "count", "n", "big"]
+
+
+def test_captured_variables_enter_the_key(shell) -> None:
+    run(shell, "factor = 2")
+    run(shell, "%%task y\ny = factor * 21")
+    first = session(shell).pipe._by_label["y"]
+    assert first.result() == {"y": 42}
+    run(shell, "factor = 3")
+    run(shell, "%%task y\ny = factor * 21")
+    second = session(shell).pipe._by_label["y"]
+    assert second.key != first.key
+    assert "argument `factor` changed" in second.reason
+    run(shell, "value = y")
+    assert shell.user_ns["value"] == 63
+
+
+def test_rerunning_an_unchanged_cell_reuses_its_task(shell) -> None:
+    run(shell, "%%task x\nx = 1")
+    ref = session(shell).pipe._by_label["x"]
+    ref.result()
+    run(shell, "%%task x\nx = 1  # same code, new comment")
+    assert session(shell).pipe._by_label["x"] is ref
+    assert ref.attempts == 1
+
+
+def test_assigning_an_output_in_a_plain_cell_overrides_it(shell) -> None:
+    run(shell, "%%task x\nx = 1")
+    run(shell, "x = 100")
+    run(shell, "seen = x")
+    assert shell.user_ns["seen"] == 100
+
+
+def test_env_option_and_bash_cells_with_placeholders(shell) -> None:
+    run(shell, "%%task x --env GREETING=hello\nimport os\nx = os.environ['GREETING']")
+    run(shell, "%%task greeting --bash\necho {x} world")
+    run(shell, "said = greeting")
+    assert shell.user_ns["said"].strip() == "hello world"
+
+
+def test_autorun_off_only_registers_until_pipeline_run(shell) -> None:
+    shell.run_line_magic("pipeline", "autorun off")
+    run(shell, "%%task x\nx = 5")
+    ref = session(shell).pipe._by_label["x"]
+    assert ref.state is State.WAITING
+    shell.run_line_magic("pipeline", "run")
+    assert ref.result() == {"x": 5}
+
+
+def test_status_why_and_logs(shell, capsys) -> None:
+    run(shell, "%%task x\nprint('computing x')\nx = 2")
+    run(shell, "y = x")
+    table = shell.run_line_magic("pipeline", "status")
+    assert "x" in repr(table) and "SUCCEEDED" in repr(table)
+    capsys.readouterr()
+    shell.run_line_magic("pipeline", "why x")
+    shell.run_line_magic("pipeline", "logs x")
+    out = capsys.readouterr().out
+    assert "x: new task" in out and "computing x" in out
+
+
+def test_graph_shows_every_task(shell) -> None:
+    run(shell, "%%task x\nx = 1")
+    run(shell, "%%task y\ny = x + 1")
+    graph = shell.run_line_magic("pipeline", "graph")
+    assert '"x"' in graph.source or "label=x" in graph.source
+    assert "->" in graph.source
+    svg = graph.pipe(format="svg").decode()
+    assert "<svg" in svg
+
+
+def test_pull_loads_outputs_in_a_new_session(shell) -> None:
+    run(shell, "%%task x\nx = 7")
+    run(shell, "seen = x")
+    shell.user_ns.pop("x", None)
+    shell.run_line_magic("pipeline", "pull x")
+    assert shell.user_ns["x"] == 7
+
+
+def test_syntax_error_shows_cell_lines_and_registers_nothing(shell) -> None:
+    with pytest.raises(SyntaxError) as info:
+        run(shell, "%%task broken\nx = 1\ny = (2 +\n")
+    assert info.value.filename == "<task broken>"
+    assert info.value.lineno == 2  # the cell's own line
+    assert session(shell).pipe.tasks() == []
+
+
+def test_unknown_option_is_a_usage_error(shell) -> None:
+    with pytest.raises(UsageError):
+        shell.run_cell_magic("task", "x --retrys 2", "x = 1")
+
+
+def test_undefined_name_is_a_name_error_before_anything_runs(shell) -> None:
+    with pytest.raises(NameError, match="task 'x' reads 'nowhere'"):
+        run(shell, "%%task x\nx = nowhere + 1")
+    assert session(shell).pipe.tasks() == []
+
+
+def test_cycle_between_cells_is_an_error_naming_it(shell) -> None:
+    run(shell, "%%task a\na = 1")
+    run(shell, "%%task b\nb = a + 1")
+    with pytest.raises(CycleError, match="a -> b|b -> a"):
+        run(shell, "%%task a\na = b + 1")
+
+
+def test_unpicklable_output_fails_naming_the_variable(shell) -> None:
+    run(shell, "%%task lock\nimport threading\nlock = threading.Lock()")
+    ref = session(shell).pipe._by_label["lock"]
+    with pytest.raises(TypeError, match="output 'lock' of task 'lock' cannot be pickled"):
+        ref.result()
+
+
+def test_task_error_traceback_points_into_the_cell(shell) -> None:
+    run(shell, "%%task bad\nx = 1\nraise ValueError('boom')")
+    ref = session(shell).pipe._by_label["bad"]
+    with pytest.raises(ValueError, match="boom"):
+        ref.result()
+    assert 'File "<task bad>", line 2' in ref.traceback
+    assert "raise ValueError('boom')" in ref.traceback
