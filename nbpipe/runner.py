@@ -236,8 +236,8 @@ class Runner:
         for ref in refs:
             self.by_key[ref.key] = ref
         for ref in refs:
-            if ref.state is not State.WAITING or ref in self.sub_of:
-                continue
+            if ref.state is not State.WAITING or ref in self.sub_of or ref in self.blockers:
+                continue  # not waiting, or already counted (run() twice before a tick)
             self._arm(ref)
 
     def _arm(self, ref: TaskRef) -> None:
@@ -261,6 +261,7 @@ class Runner:
     def _finish(self, ref: TaskRef, state: State, error: str | None = None) -> None:
         ref.state = state
         ref.error = error if state is not State.SUCCEEDED else None
+        self.blockers.pop(ref, None)
         self.kill_requested.discard(ref)
         self.kill_deadline.pop(ref, None)
         self.counters.finished[state.value] += 1
@@ -276,6 +277,7 @@ class Runner:
         while todo:
             child = todo.pop()
             if child.state is State.WAITING and child not in self.sub_of:
+                self.blockers.pop(child, None)
                 child.state = State.UPSTREAM_FAILED
                 child.error = f"upstream task {ref.label!r} is {state.value}"
                 self.counters.finished[State.UPSTREAM_FAILED.value] += 1
@@ -301,10 +303,12 @@ class Runner:
         held: list[TaskRef] = []
         chunks: dict[str, list[TaskRef]] = defaultdict(list)
         by_func: dict[Any, list[TaskRef]] = defaultdict(list)
+        seen: set[TaskRef] = set()
         while self.ready:
             ref = self.ready.popleft()
-            if ref.state is not State.WAITING or ref in self.sub_of:
+            if ref.state is not State.WAITING or ref in self.sub_of or ref in seen:
                 continue
+            seen.add(ref)
             limit = ref.func.opts.max_concurrent
             if limit is not None and self.active[ref.func] + len(by_func[ref.func]) >= limit:
                 held.append(ref)

@@ -695,3 +695,21 @@ def test_wrong_arguments_raise_task_definition_error(pipe: Pipeline, args: tuple
     with pytest.raises(TaskDefinitionError, match="takes_two"):
         takes_two(*args, **kwargs)
     assert pipe.tasks() == []
+
+
+def test_running_twice_before_the_runner_picks_up_runs_a_task_once(pipe: Pipeline, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+
+    @pipe.task
+    def count() -> int:
+        with open(runs, "a") as f:
+            f.write("x")
+        return 1
+
+    ref = count()
+    for _ in range(3):
+        pipe.run(wait=False)
+    assert ref.result(timeout=TIMEOUT) == 1
+    pipe.run()
+    assert runs.read_text() == "x"
+    assert ref.attempts == 1
