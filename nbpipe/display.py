@@ -17,7 +17,7 @@ from typing import Any
 from .states import State
 from .task import TaskRef
 
-__all__ = ["StatusLine", "TaskTable", "widgets_enabled"]
+__all__ = ["Progress", "StatusLine", "TaskTable", "widgets_enabled"]
 
 COLOURS = {
     "WAITING": "#9e9e9e", "PENDING": "#90caf9", "RUNNING": "#1e88e5", "SUCCEEDED": "#43a047",
@@ -134,3 +134,39 @@ class TaskTable:
             for row in self.rows
         )
         return f"<b>{html.escape(self.title)}</b><table><tr>{head}</tr>{body}</table>"
+
+
+class Progress:
+    """A progress bar over some tasks while the kernel waits for them (text: one line)."""
+
+    def __init__(self, refs: list[TaskRef], description: str):
+        self.refs = refs
+        self.description = description
+        self._done = threading.Event()
+        self._bar: Any = None
+
+    def __enter__(self) -> Progress:
+        if widgets_enabled():
+            import ipywidgets as w
+            from IPython.display import display
+
+            self._bar = w.IntProgress(value=self._count(), max=len(self.refs),
+                                      description=self.description)
+            display(self._bar)
+            threading.Thread(target=self._follow, daemon=True).start()
+        else:
+            print(f"{self.description}: {self._count()}/{len(self.refs)} tasks done…", flush=True)
+        return self
+
+    def _count(self) -> int:
+        return sum(r.state.final for r in self.refs)
+
+    def _follow(self) -> None:
+        while not self._done.wait(0.2):
+            self._bar.value = self._count()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+        if self._bar is not None:
+            self._bar.value = self._count()
+            self._bar.bar_style = "success" if self._count() == len(self.refs) else "warning"

@@ -25,7 +25,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from .cells import DISPLAY, CellTask, placeholders
 from .cellscope import analyze, analyze_tree
-from .display import COLOURS, StatusLine, TaskTable
+from .display import COLOURS, Progress, StatusLine, TaskTable
 from .errors import CycleError, NbpipeError, UnknownTask
 from .pipeline import Pipeline, use
 from .results import read_result
@@ -89,9 +89,12 @@ class NotebookSession:
             if producer is None:
                 continue
             ref = producer.ref if isinstance(producer, TaskOutput) else producer
-            if not ref.state.final:
-                print(f"waiting for task {ref.label} ({ref.state.value})…", flush=True)
-            self.shell.user_ns[name] = producer.result()
+            if ref.state.final:
+                self.shell.user_ns[name] = producer.result()
+                continue
+            # Ctrl-C interrupts this wait (the cell), not the task, which keeps running.
+            with Progress(self.pipe._closure([ref]), f"waiting for {ref.label}"):
+                self.shell.user_ns[name] = producer.result()
 
     def override(self, names: list[str]) -> None:
         """Names a plain cell assigns stop following their task from then on."""
@@ -323,7 +326,10 @@ class NbpipeMagics(Magics):
         print(f"submitted: {summary}")
 
     def _do_wait(self, args: Any) -> None:
-        print(self.session.pipe.wait(timeout=args.timeout))
+        pipe = self.session.pipe
+        with Progress(list(pipe._refs.values()), f"pipeline {pipe.name}"):
+            summary = pipe.wait(timeout=args.timeout)
+        print(summary)
 
     def _do_retry(self, args: Any) -> None:
         if not args.names and not args.failed:
