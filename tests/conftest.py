@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,16 @@ def pipe(request: pytest.FixtureRequest, store: Path, client: Client) -> Pipelin
     p = Pipeline(request.node.name[:60], store=store, cluster=client)
     yield p
     p.close()
+
+
+def wait_for(predicate, timeout: float = 20.0, step: float = 0.05) -> None:
+    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(step)
+    raise AssertionError("condition not reached in time")
 
 
 def run_script(path: Path, source: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:

@@ -8,17 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from nbpipe import Pipeline, State, TaskKilled
-
-
-def _wait_for(predicate, timeout: float = 20.0, step: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(step)
-    raise AssertionError("condition not reached in time")
 
 
 def test_kill_stops_a_cpu_bound_python_loop_within_5_seconds(pipe: Pipeline) -> None:
@@ -30,10 +22,10 @@ def test_kill_stops_a_cpu_bound_python_loop_within_5_seconds(pipe: Pipeline) -> 
 
     ref = spin(1)
     pipe.run(wait=False)
-    _wait_for(lambda: ref.state is State.RUNNING)
+    wait_for(lambda: ref.state is State.RUNNING)
     start = time.monotonic()
     pipe.kill(ref)
-    _wait_for(lambda: ref.state.final, timeout=5)
+    wait_for(lambda: ref.state.final, timeout=5)
     assert time.monotonic() - start < 5
     assert ref.state is State.KILLED
     with pytest.raises(TaskKilled):
@@ -48,10 +40,10 @@ def test_kill_stops_a_task_blocked_in_c_code_by_restarting_its_worker(pipe: Pipe
 
     ref = nap(600.0)
     pipe.run(wait=False)
-    _wait_for(lambda: ref.state is State.RUNNING)
+    wait_for(lambda: ref.state is State.RUNNING)
     start = time.monotonic()
     pipe.kill(ref)
-    _wait_for(lambda: ref.state.final, timeout=5)
+    wait_for(lambda: ref.state.final, timeout=5)
     assert ref.state is State.KILLED
     assert time.monotonic() - start < 5
     rows = pipe.store.task_rows(pipe.pipeline_id, [ref.key])
@@ -76,9 +68,9 @@ def test_killing_a_task_marks_its_downstream_upstream_failed(pipe: Pipeline) -> 
     second = after_slow(first)
     other = independent()
     pipe.run(wait=False)
-    _wait_for(lambda: first.state is State.RUNNING)
+    wait_for(lambda: first.state is State.RUNNING)
     pipe.kill(first)
-    _wait_for(lambda: second.state.final)
+    wait_for(lambda: second.state.final)
     assert first.state is State.KILLED
     assert second.state is State.UPSTREAM_FAILED
     assert other.result() == 7
@@ -100,11 +92,11 @@ def test_pause_starts_no_new_task_and_resume_continues(pipe: Pipeline, tmp_path:
     first = blocker()
     second = later(first)
     pipe.run(wait=False)
-    _wait_for(lambda: first.state is State.RUNNING)
+    wait_for(lambda: first.state is State.RUNNING)
     pipe.pause()
     assert pipe.paused
     gate.write_text("go")
-    _wait_for(lambda: first.state is State.SUCCEEDED)
+    wait_for(lambda: first.state is State.SUCCEEDED)
     time.sleep(0.5)
     assert second.state is State.WAITING  # paused: not started
     summary = pipe.run()
@@ -133,7 +125,7 @@ def test_retry_reruns_a_failed_task_and_what_it_blocked(pipe: Pipeline, tmp_path
     assert (a.state, b.state) == (State.FAILED, State.UPSTREAM_FAILED)
     flag.write_text("ok")
     pipe.retry(failed=True)
-    _wait_for(lambda: b.state.final, timeout=30)
+    wait_for(lambda: b.state.final, timeout=30)
     assert (a.state, b.state) == (State.SUCCEEDED, State.SUCCEEDED)
     assert b.result() == 2
     attempts = pipe.store.attempts(pipe.pipeline_id, a.key)
@@ -152,8 +144,8 @@ def test_retry_of_a_succeeded_task_runs_it_again(pipe: Pipeline, tmp_path: Path)
     ref = count()
     assert ref.result() == 1
     pipe.retry(ref)
-    _wait_for(lambda: counter.read_text() == "2", timeout=30)
-    _wait_for(lambda: ref.state is State.SUCCEEDED)
+    wait_for(lambda: counter.read_text() == "2", timeout=30)
+    wait_for(lambda: ref.state is State.SUCCEEDED)
     assert ref.result() == 2
 
 
@@ -165,7 +157,7 @@ def test_commands_from_another_process_reach_the_runner(pipe: Pipeline, tmp_path
 
     ref = forever()
     pipe.run(wait=False)
-    _wait_for(lambda: ref.state is State.RUNNING)
+    wait_for(lambda: ref.state is State.RUNNING)
     code = (
         "from nbpipe import Pipeline\n"
         f"p = Pipeline({pipe.name!r}, store={str(pipe.store.path)!r})\n"
@@ -173,7 +165,7 @@ def test_commands_from_another_process_reach_the_runner(pipe: Pipeline, tmp_path
     )
     start = time.monotonic()
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-    _wait_for(lambda: ref.state.final, timeout=5)
+    wait_for(lambda: ref.state.final, timeout=5)
     assert ref.state is State.KILLED
     assert time.monotonic() - start < 10  # includes the other interpreter's start-up
 

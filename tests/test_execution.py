@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import pytest
+from conftest import wait_for
 from distributed import Client, LocalCluster
 
 import nbpipe
@@ -33,14 +34,6 @@ from nbpipe.errors import NotInTask
 
 TIMEOUT = 120  # seconds any single run may take before the test fails instead of hanging
 
-
-def _wait_for(predicate, timeout: float = 30.0, step: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(step)
-    raise AssertionError("condition not reached in time")
 
 
 def _edges(pipe: Pipeline) -> set[tuple[str, str, str]]:
@@ -529,7 +522,7 @@ def test_should_stop_becomes_true_when_the_worker_gets_sigterm(tmp_path: Path) -
 
             ref = patient(str(pid_file))
             pipe.run(wait=False)
-            _wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), timeout=60)
+            wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), timeout=60)
             pid = int(pid_file.read_text())
             assert pid != os.getpid()
             os.kill(pid, signal.SIGTERM)
