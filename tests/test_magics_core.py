@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dask
 import pytest
+from conftest import wait_for
 from IPython.core.error import UsageError
 from IPython.terminal.interactiveshell import TerminalInteractiveShell
 from IPython.testing.globalipapp import start_ipython
@@ -207,3 +208,47 @@ def test_task_error_traceback_points_into_the_cell(shell) -> None:
         ref.result()
     assert 'File "<task bad>", line 2' in ref.traceback
     assert "raise ValueError('boom')" in ref.traceback
+
+
+def test_after_option_adds_an_edge_without_data(shell) -> None:
+    run(shell, "%%task first\nimport time\ntime.sleep(0.3)\nstarted = time.time()")
+    run(shell, "%%task second --after first\nimport time\nstamp = time.time()")
+    pipe = session(shell).pipe
+    second = pipe._by_label["second"]
+    assert second.deps == {pipe._by_label["first"]: "after"}
+    run(shell, "order = (started, stamp)")
+    started, stamp = shell.user_ns["order"]
+    assert stamp > started
+
+
+def test_another_cell_claiming_a_name_warns(shell, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbpipe.magics import NbpipeMagics
+
+    cells = iter(["cell-a", "cell-b"])
+    monkeypatch.setattr(NbpipeMagics, "_cell_id", lambda self: next(cells))
+    run(shell, "%%task x\nx = 1")
+    with pytest.warns(UserWarning, match="task 'x' was defined by another cell"):
+        run(shell, "%%task x\nx = 2")
+
+
+def test_kill_and_retry_through_the_pipeline_magic(shell, tmp_path: Path) -> None:
+    flag = tmp_path / "go"
+    shell.user_ns["flag"] = str(flag)
+    run(shell, "%%task spin\nimport os\nwhile not os.path.exists(flag):\n    pass\nspin = 1")
+    ref = session(shell).pipe._by_label["spin"]
+    wait_for(lambda: ref.state is State.RUNNING)
+    shell.run_line_magic("pipeline", "kill spin")
+    wait_for(lambda: ref.state.final, timeout=5)
+    assert ref.state is State.KILLED
+    flag.write_text("now")
+    shell.run_line_magic("pipeline", "retry --failed")
+    wait_for(lambda: ref.state is State.SUCCEEDED, timeout=30)
+
+
+def test_no_cache_and_version_options(shell) -> None:
+    run(shell, "%%task x --version 1\nx = 1")
+    first = session(shell).pipe._by_label["x"]
+    run(shell, "%%task x --version 2\nx = 1")
+    assert session(shell).pipe._by_label["x"].key != first.key
+    run(shell, "%%task y --no-cache\ny = 2")
+    assert session(shell).pipe._by_label["y"].func.opts.cache is False
