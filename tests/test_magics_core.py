@@ -252,3 +252,11 @@ def test_no_cache_and_version_options(shell) -> None:
     assert session(shell).pipe._by_label["x"].key != first.key
     run(shell, "%%task y --no-cache\ny = 2")
     assert session(shell).pipe._by_label["y"].func.opts.cache is False
+
+
+def test_cell_rich_output_is_kept_with_its_result_and_not_pulled() -> None:
+    from nbpipe.cells import DISPLAY, CellRunner
+
+    result = CellRunner("shown", "x = 2\ndisplay('hello')\nx * 21", ["x"])()
+    assert result["x"] == 2
+    assert [data["text/plain"] for data, _ in result[DISPLAY]] == ["'hello'", "42"]
