@@ -1,0 +1,334 @@
+"""The ``nbpipe`` command: inspect and control pipelines from a terminal.
+
+    nbpipe pipelines
+    nbpipe tasks pi --state FAILED
+    nbpipe show pi average
+    nbpipe retry pi --failed
+
+Every listing takes ``--json``. The store is ``--store DIR``, else ``$NBPIPE_STORE``, else the
+nearest ``.nbpipe`` from the current directory upward. Exit codes: 0 success, 1 a task failed
+(``run``) or a check failed (``doctor``), 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import queries
+from .errors import NbpipeError
+from .pipeline import Pipeline
+from .states import State
+from .store import Store
+
+console = Console()
+
+STATE_STYLE = {
+    "WAITING": "dim", "PENDING": "cyan", "RUNNING": "blue", "SUCCEEDED": "green",
+    "FAILED": "red", "UPSTREAM_FAILED": "yellow", "KILLED": "magenta",
+}
+
+
+class _Group(click.Group):
+    """Turns nbpipe's own errors into a one-line message and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except NbpipeError as exc:
+            raise click.UsageError(str(exc), ctx) from None
+
+
+def _store(ctx: click.Context) -> Store:
+    path = ctx.obj.get("store") or os.environ.get("NBPIPE_STORE")
+    if path is None:
+        found = queries.find_store()
+        if found is None:
+            raise click.UsageError(
+                "no .nbpipe store here or in any parent directory; give one with --store DIR"
+            )
+        path = found
+    elif not (Path(path) / "nbpipe.sqlite").exists():
+        raise click.UsageError(f"{path} is not an nbpipe store (no nbpipe.sqlite in it)")
+    return Store(path)
+
+
+def _emit(data: Any, as_json: bool, table: Table | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    elif table is not None:
+        console.print(table)
+
+
+def _state(state: str) -> str:
+    return f"[{STATE_STYLE.get(state, '')}]{state}[/]"
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--store", type=click.Path(file_okay=False), help="the store directory")
+@click.version_option(package_name="nbpipe")
+@click.pass_context
+def main(ctx: click.Context, store: str | None) -> None:
+    """Inspect and control nbpipe pipelines."""
+    ctx.ensure_object(dict)
+    ctx.obj["store"] = store
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def pipelines(ctx: click.Context, as_json: bool) -> None:
+    """Pipelines in the store, with their tasks counted by state."""
+    rows = queries.pipelines(_store(ctx))
+    table = Table("pipeline", "tasks", "states", "paused", "runner")
+    for p in rows:
+        states = ", ".join(f"{n} {_state(s)}" for s, n in sorted(p["states"].items()))
+        runner = f"pid {p['runner']['pid']} on {p['runner']['host']}" if p["runner"] else ""
+        table.add_row(p["name"], str(p["tasks"]), states, "yes" if p["paused"] else "", runner)
+    _emit(rows, as_json, table)
+
+
+@main.command()
+@click.argument("pipeline")
+@click.option("--state", type=click.Choice([s.value for s in State], case_sensitive=False))
+@click.option("--name", help="glob on task names or labels, e.g. 'fraction*'")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def tasks(ctx: click.Context, pipeline: str, state: str | None, name: str | None,
+          as_json: bool) -> None:
+    """The tasks of PIPELINE."""
+    rows = queries.tasks(_store(ctx), pipeline, state, name)
+    table = Table("task", "state", "attempts", "why it ran", "key")
+    for t in rows:
+        table.add_row(t["label"], _state(t["state"]), str(t["attempts"]), t["reason"] or "",
+                      t["key"][:12])
+    _emit(rows, as_json, table)
+
+
+@main.command()
+@click.argument("pipeline")
+@click.argument("task")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def show(ctx: click.Context, pipeline: str, task: str, as_json: bool) -> None:
+    """Everything about TASK: key, state, resources, why it ran, attempts and versions."""
+    detail = queries.task_detail(_store(ctx), pipeline, task)
+    if as_json:
+        _emit(detail, True)
+        return
+    console.print(f"[bold]{detail['label']}[/]  {_state(detail['state'])}  key {detail['key']}")
+    console.print(f"why it ran: {detail['reason'] or '-'}")
+    resources = {k: v for k, v in detail["resources"].items() if v}
+    console.print(f"resources: {resources or '-'}")
+    if detail["error"]:
+        console.print(f"error: [red]{detail['error']}[/]")
+    table = Table("attempt", "state", "seconds", "host", "worker", "slurm job", "python", "git")
+    for a in detail["attempts"]:
+        seconds = f"{a['seconds']:.2f}" if a["seconds"] is not None else ""
+        table.add_row(str(a["number"]), _state(a["state"]), seconds, a["hostname"] or "",
+                      a["worker"] or "", a["slurm_job_id"] or "", a["python"] or "",
+                      (a["git_commit"] or "")[:12])
+    console.print(table)
+
+
+@main.command()
+@click.argument("pipeline")
+@click.argument("task")
+@click.option("--attempt", type=int, help="attempt number (default: the last)")
+@click.pass_context
+def logs(ctx: click.Context, pipeline: str, task: str, attempt: int | None) -> None:
+    """stdout, stderr and traceback of an attempt of TASK."""
+    detail = queries.task_detail(_store(ctx), pipeline, task)
+    attempts = detail["attempts"]
+    if not attempts:
+        raise click.UsageError(f"task {detail['label']!r} has not run yet ({detail['state']})")
+    chosen = attempts[-1] if attempt is None else next(
+        (a for a in attempts if a["number"] == attempt), None)
+    if chosen is None:
+        raise click.UsageError(f"task {detail['label']!r} has no attempt {attempt}; "
+                               f"it has {len(attempts)}")
+    for part in ("stdout", "stderr", "traceback"):
+        if chosen[part]:
+            click.echo(f"--- {part} (attempt {chosen['number']}) ---")
+            click.echo(chosen[part].rstrip())
+
+
+@main.command()
+@click.argument("pipeline")
+@click.argument("task")
+@click.pass_context
+def why(ctx: click.Context, pipeline: str, task: str) -> None:
+    """Why TASK last ran."""
+    detail = queries.task_detail(_store(ctx), pipeline, task)
+    click.echo(f"{detail['label']}: {detail['reason'] or 'no run recorded'}")
+
+
+def _pipeline(ctx: click.Context, name: str) -> Pipeline:
+    store = _store(ctx)
+    store.pipeline_id(name, create=False)  # an unknown pipeline is a usage error
+    return Pipeline(name, store=store)
+
+
+@main.command()
+@click.argument("pipeline")
+@click.pass_context
+def pause(ctx: click.Context, pipeline: str) -> None:
+    """Start no new task in PIPELINE; running tasks finish."""
+    _pipeline(ctx, pipeline).pause()
+    click.echo(f"pipeline {pipeline!r} paused")
+
+
+@main.command()
+@click.argument("pipeline")
+@click.pass_context
+def resume(ctx: click.Context, pipeline: str) -> None:
+    """Start tasks of PIPELINE again."""
+    _pipeline(ctx, pipeline).resume()
+    click.echo(f"pipeline {pipeline!r} resumed")
+
+
+@main.command()
+@click.argument("pipeline")
+@click.argument("task", nargs=-1)
+@click.option("--failed", is_flag=True, help="every failed or killed task")
+@click.pass_context
+def retry(ctx: click.Context, pipeline: str, task: tuple[str, ...], failed: bool) -> None:
+    """Run TASKs (or --failed ones) again, with everything they blocked."""
+    if not task and not failed:
+        raise click.UsageError("name tasks to retry, or use --failed")
+    _pipeline(ctx, pipeline).retry(list(task) or None, failed=failed)
+    click.echo(f"retry requested in pipeline {pipeline!r}")
+
+
+@main.command()
+@click.argument("pipeline")
+@click.argument("task", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="every unfinished task")
+@click.pass_context
+def kill(ctx: click.Context, pipeline: str, task: tuple[str, ...], all_: bool) -> None:
+    """Stop TASKs (or --all unfinished ones) of PIPELINE."""
+    if not task and not all_:
+        raise click.UsageError("name tasks to kill, or use --all")
+    _pipeline(ctx, pipeline).kill(list(task) or None, all=all_)
+    click.echo(f"kill requested in pipeline {pipeline!r}")
+
+
+@main.command()
+@click.argument("pipeline")
+@click.option("--force", is_flag=True, help="really delete (otherwise only show what would go)")
+@click.pass_context
+def delete(ctx: click.Context, pipeline: str, force: bool) -> None:
+    """Delete PIPELINE's records from the store (result files go with `nbpipe gc`)."""
+    counts = queries.delete_pipeline(_store(ctx), pipeline, force=force)
+    what = ", ".join(f"{n} {table}" for table, n in counts.items())
+    click.echo(f"{'deleted' if force else 'would delete'} pipeline {pipeline!r}: {what}")
+    if not force:
+        click.echo("run again with --force to delete")
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="only list the files")
+@click.pass_context
+def gc(ctx: click.Context, dry_run: bool) -> None:
+    """Remove result files that no task references."""
+    removed = queries.gc(_store(ctx), dry_run=dry_run)
+    click.echo(f"{'would remove' if dry_run else 'removed'} {len(removed)} result file(s)")
+
+
+@main.command()
+@click.option("--repair", is_flag=True, help="forget damaged results so their tasks run again")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def doctor(ctx: click.Context, repair: bool, as_json: bool) -> None:
+    """Check the store's integrity and every result file's checksum."""
+    report = queries.doctor(_store(ctx), repair=repair)
+    if as_json:
+        _emit(report, True)
+    else:
+        click.echo(f"database: {', '.join(report['integrity'])}")
+        click.echo(f"damaged or missing result files: {len(report['bad_results'])}")
+        for bad in report["bad_results"]:
+            click.echo(f"  {bad['key'][:12]} {bad['path']}")
+        if report["repaired"]:
+            click.echo("repaired: those tasks will run again")
+    ctx.exit(0 if report["ok"] or report["repaired"] else 1)
+
+
+@main.command()
+@click.argument("pipeline")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="FILE.svg, .png or .dot")
+@click.pass_context
+def graph(ctx: click.Context, pipeline: str, output: str | None) -> None:
+    """The task graph of PIPELINE, coloured by state (Graphviz)."""
+    import graphviz
+
+    from .display import COLOURS
+
+    store = _store(ctx)
+    pid = store.pipeline_id(pipeline, create=False)
+    rows = store.task_rows(pid)
+    dot = graphviz.Digraph(pipeline, graph_attr={"rankdir": "LR"},
+                           node_attr={"shape": "box", "style": "rounded,filled", "fontcolor": "white"})
+    for key, row in rows.items():
+        dot.node(key, row["label"], fillcolor=COLOURS.get(row["state"], "#000"))
+    for parent, child in store.connect().execute(
+        "SELECT parent, child FROM edges WHERE pipeline_id = ?", (pid,)
+    ):
+        if parent in rows and child in rows:
+            dot.edge(parent, child)
+    if output is None or output.endswith(".dot"):
+        if output:
+            Path(output).write_text(dot.source)
+        else:
+            click.echo(dot.source)
+        return
+    fmt = Path(output).suffix.lstrip(".")
+    if fmt not in ("svg", "png"):
+        raise click.UsageError("-o takes a .svg, .png or .dot file")
+    Path(output).write_bytes(dot.pipe(format=fmt))
+    click.echo(f"wrote {output}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("script", type=click.Path(exists=True, dir_okay=False))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--cluster", help="'local' or a scheduler address (default: configuration)")
+def run(script: str, args: tuple[str, ...], cluster: str | None) -> None:
+    """Run a pipeline script; exit 0 when every task succeeded, 1 when one failed."""
+    import dask
+
+    from .pipeline import _open
+
+    sys.argv = [script, *args]
+    start = time.monotonic()
+    code = 0
+    with dask.config.set({"nbpipe.cluster": cluster} if cluster else {}):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as exc:  # the script's own verdict; the tasks' states come first
+            code = exc.code if isinstance(exc.code, int) else (1 if exc.code else 0)
+    failed = []
+    for pipe in list(_open):
+        pipe.wait()
+        failed += [t.label for t in pipe.tasks() if t.state in ("FAILED", "UPSTREAM_FAILED", "KILLED")]
+    elapsed = time.monotonic() - start
+    if failed:
+        click.echo(f"{len(failed)} task(s) failed after {elapsed:.1f} s: {', '.join(failed[:10])}",
+                   err=True)
+        sys.exit(1)
+    if code:
+        sys.exit(code)
+    click.echo(f"all tasks succeeded ({elapsed:.1f} s)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,169 @@
+"""Read and maintain a store without running anything: what the command line and sidebar show.
+
+>>> from nbpipe.store import Store
+>>> store = Store(".nbpipe")                                  # doctest: +SKIP
+>>> [p["name"] for p in pipelines(store)]                    # doctest: +SKIP
+['pi']
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .errors import PipelineBusy, UnknownTask
+from .results import checksum_of
+from .store import RunnerLock, Store
+
+__all__ = ["delete_pipeline", "doctor", "find_store", "gc", "pipelines", "task_detail", "tasks"]
+
+
+def find_store(start: str | os.PathLike[str] | None = None) -> Path | None:
+    """The nearest ``.nbpipe`` directory from ``start`` (default: the cwd) upward."""
+    here = Path(start or Path.cwd()).absolute()
+    for folder in (here, *here.parents):
+        candidate = folder / ".nbpipe"
+        if (candidate / "nbpipe.sqlite").exists():
+            return candidate
+    return None
+
+
+def pipelines(store: Store) -> list[dict[str, Any]]:
+    """Every pipeline with its task counts by state (active tasks only)."""
+    conn = store.connect()
+    counts: dict[int, Counter[str]] = {}
+    for pid, state, n in conn.execute(
+        "SELECT pipeline_id, state, COUNT(*) FROM tasks WHERE active GROUP BY pipeline_id, state"
+    ):
+        counts.setdefault(pid, Counter())[state] = n
+    out = []
+    for row in store.pipelines():
+        # A runner record outlives a killed process: trust it only while the lock is held.
+        runner = json.loads(row["runner"]) if row["runner"] and _busy(store, row["name"]) else None
+        c = counts.get(row["id"], Counter())
+        out.append({"name": row["name"], "tasks": sum(c.values()), "states": dict(c),
+                    "paused": bool(row["paused"]), "runner": runner})
+    return out
+
+
+def _busy(store: Store, pipeline: str) -> bool:
+    lock = RunnerLock(store, pipeline)
+    try:
+        lock.acquire()
+    except PipelineBusy:
+        return True
+    lock.release()
+    return False
+
+
+def _pipeline_id(store: Store, pipeline: str) -> int:
+    return store.pipeline_id(pipeline, create=False)
+
+
+def tasks(store: Store, pipeline: str, state: str | None = None, name: str | None = None
+          ) -> list[dict[str, Any]]:
+    """Active tasks of a pipeline, filtered by state and a name glob (matched on name or label)."""
+    rows = store.task_rows(_pipeline_id(store, pipeline)).values()
+    out = []
+    for r in sorted(rows, key=lambda r: r["created"]):
+        if state and r["state"] != state.upper():
+            continue
+        if name and not (fnmatch.fnmatchcase(r["name"], name) or fnmatch.fnmatchcase(r["label"], name)):
+            continue
+        out.append({"name": r["name"], "key": r["key"], "label": r["label"], "state": r["state"],
+                    "attempts": r["attempts"], "reason": r["reason"], "error": r["error"]})
+    return out
+
+
+def _task_row(store: Store, pipeline_id: int, task: str) -> Any:
+    rows = store.task_rows(pipeline_id, active_only=False).values()
+    active = [r for r in rows if r["active"]]
+    for pool in (active, list(rows)):
+        matches = [r for r in pool if task in (r["label"], r["name"]) or r["key"].startswith(task)]
+        if matches:
+            return max(matches, key=lambda r: r["updated"])
+    raise UnknownTask(f"no task {task!r} in this pipeline; `nbpipe tasks PIPELINE` lists them")
+
+
+def task_detail(store: Store, pipeline: str, task: str) -> dict[str, Any]:
+    """Everything recorded about one task: key, state, resources, why, attempts with versions."""
+    pid = _pipeline_id(store, pipeline)
+    row = _task_row(store, pid, task)
+    attempts = []
+    for a in store.attempts(pid, row["key"]):
+        env = store.environment(a["env_id"]) if a["env_id"] else None
+        attempts.append({
+            "number": a["number"], "state": a["state"], "start": a["start"], "end": a["end"],
+            "seconds": (a["end"] - a["start"]) if a["end"] and a["start"] else None,
+            "worker": a["worker"], "hostname": a["hostname"], "pid": a["pid"],
+            "slurm_job_id": a["slurm_job_id"], "exit_code": a["exit_code"], "error": a["error"],
+            "traceback": a["traceback"], "stdout": a["stdout"], "stderr": a["stderr"],
+            "python": env and env.get("python"), "git_commit": env and env.get("git_commit"),
+            "packages": env and env.get("packages"),
+        })
+    result = store.results([row["key"]]).get(row["key"])
+    return {
+        "name": row["name"], "key": row["key"], "label": row["label"], "state": row["state"],
+        "attempts": attempts, "reason": row["reason"], "error": row["error"],
+        "resources": json.loads(row["resources"] or "{}"),
+        "components": json.loads(row["components"]),
+        "result": dict(result) if result is not None else None,
+    }
+
+
+def delete_pipeline(store: Store, pipeline: str, *, force: bool = False) -> dict[str, int]:
+    """Delete a pipeline's records (results stay for ``gc``); without force, only count them."""
+    pid = _pipeline_id(store, pipeline)
+    tables = ("tasks", "edges", "attempts", "events", "commands")
+    conn = store.connect()
+    counts = {t: conn.execute(f"SELECT COUNT(*) FROM {t} WHERE pipeline_id = ?", (pid,)).fetchone()[0]
+              for t in tables}
+    if force:
+        with store.transaction() as tx:
+            for table in tables:
+                tx.execute(f"DELETE FROM {table} WHERE pipeline_id = ?", (pid,))
+            tx.execute("DELETE FROM pipelines WHERE id = ?", (pid,))
+    return counts
+
+
+def gc(store: Store, *, dry_run: bool = False) -> list[Path]:
+    """Remove result files that no task of any pipeline references; return them."""
+    conn = store.connect()
+    referenced = {k for (k,) in conn.execute("SELECT DISTINCT key FROM tasks")}
+    orphans = [Path(p) for k, p in conn.execute("SELECT key, path FROM results")
+               if k not in referenced]
+    known = {str(p) for (p,) in conn.execute("SELECT path FROM results")}
+    orphans += [p for p in (store.path / "results").rglob("*.pkl") if str(p) not in known]
+    if not dry_run:
+        with store.transaction() as tx:
+            tx.executemany("DELETE FROM results WHERE path = ?", [(str(p),) for p in orphans])
+        for path in orphans:
+            path.unlink(missing_ok=True)
+    return orphans
+
+
+def doctor(store: Store, *, repair: bool = False) -> dict[str, Any]:
+    """Check SQLite integrity and every result file's checksum; with ``repair``, forget the bad.
+
+    A forgotten result makes its task run again the next time its pipeline runs.
+    """
+    conn = store.connect()
+    integrity = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+    bad = []
+    for key, path, checksum in conn.execute("SELECT key, path, checksum FROM results").fetchall():
+        try:
+            ok = checksum_of(Path(path).read_bytes()) == checksum
+        except OSError:
+            ok = False
+        if not ok:
+            bad.append({"key": key, "path": path})
+    if repair:
+        for entry in bad:
+            store.forget_result(entry["key"])
+            Path(entry["path"]).unlink(missing_ok=True)
+    return {"integrity": integrity, "ok": integrity == ["ok"] and not bad, "bad_results": bad,
+            "repaired": repair and bool(bad)}

@@ -1,0 +1,188 @@
+"""The nbpipe command, driven as a subprocess against real stores."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import wait_for
+
+NBPIPE = [sys.executable, "-m", "nbpipe.cli"]
+
+SCRIPT = '''
+import sys
+from nbpipe import Pipeline
+
+pipe = Pipeline("cli")
+
+
+@pipe.task
+def square(x: int) -> int:
+    print(f"squaring {x}")
+    return x * x
+
+
+@pipe.task
+def total(values: list) -> int:
+    return sum(values)
+
+
+@pipe.task
+def broken(x: int) -> int:
+    raise ValueError(f"bad {x}")
+
+
+if __name__ == "__main__":
+    parts = [square(i) for i in range(3)]
+    total(parts)
+    if "--fail" in sys.argv:
+        broken(1)
+    summary = pipe.run()
+    sys.exit(0 if summary.ok else 1)
+'''
+
+
+def nbpipe(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*NBPIPE, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+@pytest.fixture
+def project(tmp_path: Path, cluster, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("DASK_NBPIPE__CLUSTER", cluster.scheduler_address)
+    monkeypatch.delenv("NBPIPE_STORE", raising=False)
+    (tmp_path / "pipeline.py").write_text(SCRIPT)
+    done = nbpipe(tmp_path, "run", "pipeline.py")
+    assert done.returncode == 0, done.stderr
+    return tmp_path
+
+
+def test_run_exits_0_when_all_succeed_and_1_when_a_task_fails(project: Path) -> None:
+    failed = nbpipe(project, "run", "pipeline.py", "--fail")
+    assert failed.returncode == 1
+    assert "broken" in failed.stderr
+
+
+def test_usage_errors_exit_2_with_a_message(project: Path, tmp_path_factory) -> None:
+    unknown = nbpipe(project, "tasks", "no-such-pipeline")
+    assert unknown.returncode == 2
+    assert "no pipeline named 'no-such-pipeline'" in unknown.stderr
+    assert nbpipe(project, "retry", "cli").returncode == 2  # neither tasks nor --failed
+    assert nbpipe(project, "show", "cli", "nothing-like-this").returncode == 2
+    elsewhere = tmp_path_factory.mktemp("no-store")
+    lost = nbpipe(elsewhere, "pipelines")
+    assert lost.returncode == 2 and "--store DIR" in lost.stderr
+
+
+def test_pipelines_and_tasks_list_with_json(project: Path) -> None:
+    pipes = json.loads(nbpipe(project, "pipelines", "--json").stdout)
+    assert [(p["name"], p["states"]) for p in pipes] == [("cli", {"SUCCEEDED": 4})]
+    rows = json.loads(nbpipe(project, "tasks", "cli", "--json").stdout)
+    assert {r["label"] for r in rows} == {"square(x=0)", "square(x=1)", "square(x=2)",
+                                           "total(values=[3 tasks])"}
+    assert set(rows[0]) >= {"name", "key", "label", "state", "attempts"}
+    squares = json.loads(nbpipe(project, "tasks", "cli", "--name", "square*", "--json").stdout)
+    assert len(squares) == 3
+    text = nbpipe(project, "tasks", "cli", "--state", "SUCCEEDED").stdout
+    assert "square(x=1)" in text
+
+
+def test_show_logs_and_why(project: Path) -> None:
+    detail = json.loads(nbpipe(project, "show", "cli", "square(x=2)", "--json").stdout)
+    assert detail["state"] == "SUCCEEDED" and detail["attempts"][0]["python"]
+    assert detail["reason"] == "new task"
+    logs = nbpipe(project, "logs", "cli", "square(x=2)")
+    assert "squaring 2" in logs.stdout
+    assert "new task" in nbpipe(project, "why", "cli", "total").stdout
+
+
+def test_graph_writes_dot_and_svg(project: Path) -> None:
+    dot = nbpipe(project, "graph", "cli").stdout
+    assert "square(x=0)" in dot and "->" in dot
+    assert nbpipe(project, "graph", "cli", "-o", "g.svg").returncode == 0
+    assert (project / "g.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_doctor_finds_and_repairs_a_damaged_result(project: Path) -> None:
+    assert nbpipe(project, "doctor").returncode == 0
+    result = next((project / ".nbpipe" / "results").rglob("*.pkl"))
+    result.write_bytes(b"damaged")
+    report = nbpipe(project, "doctor", "--json")
+    assert report.returncode == 1
+    assert len(json.loads(report.stdout)["bad_results"]) == 1
+    assert nbpipe(project, "doctor", "--repair").returncode == 0
+    assert nbpipe(project, "doctor").returncode == 0
+    rerun = nbpipe(project, "run", "pipeline.py")
+    assert rerun.returncode == 0
+
+
+def test_delete_shows_first_and_deletes_with_force_then_gc(project: Path) -> None:
+    dry = nbpipe(project, "delete", "cli")
+    assert "would delete pipeline 'cli': 4 tasks" in dry.stdout
+    assert json.loads(nbpipe(project, "pipelines", "--json").stdout)
+    assert nbpipe(project, "delete", "cli", "--force").returncode == 0
+    assert json.loads(nbpipe(project, "pipelines", "--json").stdout) == []
+    assert "removed 4 result file(s)" in nbpipe(project, "gc").stdout
+
+
+def test_pause_kill_and_retry_from_another_process_reach_a_running_pipeline(
+    tmp_path: Path, cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DASK_NBPIPE__CLUSTER", cluster.scheduler_address)
+    gate = tmp_path / "gate"
+    (tmp_path / "long.py").write_text(f'''
+import os, time
+from nbpipe import Pipeline
+pipe = Pipeline("long")
+
+@pipe.task
+def spin(n: int) -> int:
+    while not os.path.exists({str(gate)!r}):
+        pass
+    return n
+
+@pipe.task
+def later(x: int) -> int:
+    return x + 1
+
+if __name__ == "__main__":
+    later(spin(1))
+    pipe.run(wait=False)
+    print("STARTED", flush=True)
+    while True:
+        time.sleep(0.1)
+        states = {{t.label: t.state for t in pipe.tasks()}}
+        if all(s in ("SUCCEEDED",) for s in states.values()):
+            print("DONE", flush=True)
+            break
+''')
+    driver = subprocess.Popen([sys.executable, "long.py"], cwd=tmp_path, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert driver.stdout.readline().strip() == "STARTED"
+
+        def state(label: str) -> str:
+            rows = json.loads(nbpipe(tmp_path, "tasks", "long", "--json").stdout)
+            return {r["label"]: r["state"] for r in rows}.get(label, "")
+
+        wait_for(lambda: state("spin(n=1)") == "RUNNING", timeout=30)
+        assert nbpipe(tmp_path, "pause", "long").returncode == 0
+        assert json.loads(nbpipe(tmp_path, "pipelines", "--json").stdout)[0]["paused"]
+        start = time.monotonic()
+        assert nbpipe(tmp_path, "kill", "long", "spin(n=1)").returncode == 0
+        wait_for(lambda: state("spin(n=1)") == "KILLED", timeout=10)
+        assert time.monotonic() - start < 10
+        assert state("later(x=<spin>)") == "UPSTREAM_FAILED"
+        gate.write_text("open")
+        assert nbpipe(tmp_path, "resume", "long").returncode == 0
+        assert nbpipe(tmp_path, "retry", "long", "--failed").returncode == 0
+        out, _ = driver.communicate(timeout=60)
+        assert "DONE" in out
+    finally:
+        driver.kill()
+    shutil.rmtree(tmp_path / ".nbpipe", ignore_errors=True)
