@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.nbpipe-installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean docs-cli
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/responsiveness.py
+
+docs-cli: $(STAMP)
+	$(PY) -c "from nbpipe.cli import reference; open('docs/cli.md', 'w').write(reference())"
 
 lint: $(STAMP)
 	$(PY) -m ruff check nbpipe tests benchmarks nb

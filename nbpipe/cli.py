@@ -330,5 +330,19 @@ def run(script: str, args: tuple[str, ...], cluster: str | None) -> None:
     click.echo(f"all tasks succeeded ({elapsed:.1f} s)")
 
 
+def reference() -> str:
+    """The command reference in Markdown, from the commands' own help (docs/cli.md)."""
+    parts = ["# Command reference", "",
+             "Generated from `nbpipe --help`; a test keeps this page in sync with the command.", ""]
+    ctx = click.Context(main, info_name="nbpipe", terminal_width=100, max_content_width=100)
+    parts += ["```", main.get_help(ctx), "```", ""]
+    for name in sorted(main.commands):
+        command = main.commands[name]
+        sub = click.Context(command, info_name=name, parent=ctx, terminal_width=100,
+                            max_content_width=100)
+        parts += [f"## nbpipe {name}", "", "```", command.get_help(sub), "```", ""]
+    return "\n".join(parts)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

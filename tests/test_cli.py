@@ -186,3 +186,11 @@ if __name__ == "__main__":
     finally:
         driver.kill()
     shutil.rmtree(tmp_path / ".nbpipe", ignore_errors=True)
+
+
+def test_command_reference_in_docs_matches_the_command() -> None:
+    from nbpipe.cli import main, reference
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    assert doc == reference(), "docs/cli.md is stale: regenerate it with `make docs-cli`"
+    assert all(f"## nbpipe {name}" in doc for name in main.commands)
