@@ -298,15 +298,47 @@ def graph(ctx: click.Context, pipeline: str, output: str | None) -> None:
     click.echo(f"wrote {output}")
 
 
+@main.command()
+@click.argument("pipeline")
+@click.pass_context
+def spawn(ctx: click.Context, pipeline: str) -> None:
+    """Run the unfinished tasks of PIPELINE handed over by a notebook or script (detached).
+
+    Exits when the pipeline is done (0), a task failed (1), or it is paused (0).
+    """
+    from .specs import revive
+
+    pipe = _pipeline(ctx, pipeline)
+    refs = revive(pipe)
+    click.echo(f"nbpipe spawn: pipeline {pipeline!r}, {len(refs)} task(s), pid {os.getpid()}")
+    summary = pipe.run(check=False)
+    click.echo(f"nbpipe spawn: {summary}")
+    pipe.close()
+    sys.exit(1 if summary.failed else 0)
+
+
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("script", type=click.Path(exists=True, dir_okay=False))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.option("--cluster", help="'local' or a scheduler address (default: configuration)")
-def run(script: str, args: tuple[str, ...], cluster: str | None) -> None:
+@click.option("--detach", is_flag=True, help="run in the background; output in nbpipe-run.log")
+def run(script: str, args: tuple[str, ...], cluster: str | None, detach: bool) -> None:
     """Run a pipeline script; exit 0 when every task succeeded, 1 when one failed."""
+    import subprocess
+
     import dask
 
     from .pipeline import _open
+
+    if detach:
+        command = [sys.executable, "-m", "nbpipe.cli", "run", script, *args]
+        if cluster:
+            command[4:4] = ["--cluster", cluster]
+        with open("nbpipe-run.log", "ab") as log:
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        click.echo(f"running {script} in the background (pid {proc.pid}); output in nbpipe-run.log")
+        return
 
     sys.argv = [script, *args]
     start = time.monotonic()

@@ -320,7 +320,10 @@ class NbpipeMagics(Magics):
 
     def _do_run(self, args: Any) -> None:
         if args.detach:
-            raise UsageError("%pipeline run --detach needs `nbpipe spawn`, which is not built yet")
+            pid = self.session.pipe.detach()
+            print(f"pipeline {self.session.pipe.name!r} handed to a detached runner (pid {pid}); "
+                  "it keeps running after this kernel ends")
+            return
         targets = self._targets(args.names) or None
         summary = self.session.pipe.run(targets, wait=False)
         print(f"submitted: {summary}")

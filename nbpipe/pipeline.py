@@ -35,6 +35,7 @@ from .errors import (
     CycleError,
     MissingInputError,
     NbpipeError,
+    PipelineBusy,
     ResultCorrupt,
     TaskDefinitionError,
     TaskFailed,
@@ -731,6 +732,22 @@ class Pipeline:
             return
         self._command("resume")
 
+    def detach(self) -> int:
+        """Hand the unfinished tasks to a detached runner (``nbpipe spawn``); return its pid.
+
+        The runner survives this process (a kernel, a terminal) and exits when the pipeline is
+        done or paused. Its output goes to ``<store>/logs/spawn-<pipeline>.log``.
+        """
+        from .specs import write_specs
+
+        if self._runner is not None and self._runner.alive:
+            raise PipelineBusy(f"pipeline {self.name!r} is running in this process already; "
+                               "wait for it (or pause it) before detaching")
+        self._resolve()
+        todo = [r for r in self._closure(list(self._refs.values())) if r.state is not State.SUCCEEDED]
+        write_specs(self, todo)
+        return spawn(self.store, self.name)
+
     @property
     def paused(self) -> bool:
         """Whether the pipeline is paused."""
@@ -752,6 +769,21 @@ class Pipeline:
             self._connection.close()
             self._connection = None
         _open.discard(self)
+
+
+def spawn(store: Store, pipeline: str) -> int:
+    """Start ``nbpipe spawn`` for a pipeline in a new session (it outlives us); return its pid."""
+    import subprocess
+
+    logs = store.path / "logs"
+    logs.mkdir(mode=0o700, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in pipeline)
+    with open(logs / f"spawn-{safe}.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nbpipe.cli", "--store", str(store.path), "spawn", pipeline],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    return proc.pid
 
 
 def _absolute(value: Any) -> Any:

@@ -194,3 +194,46 @@ def test_command_reference_in_docs_matches_the_command() -> None:
     doc = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
     assert doc == reference(), "docs/cli.md is stale: regenerate it with `make docs-cli`"
     assert all(f"## nbpipe {name}" in doc for name in main.commands)
+
+
+def test_detached_runner_finishes_after_the_process_that_started_it_is_killed(
+    tmp_path: Path, cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DASK_NBPIPE__CLUSTER", cluster.scheduler_address)
+    (tmp_path / "handover.py").write_text('''
+import time
+from nbpipe import Pipeline
+
+pipe = Pipeline("handover")
+
+def slow_square(x: int) -> int:
+    time.sleep(0.5)
+    return x * x
+
+def add_up(values: list) -> int:
+    return sum(values)
+
+if __name__ == "__main__":
+    square, total = pipe.task(slow_square), pipe.task(add_up)
+    total([square(i) for i in range(4)])
+    print("PID", pipe.detach(), flush=True)
+    time.sleep(600)  # killed by the test long before
+''')
+    starter = subprocess.Popen([sys.executable, "handover.py"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        line = starter.stdout.readline()
+        assert line.startswith("PID")
+        starter.kill()  # the process that handed the pipeline over dies
+        starter.wait()
+
+        def states() -> dict[str, str]:
+            rows = json.loads(nbpipe(tmp_path, "tasks", "handover", "--json").stdout or "[]")
+            return {r["label"]: r["state"] for r in rows}
+
+        wait_for(lambda: states().get("add_up(values=[4 tasks])") == "SUCCEEDED", timeout=60)
+        assert set(states().values()) == {"SUCCEEDED"}
+    finally:
+        starter.kill()
+    log = (tmp_path / ".nbpipe" / "logs" / "spawn-handover.log").read_text()
+    assert "5 executed" in log

@@ -1,0 +1,147 @@
+"""Task specs on disk: what another process needs to run tasks registered here.
+
+A detached runner (``nbpipe spawn``) has none of the notebook's or script's objects, so when a
+pipeline is handed over, the specs of its unfinished tasks are written next to the results:
+``<store>/specs/<key[:2]>/<key>.pkl`` (cloudpickle of the function, its arguments with upstream
+tasks replaced by their keys, options, dependencies). :func:`revive` rebuilds the graph from them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+
+from .errors import NbpipeError
+from .states import State
+from .task import TaskFunction, TaskOutput, TaskRef, make_options
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+__all__ = ["revive", "write_specs"]
+
+
+class _KeyRef:
+    """An upstream task inside pickled arguments, by key (and output name for cells)."""
+
+    def __init__(self, key: str, output: str | None = None):
+        self.key = key
+        self.output = output
+
+
+def _spec_path(store_dir: Path, key: str) -> Path:
+    return store_dir / "specs" / key[:2] / f"{key}.pkl"
+
+
+def _keyed(value: Any) -> Any:
+    if isinstance(value, TaskRef):
+        return _KeyRef(value.key)
+    if isinstance(value, TaskOutput):
+        return _KeyRef(value.ref.key, value.name)
+    if type(value) in (list, tuple):
+        return type(value)(_keyed(v) for v in value)
+    if type(value) is dict:
+        return {k: _keyed(v) for k, v in value.items()}
+    return value
+
+
+def write_specs(pipe: Pipeline, refs: list[TaskRef]) -> int:
+    """Write the specs of ``refs`` (atomically, private to the user); return how many."""
+    written = 0
+    for ref in refs:
+        opts = {k: v for k, v in ref.func.opts.__dict__.items() if k != "after"}
+        spec = {
+            "name": ref.name, "label": ref.label, "kind": ref.func.kind, "fn": ref.func.fn,
+            "options": opts, "outputs": getattr(ref.func, "outputs", None),
+            "args": _keyed(ref.args), "kwargs": _keyed(ref.kwargs),
+            "upstream": [u.key for u in ref.upstream],
+            "deps": {d.key: kind for d, kind in ref.deps.items()},
+            "in_files": [str(p) for p in ref.in_files], "out_files": [str(p) for p in ref.out_files],
+            "group": ref.group, "chunksize": ref.chunksize, "components": ref.components,
+            "reason": ref.reason,
+        }
+        path = _spec_path(pipe.store.path, ref.key)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(cloudpickle.dumps(spec))
+        os.replace(tmp, path)
+        written += 1
+    return written
+
+
+def _done_ref(pipe: Pipeline, row: Any, result: Any) -> TaskRef:
+    ref = TaskRef.__new__(TaskRef)
+    TaskRef.__init__(ref, pipe, None, row["name"], row["label"])  # type: ignore[arg-type]
+    ref.key_, ref.state, ref.attempts = row["key"], State.SUCCEEDED, row["attempts"]
+    ref.result_file = (result["path"], result["checksum"])
+    ref.reason = "found done"
+    ref.args, ref.kwargs, ref.upstream, ref.after = (), {}, [], ()
+    ref.in_files, ref.out_files, ref.call_id = [], [], row["key"]
+    return ref
+
+
+def revive(pipe: Pipeline) -> list[TaskRef]:
+    """Rebuild the active tasks of ``pipe`` from the store and their specs; return the refs.
+
+    Done tasks come back as finished refs (their results are on disk); unfinished ones need a
+    spec, and a missing spec is an error naming the task.
+    """
+    store = pipe.store
+    rows = store.task_rows(pipe.pipeline_id)
+    results = store.results(list(rows))
+    refs: dict[str, TaskRef] = {}
+    specs: dict[str, dict[str, Any]] = {}
+    for key, row in rows.items():
+        if row["state"] == State.SUCCEEDED.value and key in results:
+            refs[key] = _done_ref(pipe, row, results[key])
+            continue
+        path = _spec_path(store.path, key)
+        if not path.exists():
+            raise NbpipeError(
+                f"task {row['label']!r} of pipeline {pipe.name!r} has no spec in the store, so "
+                "no other process can run it; run it from where it was defined, or hand the "
+                "pipeline over with `%pipeline run --detach` / `nbpipe run --detach`"
+            )
+        specs[key] = cloudpickle.loads(path.read_bytes())
+
+    def revived(value: Any) -> Any:
+        if isinstance(value, _KeyRef):
+            ref = refs[value.key]
+            return ref.output(value.output) if value.output else ref
+        if type(value) in (list, tuple):
+            return type(value)(revived(v) for v in value)
+        if type(value) is dict:
+            return {k: revived(v) for k, v in value.items()}
+        return value
+
+    for key, spec in specs.items():
+        func = TaskFunction(spec["fn"], spec["kind"], make_options(spec["name"], **spec["options"]), pipe)
+        if spec["outputs"] is not None:
+            func.outputs = spec["outputs"]  # type: ignore[attr-defined]
+        ref = TaskRef(pipe, func, spec["name"], spec["label"])
+        ref.key_, ref.components, ref.reason = key, spec["components"], spec["reason"]
+        ref.call_id, ref.after = key, ()
+        ref.in_files = [Path(p) for p in spec["in_files"]]
+        ref.out_files = [Path(p) for p in spec["out_files"]]
+        ref.group, ref.chunksize = spec["group"], spec["chunksize"]
+        ref.attempts = ref.budget = rows[key]["attempts"]
+        refs[key] = ref
+    for key, spec in specs.items():
+        ref = refs[key]
+        missing = [k for k in spec["deps"] if k not in refs]
+        if missing:
+            raise NbpipeError(f"task {ref.label!r} depends on tasks missing from the store "
+                              f"({', '.join(k[:12] for k in missing)}); run it where it was defined")
+        ref.args, ref.kwargs = revived(spec["args"]), revived(spec["kwargs"])
+        ref.upstream = [refs[k] for k in spec["upstream"]]
+        ref.deps = {refs[k]: kind for k, kind in spec["deps"].items()}
+    with pipe._lock:
+        for ref in refs.values():
+            pipe._refs[ref.call_id] = ref
+            pipe._by_label[ref.label] = ref
+    return list(refs.values())
