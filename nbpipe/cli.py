@@ -187,26 +187,45 @@ def pause(ctx: click.Context, pipeline: str) -> None:
     click.echo(f"pipeline {pipeline!r} paused")
 
 
+def _spawn_if_idle(pipe: Pipeline, no_spawn: bool) -> None:
+    """Without a runner anywhere, start a detached one so the requested work happens."""
+    from .pipeline import spawn
+
+    if no_spawn or not pipe._offline():
+        return
+    unfinished = [t for t in queries.tasks(pipe.store, pipe.name) if t["state"] != "SUCCEEDED"]
+    if unfinished:
+        pid = spawn(pipe.store, pipe.name)
+        click.echo(f"started a detached runner (pid {pid}); see {pipe.store.path}/logs")
+
+
 @main.command()
 @click.argument("pipeline")
+@click.option("--no-spawn", is_flag=True, help="do not start a runner when none is attached")
 @click.pass_context
-def resume(ctx: click.Context, pipeline: str) -> None:
+def resume(ctx: click.Context, pipeline: str, no_spawn: bool) -> None:
     """Start tasks of PIPELINE again."""
-    _pipeline(ctx, pipeline).resume()
+    pipe = _pipeline(ctx, pipeline)
+    pipe.resume()
     click.echo(f"pipeline {pipeline!r} resumed")
+    _spawn_if_idle(pipe, no_spawn)
 
 
 @main.command()
 @click.argument("pipeline")
 @click.argument("task", nargs=-1)
 @click.option("--failed", is_flag=True, help="every failed or killed task")
+@click.option("--no-spawn", is_flag=True, help="do not start a runner when none is attached")
 @click.pass_context
-def retry(ctx: click.Context, pipeline: str, task: tuple[str, ...], failed: bool) -> None:
+def retry(ctx: click.Context, pipeline: str, task: tuple[str, ...], failed: bool,
+          no_spawn: bool) -> None:
     """Run TASKs (or --failed ones) again, with everything they blocked."""
     if not task and not failed:
         raise click.UsageError("name tasks to retry, or use --failed")
-    _pipeline(ctx, pipeline).retry(list(task) or None, failed=failed)
+    pipe = _pipeline(ctx, pipeline)
+    pipe.retry(list(task) or None, failed=failed)
     click.echo(f"retry requested in pipeline {pipeline!r}")
+    _spawn_if_idle(pipe, no_spawn)
 
 
 @main.command()

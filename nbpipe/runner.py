@@ -25,6 +25,7 @@ from distributed import as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .cluster import Connection
+from .specs import write_specs
 from .states import BAD, State
 from .store import Batch, RunnerLock
 from .worker import Outcome, Upstream, WorkItem, install_termination_notice, interrupt, run_items
@@ -103,6 +104,7 @@ class Runner:
         self._to_submit: dict[tuple[Any, tuple[Any, ...]], list[tuple[Submission, list[WorkItem]]]] = \
             defaultdict(list)
         self.awaiting: dict[Submission, float] = {}
+        self.failed_since_tick: dict[TaskRef, None] = {}
         self.durations: dict[Any, tuple[int, float]] = {}  # function -> (count, total seconds)
         self.probe_deadline: dict[Any, float] = {}
         self._thread_count = 1
@@ -229,6 +231,12 @@ class Runner:
         if self.batch:
             batch, self.batch = self.batch, Batch()
             self.store.write(batch)
+        if self.failed_since_tick:  # so `nbpipe retry` can run them from another process
+            refs, self.failed_since_tick = list(self.failed_since_tick), {}
+            try:
+                write_specs(self.pipe, [r for r in refs if r.func is not None])
+            except Exception:  # an unpicklable function: retry works from its own process only
+                log.debug("could not write specs", exc_info=True)
 
     # -- graph bookkeeping --------------------------------------------------------------------
 
@@ -273,9 +281,11 @@ class Runner:
                     if self.blockers[child] == 0:
                         self.ready.append(child)
             return
+        self.failed_since_tick[ref] = None
         todo = list(self.children.get(ref, ()))
         while todo:
             child = todo.pop()
+            self.failed_since_tick[child] = None
             if child.state is State.WAITING and child not in self.sub_of:
                 self.blockers.pop(child, None)
                 child.state = State.UPSTREAM_FAILED

@@ -237,3 +237,41 @@ if __name__ == "__main__":
         starter.kill()
     log = (tmp_path / ".nbpipe" / "logs" / "spawn-handover.log").read_text()
     assert "5 executed" in log
+
+
+def test_retry_without_a_runner_starts_a_detached_one(
+    tmp_path: Path, cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DASK_NBPIPE__CLUSTER", cluster.scheduler_address)
+    flag = tmp_path / "fixed"
+    (tmp_path / "flaky.py").write_text(f"""
+import os
+from nbpipe import Pipeline
+
+pipe = Pipeline("flaky")
+
+
+def needs_flag(x: int) -> int:
+    if not os.path.exists({str(flag)!r}):
+        raise RuntimeError("not fixed yet")
+    return x
+
+
+def double(x: int) -> int:
+    return 2 * x
+
+
+if __name__ == "__main__":
+    pipe.task(double)(pipe.task(needs_flag)(21))
+    pipe.run()
+""")
+    assert nbpipe(tmp_path, "run", "flaky.py").returncode == 1
+    flag.write_text("yes")
+    retried = nbpipe(tmp_path, "retry", "flaky", "--failed")
+    assert retried.returncode == 0 and "started a detached runner" in retried.stdout
+
+    def states() -> set[str]:
+        return {r["state"] for r in json.loads(nbpipe(tmp_path, "tasks", "flaky", "--json").stdout)}
+
+    wait_for(lambda: states() == {"SUCCEEDED"}, timeout=60)
+    assert nbpipe(tmp_path, "retry", "flaky", "--failed", "--no-spawn").returncode == 0
