@@ -84,16 +84,21 @@ def main(ctx: click.Context, store: str | None) -> None:
 
 
 @main.command()
+@click.option("--all", "all_", is_flag=True, help="every store this user has used")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_context
-def pipelines(ctx: click.Context, as_json: bool) -> None:
+def pipelines(ctx: click.Context, all_: bool, as_json: bool) -> None:
     """Pipelines in the store, with their tasks counted by state."""
-    rows = queries.pipelines(_store(ctx))
-    table = Table("pipeline", "tasks", "states", "paused", "runner")
+    from .store import known_stores
+
+    stores = [Store(p) for p in known_stores()] if all_ else [_store(ctx)]
+    rows = [{**p, "store": str(store.path)} for store in stores for p in queries.pipelines(store)]
+    table = Table("pipeline", "tasks", "states", "paused", "runner", *(["store"] if all_ else []))
     for p in rows:
         states = ", ".join(f"{n} {_state(s)}" for s, n in sorted(p["states"].items()))
         runner = f"pid {p['runner']['pid']} on {p['runner']['host']}" if p["runner"] else ""
-        table.add_row(p["name"], str(p["tasks"]), states, "yes" if p["paused"] else "", runner)
+        table.add_row(p["name"], str(p["tasks"]), states, "yes" if p["paused"] else "", runner,
+                      *([p["store"]] if all_ else []))
     _emit(rows, as_json, table)
 
 
@@ -144,10 +149,15 @@ def show(ctx: click.Context, pipeline: str, task: str, as_json: bool) -> None:
 @click.argument("pipeline")
 @click.argument("task")
 @click.option("--attempt", type=int, help="attempt number (default: the last)")
+@click.option("--follow", is_flag=True, help="wait for the running attempt to end first")
 @click.pass_context
-def logs(ctx: click.Context, pipeline: str, task: str, attempt: int | None) -> None:
+def logs(ctx: click.Context, pipeline: str, task: str, attempt: int | None, follow: bool) -> None:
     """stdout, stderr and traceback of an attempt of TASK."""
-    detail = queries.task_detail(_store(ctx), pipeline, task)
+    store = _store(ctx)
+    detail = queries.task_detail(store, pipeline, task)
+    while follow and detail["state"] in ("WAITING", "PENDING", "RUNNING"):
+        time.sleep(0.5)  # output is recorded when an attempt ends
+        detail = queries.task_detail(store, pipeline, task)
     attempts = detail["attempts"]
     if not attempts:
         raise click.UsageError(f"task {detail['label']!r} has not run yet ({detail['state']})")

@@ -27,7 +27,7 @@ from typing import Any
 
 from .errors import PipelineBusy, StoreError, StoreNotWritable, StoreVersionError
 
-__all__ = ["SCHEMA_VERSION", "Batch", "RunnerLock", "Store"]
+__all__ = ["SCHEMA_VERSION", "Batch", "RunnerLock", "Store", "known_stores", "remember"]
 
 SCHEMA_VERSION = 1
 
@@ -164,6 +164,7 @@ class Store:
         self.db_path = self.path / "nbpipe.sqlite"
         self._local = threading.local()
         self._init_schema()
+        remember(self.path)
 
     # -- connections ------------------------------------------------------------------------
 
@@ -457,6 +458,35 @@ class Store:
             "SELECT status FROM commands WHERE id = ?", (command_id,)
         ).fetchone()
         return row[0] if row else "unknown"
+
+
+def registry_path() -> Path:
+    """The file listing every store this user opened (for ``nbpipe pipelines --all``)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "nbpipe" / "stores.txt"
+
+
+def remember(path: Path) -> None:
+    """Add a store to the registry of known stores (best effort: never fails the caller)."""
+    registry = registry_path()
+    try:
+        known = registry.read_text().splitlines() if registry.exists() else []
+        if str(path) in known:
+            return
+        registry.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(registry, "a") as f:
+            f.write(f"{path}\n")
+    except OSError:
+        pass
+
+
+def known_stores() -> list[Path]:
+    """Registered stores that still exist."""
+    registry = registry_path()
+    if not registry.exists():
+        return []
+    paths = dict.fromkeys(Path(p) for p in registry.read_text().splitlines() if p.strip())
+    return [p for p in paths if (p / "nbpipe.sqlite").exists()]
 
 
 class RunnerLock:

@@ -33,6 +33,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> objec
         report.longrepr = f"skipped in CI, where it must run: {report.longrepr}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keep the tests' stores out of the user's registry of known stores."""
+    path = tmp_path_factory.mktemp("xdg-data")
+    os.environ["XDG_DATA_HOME"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def cluster() -> LocalCluster:
     """Two worker processes with one thread each, shared by the tests."""

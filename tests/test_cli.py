@@ -275,3 +275,18 @@ if __name__ == "__main__":
 
     wait_for(lambda: states() == {"SUCCEEDED"}, timeout=60)
     assert nbpipe(tmp_path, "retry", "flaky", "--failed", "--no-spawn").returncode == 0
+
+
+def test_pipelines_all_lists_every_store_this_user_used(tmp_path: Path, monkeypatch) -> None:
+    from nbpipe import Pipeline
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    Pipeline("first", store=tmp_path / "a" / ".nbpipe")
+    Pipeline("second", store=tmp_path / "b" / ".nbpipe")
+    listed = json.loads(nbpipe(tmp_path, "pipelines", "--all", "--json").stdout)
+    assert {(p["name"], Path(p["store"]).parent.name) for p in listed} == {("first", "a"), ("second", "b")}
+
+
+def test_logs_follow_waits_for_the_attempt_to_end(project: Path) -> None:
+    followed = nbpipe(project, "logs", "cli", "square(x=1)", "--follow")
+    assert "squaring 1" in followed.stdout
