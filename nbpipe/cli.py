@@ -16,6 +16,7 @@ import json
 import os
 import runpy
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -372,11 +373,17 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, detach: bool) -
     sys.argv = [script, *args]
     start = time.monotonic()
     code = 0
+    stop = threading.Event()
+    monitor = threading.Thread(target=_report_progress, args=(stop, sys.stdout.isatty()), daemon=True)
+    monitor.start()
     with dask.config.set({"nbpipe.cluster": cluster} if cluster else {}):
         try:
             runpy.run_path(script, run_name="__main__")
         except SystemExit as exc:  # the script's own verdict; the tasks' states come first
             code = exc.code if isinstance(exc.code, int) else (1 if exc.code else 0)
+        finally:
+            stop.set()
+            monitor.join()
     failed = []
     for pipe in list(_open):
         pipe.wait()
@@ -389,6 +396,38 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, detach: bool) -
     if code:
         sys.exit(code)
     click.echo(f"all tasks succeeded ({elapsed:.1f} s)")
+
+
+def _counts() -> tuple[int, int, int]:
+    """(finished, failed, total) over the tasks of every pipeline open in this process."""
+    from .pipeline import _open
+    from .states import BAD
+
+    refs = [r for pipe in list(_open) for r in list(pipe._refs.values())]
+    return (sum(r.state.final for r in refs), sum(r.state in BAD for r in refs), len(refs))
+
+
+def _report_progress(stop: threading.Event, tty: bool) -> None:
+    """A live bar on a terminal; otherwise a plain line when counts change (batch logs)."""
+    if tty:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        with Progress("[progress.description]{task.description}", BarColumn(),
+                      MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                      transient=True) as progress:
+            bar = progress.add_task("tasks", total=None)
+            while not stop.wait(0.2):
+                done, failed, total = _counts()
+                progress.update(bar, completed=done, total=total or None,
+                                description=f"tasks ({failed} failed)" if failed else "tasks")
+        return
+    last: tuple[int, int, int] | None = None
+    while not stop.wait(5.0):
+        counts = _counts()
+        if counts != last and counts[2]:
+            click.echo(f"{time.strftime('%H:%M:%S')} {counts[0]}/{counts[2]} tasks finished, "
+                       f"{counts[1]} failed", err=True)
+            last = counts
 
 
 def reference() -> str:
