@@ -290,3 +290,32 @@ def test_pipelines_all_lists_every_store_this_user_used(tmp_path: Path, monkeypa
 def test_logs_follow_waits_for_the_attempt_to_end(project: Path) -> None:
     followed = nbpipe(project, "logs", "cli", "square(x=1)", "--follow")
     assert "squaring 1" in followed.stdout
+
+
+def test_kill_all_stops_every_unfinished_task(tmp_path: Path, cluster, monkeypatch) -> None:
+    monkeypatch.setenv("DASK_NBPIPE__CLUSTER", cluster.scheduler_address)
+    (tmp_path / "spin.py").write_text("""
+from nbpipe import Pipeline
+pipe = Pipeline("spin")
+
+def spin(n: int) -> int:
+    while True:
+        n += 1
+
+if __name__ == "__main__":
+    refs = [pipe.task(spin)(i) for i in range(2)]
+    pipe.run()
+""")
+    driver = subprocess.Popen([*NBPIPE, "run", "spin.py"], cwd=tmp_path, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        def states() -> list[str]:
+            out = nbpipe(tmp_path, "tasks", "spin", "--json").stdout
+            return [r["state"] for r in json.loads(out)] if out.strip() else []
+
+        wait_for(lambda: states() == ["RUNNING", "RUNNING"], timeout=60)
+        assert nbpipe(tmp_path, "kill", "spin", "--all").returncode == 0
+        wait_for(lambda: states() == ["KILLED", "KILLED"], timeout=10)
+        assert driver.wait(timeout=60) == 1
+    finally:
+        driver.kill()

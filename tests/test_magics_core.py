@@ -260,3 +260,19 @@ def test_cell_rich_output_is_kept_with_its_result_and_not_pulled() -> None:
     result = CellRunner("shown", "x = 2\ndisplay('hello')\nx * 21", ["x"])()
     assert result["x"] == 2
     assert [data["text/plain"] for data, _ in result[DISPLAY]] == ["'hello'", "42"]
+
+
+def test_run_detach_hands_cells_to_a_runner_outside_the_kernel(shell) -> None:
+    shell.run_line_magic("pipeline", "autorun off")
+    run(shell, "%%task x\nx = 20")
+    run(shell, "%%task y\ny = x + 1")
+    shell.run_line_magic("pipeline", "run --detach")
+    pipe = session(shell).pipe
+    assert pipe._runner is None  # nothing runs in this kernel
+
+    def states() -> set[str]:
+        return {r["state"] for r in pipe.store.task_rows(pipe.pipeline_id).values()}
+
+    wait_for(lambda: states() == {"SUCCEEDED"}, timeout=60)
+    shell.run_line_magic("pipeline", "pull y")
+    assert shell.user_ns["y"] == 21
