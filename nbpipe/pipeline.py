@@ -663,18 +663,10 @@ class Pipeline:
             return self.store.command_status(command_id)
         return "posted"
 
-    def _runner_elsewhere(self) -> bool:
-        lock = RunnerLock(self.store, self.name)
-        try:
-            lock.acquire()
-        except NbpipeError:
-            return True
-        lock.release()
-        return False
-
     def _offline(self) -> bool:
         """True when no runner (here or in another process) will pick commands up."""
-        return (self._runner is None or not self._runner.alive) and not self._runner_elsewhere()
+        return ((self._runner is None or not self._runner.alive)
+                and not RunnerLock(self.store, self.name).busy())
 
     def retry(self, tasks: Any = None, *, failed: bool = False, wait: bool = False) -> None:
         """Run tasks again, with everything they block; ``failed=True`` for every failed one."""

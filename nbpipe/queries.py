@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .errors import PipelineBusy, UnknownTask
+from .errors import UnknownTask
 from .results import checksum_of
 from .store import RunnerLock, Store
 
@@ -43,21 +43,12 @@ def pipelines(store: Store) -> list[dict[str, Any]]:
     out = []
     for row in store.pipelines():
         # A runner record outlives a killed process: trust it only while the lock is held.
-        runner = json.loads(row["runner"]) if row["runner"] and _busy(store, row["name"]) else None
+        alive = row["runner"] and RunnerLock(store, row["name"]).busy()
+        runner = json.loads(row["runner"]) if alive else None
         c = counts.get(row["id"], Counter())
         out.append({"name": row["name"], "tasks": sum(c.values()), "states": dict(c),
                     "paused": bool(row["paused"]), "runner": runner})
     return out
-
-
-def _busy(store: Store, pipeline: str) -> bool:
-    lock = RunnerLock(store, pipeline)
-    try:
-        lock.acquire()
-    except PipelineBusy:
-        return True
-    lock.release()
-    return False
 
 
 def _pipeline_id(store: Store, pipeline: str) -> int:

@@ -524,6 +524,15 @@ class RunnerLock:
             os.close(self._fd)
             self._fd = None
 
+    def busy(self) -> bool:
+        """Whether another process (or another lock object) holds the lock right now."""
+        try:
+            self.acquire()
+        except PipelineBusy:
+            return True
+        self.release()
+        return False
+
     @property
     def held(self) -> bool:
         """Whether this object holds the lock."""
