@@ -49,7 +49,7 @@ from .identity import CodeIdentity, Unencodable, digest
 from .results import read_result
 from .runner import Runner
 from .states import BAD, State
-from .store import RunnerLock, Store
+from .store import Batch, RunnerLock, Store
 from .task import TaskFunction, TaskOutput, TaskRef, _label, bash_task, task
 from .why import explain
 
@@ -416,6 +416,8 @@ class Pipeline:
     def _find_done(self, refs: list[TaskRef]) -> None:
         keys = [r.key for r in refs]
         results = self.store.results(keys)
+        adopted = self._adopt_results([k for k in keys if k not in results])
+        results.update(adopted)
         rows = self.store.task_rows(self.pipeline_id, keys, active_only=False)
         latest = self.store.latest_by_label(self.pipeline_id, [r.label for r in refs])
         register, edges = [], []
@@ -456,6 +458,25 @@ class Pipeline:
             })
             edges += [(d.key_, r.key_, kind) for d, kind in r.deps.items()]
         self.store.register(self.pipeline_id, register, edges)
+
+    def _adopt_results(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        """Result files on disk that the store does not list: written by a worker whose runner
+        died before recording them. Files are renamed into place whole, so they are complete:
+        record them (with their checksum) instead of computing the task again."""
+        from .results import checksum_of, result_path
+
+        found: dict[str, dict[str, Any]] = {}
+        batch = Batch()
+        for key in keys:
+            path = result_path(self.store.path, key)
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            found[key] = {"path": str(path), "checksum": checksum_of(data), "size": len(data)}
+            batch.results.append((key, str(path), found[key]["checksum"], len(data), time.time()))
+        self.store.write(batch)
+        return found
 
     # -- running ------------------------------------------------------------------------------
 

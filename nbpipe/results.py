@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -65,4 +66,7 @@ def read_result(path: str | os.PathLike[str], checksum: str | None = None) -> An
             f"result file {path} does not match its checksum (truncated or altered); "
             "the task will run again"
         )
-    return cloudpickle.loads(data)
+    try:
+        return cloudpickle.loads(data)
+    except (pickle.UnpicklingError, EOFError) as exc:  # not a pickle: damaged before it was recorded
+        raise ResultCorrupt(f"result file {path} cannot be read ({exc}); the task will run again") from None

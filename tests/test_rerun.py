@@ -185,3 +185,16 @@ def test_pi_demo_runs_and_a_second_run_executes_nothing(tmp_path: Path, cluster)
         assert "pi ≈ 3.1" in run.stdout
     assert "this run: 22 executed, 0 already done" in runs[0].stdout
     assert "this run: 0 executed, 22 already done" in runs[1].stdout
+
+
+def test_result_file_the_store_never_recorded_is_adopted_not_recomputed(first_run) -> None:
+    tmp_path, address, _ = first_run
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / ".nbpipe" / "nbpipe.sqlite")
+    # As if the runner died after the worker wrote the file but before the store recorded it.
+    db.execute("DELETE FROM results WHERE key IN (SELECT key FROM tasks WHERE label = 'unrelated(x=1)')")
+    db.commit()
+    db.close()
+    result = _run(tmp_path, address)
+    assert result["executed"] == 0
