@@ -299,22 +299,14 @@ def doctor(ctx: click.Context, repair: bool, as_json: bool) -> None:
 @click.pass_context
 def graph(ctx: click.Context, pipeline: str, output: str | None) -> None:
     """The task graph of PIPELINE, coloured by state (Graphviz)."""
-    import graphviz
-
-    from .display import COLOURS
+    from .display import task_graph
 
     store = _store(ctx)
     pid = store.pipeline_id(pipeline, create=False)
     rows = store.task_rows(pid)
-    dot = graphviz.Digraph(pipeline, graph_attr={"rankdir": "LR"},
-                           node_attr={"shape": "box", "style": "rounded,filled", "fontcolor": "white"})
-    for key, row in rows.items():
-        dot.node(key, row["label"], fillcolor=COLOURS.get(row["state"], "#000"))
-    for parent, child in store.connect().execute(
-        "SELECT parent, child FROM edges WHERE pipeline_id = ?", (pid,)
-    ):
-        if parent in rows and child in rows:
-            dot.edge(parent, child)
+    edges = store.connect().execute("SELECT parent, child FROM edges WHERE pipeline_id = ?", (pid,))
+    dot = task_graph(pipeline, [(k, r["label"], r["state"]) for k, r in rows.items()],
+                     [(p, c) for p, c in edges if p in rows and c in rows])
     if output is None or output.endswith(".dot"):
         if output:
             Path(output).write_text(dot.source)

@@ -17,7 +17,7 @@ from typing import Any
 from .states import State
 from .task import TaskRef
 
-__all__ = ["Progress", "StatusLine", "TaskTable", "widgets_enabled"]
+__all__ = ["Progress", "StatusLine", "TaskTable", "task_graph", "widgets_enabled"]
 
 COLOURS = {
     "WAITING": "#9e9e9e", "PENDING": "#90caf9", "RUNNING": "#1e88e5", "SUCCEEDED": "#43a047",
@@ -170,3 +170,16 @@ class Progress:
         if self._bar is not None:
             self._bar.value = self._count()
             self._bar.bar_style = "success" if self._count() == len(self.refs) else "warning"
+
+
+def task_graph(name: str, nodes: list[tuple[str, str, str]], edges: list[tuple[str, str]]) -> Any:
+    """A Graphviz graph of tasks: ``nodes`` are (key, label, state), ``edges`` (parent, child)."""
+    import graphviz
+
+    dot = graphviz.Digraph(name, graph_attr={"rankdir": "LR"},
+                           node_attr={"shape": "box", "style": "rounded,filled", "fontcolor": "white"})
+    for key, label, state in nodes:
+        dot.node(key, label, fillcolor=COLOURS.get(state, "#000"))
+    for parent, child in edges:
+        dot.edge(parent, child)
+    return dot

@@ -25,7 +25,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from .cells import DISPLAY, CellTask, placeholders
 from .cellscope import analyze, analyze_tree
-from .display import COLOURS, Progress, StatusLine, TaskTable
+from .display import Progress, StatusLine, TaskTable, task_graph
 from .errors import CycleError, NbpipeError, UnknownTask
 from .pipeline import Pipeline, use
 from .results import read_result
@@ -301,19 +301,11 @@ class NbpipeMagics(Magics):
         return TaskTable(title, rows, ("task", "state", "attempts", "why", "key"))
 
     def _do_graph(self, args: Any) -> Any:
-        import graphviz
-
         pipe = self.session.pipe
         pipe._resolve()
-        dot = graphviz.Digraph(pipe.name, graph_attr={"rankdir": "LR"},
-                               node_attr={"shape": "box", "style": "rounded,filled", "fontcolor": "white"})
         refs = list(pipe._refs.values())
-        for ref in refs:
-            dot.node(ref.key, ref.label, fillcolor=COLOURS[ref.state.value])
-        for ref in refs:
-            for dep in ref.deps:
-                dot.edge(dep.key, ref.key)
-        return dot
+        return task_graph(pipe.name, [(r.key, r.label, r.state.value) for r in refs],
+                          [(dep.key, r.key) for r in refs for dep in r.deps])
 
     def _targets(self, names: list[str]) -> list[TaskRef]:
         return self.session.pipe._as_refs(names) if names else []
