@@ -42,6 +42,12 @@ def write_result(store_dir: str | os.PathLike[str], key: str, value: Any) -> Res
     """Serialise ``value`` with cloudpickle and write it atomically; return path and checksum."""
     data = cloudpickle.dumps(value, protocol=5)
     path = result_path(store_dir, key)
+    write_private(path, data)
+    return ResultFile(str(path), checksum_of(data), len(data))
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + rename), readable by the user only."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -52,7 +58,6 @@ def write_result(store_dir: str | os.PathLike[str], key: str, value: Any) -> Res
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return ResultFile(str(path), checksum_of(data), len(data))
 
 
 def read_result(path: str | os.PathLike[str], checksum: str | None = None) -> Any:

@@ -8,13 +8,13 @@ tasks replaced by their keys, options, dependencies). :func:`revive` rebuilds th
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
 from .errors import NbpipeError
+from .results import write_private
 from .states import State
 from .task import TaskFunction, TaskOutput, TaskRef, make_options
 
@@ -63,13 +63,7 @@ def write_specs(pipe: Pipeline, refs: list[TaskRef]) -> int:
             "group": ref.group, "chunksize": ref.chunksize, "components": ref.components,
             "reason": ref.reason,
         }
-        path = _spec_path(pipe.store.path, ref.key)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(cloudpickle.dumps(spec))
-        os.replace(tmp, path)
+        write_private(_spec_path(pipe.store.path, ref.key), cloudpickle.dumps(spec))
         written += 1
     return written
 
