@@ -15,10 +15,13 @@ from .bash import BashResult
 from .context import TaskContext, context
 from .errors import (
     BashTaskError,
+    ClusterError,
+    ConfigError,
     CycleError,
     MissingInputError,
     NbpipeError,
     PipelineBusy,
+    ResourceError,
     ResultCorrupt,
     StoreError,
     StoreNotWritable,
@@ -40,12 +43,12 @@ from .taskfile import TaskItem, load_tasks
 __version__ = "0.1.0"
 
 __all__ = [
-    "BashResult", "BashTaskError", "CycleError", "In", "MissingInputError", "NbpipeError",
-    "Out", "Pipeline", "PipelineBusy", "ResultCorrupt", "RunSummary", "State", "StoreError",
-    "StoreNotWritable", "StoreVersionError", "TaskContext", "TaskDefinitionError",
-    "TaskFailed", "TaskFunction", "TaskInfo", "TaskItem", "TaskKilled", "TaskRef",
-    "TaskfileError", "UnhashableValue", "UnknownTask", "UpstreamFailed", "bash_task",
-    "context", "current_pipeline", "load_tasks", "task", "use",
+    "BashResult", "BashTaskError", "ClusterError", "ConfigError", "CycleError", "In",
+    "MissingInputError", "NbpipeError", "Out", "Pipeline", "PipelineBusy", "ResourceError",
+    "ResultCorrupt", "RunSummary", "State", "StoreError", "StoreNotWritable", "StoreVersionError",
+    "TaskContext", "TaskDefinitionError", "TaskFailed", "TaskFunction", "TaskInfo", "TaskItem",
+    "TaskKilled", "TaskRef", "TaskfileError", "UnhashableValue", "UnknownTask", "UpstreamFailed",
+    "bash_task", "context", "current_pipeline", "load_tasks", "task", "use",
 ]
 
 

@@ -137,11 +137,11 @@ def show(ctx: click.Context, pipeline: str, task: str, as_json: bool) -> None:
     console.print(f"resources: {resources or '-'}")
     if detail["error"]:
         console.print(f"error: [red]{detail['error']}[/]")
-    table = Table("attempt", "state", "seconds", "host", "worker", "slurm job", "python", "git")
+    table = Table("attempt", "state", "seconds", "host", "worker", "job", "python", "git")
     for a in detail["attempts"]:
         seconds = f"{a['seconds']:.2f}" if a["seconds"] is not None else ""
         table.add_row(str(a["number"]), _state(a["state"]), seconds, a["hostname"] or "",
-                      a["worker"] or "", a["slurm_job_id"] or "", a["python"] or "",
+                      a["worker"] or "", a["job_id"] or "", a["python"] or "",
                       (a["git_commit"] or "")[:12])
     console.print(table)
 

@@ -1,35 +1,46 @@
-"""Connecting to Dask: a LocalCluster on demand, a scheduler address, a Cluster or a Client.
+"""Choosing and connecting to a Dask cluster: one ``cluster=`` value, everywhere.
 
-(HPC clusters through dask-jobqueue arrive with the clusters issue; they plug in here.)
+``cluster`` (in ``Pipeline(cluster=...)``, ``%pipeline cluster``, ``nbpipe run --cluster`` or the
+``nbpipe.cluster`` setting of ``nbpipe.yaml`` / ``dask.config``) may be:
+
+- ``None`` or ``"local"``: a LocalCluster of one-thread worker processes (``{"kind": "local",
+  "workers": 4}`` sets how many);
+- a batch scheduler kind, ``"slurm"``, ``"pbs"``, ``"sge"``, ``"lsf"`` or ``"htcondor"``, taking
+  dask-jobqueue's configuration (``jobqueue.slurm``, ...), or a dict such as ``{"kind":
+  "slurm", "cores": 1, "memory": "2GB", "walltime": "01:00:00", "max_jobs": 4, "queue": "short",
+  "pools": {...}}`` (see :mod:`nbpipe.pools`);
+- a scheduler address such as ``"tcp://host:8786"``;
+- a running ``distributed`` Cluster or Client.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-import dask
+from dask.utils import parse_timedelta
 from distributed import Client, LocalCluster
 
-from .errors import NbpipeError
+from .config import setting
+from .errors import ClusterError
+from .pools import DEFAULT_IDLE, KINDS, PoolCluster, parse_pools
 
-__all__ = ["ClusterError", "Connection", "connect"]
-
-
-class ClusterError(NbpipeError, ValueError):
-    """``cluster=`` names something nbpipe cannot connect to."""
+__all__ = ["ClusterError", "Connection", "connect", "parse_words", "resolve_spec"]
 
 
-@dataclass
 class Connection:
-    """A Dask client and whether nbpipe started (and so must close) it and its cluster."""
+    """A Dask client, what nbpipe started to get it (and so must close), and its worker pools."""
 
-    client: Client
-    owns_client: bool
-    cluster: Any = None  # a cluster nbpipe started itself
-    description: str = ""
+    def __init__(self, client: Client, owns_client: bool, cluster: Any = None, description: str = "",
+                 pools: PoolCluster | None = None):
+        self.client = client
+        self.owns_client = owns_client
+        self.cluster = cluster  # a cluster nbpipe started itself
+        self.description = description
+        self.pools = pools
 
     @property
     def dashboard(self) -> str | None:
@@ -40,10 +51,12 @@ class Connection:
             return None
 
     def close(self) -> None:
-        """Close what nbpipe opened."""
+        """Close what nbpipe opened (batch jobs are cancelled)."""
         if self.owns_client:
             self.client.close()
-        if self.cluster is not None:
+        if self.pools is not None:
+            self.pools.close()
+        elif self.cluster is not None:
             self.cluster.close()
 
 
@@ -60,30 +73,169 @@ def local_cluster(n_workers: int | None = None) -> LocalCluster:
     )
 
 
-def connect(cluster: Any = None) -> Connection:
-    """Turn a ``cluster=`` value into a :class:`Connection`."""
+def _is_address(value: str) -> bool:
+    if "://" in value:
+        return True
+    host, _, port = value.rpartition(":")
+    return bool(host) and port.isdigit()
+
+
+def resolve_spec(cluster: Any = None) -> Any:
+    """Normalise a ``cluster=`` value: kinds and ``"local"`` become dicts with a ``kind``.
+
+    A bare kind (``"slurm"``) or a dict without all options takes the rest from the
+    ``nbpipe.cluster`` setting when that names the same kind.
+    """
+    configured = setting("cluster", None)
+    if cluster is None:
+        cluster = configured
+    if cluster is None:
+        return {"kind": "local"}
+    if isinstance(cluster, str):
+        text = cluster.strip()
+        if text.lower() in KINDS or text.lower() == "local":
+            cluster = {"kind": text.lower()}
+        elif _is_address(text):
+            return text
+        else:
+            raise ClusterError(
+                f"cluster={cluster!r} is not something nbpipe can run on; use 'local', a batch "
+                f"scheduler kind ({', '.join(KINDS)}), a scheduler address like "
+                "'tcp://host:8786', a dict like {'kind': 'slurm', 'cores': 1, 'memory': '2GB'}, "
+                "a dask Cluster or a Client"
+            )
+    if isinstance(cluster, Mapping):
+        kind = str(cluster.get("kind", "")).lower()
+        if kind != "local" and kind not in KINDS:
+            raise ClusterError(
+                f"cluster={dict(cluster)!r} needs a 'kind': 'local' or one of {', '.join(KINDS)}"
+            )
+        base = dict(configured) if isinstance(configured, Mapping) else {}
+        if str(base.get("kind", "")).lower() != kind:
+            base = {}
+        return {**base, **cluster, "kind": kind}
+    return cluster
+
+
+def parse_words(words: list[str] | tuple[str, ...]) -> Any:
+    """A ``cluster=`` value from command-line words: ``slurm cores=4 memory=16GB queue=short``.
+
+    The first word is ``local``, a batch scheduler kind or a scheduler address; each later word
+    is ``KEY=VALUE`` with VALUE read as YAML (``max_jobs=4`` is a number, ``pools={big: {cores:
+    8}}`` a mapping). Without a first word the kind comes from the ``nbpipe.cluster`` setting.
+    """
+    import yaml
+
+    words = list(words)
+    if not words:
+        return None
+    head: Any = None
+    if "=" not in words[0]:
+        head = words.pop(0)
+    options: dict[str, Any] = {}
+    for word in words:
+        key, sep, text = word.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ClusterError(f"cluster option {word!r}: write KEY=VALUE, e.g. memory=4GB")
+        try:
+            options[key] = yaml.safe_load(text) if text else None
+        except yaml.YAMLError as exc:
+            raise ClusterError(f"cluster option {word!r}: the value is not valid YAML ({exc})") from None
+    if not options:
+        return head
+    if head is None:
+        configured = setting("cluster", None)
+        kind = configured.get("kind") if isinstance(configured, Mapping) else configured
+        if not isinstance(kind, str) or kind.lower() not in (*KINDS, "local"):
+            raise ClusterError(
+                f"cluster options {' '.join(words)!r} need a kind first, e.g. 'slurm "
+                f"{' '.join(words)}'"
+            )
+        head = kind
+    if head.lower() not in (*KINDS, "local"):
+        raise ClusterError(
+            f"cluster {head!r} takes no options; options go with a kind: 'local' or one of "
+            f"{', '.join(KINDS)}"
+        )
+    return {"kind": head.lower(), **options}
+
+
+def validate(cluster: Any, store_dir: str | os.PathLike[str] | None = None) -> Any:
+    """Check a ``cluster=`` value without starting anything; return its normal form."""
+    spec = resolve_spec(cluster)
+    if isinstance(spec, Mapping) and spec["kind"] in KINDS:
+        parse_pools(spec, Path(store_dir) if store_dir is not None else None)
+        _idle_timeout(spec)
+    elif isinstance(spec, Mapping):
+        _local_workers(spec)
+    return spec
+
+
+def _local_workers(spec: Mapping[str, Any]) -> int | None:
+    unknown = set(spec) - {"kind", "workers"}
+    if unknown:
+        raise ClusterError(
+            f"cluster kind 'local' takes only 'workers'; remove {', '.join(sorted(unknown))}"
+        )
+    workers = spec.get("workers")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ClusterError(f"cluster kind 'local': workers={workers!r} must be an integer >= 1")
+    return workers
+
+
+def _idle_timeout(spec: Mapping[str, Any]) -> float:
+    value = spec.get("idle_timeout", setting("idle-timeout", None))
+    if value is None:
+        return DEFAULT_IDLE
+    try:
+        return float(parse_timedelta(value))
+    except (ValueError, TypeError, KeyError):
+        raise ClusterError(f"cluster idle_timeout={value!r} is not a duration; use e.g. '60s'") from None
+
+
+def connect(cluster: Any = None, *, store_dir: str | os.PathLike[str] | None = None) -> Connection:
+    """Turn a ``cluster=`` value (see the module docstring) into a :class:`Connection`.
+
+    ``store_dir`` holds batch job logs and the TLS certificates workers read.
+    """
     from distributed.deploy.cluster import Cluster
 
-    if cluster is None:  # configuration: dask.config key nbpipe.cluster (env DASK_NBPIPE__CLUSTER)
-        cluster = dask.config.get("nbpipe.cluster", None)
-    if isinstance(cluster, Client):
-        return Connection(cluster, owns_client=False, description=f"client {cluster.scheduler.address}")
-    if isinstance(cluster, Cluster):
-        return Connection(Client(cluster), owns_client=True, description=type(cluster).__name__)
-    if cluster is None or cluster == "local":
-        lc = local_cluster()
-        return Connection(Client(lc), owns_client=True, cluster=lc,
-                          description=f"local ({len(lc.workers)} workers)")
-    if isinstance(cluster, str) and ("://" in cluster or ":" in cluster):
+    spec = resolve_spec(cluster)
+    if isinstance(spec, Client):
+        return Connection(spec, owns_client=False, description=f"client {spec.scheduler.address}")
+    if isinstance(spec, Cluster):
+        return Connection(Client(spec), owns_client=True, description=type(spec).__name__)
+    if isinstance(spec, str):
         try:
-            client = Client(cluster, timeout="10s")
+            client = Client(spec, timeout="10s")
         except OSError as exc:
             raise ClusterError(
-                f"cannot reach the Dask scheduler at {cluster!r}: {exc}; check the address "
+                f"cannot reach the Dask scheduler at {spec!r}: {exc}; check the address "
                 "and that the scheduler is running"
             ) from None
-        return Connection(client, owns_client=True, description=f"scheduler {cluster}")
+        return Connection(client, owns_client=True, description=f"scheduler {spec}")
+    if isinstance(spec, Mapping) and spec["kind"] == "local":
+        lc = local_cluster(_local_workers(spec))
+        return Connection(Client(lc), owns_client=True, cluster=lc,
+                          description=f"local ({len(lc.workers)} workers)")
+    if isinstance(spec, Mapping):
+        directory = Path(store_dir) if store_dir is not None else None
+        pools = parse_pools(spec, directory)
+        cluster_ = PoolCluster(
+            pools, security=spec.get("security", True), store_dir=directory,
+            scheduler_options=spec.get("scheduler_options"), idle_timeout=_idle_timeout(spec),
+        )
+        try:
+            client = Client(cluster_.cluster, security=cluster_.cluster.security)
+        except Exception:
+            cluster_.close()
+            raise
+        names = ", ".join(pools_.name for pools_ in pools)
+        return Connection(client, owns_client=True, cluster=cluster_.cluster, pools=cluster_,
+                          description=f"{pools[0].kind} (pools {names})")
     raise ClusterError(
-        f"cluster={cluster!r} is not something nbpipe can run on; use None or 'local' (a "
-        "LocalCluster), a scheduler address like 'tcp://host:8786', a dask Cluster or a Client"
+        f"cluster={spec!r} is not something nbpipe can run on; use 'local', a batch scheduler "
+        f"kind ({', '.join(KINDS)}), a scheduler address, a dict with a 'kind', a dask Cluster "
+        "or a Client"
     )

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from .errors import NotInTask
 
-__all__ = ["TaskContext", "context", "stop_requested"]
+__all__ = ["TaskContext", "batch_job_id", "context", "stop_requested"]
 
 _local = threading.local()
 _stop = threading.Event()
@@ -39,11 +39,24 @@ class TaskContext:
     attempt: int
     pipeline: str
     worker: str | None = None
-    slurm_job_id: str | None = field(default_factory=lambda: os.environ.get("SLURM_JOB_ID"))
+    job_id: str | None = field(default_factory=lambda: batch_job_id())
 
     def should_stop(self) -> bool:
         """True once the worker received SIGTERM (walltime, preemption): save and return soon."""
         return _stop.is_set()
+
+
+#: Environment variables holding the batch job id, per scheduler.
+JOB_ID_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID", "CONDOR_JOB_ID")
+
+
+def batch_job_id() -> str | None:
+    """The id of the batch job (Slurm, PBS, LSF, SGE, HTCondor) this process runs in, if any."""
+    for name in JOB_ID_VARIABLES:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
 
 
 def context() -> TaskContext:

@@ -17,7 +17,7 @@ from typing import Any
 from .states import State
 from .task import TaskRef
 
-__all__ = ["Progress", "StatusLine", "TaskTable", "task_graph", "widgets_enabled"]
+__all__ = ["ClusterView", "Progress", "StatusLine", "TaskTable", "task_graph", "widgets_enabled"]
 
 COLOURS = {
     "WAITING": "#9e9e9e", "PENDING": "#90caf9", "RUNNING": "#1e88e5", "SUCCEEDED": "#43a047",
@@ -134,6 +134,40 @@ class TaskTable:
             for row in self.rows
         )
         return f"<b>{html.escape(self.title)}</b><table><tr>{head}</tr>{body}</table>"
+
+
+class ClusterView:
+    """A pipeline's cluster: description, worker pools with their job scripts, batch jobs."""
+
+    HEADER = ("pool", "job", "worker", "state", "submitted")
+
+    def __init__(self, title: str, pools: list[dict[str, str]], jobs: list[dict[str, Any]]):
+        self.title = title
+        self.pools = pools
+        self.rows = [
+            (j["pool"], j["job_id"], j["name"], j["state"] or "",
+             time.strftime("%H:%M:%S", time.localtime(j["submitted"])))
+            for j in jobs
+        ]
+
+    def __repr__(self) -> str:
+        parts = [self.title]
+        for pool in self.pools:
+            parts += [f"pool {pool['description']}", "job script:", pool["job_script"].rstrip()]
+        parts.append(repr(TaskTable(f"{len(self.rows)} batch job(s)", self.rows, self.HEADER))
+                     if self.rows else "no batch jobs yet")
+        return "\n".join(parts)
+
+    def _repr_html_(self) -> str:
+        parts = [f"<b>{html.escape(self.title)}</b>"]
+        for pool in self.pools:
+            parts.append(
+                f"<details><summary>pool {html.escape(pool['description'])}</summary>"
+                f"<pre>{html.escape(pool['job_script'])}</pre></details>"
+            )
+        if self.rows:
+            parts.append(TaskTable(f"{len(self.rows)} batch job(s)", self.rows, self.HEADER)._repr_html_())
+        return "".join(parts)
 
 
 class Progress:

@@ -86,3 +86,15 @@ class UnknownTask(NbpipeError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain
         return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(NbpipeError, ValueError):
+    """A configuration file or setting (``nbpipe.yaml``, ``dask.config`` ``nbpipe.*``) is invalid."""
+
+
+class ClusterError(NbpipeError, ValueError):
+    """``cluster=`` names something nbpipe cannot start or connect to."""
+
+
+class ResourceError(NbpipeError, ValueError):
+    """A task asks for more than any worker pool of the cluster can give it."""

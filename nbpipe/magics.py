@@ -23,9 +23,11 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from . import queries
 from .cells import DISPLAY, CellTask, placeholders
 from .cellscope import analyze, analyze_tree
-from .display import Progress, StatusLine, TaskTable, task_graph
+from .cluster import parse_words
+from .display import ClusterView, Progress, StatusLine, TaskTable, task_graph
 from .errors import CycleError, NbpipeError, UnknownTask
 from .pipeline import Pipeline, use
 from .results import read_result
@@ -143,6 +145,8 @@ class NbpipeMagics(Magics):
     @argument("--walltime", help="time limit, e.g. 01:30:00")
     @argument("--gpus", type=int, help="GPUs a worker must have")
     @argument("--pool", help="worker pool to run in")
+    @argument("--retry-memory-factor", type=float, metavar="F",
+              help="grow --memory by F on each retry after the worker died (out of memory)")
     @argument("--env", nargs="+", default=[], metavar="K=V", help="environment variables")
     @argument("--version", help="bump to re-run without changing code")
     @argument("--no-cache", action="store_true", help="run every time")
@@ -177,6 +181,7 @@ class NbpipeMagics(Magics):
             name, retries=args.retries, cores=args.cores, memory=args.memory,
             walltime=args.walltime, gpus=args.gpus, pool=args.pool, env=env or None,
             version=args.version, cache=not args.no_cache, after=args.after or None,
+            retry_memory_factor=args.retry_memory_factor,
         )
         inputs = self._inputs(name, reads)
         cell_id = self._cell_id()
@@ -275,8 +280,8 @@ class NbpipeMagics(Magics):
         p = sub.add_parser("use", help="switch to another pipeline")
         p.add_argument("name")
         p.add_argument("--store")
-        p = sub.add_parser("cluster", help="show or set the Dask cluster (before tasks run)")
-        p.add_argument("spec", nargs="?")
+        p = sub.add_parser("cluster", help="show the cluster, or switch: KIND|ADDRESS [KEY=VALUE ...]")
+        p.add_argument("spec", nargs="*")
         p = sub.add_parser("autorun", help="submit %%task cells when they run (on) or not (off)")
         p.add_argument("mode", choices=["on", "off"])
         return parser
@@ -390,13 +395,20 @@ class NbpipeMagics(Magics):
         use(self.session.pipe)
         print(self.session.banner())
 
-    def _do_cluster(self, args: Any) -> None:
+    def _do_cluster(self, args: Any) -> ClusterView:
+        """Switch to ``KIND [KEY=VALUE ...]`` (then start it), or show the cluster and its jobs."""
         pipe = self.session.pipe
         if args.spec:
-            if pipe._connection is not None:
-                raise UsageError("the cluster is already running; restart the kernel to change it")
-            pipe.cluster = args.spec
-        print(self.session.banner())
+            pipe.set_cluster(parse_words(args.spec))
+            _ = pipe.client  # start it now: a mistake shows here, and the banner has the dashboard
+        connection = pipe._connection
+        detail = queries.cluster_detail(pipe.store, pipe.name)
+        pools = []
+        if connection is not None and connection.pools is not None:
+            pools = [{"name": name, "description": pool.describe(),
+                      "job_script": connection.pools.job_script(name)}
+                     for name, pool in connection.pools.pools.items()]
+        return ClusterView(self.session.banner(), pools or detail["pools"], detail["jobs"])
 
     def _do_autorun(self, args: Any) -> None:
         self.session.autorun = args.mode == "on"

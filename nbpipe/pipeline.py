@@ -30,8 +30,9 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
-from .cluster import Connection, connect
+from .cluster import Connection, connect, validate
 from .errors import (
+    ClusterError,
     CycleError,
     MissingInputError,
     NbpipeError,
@@ -47,7 +48,7 @@ from .errors import (
 from .files import file_digest, paths_in
 from .identity import CodeIdentity, Unencodable, digest
 from .results import read_result
-from .runner import Runner
+from .runner import Runner, record_jobs
 from .states import BAD, State
 from .store import Batch, RunnerLock, Store
 from .task import TaskFunction, TaskOutput, TaskRef, _label, bash_task, task
@@ -166,8 +167,10 @@ class Pipeline:
     """A named pipeline of tasks in a store, run on a Dask cluster.
 
     ``store`` is a directory (default ``./.nbpipe`` or ``$NBPIPE_STORE``); ``cluster`` is
-    ``None``/``"local"`` (a LocalCluster started on demand), a scheduler address, a dask
-    Cluster or a Client.
+    ``None`` (the ``nbpipe.cluster`` setting, else local), ``"local"``, a batch scheduler kind
+    (``"slurm"``, ``"pbs"``, ``"sge"``, ``"lsf"``, ``"htcondor"``) or a dict of its job options,
+    a scheduler address, a dask Cluster or a Client (see :mod:`nbpipe.cluster`). The cluster
+    starts when the first task runs.
     """
 
     def __init__(self, name: str | None = None, store: str | os.PathLike[str] | Store | None = None,
@@ -178,6 +181,8 @@ class Pipeline:
         self.name = name
         self.store = store if isinstance(store, Store) else Store(store)
         self.pipeline_id = self.store.pipeline_id(name, source=_default_name())
+        if cluster is not None:
+            validate(cluster, self.store.path)  # a mistake shows now, not when tasks first run
         self.cluster = cluster
         self._refs: dict[str, TaskRef] = {}  # call id -> ref, the active tasks of this process
         self._by_label: dict[str, TaskRef] = {}
@@ -515,7 +520,7 @@ class Pipeline:
         lock.acquire()  # before starting a cluster: a busy pipeline fails fast
         try:
             if self._connection is None:
-                self._connection = connect(self.cluster)
+                self._connection = connect(self.cluster, store_dir=self.store.path)
             self._runner = Runner(self, self._connection, lock)
         except BaseException:
             lock.release()
@@ -542,6 +547,7 @@ class Pipeline:
         paused = self._runner.paused if live else self.store.is_paused(self.pipeline_id)
         if todo and (live or not paused):  # a paused pipeline starts no cluster for nothing
             runner = self._ensure_runner()
+            runner.check(todo)  # a task no worker pool can hold fails here, before any runs
             runner.add(todo)
             paused = runner.paused
         live = self._runner is not None and self._runner.alive
@@ -766,22 +772,50 @@ class Pipeline:
         """Whether the pipeline is paused."""
         return self.store.is_paused(self.pipeline_id)
 
+    def set_cluster(self, cluster: Any) -> None:
+        """Run on another cluster from now on (see :mod:`nbpipe.cluster` for the forms).
+
+        The cluster nbpipe started before is closed (its batch jobs cancelled); refused while
+        tasks run on it.
+        """
+        validate(cluster, self.store.path)
+        if self._runner is not None and self._runner.alive and self._runner.in_flight():
+            raise ClusterError(
+                f"pipeline {self.name!r}: {self._runner.in_flight()} task(s) are running on the "
+                "current cluster; wait for them (pipe.wait()) or kill them before changing it"
+            )
+        with self._lock:
+            self._stop()
+            self.cluster = cluster
+
+    @property
+    def connection(self) -> Connection:
+        """The running cluster connection (started on first use)."""
+        if self._connection is None:
+            self._connection = connect(self.cluster, store_dir=self.store.path)
+        return self._connection
+
     @property
     def client(self) -> Any:
         """The Dask client (connecting on first use)."""
-        if self._connection is None:
-            self._connection = connect(self.cluster)
-        return self._connection.client
+        return self.connection.client
 
     def close(self) -> None:
         """Stop the runner and close the cluster nbpipe started."""
-        if self._runner is not None:
-            self._runner.close()
-            self._runner = None
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        self._stop()
         _open.discard(self)
+
+    def _stop(self) -> None:
+        """Close the runner, then the cluster nbpipe started (recording the jobs it cancelled)."""
+        runner, connection = self._runner, self._connection
+        self._runner = self._connection = None
+        if runner is not None:
+            runner.close()
+        if connection is not None:
+            connection.close()
+            if connection.pools is not None:
+                with contextlib.suppress(Exception):
+                    record_jobs(self.store, self.pipeline_id, connection.pools)
 
 
 def spawn(store: Store, pipeline: str) -> int:

@@ -19,7 +19,10 @@ from .errors import UnknownTask
 from .results import checksum_of
 from .store import RunnerLock, Store
 
-__all__ = ["delete_pipeline", "doctor", "find_store", "gc", "pipelines", "task_detail", "tasks"]
+__all__ = [
+    "cluster_detail", "delete_pipeline", "doctor", "find_store", "gc", "pipelines", "task_detail",
+    "tasks",
+]
 
 
 def find_store(start: str | os.PathLike[str] | None = None) -> Path | None:
@@ -53,6 +56,38 @@ def pipelines(store: Store) -> list[dict[str, Any]]:
 
 def _pipeline_id(store: Store, pipeline: str) -> int:
     return store.pipeline_id(pipeline, create=False)
+
+
+def cluster_detail(store: Store, pipeline: str, *, live: bool = True) -> dict[str, Any]:
+    """A pipeline's cluster: its runner's cluster, worker pools with job scripts, batch jobs.
+
+    Jobs the store has not seen end are looked up in the batch queue (one ``squeue``) when
+    ``live``; a job the queue no longer knows shows as ``GONE``.
+    """
+    from .pools import queue_states
+
+    pid = _pipeline_id(store, pipeline)
+    row = store.connect().execute("SELECT runner FROM pipelines WHERE id = ?", (pid,)).fetchone()
+    runner = json.loads(row["runner"]) if row["runner"] and RunnerLock(store, pipeline).busy() else None
+    jobs = [dict(j) for j in store.jobs(pid)]
+    open_ids: dict[str, list[str]] = {}
+    for job in jobs:
+        if job["ended"] is None:
+            open_ids.setdefault(job["kind"], []).append(job["job_id"])
+    for kind, ids in open_ids.items():
+        states = queue_states(kind, ids) if live else None
+        if states is None:
+            continue
+        for job in jobs:
+            if job["kind"] == kind and job["ended"] is None:
+                job["state"] = states.get(job["job_id"], "GONE")
+    return {
+        "pipeline": pipeline,
+        "cluster": runner and runner.get("cluster"),
+        "dashboard": runner and runner.get("dashboard"),
+        "pools": (runner or {}).get("pools") or [],
+        "jobs": jobs,
+    }
 
 
 def tasks(store: Store, pipeline: str, state: str | None = None, name: str | None = None
@@ -91,7 +126,7 @@ def task_detail(store: Store, pipeline: str, task: str) -> dict[str, Any]:
             "number": a["number"], "state": a["state"], "start": a["start"], "end": a["end"],
             "seconds": (a["end"] - a["start"]) if a["end"] and a["start"] else None,
             "worker": a["worker"], "hostname": a["hostname"], "pid": a["pid"],
-            "slurm_job_id": a["slurm_job_id"], "exit_code": a["exit_code"], "error": a["error"],
+            "job_id": a["job_id"], "exit_code": a["exit_code"], "error": a["error"],
             "traceback": a["traceback"], "stdout": a["stdout"], "stderr": a["stderr"],
             "python": env and env.get("python"), "git_commit": env and env.get("git_commit"),
             "packages": env and env.get("packages"),
@@ -109,7 +144,7 @@ def task_detail(store: Store, pipeline: str, task: str) -> dict[str, Any]:
 def delete_pipeline(store: Store, pipeline: str, *, force: bool = False) -> dict[str, int]:
     """Delete a pipeline's records (results stay for ``gc``); without force, only count them."""
     pid = _pipeline_id(store, pipeline)
-    tables = ("tasks", "edges", "attempts", "events", "commands")
+    tables = ("tasks", "edges", "attempts", "events", "commands", "jobs")
     conn = store.connect()
     counts = {t: conn.execute(f"SELECT COUNT(*) FROM {t} WHERE pipeline_id = ?", (pid,)).fetchone()[0]
               for t in tables}

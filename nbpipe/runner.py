@@ -21,10 +21,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import dask
+from dask.utils import format_bytes
 from distributed import as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.scheduler import KilledWorker
 
 from .cluster import Connection
+from .errors import ResourceError
+from .pools import cancel_jobs
 from .specs import write_specs
 from .states import BAD, State
 from .store import Batch, RunnerLock
@@ -34,13 +38,15 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
     from .task import TaskRef
 
-__all__ = ["Runner"]
+__all__ = ["Runner", "record_jobs"]
 
 log = logging.getLogger("nbpipe")
 
 KILL_GRACE = 2.0  # seconds for an interrupted task to stop before its worker is restarted
 COMMAND_POLL = 0.2  # seconds between looks at the command table
 RESULT_POLL = 0.02  # seconds between looks at the futures while tasks are in flight
+JOB_POLL = 3.0  # seconds between looks at the batch queue (jobs started or ended)
+SCALE_POLL = 1.0  # seconds between scaling decisions for worker pools
 OUTCOME_GRACE = 2.0  # seconds a finished future waits for its outcome event before a gather
 BATCH_SECONDS = 0.2  # work per Dask task when tiny tasks are batched (config nbpipe.batch-seconds)
 MAX_BATCH = 256  # tasks per automatic batch at most
@@ -67,6 +73,7 @@ class Submission:
     future: Any = None
     started: bool = False
     cancelled: bool = False
+    pool: str | None = None  # the worker pool it runs in (batch clusters)
 
 
 @dataclass
@@ -118,12 +125,19 @@ class Runner:
             self.client.register_plugin(TerminationNoticePlugin())
         except Exception:  # pragma: no cover - old schedulers without plugin support
             log.debug("could not register the termination notice plugin", exc_info=True)
-        self.worker_resources = self._advertised_resources()
+        self.pools = connection.pools
+        self.placement: dict[tuple[Any, ...], str] = {}  # (cores, memory, gpus, walltime, pool) -> pool
+        self.memory_boost: dict[TaskRef, float] = {}  # tasks whose memory grew after worker deaths
+        self.worker_memory: dict[str, int] = {}  # worker address -> memory limit (from start events)
+        self._last_jobs = self._last_scale = 0.0
+        self.worker_resources = self._advertised_resources() if self.pools is None else set()
+        if self.pools is not None:
+            self._reap_jobs()
         self.store.set_runner(
             self.pid,
             {"pid": __import__("os").getpid(), "host": __import__("socket").gethostname(),
              "started": time.time(), "cluster": connection.description,
-             "dashboard": connection.dashboard},
+             "dashboard": connection.dashboard, "pools": self._pool_info()},
         )
         self.thread = threading.Thread(target=self._loop, name=f"nbpipe-runner-{pipeline.name}",
                                        daemon=True)
@@ -228,6 +242,8 @@ class Runner:
                 self._command(command)
         self._kill_fallbacks(now)
         self._submit_ready()
+        if self.pools is not None:
+            self._scale_pools(now)
         if self.batch:
             batch, self.batch = self.batch, Batch()
             self.store.write(batch)
@@ -294,6 +310,74 @@ class Runner:
                 self.batch.state(self.pid, child.key, child.state.value, attempts=child.attempts,
                                  error=child.error)
                 todo.extend(self.children.get(child, ()))
+
+    # -- worker pools (batch clusters) ----------------------------------------------------------
+
+    def check(self, refs: list[TaskRef]) -> None:
+        """Raise :class:`~nbpipe.ResourceError` for the first task no worker pool can hold."""
+        if self.pools is not None:
+            for ref in refs:
+                self._place(ref)
+
+    def _memory(self, ref: TaskRef) -> int | None:
+        return self.memory_boost.get(ref, ref.func.opts.memory)
+
+    def _place(self, ref: TaskRef) -> str:
+        """The pool ``ref`` runs in (one lookup per distinct set of options)."""
+        assert self.pools is not None
+        opts = ref.func.opts
+        need = (opts.cores, self._memory(ref), opts.gpus, opts.walltime, opts.pool)
+        pool = self.placement.get(need)
+        if pool is None:
+            pool = self.pools.place(ref.label, *need).name
+            self.placement[need] = pool
+        return pool
+
+    def _scale_pools(self, now: float) -> None:
+        """Ask each pool for as many jobs as its queued and running work needs; record jobs."""
+        assert self.pools is not None
+        if now - self._last_scale >= SCALE_POLL:
+            self._last_scale = now
+            demand: Counter[str] = Counter()
+            for sub in self.inflight.values():
+                if sub.pool is not None and not sub.cancelled:
+                    demand[sub.pool] += sub.refs[0].func.opts.cores
+            if not self.paused:
+                for ref in self.ready:
+                    with contextlib.suppress(ResourceError):  # fails when it is submitted
+                        demand[self._place(ref)] += ref.func.opts.cores
+            self.pools.adapt(demand)
+        if now - self._last_jobs >= JOB_POLL:
+            self._last_jobs = now
+            self.pools.poll()
+            record_jobs(self.store, self.pid, self.pools)
+
+    def _pool_info(self) -> list[dict[str, str]]:
+        """Each worker pool with its job script, for ``nbpipe show`` and ``%pipeline cluster``."""
+        if self.pools is None:
+            return []
+        out = []
+        for name, pool in self.pools.pools.items():
+            try:
+                script = self.pools.job_script(name)
+            except Exception as exc:  # a preview must not stop the run
+                script = f"(no preview: {exc})"
+            out.append({"name": name, "description": pool.describe(), "job_script": script})
+        return out
+
+    def _reap_jobs(self) -> None:
+        """Cancel batch jobs an earlier runner of this pipeline left behind (a dead kernel's)."""
+        assert self.pools is not None
+        mine = {info.job_id for info in self.pools.jobs()}
+        leftover: dict[str, list[str]] = defaultdict(list)
+        for row in self.store.jobs(self.pid, open_only=True):
+            if row["job_id"] not in mine:
+                leftover[row["kind"]].append(row["job_id"])
+        for kind, job_ids in leftover.items():
+            log.warning("nbpipe: cancelling %d %s job(s) an earlier runner left: %s",
+                        len(job_ids), kind, " ".join(job_ids))
+            cancel_jobs(kind, job_ids)
+            self.store.end_jobs(self.pid, kind, [(job_id, "CANCELLED") for job_id in job_ids])
 
     # -- submission ---------------------------------------------------------------------------
 
@@ -396,7 +480,29 @@ class Runner:
             return {k: self._substitute(v) for k, v in value.items()}
         return value
 
+    def _resources(self, ref: TaskRef) -> tuple[tuple[str, float], ...]:
+        """The Dask resources one attempt of ``ref`` holds while it runs."""
+        opts = ref.func.opts
+        memory = self._memory(ref)
+        if self.pools is not None:  # pinned to its pool; the pool's workers advertise their size
+            out = [(f"pool-{self._place(ref)}", float(opts.cores))]
+            out += [(n, float(a)) for n, a in (("memory", memory), ("gpus", opts.gpus)) if a]
+            return tuple(out)
+        return tuple(
+            (name, amount) for name, amount in
+            (("cores", opts.cores), ("memory", memory), ("gpus", opts.gpus))
+            if name in self.worker_resources and amount
+        )
+
     def _submit(self, refs: list[TaskRef]) -> None:
+        try:
+            resources = self._resources(refs[0])
+        except ResourceError as exc:  # memory grown past every pool after worker deaths
+            for ref in refs:
+                self.active[ref.func] -= 1
+                ref.attempts += 1
+                self._finish(ref, State.FAILED, str(exc))
+            return
         items = []
         for ref in refs:
             ref.attempts += 1
@@ -420,12 +526,8 @@ class Runner:
         for ref in refs:
             self.sub_of[ref] = sub
         self.counters.submitted += len(refs)
-        opts = first.func.opts
-        resources = tuple(
-            (name, amount) for name, amount in
-            (("cores", opts.cores), ("memory", opts.memory), ("gpus", opts.gpus))
-            if name in self.worker_resources and amount
-        )
+        if self.pools is not None:
+            sub.pool = resources[0][0].removeprefix("pool-")
         self._to_submit[(first.func, resources)].append((sub, items))
 
     def _flush_submissions(self) -> None:
@@ -453,8 +555,11 @@ class Runner:
                 sub.started = True
             ref.state = State.RUNNING
             ref.worker = msg.get("worker")
+            job = f" (job {msg['job_id']})" if msg.get("job_id") else ""
             self.batch.state(self.pid, key, State.RUNNING.value, attempts=ref.attempts,
-                             message=ref.worker)
+                             message=f"{ref.worker}{job}")
+        if msg.get("worker") and msg.get("memory_limit"):
+            self.worker_memory[msg["worker"]] = int(msg["memory_limit"])
 
     def _release(self, sub: Submission) -> None:
         self.inflight.pop(sub.dask_key, None)
@@ -519,20 +624,44 @@ class Runner:
         exc = future.exception() if future.status == "error" else None
         message = (f"{type(exc).__name__}: {exc}" if exc is not None
                    else f"the Dask future was {future.status}")
+        died = isinstance(exc, KilledWorker)
         for ref in list(sub.refs):
             if not self._detach(sub, ref):
                 continue
             if ref in self.kill_requested:
                 self._finish(ref, State.KILLED, f"task {ref.label!r} was killed on request")
+            elif died:
+                self._attempt_failed(ref, self._worker_died(ref, exc), None, None)
             else:
                 self._attempt_failed(ref, message, None, None)
+
+    def _worker_died(self, ref: TaskRef, exc: Any) -> str:
+        """Explain a task whose workers kept dying; grow its memory when it asks for that."""
+        last = getattr(exc, "last_worker", None)
+        address = getattr(last, "address", None) or ref.worker
+        limit = getattr(last, "memory_limit", None) or self.worker_memory.get(address or "")
+        had = f"a memory limit of {format_bytes(limit)}" if limit else "no memory limit"
+        tries = getattr(exc, "allowed_failures", 0) + 1
+        message = (
+            f"task {ref.label!r}: the worker running it died ({tries} time{'s' if tries > 1 else ''}; "
+            f"the last one, {address}, had {had}); a task that kills its worker usually runs out of "
+            "memory: ask for more with memory=, or set retry_memory_factor= to grow it on each retry"
+        )
+        factor = ref.func.opts.retry_memory_factor
+        if factor and ref.attempts - ref.budget <= ref.func.opts.retries:
+            current = self._memory(ref) or limit
+            if current:
+                grown = int(current * factor)
+                self.memory_boost[ref] = grown
+                message += f"; retrying with memory={format_bytes(grown)}"
+        return message
 
     def _outcome(self, ref: TaskRef, o: Outcome) -> None:
         count, total = self.durations.get(ref.func, (0, 0.0))
         self.durations[ref.func] = (count + 1, total + max(0.0, o.end - o.start))
         self.batch.attempts.append((
             self.pid, o.key, o.attempt, o.state, o.start, o.end, o.worker, o.hostname, o.pid,
-            o.slurm_job_id, o.exit_code, o.error, o.traceback, o.stdout, o.stderr, o.env_id,
+            o.job_id, o.exit_code, o.error, o.traceback, o.stdout, o.stderr, o.env_id,
         ))
         if o.env is not None:
             self.batch.envs.append((o.env_id, json.dumps(o.env, sort_keys=True)))
@@ -690,3 +819,12 @@ class Runner:
         for ref in reset:
             self._arm(ref)
         return f"retrying {len(reset)} task(s)"
+
+
+def record_jobs(store: Any, pipeline_id: int, pools: Any) -> None:
+    """Write the batch jobs a pool cluster submitted or saw end since the last call."""
+    new, ended = pools.take_new(), pools.take_ended()
+    if new:
+        store.add_jobs(pipeline_id, pools.kind, [(j.job_id, j.pool, j.name) for j in new])
+    if ended:
+        store.end_jobs(pipeline_id, pools.kind, [(j.job_id, j.state) for j in ended if j.job_id])

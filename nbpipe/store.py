@@ -29,7 +29,7 @@ from .errors import PipelineBusy, StoreError, StoreNotWritable, StoreVersionErro
 
 __all__ = ["SCHEMA_VERSION", "Batch", "RunnerLock", "Store", "known_stores", "remember"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pipelines (
@@ -88,7 +88,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     worker      TEXT,
     hostname    TEXT,
     pid         INTEGER,
-    slurm_job_id TEXT,
+    job_id      TEXT,            -- batch job (Slurm, PBS, ...) of the worker, if any
     exit_code   INTEGER,
     error       TEXT,
     traceback   TEXT,
@@ -115,6 +115,17 @@ CREATE TABLE IF NOT EXISTS commands (
     status      TEXT NOT NULL DEFAULT 'new',  -- new | done | failed
     done_time   REAL,
     message     TEXT
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    pipeline_id INTEGER NOT NULL,
+    kind        TEXT NOT NULL,   -- slurm | pbs | sge | lsf | htcondor
+    job_id      TEXT NOT NULL,   -- the batch scheduler's id
+    pool        TEXT NOT NULL,
+    name        TEXT NOT NULL,   -- the Dask worker's name
+    submitted   REAL NOT NULL,
+    ended       REAL,            -- NULL while the runner believes the job is queued or running
+    state       TEXT,            -- last state seen in the batch queue
+    PRIMARY KEY (pipeline_id, kind, job_id)
 );
 """
 
@@ -218,6 +229,9 @@ class Store:
             )
         if version < SCHEMA_VERSION:
             try:  # every statement is idempotent, so concurrent first opens are safe
+                if version == 1:  # v2: attempts.slurm_job_id became job_id; table jobs added
+                    with contextlib.suppress(sqlite3.OperationalError):  # another opener did it
+                        conn.execute("ALTER TABLE attempts RENAME COLUMN slurm_job_id TO job_id")
                 conn.executescript(_SCHEMA)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             except sqlite3.OperationalError as exc:
@@ -265,6 +279,32 @@ class Store:
                 "UPDATE pipelines SET runner = ? WHERE id = ?",
                 (json.dumps(info) if info else None, pipeline_id),
             )
+
+    # -- batch jobs ---------------------------------------------------------------------------
+
+    def add_jobs(self, pipeline_id: int, kind: str, jobs: Iterable[tuple[str, str, str]]) -> None:
+        """Record batch jobs (job id, pool, worker name) a runner submitted."""
+        now = time.time()
+        with self.transaction() as tx:
+            tx.executemany(
+                "INSERT OR IGNORE INTO jobs (pipeline_id, kind, job_id, pool, name, submitted, state)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'SUBMITTED')",
+                [(pipeline_id, kind, job_id, pool, name, now) for job_id, pool, name in jobs],
+            )
+
+    def end_jobs(self, pipeline_id: int, kind: str, jobs: Iterable[tuple[str, str]]) -> None:
+        """Mark batch jobs (job id, last state) ended."""
+        now = time.time()
+        with self.transaction() as tx:
+            tx.executemany(
+                "UPDATE jobs SET ended = ?, state = ? WHERE pipeline_id = ? AND kind = ? AND job_id = ?",
+                [(now, state, pipeline_id, kind, job_id) for job_id, state in jobs],
+            )
+
+    def jobs(self, pipeline_id: int, *, open_only: bool = False) -> list[sqlite3.Row]:
+        """Batch jobs recorded for a pipeline (only those not known to have ended)."""
+        sql = "SELECT * FROM jobs WHERE pipeline_id = ?" + (" AND ended IS NULL" if open_only else "")
+        return self.connect().execute(sql + " ORDER BY submitted", (pipeline_id,)).fetchall()
 
     # -- tasks --------------------------------------------------------------------------------
 
@@ -408,7 +448,7 @@ class Store:
             if batch.attempts:
                 tx.executemany(
                     """INSERT INTO attempts (pipeline_id, key, number, state, start, end, worker,
-                           hostname, pid, slurm_job_id, exit_code, error, traceback, stdout,
+                           hostname, pid, job_id, exit_code, error, traceback, stdout,
                            stderr, env_id)
                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                     batch.attempts,

@@ -54,13 +54,14 @@ class TaskOptions:
     cache: bool = True
     after: tuple[Any, ...] = ()
     max_concurrent: int | None = None
+    retry_memory_factor: float | None = None
 
     def resources(self) -> dict[str, Any]:
         """The options a scheduler needs, for the store and the command line."""
         return {
             "retries": self.retries, "cores": self.cores, "memory": self.memory,
             "walltime": self.walltime, "gpus": self.gpus, "pool": self.pool,
-            "max_concurrent": self.max_concurrent,
+            "max_concurrent": self.max_concurrent, "retry_memory_factor": self.retry_memory_factor,
         }
 
 
@@ -114,6 +115,14 @@ def make_options(task: str, **kw: Any) -> TaskOptions:
             out[option] = _positive_int(kw[option], option, task, minimum)
     if kw.get("max_concurrent") is not None:
         out["max_concurrent"] = _positive_int(kw["max_concurrent"], "max_concurrent", task, 1)
+    factor = kw.get("retry_memory_factor")
+    if factor is not None:
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
+            raise TaskDefinitionError(
+                f"task {task!r}: retry_memory_factor={factor!r} must be a number >= 1, e.g. 1.5 "
+                "(the memory request grows by that factor on each retry after its worker died)"
+            )
+        out["retry_memory_factor"] = float(factor)
     if kw.get("memory") is not None:
         memory = kw["memory"]
         try:
@@ -346,7 +355,9 @@ task = _decorator("python")
 task.__doc__ = """Make a function a task: ``@task`` or ``@task(retries=2, memory="4GB", ...)``.
 
 Options: ``name, retries, cores, memory, walltime, gpus, pool, env, version, cache, after,
-max_concurrent``. Calling the decorated function registers a task in the current pipeline
+max_concurrent, retry_memory_factor``. ``cores``, ``memory``, ``gpus`` and ``walltime`` send the
+task only to workers that have them (on a batch cluster, to a worker pool large enough).
+Calling the decorated function registers a task in the current pipeline
 (``with pipe:`` or ``nbpipe.use(pipe)``; else a default pipeline named after the script).
 """
 

@@ -29,7 +29,7 @@ import cloudpickle
 
 from .bash import run_command
 from .bookkeeping import environment
-from .context import TaskContext, stop_requested
+from .context import TaskContext, batch_job_id, stop_requested
 from .context import _set as _set_context
 from .errors import BashTaskError, TaskKilled
 from .results import read_result, write_result
@@ -86,7 +86,7 @@ class Outcome:
     traceback: str | None = None
     exception: bytes | None = None
     exit_code: int | None = None
-    slurm_job_id: str | None = None
+    job_id: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +185,10 @@ def _notify_start(topic: str | None, keys: list[str], address: str | None) -> No
     try:
         from distributed import get_worker
 
-        get_worker().log_event(topic, {"keys": keys, "worker": address, "time": time.time()})
+        worker = get_worker()
+        memory = getattr(getattr(worker, "memory_manager", None), "memory_limit", None)
+        worker.log_event(topic, {"keys": keys, "worker": address, "time": time.time(),
+                                 "memory_limit": memory, "job_id": batch_job_id()})
     except Exception:  # not on a Dask worker (tests calling run_items directly)
         pass
 
@@ -250,7 +253,7 @@ def _run_one(
     outcome = Outcome(
         key=item.key, attempt=item.attempt, state="FAILED", start=time.time(), end=0.0,
         worker=address, hostname=socket.gethostname(), pid=os.getpid(), env_id="",
-        slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+        job_id=batch_job_id(),
     )
     ctx = TaskContext(item.name, item.key, item.label, item.attempt, pipeline, address)
     out_router.capture(out)

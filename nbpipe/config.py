@@ -1,0 +1,82 @@
+"""Configuration: the ``nbpipe`` namespace of ``dask.config``, plus ``nbpipe.yaml`` beside the project.
+
+A project keeps its cluster settings in ``nbpipe.yaml`` (in the working directory or a parent
+directory), with the same keys as the ``nbpipe`` namespace of ``dask.config``::
+
+    # nbpipe.yaml
+    cluster:
+      kind: slurm
+      cores: 4
+      memory: 16GB
+      walltime: "02:00:00"
+      max_jobs: 10
+
+Precedence, strongest first: arguments (``Pipeline(cluster=...)``), ``dask.config.set``,
+``DASK_NBPIPE__*`` environment variables, ``nbpipe.yaml``, Dask's own YAML files
+(``~/.config/dask/*.yaml``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.config
+import yaml
+
+from .errors import ConfigError
+
+__all__ = ["load_project_config", "project_config_path"]
+
+FILENAME = "nbpipe.yaml"
+
+_loaded: set[Path] = set()
+
+
+def project_config_path(start: str | os.PathLike[str] | None = None) -> Path | None:
+    """The nearest ``nbpipe.yaml`` in ``start`` (default: the working directory) or a parent."""
+    here = Path(start or os.getcwd()).resolve()
+    home = Path.home().resolve()
+    for directory in (here, *here.parents):
+        candidate = directory / FILENAME
+        if candidate.is_file():
+            return candidate
+        if directory == home:  # a file above the home directory belongs to someone else
+            break
+    return None
+
+
+def load_project_config(start: str | os.PathLike[str] | None = None) -> Path | None:
+    """Merge the nearest ``nbpipe.yaml`` into ``dask.config`` (once per file); return its path.
+
+    Environment variables (``DASK_NBPIPE__CLUSTER``, ...) are applied again afterwards so they
+    keep precedence over the file.
+    """
+    path = project_config_path(start)
+    if path is None or path in _loaded:
+        return path
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read it as YAML ({exc}); fix or remove the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the file must hold a mapping of nbpipe settings (like 'cluster: local'), "
+            f"not a {type(data).__name__}"
+        )
+    if "nbpipe" in data and len(data) == 1:  # also accept the dask.config layout
+        data = data["nbpipe"]
+    dask.config.update(dask.config.config, {"nbpipe": data}, priority="new")
+    env = dask.config.collect_env()
+    if "nbpipe" in env:
+        dask.config.update(dask.config.config, {"nbpipe": env["nbpipe"]}, priority="new")
+    _loaded.add(path)
+    return path
+
+
+def setting(key: str, default: Any = None) -> Any:
+    """``dask.config.get("nbpipe.<key>")`` after loading the project's ``nbpipe.yaml``."""
+    load_project_config()
+    return dask.config.get(f"nbpipe.{key}", default)
