@@ -120,13 +120,43 @@ def tasks(ctx: click.Context, pipeline: str, state: str | None, name: str | None
     _emit(rows, as_json, table)
 
 
+def _show_cluster(store: Store, pipeline: str, as_json: bool) -> None:
+    detail = queries.cluster_detail(store, pipeline)
+    counts = next((p for p in queries.pipelines(store) if p["name"] == pipeline), {})
+    detail["states"] = counts.get("states", {})
+    if as_json:
+        _emit(detail, True)
+        return
+    states = ", ".join(f"{n} {_state(s)}" for s, n in sorted(detail["states"].items())) or "no tasks"
+    console.print(f"[bold]{pipeline}[/]  {states}")
+    if detail["cluster"]:
+        console.print(f"runner on cluster {detail['cluster']}; dashboard {detail['dashboard'] or '-'}")
+    else:
+        console.print("no runner attached")
+    for pool in detail["pools"]:
+        console.print(f"pool {pool['description']}; job script:")
+        console.print(pool["job_script"].rstrip(), markup=False, highlight=False)
+    if detail["jobs"]:
+        table = Table("pool", "job", "worker", "state", "submitted", "ended")
+        for j in detail["jobs"]:
+            table.add_row(j["pool"], j["job_id"], j["name"], j["state"] or "",
+                          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["submitted"])),
+                          time.strftime("%H:%M:%S", time.localtime(j["ended"])) if j["ended"] else "")
+        console.print(table)
+
+
 @main.command()
 @click.argument("pipeline")
-@click.argument("task")
+@click.argument("task", required=False)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_context
-def show(ctx: click.Context, pipeline: str, task: str, as_json: bool) -> None:
-    """Everything about TASK: key, state, resources, why it ran, attempts and versions."""
+def show(ctx: click.Context, pipeline: str, task: str | None, as_json: bool) -> None:
+    """Everything about TASK: key, state, resources, why it ran, attempts (with batch job ids)
+    and versions. Without TASK: the pipeline's cluster, worker pools with their job scripts,
+    and batch jobs with their scheduler states."""
+    if task is None:
+        _show_cluster(_store(ctx), pipeline, as_json)
+        return
     detail = queries.task_detail(_store(ctx), pipeline, task)
     if as_json:
         _emit(detail, True)
@@ -342,20 +372,29 @@ def spawn(ctx: click.Context, pipeline: str) -> None:
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("script", type=click.Path(exists=True, dir_okay=False))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@click.option("--cluster", help="'local' or a scheduler address (default: configuration)")
+@click.option("--cluster", metavar="KIND",
+              help="local, slurm, pbs, sge, lsf, htcondor or a scheduler address (default: configuration)")
+@click.option("-o", "--cluster-option", "options", multiple=True, metavar="KEY=VALUE",
+              help="a job option for the cluster, e.g. -o memory=4GB -o queue=short (repeatable)")
 @click.option("--detach", is_flag=True, help="run in the background; output in nbpipe-run.log")
-def run(script: str, args: tuple[str, ...], cluster: str | None, detach: bool) -> None:
+def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[str, ...],
+        detach: bool) -> None:
     """Run a pipeline script; exit 0 when every task succeeded, 1 when one failed."""
     import subprocess
 
     import dask
 
+    from .cluster import parse_words, validate
     from .pipeline import _open
 
+    spec = parse_words([*([cluster] if cluster else []), *options])
+    spec = validate(spec) if spec is not None else None  # merged with the configured options
     if detach:
         command = [sys.executable, "-m", "nbpipe.cli", "run", script, *args]
         if cluster:
             command[4:4] = ["--cluster", cluster]
+        for option in options:
+            command[4:4] = ["-o", option]
         with open("nbpipe-run.log", "ab") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
@@ -368,7 +407,7 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, detach: bool) -
     stop = threading.Event()
     monitor = threading.Thread(target=_report_progress, args=(stop, sys.stdout.isatty()), daemon=True)
     monitor.start()
-    with dask.config.set({"nbpipe.cluster": cluster} if cluster else {}):
+    with dask.config.set({"nbpipe.cluster": spec} if spec is not None else {}):
         try:
             runpy.run_path(script, run_name="__main__")
         except SystemExit as exc:  # the script's own verdict; the tasks' states come first
@@ -388,6 +427,34 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, detach: bool) -
     if code:
         sys.exit(code)
     click.echo(f"all tasks succeeded ({elapsed:.1f} s)")
+
+
+@main.command("cluster")
+@click.argument("words", nargs=-1, metavar="[KIND] [KEY=VALUE]...")
+def cluster_command(words: tuple[str, ...]) -> None:
+    """Preview a batch cluster: its worker pools and their job scripts (submits no job).
+
+    Without arguments, the configured cluster (nbpipe.yaml or Dask's configuration); with
+    them, e.g. `nbpipe cluster slurm cores=4 memory=16GB queue=short`.
+    """
+    from .cluster import parse_words, validate
+    from .pools import KINDS, PoolCluster, parse_pools
+
+    spec = validate(parse_words(words))
+    if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
+        click.echo(f"cluster: {spec!r} (not a batch scheduler: nothing to preview)")
+        return
+    pools = parse_pools(spec)
+    for pool in pools:
+        pool.min_jobs = 0
+    preview = PoolCluster(pools, security=spec.get("security", True),
+                          scheduler_options=spec.get("scheduler_options"))
+    try:
+        for pool in pools:
+            click.echo(f"# pool {pool.describe()}")
+            click.echo(preview.job_script(pool.name))
+    finally:
+        preview.close()
 
 
 def _counts() -> tuple[int, int, int]:

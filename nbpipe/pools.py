@@ -20,8 +20,11 @@ import contextlib
 import getpass
 import logging
 import math
+import os
 import shlex
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -168,6 +171,22 @@ def _job_extra_for_gpus(kind: str, gpus: int, kwargs: dict[str, Any]) -> None:
         kwargs["job_extra_directives"] = [*(kwargs.get("job_extra_directives") or []), directive]
 
 
+def project_paths() -> list[str]:
+    """The driver's ``sys.path`` entries outside the Python installation (its project code)."""
+    installed = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    out = []
+    for entry in sys.path:
+        path = os.path.realpath(entry or os.getcwd())
+        if not os.path.isdir(path) or path in out:
+            continue
+        if any(path == root or path.startswith(root + os.sep) for root in installed):
+            continue
+        if "site-packages" in path or "dist-packages" in path:
+            continue
+        out.append(path)
+    return out
+
+
 def make_pool(name: str, spec: Mapping[str, Any], store_dir: Path | None = None) -> Pool:
     """Validate one pool's spec (defaults from ``jobqueue.<kind>``) into a :class:`Pool`."""
     where = f"cluster pool {name!r}"
@@ -231,6 +250,13 @@ def make_pool(name: str, spec: Mapping[str, Any], store_dir: Path | None = None)
         extra += ["--lifetime", f"{int(lifetime)}s", "--lifetime-stagger", f"{int(stagger or 0)}s"]
     kwargs["worker_extra_args"] = extra
     kwargs["cores"], kwargs["memory"], kwargs["processes"] = cores, memory, 1
+    prologue = list(kwargs.get("job_script_prologue")
+                    or dask.config.get(f"{config}.job-script-prologue", None) or [])
+    paths = project_paths()
+    if paths:  # the driver's own modules import on the workers, as on a LocalCluster
+        joined = shlex.quote(os.pathsep.join(paths))
+        prologue.append(f"export PYTHONPATH={joined}${{PYTHONPATH:+:$PYTHONPATH}}")
+    kwargs["job_script_prologue"] = prologue
     kwargs.setdefault("job_name", f"nbpipe-{name}")
     kwargs.setdefault("local_directory", "${TMPDIR:-/tmp}")
     if store_dir is not None:
@@ -330,10 +356,16 @@ class PoolCluster:
             security = None
         elif isinstance(security, Mapping):
             security = Security(**security)
-        shared = None
-        if store_dir is not None and security is not None:
-            shared = store_dir / "tls"
-            shared.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Workers read the temporary certificates from here: the store is on the shared file
+        # system the jobs see. Without a store (a preview), a private temporary directory (the
+        # certificate files go when the cluster object does).
+        shared = self._tmp = None
+        if security is not None:
+            if store_dir is not None:
+                shared = store_dir / "tls"
+                shared.mkdir(mode=0o700, parents=True, exist_ok=True)
+            else:
+                shared = self._tmp = Path(tempfile.mkdtemp(prefix="nbpipe-tls-"))
         options = {"dashboard_address": ":0", **(scheduler_options or {})}
         try:
             self.cluster = cluster_class(first.kind)(

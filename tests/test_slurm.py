@@ -1,0 +1,245 @@
+"""Pipelines on a real Slurm (started by `.ci/slurm-up`): workers are batch jobs.
+
+Skipped where no Slurm answers; CI (CI=true) turns those skips into failures.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import dask
+import pytest
+from conftest import wait_for
+from distributed import Client
+
+from nbpipe import Pipeline, State, context
+
+
+def _slurm_answers() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "alloc"))
+
+
+pytestmark = [
+    pytest.mark.ci_required,
+    pytest.mark.skipif(not _slurm_answers(), reason="no Slurm answers here (start one: sudo .ci/slurm-up)"),
+]
+
+
+def _queue() -> dict[str, str]:
+    """This user's jobs in the Slurm queue: job id -> state."""
+    out = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i %T"],
+                         capture_output=True, text=True, check=True).stdout
+    return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+def _spec(**extra: object) -> dict:
+    return {"kind": "slurm", "cores": 1, "memory": "1GB", "walltime": "00:10:00", "max_jobs": 2,
+            "idle_timeout": "5s", **extra}
+
+
+@pytest.fixture
+def slurm_pipe(request: pytest.FixtureRequest, store: Path):
+    """A pipeline named after the test whose workers are Slurm jobs; closed after the test."""
+    made: list[Pipeline] = []
+
+    def make(**extra: object) -> Pipeline:
+        p = Pipeline(request.node.name[:60], store=store, cluster=_spec(**extra))
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def _where() -> dict:
+    """What a task sees of the batch job it runs in."""
+    from distributed import get_worker
+
+    return {"job": context().job_id, "env_job": os.environ.get("SLURM_JOB_ID"),
+            "cpus": int(os.environ.get("SLURM_CPUS_PER_TASK", "0")),
+            "job_name": os.environ.get("SLURM_JOB_NAME"), "threads": get_worker().state.nthreads}
+
+
+def test_pipeline_runs_on_slurm_workers_over_tls_and_leaves_no_job(slurm_pipe) -> None:
+    pipe = slurm_pipe()
+
+    @pipe.task
+    def where(i: int) -> dict:
+        time.sleep(0.5)
+        return _where()
+
+    refs = [where(i) for i in range(4)]
+    summary = pipe.run(check=True, timeout=120)
+    assert summary.executed == 4
+    seen = [r.result() for r in refs]
+    assert all(s["job"] and s["job"] == s["env_job"] for s in seen), seen
+    jobs = pipe.store.jobs(pipe.pipeline_id)
+    assert {s["job"] for s in seen} <= {j["job_id"] for j in jobs}
+    # the store records the job id of every attempt
+    attempts = [a for r in refs for a in pipe.store.attempts(pipe.pipeline_id, r.key)]
+    assert sorted(a["job_id"] for a in attempts) == sorted(s["job"] for s in seen)
+
+    # TLS is on: the scheduler speaks tls://, and a client without the certificates is refused
+    address = pipe.client.scheduler.address
+    assert address.startswith("tls://")
+    with pytest.raises((OSError, TimeoutError)):
+        Client(address.replace("tls://", "tcp://"), timeout="3s")
+    with pytest.raises((OSError, TimeoutError, TypeError, ValueError)):
+        Client(address, timeout="3s")
+
+    pipe.close()
+    ids = {j["job_id"] for j in jobs}
+    wait_for(lambda: not ids & set(_queue()), timeout=60)
+    assert all(j["ended"] for j in pipe.store.jobs(pipe.pipeline_id))
+
+
+def test_tasks_go_to_pools_large_enough(slurm_pipe) -> None:
+    pipe = slurm_pipe(pools={"big": {"cores": 2, "memory": "2GB", "max_jobs": 1}})
+
+    @pipe.task
+    def small(i: int) -> dict:
+        time.sleep(0.3)
+        return _where()
+
+    @pipe.task(cores=2)
+    def wide(i: int) -> dict:
+        time.sleep(0.4)  # not the same code as small: tasks are content-addressed
+        return _where()
+
+    smalls = [small(i) for i in range(4)]
+    wides = [wide(i) for i in range(3)]
+    pipe.run(check=True, timeout=180)
+    for r in wides:  # a cores=2 task never runs on a 1-core worker
+        seen = r.result()
+        assert seen["cpus"] == 2 and seen["threads"] == 2 and seen["job_name"] == "nbpipe-big", seen
+    for r in smalls:
+        seen = r.result()
+        assert seen["cpus"] == 1 and seen["job_name"] == "nbpipe-default", seen
+    pools = {j["pool"] for j in pipe.store.jobs(pipe.pipeline_id)}
+    assert pools == {"default", "big"}
+
+
+def test_scancel_of_a_worker_job_mid_run_and_the_pipeline_completes(slurm_pipe) -> None:
+    pipe = slurm_pipe(max_jobs=2)
+
+    @pipe.task
+    def slow(i: int) -> str:
+        time.sleep(3)
+        return context().job_id
+
+    refs = [slow(i) for i in range(6)]
+    pipe.run(wait=False)
+    wait_for(lambda: any(r.state is State.RUNNING for r in refs), timeout=60)
+    running = next(r for r in refs if r.state is State.RUNNING)
+    wait_for(lambda: pipe.store.jobs(pipe.pipeline_id), timeout=10)
+    victim = pipe.store.jobs(pipe.pipeline_id)[0]["job_id"]
+    subprocess.run(["scancel", victim], check=True)
+    summary = pipe.run(check=True, timeout=180)
+    assert summary.ok and summary.counts == {"SUCCEEDED": 6}
+    # the scancel cost no attempt: Dask ran the lost task again on another worker
+    assert running.state is State.SUCCEEDED and all(r.attempts == 1 for r in refs)
+    wait_for(lambda: any(j["job_id"] == victim and j["ended"] for j in pipe.store.jobs(pipe.pipeline_id)),
+             timeout=20)
+
+
+def test_worker_lifetime_moves_tasks_instead_of_failing_them(slurm_pipe) -> None:
+    pipe = slurm_pipe(max_jobs=2, lifetime="10s")
+
+    @pipe.task
+    def slow(i: int) -> str:
+        time.sleep(3)
+        return context().job_id
+
+    refs = [slow(i) for i in range(8)]  # about 12 s of work per worker: more than a lifetime
+    summary = pipe.run(check=True, timeout=240)
+    assert summary.ok and summary.counts == {"SUCCEEDED": 8}
+    assert all(r.state is State.SUCCEEDED for r in refs)
+    assert len({r.result() for r in refs}) >= 3  # workers retired and new jobs took over
+    assert len(pipe.store.jobs(pipe.pipeline_id)) >= 3
+
+
+def test_a_task_that_kills_its_worker_fails_with_the_memory_it_had_then_grows(slurm_pipe) -> None:
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        pipe = slurm_pipe(pools={"big": {"memory": "3GB", "max_jobs": 1}})
+
+        @pipe.task(memory="500MB")
+        def hog() -> int:
+            block = bytearray(1_400_000_000)  # more than the 1 GB job it is placed in
+            time.sleep(2)
+            return len(block)
+
+        @pipe.task(memory="500MB", retries=2, retry_memory_factor=3)
+        def grows() -> int:
+            block = bytearray(1_400_000_000)
+            time.sleep(1)
+            return len(block)
+
+        bad, good = hog(), grows()
+        pipe.run(timeout=240)
+    assert bad.state is State.FAILED
+    assert "worker running it died" in bad.error and "memory limit of" in bad.error, bad.error
+    assert good.state is State.SUCCEEDED, good.error
+    assert good.result() == 1_400_000_000
+    attempts = pipe.store.attempts(pipe.pipeline_id, good.key)
+    assert good.attempts == 2, [dict(a) for a in attempts]
+
+
+REAPED = """
+import sys, time
+from nbpipe import Pipeline
+pipe = Pipeline("reap", store=sys.argv[1], cluster={"kind": "slurm", "cores": 1, "memory": "1GB",
+                "walltime": "00:10:00", "max_jobs": 2})
+
+@pipe.task
+def forever(i):
+    time.sleep(600)
+
+for i in range(2):
+    forever(i)
+pipe.run(wait=False)
+while len(pipe.store.jobs(pipe.pipeline_id)) < 2:
+    time.sleep(0.2)
+print("jobs recorded", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_new_runner_cancels_the_jobs_a_killed_kernel_left(store: Path, tmp_path: Path) -> None:
+    script = tmp_path / "orphan.py"
+    script.write_text(textwrap.dedent(REAPED))
+    proc = subprocess.Popen([sys.executable, str(script), str(store)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and "jobs recorded" in proc.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    probe = Pipeline("reap", store=store, cluster=_spec())
+    left = {j["job_id"] for j in probe.store.jobs(probe.pipeline_id, open_only=True)}
+    assert len(left) == 2 and left <= set(_queue())  # orphans: still in the queue
+
+    @probe.task
+    def quick() -> int:
+        return 1
+
+    quick()
+    try:
+        probe.run(check=True, timeout=120)
+    finally:
+        probe.close()
+    wait_for(lambda: not left & set(_queue()), timeout=30)
+    assert not probe.store.jobs(probe.pipeline_id, open_only=True)
