@@ -48,7 +48,7 @@ KINDS = {
 #: Keys of a cluster spec that nbpipe reads itself; every other key goes to dask-jobqueue.
 NBPIPE_KEYS = frozenset({
     "kind", "pools", "max_jobs", "min_jobs", "security", "idle_timeout", "lifetime", "gpus",
-    "scheduler_options",
+    "scheduler_options", "parallel_environment",
 })
 DEFAULT_MAX_JOBS = 8
 DEFAULT_IDLE = 60.0  # seconds a pool keeps jobs it no longer needs
@@ -261,7 +261,18 @@ def make_pool(name: str, spec: Mapping[str, Any], store_dir: Path | None = None)
     kwargs.setdefault("local_directory", "${TMPDIR:-/tmp}")
     if store_dir is not None:
         kwargs.setdefault("log_directory", str(store_dir / "jobs"))
+    if kwargs.get("job_extra_directives") is None:  # ours add to the configured ones
+        kwargs["job_extra_directives"] = dask.config.get(f"{config}.job-extra-directives", None) or (
+            {} if kind == "htcondor" else [])
     _job_extra_for_gpus(kind, gpus, kwargs)
+    pe = spec.get("parallel_environment")
+    if pe is not None:  # SGE asks for cores through a site-defined parallel environment
+        if kind != "sge" or not isinstance(pe, str) or not pe.strip():
+            raise ClusterError(
+                f"{where}: parallel_environment={pe!r} is for SGE only and names the site's "
+                "parallel environment, e.g. 'smp' (see `qconf -spl`)"
+            )
+        kwargs["job_extra_directives"] = [*(kwargs.get("job_extra_directives") or []), f"-pe {pe} {cores}"]
     pool.job_kwargs = kwargs
     return pool
 
