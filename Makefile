@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/responsiveness.py
+	$(PY) benchmarks/slurm_latency.py
 
 docs-cli: $(STAMP)
 	$(PY) -c "from nbpipe.cli import reference; open('docs/cli.md', 'w').write(reference())"

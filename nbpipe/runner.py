@@ -130,6 +130,7 @@ class Runner:
         self.memory_boost: dict[TaskRef, float] = {}  # tasks whose memory grew after worker deaths
         self.worker_memory: dict[str, int] = {}  # worker address -> memory limit (from start events)
         self._last_jobs = self._last_scale = 0.0
+        self._demand_grew = False  # tasks were submitted since the last scaling decision
         self.worker_resources = self._advertised_resources() if self.pools is None else set()
         if self.pools is not None:
             self._reap_jobs()
@@ -336,8 +337,8 @@ class Runner:
     def _scale_pools(self, now: float) -> None:
         """Ask each pool for as many jobs as its queued and running work needs; record jobs."""
         assert self.pools is not None
-        if now - self._last_scale >= SCALE_POLL:
-            self._last_scale = now
+        if self._demand_grew or now - self._last_scale >= SCALE_POLL:
+            self._last_scale, self._demand_grew = now, False
             demand: Counter[str] = Counter()
             for sub in self.inflight.values():
                 if sub.pool is not None and not sub.cancelled:
@@ -526,6 +527,7 @@ class Runner:
         for ref in refs:
             self.sub_of[ref] = sub
         self.counters.submitted += len(refs)
+        self._demand_grew = True
         if self.pools is not None:
             sub.pool = resources[0][0].removeprefix("pool-")
         self._to_submit[(first.func, resources)].append((sub, items))

@@ -276,3 +276,22 @@ def test_run_detach_hands_cells_to_a_runner_outside_the_kernel(shell) -> None:
     wait_for(lambda: states() == {"SUCCEEDED"}, timeout=60)
     shell.run_line_magic("pipeline", "pull y")
     assert shell.user_ns["y"] == 21
+
+
+def test_pipeline_cluster_switches_and_shows_pools_job_scripts_and_jobs(shell, cluster) -> None:
+    pipe = session(shell).pipe
+    view = shell.run_line_magic("pipeline", "cluster pbs cores=2 memory=4GB queue=short "
+                                "'pools={big: {cores: 8, memory: 64GB}}'")
+    text = repr(view)
+    assert "cluster pbs (pools default, big)" in text
+    assert "pool default: pbs jobs of 2 cores" in text and "pool big: pbs jobs of 8 cores" in text
+    assert text.count("#PBS -q short") == 2 and "no batch jobs yet" in text
+    assert "<pre>" in view._repr_html_()
+    assert pipe.client.scheduler.address.startswith("tls://")
+    with pytest.raises(UsageError, match="memory='lots' is not a size"):
+        shell.run_line_magic("pipeline", "cluster pbs cores=1 memory=lots")
+    # back to the shared cluster; tasks run there
+    shell.run_line_magic("pipeline", f"cluster {cluster.scheduler_address}")
+    assert pipe.client.scheduler.address == cluster.scheduler_address
+    run(shell, "%%task\nx = 6 * 7")
+    assert run(shell, "x") == 42
