@@ -31,6 +31,7 @@ from .display import ClusterView, Progress, StatusLine, TaskTable, task_graph
 from .errors import CycleError, NbpipeError, UnknownTask
 from .pipeline import Pipeline, use
 from .results import read_result
+from .runner import record_jobs
 from .states import State
 from .task import TaskOutput, TaskRef, make_options
 
@@ -402,6 +403,9 @@ class NbpipeMagics(Magics):
             pipe.set_cluster(parse_words(args.spec))
             _ = pipe.client  # start it now: a mistake shows here, and the banner has the dashboard
         connection = pipe._connection
+        if connection is not None and connection.pools is not None:  # jobs of the last seconds too
+            connection.pools.poll()
+            record_jobs(pipe.store, pipe.pipeline_id, connection.pools)
         detail = queries.cluster_detail(pipe.store, pipe.name)
         pools = []
         if connection is not None and connection.pools is not None:

@@ -25,6 +25,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -407,6 +408,7 @@ class PoolCluster:
         self._known: dict[str, JobInfo] = {}  # job id -> info, every job this cluster submitted
         self._new: list[JobInfo] = []
         self._ended: list[JobInfo] = []
+        self._jobs_lock = threading.Lock()  # the runner and a `%pipeline cluster` both poll
         if any(p.min_jobs for p in pools):
             self._apply(dict(self._wanted))
 
@@ -515,6 +517,10 @@ class PoolCluster:
 
     def poll(self) -> None:
         """Find jobs submitted or ended since the last call (one batch-queue query)."""
+        with self._jobs_lock:
+            self._poll()
+
+    def _poll(self) -> None:
         workers = dict(self.cluster.workers)
         for name, job in workers.items():
             job_id = getattr(job, "job_id", None)
@@ -554,12 +560,14 @@ class PoolCluster:
 
     def take_new(self) -> list[JobInfo]:
         """Jobs submitted since the last call."""
-        out, self._new = self._new, []
+        with self._jobs_lock:
+            out, self._new = self._new, []
         return out
 
     def take_ended(self) -> list[JobInfo]:
         """Jobs that ended since the last call."""
-        out, self._ended = self._ended, []
+        with self._jobs_lock:
+            out, self._ended = self._ended, []
         return out
 
     def jobs(self) -> list[JobInfo]:

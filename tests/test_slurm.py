@@ -243,3 +243,29 @@ def test_a_new_runner_cancels_the_jobs_a_killed_kernel_left(store: Path, tmp_pat
         probe.close()
     wait_for(lambda: not left & set(_queue()), timeout=30)
     assert not probe.store.jobs(probe.pipeline_id, open_only=True)
+
+
+def test_the_slurm_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    source = Path(__file__).resolve().parent.parent / "nb" / "slurm.ipynb"
+    path = tmp_path / "slurm.ipynb"
+    shutil.copy(source, path)
+    monkeypatch.setenv("JPY_SESSION_NAME", str(path))
+    monkeypatch.setenv("NBPIPE_WIDGETS", "0")
+    for name in ("NBPIPE_STORE", "NBPIPE_PIPELINE", "DASK_NBPIPE__CLUSTER"):
+        monkeypatch.delenv(name, raising=False)
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            assert out.output_type != "error", f"{out.get('ename')}: {out.get('evalue')}"
+            text.append(out.get("text") or out.get("data", {}).get("text/plain", ""))
+    text = "\n".join(text)
+    assert "#SBATCH --cpus-per-task=2" in text and "pool big: slurm jobs of 2 cores" in text
+    assert "where: nbpipe-default 1 cpu(s)" in text and "wide:  nbpipe-big 2 cpu(s)" in text
+    assert "batch job(s)" in text
+    wait_for(lambda: not _queue(), timeout=60)  # the kernel is gone: so are its jobs
