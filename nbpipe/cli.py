@@ -214,9 +214,14 @@ def why(ctx: click.Context, pipeline: str, task: str) -> None:
 
 
 def _pipeline(ctx: click.Context, name: str) -> Pipeline:
-    store = _store(ctx)
-    store.pipeline_id(name, create=False)  # an unknown pipeline is a usage error
-    return Pipeline(name, store=store)
+    from .control import open_pipeline
+
+    return open_pipeline(_store(ctx), name)
+
+
+def _spawned(result: dict[str, Any], store: Store) -> None:
+    if result["spawned"]:
+        click.echo(f"started a detached runner (pid {result['spawned']}); see {store.path}/logs")
 
 
 @main.command()
@@ -224,20 +229,10 @@ def _pipeline(ctx: click.Context, name: str) -> Pipeline:
 @click.pass_context
 def pause(ctx: click.Context, pipeline: str) -> None:
     """Start no new task in PIPELINE; running tasks finish."""
-    _pipeline(ctx, pipeline).pause()
+    from .control import steer
+
+    steer(_store(ctx), pipeline, "pause")
     click.echo(f"pipeline {pipeline!r} paused")
-
-
-def _spawn_if_idle(pipe: Pipeline, no_spawn: bool) -> None:
-    """Without a runner anywhere, start a detached one so the requested work happens."""
-    from .pipeline import spawn
-
-    if no_spawn or not pipe._offline():
-        return
-    unfinished = [t for t in queries.tasks(pipe.store, pipe.name) if t["state"] != "SUCCEEDED"]
-    if unfinished:
-        pid = spawn(pipe.store, pipe.name)
-        click.echo(f"started a detached runner (pid {pid}); see {pipe.store.path}/logs")
 
 
 @main.command()
@@ -246,10 +241,12 @@ def _spawn_if_idle(pipe: Pipeline, no_spawn: bool) -> None:
 @click.pass_context
 def resume(ctx: click.Context, pipeline: str, no_spawn: bool) -> None:
     """Start tasks of PIPELINE again."""
-    pipe = _pipeline(ctx, pipeline)
-    pipe.resume()
+    from .control import steer
+
+    store = _store(ctx)
+    result = steer(store, pipeline, "resume", start_runner=not no_spawn)
     click.echo(f"pipeline {pipeline!r} resumed")
-    _spawn_if_idle(pipe, no_spawn)
+    _spawned(result, store)
 
 
 @main.command()
@@ -261,12 +258,14 @@ def resume(ctx: click.Context, pipeline: str, no_spawn: bool) -> None:
 def retry(ctx: click.Context, pipeline: str, task: tuple[str, ...], failed: bool,
           no_spawn: bool) -> None:
     """Run TASKs (or --failed ones) again, with everything they blocked."""
+    from .control import steer
+
     if not task and not failed:
         raise click.UsageError("name tasks to retry, or use --failed")
-    pipe = _pipeline(ctx, pipeline)
-    pipe.retry(list(task) or None, failed=failed)
+    store = _store(ctx)
+    result = steer(store, pipeline, "retry", task, failed=failed, start_runner=not no_spawn)
     click.echo(f"retry requested in pipeline {pipeline!r}")
-    _spawn_if_idle(pipe, no_spawn)
+    _spawned(result, store)
 
 
 @main.command()
@@ -276,9 +275,11 @@ def retry(ctx: click.Context, pipeline: str, task: tuple[str, ...], failed: bool
 @click.pass_context
 def kill(ctx: click.Context, pipeline: str, task: tuple[str, ...], all_: bool) -> None:
     """Stop TASKs (or --all unfinished ones) of PIPELINE."""
+    from .control import steer
+
     if not task and not all_:
         raise click.UsageError("name tasks to kill, or use --all")
-    _pipeline(ctx, pipeline).kill(list(task) or None, all=all_)
+    steer(_store(ctx), pipeline, "kill", task, all=all_)
     click.echo(f"kill requested in pipeline {pipeline!r}")
 
 

@@ -460,6 +460,7 @@ class Pipeline:
                 "state": r.state.value, "components": r.components,
                 "reason": None if r.state is State.SUCCEEDED else r.reason,  # keep why it ran
                 "resources": r.func.opts.resources(),
+                "cell": getattr(r.func, "cell_id", None),
             })
             edges += [(d.key_, r.key_, kind) for d, kind in r.deps.items()]
         self.store.register(self.pipeline_id, register, edges)

@@ -20,8 +20,8 @@ from .results import checksum_of
 from .store import RunnerLock, Store
 
 __all__ = [
-    "cluster_detail", "delete_pipeline", "doctor", "find_store", "gc", "pipelines", "task_detail",
-    "tasks",
+    "cluster_detail", "delete_pipeline", "doctor", "events", "find_store", "gc", "graph", "pipelines",
+    "task_detail", "tasks",
 ]
 
 
@@ -56,6 +56,36 @@ def pipelines(store: Store) -> list[dict[str, Any]]:
 
 def _pipeline_id(store: Store, pipeline: str) -> int:
     return store.pipeline_id(pipeline, create=False)
+
+
+def graph(store: Store, pipeline: str) -> dict[str, Any]:
+    """A pipeline's graph for live views: tasks (nodes), edges, counts and the last event id.
+
+    A view loads this once, then asks :func:`events` for what changed after ``last_event``.
+    """
+    pid = _pipeline_id(store, pipeline)
+    conn = store.connect()
+    rows = store.task_rows(pid)
+    nodes = [{"key": r["key"], "name": r["name"], "label": r["label"], "kind": r["kind"],
+              "state": r["state"], "attempts": r["attempts"], "reason": r["reason"],
+              "error": (r["error"] or "")[:500] or None, "cell": r["cell"]}
+             for r in sorted(rows.values(), key=lambda r: r["created"])]
+    edges = [{"parent": p, "child": c, "kind": k} for p, c, k in conn.execute(
+        "SELECT parent, child, kind FROM edges WHERE pipeline_id = ?", (pid,)) if p in rows and c in rows]
+    last = conn.execute("SELECT MAX(id) FROM events WHERE pipeline_id = ?", (pid,)).fetchone()[0]
+    info = next(p for p in pipelines(store) if p["name"] == pipeline)
+    return {"pipeline": pipeline, "nodes": nodes, "edges": edges, "counts": info["states"],
+            "paused": info["paused"], "runner": info["runner"], "last_event": last or 0}
+
+
+def events(store: Store, pipeline: str, since: int = 0, limit: int = 5_000) -> dict[str, Any]:
+    """State changes of a pipeline after event id ``since`` (oldest first), and the last id."""
+    pid = _pipeline_id(store, pipeline)
+    rows = store.events(pid, since, limit)
+    out = [{"id": r["id"], "time": r["time"], "key": r["key"], "state": r["state"],
+            "message": r["message"]} for r in rows]
+    return {"events": out, "last_event": out[-1]["id"] if out else since,
+            "paused": store.is_paused(pid)}
 
 
 def cluster_detail(store: Store, pipeline: str, *, live: bool = True) -> dict[str, Any]:

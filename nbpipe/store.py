@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     error       TEXT,
     created     REAL NOT NULL,
     updated     REAL NOT NULL,
+    cell        TEXT,            -- id of the notebook cell that defines it (%%task cells)
     PRIMARY KEY (pipeline_id, key)
 );
 CREATE INDEX IF NOT EXISTS tasks_label ON tasks (pipeline_id, label);
@@ -229,9 +230,11 @@ class Store:
             )
         if version < SCHEMA_VERSION:
             try:  # every statement is idempotent, so concurrent first opens are safe
-                if version == 1:  # v2: attempts.slurm_job_id became job_id; table jobs added
-                    with contextlib.suppress(sqlite3.OperationalError):  # another opener did it
-                        conn.execute("ALTER TABLE attempts RENAME COLUMN slurm_job_id TO job_id")
+                if version == 1:  # v2: attempts.slurm_job_id became job_id; tasks.cell, jobs added
+                    for statement in ("ALTER TABLE attempts RENAME COLUMN slurm_job_id TO job_id",
+                                      "ALTER TABLE tasks ADD COLUMN cell TEXT"):
+                        with contextlib.suppress(sqlite3.OperationalError):  # another opener did it
+                            conn.execute(statement)
                 conn.executescript(_SCHEMA)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             except sqlite3.OperationalError as exc:
@@ -323,11 +326,11 @@ class Store:
             )
             tx.executemany(
                 """INSERT INTO tasks (pipeline_id, key, name, label, kind, state, active,
-                       components, reason, resources, created, updated)
-                   VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)
+                       components, reason, resources, created, updated, cell)
+                   VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (pipeline_id, key) DO UPDATE SET
                        active = 1, name = excluded.name, label = excluded.label,
-                       resources = excluded.resources,
+                       resources = excluded.resources, cell = COALESCE(excluded.cell, tasks.cell),
                        state = CASE WHEN tasks.state IN ('PENDING', 'RUNNING') THEN tasks.state
                                     ELSE excluded.state END,
                        reason = COALESCE(excluded.reason, tasks.reason),
@@ -336,7 +339,7 @@ class Store:
                     (
                         pipeline_id, r["key"], r["name"], r["label"], r["kind"], r["state"],
                         json.dumps(r["components"], sort_keys=True), r.get("reason"),
-                        json.dumps(r.get("resources") or {}, sort_keys=True), now, now,
+                        json.dumps(r.get("resources") or {}, sort_keys=True), now, now, r.get("cell"),
                     )
                     for r in rows
                 ],

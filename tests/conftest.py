@@ -16,6 +16,8 @@ from nbpipe import Pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 
+pytest_plugins = ["pytest_jupyter.jupyter_server"]  # jp_fetch & co. for the server extension
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(

@@ -1,0 +1,222 @@
+"""REST handlers under ``/nbpipe/api/``: a thin layer over :mod:`nbpipe.queries` and
+:mod:`nbpipe.control` for the JupyterLab sidebar.
+
+Every handler requires Jupyter authentication (``@tornado.web.authenticated``); writes are POST
+requests, which Jupyter also checks for an XSRF token when the client authenticates with a
+cookie. Stores are named by their path relative to the server root and must lie inside it.
+
+=====================================  ==============================================
+``GET  pipelines?path=NB_OR_DIR``      pipelines of the stores for a notebook or a folder
+``GET  graph?store=S&pipeline=P``      tasks, edges, counts, the last event id
+``GET  events?store=S&pipeline=P&since=N``  state changes after event N
+``GET  task?store=S&pipeline=P&task=T``     attempts, logs, traceback, resources, versions
+``GET  cluster?store=S&pipeline=P``    worker pools, job scripts, batch jobs
+``POST command`` (JSON body)           ``{store, pipeline, verb, tasks?, failed?, all?}``
+=====================================  ==============================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import tornado.web
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.utils import url_path_join
+from tornado.ioloop import IOLoop
+
+from .. import queries
+from ..control import VERBS, steer
+from ..errors import NbpipeError, UnknownTask
+from ..store import Store, known_stores
+
+__all__ = ["HANDLERS", "setup_handlers"]
+
+STORE_DIR = ".nbpipe"
+SCAN_DEPTH = 4  # folders below the root searched for stores when no notebook is given
+SKIP = {"node_modules", "__pycache__", ".git", ".ipynb_checkpoints", ".venv", "venv"}
+LOG_TAIL = 16_384  # characters of stdout/stderr sent per attempt
+
+_stores: dict[Path, Store] = {}
+_stores_lock = threading.Lock()
+
+
+class NbpipeHandler(APIHandler):
+    """Resolves store paths inside the server root and runs queries off the event loop."""
+
+    @property
+    def root(self) -> Path:
+        return Path(os.path.realpath(self.settings["server_root_dir"]))
+
+    def inside_root(self, relative: str, what: str) -> Path:
+        """``relative`` under the root, refusing anything that resolves outside it."""
+        if relative is None or "\x00" in relative:
+            raise tornado.web.HTTPError(400, f"{what} is missing")
+        path = Path(os.path.realpath(self.root / relative.lstrip("/")))
+        if path != self.root and self.root not in path.parents:
+            raise tornado.web.HTTPError(403, f"{what} {relative!r} is outside the server root")
+        return path
+
+    def store(self, relative: str | None = None) -> Store:
+        """The store named by the ``store`` argument (a folder holding nbpipe.sqlite)."""
+        relative = relative if relative is not None else self.get_argument("store")
+        path = self.inside_root(relative, "store")
+        if not (path / "nbpipe.sqlite").is_file():
+            raise tornado.web.HTTPError(404, f"{relative!r} is not an nbpipe store")
+        with _stores_lock:
+            if path not in _stores:
+                _stores[path] = Store(path)
+            return _stores[path]
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    async def answer(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """Run ``fn`` in a thread (SQLite reads, spawning a runner) and write its JSON."""
+        try:
+            result = await IOLoop.current().run_in_executor(None, lambda: fn(*args, **kwargs))
+        except UnknownTask as exc:
+            raise tornado.web.HTTPError(404, str(exc)) from None
+        except NbpipeError as exc:
+            raise tornado.web.HTTPError(400, str(exc)) from None
+        self.finish(json.dumps(result, default=str))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Errors as JSON ``{"message": ...}`` (the sidebar shows the message)."""
+        self.set_header("Content-Type", "application/json")
+        message = self._reason
+        exc_info = kwargs.get("exc_info")
+        if exc_info and isinstance(exc_info[1], tornado.web.HTTPError) and exc_info[1].log_message:
+            message = exc_info[1].log_message
+        self.finish(json.dumps({"message": message}))
+
+
+class PipelinesHandler(NbpipeHandler):
+    """The pipelines of a notebook's store (beside it or above it), or of every store in a folder."""
+
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        target = self.inside_root(self.get_argument("path", ""), "path")
+        await self.answer(self._pipelines, target)
+
+    def _pipelines(self, target: Path) -> list[dict[str, Any]]:
+        notebook = target if target.suffix == ".ipynb" else None
+        stores = _stores_for(target, self.root)
+        out = []
+        for path in stores:
+            for p in queries.pipelines(self.store(self.relative(path))):
+                out.append({**p, "store": self.relative(path),
+                            "default": bool(notebook and p["name"] == notebook.stem)})
+        return out
+
+
+def _stores_for(target: Path, root: Path) -> list[Path]:
+    """Stores for a notebook (the nearest ``.nbpipe`` up to the root) or under a folder."""
+    if target.suffix == ".ipynb" or target.is_file():
+        for folder in (target.parent, *target.parent.parents):
+            if (folder / STORE_DIR / "nbpipe.sqlite").is_file():
+                return [folder / STORE_DIR]
+            if folder == root:
+                break
+        return []
+    found: list[Path] = []
+    base_depth = len(target.parts)
+    for folder, dirs, _files in os.walk(target):
+        here = Path(folder)
+        if (here / STORE_DIR / "nbpipe.sqlite").is_file():
+            found.append(here / STORE_DIR)
+        dirs[:] = [d for d in dirs if d not in SKIP and not d.startswith(".")
+                   and len(here.parts) - base_depth < SCAN_DEPTH]
+    for path in known_stores():  # stores used elsewhere under this folder, deeper down
+        real = Path(os.path.realpath(path))
+        if (real == target or target in real.parents) and real not in found:
+            found.append(real)
+    return sorted(found)
+
+
+class GraphHandler(NbpipeHandler):
+    """A pipeline's tasks and edges."""
+
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        await self.answer(queries.graph, self.store(), self.get_argument("pipeline"))
+
+
+class EventsHandler(NbpipeHandler):
+    """State changes after an event id: the sidebar polls this for live updates."""
+
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        try:
+            since = int(self.get_argument("since", "0"))
+        except ValueError:
+            raise tornado.web.HTTPError(400, "since must be an event id (an integer)") from None
+        await self.answer(queries.events, self.store(), self.get_argument("pipeline"), since)
+
+
+class TaskHandler(NbpipeHandler):
+    """Everything about one task, with the tail of each attempt's output."""
+
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        await self.answer(self._task, self.store(), self.get_argument("pipeline"),
+                          self.get_argument("task"))
+
+    @staticmethod
+    def _task(store: Store, pipeline: str, task: str) -> dict[str, Any]:
+        detail = queries.task_detail(store, pipeline, task)
+        for attempt in detail["attempts"]:
+            for part in ("stdout", "stderr"):
+                if attempt[part] and len(attempt[part]) > LOG_TAIL:
+                    attempt[part] = attempt[part][-LOG_TAIL:]
+        row = store.task_rows(store.pipeline_id(pipeline, create=False), [detail["key"]])
+        detail["cell"] = row[detail["key"]]["cell"] if detail["key"] in row else None
+        return detail
+
+
+class ClusterHandler(NbpipeHandler):
+    """The pipeline's cluster: pools, job scripts and batch jobs with their queue states."""
+
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        await self.answer(queries.cluster_detail, self.store(), self.get_argument("pipeline"))
+
+
+class CommandHandler(NbpipeHandler):
+    """Retry, kill, pause or resume, through the store's command table."""
+
+    @tornado.web.authenticated
+    async def post(self) -> None:
+        try:
+            body = json.loads(self.request.body or b"{}")
+        except json.JSONDecodeError:
+            raise tornado.web.HTTPError(400, "the body must be JSON") from None
+        if not isinstance(body, dict):
+            raise tornado.web.HTTPError(400, "the body must be a JSON object")
+        verb = body.get("verb")
+        if verb not in VERBS:
+            raise tornado.web.HTTPError(400, f"verb must be one of {', '.join(VERBS)}, not {verb!r}")
+        tasks = body.get("tasks") or []
+        if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+            raise tornado.web.HTTPError(400, "tasks must be a list of task names, labels or keys")
+        store = self.store(str(body.get("store", "")))
+        pipeline = body.get("pipeline")
+        if not isinstance(pipeline, str):
+            raise tornado.web.HTTPError(400, "pipeline must be a pipeline name")
+        await self.answer(steer, store, pipeline, verb, tasks, failed=bool(body.get("failed")),
+                          all=bool(body.get("all")))
+
+
+HANDLERS: list[tuple[str, type[NbpipeHandler]]] = [
+    ("pipelines", PipelinesHandler), ("graph", GraphHandler), ("events", EventsHandler),
+    ("task", TaskHandler), ("cluster", ClusterHandler), ("command", CommandHandler),
+]
+
+
+def setup_handlers(web_app: Any) -> None:
+    """Register the handlers under ``<base_url>nbpipe/api/``."""
+    base = url_path_join(web_app.settings["base_url"], "nbpipe", "api")
+    web_app.add_handlers(".*$", [(url_path_join(base, name), cls) for name, cls in HANDLERS])
