@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.nbpipe-installed
+# The JupyterLab sidebar, built with the machine's Node into nbpipe/labextension.
+LABEXT := nbpipe/labextension/static/style.js
+LAB_SOURCES := $(wildcard labextension/src/*.ts labextension/src/components/*.tsx labextension/style/*) \
+               labextension/package.json labextension/package-lock.json labextension/tsconfig.json
 
 .PHONY: demo test bench lint clean docs-cli
 
@@ -10,8 +14,15 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# Reinstall when the package metadata changes.
-$(STAMP): pyproject.toml | $(PY)
+$(LABEXT): $(LAB_SOURCES) | $(PY)
+	$(PY) -m pip install -q "jupyterlab>=4.6,<5"
+	rm -rf nbpipe/labextension
+	cd labextension && npm ci --no-audit --no-fund --loglevel=error && \
+		PATH="$(abspath $(VENV))/bin:$$PATH" npm run build:prod
+	touch $(LABEXT)
+
+# Reinstall when the package metadata or the sidebar changes.
+$(STAMP): pyproject.toml $(LABEXT) | $(PY)
 	$(PY) -m pip install -q -e ".[test,bench]"
 	touch $(STAMP)
 
@@ -20,6 +31,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check nbpipe tests benchmarks nb
+	cd labextension && npx tsc --noEmit && npx vitest run
 	$(PY) -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 
@@ -35,4 +47,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check nbpipe tests benchmarks nb
 
 clean:
-	rm -rf $(VENV) nb/.nbpipe .pytest_cache
+	rm -rf $(VENV) nb/.nbpipe .pytest_cache nbpipe/labextension labextension/lib labextension/node_modules
