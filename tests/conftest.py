@@ -30,6 +30,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> objec
     """In CI, a skipped test that CI must run (Slurm, browser) is a failure."""
     outcome = yield
     report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)  # fixtures see how the test went
     if report.skipped and os.environ.get("CI") and item.get_closest_marker("ci_required"):
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, where it must run: {report.longrepr}"

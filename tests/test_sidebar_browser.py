@@ -1,0 +1,186 @@
+"""The JupyterLab sidebar end to end: a real `jupyter lab`, a real kernel, headless Chromium.
+
+Playwright drives Debian's Chromium (/usr/bin/chromium); it never downloads a browser. Skipped
+where Chromium is missing; CI (CI=true) turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "images"
+
+pytestmark = [
+    pytest.mark.ci_required,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no Chromium here (apt-get install chromium)"),
+]
+
+TOKEN = "nbpipe-test-token"
+
+CELLS = [
+    "%load_ext nbpipe",
+    "%%task data\ndata = list(range(10))",
+    "%%task total\ntotal = sum(data)",
+    "%%task checked\nimport os\n"
+    "assert os.path.exists('{root}/fixed.flag'), 'create fixed.flag, then press Retry'\nchecked = total",
+    "%%task slow\nimport time\ntime.sleep(600)\nslow = 1",
+]
+
+
+def _notebook(path: Path) -> None:
+    cells = [{"cell_type": "code", "id": f"cell-{i}", "metadata": {}, "execution_count": None,
+              "outputs": [], "source": source.replace("{root}", str(path.parent))}
+             for i, source in enumerate(CELLS)]
+    path.write_text(json.dumps({
+        "cells": cells, "nbformat": 4, "nbformat_minor": 5,
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    }))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def lab(tmp_path: Path, cluster):
+    """A `jupyter lab` server over tmp_path whose kernels use the shared test cluster."""
+    root = tmp_path / "root"
+    root.mkdir()
+    _notebook(root / "demo.ipynb")
+    port = _free_port()
+    env = {**os.environ, "DASK_NBPIPE__CLUSTER": cluster.scheduler_address, "NBPIPE_WIDGETS": "0",
+           "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
+    env.pop("NBPIPE_STORE", None)
+    log = open(tmp_path / "lab.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}", "--allow-root",
+         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}api/status?token={TOKEN}", timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise AssertionError((tmp_path / "lab.log").read_text()[-3000:]) from None
+            time.sleep(0.3)
+    yield url, root
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture
+def page(tmp_path: Path, request: pytest.FixtureRequest):
+    """A Chromium page; on a failure its screenshot and the sidebar's text go to the test's output."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        )
+        context = browser.new_context(viewport={"width": 1400, "height": 900})
+        pg = context.new_page()
+        pg.set_default_timeout(60_000)
+        yield pg
+        if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+            pg.screenshot(path=str(tmp_path / "failure.png"))
+            print(f"screenshot: {tmp_path / 'failure.png'}")
+            print(pg.locator("#nbpipe-sidebar").inner_text(timeout=2000)[:3000])
+            print((tmp_path / "lab.log").read_text()[-4000:])
+        browser.close()
+
+
+def node(page, label: str, state: str | None = None):
+    selector = f'#nbpipe-sidebar g.nbpipe-node[data-label="{label}"]'
+    if state:
+        selector += f'[data-state="{state}"]'
+    return page.locator(selector)
+
+
+def _not_blank(path: Path) -> None:
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB").resize((200, 130))
+    colours = image.getcolors(maxcolors=200 * 130)
+    assert colours is not None and len(colours) > 20, "the screenshot is blank"
+
+
+def test_sidebar_shows_the_live_graph_and_retries_and_kills(lab, page, tmp_path: Path) -> None:
+    url, root = lab
+    page.goto(f"{url}lab/tree/demo.ipynb?token={TOKEN}")
+    page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for()
+    choose = page.locator(".jp-Dialog:has-text('Select Kernel') .jp-Dialog-button.jp-mod-accept")
+    try:  # JupyterLab may ask which kernel to start
+        choose.wait_for(timeout=5_000)
+        choose.click()
+    except Exception:  # noqa: BLE001 - no dialog: the kernel started by itself
+        pass
+    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for()
+    news = page.locator(".jp-Notification-Toast-Close, .Toastify__close-button")
+    if news.count():  # "get notified about Jupyter news?" would cover the screenshot
+        news.first.click()
+    page.locator('li[data-id="nbpipe-sidebar"]').click()  # the sidebar's tab
+    sidebar = page.locator("#nbpipe-sidebar")
+    sidebar.wait_for()
+
+    # run every cell: the %%task cells become tasks; the sidebar picks the pipeline up
+    page.locator('.lm-MenuBar-itemLabel:text-is("Run")').click()
+    page.locator('.lm-Menu-itemLabel:text-is("Run All Cells")').click()
+    node(page, "data", "SUCCEEDED").wait_for()
+    node(page, "total", "SUCCEEDED").wait_for()
+    node(page, "checked", "FAILED").wait_for()
+    node(page, "slow", "RUNNING").wait_for()
+    assert "demo" in sidebar.locator(".nbpipe-picker").input_value()
+
+    # clicking a task opens its panel and points at its cell
+    node(page, "checked").click()
+    panel = sidebar.locator(".nbpipe-panel")
+    panel.locator(".nbpipe-traceback").wait_for()
+    assert "create fixed.flag" in panel.inner_text()
+    page.locator(".jp-Cell.nbpipe-highlight").wait_for()
+    assert "fixed.flag" in page.locator(".jp-Cell.nbpipe-highlight").inner_text()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(tmp_path / "failed.png"))
+    _not_blank(tmp_path / "failed.png")
+    shutil.copy(tmp_path / "failed.png", SCREENSHOTS / "sidebar-failed.png")
+
+    # fix the cause, press Retry: the task runs again and succeeds
+    (root / "fixed.flag").write_text("ok")
+    panel.locator("button.nbpipe-retry").click()
+    node(page, "checked", "SUCCEEDED").wait_for()
+
+    # kill the running task, with confirmation
+    node(page, "slow").click()
+    sidebar.locator('.nbpipe-panel[data-panel-task] button.nbpipe-kill').click()
+    page.locator(".jp-Dialog-button.jp-mod-warn").click()
+    node(page, "slow", "KILLED").wait_for()
+    counts = sidebar.locator(".nbpipe-counts").inner_text()
+    assert "3 succeeded" in counts and "1 killed" in counts, counts
+
+    page.screenshot(path=str(tmp_path / "sidebar.png"))
+    _not_blank(tmp_path / "sidebar.png")
+    shutil.copy(tmp_path / "sidebar.png", SCREENSHOTS / "sidebar.png")
