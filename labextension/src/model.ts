@@ -8,6 +8,8 @@ import { ITask, applyEvents, countStates } from './graph';
 
 /** How often the sidebar asks for new events, in milliseconds. */
 export const POLL_MS = 400;
+/** How often the sidebar looks for pipelines while it shows none, in milliseconds. */
+export const SCAN_MS = 2000;
 
 export class SidebarModel {
   pipelines: IPipeline[] = [];
@@ -20,6 +22,7 @@ export class SidebarModel {
   private _lastEvent = 0;
   private _timer: number | null = null;
   private _busy = false;
+  private _lastScan = 0;
   private _changed = new Signal<this, void>(this);
   private _version = 0;
 
@@ -110,9 +113,14 @@ export class SidebarModel {
   /** One look at the events after the last one seen; a new task reloads the graph. */
   async poll(): Promise<void> {
     const p = this.selected;
-    if (!p || this._busy) {
-      if (!p && !this._busy && this.path !== undefined) {
+    if (this._busy) {
+      return;
+    }
+    if (!p) {
+      // No pipeline yet: look again now and then (a folder scan is not free).
+      if (Date.now() - this._lastScan > SCAN_MS) {
         this._busy = true;
+        this._lastScan = Date.now();
         try {
           await this.refreshPipelines();
         } finally {
