@@ -48,15 +48,16 @@ def test_the_wheel_holds_the_prebuilt_labextension_and_server_config(wheel: Path
 
 def test_installed_from_the_wheel_without_node_jupyterlab_lists_it_enabled_and_ok(
         wheel: Path, tmp_path: Path) -> None:
-    prefix = tmp_path / "prefix"
+    venv = tmp_path / "venv"  # a clean environment of its own: ours is left alone
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     env = _without_node(dict(os.environ))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--prefix", str(prefix),
-                    str(wheel)], check=True, env=env, timeout=300)
-    share = prefix / "share" / "jupyter"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                    "--no-deps", "-q", str(wheel)], check=True, env=env, timeout=300)
+    share = venv / "share" / "jupyter"
+    assert (venv / "etc" / "jupyter" / "jupyter_server_config.d" / "nbpipe.json").is_file()
     listing = subprocess.run(
         [sys.executable, "-m", "jupyter", "labextension", "list"], capture_output=True, text=True,
-        env={**env, "JUPYTER_PATH": str(share), "JUPYTER_CONFIG_PATH": str(prefix / "etc" / "jupyter")},
-        timeout=120,
+        env={**env, "JUPYTER_PATH": str(share)}, timeout=120,
     )
     text = listing.stdout + listing.stderr
     section = text[text.index(str(share / "labextensions")):]
