@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/responsiveness.py
 	$(PY) benchmarks/slurm_latency.py
+	$(PY) benchmarks/sidebar.py
 
 docs-cli: $(STAMP)
 	$(PY) -c "from nbpipe.cli import reference; open('docs/cli.md', 'w').write(reference())"
