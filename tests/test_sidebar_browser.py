@@ -35,6 +35,9 @@ CELLS = [
     "%%task checked\nimport os\n"
     "assert os.path.exists('{root}/fixed.flag'), 'create fixed.flag, then press Retry'\nchecked = total",
     "%%task slow\nimport time\ntime.sleep(600)\nslow = 1",
+    "from nbpipe import current_pipeline, task\n\n@task\ndef fraction(seed: int) -> float:\n"
+    "    return seed / 20\n\nfractions = [fraction(i) for i in range(20)]\n"
+    "_ = current_pipeline().run(fractions, wait=False)",
 ]
 
 
@@ -155,13 +158,26 @@ def test_sidebar_shows_the_live_graph_and_retries_and_kills(lab, page, tmp_path:
     node(page, "slow", "RUNNING").wait_for()
     assert "demo" in sidebar.locator(".nbpipe-picker").input_value()
 
+    # the 20 mapped calls are one group node; a click expands it
+    group = sidebar.locator('g.nbpipe-node[data-group="true"][data-task="fraction"]')
+    group.locator("text=(20/20)").wait_for()
+    group.click()
+    page.wait_for_function("() => document.querySelectorAll("
+                           "'#nbpipe-sidebar g.nbpipe-node[data-label^=\"fraction(\"]').length === 20")
+    sidebar.locator("button:text-is('Collapse groups')").click()
+    group.wait_for()
+
+    # keyboard: a node takes focus and Enter opens its panel
+    node(page, "total").focus()
+    page.keyboard.press("Enter")
+    sidebar.locator(".nbpipe-panel .nbpipe-panel-head:has-text('total')").wait_for()
+
     # clicking a task opens its panel and points at its cell
     node(page, "checked").click()
     panel = sidebar.locator(".nbpipe-panel")
     panel.locator(".nbpipe-traceback").wait_for()
     assert "create fixed.flag" in panel.inner_text()
-    page.locator(".jp-Cell.nbpipe-highlight").wait_for()
-    assert "fixed.flag" in page.locator(".jp-Cell.nbpipe-highlight").inner_text()
+    page.locator(".jp-Cell.nbpipe-highlight", has_text="%%task checked").wait_for()
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(tmp_path / "failed.png"))
     _not_blank(tmp_path / "failed.png")
@@ -178,8 +194,22 @@ def test_sidebar_shows_the_live_graph_and_retries_and_kills(lab, page, tmp_path:
     page.locator(".jp-Dialog-button.jp-mod-warn").click()
     node(page, "slow", "KILLED").wait_for()
     counts = sidebar.locator(".nbpipe-counts").inner_text()
-    assert "3 succeeded" in counts and "1 killed" in counts, counts
+    assert "23 succeeded" in counts and "1 killed" in counts, counts
+
 
     page.screenshot(path=str(tmp_path / "sidebar.png"))
     _not_blank(tmp_path / "sidebar.png")
     shutil.copy(tmp_path / "sidebar.png", SCREENSHOTS / "sidebar.png")
+
+    # the dark theme: the sidebar follows JupyterLab's colours
+    light = sidebar.evaluate("e => getComputedStyle(e).backgroundColor")
+    page.locator('.lm-MenuBar-itemLabel:text-is("Settings")').click()
+    page.locator('.lm-Menu-itemLabel:text-is("Theme")').click()
+    page.locator('.lm-Menu-itemLabel:text-is("JupyterLab Dark")').click()
+    page.wait_for_function("l => getComputedStyle(document.querySelector('#nbpipe-sidebar'))"
+                           ".backgroundColor !== l", arg=light)
+    page.locator("#jupyterlab-splash").wait_for(state="detached")  # the theme has loaded
+    page.wait_for_timeout(500)  # let the last transition finish before the picture
+    page.screenshot(path=str(tmp_path / "sidebar-dark.png"))
+    _not_blank(tmp_path / "sidebar-dark.png")
+    shutil.copy(tmp_path / "sidebar-dark.png", SCREENSHOTS / "sidebar-dark.png")
