@@ -16,7 +16,7 @@ $(PY):
 
 $(LABEXT): $(LAB_SOURCES) | $(PY)
 	$(PY) -m pip install -q "jupyterlab>=4.6,<5"
-	rm -rf nbpipe/labextension
+	rm -rf nbpipe/labextension nbpipe/static
 	cd labextension && npm ci --no-audit --no-fund --loglevel=error && \
 		PATH="$(abspath $(VENV))/bin:$$PATH" npm run build:prod
 	touch $(LABEXT)

@@ -27,7 +27,7 @@ from . import queries
 from .cells import DISPLAY, CellTask, placeholders
 from .cellscope import analyze, analyze_tree
 from .cluster import parse_words
-from .display import ClusterView, Progress, StatusLine, TaskTable, task_graph
+from .display import ClusterView, Progress, StatusLine, TaskTable, task_graph, widgets_enabled
 from .errors import CycleError, NbpipeError, UnknownTask
 from .pipeline import Pipeline, use
 from .results import read_result
@@ -259,7 +259,8 @@ class NbpipeMagics(Magics):
         parser = _Parser(prog="%pipeline", description="Inspect and control this notebook's pipeline.")
         sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
         sub.add_parser("status", help="tasks by state")
-        sub.add_parser("graph", help="the task graph, coloured by state")
+        p = sub.add_parser("graph", help="the task graph, coloured by state (live in Jupyter)")
+        p.add_argument("--static", action="store_true", help="a Graphviz picture, not the widget")
         p = sub.add_parser("run", help="run tasks (all, or NAMES and what they need)")
         p.add_argument("names", nargs="*")
         p.add_argument("--detach", action="store_true")
@@ -307,8 +308,14 @@ class NbpipeMagics(Magics):
         return TaskTable(title, rows, ("task", "state", "attempts", "why", "key"))
 
     def _do_graph(self, args: Any) -> Any:
+        """The live widget in a Jupyter kernel (shares the sidebar's layout), else Graphviz."""
         pipe = self.session.pipe
         pipe._resolve()
+        if not args.static and widgets_enabled():
+            from .widget import GraphWidget, available
+
+            if available():
+                return GraphWidget(pipe)
         refs = list(pipe._refs.values())
         return task_graph(pipe.name, [(r.key, r.label, r.state.value) for r in refs],
                           [(dep.key, r.key) for r in refs for dep in r.deps])

@@ -38,6 +38,7 @@ CELLS = [
     "from nbpipe import current_pipeline, task\n\n@task\ndef fraction(seed: int) -> float:\n"
     "    return seed / 20\n\nfractions = [fraction(i) for i in range(20)]\n"
     "_ = current_pipeline().run(fractions, wait=False)",
+    "%pipeline graph",
 ]
 
 
@@ -64,9 +65,13 @@ def lab(tmp_path: Path, cluster):
     root.mkdir()
     _notebook(root / "demo.ipynb")
     port = _free_port()
-    env = {**os.environ, "DASK_NBPIPE__CLUSTER": cluster.scheduler_address, "NBPIPE_WIDGETS": "0",
+    env = {**os.environ, "DASK_NBPIPE__CLUSTER": cluster.scheduler_address,
            "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
     env.pop("NBPIPE_STORE", None)
+    # every cell in the DOM (no virtual scrolling), so the test sees outputs below the fold
+    settings = tmp_path / "config" / "lab" / "user-settings" / "@jupyterlab" / "notebook-extension"
+    settings.mkdir(parents=True)
+    (settings / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
     with open(tmp_path / "lab.log", "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
@@ -112,6 +117,8 @@ def page(tmp_path: Path, request: pytest.FixtureRequest):
             pg.screenshot(path=str(tmp_path / "failure.png"))
             print(f"screenshot: {tmp_path / 'failure.png'}")
             print(pg.locator("#nbpipe-sidebar").inner_text(timeout=2000)[:3000])
+            outputs = pg.locator(".jp-OutputArea-output")
+            print("last output:", outputs.nth(outputs.count() - 1).inner_html(timeout=2000)[:2000])
             print((tmp_path / "lab.log").read_text()[-4000:])
         browser.close()
 
@@ -166,6 +173,11 @@ def test_sidebar_shows_the_live_graph_and_retries_and_kills(lab, page, tmp_path:
                            "'#nbpipe-sidebar g.nbpipe-node[data-label^=\"fraction(\"]').length === 20")
     sidebar.locator("button:text-is('Collapse groups')").click()
     group.wait_for()
+
+    # the inline graph (%pipeline graph, an anywidget sharing the sidebar's layout) is live too
+    inline = page.locator(".jp-OutputArea .nbpipe-inline")
+    inline.locator('g.nbpipe-node[data-group="true"][data-task="fraction"][data-state="SUCCEEDED"]').wait_for()
+    inline.locator('g.nbpipe-node[data-label="checked"][data-state="FAILED"]').wait_for()
 
     # keyboard: a node takes focus and Enter opens its panel
     node(page, "total").focus()

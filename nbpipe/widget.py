@@ -1,0 +1,69 @@
+"""``%pipeline graph`` as a live widget for frontends without the sidebar (VS Code, Notebook 7).
+
+An anywidget whose JavaScript (``nbpipe/static/graph-widget.js``, built from
+``labextension/src/widget.ts``) shares the sidebar's graph model and layout: mapped tasks as one
+group node (click to expand), nodes coloured by state. A thread refreshes it while tasks run.
+
+>>> from nbpipe.widget import GraphWidget
+>>> GraphWidget(pipe)                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anywidget
+import traitlets
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+__all__ = ["GraphWidget", "available"]
+
+STATIC = Path(__file__).parent / "static"
+
+
+def available() -> bool:
+    """Whether the widget's JavaScript was built (``make`` builds it with the sidebar)."""
+    return (STATIC / "graph-widget.js").is_file()
+
+
+class GraphWidget(anywidget.AnyWidget):
+    """The graph of a pipeline's tasks in this process, kept live while they run."""
+
+    _esm = STATIC / "graph-widget.js"
+    _css = STATIC / "graph-widget.css"
+    pipeline = traitlets.Unicode().tag(sync=True)
+    tasks = traitlets.List().tag(sync=True)
+    edges = traitlets.List().tag(sync=True)
+
+    def __init__(self, pipe: Pipeline, *, follow: bool = True, poll: float = 0.5, **kwargs: Any):
+        super().__init__(pipeline=pipe.name, **kwargs)
+        self._pipe = pipe
+        self.refresh()
+        if follow:
+            threading.Thread(target=self._follow, args=(poll,), daemon=True,
+                             name=f"nbpipe-graph-{pipe.name}").start()
+
+    def refresh(self) -> None:
+        """Take the tasks' current states (and any new tasks) from the pipeline."""
+        refs = list(self._pipe._refs.values())
+        tasks = [{"key": r.key, "name": r.name, "label": r.label, "kind": r.func.kind,
+                  "state": r.state.value, "attempts": r.attempts, "reason": r.reason,
+                  "error": r.error, "cell": getattr(r.func, "cell_id", None)} for r in refs]
+        edges = [{"parent": d.key, "child": r.key, "kind": kind} for r in refs for d, kind in r.deps.items()]
+        if tasks != self.tasks:
+            self.tasks = tasks
+        if edges != self.edges:
+            self.edges = edges
+
+    def _follow(self, poll: float) -> None:
+        """Refresh until every task is final (then once more), or the widget is closed."""
+        while self.comm is not None:
+            time.sleep(poll)
+            self.refresh()
+            if all(t["state"] in ("SUCCEEDED", "FAILED", "UPSTREAM_FAILED", "KILLED") for t in self.tasks):
+                return

@@ -1,0 +1,47 @@
+"""`%pipeline graph`'s live widget (anywidget) outside a browser: what it sends to the frontend."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import wait_for
+
+from nbpipe.widget import GraphWidget, available
+
+pytestmark = pytest.mark.skipif(not available(), reason="the widget's JavaScript is not built (make)")
+
+
+def test_the_widget_carries_tasks_edges_and_follows_states(pipe) -> None:
+    @pipe.task
+    def part(i: int) -> int:
+        return i
+
+    @pipe.task
+    def whole(parts: list[int]) -> int:
+        return sum(parts)
+
+    total = whole([part(i) for i in range(5)])
+    pipe._resolve()
+    widget = GraphWidget(pipe, follow=False)
+    assert {t["state"] for t in widget.tasks} == {"WAITING"}
+    assert len(widget.edges) == 5 and all(e["child"] == total.key for e in widget.edges)
+    assert "nbpipe-node" in str(widget._esm)  # the built module (sharing graph.ts) is attached
+    pipe.run(check=True)
+    widget.refresh()
+    assert {t["state"] for t in widget.tasks} == {"SUCCEEDED"}
+    assert {t["name"] for t in widget.tasks} == {"part", "whole"}
+
+
+def test_the_widget_refreshes_itself_while_tasks_run(pipe) -> None:
+    import time
+
+    @pipe.task
+    def nap(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    ref = nap(0.5)
+    pipe._resolve()
+    widget = GraphWidget(pipe, poll=0.1)
+    pipe.run(wait=False)
+    wait_for(lambda: widget.tasks[0]["state"] == "SUCCEEDED", timeout=30)
+    assert ref.result() == 0.5
