@@ -8,7 +8,7 @@ LABEXT := nbpipe/labextension/static/style.js
 LAB_SOURCES := $(wildcard labextension/src/*.ts labextension/src/components/*.tsx labextension/style/*) \
                labextension/package.json labextension/package-lock.json labextension/tsconfig.json
 
-.PHONY: demo test bench lint clean docs-cli
+.PHONY: demo test bench lint clean docs-cli screenshots
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/responsiveness.py
 	$(PY) benchmarks/slurm_latency.py
 	$(PY) benchmarks/sidebar.py
+
+screenshots: $(STAMP)
+	NBPIPE_UPDATE_SCREENSHOTS=1 $(PY) -m pytest -q tests/test_sidebar_browser.py
 
 docs-cli: $(STAMP)
 	$(PY) -c "from nbpipe.cli import reference; open('docs/cli.md', 'w').write(reference())"

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# `make screenshots` (NBPIPE_UPDATE_SCREENSHOTS=1) refreshes the guide's pictures from this test.
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "images"
+UPDATE = os.environ.get("NBPIPE_UPDATE_SCREENSHOTS") == "1"
 
 pytestmark = [
     pytest.mark.ci_required,
@@ -138,6 +140,13 @@ def _not_blank(path: Path) -> None:
     assert colours is not None and len(colours) > 20, "the screenshot is blank"
 
 
+def keep(picture: Path, name: str) -> None:
+    """Copy a screenshot into docs/images when refreshing the guide's pictures."""
+    if UPDATE:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(picture, SCREENSHOTS / name)
+
+
 def test_sidebar_shows_the_live_graph_and_retries_and_kills(lab, page, tmp_path: Path) -> None:
     url, root = lab
     page.goto(f"{url}lab/tree/demo.ipynb?token={TOKEN}")
@@ -190,10 +199,9 @@ def test_sidebar_shows_the_live_graph_and_retries_and_kills(lab, page, tmp_path:
     panel.locator(".nbpipe-traceback").wait_for()
     assert "create fixed.flag" in panel.inner_text()
     page.locator(".jp-Cell.nbpipe-highlight", has_text="%%task checked").wait_for()
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(tmp_path / "failed.png"))
     _not_blank(tmp_path / "failed.png")
-    shutil.copy(tmp_path / "failed.png", SCREENSHOTS / "sidebar-failed.png")
+    keep(tmp_path / "failed.png", "sidebar-failed.png")
 
     # fix the cause, press Retry: the task runs again and succeeds
     (root / "fixed.flag").write_text("ok")
@@ -211,7 +219,7 @@ def test_sidebar_shows_the_live_graph_and_retries_and_kills(lab, page, tmp_path:
 
     page.screenshot(path=str(tmp_path / "sidebar.png"))
     _not_blank(tmp_path / "sidebar.png")
-    shutil.copy(tmp_path / "sidebar.png", SCREENSHOTS / "sidebar.png")
+    keep(tmp_path / "sidebar.png", "sidebar.png")
 
     # the dark theme: the sidebar follows JupyterLab's colours
     light = sidebar.evaluate("e => getComputedStyle(e).backgroundColor")
@@ -224,4 +232,4 @@ def test_sidebar_shows_the_live_graph_and_retries_and_kills(lab, page, tmp_path:
     page.wait_for_timeout(500)  # let the last transition finish before the picture
     page.screenshot(path=str(tmp_path / "sidebar-dark.png"))
     _not_blank(tmp_path / "sidebar-dark.png")
-    shutil.copy(tmp_path / "sidebar-dark.png", SCREENSHOTS / "sidebar-dark.png")
+    keep(tmp_path / "sidebar-dark.png", "sidebar-dark.png")
