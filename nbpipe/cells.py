@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
+import inspect
 import linecache
 import re
 import shlex
+import textwrap
 from typing import Any
 
 import cloudpickle
 
+from .errors import TaskDefinitionError
 from .identity import CodeIdentity, digest, normalised_source_digest
 from .task import TaskFunction, TaskOptions
 
-__all__ = ["CellRunner", "CellTask", "fill_placeholders", "placeholders"]
+__all__ = ["CellFunction", "CellRunner", "CellTask", "cell_function", "fill_placeholders", "placeholders"]
 
 DISPLAY = "__nbpipe_display__"  # key of a cell's rich output in its result dict
 
@@ -121,3 +125,56 @@ class CellTask(TaskFunction):
         code = (normalised_source_digest(self.source) if self.kind == "python"
                 else digest(["bash", self.source.strip()]))
         return CodeIdentity(code, {}, {}, {})
+
+
+class CellFunction(CellTask):
+    """A cell written as a function (``@task(outputs=...)``): called like a function, a cell inside.
+
+    Positional arguments are matched to the function's parameters; every parameter is an input
+    of the cell, by name, as the notebook passes them.
+    """
+
+    def __init__(self, fn: Any, name: str, source: str, outputs: list[str], options: TaskOptions,
+                 pipeline: Any, kind: str):
+        super().__init__(name, source, outputs, options, pipeline, kind=kind)
+        self.function = fn
+        self.parameters = inspect.signature(fn)
+        functools.update_wrapper(self, fn, updated=())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = self.parameters.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TaskDefinitionError(f"task {self.name!r}: {exc}; its inputs are "
+                                      f"{', '.join(self.parameters.parameters)}") from None
+        bound.apply_defaults()
+        return self._target()._add(self, (), dict(bound.arguments), label=self.name)
+
+
+def cell_function(fn: Any, kind: str, options: TaskOptions, pipeline: Any,
+                  outputs: Any) -> CellFunction:
+    """Read a cell back from a function: a Python body less its final ``return``, or the
+    template string a bash function returns."""
+    name = options.name or fn.__name__
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError) as exc:
+        raise TaskDefinitionError(f"task {name!r}: cannot read the function's source ({exc})") from None
+    node = next((n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+    if node is None:
+        raise TaskDefinitionError(f"task {name!r}: a cell task must be a function defined with def")
+    body = list(node.body)
+    if kind == "bash":
+        value = body[-1].value if body and isinstance(body[-1], ast.Return) else None
+        if len(body) != 1 or not isinstance(value, ast.Constant) or not isinstance(value.value, str):
+            raise TaskDefinitionError(
+                f"task {name!r}: a @bash_task(template=True) function's body is one "
+                "`return \"...{name}...\"` of a string with {placeholders} for its parameters"
+            )
+        return CellFunction(fn, name, value.value, [], options, pipeline, "bash")
+    if isinstance(outputs, str) or not all(isinstance(o, str) for o in outputs):
+        raise TaskDefinitionError(f"task {name!r}: outputs={outputs!r} must be a list of names")
+    if body and isinstance(body[-1], ast.Return):
+        body = body[:-1]  # it hands the outputs back; the cell's value is its namespace
+    source = ast.unparse(ast.Module(body=body, type_ignores=[])) if body else "pass"
+    return CellFunction(fn, name, source, list(outputs), options, pipeline, "python")

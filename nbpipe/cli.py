@@ -430,6 +430,28 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
     click.echo(f"all tasks succeeded ({elapsed:.1f} s)")
 
 
+@main.command("export")
+@click.argument("notebook", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="the script (default: NOTEBOOK.py)")
+@click.option("--pipeline", help="the pipeline's name (default: the notebook's, as in the notebook)")
+@click.option("--cluster", metavar="KIND", help="write this cluster into the script (default: configuration)")
+def export_command(notebook: str, output: str | None, pipeline: str | None, cluster: str | None) -> None:
+    """Export NOTEBOOK's pipeline to a plain Python script that shares its results.
+
+    Each %%task cell becomes a @task function; the script computes the same task keys as the
+    notebook, so running it after the notebook executes nothing new.
+    """
+    from .export import export_notebook
+
+    target = Path(output) if output else Path(notebook).with_suffix(".py")
+    result = export_notebook(notebook, script=target, pipeline=pipeline, cluster=cluster)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    target.write_text(result.script)
+    click.echo(f"wrote {target} ({len(result.tasks)} task cell(s); run it with `python {target}` "
+               f"or `nbpipe run {target}`)")
+
+
 @main.command("cluster")
 @click.argument("words", nargs=-1, metavar="[KIND] [KEY=VALUE]...")
 def cluster_command(words: tuple[str, ...]) -> None:

@@ -284,6 +284,8 @@ class NbpipeMagics(Magics):
         p.add_argument("--store")
         p = sub.add_parser("cluster", help="show the cluster, or switch: KIND|ADDRESS [KEY=VALUE ...]")
         p.add_argument("spec", nargs="*")
+        p = sub.add_parser("export", help="write this notebook's pipeline as a script (PATH.py)")
+        p.add_argument("path", nargs="?")
         p = sub.add_parser("autorun", help="submit %%task cells when they run (on) or not (off)")
         p.add_argument("mode", choices=["on", "off"])
         return parser
@@ -420,6 +422,21 @@ class NbpipeMagics(Magics):
                       "job_script": connection.pools.job_script(name)}
                      for name, pool in connection.pools.pools.items()]
         return ClusterView(self.session.banner(), pools or detail["pools"], detail["jobs"])
+
+    def _do_export(self, args: Any) -> None:
+        """Export the saved notebook (save it first: the file on disk is what is read)."""
+        from .export import export_notebook
+
+        notebook = self.session.notebook
+        if notebook is None or not Path(notebook).is_file():
+            raise UsageError("this kernel does not know its notebook file; use `nbpipe export "
+                             "NOTEBOOK.ipynb` in a terminal")
+        target = Path(args.path) if args.path else Path(notebook).with_suffix(".py")
+        result = export_notebook(notebook, script=target, pipeline=self.session.pipe.name)
+        target.write_text(result.script)
+        for warning in result.warnings:
+            print(f"warning: {warning}")
+        print(f"wrote {target} ({len(result.tasks)} task cell(s)) from the saved {Path(notebook).name}")
 
     def _do_autorun(self, args: Any) -> None:
         self.session.autorun = args.mode == "on"

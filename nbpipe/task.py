@@ -339,8 +339,15 @@ def _decorator(kind: str) -> Callable[..., Any]:
         pipeline = options.pop("_pipeline", None)
 
         def wrap(f: Callable[..., Any]) -> TaskFunction:
-            name = options.get("name") or getattr(f, "__name__", "task")
-            return TaskFunction(f, kind, make_options(name, **options), pipeline)
+            opts = dict(options)
+            outputs = opts.pop("outputs", None) if kind == "python" else None
+            template = opts.pop("template", False) if kind == "bash" else False
+            name = opts.get("name") or getattr(f, "__name__", "task")
+            if outputs is not None or template:  # the function is a notebook cell, written out
+                from .cells import cell_function
+
+                return cell_function(f, kind, make_options(name, **opts), pipeline, outputs)
+            return TaskFunction(f, kind, make_options(name, **opts), pipeline)
 
         if fn is None:
             return wrap
@@ -357,6 +364,11 @@ task.__doc__ = """Make a function a task: ``@task`` or ``@task(retries=2, memory
 Options: ``name, retries, cores, memory, walltime, gpus, pool, env, version, cache, after,
 max_concurrent, retry_memory_factor``. ``cores``, ``memory``, ``gpus`` and ``walltime`` send the
 task only to workers that have them (on a batch cluster, to a worker pool large enough).
+
+``@task(outputs=["mean", "std"])`` makes the function a *cell* (what ``nbpipe export`` writes
+for a ``%%task`` cell): its body, less a final ``return``, is the cell's code, its parameters
+are the cell's inputs, and its identity is the cell's, so the notebook and the script share
+results. Calling it returns a ref whose ``.output("mean")`` is one output.
 Calling the decorated function registers a task in the current pipeline
 (``with pipe:`` or ``nbpipe.use(pipe)``; else a default pipeline named after the script).
 """
@@ -365,6 +377,8 @@ bash_task = _decorator("bash")
 bash_task.__doc__ = """Make a function that returns a bash command (a string, or an argv list) a task.
 
 The command's stdout is the task's value; a non-zero exit fails the task with its exit code.
+``@bash_task(template=True)`` on a function whose body is ``return "...{name}..."`` is a
+``%%task NAME --bash`` cell written out: its parameters fill the ``{placeholders}``.
 
 >>> @bash_task
 ... def greet(name: str) -> str:

@@ -1,0 +1,425 @@
+"""Export a notebook's pipeline to a plain Python script (``nbpipe export``, ``%pipeline export``).
+
+The script is readable Python without IPython:
+
+- each ``%%task`` cell becomes a function decorated with ``@nbpipe.task(outputs=[...])``
+  (``@nbpipe.bash_task(template=True)`` for ``--bash`` cells) whose parameters are the cell's
+  inputs; its identity is the cell's, so the script and the notebook share results: running the
+  script after the notebook executes nothing new, and the other way round;
+- imports, functions (``@task`` ones too), classes and plain assignments of other cells stay at
+  module level, in notebook order; the rest of those cells runs in ``main()``, in notebook
+  order, with task outputs read through ``.result()`` (which runs what they need first);
+- ``main()`` opens the notebook's pipeline in the notebook's store, registers everything, runs
+  what is not done, and returns the names it bound.
+
+Magics and shell escapes have no script meaning: they are left out, each with a warning that
+names its cell.
+
+>>> result = export_notebook("analysis.ipynb")          # doctest: +SKIP
+>>> print(result.warnings)                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import builtins
+import io
+import json
+import keyword
+import os
+import re
+import sys
+import textwrap
+import tokenize
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .cells import placeholders
+from .cellscope import analyze, analyze_tree
+from .errors import NbpipeError
+
+__all__ = ["ExportError", "Exported", "export_notebook", "task_cell_parser"]
+
+MODULE_LEVEL = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+TASK_DECORATORS = {"task", "bash_task"}
+
+
+class ExportError(NbpipeError, ValueError):
+    """A notebook nbpipe cannot turn into a script (not a notebook, a cell it cannot read)."""
+
+
+def task_cell_parser() -> argparse.ArgumentParser:
+    """The options of a ``%%task`` line (the same as the magic's)."""
+    p = argparse.ArgumentParser(prog="%%task", add_help=False, exit_on_error=False)
+    p.add_argument("name", nargs="?")
+    p.add_argument("--after", nargs="+", default=[])
+    p.add_argument("--retries", type=int)
+    p.add_argument("--cores", type=int)
+    p.add_argument("--memory")
+    p.add_argument("--walltime")
+    p.add_argument("--gpus", type=int)
+    p.add_argument("--pool")
+    p.add_argument("--retry-memory-factor", type=float)
+    p.add_argument("--env", nargs="+", default=[])
+    p.add_argument("--version")
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--bash", action="store_true")
+    return p
+
+
+@dataclass
+class Exported:
+    """The script's text, and what could not be carried over (each naming its cell)."""
+
+    script: str
+    warnings: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _State:
+    top: list[str] = field(default_factory=list)  # module-level blocks, in notebook order
+    main: list[str] = field(default_factory=list)  # lines of main(), unindented
+    outputs: dict[str, str] = field(default_factory=dict)  # task output name -> "output" | "ref"
+    main_names: list[str] = field(default_factory=list)
+    module_names: set[str] = field(default_factory=set)
+    task_functions: set[str] = field(default_factory=set)
+    imports: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+
+
+def _source(cell: dict[str, Any]) -> str:
+    source = cell.get("source", "")
+    return "".join(source) if isinstance(source, list) else str(source)
+
+
+def _has_multiline_strings(source: str) -> bool:
+    try:
+        tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+        return any(t.type == tokenize.STRING and t.start[0] != t.end[0] for t in tokens)
+    except (tokenize.TokenError, SyntaxError):
+        return True
+
+
+def _identifier(name: str) -> str:
+    out = re.sub(r"\W", "_", name)
+    if not out or out[0].isdigit() or keyword.iskeyword(out):
+        out = f"cell_{out}"
+    return out
+
+
+def _option_kwargs(args: argparse.Namespace, where: str, state: _State) -> list[str]:
+    kwargs = []
+    for option in ("retries", "cores", "memory", "walltime", "gpus", "pool", "retry_memory_factor",
+                   "version"):
+        value = getattr(args, option)
+        if value is not None:
+            kwargs.append(f"{option}={value!r}")
+    if args.env:
+        env = {}
+        for pair in args.env:
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise ExportError(f"{where}: --env takes KEY=VALUE pairs, got {pair!r}")
+            env[key] = value
+        kwargs.append(f"env={env!r}")
+    if args.no_cache:
+        kwargs.append("cache=False")
+    if args.after:
+        kwargs.append(f"after={args.after!r}")
+    return kwargs
+
+
+def _task_cell(number: int, line: str, body: str, state: _State) -> None:
+    where = f"cell {number} ({line.strip()})"
+    try:
+        args = task_cell_parser().parse_args(line.split()[1:])
+    except (argparse.ArgumentError, SystemExit) as exc:
+        raise ExportError(f"{where}: cannot read the %%task options ({exc})") from None
+    options = _option_kwargs(args, where, state)
+    if args.bash:
+        if not args.name:
+            raise ExportError(f"{where}: a --bash cell needs a name: %%task NAME --bash")
+        name, inputs = args.name, placeholders(body)
+        fname = _function_name(name, [name], inputs, state)  # `name` holds its ref in main()
+        plain = '"""' not in body and not body.endswith(("\\", '"'))
+        literal = f'r"""{body}"""' if plain else repr(body)
+        decorator = ", ".join(["template=True", *options, *([f"name={name!r}"] if fname != name else [])])
+        state.top.append(
+            f"# {line.strip()}\n@nbpipe.bash_task({decorator})\n"
+            f"def {fname}({', '.join(inputs)}) -> str:\n    return {literal}\n"
+        )
+        call = f"{fname}({', '.join(f'{i}={i}' for i in inputs)})"
+        state.main.append(f"{name} = {call}")
+        state.outputs[name] = "ref"
+        _bind_main(state, name)
+        state.tasks.append(name)
+        return
+    try:
+        scope = analyze(body)
+    except SyntaxError as exc:
+        raise ExportError(f"{where}: the cell is not valid Python ({exc.msg}, line {exc.lineno})") from None
+    outputs = scope.writes
+    name = args.name or (outputs[0] if outputs else None)
+    if not name:
+        raise ExportError(f"{where}: the cell assigns nothing, so it needs a name: %%task NAME")
+    inputs = [r for r in scope.reads if not hasattr(builtins, r)]
+    fname = _function_name(name, outputs, inputs, state)
+    # indenting a multi-line string would change it: such a cell is written from its AST
+    code = ast.unparse(ast.parse(body)) if _has_multiline_strings(body) else _quiet_imports(body.rstrip())
+    lines = textwrap.indent(code, "    ") if code.strip() else "    pass"
+    if outputs:
+        lines += f"\n    return {', '.join(outputs)}"
+    decorator = ", ".join([f"outputs={outputs!r}", *options, *([f"name={name!r}"] if fname != name else [])])
+    signature = f"def {fname}({', '.join(inputs)}):"
+    state.top.append(f"# {line.strip()}\n@nbpipe.task({decorator})\n{signature}\n{lines}\n")
+    call = f"{fname}({', '.join(f'{i}={i}' for i in inputs)})"
+    if len(outputs) == 1:
+        state.main.append(f'{outputs[0]} = {call}.output("{outputs[0]}")')
+    elif outputs:
+        handle = f"{_identifier(name)}_"
+        state.main.append(f"{handle} = {call}")
+        state.main.append(f"{', '.join(outputs)} = "
+                          + ", ".join(f'{handle}.output("{o}")' for o in outputs))
+        _bind_main(state, handle)
+    else:
+        state.main.append(call)
+    for output in outputs:
+        state.outputs[output] = "output"
+        _bind_main(state, output)
+    state.tasks.append(name)
+
+
+def _quiet_imports(code: str) -> str:
+    """Mark runs of imports in a cell with ``# noqa: I001``: sorting them would change the
+    cell's code, and so its identity (a comment does not)."""
+    lines = code.splitlines()
+    body = ast.parse(code).body
+    run: list[ast.stmt] = []
+    marks = []
+    for node in [*body, None]:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            run.append(node)
+            continue
+        if len(run) > 1:
+            marks.append(run[0].lineno)
+        run = []
+    for lineno in marks:
+        if "#" not in lines[lineno - 1]:
+            lines[lineno - 1] += "  # noqa: I001"
+    return "\n".join(lines)
+
+
+def _function_name(name: str, outputs: list[str], inputs: list[str], state: _State) -> str:
+    fname = _identifier(name)
+    taken = set(outputs) | set(inputs) | state.module_names | set(state.main_names)
+    while fname in taken:
+        fname += "_cell"
+    state.module_names.add(fname)
+    return fname
+
+
+def _bind_main(state: _State, name: str) -> None:
+    if name not in state.main_names:
+        state.main_names.append(name)
+
+
+def _calls_task(node: ast.AST, state: _State) -> bool:
+    return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in state.task_functions
+               for n in ast.walk(node))
+
+
+class _ReadResults(ast.NodeTransformer):
+    """``mean`` -> ``mean.result()`` for task outputs a plain statement reads."""
+
+    def __init__(self, names: set[str]):
+        self.names = names
+        self.changed = False
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        if isinstance(node.ctx, ast.Load) and node.id in self.names:
+            self.changed = True
+            call = ast.Call(func=ast.Attribute(value=ast.Name(node.id, ast.Load()), attr="result",
+                                               ctx=ast.Load()), args=[], keywords=[])
+            return ast.copy_location(call, node)
+        return node
+
+
+def _segment(source: str, node: ast.stmt) -> str:
+    lines = source.splitlines()
+    first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
+    return "\n".join(lines[first - 1:node.end_lineno])
+
+
+def _plain_cell(number: int, source: str, state: _State) -> None:
+    kept = []
+    for line in source.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("%", "!")) and line == line.lstrip():
+            if not stripped.startswith("%load_ext nbpipe"):
+                state.warnings.append(f"cell {number}: `{stripped}` has no meaning in a script; left out")
+            kept.append("")  # keep line numbers
+        else:
+            kept.append(line)
+    code = "\n".join(kept)
+    if not code.strip():
+        return
+    try:
+        tree = ast.parse(code)
+    except SyntaxError as exc:
+        state.warnings.append(f"cell {number}: not plain Python ({exc.msg}, line {exc.lineno}: "
+                              f"magics inside expressions?); left out")
+        return
+    for node in tree.body:
+        scope = analyze_tree(ast.Module(body=[node], type_ignores=[]))
+        reads_main = set(scope.reads) & set(state.main_names)
+        bound = [*scope.writes, *scope.imports]
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and any(
+                (d.func if isinstance(d, ast.Call) else d).__class__ in (ast.Name, ast.Attribute)
+                and _decorator_name(d) in TASK_DECORATORS for d in node.decorator_list):
+            state.task_functions.add(node.name)
+        module_level = isinstance(node, MODULE_LEVEL) or (
+            isinstance(node, (ast.Assign, ast.AnnAssign, ast.Try))
+            and not reads_main and not _calls_task(node, state))
+        if module_level:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                state.imports.append(_segment(code, node))
+            else:
+                state.top.append(_segment(code, node) + "\n")
+            state.module_names.update(bound)
+            continue
+        outputs = set(scope.reads) & {n for n, kind in state.outputs.items()}
+        if outputs:
+            rewriter = _ReadResults(outputs)
+            text = ast.unparse(rewriter.visit(ast.parse(_segment(code, node))))
+        else:
+            text = _segment(code, node)
+        overwritten = set(scope.writes) & set(state.outputs)
+        if overwritten:
+            state.warnings.append(f"cell {number}: assigns {', '.join(sorted(overwritten))}, a task "
+                                  "output; in the script later tasks still read the task's value")
+        state.main.append(text)
+        for name in scope.writes:
+            _bind_main(state, name)
+
+
+def _decorator_name(node: ast.expr) -> str:
+    target = node.func if isinstance(node, ast.Call) else node
+    if isinstance(target, ast.Attribute):
+        return target.attr
+    return target.id if isinstance(target, ast.Name) else ""
+
+
+HEADER_IMPORTS = ["import os", "from pathlib import Path", "from typing import Any", "import nbpipe"]
+
+
+def _name_order(name: str) -> tuple[int, str]:
+    """isort's order of imported names: CONSTANTS, then Classes, then functions."""
+    kind = 0 if name.isupper() and len(name) > 1 else 1 if name[:1].isupper() else 2
+    return kind, name
+
+
+def _import_block(statements: list[str], script_tail: str) -> list[str]:
+    """The script's imports, one per line, in isort's order (standard library first, then the
+    rest; ``import x`` before ``from x import y``); imports the script never reads keep a
+    ``# noqa: F401`` (the notebook had them)."""
+    used = {n.id for n in ast.walk(ast.parse(script_tail)) if isinstance(n, ast.Name)}
+    plain: dict[tuple[bool, str], str] = {}
+    froms: dict[tuple[bool, str], set[str]] = {}
+    for statement in statements:
+        for node in ast.parse(statement).body:
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    top = alias.name.partition(".")[0]
+                    text = f"import {alias.name}" + (f" as {alias.asname}" if alias.asname else "")
+                    plain[(top not in sys.stdlib_module_names, text.lower())] = text
+            elif isinstance(node, ast.ImportFrom):
+                module = "." * node.level + (node.module or "")
+                top = (node.module or "").partition(".")[0]
+                names = froms.setdefault((top not in sys.stdlib_module_names or node.level > 0, module),
+                                         set())
+                names.update(a.name + (f" as {a.asname}" if a.asname else "") for a in node.names)
+    out: list[str] = []
+    for third_party in (False, True):
+        section = [plain[k] for k in sorted(k for k in plain if k[0] == third_party)]
+        section += [f"from {m} import {', '.join(sorted(froms[(tp, m)], key=_name_order))}"
+                    for tp, m in sorted(k for k in froms if k[0] == third_party)]
+        if section and out:
+            out.append("")
+        for line in section:
+            node = ast.parse(line).body[0]
+            names = [(a.asname or a.name).partition(".")[0] for a in node.names]  # type: ignore[attr-defined]
+            header = line in HEADER_IMPORTS
+            out.append(line if header or any(n in used for n in names) else line + "  # noqa: F401")
+    return out
+
+
+def export_notebook(notebook: str | os.PathLike[str], *, script: str | os.PathLike[str] | None = None,
+                    pipeline: str | None = None, cluster: Any = None) -> Exported:
+    """Turn a notebook into a script; ``script`` is where it will live (for the store's path)."""
+    path = Path(notebook).resolve()
+    try:
+        data = json.loads(path.read_text())
+        cells = data["cells"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ExportError(f"{notebook}: not a readable notebook ({exc})") from None
+    target = Path(script).resolve() if script is not None else path.with_suffix(".py")
+    store = Path(os.path.relpath(path.parent / ".nbpipe", target.parent)).as_posix()
+    name = pipeline or path.stem
+    state = _State()
+    number = 0
+    for cell in cells:
+        if cell.get("cell_type") != "code":
+            continue
+        number += 1
+        source = _source(cell)
+        first, _, body = source.partition("\n")
+        if first.startswith("%%task"):
+            _task_cell(number, first, body, state)
+        elif first.startswith("%%"):
+            state.warnings.append(f"cell {number}: the cell magic `{first.split()[0]}` has no meaning "
+                                  "in a script; cell left out")
+        else:
+            _plain_cell(number, source, state)
+
+    bound = ", ".join(f'"{n}": {n}' for n in state.main_names)
+    main = [
+        f"pipe = nbpipe.Pipeline({name!r}, store=os.environ.get(\"NBPIPE_STORE\") or HERE / {store!r}"
+        + (f", cluster={cluster!r})" if cluster is not None else ")"),
+        "nbpipe.use(pipe)",
+        *state.main,
+        "print(pipe.run(check=True))",
+        f"return {{{bound}}}",
+    ]
+    body = "\n".join(textwrap.indent(block, "    ") for block in main)
+    tail = "\n\n".join([*(b.rstrip() + "\n" for b in state.top),
+                        f"def main() -> dict[str, Any]:\n    \"\"\"Register the tasks, run what is not "
+                        f"done, return the names the notebook bound.\"\"\"\n{body}\n",
+                        'if __name__ == "__main__":\n    main()\n'])
+    imports = _import_block([*HEADER_IMPORTS, *state.imports], tail)
+    header = [
+        f'"""Pipeline {name!r}, exported from {path.name} by `nbpipe export`.',
+        "",
+        "Each %%task cell is a function below; running this script shares results with the notebook",
+        f'(store {store}): what the notebook computed is not computed again, and the other way round.',
+        '"""',
+        "",
+        "from __future__ import annotations",
+        "",
+        *imports,
+        "",
+        "HERE = Path(__file__).resolve().parent",
+        "",
+        "",
+        "",
+    ]
+    text = "\n".join(header) + tail
+    try:
+        ast.parse(text)
+    except SyntaxError as exc:  # pragma: no cover - a bug in the exporter
+        raise ExportError(f"{notebook}: the exported script does not parse ({exc}); please report "
+                          "it") from None
+    return Exported(text, state.warnings, state.tasks)

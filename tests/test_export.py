@@ -1,0 +1,155 @@
+"""Exporting notebooks to scripts that share their results (real kernels, real scripts, real ruff)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from nbpipe.export import ExportError, export_notebook
+from nbpipe.store import Store
+
+NB = Path(__file__).resolve().parent.parent / "nb"
+
+MIXED = [
+    "%load_ext nbpipe",
+    "import math\nSCALE = 3",
+    "%%task numbers\nnumbers = [i * SCALE for i in range(5)]",
+    "from nbpipe import task\n\n\n@task\ndef square(x: int) -> int:\n    return x * x\n\n\n"
+    "squares = [square(n) for n in range(4)]",
+    "print('count', len(numbers))",
+    "%%task total\n# a comment\ntotal = sum(numbers) + math.floor(2.5)",
+    "%%task greet --bash\necho \"total is {total}\"",
+    "!echo shell escapes have no script meaning\n%timeit 1",
+    "print('total', total, 'greet', getattr(greet, 'stdout', greet).strip(),\n"
+    "      'squares', [s.result() for s in squares])",
+]
+
+
+def _notebook(path: Path, cells: list[str]) -> Path:
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture
+def env(cluster, monkeypatch) -> dict[str, str]:
+    """Kernels and scripts use the shared test cluster; no widgets in kernels."""
+    monkeypatch.setenv("DASK_NBPIPE__CLUSTER", cluster.scheduler_address)
+    monkeypatch.setenv("NBPIPE_WIDGETS", "0")
+    monkeypatch.delenv("NBPIPE_STORE", raising=False)
+    monkeypatch.delenv("NBPIPE_PIPELINE", raising=False)
+    return dict(os.environ)
+
+
+def execute(path: Path, monkeypatch) -> str:
+    monkeypatch.setenv("JPY_SESSION_NAME", str(path))
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    text = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            assert out.output_type != "error", f"{out.get('ename')}: {out.get('evalue')}"
+            text.append(out.get("text") or out.get("data", {}).get("text/plain", ""))
+    return "\n".join(text)
+
+
+def export(path: Path, env: dict[str, str]) -> tuple[Path, str]:
+    out = subprocess.run([sys.executable, "-m", "nbpipe.cli", "export", str(path)], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    script = path.with_suffix(".py")
+    lint = subprocess.run([sys.executable, "-m", "ruff", "check", "--isolated", str(script)],
+                          capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + script.read_text()
+    return script, out.stderr
+
+
+def run_script(script: Path, env: dict[str, str]) -> str:
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                         cwd=script.parent, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def attempts(store: Path, pipeline: str) -> dict[str, tuple[str, int]]:
+    s = Store(store)
+    return {r["label"]: (r["key"], r["attempts"]) for r in s.task_rows(s.pipeline_id(pipeline)).values()}
+
+
+def test_the_quickstart_script_reuses_everything_the_notebook_computed(tmp_path, env, monkeypatch) -> None:
+    path = tmp_path / "quickstart.ipynb"
+    shutil.copy(NB / "quickstart.ipynb", path)
+    text = execute(path, monkeypatch)
+    mean, pi = re.search(r"^(-?[\d.e-]+) ([\d.]+)$", text, re.M).groups()
+    before = attempts(tmp_path / ".nbpipe", "quickstart")
+    script, warnings = export(path, env)
+    assert "%pipeline status" in warnings and "cell 7" in warnings
+    source = script.read_text()
+    assert "get_ipython" not in source
+    assert not any(line.lstrip().startswith(("%", "!")) for line in source.splitlines())
+    assert "@nbpipe.task(outputs=['mean', 'std'])\ndef stats(data):" in source
+    out = run_script(script, env)
+    assert f"{mean} {pi}" in out
+    assert "0 executed, 23 already done" in out
+    assert attempts(tmp_path / ".nbpipe", "quickstart") == before  # nothing ran again
+
+
+def test_a_notebook_reuses_what_its_script_computed(tmp_path, env, monkeypatch) -> None:
+    path = _notebook(tmp_path / "mixed.ipynb", MIXED)
+    script, warnings = export(path, env)
+    assert "cell 8: `!echo shell escapes" in warnings and "cell 8: `%timeit 1`" in warnings
+    out = run_script(script, env)
+    assert "count 5" in out and "total 32 greet total is 32 squares [0, 1, 4, 9]" in out
+    first = attempts(tmp_path / ".nbpipe", "mixed")
+    assert len(first) == 7 and {a for _, a in first.values()} == {1}
+    text = execute(path, monkeypatch)
+    assert "total 32 greet total is 32 squares [0, 1, 4, 9]" in text
+    assert attempts(tmp_path / ".nbpipe", "mixed") == first  # the notebook ran nothing
+
+
+def test_changing_one_function_in_the_script_reruns_only_what_depends_on_it(tmp_path, env) -> None:
+    path = _notebook(tmp_path / "mixed.ipynb", MIXED)
+    script, _ = export(path, env)
+    run_script(script, env)
+    before = attempts(tmp_path / ".nbpipe", "mixed")
+    source = script.read_text()
+    assert "total = sum(numbers) + math.floor(2.5)" in source
+    script.write_text(source.replace("total = sum(numbers) + math.floor(2.5)",
+                                     "total = sum(numbers) + math.floor(3.5)"))
+    out = run_script(script, env)
+    assert "total 33 greet total is 33" in out
+    after = attempts(tmp_path / ".nbpipe", "mixed")
+    changed = {label for label in after if after[label] != before.get(label)}
+    assert changed == {"total", "greet"}
+
+
+def test_export_of_every_example_notebook_passes_ruff(tmp_path, env) -> None:
+    for notebook in sorted(NB.glob("*.ipynb")):
+        copy = tmp_path / notebook.name
+        shutil.copy(notebook, copy)
+        export(copy, env)
+
+
+def test_bad_notebooks_are_refused_with_the_cell_named(tmp_path) -> None:
+    (tmp_path / "broken.ipynb").write_text("{not json")
+    with pytest.raises(ExportError, match="broken.ipynb: not a readable notebook"):
+        export_notebook(tmp_path / "broken.ipynb")
+    path = _notebook(tmp_path / "nameless.ipynb", ["%load_ext nbpipe", "%%task\nprint('hi')"])
+    with pytest.raises(ExportError, match=r"cell 2 \(%%task\): the cell assigns nothing"):
+        export_notebook(path)
+    path = _notebook(tmp_path / "options.ipynb", ["%%task x --retries lots\nx = 1"])
+    with pytest.raises(ExportError, match=r"cell 1 \(%%task x --retries lots\): cannot read"):
+        export_notebook(path)
+    data = json.loads(path.read_text())
+    assert data["cells"]
