@@ -36,7 +36,7 @@ CELLS = [
     "%%task total\ntotal = sum(data)",
     "%%task checked\nimport os\n"
     "assert os.path.exists('{root}/fixed.flag'), 'create fixed.flag, then press Retry'\nchecked = total",
-    "%%task slow\nimport time\ntime.sleep(600)\nslow = 1",
+    "%%task slow\nimport time\ntime.sleep(300)\nslow = 1",
     "from nbpipe import current_pipeline, task\n\n@task\ndef fraction(seed: int) -> float:\n"
     "    return seed / 20\n\nfractions = [fraction(i) for i in range(20)]\n"
     "_ = current_pipeline().run(fractions, wait=False)",
@@ -61,13 +61,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def lab(tmp_path: Path, cluster):
-    """A `jupyter lab` server over tmp_path whose kernels use the shared test cluster."""
+def lab(tmp_path: Path):
+    """A `jupyter lab` server over tmp_path; its kernels start LocalClusters of their own."""
     root = tmp_path / "root"
     root.mkdir()
     _notebook(root / "demo.ipynb")
     port = _free_port()
-    env = {**os.environ, "DASK_NBPIPE__CLUSTER": cluster.scheduler_address,
+    # the kernel starts a LocalCluster of its own (it ends with the kernel: a task left running
+    # by a failed test cannot hold a worker of the shared test cluster)
+    env = {**os.environ, "DASK_NBPIPE__CLUSTER": "local",
            "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
     env.pop("NBPIPE_STORE", None)
     # every cell in the DOM (no virtual scrolling), so the test sees outputs below the fold
