@@ -380,13 +380,17 @@ def spawn(ctx: click.Context, pipeline: str) -> None:
 @click.option("--detach", is_flag=True, help="run in the background; output in nbpipe-run.log")
 def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[str, ...],
         detach: bool) -> None:
-    """Run a pipeline script; exit 0 when every task succeeded, 1 when one failed."""
+    """Run a pipeline script, or a notebook's pipeline headless (SCRIPT.ipynb, no Jupyter);
+    exit 0 when every task succeeded, 1 when one failed."""
     import subprocess
 
     import dask
 
     from .cluster import parse_words, validate
     from .pipeline import _open
+
+    if script.endswith(".ipynb") and not detach:
+        script = str(_notebook_script(Path(script)))
 
     spec = parse_words([*([cluster] if cluster else []), *options])
     spec = validate(spec) if spec is not None else None  # merged with the configured options
@@ -478,6 +482,20 @@ def cluster_command(words: tuple[str, ...]) -> None:
             click.echo(preview.job_script(pool.name))
     finally:
         preview.close()
+
+
+def _notebook_script(notebook: Path) -> Path:
+    """Export a notebook into its store (``.nbpipe/exports/``) to run it as a script."""
+    from .export import export_notebook
+
+    exports = notebook.resolve().parent / ".nbpipe" / "exports"
+    exports.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target = exports / f"{notebook.stem}.py"
+    result = export_notebook(notebook, script=target)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    target.write_text(result.script)
+    return target
 
 
 def _counts() -> tuple[int, int, int]:

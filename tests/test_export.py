@@ -153,3 +153,15 @@ def test_bad_notebooks_are_refused_with_the_cell_named(tmp_path) -> None:
         export_notebook(path)
     data = json.loads(path.read_text())
     assert data["cells"]
+
+
+def test_nbpipe_run_runs_a_notebooks_pipeline_headless(tmp_path, env, monkeypatch) -> None:
+    path = _notebook(tmp_path / "mixed.ipynb", MIXED)
+    out = subprocess.run([sys.executable, "-m", "nbpipe.cli", "run", str(path)], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "total 32 greet total is 32" in out.stdout and "all tasks succeeded" in out.stdout
+    assert "cell 8" in out.stderr  # the warnings of the export
+    first = attempts(tmp_path / ".nbpipe", "mixed")
+    text = execute(path, monkeypatch)  # the notebook then finds everything done
+    assert "total 32" in text and attempts(tmp_path / ".nbpipe", "mixed") == first
