@@ -439,13 +439,16 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="the script (default: NOTEBOOK.py)")
 @click.option("--pipeline", help="the pipeline's name (default: the notebook's, as in the notebook)")
 @click.option("--cluster", metavar="KIND", help="write this cluster into the script (default: configuration)")
-def export_command(notebook: str, output: str | None, pipeline: str | None, cluster: str | None) -> None:
+@click.option("--sbatch", type=click.Path(dir_okay=False), metavar="JOB.sh",
+              help="also write a Slurm batch script that runs the exported script as the driver")
+def export_command(notebook: str, output: str | None, pipeline: str | None, cluster: str | None,
+                   sbatch: str | None) -> None:
     """Export NOTEBOOK's pipeline to a plain Python script that shares its results.
 
     Each %%task cell becomes a @task function; the script computes the same task keys as the
     notebook, so running it after the notebook executes nothing new.
     """
-    from .export import export_notebook
+    from .export import export_notebook, sbatch_script
 
     target = Path(output) if output else Path(notebook).with_suffix(".py")
     result = export_notebook(notebook, script=target, pipeline=pipeline, cluster=cluster)
@@ -454,6 +457,10 @@ def export_command(notebook: str, output: str | None, pipeline: str | None, clus
     target.write_text(result.script)
     click.echo(f"wrote {target} ({len(result.tasks)} task cell(s); run it with `python {target}` "
                f"or `nbpipe run {target}`)")
+    if sbatch:
+        name = pipeline or Path(notebook).stem
+        Path(sbatch).write_text(sbatch_script(target, name, cluster=cluster))
+        click.echo(f"wrote {sbatch} (submit it with `sbatch {sbatch}`)")
 
 
 @main.command("cluster")

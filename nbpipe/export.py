@@ -29,6 +29,7 @@ import json
 import keyword
 import os
 import re
+import shlex
 import sys
 import textwrap
 import tokenize
@@ -40,7 +41,7 @@ from .cells import placeholders
 from .cellscope import analyze, analyze_tree
 from .errors import NbpipeError
 
-__all__ = ["ExportError", "Exported", "export_notebook", "task_cell_parser"]
+__all__ = ["ExportError", "Exported", "export_notebook", "sbatch_script", "task_cell_parser"]
 
 MODULE_LEVEL = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 TASK_DECORATORS = {"task", "bash_task"}
@@ -423,3 +424,44 @@ def export_notebook(notebook: str | os.PathLike[str], *, script: str | os.PathLi
         raise ExportError(f"{notebook}: the exported script does not parse ({exc}); please report "
                           "it") from None
     return Exported(text, state.warnings, state.tasks)
+
+
+def sbatch_script(script: str | os.PathLike[str], pipeline: str, *, cluster: Any = None,
+                  python: str | None = None) -> str:
+    """A Slurm batch script that runs an exported script as the pipeline's driver.
+
+    The driver job is small (one core); the workers are the jobs its cluster submits (the
+    ``cluster`` given, else the configured one). Queue, account, walltime and prologue lines
+    come from a Slurm cluster's options when it has them.
+    """
+    from .cluster import resolve_spec
+
+    script = Path(script).resolve()
+    spec = resolve_spec(cluster)
+    options = spec if isinstance(spec, dict) and spec.get("kind") == "slurm" else {}
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", pipeline)
+    lines = [
+        "#!/usr/bin/env bash",
+        f"#SBATCH --job-name=nbpipe-{safe}",
+        f"#SBATCH --output={script.parent}/nbpipe-{safe}-%j.out",
+        "#SBATCH --ntasks=1",
+        "#SBATCH --cpus-per-task=1",
+        "#SBATCH --mem=2G",
+        f"#SBATCH --time={options.get('walltime') or '01:00:00'}",
+    ]
+    if options.get("queue"):
+        lines.append(f"#SBATCH --partition={options['queue']}")
+    if options.get("account"):
+        lines.append(f"#SBATCH --account={options['account']}")
+    lines += [
+        "",
+        f"# The driver of pipeline {pipeline!r}: it runs {script.name}, whose worker jobs come from",
+        "# the cluster configuration (nbpipe.yaml or Dask's); results go to the notebook's store.",
+        "set -euo pipefail",
+        *[str(line) for line in options.get("job_script_prologue") or []],
+        f"cd {shlex.quote(str(script.parent))}",
+        f"exec {shlex.quote(python or sys.executable)} -m nbpipe.cli run {shlex.quote(script.name)}"
+        + ("" if cluster is None or not isinstance(cluster, str) else f" --cluster {shlex.quote(cluster)}"),
+        "",
+    ]
+    return "\n".join(lines)

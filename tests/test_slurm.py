@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -269,3 +270,40 @@ def test_the_slurm_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch) -> N
     assert "where: nbpipe-default 1 cpu(s)" in text and "wide:  nbpipe-big 2 cpu(s)" in text
     assert "batch job(s)" in text
     wait_for(lambda: not _queue(), timeout=60)  # the kernel is gone: so are its jobs
+
+
+def test_an_exported_sbatch_script_runs_on_slurm_and_its_results_show(tmp_path: Path) -> None:
+    import json
+
+    import nbformat
+
+    (tmp_path / "nbpipe.yaml").write_text(
+        "cluster:\n  kind: slurm\n  cores: 1\n  memory: 1GB\n  walltime: '00:10:00'\n  max_jobs: 2\n"
+        "  idle_timeout: 5s\n")
+    cells = ["%load_ext nbpipe", "%%task numbers\nnumbers = list(range(6))",
+             "from nbpipe import context, task\n\n\n@task\ndef where(n: int) -> str:\n"
+             "    return context().job_id\n\n\njobs = [where(n) for n in range(3)]",
+             "%%task total\ntotal = sum(numbers)"]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nbformat.write(nb, tmp_path / "batch.ipynb")
+    out = subprocess.run([sys.executable, "-m", "nbpipe.cli", "export", "batch.ipynb", "--sbatch", "job.sh"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    job = (tmp_path / "job.sh").read_text()
+    assert "#SBATCH --time=00:10:00" in job and "nbpipe.cli run batch.py" in job
+    done = subprocess.run(["sbatch", "--wait", "job.sh"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=400)
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("nbpipe-batch-*.out"))
+    assert done.returncode == 0, done.stdout + done.stderr + logs
+    assert "all tasks succeeded" in logs
+    listing = subprocess.run([sys.executable, "-m", "nbpipe.cli", "--store", str(tmp_path / ".nbpipe"),
+                              "tasks", "batch", "--json"], capture_output=True, text=True, timeout=60)
+    tasks = json.loads(listing.stdout)
+    assert len(tasks) == 5 and {t["state"] for t in tasks} == {"SUCCEEDED"}
+    from nbpipe.store import Store
+
+    store = Store(tmp_path / ".nbpipe")
+    pid = store.pipeline_id("batch", create=False)
+    workers = [a["job_id"] for t in tasks for a in store.attempts(pid, t["key"])]
+    driver = re.search(r"Submitted batch job (\d+)", done.stdout).group(1)
+    assert all(w and w != driver for w in workers)  # the tasks ran in worker jobs, not the driver's
