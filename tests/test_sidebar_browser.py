@@ -219,6 +219,14 @@ def test_sidebar_shows_the_live_graph_and_retries_and_kills(lab, page, tmp_path:
     assert "23 succeeded" in counts and "1 killed" in counts, counts
 
 
+    # "Export notebook to nbpipe script": the script is written beside the notebook and opened
+    sidebar.locator("button.nbpipe-export").click()
+    page.locator(".jp-Dialog:has-text('Exported') .jp-Dialog-button.jp-mod-accept").click()
+    wait = time.monotonic() + 30
+    while not (root / "demo.py").exists() and time.monotonic() < wait:
+        time.sleep(0.2)
+    assert "@nbpipe.task(outputs=['data']" in (root / "demo.py").read_text()
+
     page.screenshot(path=str(tmp_path / "sidebar.png"))
     _not_blank(tmp_path / "sidebar.png")
     keep(tmp_path / "sidebar.png", "sidebar.png")

@@ -2,18 +2,20 @@
  * The nbpipe JupyterLab extension: a left sidebar with the active notebook's pipeline.
  */
 import { ILabShell, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
-import { ICommandPalette, ReactWidget } from '@jupyterlab/apputils';
+import { ICommandPalette, ReactWidget, showDialog, Dialog } from '@jupyterlab/apputils';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { LabIcon } from '@jupyterlab/ui-components';
 import * as React from 'react';
 import { Sidebar } from './components/Sidebar';
+import { requestAPI } from './api';
 import { SidebarModel } from './model';
 
 /** The sidebar's stable DOM id (tests and `app.shell.activateById` use it). */
 export const SIDEBAR_ID = 'nbpipe-sidebar';
 
 export const CommandIDs = {
-  open: 'nbpipe:open-sidebar'
+  open: 'nbpipe:open-sidebar',
+  export: 'nbpipe:export-notebook'
 };
 
 const ICON_SVG = `<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 24 24"><g class="jp-icon3" fill="#616161">
@@ -89,6 +91,37 @@ const plugin: JupyterFrontEndPlugin<void> = {
       execute: () => app.shell.activateById(SIDEBAR_ID)
     });
     palette?.addItem({ command: CommandIDs.open, category: 'nbpipe' });
+
+    app.commands.addCommand(CommandIDs.export, {
+      label: 'Export notebook to nbpipe script',
+      caption: 'Write the notebook pipeline as a plain Python script that shares its results',
+      isEnabled: () => tracker.currentWidget !== null,
+      execute: async () => {
+        const panel = tracker.currentWidget;
+        if (!panel) {
+          return;
+        }
+        await panel.context.save();  // the file on disk is what is exported
+        try {
+          const result = await requestAPI<{ script: string; tasks: string[]; warnings: string[] }>(
+            'export',
+            {},
+            { method: 'POST', body: JSON.stringify({ path: panel.context.path }) }
+          );
+          const warnings = result.warnings.length ? `\n\nLeft out:\n${result.warnings.join('\n')}` : '';
+          await showDialog({
+            title: 'Exported',
+            body: `Wrote ${result.script} (${result.tasks.length} task cells).${warnings}`,
+            buttons: [Dialog.okButton()]
+          });
+          await app.commands.execute('docmanager:open', { path: result.script });
+        } catch (e) {
+          await showDialog({ title: 'Export failed', body: (e as Error).message, buttons: [Dialog.okButton()] });
+        }
+      }
+    });
+    palette?.addItem({ command: CommandIDs.export, category: 'nbpipe' });
+    model.exportCommand = () => app.commands.execute(CommandIDs.export);
   }
 };
 

@@ -19,6 +19,8 @@ export class SidebarModel {
   detail: ITaskDetail | null = null;
   error: string | null = null;
   path = '';
+  /** Runs the "Export notebook to nbpipe script" command (set by the plugin). */
+  exportCommand: (() => Promise<unknown>) | null = null;
   private _lastEvent = 0;
   private _timer: number | null = null;
   private _busy = false;

@@ -12,6 +12,7 @@ cookie. Stores are named by their path relative to the server root and must lie 
 ``GET  task?store=S&pipeline=P&task=T``     attempts, logs, traceback, resources, versions
 ``GET  cluster?store=S&pipeline=P``    worker pools, job scripts, batch jobs
 ``POST command`` (JSON body)           ``{store, pipeline, verb, tasks?, failed?, all?}``
+``POST export`` (JSON body)            ``{path}``: the notebook's script, written beside it
 =====================================  ==============================================
 """
 
@@ -210,9 +211,33 @@ class CommandHandler(NbpipeHandler):
                           all=bool(body.get("all")))
 
 
+class ExportHandler(NbpipeHandler):
+    """Export a saved notebook to a script beside it (``nbpipe export``)."""
+
+    @tornado.web.authenticated
+    async def post(self) -> None:
+        try:
+            body = json.loads(self.request.body or b"{}")
+        except json.JSONDecodeError:
+            raise tornado.web.HTTPError(400, "the body must be JSON") from None
+        notebook = self.inside_root(str(body.get("path", "")), "path")
+        if notebook.suffix != ".ipynb" or not notebook.is_file():
+            raise tornado.web.HTTPError(404, f"{body.get('path')!r} is not a notebook")
+        await self.answer(self._export, notebook)
+
+    def _export(self, notebook: Path) -> dict[str, Any]:
+        from ..export import export_notebook
+
+        target = notebook.with_suffix(".py")
+        result = export_notebook(notebook, script=target)
+        target.write_text(result.script)
+        return {"script": self.relative(target), "tasks": result.tasks, "warnings": result.warnings}
+
+
 HANDLERS: list[tuple[str, type[NbpipeHandler]]] = [
     ("pipelines", PipelinesHandler), ("graph", GraphHandler), ("events", EventsHandler),
     ("task", TaskHandler), ("cluster", ClusterHandler), ("command", CommandHandler),
+    ("export", ExportHandler),
 ]
 
 

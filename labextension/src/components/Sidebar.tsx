@@ -258,6 +258,15 @@ export function Sidebar(props: ISidebarProps): JSX.Element {
         <button className="jp-Button nbpipe-small" title="Look for pipelines again" onClick={() => void model.refreshPipelines()}>
           ⟳
         </button>
+        {model.exportCommand && model.path.endsWith('.ipynb') && (
+          <button
+            className="jp-Button nbpipe-small nbpipe-export"
+            title="Export notebook to nbpipe script"
+            onClick={() => void model.exportCommand?.()}
+          >
+            Export
+          </button>
+        )}
       </div>
       {model.error && <div className="nbpipe-message">{model.error}</div>}
       {!model.selected && (
