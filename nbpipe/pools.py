@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -62,12 +63,18 @@ ENDED = frozenset({
 
 def cluster_class(kind: str) -> type:
     """The dask-jobqueue cluster class of a scheduler kind (``"slurm"``, ``"pbs"``, ...)."""
+    previous = signal.getsignal(signal.SIGINT)
     try:
         import dask_jobqueue
     except ImportError:  # pragma: no cover - dask-jobqueue is a dependency
         raise ClusterError(
             f"cluster kind {kind!r} needs dask-jobqueue: pip install dask-jobqueue"
         ) from None
+    finally:
+        # dask_jobqueue.runner replaces the SIGINT handler on import (with sys.exit): in a
+        # kernel, an interrupt must stay a KeyboardInterrupt.
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
     return getattr(dask_jobqueue, KINDS[kind])
 
 

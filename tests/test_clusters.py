@@ -14,14 +14,15 @@ import sys
 from pathlib import Path
 
 import dask
-import dask_jobqueue  # noqa: F401  (its defaults join dask.config before clean_config saves it)
 import pytest
 
 from nbpipe import ClusterError, ConfigError, Pipeline, ResourceError, TaskDefinitionError, task
 from nbpipe import config as nbconfig
 from nbpipe.cluster import parse_words, resolve_spec, validate
-from nbpipe.pools import PoolCluster, default_lifetime, parse_pools
+from nbpipe.pools import PoolCluster, cluster_class, default_lifetime, parse_pools
 from nbpipe.store import SCHEMA_VERSION, Store
+
+cluster_class("slurm")  # dask-jobqueue's defaults join dask.config before clean_config saves it
 
 
 @pytest.fixture(autouse=True)
@@ -263,3 +264,17 @@ def test_nbpipe_show_without_a_task_shows_the_pipelines_jobs(tmp_path: Path) -> 
     text = subprocess.run([sys.executable, "-m", "nbpipe.cli", "--store", str(store.path), "show", "jobs"],
                           capture_output=True, text=True, timeout=60).stdout
     assert "12.server" in text and "no runner attached" in text
+
+
+def test_starting_a_batch_cluster_keeps_the_interrupt_handler(tmp_path: Path) -> None:
+    """dask-jobqueue replaces SIGINT's handler when imported; a kernel's Ctrl-C must survive."""
+    import signal
+
+    subprocess.run([sys.executable, "-c", """
+import signal
+from nbpipe.pools import cluster_class
+before = signal.getsignal(signal.SIGINT)
+cluster_class("slurm")
+assert signal.getsignal(signal.SIGINT) is before, signal.getsignal(signal.SIGINT)
+"""], check=True, timeout=60)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
