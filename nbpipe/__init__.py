@@ -42,6 +42,16 @@ from .taskfile import TaskItem, load_tasks
 
 __version__ = "0.1.0"
 
+# The project's nbpipe.yaml joins dask.config now, so that a later dask.config.set (a script's,
+# `nbpipe run --cluster`'s) takes precedence over it. A broken file is reported when a setting
+# is first read, not at import.
+try:
+    from .config import load_project_config as _load_project_config
+
+    _load_project_config()
+except ConfigError:
+    pass
+
 __all__ = [
     "BashResult", "BashTaskError", "ClusterError", "ConfigError", "CycleError", "In",
     "MissingInputError", "NbpipeError", "Out", "Pipeline", "PipelineBusy", "ResourceError",

@@ -12,6 +12,7 @@ nearest ``.nbpipe`` from the current directory upward. Exit codes: 0 success, 1 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import runpy
@@ -378,8 +379,11 @@ def spawn(ctx: click.Context, pipeline: str) -> None:
 @click.option("-o", "--cluster-option", "options", multiple=True, metavar="KEY=VALUE",
               help="a job option for the cluster, e.g. -o memory=4GB -o queue=short (repeatable)")
 @click.option("--detach", is_flag=True, help="run in the background; output in nbpipe-run.log")
+@click.option("--inside-allocation", is_flag=True,
+              help="under `srun` in a Slurm job: rank 0 is the scheduler, rank 1 runs the script, "
+                   "the other ranks are its workers (dask-jobqueue's SLURMRunner)")
 def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[str, ...],
-        detach: bool) -> None:
+        detach: bool, inside_allocation: bool) -> None:
     """Run a pipeline script, or a notebook's pipeline headless (SCRIPT.ipynb, no Jupyter);
     exit 0 when every task succeeded, 1 when one failed."""
     import subprocess
@@ -412,7 +416,10 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
     stop = threading.Event()
     monitor = threading.Thread(target=_report_progress, args=(stop, sys.stdout.isatty()), daemon=True)
     monitor.start()
-    with dask.config.set({"nbpipe.cluster": spec} if spec is not None else {}):
+    with contextlib.ExitStack() as stack:
+        if inside_allocation:  # only rank 1 gets past this line; the others serve, then exit
+            spec = stack.enter_context(_allocation_client())
+        stack.enter_context(dask.config.set({"nbpipe.cluster": spec} if spec is not None else {}))
         try:
             runpy.run_path(script, run_name="__main__")
         except SystemExit as exc:  # the script's own verdict; the tasks' states come first
@@ -441,8 +448,11 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
 @click.option("--cluster", metavar="KIND", help="write this cluster into the script (default: configuration)")
 @click.option("--sbatch", type=click.Path(dir_okay=False), metavar="JOB.sh",
               help="also write a Slurm batch script that runs the exported script as the driver")
+@click.option("--inside-allocation", is_flag=True,
+              help="with --sbatch: the whole run in that one job (scheduler, driver and workers)")
+@click.option("--ntasks", type=click.IntRange(min=3), help="with --inside-allocation: Slurm tasks")
 def export_command(notebook: str, output: str | None, pipeline: str | None, cluster: str | None,
-                   sbatch: str | None) -> None:
+                   sbatch: str | None, inside_allocation: bool, ntasks: int | None) -> None:
     """Export NOTEBOOK's pipeline to a plain Python script that shares its results.
 
     Each %%task cell becomes a @task function; the script computes the same task keys as the
@@ -459,7 +469,8 @@ def export_command(notebook: str, output: str | None, pipeline: str | None, clus
                f"or `nbpipe run {target}`)")
     if sbatch:
         name = pipeline or Path(notebook).stem
-        Path(sbatch).write_text(sbatch_script(target, name, cluster=cluster))
+        Path(sbatch).write_text(sbatch_script(target, name, cluster=cluster,
+                                              inside_allocation=inside_allocation, ntasks=ntasks))
         click.echo(f"wrote {sbatch} (submit it with `sbatch {sbatch}`)")
 
 
@@ -489,6 +500,23 @@ def cluster_command(words: tuple[str, ...]) -> None:
             click.echo(preview.job_script(pool.name))
     finally:
         preview.close()
+
+
+@contextlib.contextmanager
+def _allocation_client() -> Any:
+    """A Client of a Dask cluster made of this Slurm job's tasks (``srun``): rank 0 runs the
+    scheduler, rank 1 continues as the driver, every other rank is a worker."""
+    from dask_jobqueue.slurm import SLURMRunner
+    from distributed import Client
+
+    if "SLURM_PROCID" not in os.environ:
+        raise click.UsageError("--inside-allocation runs under srun in a Slurm job (srun nbpipe run ...)")
+    threads = int(os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+    scheduler_file = Path.cwd() / ".nbpipe-scheduler-{job_id}.json"
+    with SLURMRunner(scheduler_file=str(scheduler_file), worker_options={"nthreads": threads}) as runner, \
+            Client(runner) as client:
+        client.wait_for_workers(runner.n_workers)
+        yield client
 
 
 def _notebook_script(notebook: Path) -> Path:

@@ -427,12 +427,16 @@ def export_notebook(notebook: str | os.PathLike[str], *, script: str | os.PathLi
 
 
 def sbatch_script(script: str | os.PathLike[str], pipeline: str, *, cluster: Any = None,
-                  python: str | None = None) -> str:
+                  python: str | None = None, inside_allocation: bool = False,
+                  ntasks: int | None = None) -> str:
     """A Slurm batch script that runs an exported script as the pipeline's driver.
 
-    The driver job is small (one core); the workers are the jobs its cluster submits (the
-    ``cluster`` given, else the configured one). Queue, account, walltime and prologue lines
-    come from a Slurm cluster's options when it has them.
+    By default the driver job is small (one core) and the workers are the jobs its cluster
+    submits (the ``cluster`` given, else the configured one). ``inside_allocation`` runs
+    everything in this one job instead: ``ntasks`` Slurm tasks (default: the cluster's
+    ``max_jobs`` + 2), of which one is the scheduler, one the driver and the rest workers with
+    the cluster's cores and memory each. Queue, account, walltime and prologue lines come from a
+    Slurm cluster's options when it has them.
     """
     from .cluster import resolve_spec
 
@@ -444,11 +448,19 @@ def sbatch_script(script: str | os.PathLike[str], pipeline: str, *, cluster: Any
         "#!/usr/bin/env bash",
         f"#SBATCH --job-name=nbpipe-{safe}",
         f"#SBATCH --output={script.parent}/nbpipe-{safe}-%j.out",
-        "#SBATCH --ntasks=1",
-        "#SBATCH --cpus-per-task=1",
-        "#SBATCH --mem=2G",
-        f"#SBATCH --time={options.get('walltime') or '01:00:00'}",
     ]
+    if inside_allocation:
+        from dask.utils import parse_bytes
+
+        cores = int(options.get("cores") or 1)
+        lines += [f"#SBATCH --ntasks={ntasks or int(options.get('max_jobs') or 2) + 2}",
+                  f"#SBATCH --cpus-per-task={cores}"]
+        if options.get("memory"):
+            per_cpu = parse_bytes(str(options["memory"])) // cores // 2**20
+            lines.append(f"#SBATCH --mem-per-cpu={per_cpu}M")
+    else:
+        lines += ["#SBATCH --ntasks=1", "#SBATCH --cpus-per-task=1", "#SBATCH --mem=2G"]
+    lines.append(f"#SBATCH --time={options.get('walltime') or '01:00:00'}")
     if options.get("queue"):
         lines.append(f"#SBATCH --partition={options['queue']}")
     if options.get("account"):
@@ -460,8 +472,12 @@ def sbatch_script(script: str | os.PathLike[str], pipeline: str, *, cluster: Any
         "set -euo pipefail",
         *[str(line) for line in options.get("job_script_prologue") or []],
         f"cd {shlex.quote(str(script.parent))}",
-        f"exec {shlex.quote(python or sys.executable)} -m nbpipe.cli run {shlex.quote(script.name)}"
-        + ("" if cluster is None or not isinstance(cluster, str) else f" --cluster {shlex.quote(cluster)}"),
-        "",
     ]
+    command = f"{shlex.quote(python or sys.executable)} -m nbpipe.cli run {shlex.quote(script.name)}"
+    if inside_allocation:
+        lines.append(f"exec srun {command} --inside-allocation")
+    else:
+        lines.append(f"exec {command}" + ("" if not isinstance(cluster, str)
+                                          else f" --cluster {shlex.quote(cluster)}"))
+    lines.append("")
     return "\n".join(lines)

@@ -272,7 +272,8 @@ def test_the_slurm_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch) -> N
     wait_for(lambda: not _queue(), timeout=60)  # the kernel is gone: so are its jobs
 
 
-def test_an_exported_sbatch_script_runs_on_slurm_and_its_results_show(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inside", [False, True], ids=["worker-jobs", "inside-allocation"])
+def test_an_exported_sbatch_script_runs_on_slurm_and_its_results_show(tmp_path: Path, inside: bool) -> None:
     import json
 
     import nbformat
@@ -286,11 +287,13 @@ def test_an_exported_sbatch_script_runs_on_slurm_and_its_results_show(tmp_path: 
              "%%task total\ntotal = sum(numbers)"]
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
     nbformat.write(nb, tmp_path / "batch.ipynb")
-    out = subprocess.run([sys.executable, "-m", "nbpipe.cli", "export", "batch.ipynb", "--sbatch", "job.sh"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    command = [sys.executable, "-m", "nbpipe.cli", "export", "batch.ipynb", "--sbatch", "job.sh"]
+    out = subprocess.run(command + (["--inside-allocation"] if inside else []), capture_output=True,
+                         text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     job = (tmp_path / "job.sh").read_text()
     assert "#SBATCH --time=00:10:00" in job and "nbpipe.cli run batch.py" in job
+    assert ("#SBATCH --ntasks=4" in job and "srun" in job) if inside else "srun" not in job
     done = subprocess.run(["sbatch", "--wait", "job.sh"], capture_output=True, text=True, cwd=tmp_path,
                           timeout=400)
     logs = "\n".join(p.read_text() for p in tmp_path.glob("nbpipe-batch-*.out"))
@@ -306,4 +309,7 @@ def test_an_exported_sbatch_script_runs_on_slurm_and_its_results_show(tmp_path: 
     pid = store.pipeline_id("batch", create=False)
     workers = [a["job_id"] for t in tasks for a in store.attempts(pid, t["key"])]
     driver = re.search(r"Submitted batch job (\d+)", done.stdout).group(1)
-    assert all(w and w != driver for w in workers)  # the tasks ran in worker jobs, not the driver's
+    if inside:  # scheduler, driver and workers were the one job's tasks
+        assert set(workers) == {driver}
+    else:  # the tasks ran in worker jobs, not the driver's
+        assert all(w and w != driver for w in workers)
