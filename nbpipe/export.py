@@ -88,6 +88,7 @@ class _State:
     module_names: set[str] = field(default_factory=set)
     task_functions: set[str] = field(default_factory=set)
     imports: list[str] = field(default_factory=list)
+    cluster: Any = None  # from a `%pipeline cluster KIND key=value ...` line
     warnings: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
 
@@ -260,7 +261,12 @@ def _plain_cell(number: int, source: str, state: _State) -> None:
     for line in source.splitlines():
         stripped = line.strip()
         if stripped.startswith(("%", "!")) and line == line.lstrip():
-            if not stripped.startswith("%load_ext nbpipe"):
+            words = stripped.split()
+            if words[:2] == ["%pipeline", "cluster"] and len(words) > 2:
+                from .cluster import parse_words
+
+                state.cluster = parse_words(shlex.split(stripped)[2:])  # the script's cluster=
+            elif not stripped.startswith("%load_ext nbpipe"):
                 state.warnings.append(f"cell {number}: `{stripped}` has no meaning in a script; left out")
             kept.append("")  # keep line numbers
         else:
@@ -386,6 +392,7 @@ def export_notebook(notebook: str | os.PathLike[str], *, script: str | os.PathLi
         else:
             _plain_cell(number, source, state)
 
+    cluster = cluster if cluster is not None else state.cluster
     bound = ", ".join(f'"{n}": {n}' for n in state.main_names)
     main = [
         f"pipe = nbpipe.Pipeline({name!r}, store=os.environ.get(\"NBPIPE_STORE\") or HERE / {store!r}"

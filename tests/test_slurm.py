@@ -267,9 +267,20 @@ def test_the_slurm_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch) -> N
             text.append(out.get("text") or out.get("data", {}).get("text/plain", ""))
     text = "\n".join(text)
     assert "#SBATCH --cpus-per-task=2" in text and "pool big: slurm jobs of 2 cores" in text
-    assert "where: nbpipe-default 1 cpu(s)" in text and "wide:  nbpipe-big 2 cpu(s)" in text
+    assert "where: nbpipe-default 1 cpu(s)" in text and "wide:  nbpipe-big 2 cpu(s)" in text, text
     assert "batch job(s)" in text
     wait_for(lambda: not _queue(), timeout=60)  # the kernel is gone: so are its jobs
+
+    # its export runs on Slurm too (`%pipeline cluster ...` became cluster=) and finds all done
+    out = subprocess.run([sys.executable, "-m", "nbpipe.cli", "export", str(path)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    script = path.with_suffix(".py")
+    assert "cluster={'kind': 'slurm'" in script.read_text()
+    ran = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=300)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "where: nbpipe-default 1 cpu(s)" in ran.stdout and "0 executed, 2 already done" in ran.stdout
 
 
 @pytest.mark.parametrize("inside", [False, True], ids=["worker-jobs", "inside-allocation"])
