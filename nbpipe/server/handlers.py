@@ -72,6 +72,16 @@ class NbpipeHandler(APIHandler):
                 _stores[path] = Store(path)
             return _stores[path]
 
+    def json_body(self) -> dict[str, Any]:
+        """The request's JSON object (a 400 for anything else)."""
+        try:
+            body = json.loads(self.request.body or b"{}")
+        except json.JSONDecodeError:
+            raise tornado.web.HTTPError(400, "the body must be JSON") from None
+        if not isinstance(body, dict):
+            raise tornado.web.HTTPError(400, "the body must be a JSON object")
+        return body
+
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
@@ -191,12 +201,7 @@ class CommandHandler(NbpipeHandler):
 
     @tornado.web.authenticated
     async def post(self) -> None:
-        try:
-            body = json.loads(self.request.body or b"{}")
-        except json.JSONDecodeError:
-            raise tornado.web.HTTPError(400, "the body must be JSON") from None
-        if not isinstance(body, dict):
-            raise tornado.web.HTTPError(400, "the body must be a JSON object")
+        body = self.json_body()
         verb = body.get("verb")
         if verb not in VERBS:
             raise tornado.web.HTTPError(400, f"verb must be one of {', '.join(VERBS)}, not {verb!r}")
@@ -216,10 +221,7 @@ class ExportHandler(NbpipeHandler):
 
     @tornado.web.authenticated
     async def post(self) -> None:
-        try:
-            body = json.loads(self.request.body or b"{}")
-        except json.JSONDecodeError:
-            raise tornado.web.HTTPError(400, "the body must be JSON") from None
+        body = self.json_body()
         notebook = self.inside_root(str(body.get("path", "")), "path")
         if notebook.suffix != ".ipynb" or not notebook.is_file():
             raise tornado.web.HTTPError(404, f"{body.get('path')!r} is not a notebook")
