@@ -52,7 +52,8 @@ BATCH_SECONDS = 0.2  # work per Dask task when tiny tasks are batched (config nb
 MAX_BATCH = 256  # tasks per automatic batch at most
 PROBE_MIN = 64  # fewer ready tasks of a function than this are never held back
 PROBE_COUNT = 16  # tasks run first to learn how long a function's tasks take
-PROBE_TIME = 0.5  # seconds at most that the other tasks wait for those probes
+PROBE_TIME = 0.5  # seconds the other tasks wait for those probes once the first one started
+PROBE_START = 30.0  # seconds at most they wait for a probe to start (workers still starting)
 
 
 class TerminationNoticePlugin(WorkerPlugin):
@@ -114,6 +115,7 @@ class Runner:
         self.failed_since_tick: dict[TaskRef, None] = {}
         self.durations: dict[Any, tuple[int, float]] = {}  # function -> (count, total seconds)
         self.probe_deadline: dict[Any, float] = {}
+        self.probe_seen: dict[Any, float] = {}  # function -> when its tasks were first held
         self._thread_count = 1
         self._threads_checked = 0.0
         self._completed = as_completed()  # no per-future callbacks: drained each tick
@@ -433,7 +435,9 @@ class Runner:
         Tiny tasks cost Dask more to schedule than to run, so once a function's tasks are known
         to be short, ready ones run in batches of about BATCH_SECONDS of work (each task keeps
         its own key, state, attempts and result). While durations are unknown and many tasks
-        wait, a few run first as probes, for at most PROBE_TIME.
+        wait, a few run first as probes, for at most PROBE_TIME after the first one started (a
+        fresh cluster's workers take a while to start: the clock runs from then, so the rest
+        are not sent one by one just because the workers were slow to come up).
         """
         singles = [[r] for r in refs]
         configured = dask.config.get("nbpipe.batch-seconds", None)
@@ -448,7 +452,8 @@ class Runner:
             if size <= 1:
                 return singles, []
             return [refs[i:i + size] for i in range(0, len(refs), size)], []
-        if len(refs) < PROBE_MIN or now >= self.probe_deadline.setdefault(func, now + PROBE_TIME):
+        deadline = self.probe_deadline.get(func, self.probe_seen.setdefault(func, now) + PROBE_START)
+        if len(refs) < PROBE_MIN or now >= deadline:
             return singles, []
         probes = max(0, PROBE_COUNT - self.active[func])
         return singles[:probes], refs[probes:]
@@ -557,6 +562,7 @@ class Runner:
                 sub.started = True
             ref.state = State.RUNNING
             ref.worker = msg.get("worker")
+            self.probe_deadline.setdefault(ref.func, time.monotonic() + PROBE_TIME)
             job = f" (job {msg['job_id']})" if msg.get("job_id") else ""
             self.batch.state(self.pid, key, State.RUNNING.value, attempts=ref.attempts,
                              message=f"{ref.worker}{job}")
