@@ -38,6 +38,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/responsiveness.py
+	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/slurm_latency.py
 	$(PY) benchmarks/sidebar.py
 

@@ -52,8 +52,8 @@ BATCH_SECONDS = 0.2  # work per Dask task when tiny tasks are batched (config nb
 MAX_BATCH = 256  # tasks per automatic batch at most
 PROBE_MIN = 64  # fewer ready tasks of a function than this are never held back
 PROBE_COUNT = 16  # tasks run first to learn how long a function's tasks take
-PROBE_TIME = 0.5  # seconds the other tasks wait for those probes once the first one started
-PROBE_START = 30.0  # seconds at most they wait for a probe to start (workers still starting)
+PROBE_TIME = 0.5  # seconds the other tasks wait for more probes once the first one finished
+PROBE_START = 30.0  # seconds at most they wait for a first probe to finish (workers starting)
 
 
 class TerminationNoticePlugin(WorkerPlugin):
@@ -435,7 +435,7 @@ class Runner:
         Tiny tasks cost Dask more to schedule than to run, so once a function's tasks are known
         to be short, ready ones run in batches of about BATCH_SECONDS of work (each task keeps
         its own key, state, attempts and result). While durations are unknown and many tasks
-        wait, a few run first as probes, for at most PROBE_TIME after the first one started (a
+        wait, a few run first as probes, for at most PROBE_TIME after the first one finished (a
         fresh cluster's workers take a while to start: the clock runs from then, so the rest
         are not sent one by one just because the workers were slow to come up).
         """
@@ -562,7 +562,6 @@ class Runner:
                 sub.started = True
             ref.state = State.RUNNING
             ref.worker = msg.get("worker")
-            self.probe_deadline.setdefault(ref.func, time.monotonic() + PROBE_TIME)
             job = f" (job {msg['job_id']})" if msg.get("job_id") else ""
             self.batch.state(self.pid, key, State.RUNNING.value, attempts=ref.attempts,
                              message=f"{ref.worker}{job}")
@@ -667,6 +666,7 @@ class Runner:
     def _outcome(self, ref: TaskRef, o: Outcome) -> None:
         count, total = self.durations.get(ref.func, (0, 0.0))
         self.durations[ref.func] = (count + 1, total + max(0.0, o.end - o.start))
+        self.probe_deadline.setdefault(ref.func, time.monotonic() + PROBE_TIME)
         self.batch.attempts.append((
             self.pid, o.key, o.attempt, o.state, o.start, o.end, o.worker, o.hostname, o.pid,
             o.job_id, o.exit_code, o.error, o.traceback, o.stdout, o.stderr, o.env_id,
