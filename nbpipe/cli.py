@@ -458,13 +458,11 @@ def export_command(notebook: str, output: str | None, pipeline: str | None, clus
     Each %%task cell becomes a @task function; the script computes the same task keys as the
     notebook, so running it after the notebook executes nothing new.
     """
-    from .export import export_notebook, sbatch_script
+    from .export import sbatch_script, write_export
 
-    target = Path(output) if output else Path(notebook).with_suffix(".py")
-    result = export_notebook(notebook, script=target, pipeline=pipeline, cluster=cluster)
+    target, result = write_export(notebook, output, pipeline=pipeline, cluster=cluster)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
-    target.write_text(result.script)
     click.echo(f"wrote {target} ({len(result.tasks)} task cell(s); run it with `python {target}` "
                f"or `nbpipe run {target}`)")
     if sbatch:
@@ -495,9 +493,9 @@ def cluster_command(words: tuple[str, ...]) -> None:
     preview = PoolCluster(pools, security=spec.get("security", True),
                           scheduler_options=spec.get("scheduler_options"))
     try:
-        for pool in pools:
-            click.echo(f"# pool {pool.describe()}")
-            click.echo(preview.job_script(pool.name))
+        for pool in preview.previews():
+            click.echo(f"# pool {pool['description']}")
+            click.echo(pool["job_script"])
     finally:
         preview.close()
 
@@ -521,15 +519,13 @@ def _allocation_client() -> Any:
 
 def _notebook_script(notebook: Path) -> Path:
     """Export a notebook into its store (``.nbpipe/exports/``) to run it as a script."""
-    from .export import export_notebook
+    from .export import write_export
 
     exports = notebook.resolve().parent / ".nbpipe" / "exports"
     exports.mkdir(mode=0o700, parents=True, exist_ok=True)
-    target = exports / f"{notebook.stem}.py"
-    result = export_notebook(notebook, script=target)
+    target, result = write_export(notebook, exports / f"{notebook.stem}.py")
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
-    target.write_text(result.script)
     return target
 
 

@@ -41,7 +41,9 @@ from .cells import placeholders
 from .cellscope import analyze, analyze_tree
 from .errors import NbpipeError
 
-__all__ = ["ExportError", "Exported", "export_notebook", "sbatch_script", "task_cell_parser"]
+__all__ = [
+    "ExportError", "Exported", "export_notebook", "sbatch_script", "task_cell_parser", "write_export",
+]
 
 MODULE_LEVEL = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 TASK_DECORATORS = {"task", "bash_task"}
@@ -431,6 +433,15 @@ def export_notebook(notebook: str | os.PathLike[str], *, script: str | os.PathLi
         raise ExportError(f"{notebook}: the exported script does not parse ({exc}); please report "
                           "it") from None
     return Exported(text, state.warnings, state.tasks)
+
+
+def write_export(notebook: str | os.PathLike[str], script: str | os.PathLike[str] | None = None,
+                 **options: Any) -> tuple[Path, Exported]:
+    """Export ``notebook`` and write the script (default: beside it, ``NOTEBOOK.py``)."""
+    target = Path(script) if script is not None else Path(notebook).with_suffix(".py")
+    result = export_notebook(notebook, script=target, **options)
+    target.write_text(result.script)
+    return target, result
 
 
 def sbatch_script(script: str | os.PathLike[str], pipeline: str, *, cluster: Any = None,

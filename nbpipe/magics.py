@@ -411,29 +411,23 @@ class NbpipeMagics(Magics):
         if args.spec:
             pipe.set_cluster(parse_words(args.spec))
             _ = pipe.client  # start it now: a mistake shows here, and the banner has the dashboard
-        connection = pipe._connection
-        if connection is not None and connection.pools is not None:  # jobs of the last seconds too
-            connection.pools.poll()
-            record_jobs(pipe.store, pipe.pipeline_id, connection.pools)
+        pools = pipe._connection.pools if pipe._connection is not None else None
+        if pools is not None:  # jobs of the last seconds too
+            pools.poll()
+            record_jobs(pipe.store, pipe.pipeline_id, pools)
         detail = queries.cluster_detail(pipe.store, pipe.name)
-        pools = []
-        if connection is not None and connection.pools is not None:
-            pools = [{"name": name, "description": pool.describe(),
-                      "job_script": connection.pools.job_script(name)}
-                     for name, pool in connection.pools.pools.items()]
-        return ClusterView(self.session.banner(), pools or detail["pools"], detail["jobs"])
+        previews = pools.previews() if pools is not None else detail["pools"]
+        return ClusterView(self.session.banner(), previews, detail["jobs"])
 
     def _do_export(self, args: Any) -> None:
         """Export the saved notebook (save it first: the file on disk is what is read)."""
-        from .export import export_notebook
+        from .export import write_export
 
         notebook = self.session.notebook
         if notebook is None or not Path(notebook).is_file():
             raise UsageError("this kernel does not know its notebook file; use `nbpipe export "
                              "NOTEBOOK.ipynb` in a terminal")
-        target = Path(args.path) if args.path else Path(notebook).with_suffix(".py")
-        result = export_notebook(notebook, script=target, pipeline=self.session.pipe.name)
-        target.write_text(result.script)
+        target, result = write_export(notebook, args.path, pipeline=self.session.pipe.name)
         for warning in result.warnings:
             print(f"warning: {warning}")
         print(f"wrote {target} ({len(result.tasks)} task cell(s)) from the saved {Path(notebook).name}")

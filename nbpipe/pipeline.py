@@ -520,9 +520,7 @@ class Pipeline:
         lock = RunnerLock(self.store, self.name)
         lock.acquire()  # before starting a cluster: a busy pipeline fails fast
         try:
-            if self._connection is None:
-                self._connection = connect(self.cluster, store_dir=self.store.path)
-            self._runner = Runner(self, self._connection, lock)
+            self._runner = Runner(self, self.connection, lock)
         except BaseException:
             lock.release()
             raise

@@ -436,6 +436,18 @@ class PoolCluster:
         spec = self.specs[pool]
         return spec["cls"](self.address, name=f"{pool}-preview", **spec["options"]).job_script()
 
+    def previews(self) -> list[dict[str, str]]:
+        """Each pool's name, description and job script (what ``nbpipe show``, ``nbpipe
+        cluster`` and ``%pipeline cluster`` print); a script that cannot be made says why."""
+        out = []
+        for name, pool in self.pools.items():
+            try:
+                script = self.job_script(name)
+            except Exception as exc:  # a preview must never stop a run
+                script = f"(no preview: {exc})"
+            out.append({"name": name, "description": pool.describe(), "job_script": script})
+        return out
+
     def describe(self) -> str:
         """``slurm pools default (1 core, 1 GB, up to 2 jobs), big (...)``."""
         return "; ".join(p.describe() for p in self.pools.values())

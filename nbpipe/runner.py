@@ -129,7 +129,7 @@ class Runner:
             log.debug("could not register the termination notice plugin", exc_info=True)
         self.pools = connection.pools
         self.placement: dict[tuple[Any, ...], str] = {}  # (cores, memory, gpus, walltime, pool) -> pool
-        self.memory_boost: dict[TaskRef, float] = {}  # tasks whose memory grew after worker deaths
+        self.memory_boost: dict[TaskRef, int] = {}  # tasks whose memory grew after worker deaths
         self.worker_memory: dict[str, int] = {}  # worker address -> memory limit (from start events)
         self._last_jobs = self._last_scale = 0.0
         self._demand_grew = False  # tasks were submitted since the last scaling decision
@@ -140,7 +140,7 @@ class Runner:
             self.pid,
             {"pid": __import__("os").getpid(), "host": __import__("socket").gethostname(),
              "started": time.time(), "cluster": connection.description,
-             "dashboard": connection.dashboard, "pools": self._pool_info()},
+             "dashboard": connection.dashboard, "pools": self.pools.previews() if self.pools else []},
         )
         self.thread = threading.Thread(target=self._loop, name=f"nbpipe-runner-{pipeline.name}",
                                        daemon=True)
@@ -354,19 +354,6 @@ class Runner:
             self._last_jobs = now
             self.pools.poll()
             record_jobs(self.store, self.pid, self.pools)
-
-    def _pool_info(self) -> list[dict[str, str]]:
-        """Each worker pool with its job script, for ``nbpipe show`` and ``%pipeline cluster``."""
-        if self.pools is None:
-            return []
-        out = []
-        for name, pool in self.pools.pools.items():
-            try:
-                script = self.pools.job_script(name)
-            except Exception as exc:  # a preview must not stop the run
-                script = f"(no preview: {exc})"
-            out.append({"name": name, "description": pool.describe(), "job_script": script})
-        return out
 
     def _reap_jobs(self) -> None:
         """Cancel batch jobs an earlier runner of this pipeline left behind (a dead kernel's)."""
@@ -655,7 +642,7 @@ class Runner:
             "memory: ask for more with memory=, or set retry_memory_factor= to grow it on each retry"
         )
         factor = ref.func.opts.retry_memory_factor
-        if factor and ref.attempts - ref.budget <= ref.func.opts.retries:
+        if factor and self._retries_left(ref):
             current = self._memory(ref) or limit
             if current:
                 grown = int(current * factor)
@@ -683,10 +670,15 @@ class Runner:
         else:
             self._attempt_failed(ref, o.error, o.traceback, o.exception)
 
+    @staticmethod
+    def _retries_left(ref: TaskRef) -> bool:
+        """Whether a failed attempt of ``ref`` is followed by another (its ``retries``)."""
+        return ref.attempts - ref.budget <= ref.func.opts.retries
+
     def _attempt_failed(self, ref: TaskRef, error: str | None, tb: str | None,
                         exception: bytes | None) -> None:
         ref.error, ref.traceback, ref.exception = error, tb, exception
-        if ref.attempts - ref.budget <= ref.func.opts.retries:
+        if self._retries_left(ref):
             ref.state = State.WAITING
             self.batch.state(
                 self.pid, ref.key, State.WAITING.value, attempts=ref.attempts, error=error,

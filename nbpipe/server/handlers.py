@@ -228,11 +228,9 @@ class ExportHandler(NbpipeHandler):
         await self.answer(self._export, notebook)
 
     def _export(self, notebook: Path) -> dict[str, Any]:
-        from ..export import export_notebook
+        from ..export import write_export
 
-        target = notebook.with_suffix(".py")
-        result = export_notebook(notebook, script=target)
-        target.write_text(result.script)
+        target, result = write_export(notebook)
         return {"script": self.relative(target), "tasks": result.tasks, "warnings": result.warnings}
 
 
