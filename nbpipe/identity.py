@@ -27,13 +27,15 @@ import sys
 import sysconfig
 import textwrap
 import types
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import PurePath
 from typing import Any
 
 from .errors import UnhashableValue
 
-__all__ = ["CodeIdentity", "Unencodable", "code_identity", "digest", "encode", "module_version"]
+__all__ = ["CodeIdentity", "DictShape", "SealedDict", "Unencodable", "code_identity", "digest",
+           "encode", "module_version"]
 
 
 class Unencodable(Exception):
@@ -45,112 +47,221 @@ class Unencodable(Exception):
         self.path = path
 
 
-def _hasher() -> Any:
-    return hashlib.blake2b(digest_size=16)
+def _hasher(data: bytes = b"") -> Any:
+    return hashlib.blake2b(data, digest_size=16)
 
 
 def digest(value: Any) -> str:
     """The hex digest of ``value``'s canonical encoding (32 hex characters)."""
-    h = _hasher()
-    for chunk in encode(value):
-        h.update(chunk)
-    return h.hexdigest()
+    out: list[bytes] = []
+    _encode(value, out)
+    if any(type(chunk) is memoryview for chunk in out):  # a numpy array's data: no copy
+        h = _hasher()
+        for chunk in out:
+            h.update(chunk)
+        return h.hexdigest()
+    return _hasher(b"".join(out)).hexdigest()
 
 
 def _frame(tag: bytes, payload: bytes) -> bytes:
     return tag + len(payload).to_bytes(8, "little") + payload
 
 
-def encode(value: Any, path: str = "") -> Iterator[bytes]:
+def encode(value: Any) -> Iterator[bytes]:
     """Yield the canonical encoding of ``value``: tag, length, payload, recursively.
 
     Raises :class:`Unencodable` (with the path of the offending part) for values that have no
     deterministic encoding, such as open files, locks or arbitrary objects.
     """
-    # Order matters: bool before int, enums and named tuples before their bases.
-    if value is None:
-        yield b"N"
-    elif value is True or value is False:
-        yield b"B1" if value else b"B0"
-    elif isinstance(value, enum.Enum):
-        yield _frame(b"M", _qualname(type(value)).encode())
-        yield from encode(value.value, path)
-    elif type(value) is int:
-        yield _frame(b"I", str(value).encode())
-    elif type(value) is float:
-        yield _frame(b"F", value.hex().encode())
-    elif type(value) is complex:
-        yield _frame(b"X", f"{value.real.hex()},{value.imag.hex()}".encode())
-    elif type(value) is str:
-        yield _frame(b"S", value.encode("utf-8", "surrogatepass"))
-    elif isinstance(value, (bytes, bytearray, memoryview)):
-        yield _frame(b"Y", bytes(value))
-    elif isinstance(value, PurePath):
-        yield _frame(b"P", os.fspath(value).encode("utf-8", "surrogateescape"))
-    elif hasattr(value, "__nbpipe_token__"):
-        yield _frame(b"K", _qualname(type(value)).encode())
-        yield from encode(value.__nbpipe_token__(), path)
-    elif isinstance(value, tuple) and hasattr(value, "_fields"):
-        yield _frame(b"U", _qualname(type(value)).encode())
-        yield from _encode_items(value, path)
-    elif type(value) in (list, tuple):
-        yield b"L" if type(value) is list else b"T"
-        yield from _encode_items(value, path)
-    elif isinstance(value, dict):
-        items = sorted(
-            (b"".join(encode(k, f"{path}[{k!r}]")), b"".join(encode(v, f"{path}[{k!r}]")))
-            for k, v in value.items()
-        )
-        yield _frame(b"D", len(items).to_bytes(8, "little"))
-        for k, v in items:
-            yield k
-            yield v
-    elif isinstance(value, (set, frozenset)):
-        items = sorted(b"".join(encode(v, f"{path}{{...}}")) for v in value)
-        yield _frame(b"E", len(items).to_bytes(8, "little"))
-        yield from items
-    elif isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
-        yield _frame(b"t", f"{type(value).__name__}:{value.isoformat()}".encode())
-    elif isinstance(value, _dt.timedelta):
-        yield _frame(b"d", repr(value.total_seconds()).encode())
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        yield _frame(b"C", _qualname(type(value)).encode())
-        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        yield from encode(fields, path)
-    elif _is_numpy(value):
-        yield from _encode_numpy(value, path)
-    elif isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type)):
-        yield _frame(b"G", code_identity(value).digest.encode())
-    elif isinstance(value, types.ModuleType):
-        yield _frame(b"O", f"{value.__name__}=={module_version(value.__name__)}".encode())
-    elif hasattr(value, "__nbpipe_key__"):  # a TaskRef: identified by its upstream key
-        yield _frame(b"R", value.__nbpipe_key__().encode())
+    out: list[bytes] = []
+    _encode(value, out)
+    return iter(out)
+
+
+def _bytes(value: Any) -> bytes:
+    out: list[bytes] = []
+    _encode(value, out)
+    return b"".join(out)
+
+
+def _encode(value: Any, out: list[bytes]) -> None:
+    """Append ``value``'s encoding to ``out``. The common exact types come first; the rest
+    keeps the order that matters (bool before int, enums and named tuples before their bases)."""
+    kind = type(value)
+    if kind is str:
+        out.append(_frame(b"S", value.encode("utf-8", "surrogatepass")))
+    elif kind is int:
+        out.append(_frame(b"I", str(value).encode()))
+    elif kind is SealedDict:
+        out.append(value.encoding())
+    elif kind is dict:
+        _encode_dict(value, out)
+    elif kind is list or kind is tuple:
+        out.append(b"L" if kind is list else b"T")
+        _encode_items(value, out)
+    elif value is None:
+        out.append(b"N")
+    elif kind is bool:
+        out.append(b"B1" if value else b"B0")
+    elif kind is float:
+        out.append(_frame(b"F", value.hex().encode()))
     else:
-        raise Unencodable(_qualname(type(value)), path)
+        _encode_other(value, out)
 
 
-def _encode_items(items: Any, path: str) -> Iterator[bytes]:
-    yield len(items).to_bytes(8, "little")
-    for i, item in enumerate(items):
-        yield from encode(item, f"{path}[{i}]")
+def _encode_other(value: Any, out: list[bytes]) -> None:
+    if isinstance(value, enum.Enum):
+        out.append(_frame(b"M", _qualname(type(value)).encode()))
+        _encode(value.value, out)
+    elif type(value) is complex:
+        out.append(_frame(b"X", f"{value.real.hex()},{value.imag.hex()}".encode()))
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        out.append(_frame(b"Y", bytes(value)))
+    elif isinstance(value, PurePath):
+        out.append(_frame(b"P", os.fspath(value).encode("utf-8", "surrogateescape")))
+    elif hasattr(value, "__nbpipe_token__"):
+        out.append(_frame(b"K", _qualname(type(value)).encode()))
+        _encode(value.__nbpipe_token__(), out)
+    elif isinstance(value, tuple) and hasattr(value, "_fields"):
+        out.append(_frame(b"U", _qualname(type(value)).encode()))
+        _encode_items(value, out)
+    elif isinstance(value, dict):
+        _encode_dict(value, out)
+    elif isinstance(value, (set, frozenset)):
+        try:
+            items = sorted(_bytes(v) for v in value)
+        except Unencodable as exc:
+            exc.path = "{...}" + exc.path
+            raise
+        out.append(_frame(b"E", len(items).to_bytes(8, "little")))
+        out.extend(items)
+    elif isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
+        out.append(_frame(b"t", f"{type(value).__name__}:{value.isoformat()}".encode()))
+    elif isinstance(value, _dt.timedelta):
+        out.append(_frame(b"d", repr(value.total_seconds()).encode()))
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out.append(_frame(b"C", _qualname(type(value)).encode()))
+        _encode_dict({f.name: getattr(value, f.name) for f in dataclasses.fields(value)}, out)
+    elif _is_numpy(value):
+        _encode_numpy(value, out)
+    elif isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type)):
+        out.append(_frame(b"G", code_identity(value).digest.encode()))
+    elif isinstance(value, types.ModuleType):
+        out.append(_frame(b"O", f"{value.__name__}=={module_version(value.__name__)}".encode()))
+    elif hasattr(value, "__nbpipe_key__"):  # a TaskRef: identified by its upstream key
+        out.append(_frame(b"R", value.__nbpipe_key__().encode()))
+    else:
+        raise Unencodable(_qualname(type(value)))
+
+
+def _encode_dict(value: dict[Any, Any], out: list[bytes]) -> None:
+    pairs = []
+    for k, v in value.items():
+        try:
+            pairs.append((_bytes(k), _bytes(v)))
+        except Unencodable as exc:
+            exc.path = f"[{k!r}]" + exc.path
+            raise
+    pairs.sort()
+    out.append(_frame(b"D", len(pairs).to_bytes(8, "little")))
+    for k, v in pairs:
+        out.append(k)
+        out.append(v)
+
+
+def _encode_items(items: Any, out: list[bytes]) -> None:
+    out.append(len(items).to_bytes(8, "little"))
+    i = 0
+    try:
+        for i, item in enumerate(items):  # noqa: B007 - i names the failing item
+            _encode(item, out)
+    except Unencodable as exc:
+        exc.path = f"[{i}]" + exc.path
+        raise
+
+
+class DictShape:
+    """Dicts that share most of their entries, such as the components of one function's tasks.
+
+    ``shape.digest(extra)`` equals ``digest({**shape.fixed, **extra})`` for the extra keys named
+    when the shape was made, but encodes the fixed entries only once.
+
+    >>> shape = DictShape({"code": "c1", "kind": "python"}, ["args"])
+    >>> shape.digest({"args": [1]}) == digest({"code": "c1", "kind": "python", "args": [1]})
+    True
+    """
+
+    __slots__ = ("_count", "_parts", "fixed", "fixed_digest")
+
+    def __init__(self, fixed: dict[str, Any], extra_keys: Iterable[str]):
+        self.fixed = fixed
+        self.fixed_digest = digest(fixed)
+        entries: dict[bytes, tuple[bool, Any]] = {
+            _bytes(k): (True, _bytes(k) + _bytes(v)) for k, v in fixed.items()}
+        for name in extra_keys:
+            entries[_bytes(name)] = (False, name)
+        self._count = _frame(b"D", len(entries).to_bytes(8, "little"))
+        parts: list[Any] = []  # bytes for runs of fixed entries, (key bytes, name) for extras
+        for key_bytes in sorted(entries):  # a dict's entries are sorted by their encoded keys
+            is_fixed, what = entries[key_bytes]
+            if not is_fixed:
+                parts.append((key_bytes, what))
+            elif parts and type(parts[-1]) is bytes:
+                parts[-1] += what
+            else:
+                parts.append(what)
+        self._parts = parts
+
+    def digest(self, extra: dict[str, Any]) -> str:
+        """The digest of the fixed entries together with ``extra`` (exactly its named keys)."""
+        out = [self._count]
+        for part in self._parts:
+            if type(part) is bytes:
+                out.append(part)
+            else:
+                out.append(part[0])
+                _encode(extra[part[1]], out)
+        return _hasher(b"".join(out)).hexdigest()
+
+
+class SealedDict(dict):  # type: ignore[type-arg]
+    """A dict that is never changed after it is built, so its encoding is computed once.
+
+    The parts of a function's code identity are sealed: thousands of tasks of one function share
+    them, and their keys encode them without walking them again.
+    """
+
+    __slots__ = ("_encoding",)
+
+    def encoding(self) -> bytes:
+        """The canonical encoding (the same bytes as a plain dict's)."""
+        try:
+            return self._encoding
+        except AttributeError:
+            out: list[bytes] = []
+            _encode_dict(self, out)
+            self._encoding: bytes = b"".join(out)
+            return self._encoding
 
 
 def _is_numpy(value: Any) -> bool:
     return type(value).__module__ == "numpy" and hasattr(value, "dtype")
 
 
-def _encode_numpy(value: Any, path: str) -> Iterator[bytes]:
+def _encode_numpy(value: Any, out: list[bytes]) -> None:
     import numpy as np
 
     if isinstance(value, np.generic):
-        yield _frame(b"n", value.dtype.str.encode())
-        yield from encode(value.item(), path)
+        out.append(_frame(b"n", value.dtype.str.encode()))
+        _encode(value.item(), out)
         return
     if value.dtype.hasobject:
-        raise Unencodable("numpy.ndarray of dtype object", path)
+        raise Unencodable("numpy.ndarray of dtype object")
     array = np.ascontiguousarray(value)
-    yield _frame(b"A", f"{array.dtype.str}:{array.shape}".encode())
-    yield _frame(b"a", array.tobytes())
+    out.append(_frame(b"A", f"{array.dtype.str}:{array.shape}".encode()))
+    data = memoryview(array.reshape(-1).view(np.uint8))  # hashed in place, not copied
+    out.append(b"a" + data.nbytes.to_bytes(8, "little"))
+    out.append(data)
 
 
 def _qualname(obj: Any) -> str:
@@ -233,6 +344,11 @@ class CodeIdentity:
     helpers: dict[str, str]
     globals: dict[str, str]
     modules: dict[str, str]
+
+    def __post_init__(self) -> None:
+        # Sealed: the tasks of one function share these parts and encode them only once.
+        for part in ("helpers", "globals", "modules"):
+            object.__setattr__(self, part, SealedDict(getattr(self, part)))
 
     @property
     def digest(self) -> str:
@@ -364,36 +480,97 @@ def _lookup(fn: Any, name: str) -> tuple[bool, Any]:
     return False, None
 
 
+_ABSENT, _SAME, _EQUAL = "absent", "same", "equal"  # what a memo checks about a name
+
+
+@dataclasses.dataclass
+class _Memo:
+    """A function's last identity, with what must still hold for it to be current: each name its
+    code (and its helpers' code) reads is still absent, still bound to the same object, or, for
+    mutable values, still bound to a value with the same digest."""
+
+    identity: CodeIdentity
+    checks: list[tuple[Any, str, str, Any]]  # (holder or None for the function, name, how, what)
+
+
+_memos: weakref.WeakKeyDictionary[Any, _Memo] = weakref.WeakKeyDictionary()
+
+
+def _immutable(value: Any) -> bool:
+    if type(value) in (tuple, frozenset):
+        return all(_immutable(v) for v in value)
+    return value is None or isinstance(
+        value, (int, float, complex, str, bytes, PurePath, enum.Enum, _dt.date, _dt.time,
+                _dt.timedelta))
+
+
+def _still_current(fn: Any, memo: _Memo) -> bool:
+    for holder, name, how, what in memo.checks:
+        found, value = _lookup(fn if holder is None else holder, name)
+        if how == _ABSENT:
+            if found:
+                return False
+        elif not found:
+            return False
+        elif how == _SAME:
+            if value is not what:
+                return False
+        else:
+            try:
+                if digest(_unwrap(value)) != what:
+                    return False
+            except Unencodable:
+                return False
+    return True
+
+
 def code_identity(fn: Callable[..., Any], *, owner: str = "") -> CodeIdentity:
     """The :class:`CodeIdentity` of ``fn``, following the helpers and globals it uses.
+
+    Registering many tasks of one function computes it once: later calls only check that the
+    names it reads are bound as before (immutable values and code by object, mutable values by
+    digest), so a changed global or a redefined helper still changes the identity.
 
     Raises :class:`~nbpipe.errors.UnhashableValue` naming the global when one of the values it
     reads has no deterministic encoding. ``owner`` names the task in that message.
     """
     fn = _unwrap(fn)
-    owner = owner or getattr(fn, "__name__", "?")
+    if not _is_user_code(fn):
+        modules = {fn.__module__.partition(".")[0]: module_version(fn.__module__)}
+        return CodeIdentity(digest(_qualname(fn)), {}, {}, modules)
+    memo = _memos.get(fn)
+    if memo is not None and _still_current(fn, memo):
+        return memo.identity
+    memo = _walk(fn, owner or getattr(fn, "__name__", "?"))
+    _memos[fn] = memo
+    return memo.identity
+
+
+def _walk(fn: Any, owner: str) -> _Memo:
+    """Follow the names ``fn`` reads, recursively through user-defined helpers."""
     helpers: dict[str, str] = {}
     values: dict[str, str] = {}
     modules: dict[str, str] = {}
-    if not _is_user_code(fn):
-        modules[fn.__module__.partition(".")[0]] = module_version(fn.__module__)
-        return CodeIdentity(digest(_qualname(fn)), helpers, values, modules)
+    checks: list[tuple[Any, str, str, Any]] = []
     root = _code_info(fn)
     seen: set[int] = {id(fn)}
     stack: list[Any] = [fn]
     while stack:
         current = stack.pop()
+        holder = None if current is fn else current
         current_module = getattr(current, "__module__", "")
         for name in _code_info(current).names:
-            found, value = _lookup(current, name)
+            found, raw = _lookup(current, name)
             if not found:
+                checks.append((holder, name, _ABSENT, None))
                 continue  # a builtin, or a name defined later
             label = name if current_module == fn.__module__ else f"{current_module}.{name}"
-            value = _unwrap(value)
+            value = _unwrap(raw)
             if isinstance(value, types.ModuleType):
                 top = value.__name__.partition(".")[0]
                 modules[top] = module_version(top)
             elif isinstance(value, (types.FunctionType, type)) and _is_user_code(value):
+                checks.append((holder, name, _SAME, raw))
                 if id(value) in seen:
                     continue
                 seen.add(id(value))
@@ -402,6 +579,7 @@ def code_identity(fn: Callable[..., Any], *, owner: str = "") -> CodeIdentity:
                 except Unencodable:
                     continue
                 stack.append(value)
+                continue
             elif isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type)):
                 top = (getattr(value, "__module__", None) or "builtins").partition(".")[0]
                 if top != "builtins":
@@ -417,4 +595,8 @@ def code_identity(fn: Callable[..., Any], *, owner: str = "") -> CodeIdentity:
                         "lists, dicts, numpy arrays, dataclasses), give its class a "
                         "__nbpipe_token__() method, or build it inside the task"
                     ) from None
-    return CodeIdentity(root.digest, helpers, values, modules)
+                if not _immutable(value):
+                    checks.append((holder, name, _EQUAL, values[label]))
+                    continue
+            checks.append((holder, name, _SAME, raw))
+    return _Memo(CodeIdentity(root.digest, helpers, values, modules), checks)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import graphlib
-import inspect
+import hashlib
 import json
 import os
 import sys
@@ -241,19 +241,18 @@ class Pipeline:
              identity: CodeIdentity | None = None, label: str | None = None,
              group: str | None = None, chunksize: int | None = None) -> TaskRef:
         try:
-            bound = func.signature.bind(*args, **kwargs)
+            bound = func.bind(args, kwargs)
         except TypeError as exc:
             raise TaskDefinitionError(
                 f"task {func.name!r}: {exc}; its signature is {func.name}{func.signature}"
             ) from None
-        bound.apply_defaults()
         upstream: list[TaskRef] = []
         slotted = {p: self._slot(v, upstream, func) for p, v in bound.arguments.items()}
         identity = identity or func.identity()
         arg_digests = {}
         named: list[tuple[str, Any]] = []
         for param, value in slotted.items():
-            if func.signature.parameters[param].kind is inspect.Parameter.VAR_KEYWORD:
+            if param == func.var_keyword:
                 named += list(value.items())  # **kwargs: each keyword is an argument of its own
             else:
                 named.append((param, value))
@@ -282,20 +281,15 @@ class Pipeline:
             (in_files if role == "in" else out_files).extend(paths)
             # Workers may run elsewhere (another cwd, another node): they get absolute paths.
             bound.arguments[param] = _absolute(bound.arguments.get(param))
-        partial = {
-            "kind": func.kind, "code": identity.code, "helpers": identity.helpers,
-            "globals": identity.globals, "modules": identity.modules, "args": arg_digests,
-            "version": func.opts.version,
-        }
-        outputs = getattr(func, "outputs", None)
-        if outputs is not None:  # a %%task cell: its value is a dict of these names
-            partial["outputs"] = list(outputs)
+        shape = func.key_shape(identity)
         after = func.opts.after
-        call_id = digest([
-            partial, [u.call_id for u in upstream],
-            [a if isinstance(a, str) else a.call_id for a in after],
-            [str(p) for p in in_files],
-        ])
+        # The call's identity in this process, before upstream keys are known: a digest of
+        # the repr of strings (unambiguous, and much cheaper than the canonical encoding).
+        call_id = hashlib.blake2b(repr((
+            shape.fixed_digest, tuple(arg_digests.items()), tuple(u.call_id for u in upstream),
+            tuple(a if isinstance(a, str) else a.call_id for a in after),
+            tuple(str(p) for p in in_files),
+        )).encode(), digest_size=16).hexdigest()
         with self._lock:
             existing = self._refs.get(call_id)
             if existing is not None:
@@ -315,7 +309,7 @@ class Pipeline:
             ref.upstream = upstream
             ref.after = after
             ref.in_files, ref.out_files = in_files, out_files
-            ref.partial = partial
+            ref.shape, ref.arg_digests = shape, arg_digests
             ref.group, ref.chunksize = group, chunksize
             self._refs[call_id] = ref
             self._by_label[label] = ref
@@ -401,19 +395,17 @@ class Pipeline:
                     r.dynamic = True
                 if r.key_ is not None and r.state in (State.PENDING, State.RUNNING):
                     continue  # in flight: keeps its key until it ends
-                after_deps = [d for d, kind in r.deps.items() if kind == "after"]
-                comps = dict(r.partial)
-                comps["upstream"] = [[u.label, u.key_] for u in dict.fromkeys(r.upstream)]
-                comps["after"] = sorted(d.key_ for d in after_deps if d.key_)
-                comps["files"] = {
-                    str(p): (producers[p].key_ if p in producers and producers[p] is not r
-                             else file_digest(p))
-                    for p in r.in_files
-                }
-                key = digest(comps)
+                if r.in_files:
+                    r.file_digests = {
+                        str(p): (producers[p].key_ if p in producers and producers[p] is not r
+                                 else file_digest(p))
+                        for p in r.in_files
+                    }
+                assert r.shape is not None
+                key = r.shape.digest(r.key_extras())
                 if key == r.key_:
                     continue
-                r.key_, r.components = key, comps
+                r.key_ = key
                 changed.append(r)
             if changed:
                 self._find_done(changed)
@@ -424,8 +416,8 @@ class Pipeline:
         adopted = self._adopt_results([k for k in keys if k not in results])
         results.update(adopted)
         rows = self.store.task_rows(self.pipeline_id, keys, active_only=False)
-        latest = self.store.latest_by_label(self.pipeline_id, [r.label for r in refs])
-        register, edges = [], []
+        resources: dict[TaskFunction, str] = {}  # one JSON text per function, not per task
+        register, edges, unexplained = [], [], []
         for r in refs:
             res = results.get(r.key_)
             intact = res is not None and _intact(res["path"], res["size"])
@@ -452,15 +444,29 @@ class Pipeline:
                 elif row is not None:
                     r.reason = "the previous run did not finish"
                 else:
-                    prev = latest.get(r.label)
-                    old = json.loads(prev["components"]) if prev is not None else None
-                    r.reason = explain(r.components, old, r.name)
+                    unexplained.append(r)
+        if unexplained:  # new tasks: say what changed since the last task with the same label
+            latest = self.store.latest_by_label(self.pipeline_id, [r.label for r in unexplained])
+            for r in unexplained:
+                prev = latest.get(r.label)
+                old = json.loads(prev["components"]) if prev is not None else None
+                r.reason = explain(r.components, old, r.name)
+        for r in refs:
+            text = resources.get(r.func)
+            if text is None:
+                text = resources[r.func] = json.dumps(r.func.opts.resources(), sort_keys=True)
+            cell = getattr(r.func, "cell_id", None)
+            row = rows.get(r.key_)
+            if (row is not None and r.state is State.SUCCEEDED and row["active"]
+                    and row["state"] == State.SUCCEEDED.value and row["label"] == r.label
+                    and row["name"] == r.name and row["resources"] == text
+                    and (cell is None or row["cell"] == cell)):
+                continue  # recorded exactly so already (a resumed run): nothing to write
             register.append({
                 "key": r.key_, "name": r.name, "label": r.label, "kind": r.func.kind,
                 "state": r.state.value, "components": r.components,
                 "reason": None if r.state is State.SUCCEEDED else r.reason,  # keep why it ran
-                "resources": r.func.opts.resources(),
-                "cell": getattr(r.func, "cell_id", None),
+                "resources": text, "cell": cell,
             })
             edges += [(d.key_, r.key_, kind) for d, kind in r.deps.items()]
         self.store.register(self.pipeline_id, register, edges)

@@ -339,7 +339,7 @@ class Store:
                     (
                         pipeline_id, r["key"], r["name"], r["label"], r["kind"], r["state"],
                         json.dumps(r["components"], sort_keys=True), r.get("reason"),
-                        json.dumps(r.get("resources") or {}, sort_keys=True), now, now, r.get("cell"),
+                        _json_text(r.get("resources") or {}), now, now, r.get("cell"),
                     )
                     for r in rows
                 ],
@@ -585,3 +585,8 @@ class RunnerLock:
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def _json_text(value: Any) -> str:
+    """``value`` as JSON text with sorted keys (text given already is kept)."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)

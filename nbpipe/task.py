@@ -17,7 +17,7 @@ import functools
 import inspect
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,7 @@ from dask.utils import parse_bytes, parse_timedelta
 
 from .errors import TaskDefinitionError
 from .files import file_params
-from .identity import CodeIdentity, code_identity
+from .identity import CodeIdentity, DictShape, code_identity
 from .states import State
 
 if TYPE_CHECKING:
@@ -179,7 +179,8 @@ class TaskRef:
 
     __slots__ = (
         "pipeline", "func", "name", "label", "args", "kwargs", "call_id", "upstream",
-        "after", "in_files", "out_files", "partial", "arg_slots", "key_", "components",
+        "after", "in_files", "out_files", "shape", "arg_digests", "file_digests", "key_",
+        "components_",
         "state", "attempts", "error", "exception", "traceback", "result_file", "reason",
         "group", "chunksize", "worker", "dynamic", "budget", "deps", "__weakref__",
     )
@@ -190,6 +191,10 @@ class TaskRef:
         self.name = name
         self.label = label
         self.key_: str | None = None
+        self.shape: DictShape | None = None  # the fixed part of the key, shared by the function
+        self.arg_digests: dict[str, str] = {}
+        self.file_digests: dict[str, str] | None = None  # input files, when the task reads any
+        self.components_: dict[str, Any] | None = None  # as recorded, for a revived task
         self.state = State.WAITING
         self.attempts = 0
         self.budget = 0  # attempts made before the last retry command
@@ -214,6 +219,26 @@ class TaskRef:
 
     def __nbpipe_key__(self) -> str:
         return self.key
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The parts of the task's key, as recorded in the store and compared by ``why``."""
+        if self.components_ is not None or self.shape is None:
+            return self.components_ or {}
+        return {**self.shape.fixed, **self.key_extras()}
+
+    @components.setter
+    def components(self, value: dict[str, Any]) -> None:
+        self.components_ = value
+
+    def key_extras(self) -> dict[str, Any]:
+        """The per-task parts of the key: arguments, upstream keys, after= keys, input files."""
+        return {
+            "args": self.arg_digests,
+            "upstream": [[u.label, u.key_] for u in dict.fromkeys(self.upstream)],
+            "after": sorted(d.key_ for d, kind in self.deps.items() if kind == "after" and d.key_),
+            "files": self.file_digests or {},
+        }
 
     def done(self) -> bool:
         """Whether the task reached a final state."""
@@ -293,8 +318,17 @@ class TaskFunction:
         self.pipeline = pipeline
         self.name = options.name or getattr(fn, "__name__", "task")
         self.signature = inspect.signature(fn)
+        params = self.signature.parameters
+        self.var_keyword = next(
+            (p.name for p in params.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        # Plain parameters (no *args, **kwargs, keyword-only): calls bind without inspect's loop.
+        self._plain = tuple(params) if all(
+            p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params.values()) else None
+        self._defaults = {n: p.default for n, p in params.items()
+                          if p.default is not inspect.Parameter.empty}
         self.file_roles = file_params(fn)
         self._lock = threading.Lock()
+        self._shape: tuple[CodeIdentity, DictShape] | None = None
         functools.update_wrapper(self, fn, updated=())
 
     @property
@@ -304,6 +338,45 @@ class TaskFunction:
     def identity(self) -> CodeIdentity:
         """The content identity of the function's code and everything it reads."""
         return code_identity(self.fn, owner=self.name)
+
+    def bind(self, args: Sequence[Any], kwargs: dict[str, Any]) -> inspect.BoundArguments:
+        """Arguments by parameter, defaults applied; a TypeError as ``inspect`` raises it."""
+        names = self._plain
+        if names is not None and len(args) <= len(names) and all(k in names for k in kwargs):
+            arguments: dict[str, Any] = {}
+            for i, name in enumerate(names):
+                if i < len(args):
+                    if name in kwargs:
+                        break  # given twice: inspect says so below
+                    arguments[name] = args[i]
+                elif name in kwargs:
+                    arguments[name] = kwargs[name]
+                elif name in self._defaults:
+                    arguments[name] = self._defaults[name]
+                else:
+                    break  # missing: inspect says so below
+            else:
+                return inspect.BoundArguments(self.signature, arguments)  # type: ignore[arg-type]
+        bound = self.signature.bind(*args, **kwargs)  # the general case, and its errors
+        bound.apply_defaults()
+        return bound
+
+    def key_shape(self, identity: CodeIdentity) -> DictShape:
+        """The part of this function's task keys that its calls share: kind, code identity,
+        version and (for cells) outputs. Made once per identity."""
+        cached = self._shape
+        if cached is not None and cached[0] is identity:
+            return cached[1]
+        fixed: dict[str, Any] = {
+            "kind": self.kind, "code": identity.code, "helpers": identity.helpers,
+            "globals": identity.globals, "modules": identity.modules, "version": self.opts.version,
+        }
+        outputs = getattr(self, "outputs", None)
+        if outputs is not None:  # a %%task cell: its value is a dict of these names
+            fixed["outputs"] = list(outputs)
+        shape = DictShape(fixed, ("args", "upstream", "after", "files"))
+        self._shape = (identity, shape)
+        return shape
 
     def with_options(self, **options: Any) -> TaskFunction:
         """A copy of this task function with some options changed."""

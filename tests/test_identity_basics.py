@@ -11,6 +11,12 @@ from nbpipe import Pipeline, UnhashableValue
 from nbpipe.identity import digest, normalised_source_digest
 
 LOCK = threading.Lock()
+SCALE = 2
+WEIGHTS = [1, 2]
+
+
+def _helper(x: int) -> int:
+    return x + 1
 
 
 def test_encoding_is_canonical_and_unambiguous() -> None:
@@ -18,6 +24,76 @@ def test_encoding_is_canonical_and_unambiguous() -> None:
     values = [1, 1.0, True, "1", b"1", (1,), [1], {1}, None, Path("1")]
     assert len({digest(v) for v in values}) == len(values)
     assert digest(("ab", "c")) != digest(("a", "bc"))  # no plain string joins
+
+
+def test_the_encoding_does_not_drift_between_versions() -> None:
+    """Keys computed by an older nbpipe must still match: a store must never recompute because
+    nbpipe itself was upgraded. This digest was computed by the first released encoder."""
+    np = pytest.importorskip("numpy")
+    value = {"b": 1, "a": [1.5, "x", None, True, (2,)], "s": {1, 2}, "p": Path("/d"),
+             "n": np.arange(4)}
+    assert digest(value) == "259de6b6ef35cbe9a2e2ca127bb227cc"
+
+
+def test_a_function_hashed_once_still_sees_changed_globals_and_helpers(tmp_path: Path) -> None:
+    """Many calls of one function reuse its identity, but not once a name it reads changed."""
+    pipe = Pipeline("memo", store=tmp_path / ".nbpipe")
+
+    @pipe.task
+    def work(x: int) -> int:
+        return _helper(x) * SCALE + sum(WEIGHTS)
+
+    keys = [work(1).key]
+    assert work(1).key == keys[0]
+    module = globals()
+    try:
+        module["SCALE"] = 3  # a rebound global
+        keys.append(work(1).key)
+        WEIGHTS.append(3)  # a mutable global changed in place
+        keys.append(work(1).key)
+
+        def replacement(x: int) -> int:
+            return x + 2
+
+        module["_helper"] = replacement  # a redefined helper
+        keys.append(work(1).key)
+    finally:
+        module["SCALE"] = 2
+        del WEIGHTS[2:]
+        module["_helper"] = _original_helper
+    assert len(set(keys)) == 4, keys
+    assert work(1).key == keys[0]  # everything back as it was: the first key again
+
+
+_original_helper = _helper
+
+
+def test_a_key_is_the_digest_of_its_recorded_components(tmp_path: Path) -> None:
+    """Keys are computed from shared pre-encoded parts; they must equal the plain digest of the
+    components the store records (so ``why`` and any other tool can recompute them)."""
+    pipe = Pipeline("components", store=tmp_path / ".nbpipe")
+    (tmp_path / "in.txt").write_text("data")
+
+    @pipe.task(version=3)
+    def first(x: int, path: Path, **options: int) -> int:
+        return x * SCALE
+
+    @pipe.task
+    def second(a: int, b: list[int]) -> int:
+        return a + sum(b)
+
+    @pipe.task(after=["first"])
+    def third() -> int:
+        return 3
+
+    f = first(1, tmp_path / "in.txt", fast=1)
+    s = second(f, [f, 2])
+    t = third()
+    for ref in (f, s, t):
+        assert ref.key == digest(ref.components)
+    assert s.components["upstream"] == [[f.label, f.key]]
+    assert t.components["after"] == [f.key]
+    assert set(f.components["args"]) == {"x", "path", "fast"}
 
 
 def test_numpy_arrays_are_hashed_by_dtype_shape_and_content() -> None:
