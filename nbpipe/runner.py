@@ -75,6 +75,10 @@ class Submission:
     started: bool = False
     cancelled: bool = False
     pool: str | None = None  # the worker pool it runs in (batch clusters)
+    remaining: int = -1  # its refs not yet detached (outcome, failure or release)
+
+    def __post_init__(self) -> None:
+        self.remaining = len(self.refs)
 
 
 @dataclass
@@ -561,6 +565,7 @@ class Runner:
             if self.sub_of.get(ref) is sub:
                 del self.sub_of[ref]
                 self.active[ref.func] -= 1
+        sub.remaining = 0
 
     def _done(self, dask_keys: list[str]) -> None:
         """Futures that ended. Outcomes normally arrived first, pushed by the workers as events
@@ -600,7 +605,8 @@ class Runner:
             return False
         del self.sub_of[ref]
         self.active[ref.func] -= 1
-        if not any(self.sub_of.get(r) is sub for r in sub.refs):
+        sub.remaining -= 1
+        if sub.remaining <= 0:  # its last task: the future is no longer needed
             self.inflight.pop(sub.dask_key, None)
             self.awaiting.pop(sub, None)
             if sub.future is not None:
