@@ -404,7 +404,9 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
             command[4:4] = ["--cluster", cluster]
         for option in options:
             command[4:4] = ["-o", option]
-        with open("nbpipe-run.log", "ab") as log:
+        from .results import append_private
+
+        with append_private("nbpipe-run.log") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         click.echo(f"running {script} in the background (pid {proc.pid}); output in nbpipe-run.log")

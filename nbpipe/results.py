@@ -11,13 +11,13 @@ import hashlib
 import os
 import pickle
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import cloudpickle
 
 from .errors import ResultCorrupt
 
-__all__ = ["ResultFile", "read_result", "result_path", "write_result", "checksum_of"]
+__all__ = ["ResultFile", "append_private", "read_result", "result_path", "write_result", "checksum_of"]
 
 
 class ResultFile(NamedTuple):
@@ -58,6 +58,11 @@ def write_private(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def append_private(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open a log file for appending, created readable by the user only (0600)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
 
 
 def read_result(path: str | os.PathLike[str], checksum: str | None = None) -> Any:
