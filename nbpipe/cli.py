@@ -524,7 +524,9 @@ def _notebook_script(notebook: Path) -> Path:
     from .export import write_export
 
     exports = notebook.resolve().parent / ".nbpipe" / "exports"
-    exports.mkdir(mode=0o700, parents=True, exist_ok=True)
+    from .results import private_dirs
+
+    private_dirs(exports)
     target, result = write_export(notebook, exports / f"{notebook.stem}.py")
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)

@@ -419,9 +419,7 @@ class PoolCluster:
                 shared.mkdir(mode=0o700, parents=True, exist_ok=True)
             else:
                 shared = self._tmp = Path(tempfile.mkdtemp(prefix="nbpipe-tls-"))
-        # The dashboard has no authentication: only this machine (an SSH tunnel reaches it);
-        # scheduler_options={"dashboard_address": ":8787"} opens it wider on purpose.
-        options = {"dashboard_address": "127.0.0.1:0", **(scheduler_options or {})}
+        options = {"dashboard_address": ":0", **(scheduler_options or {})}
         try:
             self.cluster = cluster_class(first.kind)(
                 n_workers=0, security=security, shared_temp_directory=str(shared) if shared else None,

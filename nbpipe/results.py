@@ -46,9 +46,22 @@ def write_result(store_dir: str | os.PathLike[str], key: str, value: Any) -> Res
     return ResultFile(str(path), checksum_of(data), len(data))
 
 
+def private_dirs(directory: Path) -> None:
+    """Create ``directory`` and its missing parents, each readable by the user only (0700).
+
+    (``mkdir(parents=True)`` would create the parents with the umask's wider mode.)
+    """
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+
+
 def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file + rename), readable by the user only."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
