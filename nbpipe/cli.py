@@ -569,7 +569,10 @@ def reference() -> str:
     """The command reference in Markdown, from the commands' own help (docs/cli.md)."""
     parts = ["# Command reference", "",
              "Generated from `nbpipe --help`; a test keeps this page in sync with the command.", ""]
-    ctx = click.Context(main, info_name="nbpipe", terminal_width=100, max_content_width=100)
+    # The group's context settings (-h as well as --help), as a real invocation has them:
+    # click caches each command's help option from the first context it sees.
+    ctx = click.Context(main, info_name="nbpipe", terminal_width=100, max_content_width=100,
+                        **main.context_settings)
     parts += ["```", main.get_help(ctx), "```", ""]
     for name in sorted(main.commands):
         command = main.commands[name]

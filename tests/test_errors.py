@@ -492,14 +492,15 @@ CASES: list[Case] = [*PYTHON, *MAGICS, *CLI, *CONFIG, *REST]
 @pytest.fixture
 def clean_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A fresh working directory, and dask.config as it was afterwards (nbpipe.yaml merges in)."""
-    saved = copy.deepcopy(dask.config.config)
+    saved = copy.deepcopy(dask.config.config.get("nbpipe"))  # the only key nbpipe.yaml sets
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("NBPIPE_STORE", raising=False)
     monkeypatch.delenv("DASK_NBPIPE__CLUSTER", raising=False)
     dask.config.config.pop("nbpipe", None)
     yield tmp_path
-    dask.config.config.clear()
-    dask.config.config.update(saved)
+    dask.config.config.pop("nbpipe", None)
+    if saved is not None:
+        dask.config.config["nbpipe"] = saved
 
 
 _names = itertools.count()
