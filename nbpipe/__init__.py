@@ -18,6 +18,7 @@ from .errors import (
     ClusterError,
     ConfigError,
     CycleError,
+    InvalidArgument,
     MissingInputError,
     NbpipeError,
     PipelineBusy,
@@ -54,7 +55,7 @@ except ConfigError:
 
 __all__ = [
     "BashResult", "BashTaskError", "ClusterError", "ConfigError", "CycleError", "In",
-    "MissingInputError", "NbpipeError", "Out", "Pipeline", "PipelineBusy", "ResourceError",
+    "InvalidArgument", "MissingInputError", "NbpipeError", "Out", "Pipeline", "PipelineBusy", "ResourceError",
     "ResultCorrupt", "RunSummary", "State", "StoreError", "StoreNotWritable", "StoreVersionError",
     "TaskContext", "TaskDefinitionError", "TaskFailed", "TaskFunction", "TaskInfo", "TaskItem",
     "TaskKilled", "TaskRef", "TaskfileError", "UnhashableValue", "UnknownTask", "UpstreamFailed",

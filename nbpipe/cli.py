@@ -404,7 +404,9 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
             command[4:4] = ["--cluster", cluster]
         for option in options:
             command[4:4] = ["-o", option]
-        with open("nbpipe-run.log", "ab") as log:
+        from .results import append_private
+
+        with append_private("nbpipe-run.log") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         click.echo(f"running {script} in the background (pid {proc.pid}); output in nbpipe-run.log")
@@ -522,7 +524,9 @@ def _notebook_script(notebook: Path) -> Path:
     from .export import write_export
 
     exports = notebook.resolve().parent / ".nbpipe" / "exports"
-    exports.mkdir(mode=0o700, parents=True, exist_ok=True)
+    from .results import private_dirs
+
+    private_dirs(exports)
     target, result = write_export(notebook, exports / f"{notebook.stem}.py")
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -565,7 +569,10 @@ def reference() -> str:
     """The command reference in Markdown, from the commands' own help (docs/cli.md)."""
     parts = ["# Command reference", "",
              "Generated from `nbpipe --help`; a test keeps this page in sync with the command.", ""]
-    ctx = click.Context(main, info_name="nbpipe", terminal_width=100, max_content_width=100)
+    # The group's context settings (-h as well as --help), as a real invocation has them:
+    # click caches each command's help option from the first context it sees.
+    ctx = click.Context(main, info_name="nbpipe", terminal_width=100, max_content_width=100,
+                        **main.context_settings)
     parts += ["```", main.get_help(ctx), "```", ""]
     for name in sorted(main.commands):
         command = main.commands[name]

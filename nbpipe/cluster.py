@@ -68,7 +68,8 @@ def local_cluster(n_workers: int | None = None) -> LocalCluster:
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return LocalCluster(
-        n_workers=n_workers or cores or 1, threads_per_worker=1, processes=True, dashboard_address=":0",
+        n_workers=n_workers or cores or 1, threads_per_worker=1, processes=True,
+        dashboard_address="127.0.0.1:0",  # the dashboard has no authentication: this machine only
         silence_logs=logging.ERROR,
     )
 

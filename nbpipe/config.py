@@ -18,12 +18,14 @@ Precedence, strongest first: arguments (``Pipeline(cluster=...)``), ``dask.confi
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any
 
 import dask
 import dask.config
+import dask.utils
 import yaml
 
 from .errors import ConfigError
@@ -68,12 +70,43 @@ def load_project_config(start: str | os.PathLike[str] | None = None) -> Path | N
         )
     if "nbpipe" in data and len(data) == 1:  # also accept the dask.config layout
         data = data["nbpipe"]
+    check_settings(data, str(path))
     dask.config.update(dask.config.config, {"nbpipe": data}, priority="new")
     env = dask.config.collect_env()
     if "nbpipe" in env:
         dask.config.update(dask.config.config, {"nbpipe": env["nbpipe"]}, priority="new")
     _loaded.add(path)
     return path
+
+
+#: The settings nbpipe reads, and what each must be (``cluster`` is checked by nbpipe.cluster).
+SETTINGS = {
+    "cluster": "a cluster: local, a batch scheduler kind, an address or a mapping with a kind",
+    "idle-timeout": "a duration such as '60s' (how long a batch pool keeps jobs it no longer needs)",
+    "batch-seconds": "a number of seconds >= 0 (0 turns batching of tiny tasks off)",
+}
+
+
+def check_settings(data: Any, where: str) -> None:
+    """Refuse unknown keys (a typo would be ignored silently) and values of the wrong type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the nbpipe settings must be a mapping, not {type(data).__name__}")
+    for key, value in data.items():
+        if key not in SETTINGS:
+            guess = difflib.get_close_matches(str(key), SETTINGS, 1)
+            hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+            raise ConfigError(
+                f"{where}: unknown setting {key!r}{hint}; nbpipe reads {', '.join(SETTINGS)}"
+            )
+        if value is None or key == "cluster":
+            continue
+        try:
+            if key == "idle-timeout":
+                dask.utils.parse_timedelta(value)
+            elif isinstance(value, bool) or float(value) < 0:
+                raise ValueError
+        except (ValueError, TypeError, KeyError):
+            raise ConfigError(f"{where}: {key}={value!r} must be {SETTINGS[key]}") from None
 
 
 def setting(key: str, default: Any = None) -> Any:

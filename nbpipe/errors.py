@@ -96,5 +96,9 @@ class ClusterError(NbpipeError, ValueError):
     """``cluster=`` names something nbpipe cannot start or connect to."""
 
 
+class InvalidArgument(NbpipeError, ValueError):
+    """An argument of an nbpipe call (not of a task) has a value nbpipe does not accept."""
+
+
 class ResourceError(NbpipeError, ValueError):
     """A task asks for more than any worker pool of the cluster can give it."""

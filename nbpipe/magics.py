@@ -161,7 +161,8 @@ class NbpipeMagics(Magics):
         for pair in args.env:
             key, sep, value = pair.partition("=")
             if not sep or not key:
-                raise UsageError(f"--env takes KEY=VALUE pairs, got {pair!r}")
+                raise UsageError(f"%%task {args.name or ''}: --env takes KEY=VALUE pairs, got "
+                                 f"{pair!r}; e.g. --env OMP_NUM_THREADS=4")
             env[key] = value
         if args.bash:
             if not args.name:
@@ -184,6 +185,7 @@ class NbpipeMagics(Magics):
             version=args.version, cache=not args.no_cache, after=args.after or None,
             retry_memory_factor=args.retry_memory_factor,
         )
+        self._check_after(name, args.after)
         inputs = self._inputs(name, reads)
         cell_id = self._cell_id()
         previous_cell = session.cell_of.get(name)
@@ -229,6 +231,20 @@ class NbpipeMagics(Magics):
                     "and run it first"
                 )
         return inputs
+
+    def _check_after(self, task_name: str, after: list[str]) -> None:
+        """Every ``--after`` name must be a task already defined: a typo must not leave a task
+        behind that no later cell can resolve."""
+        pipe = self.session.pipe
+        known = {r.label for r in pipe._refs.values()} | {r.name for r in pipe._refs.values()}
+        for name in after:
+            if name not in known:
+                listing = ", ".join(sorted(known)[:10]) or "none yet"
+                raise UnknownTask(
+                    f"%%task {task_name}: --after {name} names no task of pipeline "
+                    f"{pipe.name!r} (its tasks: {listing}); run the cell that defines {name!r} "
+                    "first, or fix the name"
+                )
 
     def _check_cycle(self, name: str, inputs: dict[str, Any]) -> None:
         todo: list[TaskRef] = []

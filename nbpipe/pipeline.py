@@ -34,6 +34,7 @@ from .cluster import Connection, connect, validate
 from .errors import (
     ClusterError,
     CycleError,
+    InvalidArgument,
     MissingInputError,
     NbpipeError,
     PipelineBusy,
@@ -47,7 +48,7 @@ from .errors import (
 )
 from .files import file_digest, paths_in
 from .identity import CodeIdentity, Unencodable, digest
-from .results import read_result
+from .results import append_private, read_result
 from .runner import Runner, record_jobs
 from .states import BAD, State
 from .store import Batch, RunnerLock, Store
@@ -181,8 +182,9 @@ class Pipeline:
         self.name = name
         self.store = store if isinstance(store, Store) else Store(store)
         self.pipeline_id = self.store.pipeline_id(name, source=_default_name())
-        if cluster is not None:
-            validate(cluster, self.store.path)  # a mistake shows now, not when tasks first run
+        # A mistake (in the argument or the configured nbpipe.cluster) shows now, not when
+        # tasks first run.
+        validate(cluster, self.store.path)
         self.cluster = cluster
         self._refs: dict[str, TaskRef] = {}  # call id -> ref, the active tasks of this process
         self._by_label: dict[str, TaskRef] = {}
@@ -642,7 +644,13 @@ class Pipeline:
 
     def tasks(self, state: str | State | None = None) -> list[TaskInfo]:
         """The pipeline's tasks: those registered in this process, else those in the store."""
-        wanted = State(state).value if state is not None else None
+        try:
+            wanted = State(state).value if state is not None else None
+        except ValueError:
+            raise InvalidArgument(
+                f"pipeline {self.name!r}: tasks(state={state!r}) is not a state; use one of "
+                f"{', '.join(s.value for s in State)}"
+            ) from None
         if self._refs:
             self._resolve()
             infos = [TaskInfo(r.name, r.key, r.label, r.state.value, r.attempts, r.error, r.reason)
@@ -830,7 +838,7 @@ def spawn(store: Store, pipeline: str) -> int:
     logs = store.path / "logs"
     logs.mkdir(mode=0o700, exist_ok=True)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in pipeline)
-    with open(logs / f"spawn-{safe}.log", "ab") as log:
+    with append_private(logs / f"spawn-{safe}.log") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "nbpipe.cli", "--store", str(store.path), "spawn", pipeline],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,

@@ -17,7 +17,9 @@ only after the pool has had more than it needs for ``idle_timeout``.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import getpass
+import inspect
 import logging
 import math
 import os
@@ -205,6 +207,16 @@ def make_pool(name: str, spec: Mapping[str, Any], store_dir: Path | None = None)
             f"{', '.join(KINDS)}"
         )
     kwargs = {k: v for k, v in spec.items() if k not in NBPIPE_KEYS}
+    known = job_options(kind)
+    for key in kwargs:
+        # dask-jobqueue would refuse an unknown option only when the cluster starts
+        if key not in known and key != "walltime":
+            guess = difflib.get_close_matches(key, known | NBPIPE_KEYS, 1)
+            hint = f"did you mean {guess[0]!r}? " if guess else ""
+            raise ClusterError(
+                f"{where}: {key!r} is not an option of {kind} jobs; {hint}see `nbpipe cluster "
+                f"{kind}` and dask-jobqueue's {KINDS[kind]} for the options"
+            )
     config = f"jobqueue.{kwargs.get('config_name') or kind}"
     cores = kwargs.get("cores", dask.config.get(f"{config}.cores", None))
     memory = kwargs.get("memory", dask.config.get(f"{config}.memory", None))
@@ -285,11 +297,33 @@ def make_pool(name: str, spec: Mapping[str, Any], store_dir: Path | None = None)
     return pool
 
 
+def job_options(kind: str) -> set[str]:
+    """The keyword options dask-jobqueue's cluster and job classes of ``kind`` accept."""
+    cls = cluster_class(kind)
+    names: set[str] = set()
+    for klass in (*cls.__mro__, *cls.job_cls.__mro__):
+        init = vars(klass).get("__init__")
+        if init is None or klass is object:
+            continue
+        for param in inspect.signature(init).parameters.values():
+            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and param.name != "self":
+                names.add(param.name)
+    return names
+
+
 def parse_pools(spec: Mapping[str, Any], store_dir: Path | None = None) -> list[Pool]:
     """The pools of a cluster spec: ``default`` from its top level, then each of ``pools``.
 
     Each named pool inherits the top-level options and overrides what it sets.
     """
+    from distributed.security import Security
+
+    security = spec.get("security", True)
+    if not isinstance(security, (bool, Mapping, Security)) and security is not None:
+        raise ClusterError(
+            f"cluster security={security!r}: use True (temporary TLS certificates, the default), "
+            "a mapping of distributed.Security options, a Security object, or False to turn TLS off"
+        )
     named = spec.get("pools") or {}
     if not isinstance(named, Mapping):
         raise ClusterError(

@@ -142,7 +142,10 @@ def _task_row(store: Store, pipeline_id: int, task: str) -> Any:
         matches = [r for r in pool if task in (r["label"], r["name"]) or r["key"].startswith(task)]
         if matches:
             return max(matches, key=lambda r: r["updated"])
-    raise UnknownTask(f"no task {task!r} in this pipeline; `nbpipe tasks PIPELINE` lists them")
+    name = store.connect().execute("SELECT name FROM pipelines WHERE id = ?", (pipeline_id,)).fetchone()
+    pipeline = name[0] if name else "?"
+    raise UnknownTask(f"no task {task!r} in pipeline {pipeline!r}; `nbpipe tasks {pipeline}` "
+                      "lists its tasks")
 
 
 def task_detail(store: Store, pipeline: str, task: str) -> dict[str, Any]:

@@ -11,13 +11,13 @@ import hashlib
 import os
 import pickle
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import cloudpickle
 
 from .errors import ResultCorrupt
 
-__all__ = ["ResultFile", "read_result", "result_path", "write_result", "checksum_of"]
+__all__ = ["ResultFile", "append_private", "read_result", "result_path", "write_result", "checksum_of"]
 
 
 class ResultFile(NamedTuple):
@@ -46,9 +46,22 @@ def write_result(store_dir: str | os.PathLike[str], key: str, value: Any) -> Res
     return ResultFile(str(path), checksum_of(data), len(data))
 
 
+def private_dirs(directory: Path) -> None:
+    """Create ``directory`` and its missing parents, each readable by the user only (0700).
+
+    (``mkdir(parents=True)`` would create the parents with the umask's wider mode.)
+    """
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+
+
 def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file + rename), readable by the user only."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -58,6 +71,11 @@ def write_private(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def append_private(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open a log file for appending, created readable by the user only (0600)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
 
 
 def read_result(path: str | os.PathLike[str], checksum: str | None = None) -> Any:

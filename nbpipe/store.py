@@ -251,7 +251,8 @@ class Store:
         if not create:
             from .errors import UnknownTask
 
-            raise UnknownTask(f"no pipeline named {name!r} in the store {self.path}")
+            raise UnknownTask(f"no pipeline named {name!r} in the store {self.path}; "
+                              "`nbpipe pipelines` lists the pipelines of a store")
         with self.transaction() as tx:
             tx.execute(
                 "INSERT OR IGNORE INTO pipelines (name, created, source) VALUES (?, ?, ?)",
@@ -517,7 +518,8 @@ def remember(path: Path) -> None:
         if str(path) in known:
             return
         registry.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(registry, "a") as f:
+        fd = os.open(registry, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # private: where
+        with os.fdopen(fd, "a") as f:                                        # the user works
             f.write(f"{path}\n")
     except OSError:
         pass

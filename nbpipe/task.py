@@ -13,6 +13,7 @@ Calling ``fraction(seed=1)`` registers a task in the current pipeline and return
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import re
@@ -101,8 +102,10 @@ def make_options(task: str, **kw: Any) -> TaskOptions:
     """Validate decorator options; every mistake names the task, the option and the fix."""
     unknown = set(kw) - _OPTION_NAMES
     if unknown:
+        guesses = [g for u in sorted(unknown) for g in difflib.get_close_matches(u, _OPTION_NAMES, 1)]
+        hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
         raise TaskDefinitionError(
-            f"task {task!r}: unknown option(s) {', '.join(sorted(unknown))}; "
+            f"task {task!r}: unknown option(s) {', '.join(sorted(unknown))}{hint}; "
             f"valid options are {', '.join(sorted(_OPTION_NAMES))}"
         )
     out: dict[str, Any] = {}
@@ -306,7 +309,10 @@ class TaskFunction:
             fn = fn.fn
         if not callable(fn) or isinstance(fn, type):
             decorator = "@task" if kind == "python" else "@bash_task"
-            raise TaskDefinitionError(f"{decorator} needs a function, got {fn!r}")
+            raise TaskDefinitionError(
+                f"{decorator} needs a function, got {fn!r}; put {decorator} on a def (or call "
+                f"{decorator[1:]}(fn) with a function)"
+            )
         if inspect.iscoroutinefunction(fn) or inspect.isgeneratorfunction(fn):
             raise TaskDefinitionError(
                 f"task {fn.__name__!r}: async and generator functions cannot be tasks; "
@@ -425,7 +431,11 @@ def _decorator(kind: str) -> Callable[..., Any]:
         if fn is None:
             return wrap
         if options:
-            raise TaskDefinitionError("use @task(option=...) or bare @task, not both")
+            decorator = "@task" if kind == "python" else "@bash_task"
+            raise TaskDefinitionError(
+                f"{decorator} on {getattr(fn, '__name__', fn)!r}: pass options with the decorator, "
+                f"{decorator}({', '.join(f'{k}=...' for k in options)}), not with the function"
+            )
         return wrap(fn)
 
     return decorate

@@ -225,6 +225,8 @@ class ExportHandler(NbpipeHandler):
         notebook = self.inside_root(str(body.get("path", "")), "path")
         if notebook.suffix != ".ipynb" or not notebook.is_file():
             raise tornado.web.HTTPError(404, f"{body.get('path')!r} is not a notebook")
+        # The script goes beside the notebook: a symlink there must not write outside the root.
+        self.inside_root(self.relative(notebook.with_suffix(".py")), "the script beside it")
         await self.answer(self._export, notebook)
 
     def _export(self, notebook: Path) -> dict[str, Any]:

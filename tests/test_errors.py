@@ -1,0 +1,709 @@
+"""The bad input catalogue: every mistake a user can make on each surface, with its message.
+
+One list of cases (``CASES``) drives both the tests below and ``docs/errors.md``; the page is
+generated from it (``python tests/test_errors.py`` rewrites it) and a test keeps it in sync.
+Each case runs the real thing (a Pipeline on real SQLite, an IPython shell with ``%load_ext
+nbpipe``, the click command, ``nbpipe.yaml`` files, the REST API on a real Jupyter server) and
+checks the error type, that the message names the task, cell or option, and the whole message
+against the documented one (``…`` stands for a part that varies: a path, a pid).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import json
+import re
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import dask
+import pytest
+from click.testing import CliRunner
+from IPython.terminal.interactiveshell import TerminalInteractiveShell
+from IPython.testing.globalipapp import start_ipython
+from tornado.httpclient import HTTPClientError
+
+from nbpipe import In, Out, Pipeline, load_tasks, task
+from nbpipe.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "errors.md"
+
+SURFACES = ("Python API", "magics", "command line", "configuration", "REST")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One mistake: how to make it, what the user sees, how to fix it."""
+
+    surface: str
+    mistake: str  # what the user did (Markdown)
+    error: str  # exception class, "exit 2" for the command line, "HTTP 4xx" for REST
+    message: str  # the message, with … for parts that vary
+    names: str  # the task, cell, option or thing the message must name
+    fix: str  # how to fix it (Markdown)
+    action: Any = None  # python/config: callable(tmp); magics: cell source; cli: argv; REST: request
+    setup: tuple[str, ...] = field(default=())  # magics: cells run first; config: nbpipe.yaml text
+
+    @property
+    def id(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", f"{self.surface} {self.mistake}".lower()).strip("-")[:70]
+
+
+def matches(documented: str, actual: str) -> bool:
+    """``actual`` is ``documented`` where each ``…`` stands for any text."""
+    pattern = ".*?".join(re.escape(part) for part in documented.split("…"))
+    return re.fullmatch(pattern, actual, flags=re.DOTALL) is not None
+
+
+# -- Python API ---------------------------------------------------------------------------------
+
+
+def job() -> int:
+    """A task body for the catalogue."""
+    return 1
+
+
+def takes_two(x: int, y: int = 0) -> int:
+    """A task body with two parameters."""
+    return x + y
+
+
+def _pipe(tmp: Path, name: str = "demo", **kw: Any) -> Pipeline:
+    return Pipeline(name, store=tmp / ".nbpipe", **kw)
+
+
+def _two_tasks_one_output(tmp: Path) -> None:
+    pipe = _pipe(tmp)
+
+    def first(out: Annotated[Path, Out]) -> None:
+        out.write_text("first")
+
+    def second(out: Annotated[Path, Out]) -> None:
+        out.write_text("second")
+
+    pipe.task(first)(tmp / "same.txt")
+    pipe.task(second)(tmp / "same.txt")
+    pipe.run()
+
+
+def _missing_input(tmp: Path) -> None:
+    pipe = _pipe(tmp)
+
+    def smooth(raw: Annotated[Path, In]) -> str:
+        return raw.read_text()
+
+    pipe.task(smooth)(tmp / "raw.csv")
+    pipe.run()
+
+
+def _cycle(tmp: Path) -> None:
+    pipe = _pipe(tmp)
+
+    def a() -> int:
+        return 1
+
+    def b() -> int:
+        return 2
+
+    pipe.task(a, after=["b"])()
+    pipe.task(b, after=["a"])()
+    pipe.run()
+
+
+def _other_pipeline(tmp: Path) -> None:
+    upstream = _pipe(tmp, "other").task(job)()
+    _pipe(tmp).task(takes_two)(upstream)
+
+
+def _unknown_after(tmp: Path) -> None:
+    pipe = _pipe(tmp)
+    pipe.task(job, after="lod")()
+    pipe.run()  # names in after= are looked up when the graph is resolved
+
+
+def _async(tmp: Path) -> None:
+    async def fetch() -> int:
+        return 1
+
+    task(fetch)
+
+
+def _task_file(tmp: Path, name: str, text: str) -> None:
+    (tmp / name).write_text(text)
+    load_tasks(tmp / name)
+
+
+PYTHON = [
+    Case("Python API", '`@task(memory="lots")`', "TaskDefinitionError",
+         "task 'job': memory='lots' is not a size; use e.g. '4GB', '500MiB' or a number of bytes",
+         "memory", "Give a size with a unit: `memory=\"4GB\"`.",
+         lambda tmp: task(memory="lots")(job)),
+    Case("Python API", '`@task(walltime="soon")`', "TaskDefinitionError",
+         "task 'job': walltime='soon' is not a duration; use 'HH:MM:SS', 'D-HH:MM:SS', '2h', "
+         "'30min' or a number of seconds", "walltime", 'Give a duration: `walltime="01:30:00"`.',
+         lambda tmp: task(walltime="soon")(job)),
+    Case("Python API", "A misspelt option, `@task(retrys=2)`", "TaskDefinitionError",
+         "task 'job': unknown option(s) retrys (did you mean retries?); valid options are after, "
+         "cache, cores, env, gpus, max_concurrent, memory, name, pool, retries, "
+         "retry_memory_factor, version, walltime", "retrys", "Use one of the listed options.",
+         lambda tmp: task(retrys=2)(job)),
+    Case("Python API", '`@task(cores="4")` (a string)', "TaskDefinitionError",
+         "task 'job': cores='4' must be an integer >= 1", "cores", "Pass a number: `cores=4`.",
+         lambda tmp: task(cores="4")(job)),
+    Case("Python API", "`@task(retries=-1)`", "TaskDefinitionError",
+         "task 'job': retries=-1 must be an integer >= 0", "retries",
+         "Pass how many attempts to add after the first failure, 0 or more.",
+         lambda tmp: task(retries=-1)(job)),
+    Case("Python API", '`@task(env=["OMP_NUM_THREADS=4"])` (a list)', "TaskDefinitionError",
+         "task 'job': env=['OMP_NUM_THREADS=4'] must be a dict of variable names to strings", "env",
+         'Pass a dict: `env={"OMP_NUM_THREADS": "4"}`.',
+         lambda tmp: task(env=["OMP_NUM_THREADS=4"])(job)),
+    Case("Python API", '`@task(cache="no")`', "TaskDefinitionError",
+         "task 'job': cache='no' must be True or False", "cache", "Pass `cache=False`.",
+         lambda tmp: task(cache="no")(job)),
+    Case("Python API", "`@task(version=1.5)` (a float)", "TaskDefinitionError",
+         "task 'job': version=1.5 must be a str or int", "version", 'Use `version=2` or `version="1.5"`.',
+         lambda tmp: task(version=1.5)(job)),
+    Case("Python API", "`@task(after=3)`", "TaskDefinitionError",
+         "task 'job': after= takes task references or task names, not int", "after",
+         "Pass the task's reference or its name: `after=[load]` or `after=\"load\"`.",
+         lambda tmp: task(after=3)(job)),
+    Case("Python API", "`@task(retry_memory_factor=0.5)`", "TaskDefinitionError",
+         "task 'job': retry_memory_factor=0.5 must be a number >= 1, e.g. 1.5 (the memory request "
+         "grows by that factor on each retry after its worker died)", "retry_memory_factor",
+         "Use a factor of 1 or more.", lambda tmp: task(retry_memory_factor=0.5)(job)),
+    Case("Python API", "`task(42)`: decorating something that is not a function",
+         "TaskDefinitionError",
+         "@task needs a function, got 42; put @task on a def (or call task(fn) with a function)",
+         "@task", "Put `@task` above a `def`.", lambda tmp: task(42)),
+    Case("Python API", "`task(job, retries=2)`: the function and options together", "TaskDefinitionError",
+         "@task on 'job': pass options with the decorator, @task(retries=...), not with the function",
+         "'job'", "Write `task(retries=2)(job)` or `@task(retries=2)` above the def.",
+         lambda tmp: task(job, retries=2)),
+    Case("Python API", "`@task` on an `async def`", "TaskDefinitionError",
+         "task 'fetch': async and generator functions cannot be tasks; return a value instead",
+         "'fetch'", "Make it a plain function that returns its value.", _async),
+    Case("Python API", "Calling a task with arguments its function does not take", "TaskDefinitionError",
+         "task 'takes_two': too many positional arguments; its signature is takes_two(x: …, "
+         "y: … = 0) -> …", "takes_two",
+         "Call it as its signature says.", lambda tmp: _pipe(tmp).task(takes_two)(1, 2, 3)),
+    Case("Python API", "An argument nbpipe cannot hash (a lock)", "UnhashableValue",
+         "task 'takes_two': argument 'x' is a _thread.lock, which nbpipe cannot hash "
+         "deterministically; pass a value of a type nbpipe can hash (numbers, strings, paths, "
+         "lists, dicts, numpy arrays, dataclasses), give its class a __nbpipe_token__() method, or "
+         "build the object inside the task", "'x'",
+         "Pass plain data, or give the class a `__nbpipe_token__()` method.",
+         lambda tmp: _pipe(tmp).task(takes_two)(threading.Lock())),
+    Case("Python API", "A task of one pipeline passed to a task of another", "TaskDefinitionError",
+         "task 'takes_two' got <TaskRef job WAITING> from pipeline 'other'; tasks can only depend on "
+         "tasks of the same pipeline ('demo')", "takes_two",
+         "Register both tasks in the same pipeline.", _other_pipeline),
+    Case("Python API", '`after="lod"`: a name no task has', "UnknownTask",
+         "task 'job' has after='lod', but no task of pipeline 'demo' has that name; register it "
+         "first or fix the name", "'lod'", "Fix the name, or register that task first.",
+         _unknown_after),
+    Case("Python API", "Tasks that wait for each other (a cycle of `after=`)", "CycleError",
+         "tasks form a cycle: … -> … -> …; remove one of these dependencies (an after= or an "
+         "In/Out file)", "cycle", "Remove one of the dependencies named.", _cycle),
+    Case("Python API", "Two tasks declaring the same `Out` file", "TaskDefinitionError",
+         "tasks 'first(out=…)' and 'second(out=…)' both declare …/same.txt as their output; give "
+         "each task its own output path", "same.txt", "Give each task its own output path.",
+         _two_tasks_one_output),
+    Case("Python API", "An `In` file that does not exist and that no task writes", "MissingInputError",
+         "task 'smooth(raw=…)' reads …/raw.csv, which does not exist and which no task of the "
+         "pipeline declares as an Out file; create the file, fix the path, or register the task "
+         "that writes it", "raw.csv", "Create the file, fix the path, or register its producer.",
+         _missing_input),
+    Case("Python API", '`Pipeline("")`', "TaskDefinitionError",
+         "a pipeline needs a non-empty name, got ''", "name", "Name the pipeline.",
+         lambda tmp: Pipeline("", store=tmp / ".nbpipe")),
+    Case("Python API", "A store path that is a file", "StoreNotWritable",
+         "cannot create the nbpipe store at …/notes.txt: File exists; choose a writable directory "
+         "with Pipeline(store=...) or the NBPIPE_STORE variable", "notes.txt",
+         "Point `store=` at a directory.",
+         lambda tmp: ((tmp / "notes.txt").write_text("x"), Pipeline("p", store=tmp / "notes.txt"))),
+    Case("Python API", '`Pipeline(cluster="lots")`', "ClusterError",
+         "cluster='lots' is not something nbpipe can run on; use 'local', a batch scheduler kind "
+         "(slurm, pbs, sge, lsf, htcondor), a scheduler address like 'tcp://host:8786', a dict like "
+         "{'kind': 'slurm', 'cores': 1, 'memory': '2GB'}, a dask Cluster or a Client", "'lots'",
+         "Use one of the listed forms.", lambda tmp: _pipe(tmp, cluster="lots")),
+    Case("Python API", "A misspelt job option, `cluster={..., \"coers\": 4}`", "ClusterError",
+         "cluster pool 'default': 'coers' is not an option of slurm jobs; did you mean 'cores'? see "
+         "`nbpipe cluster slurm` and dask-jobqueue's SLURMCluster for the options", "'coers'",
+         "Fix the option's name.",
+         lambda tmp: _pipe(tmp, cluster={"kind": "slurm", "coers": 4, "cores": 1, "memory": "1GB"})),
+    Case("Python API", '`cluster={"kind": "slurm", "security": "maybe"}`', "ClusterError",
+         "cluster security='maybe': use True (temporary TLS certificates, the default), a mapping of "
+         "distributed.Security options, a Security object, or False to turn TLS off", "security",
+         "Leave it out (TLS on), or pass one of the listed values.",
+         lambda tmp: _pipe(tmp, cluster={"kind": "slurm", "cores": 1, "memory": "1GB",
+                                         "security": "maybe"})),
+    Case("Python API", '`pipe.tasks(state="DONE")`', "InvalidArgument",
+         "pipeline 'demo': tasks(state='DONE') is not a state; use one of WAITING, PENDING, RUNNING, "
+         "SUCCEEDED, FAILED, UPSTREAM_FAILED, KILLED", "state", "Use one of the listed states.",
+         lambda tmp: _pipe(tmp).tasks(state="DONE")),
+    Case("Python API", '`pipe.kill("nope")`: an unknown task', "UnknownTask",
+         "no task 'nope' in pipeline 'demo'; see pipe.tasks()", "'nope'",
+         "Use a name or label from `pipe.tasks()`.", lambda tmp: _pipe(tmp).kill("nope")),
+    Case("Python API", "`pipe.retry()` with nothing to retry", "TaskDefinitionError",
+         "pipe.retry() needs tasks to retry, or failed=True", "retry",
+         "Name the tasks, or pass `failed=True`.", lambda tmp: _pipe(tmp).retry()),
+    Case("Python API", "`fn.map(items, chunksize=0)`", "TaskDefinitionError",
+         "task 'job': chunksize=0 must be an integer >= 1", "chunksize", "Use a chunk size of 1 or more.",
+         lambda tmp: _pipe(tmp).task(job).map([1], chunksize=0)),
+    Case("Python API", "`load_tasks` on a file that does not exist", "TaskfileError",
+         "task file …/tasks.yaml does not exist", "tasks.yaml", "Fix the path.",
+         lambda tmp: load_tasks(tmp / "tasks.yaml")),
+    Case("Python API", "A task file entry without `task_id`", "TaskfileError",
+         "task file …/tasks.yaml, entry 2: each entry needs a task_id (and optional data)",
+         "entry 2", "Give every entry a `task_id`.",
+         lambda tmp: _task_file(tmp, "tasks.yaml", "- task_id: a\n- data: 1\n")),
+    Case("Python API", "A task file with the same `task_id` twice", "TaskfileError",
+         "task file …/tasks.json, entry 2: task_id 'a' appears twice; ids must be unique", "'a'",
+         "Make the ids unique.",
+         lambda tmp: _task_file(tmp, "tasks.json", '[{"task_id": "a"}, {"task_id": "a"}]')),
+    Case("Python API", "A task file that is not valid YAML", "TaskfileError",
+         "task file …/tasks.yaml is not valid YAML: …", "tasks.yaml", "Fix the YAML.",
+         lambda tmp: _task_file(tmp, "tasks.yaml", "- task_id: [a\n")),
+    Case("Python API", "A task file with another extension", "TaskfileError",
+         "task file …/tasks.txt: use a .json, .yaml or .yml file", "tasks.txt",
+         "Rename it to .json, .yaml or .yml.", lambda tmp: _task_file(tmp, "tasks.txt", "[]")),
+]
+
+
+# -- magics -------------------------------------------------------------------------------------
+
+MAGICS = [
+    Case("magics", "`%%task x --retrys 2`: an option `%%task` does not have", "UsageError",
+         "unrecognized arguments: --retrys 2", "--retrys",
+         "See `%%task?` for the options.", "%%task x --retrys 2\nx = 1"),
+    Case("magics", "`%%task x --memory lots`", "TaskDefinitionError",
+         "task 'x': memory='lots' is not a size; use e.g. '4GB', '500MiB' or a number of bytes",
+         "memory", "Give a size with a unit: `--memory 4GB`.", "%%task x --memory lots\nx = 1"),
+    Case("magics", "`%%task x --retries many`", "UsageError",
+         "argument --retries: invalid int value: 'many'", "--retries",
+         "Give a number.", "%%task x --retries many\nx = 1"),
+    Case("magics", "`%%task x --env OMP`: not KEY=VALUE", "UsageError",
+         "%%task x: --env takes KEY=VALUE pairs, got 'OMP'; e.g. --env OMP_NUM_THREADS=4", "--env",
+         "Write `--env OMP_NUM_THREADS=4`.", "%%task x --env OMP\nx = 1"),
+    Case("magics", "A `%%task` cell that assigns nothing and has no name", "UsageError",
+         "this cell assigns nothing, so name it: %%task NAME", "%%task NAME",
+         "Name the task: `%%task report`.", "%%task\nprint('hello')"),
+    Case("magics", "`%%task --bash` without a name", "UsageError",
+         "a --bash cell needs a name: %%task NAME --bash", "--bash", "Name it: `%%task fetch --bash`.",
+         "%%task --bash\necho hi"),
+    Case("magics", "A syntax error in a `%%task` cell", "SyntaxError",
+         "'(' was never closed (<task broken>, line 1)", "<task broken>", "Fix the cell's code.",
+         "%%task broken\ny = (2 +\n"),
+    Case("magics", "A `%%task` cell reading a name nothing defines", "NameError",
+         "task 'x' reads 'nowhere', but no task output, variable or builtin has that name; define "
+         "'nowhere' in a cell (or a %%task cell) and run it first", "'nowhere'",
+         "Define the name first (or fix the typo).", "%%task x\nx = nowhere + 1"),
+    Case("magics", "Cells that read each other's outputs (a cycle)", "CycleError",
+         "cells form a cycle: … -> … -> a; a cell cannot read what a cell downstream of it produces",
+         "a", "Move the shared computation into its own cell.", "%%task a\na = b + 1",
+         ("%%task a\na = 1", "%%task b\nb = a + 1")),
+    Case("magics", "`%%task y --after lod`: a task that does not exist", "UnknownTask",
+         "%%task y: --after lod names no task of pipeline '…' (its tasks: none yet); run the cell "
+         "that defines 'lod' first, or fix the name", "lod",
+         "Run the cell that defines it first, or fix the name.", "%%task y --after lod\ny = 1"),
+    Case("magics", "A task output that cannot be pickled (a lock)", "TypeError",
+         "output 'lock' of task 'lock' cannot be pickled…", "'lock'",
+         "Keep such objects inside the cell, or build them in the cell that uses them.",
+         "lock", ("%%task lock\nimport threading\nlock = threading.Lock()",)),
+    Case("magics", "`%pipeline frobnicate`", "UsageError",
+         "argument command: invalid choice: 'frobnicate' (choose from …)\nusage: …", "frobnicate",
+         "Use one of the listed commands.", "%pipeline frobnicate"),
+    Case("magics", "`%pipeline why nope`: an unknown task", "UsageError",
+         "no task 'nope' in pipeline '…'; see pipe.tasks() for names", "'nope'",
+         "Use a name from `%pipeline status`.", "%pipeline why nope"),
+    Case("magics", "`%pipeline retry` with nothing to retry", "UsageError",
+         "%pipeline retry NAME... or %pipeline retry --failed", "retry",
+         "Name the tasks, or add `--failed`.", "%pipeline retry"),
+    Case("magics", "`%pipeline cluster warp`", "UsageError",
+         "cluster='warp' is not something nbpipe can run on; use 'local', …", "'warp'",
+         "Use `local`, a batch scheduler kind or an address.", "%pipeline cluster warp"),
+    Case("magics", "`%pipeline cluster pbs memory=lots`", "UsageError",
+         "cluster pool 'default': memory='lots' is not a size; use e.g. '16GB'", "memory",
+         "Give a size with a unit.", "%pipeline cluster pbs cores=1 memory=lots"),
+    Case("magics", "`%pipeline export` in a kernel that does not know its notebook", "UsageError",
+         "this kernel does not know its notebook file; use `nbpipe export NOTEBOOK.ipynb` in a "
+         "terminal", "nbpipe export", "Export from a terminal.", "%pipeline export"),
+    Case("magics", "`%pipeline autorun maybe`", "UsageError",
+         "argument mode: invalid choice: 'maybe' (choose from …on…, …off…)\nusage: …", "maybe",
+         "Use `on` or `off`.", "%pipeline autorun maybe"),
+]
+
+# -- command line -------------------------------------------------------------------------------
+
+CLI = [
+    Case("command line", "No store here and no `--store`", "exit 2",
+         "no .nbpipe store here or in any parent directory; give one with --store DIR", "--store",
+         "Run it in the project folder or pass `--store DIR`.", ["pipelines"]),
+    Case("command line", "`--store` pointing at a folder that is not a store", "exit 2",
+         "… is not an nbpipe store (no nbpipe.sqlite in it)", "nbpipe.sqlite",
+         "Point it at the `.nbpipe` folder.", ["--store", "{tmp}", "pipelines"]),
+    Case("command line", "`nbpipe tasks nope`: an unknown pipeline", "exit 2",
+         "no pipeline named 'nope' in the store …; `nbpipe pipelines` lists the pipelines of a "
+         "store", "'nope'", "Use a name from `nbpipe pipelines`.", ["--store", "{store}", "tasks", "nope"]),
+    Case("command line", "`nbpipe show demo nope`: an unknown task", "exit 2",
+         "no task 'nope' in pipeline 'demo'; `nbpipe tasks demo` lists its tasks", "'nope'",
+         "Use a name from `nbpipe tasks demo`.", ["--store", "{store}", "show", "demo", "nope"]),
+    Case("command line", "`nbpipe tasks demo --state DONE`", "exit 2",
+         "Invalid value for '--state': 'DONE' is not one of …", "--state", "Use one of the listed states.",
+         ["--store", "{store}", "tasks", "demo", "--state", "DONE"]),
+    Case("command line", "`nbpipe retry demo` without tasks or `--failed`", "exit 2",
+         "name tasks to retry, or use --failed", "--failed", "Name tasks or add `--failed`.",
+         ["--store", "{store}", "retry", "demo"]),
+    Case("command line", "`nbpipe kill demo` without tasks or `--all`", "exit 2",
+         "name tasks to kill, or use --all", "--all", "Name tasks or add `--all`.",
+         ["--store", "{store}", "kill", "demo"]),
+    Case("command line", "`nbpipe logs demo job --attempt 9`: an attempt that never was", "exit 2",
+         "task 'job' has no attempt 9; it has 1", "attempt 9", "Use an attempt `nbpipe show` lists.",
+         ["--store", "{store}", "logs", "demo", "job", "--attempt", "9"]),
+    Case("command line", "`nbpipe graph demo -o graph.pdf`", "exit 2",
+         "-o takes a .svg, .png or .dot file", "-o", "Write .svg, .png or .dot.",
+         ["--store", "{store}", "graph", "demo", "-o", "{tmp}/graph.pdf"]),
+    Case("command line", "`nbpipe run missing.py`", "exit 2",
+         "Invalid value for 'SCRIPT': File '…missing.py' does not exist.", "missing.py", "Fix the path.",
+         ["run", "{tmp}/missing.py"]),
+    Case("command line", "`nbpipe run job.py --cluster warp`", "exit 2",
+         "cluster='warp' is not something nbpipe can run on; …", "'warp'",
+         "Use `local`, a batch scheduler kind or an address.", ["run", "{script}", "--cluster", "warp"]),
+    Case("command line", "`nbpipe run job.py --cluster slurm -o memory`: an option without a value",
+         "exit 2", "cluster option 'memory': write KEY=VALUE, e.g. memory=4GB", "memory",
+         "Write `-o memory=4GB`.", ["run", "{script}", "--cluster", "slurm", "-o", "memory"]),
+    Case("command line", "`nbpipe export broken.ipynb`: not a notebook", "exit 2",
+         "…broken.ipynb: not a readable notebook …", "broken.ipynb", "Export a saved .ipynb file.",
+         ["export", "{tmp}/broken.ipynb"]),
+    Case("command line", "`nbpipe cluster slurm cores=1 memory=lots`", "exit 2",
+         "cluster pool 'default': memory='lots' is not a size; use e.g. '16GB'", "memory",
+         "Give a size with a unit.", ["cluster", "slurm", "cores=1", "memory=lots"]),
+    Case("command line", "`nbpipe delete nope`: an unknown pipeline", "exit 2",
+         "no pipeline named 'nope' in the store …; `nbpipe pipelines` lists the pipelines of a "
+         "store", "'nope'", "Use a name from `nbpipe pipelines`.", ["--store", "{store}", "delete", "nope"]),
+    Case("command line", "`nbpipe frobnicate`", "exit 2", "No such command 'frobnicate'.",
+         "frobnicate", "See `nbpipe --help`.", ["frobnicate"]),
+]
+
+# -- configuration ------------------------------------------------------------------------------
+
+CONFIG = [
+    Case("configuration", "`nbpipe.yaml` that is not valid YAML", "ConfigError",
+         "…/nbpipe.yaml: cannot read it as YAML (…); fix or remove the file", "nbpipe.yaml",
+         "Fix the YAML.", None, ("cluster: [slurm\n",)),
+    Case("configuration", "`nbpipe.yaml` holding a list", "ConfigError",
+         "…/nbpipe.yaml: the file must hold a mapping of nbpipe settings (like 'cluster: local'), "
+         "not a list", "nbpipe.yaml", "Write `key: value` settings.", None, ("- slurm\n",)),
+    Case("configuration", "A misspelt setting, `clsuter: slurm`", "ConfigError",
+         "…/nbpipe.yaml: unknown setting 'clsuter' (did you mean 'cluster'?); nbpipe reads cluster, "
+         "idle-timeout, batch-seconds", "'clsuter'", "Fix the setting's name.", None,
+         ("clsuter: slurm\n",)),
+    Case("configuration", "`batch-seconds: soon`", "ConfigError",
+         "…/nbpipe.yaml: batch-seconds='soon' must be a number of seconds >= 0 (0 turns batching "
+         "of tiny tasks off)", "batch-seconds", "Give a number of seconds.", None,
+         ("batch-seconds: soon\n",)),
+    Case("configuration", "`idle-timeout: forever`", "ConfigError",
+         "…/nbpipe.yaml: idle-timeout='forever' must be a duration such as '60s' (how long a batch "
+         "pool keeps jobs it no longer needs)", "idle-timeout", "Give a duration.", None,
+         ("idle-timeout: forever\n",)),
+    Case("configuration", "`cluster: warp`", "ClusterError",
+         "cluster='warp' is not something nbpipe can run on; …", "'warp'",
+         "Use `local`, a batch scheduler kind or an address.", None, ("cluster: warp\n",)),
+    Case("configuration", "`cluster: {kind: local, cores: 4}`", "ClusterError",
+         "cluster kind 'local' takes only 'workers'; remove cores", "cores",
+         "Use `workers:` for a local cluster.", None, ("cluster: {kind: local, cores: 4}\n",)),
+    Case("configuration", "A Slurm cluster without cores and memory", "ClusterError",
+         "cluster pool 'default': say how many cores and how much memory each slurm job has, e.g. "
+         "cluster={'kind': 'slurm', 'cores': 4, 'memory': '16GB'}, or set jobqueue.slurm.cores and "
+         "jobqueue.slurm.memory in Dask's configuration", "cores",
+         "Add `cores:` and `memory:`.", None, ("cluster: {kind: slurm, queue: short}\n",)),
+    Case("configuration", "A pool with `cores: lots`", "ClusterError",
+         "cluster pool 'big': cores='lots' must be an integer >= 1", "'big'", "Give a number.", None,
+         ("cluster: {kind: slurm, cores: 1, memory: 1GB, pools: {big: {cores: lots}}}\n",)),
+    Case("configuration", '`dask.config.set({"nbpipe.cluster": "warp"})`', "ClusterError",
+         "cluster='warp' is not something nbpipe can run on; …", "'warp'",
+         "Use `local`, a batch scheduler kind or an address.", "dask.config", ()),
+]
+
+# -- REST ---------------------------------------------------------------------------------------
+
+S = "analysis/.nbpipe"
+REST = [
+    Case("REST", "`GET graph` without `store`", "HTTP 400", "Missing argument store", "store",
+         "Add `store=` (the store folder, relative to the server root).",
+         ("GET", "graph", {"pipeline": "run"})),
+    Case("REST", "`GET graph` of an unknown pipeline", "HTTP 404",
+         "no pipeline named 'nope' in the store …; `nbpipe pipelines` lists the pipelines of a "
+         "store", "'nope'", "Use a name from `GET pipelines`.",
+         ("GET", "graph", {"store": S, "pipeline": "nope"})),
+    Case("REST", "A store outside the server root", "HTTP 403",
+         "store '../outside/.nbpipe' is outside the server root", "store",
+         "Open stores under the folder Jupyter serves.",
+         ("GET", "graph", {"store": "../outside/.nbpipe", "pipeline": "run"})),
+    Case("REST", "A folder that is not a store", "HTTP 404", "'analysis' is not an nbpipe store",
+         "'analysis'", "Name the `.nbpipe` folder.",
+         ("GET", "graph", {"store": "analysis", "pipeline": "run"})),
+    Case("REST", "`GET events` with `since=abc`", "HTTP 400", "since must be an event id (an integer)",
+         "since", "Pass the `last_event` of the previous answer.",
+         ("GET", "events", {"store": S, "pipeline": "run", "since": "abc"})),
+    Case("REST", "`GET task` of an unknown task", "HTTP 404",
+         "no task 'nope' in pipeline 'run'; `nbpipe tasks run` lists its tasks", "'nope'",
+         "Use a label from `GET graph`.", ("GET", "task", {"store": S, "pipeline": "run", "task": "nope"})),
+    Case("REST", "`GET cluster` of an unknown pipeline", "HTTP 404",
+         "no pipeline named 'nope' in the store …; `nbpipe pipelines` lists the pipelines of a store",
+         "'nope'", "Use a name from `GET pipelines`.", ("GET", "cluster", {"store": S, "pipeline": "nope"})),
+    Case("REST", "`POST command` whose body is not JSON", "HTTP 400", "the body must be JSON", "body",
+         "Send a JSON object.", ("POST", "command", "verb=pause")),
+    Case("REST", "`POST command` whose body is a JSON list", "HTTP 400", "the body must be a JSON object",
+         "object", "Send a JSON object.", ("POST", "command", [])),
+    Case("REST", "`POST command` with an unknown verb", "HTTP 400",
+         "verb must be one of retry, kill, pause, resume, not 'explode'", "verb",
+         "Use one of the listed verbs.",
+         ("POST", "command", {"store": S, "pipeline": "run", "verb": "explode"})),
+    Case("REST", "`POST command` with `tasks` a string", "HTTP 400",
+         "tasks must be a list of task names, labels or keys", "tasks", 'Send `"tasks": ["job"]`.',
+         ("POST", "command", {"store": S, "pipeline": "run", "verb": "kill", "tasks": "job"})),
+    Case("REST", "`POST command` without `pipeline`", "HTTP 400", "pipeline must be a pipeline name",
+         "pipeline", "Add `pipeline`.", ("POST", "command", {"store": S, "verb": "pause"})),
+    Case("REST", "`POST command` retrying an unknown task", "HTTP 404",
+         "no task 'nope' in pipeline 'run'; see pipe.tasks()", "'nope'", "Use a label from `GET graph`.",
+         ("POST", "command", {"store": S, "pipeline": "run", "verb": "retry", "tasks": ["nope"]})),
+    Case("REST", "`POST export` of a file that is not a notebook", "HTTP 404",
+         "'analysis/notes.txt' is not a notebook", "notes.txt", "Export a saved .ipynb.",
+         ("POST", "export", {"path": "analysis/notes.txt"})),
+    Case("REST", "`POST export` of a notebook outside the root", "HTTP 403",
+         "path '../run.ipynb' is outside the server root", "path", "Export notebooks under the root.",
+         ("POST", "export", {"path": "../run.ipynb"})),
+]
+
+CASES: list[Case] = [*PYTHON, *MAGICS, *CLI, *CONFIG, *REST]
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A fresh working directory, and dask.config as it was afterwards (nbpipe.yaml merges in)."""
+    saved = copy.deepcopy(dask.config.config.get("nbpipe"))  # the only key nbpipe.yaml sets
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NBPIPE_STORE", raising=False)
+    monkeypatch.delenv("DASK_NBPIPE__CLUSTER", raising=False)
+    dask.config.config.pop("nbpipe", None)
+    yield tmp_path
+    dask.config.config.pop("nbpipe", None)
+    if saved is not None:
+        dask.config.config["nbpipe"] = saved
+
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def shell(cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A shell with nbpipe loaded on the shared cluster, a fresh pipeline and store."""
+    ip = start_ipython() or TerminalInteractiveShell.instance()
+    monkeypatch.setenv("NBPIPE_STORE", str(tmp_path / ".nbpipe"))
+    monkeypatch.setenv("NBPIPE_PIPELINE", f"errors-{next(_names)}")
+    monkeypatch.setenv("NBPIPE_WIDGETS", "0")
+    with dask.config.set({"nbpipe.cluster": cluster.scheduler_address}):
+        ip.run_line_magic("load_ext", "nbpipe")
+        yield ip
+        ip.run_line_magic("unload_ext", "nbpipe")
+    for name in ("a", "b", "x", "y", "lock"):
+        ip.user_ns.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def cli_store(tmp_path_factory: pytest.TempPathFactory, cluster) -> Path:
+    """A store with pipeline ``demo``: task ``job`` ran once and succeeded."""
+    from distributed import Client
+
+    path = tmp_path_factory.mktemp("cli") / ".nbpipe"
+    with Client(cluster) as client:
+        pipe = Pipeline("demo", store=path, cluster=client)
+        pipe.task(job)()
+        pipe.run(check=True)
+        pipe.close()
+    return path
+
+
+def check(case: Case, exc_type: str, message: str) -> None:
+    """The error type, that the message names the thing, and the documented message."""
+    assert exc_type == case.error, (case.mistake, exc_type, message)
+    assert case.names in message, (case.mistake, message)
+    assert matches(case.message, message), \
+        f"{case.mistake}:\n  documented: {case.message}\n  actual:     {message}"
+
+
+def _by_surface(surface: str) -> list[Any]:
+    return [pytest.param(c, id=c.id) for c in CASES if c.surface == surface]
+
+
+# -- the tests ----------------------------------------------------------------------------------
+
+
+def test_the_catalogue_has_forty_distinct_mistakes_on_every_surface() -> None:
+    assert len({c.id for c in CASES}) == len(CASES) >= 40
+    assert len({c.mistake for c in CASES}) == len(CASES)
+    for surface in SURFACES:
+        assert sum(c.surface == surface for c in CASES) >= 5, surface
+
+
+@pytest.mark.parametrize("case", _by_surface("Python API"))
+def test_python_api_mistakes(case: Case, tmp_path: Path, clean_config: Path) -> None:
+    with pytest.raises(Exception) as info:
+        case.action(tmp_path)
+    check(case, type(info.value).__name__, str(info.value))
+
+
+@pytest.mark.parametrize("case", _by_surface("magics"))
+def test_magic_mistakes(case: Case, shell) -> None:
+    for cell in case.setup:
+        result = shell.run_cell(cell)
+        assert result.success, cell
+    result = shell.run_cell(case.action)
+    exc = result.error_before_exec or result.error_in_exec
+    assert exc is not None, case.action
+    check(case, type(exc).__name__, str(exc))
+
+
+def test_a_bad_task_cell_leaves_the_pipeline_usable_and_its_records_intact(shell) -> None:
+    assert shell.run_cell("%%task x\nx = 21").success
+    assert shell.run_cell("y = x * 2").success and shell.user_ns["y"] == 42
+    pipe = shell._nbpipe_session.pipe
+    before = {t.key: t.state for t in pipe.tasks()}
+    for bad in ("%%task z --after lod\nz = x", "%%task z --memory lots\nz = x", "%%task z\nz = nowhere"):
+        assert not shell.run_cell(bad).success
+    assert shell.run_cell("%%task w\nw = x + 1").success  # later cells still work
+    assert shell.run_cell("v = w").success and shell.user_ns["v"] == 22
+    after = {t.key: t.state for t in Pipeline(pipe.name, store=pipe.store.path).tasks()}
+    assert {k: after[k] for k in before} == before  # nothing recorded was lost
+    shell.user_ns.pop("v", None), shell.user_ns.pop("w", None)
+
+
+@pytest.mark.parametrize("case", _by_surface("command line"))
+def test_command_line_mistakes(case: Case, cli_store: Path, tmp_path: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no store here or above
+    monkeypatch.delenv("NBPIPE_STORE", raising=False)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # `nbpipe run` sets it for the script
+    (tmp_path / "job.py").write_text("print('never runs')\n")
+    (tmp_path / "broken.ipynb").write_text("not json")
+    args = [a.format(store=cli_store, tmp=tmp_path, script=tmp_path / "job.py") for a in case.action]
+    result = CliRunner().invoke(cli_main, args)
+    assert result.exit_code == 2, (args, result.output, result.exception)
+    last = result.output.strip().splitlines()
+    message = " ".join(line.strip() for line in last[last.index(next(
+        line for line in last if line.startswith("Error:"))):])[len("Error: "):]
+    check(case, "exit 2", message)
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("case", _by_surface("configuration"))
+def test_configuration_mistakes(case: Case, clean_config: Path) -> None:
+    if case.setup:
+        (clean_config / "nbpipe.yaml").write_text(case.setup[0])
+    configured = {"nbpipe.cluster": "warp"} if case.action == "dask.config" else {}
+    with dask.config.set(configured), pytest.raises(Exception) as info:
+        Pipeline("configured", store=clean_config / ".nbpipe")
+    check(case, type(info.value).__name__, str(info.value))
+
+
+def test_a_configuration_mistake_loses_nothing_recorded(clean_config: Path, client) -> None:
+    store = clean_config / ".nbpipe"
+    pipe = Pipeline("kept", store=store, cluster=client)
+    pipe.task(job)()
+    pipe.run(check=True)
+    pipe.close()
+    (clean_config / "nbpipe.yaml").write_text("clsuter: slurm\n")
+    with pytest.raises(Exception, match="clsuter"):
+        Pipeline("kept", store=store)
+    (clean_config / "nbpipe.yaml").unlink()
+    from nbpipe.config import _loaded
+
+    _loaded.clear()
+    again = Pipeline("kept", store=store, cluster=client)
+    again.task(job)()
+    summary = again.run(check=True)
+    again.close()
+    assert summary.executed == 0 and summary.cached == 1
+
+
+@pytest.fixture
+def jp_server_config() -> dict[str, Any]:
+    return {"ServerApp": {"jpserver_extensions": {"nbpipe.server": True}}}
+
+
+@pytest.fixture
+def rest_project(jp_root_dir: Path, client) -> Path:
+    """analysis/.nbpipe with pipeline ``run`` (task ``job`` done), analysis/notes.txt."""
+    folder = jp_root_dir / "analysis"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not a notebook")
+    pipe = Pipeline("run", store=folder / ".nbpipe", cluster=client)
+    pipe.task(job)()
+    pipe.run(check=True)
+    pipe.close()
+    return folder
+
+
+async def test_rest_mistakes(jp_fetch, rest_project: Path) -> None:
+    """Every REST case, against one server (each answer is JSON {"message": ...})."""
+    for case in REST:
+        method, name, payload = case.action
+        if method == "GET":
+            request = jp_fetch("nbpipe", "api", name, params=payload)
+        else:
+            body = payload if isinstance(payload, str) else json.dumps(payload)
+            request = jp_fetch("nbpipe", "api", name, method="POST", body=body)
+        with pytest.raises(HTTPClientError) as info:
+            await request
+        message = json.loads(info.value.response.body)["message"]
+        check(case, f"HTTP {info.value.code}", message)
+        await asyncio.sleep(0)
+
+
+# -- docs/errors.md -----------------------------------------------------------------------------
+
+
+def render() -> str:
+    """docs/errors.md, from the catalogue."""
+    lines = [
+        "# Errors: every mistake, its message, its fix", "",
+        "Generated from the catalogue in `tests/test_errors.py`, whose tests make each mistake for "
+        "real and check that the message below is the one nbpipe gives (`…` stands for a part that "
+        "varies, such as a path). Regenerate with `python tests/test_errors.py`.", "",
+        "nbpipe's own checks raise subclasses of `nbpipe.NbpipeError`; a magic's command syntax "
+        "gives IPython's `UsageError`, and a `%%task` cell's code gives Python's own `SyntaxError` "
+        "or `NameError`, as a plain cell would. The command line prints the message after "
+        '`Error:` and exits with status 2; the REST API answers `{"message": ...}` with the '
+        "status shown. A mistake never changes what the store has recorded: fix it and run "
+        "again.", "",
+    ]
+    number = 0
+    for surface in SURFACES:
+        cases = [c for c in CASES if c.surface == surface]
+        lines += [f"## {surface} ({len(cases)})", ""]
+        for case in cases:
+            number += 1
+            lines += [f"### {number}. {case.mistake}", "", f"`{case.error}`", "", "```text",
+                      case.message, "```", "", f"**Fix:** {case.fix}", ""]
+    return "\n".join(lines)
+
+
+def test_docs_errors_md_is_the_catalogue() -> None:
+    assert DOC.read_text() == render(), "run `python tests/test_errors.py` to regenerate docs/errors.md"
+
+
+if __name__ == "__main__":
+    DOC.write_text(render())
+    print(f"wrote {DOC} ({len(CASES)} cases)")
+
