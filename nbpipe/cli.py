@@ -298,12 +298,12 @@ def delete(ctx: click.Context, pipeline: str, force: bool) -> None:
 
 
 @main.command()
-@click.option("--dry-run", is_flag=True, help="only list the files")
+@click.option("--dry-run", is_flag=True, help="only count what would be removed")
 @click.pass_context
 def gc(ctx: click.Context, dry_run: bool) -> None:
-    """Remove result files that no task references."""
+    """Remove results (files and inline ones) that no task references."""
     removed = queries.gc(_store(ctx), dry_run=dry_run)
-    click.echo(f"{'would remove' if dry_run else 'removed'} {len(removed)} result file(s)")
+    click.echo(f"{'would remove' if dry_run else 'removed'} {len(removed)} result(s)")
 
 
 @main.command()

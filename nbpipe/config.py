@@ -84,6 +84,8 @@ SETTINGS = {
     "cluster": "a cluster: local, a batch scheduler kind, an address or a mapping with a kind",
     "idle-timeout": "a duration such as '60s' (how long a batch pool keeps jobs it no longer needs)",
     "batch-seconds": "a number of seconds >= 0 (0 turns batching of tiny tasks off)",
+    "inline-bytes": "a number of bytes >= 0 (results of quick tasks up to this size are kept in "
+                    "the store's database; 0: every result is a file)",
 }
 
 

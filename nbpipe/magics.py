@@ -404,7 +404,7 @@ class NbpipeMagics(Magics):
             result = pipe.store.results([row["key"]]).get(row["key"])
             if result is None or row["state"] != State.SUCCEEDED.value:
                 raise UsageError(f"task {row['label']} is {row['state']}: nothing to pull")
-            value = read_result(result["path"], result["checksum"])
+            value = read_result(result["path"], result["checksum"], result["data"])
             outputs = json.loads(row["components"]).get("outputs")
             if outputs is not None and isinstance(value, dict):
                 value = {k: v for k, v in value.items() if k != DISPLAY}

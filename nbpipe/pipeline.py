@@ -48,7 +48,7 @@ from .errors import (
 )
 from .files import file_digest, paths_in
 from .identity import CodeIdentity, Unencodable, digest
-from .results import append_private, read_result
+from .results import INLINE, append_private, read_result
 from .runner import Runner, record_jobs
 from .states import BAD, State
 from .store import Batch, RunnerLock, Store
@@ -422,7 +422,7 @@ class Pipeline:
         register, edges, unexplained = [], [], []
         for r in refs:
             res = results.get(r.key_)
-            intact = res is not None and _intact(res["path"], res["size"])
+            intact = res is not None and _intact(res)
             if res is not None and not intact:
                 self.store.forget_result(r.key)
             missing_out = [p for p in r.out_files if not p.exists()]
@@ -488,7 +488,8 @@ class Pipeline:
             except OSError:
                 continue
             found[key] = {"path": str(path), "checksum": checksum_of(data), "size": len(data)}
-            batch.results.append((key, str(path), found[key]["checksum"], len(data), time.time()))
+            batch.results.append((key, str(path), found[key]["checksum"], len(data), time.time(),
+                                  None))
         self.store.write(batch)
         return found
 
@@ -607,20 +608,25 @@ class Pipeline:
             self._wait(refs, timeout)
         return self._summary(refs, 0)
 
+    def _load(self, ref: TaskRef) -> Any:
+        assert ref.result_file is not None
+        path, checksum = ref.result_file
+        return read_result(path, checksum, self.store.result_data(ref.key) if path == INLINE else None)
+
     def _result(self, ref: TaskRef, timeout: float | None) -> Any:
         if not ref.state.final or ref.state in BAD and ref.exception is None and ref.error is None:
             self.run([ref], wait=True, timeout=timeout)
         if ref.state is State.SUCCEEDED:
             assert ref.result_file is not None
             try:
-                return read_result(*ref.result_file)
+                return self._load(ref)
             except ResultCorrupt:
                 self.store.forget_result(ref.key)
                 ref.state, ref.result_file, ref.key_ = State.WAITING, None, None
                 self._resolve([ref])
                 self.run([ref], wait=True, timeout=timeout)
                 if ref.state is State.SUCCEEDED and ref.result_file is not None:
-                    return read_result(*ref.result_file)
+                    return self._load(ref)
         if ref.state is State.FAILED:
             if ref.exception is not None:
                 try:
@@ -857,8 +863,11 @@ def _absolute(value: Any) -> Any:
     return value
 
 
-def _intact(path: str, size: int) -> bool:
+def _intact(result: Any) -> bool:
+    """Whether a recorded result is there with its size (checksums are verified on reading)."""
+    if result["path"] == INLINE:
+        return result["data"] is not None and len(result["data"]) == result["size"]
     try:
-        return os.stat(path).st_size == size
+        return os.stat(result["path"]).st_size == result["size"]
     except OSError:
         return False

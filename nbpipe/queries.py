@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UnknownTask
-from .results import checksum_of
+from .results import INLINE, checksum_of
 from .store import RunnerLock, Store
 
 __all__ = [
@@ -165,12 +165,15 @@ def task_detail(store: Store, pipeline: str, task: str) -> dict[str, Any]:
             "packages": env and env.get("packages"),
         })
     result = store.results([row["key"]]).get(row["key"])
+    if result is not None:  # where it is, not its bytes
+        result = {**dict(result), "inline": result["path"] == INLINE}
+        result.pop("data", None)
     return {
         "name": row["name"], "key": row["key"], "label": row["label"], "state": row["state"],
         "attempts": attempts, "reason": row["reason"], "error": row["error"],
         "resources": json.loads(row["resources"] or "{}"),
         "components": json.loads(row["components"]),
-        "result": dict(result) if result is not None else None,
+        "result": result,
     }
 
 
@@ -189,20 +192,22 @@ def delete_pipeline(store: Store, pipeline: str, *, force: bool = False) -> dict
     return counts
 
 
-def gc(store: Store, *, dry_run: bool = False) -> list[Path]:
-    """Remove result files that no task of any pipeline references; return them."""
+def gc(store: Store, *, dry_run: bool = False) -> list[str]:
+    """Remove results that no task of any pipeline references; return them (file paths, and
+    ``inline <key>`` for results kept in the database)."""
     conn = store.connect()
     referenced = {k for (k,) in conn.execute("SELECT DISTINCT key FROM tasks")}
-    orphans = [Path(p) for k, p in conn.execute("SELECT key, path FROM results")
-               if k not in referenced]
-    known = {str(p) for (p,) in conn.execute("SELECT path FROM results")}
+    rows = conn.execute("SELECT key, path FROM results").fetchall()
+    unreferenced = [(k, p) for k, p in rows if k not in referenced]
+    orphans = [Path(p) for _, p in unreferenced if p != INLINE]
+    known = {p for _, p in rows}
     orphans += [p for p in (store.path / "results").rglob("*.pkl") if str(p) not in known]
     if not dry_run:
         with store.transaction() as tx:
-            tx.executemany("DELETE FROM results WHERE path = ?", [(str(p),) for p in orphans])
+            tx.executemany("DELETE FROM results WHERE key = ?", [(k,) for k, _ in unreferenced])
         for path in orphans:
             path.unlink(missing_ok=True)
-    return orphans
+    return [str(p) for p in orphans] + [f"inline {k}" for k, p in unreferenced if p == INLINE]
 
 
 def doctor(store: Store, *, repair: bool = False) -> dict[str, Any]:
@@ -213,16 +218,18 @@ def doctor(store: Store, *, repair: bool = False) -> dict[str, Any]:
     conn = store.connect()
     integrity = [r[0] for r in conn.execute("PRAGMA integrity_check")]
     bad = []
-    for key, path, checksum in conn.execute("SELECT key, path, checksum FROM results").fetchall():
+    for key, path, checksum, data in conn.execute(
+            "SELECT key, path, checksum, data FROM results").fetchall():
         try:
-            ok = checksum_of(Path(path).read_bytes()) == checksum
-        except OSError:
+            ok = checksum_of(data if path == INLINE else Path(path).read_bytes()) == checksum
+        except (OSError, TypeError):  # a missing file, or an inline result without its bytes
             ok = False
         if not ok:
             bad.append({"key": key, "path": path})
     if repair:
         for entry in bad:
             store.forget_result(entry["key"])
-            Path(entry["path"]).unlink(missing_ok=True)
+            if entry["path"] != INLINE:
+                Path(entry["path"]).unlink(missing_ok=True)
     return {"integrity": integrity, "ok": integrity == ["ok"] and not bad, "bad_results": bad,
             "repaired": repair and bool(bad)}

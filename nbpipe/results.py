@@ -1,8 +1,16 @@
-"""Result files: written atomically by the worker, verified by checksum when read.
+"""Results: written atomically by the worker, verified by checksum when read.
 
 A result lives at ``<store>/results/<key[:2]>/<key>.pkl``. The worker writes it to a temporary
 file in the same directory and renames it into place, so a reader sees the whole file or none.
-The store records its path, size and checksum; results are never kept in the database.
+The store records its path, size and checksum.
+
+Small results of quick tasks -- at most :data:`INLINE_BYTES` pickled (the setting
+``nbpipe.inline-bytes``; 0 turns this off), from a task that ran under :data:`INLINE_SECONDS`
+-- are *inline*: the worker sends the bytes to the runner, which records them in the store's
+database in the same transaction as the task's success (path ``""``). Creating a file costs
+about a millisecond on many file systems, more than such a task; a runner that dies before
+recording an inline result loses under a second of work, whereas a longer task's file is
+adopted by the next runner.
 """
 
 from __future__ import annotations
@@ -17,7 +25,12 @@ import cloudpickle
 
 from .errors import ResultCorrupt
 
-__all__ = ["ResultFile", "append_private", "read_result", "result_path", "write_result", "checksum_of"]
+__all__ = ["INLINE", "INLINE_BYTES", "INLINE_SECONDS", "ResultFile", "append_private", "checksum_of",
+           "read_result", "result_path", "write_result"]
+
+INLINE = ""  # the path recorded for a result kept in the store's database
+INLINE_BYTES = 4096  # default of the nbpipe.inline-bytes setting
+INLINE_SECONDS = 1.0
 
 
 class ResultFile(NamedTuple):
@@ -38,12 +51,17 @@ def checksum_of(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def write_result(store_dir: str | os.PathLike[str], key: str, value: Any) -> ResultFile:
-    """Serialise ``value`` with cloudpickle and write it atomically; return path and checksum."""
+def write_result(store_dir: str | os.PathLike[str], key: str, value: Any, *,
+                 inline: int = 0) -> tuple[ResultFile, bytes | None]:
+    """Serialise ``value`` with cloudpickle; write it atomically to its file, or, when it takes
+    at most ``inline`` bytes, return the bytes instead (the path is then :data:`INLINE`).
+    """
     data = cloudpickle.dumps(value, protocol=5)
+    if len(data) <= inline:
+        return ResultFile(INLINE, checksum_of(data), len(data)), data
     path = result_path(store_dir, key)
     write_private(path, data)
-    return ResultFile(str(path), checksum_of(data), len(data))
+    return ResultFile(str(path), checksum_of(data), len(data)), None
 
 
 def private_dirs(directory: Path) -> None:
@@ -78,12 +96,19 @@ def append_private(path: str | os.PathLike[str]) -> BinaryIO:
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
 
 
-def read_result(path: str | os.PathLike[str], checksum: str | None = None) -> Any:
-    """Load a result file, raising :class:`ResultCorrupt` when it is missing or altered."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ResultCorrupt(f"result file {path} is missing; the task will run again") from None
+def read_result(path: str | os.PathLike[str], checksum: str | None = None,
+                data: bytes | None = None) -> Any:
+    """Load a result (its file, or ``data`` for an inline one), raising :class:`ResultCorrupt`
+    when it is missing or altered."""
+    if data is None and path == INLINE:
+        raise ResultCorrupt("an inline result is missing from the store; the task will run again")
+    if data is not None:
+        path = "(inline in the store)"
+    else:
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise ResultCorrupt(f"result file {path} is missing; the task will run again") from None
     if checksum is not None and checksum_of(data) != checksum:
         raise ResultCorrupt(
             f"result file {path} does not match its checksum (truncated or altered); "

@@ -27,8 +27,10 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.scheduler import KilledWorker
 
 from .cluster import Connection
+from .config import setting
 from .errors import ResourceError
 from .pools import cancel_jobs
+from .results import INLINE, INLINE_BYTES
 from .specs import write_specs
 from .states import BAD, State
 from .store import Batch, RunnerLock
@@ -113,6 +115,8 @@ class Runner:
         self.paused = self.store.is_paused(self.pid)
         self.counters = _Counters()
         self.batch = Batch()
+        self.batch_inline: dict[str, bytes] = {}  # inline results in the batch, not yet written
+        self.inline_bytes = int(setting("inline-bytes", INLINE_BYTES))
         self._to_submit: dict[tuple[Any, tuple[Any, ...]], list[tuple[Submission, list[WorkItem]]]] = \
             defaultdict(list)
         self.awaiting: dict[Submission, float] = {}
@@ -238,7 +242,7 @@ class Runner:
                 if payload["outcomes"] is None:  # too large for an event: gather it now
                     self.awaiting[sub] = 0.0
                 else:
-                    self._apply(sub, [Outcome(**o) for o in payload["outcomes"]])
+                    self._apply(sub, [Outcome(*o) for o in payload["outcomes"]])
         done = [f.key for f in self._completed.next_batch(block=False)]
         if done or self.awaiting:
             self._done(done)
@@ -254,6 +258,7 @@ class Runner:
         if self.batch:
             batch, self.batch = self.batch, Batch()
             self.store.write(batch)
+            self.batch_inline.clear()
         if self.failed_since_tick:  # so `nbpipe retry` can run them from another process
             refs, self.failed_since_tick = list(self.failed_since_tick), {}
             try:
@@ -460,7 +465,11 @@ class Runner:
 
     def _upstream_value(self, ref: TaskRef, output: str | None = None) -> Upstream:
         assert ref.result_file is not None, f"{ref.label} has no result yet"
-        return Upstream(ref.key, *ref.result_file, output)
+        path, checksum = ref.result_file
+        data = None
+        if path == INLINE:
+            data = self.batch_inline.get(ref.key) or self.store.result_data(ref.key)
+        return Upstream(ref.key, path, checksum, output, data)
 
     def _substitute(self, value: Any) -> Any:
         from .task import TaskOutput, TaskRef
@@ -510,7 +519,7 @@ class Runner:
                 args=self._substitute(ref.args) if ref.upstream else ref.args,
                 kwargs=self._substitute(ref.kwargs) if ref.upstream else ref.kwargs,
                 kind=ref.func.kind, env=dict(ref.func.opts.env),
-                outputs=tuple(str(p) for p in ref.out_files),
+                outputs=tuple(str(p) for p in ref.out_files), inline=self.inline_bytes,
             ))
             self.batch.state(self.pid, ref.key, State.PENDING.value, attempts=ref.attempts,
                              reason=ref.reason)
@@ -669,7 +678,9 @@ class Runner:
         if o.state == State.SUCCEEDED.value and o.result is not None:
             path, checksum, size = o.result
             ref.result_file = (path, checksum)
-            self.batch.results.append((o.key, path, checksum, size, time.time()))
+            self.batch.results.append((o.key, path, checksum, size, time.time(), o.data))
+            if o.data is not None:  # downstream tasks may start before the batch is written
+                self.batch_inline[o.key] = o.data
             self._finish(ref, State.SUCCEEDED)
         elif o.state == State.KILLED.value or ref in self.kill_requested:
             self._finish(ref, State.KILLED, o.error or f"task {ref.label!r} was killed on request")

@@ -4,7 +4,8 @@ Layout of a store directory (default ``./.nbpipe``, created private to the user)
 
     .nbpipe/
       nbpipe.sqlite        pipelines, tasks, edges, attempts, results, events, commands
-      results/ab/<key>.pkl result files, written atomically by the workers
+      results/ab/<key>.pkl result files, written atomically by the workers (small results of
+                           quick tasks are kept in the results table instead)
       locks/<pipeline>.lock held by the one process running a pipeline
 
 The schema is documented in ``docs/store.md``; query it with ``sqlite3``. Writes from a runner
@@ -29,7 +30,7 @@ from .errors import PipelineBusy, StoreError, StoreNotWritable, StoreVersionErro
 
 __all__ = ["SCHEMA_VERSION", "Batch", "RunnerLock", "Store", "known_stores", "remember"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pipelines (
@@ -69,10 +70,11 @@ CREATE TABLE IF NOT EXISTS edges (
 );
 CREATE TABLE IF NOT EXISTS results (
     key      TEXT PRIMARY KEY,   -- results are shared by every pipeline of the store
-    path     TEXT NOT NULL,
+    path     TEXT NOT NULL,      -- '' for an inline result
     checksum TEXT NOT NULL,
     size     INTEGER NOT NULL,
-    created  REAL NOT NULL
+    created  REAL NOT NULL,
+    data     BLOB                -- an inline result's bytes (see nbpipe.results)
 );
 CREATE TABLE IF NOT EXISTS environments (
     id       TEXT PRIMARY KEY,
@@ -132,13 +134,20 @@ CREATE TABLE IF NOT EXISTS jobs (
 
 
 class Batch:
-    """Writes collected by a runner and committed together in one transaction."""
+    """Writes collected by a runner and committed together in one transaction.
+
+    A task that changes state several times within one batch (a quick task goes PENDING,
+    RUNNING and SUCCEEDED between two writes) gets one row update, to its last state, and its
+    PENDING and RUNNING events give way to the next one (which keeps their message, such as
+    the worker); other events (a failed attempt, a retry) all stay.
+    """
 
     def __init__(self) -> None:
-        self.states: list[tuple[Any, ...]] = []
+        self.states: dict[tuple[int, str], tuple[Any, ...]] = {}  # (pipeline, key) -> row values
         self.attempts: list[tuple[Any, ...]] = []
         self.results: list[tuple[Any, ...]] = []
-        self.events: list[tuple[Any, ...]] = []
+        self.events: list[tuple[Any, ...] | None] = []
+        self._last_event: dict[tuple[int, str], int] = {}  # (pipeline, key) -> index in events
         self.envs: list[tuple[str, str]] = []
 
     def __bool__(self) -> bool:
@@ -150,7 +159,18 @@ class Batch:
     ) -> None:
         """Record a task's new state (and an event saying so)."""
         now = time.time()
-        self.states.append((state, attempts, error, reason, now, pipeline_id, key))
+        earlier = self.states.get((pipeline_id, key))
+        if reason is None and earlier is not None:
+            reason = earlier[3]  # the row keeps the last reason given (as COALESCE does)
+        self.states[pipeline_id, key] = (state, attempts, error, reason, now, pipeline_id, key)
+        last = self._last_event.get((pipeline_id, key))
+        if last is not None:
+            before = self.events[last]
+            assert before is not None
+            if before[3] in ("PENDING", "RUNNING"):
+                self.events[last] = None
+                message = message or before[4]
+        self._last_event[pipeline_id, key] = len(self.events)
         self.events.append((pipeline_id, now, key, state, message))
 
 
@@ -194,6 +214,7 @@ class Store:
             conn.execute("PRAGMA busy_timeout = 60000")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA cache_size = -65536")  # up to 64 MiB: big stores stay in memory
             conn.execute("PRAGMA foreign_keys = OFF")
             conn.row_factory = sqlite3.Row
             self._local.conn = conn
@@ -230,11 +251,15 @@ class Store:
             )
         if version < SCHEMA_VERSION:
             try:  # every statement is idempotent, so concurrent first opens are safe
+                statements = []
                 if version == 1:  # v2: attempts.slurm_job_id became job_id; tasks.cell, jobs added
-                    for statement in ("ALTER TABLE attempts RENAME COLUMN slurm_job_id TO job_id",
-                                      "ALTER TABLE tasks ADD COLUMN cell TEXT"):
-                        with contextlib.suppress(sqlite3.OperationalError):  # another opener did it
-                            conn.execute(statement)
+                    statements += ["ALTER TABLE attempts RENAME COLUMN slurm_job_id TO job_id",
+                                   "ALTER TABLE tasks ADD COLUMN cell TEXT"]
+                if 1 <= version <= 2:  # v3: inline results
+                    statements.append("ALTER TABLE results ADD COLUMN data BLOB")
+                for statement in statements:
+                    with contextlib.suppress(sqlite3.OperationalError):  # another opener did it
+                        conn.execute(statement)
                 conn.executescript(_SCHEMA)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             except sqlite3.OperationalError as exc:
@@ -401,6 +426,11 @@ class Store:
                 found[r["key"]] = r
         return found
 
+    def result_data(self, key: str) -> bytes | None:
+        """The bytes of an inline result (None when the result is a file or unknown)."""
+        row = self.connect().execute("SELECT data FROM results WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
     def forget_result(self, key: str) -> None:
         """Drop the record of a result file that turned out missing or corrupt."""
         with self.transaction() as tx:
@@ -445,8 +475,8 @@ class Store:
                 tx.executemany("INSERT OR IGNORE INTO environments VALUES (?, ?)", batch.envs)
             if batch.results:
                 tx.executemany(
-                    "INSERT OR REPLACE INTO results (key, path, checksum, size, created) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO results (key, path, checksum, size, created, data) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
                     batch.results,
                 )
             if batch.attempts:
@@ -462,12 +492,12 @@ class Store:
                     """UPDATE tasks SET state = ?, attempts = ?, error = ?,
                            reason = COALESCE(?, reason), updated = ?
                        WHERE pipeline_id = ? AND key = ?""",
-                    batch.states,
+                    list(batch.states.values()),
                 )
             if batch.events:
                 tx.executemany(
                     "INSERT INTO events (pipeline_id, time, key, state, message) VALUES (?, ?, ?, ?, ?)",
-                    batch.events,
+                    [event for event in batch.events if event is not None],
                 )
 
     # -- commands -------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
@@ -32,7 +32,7 @@ from .bookkeeping import environment
 from .context import TaskContext, batch_job_id, stop_requested
 from .context import _set as _set_context
 from .errors import BashTaskError, TaskKilled
-from .results import read_result, write_result
+from .results import INLINE_SECONDS, read_result, write_result
 
 __all__ = ["Outcome", "Upstream", "WorkItem", "interrupt", "run_items"]
 
@@ -48,6 +48,7 @@ class Upstream:
     path: str
     checksum: str
     output: str | None = None  # one entry of a dict result (a cell's output)
+    data: bytes | None = None  # an inline result's bytes, sent along with the item
 
 
 @dataclass
@@ -63,6 +64,7 @@ class WorkItem:
     kind: str = "python"
     env: dict[str, str] = field(default_factory=dict)
     outputs: tuple[str, ...] = ()
+    inline: int = 0  # the largest result kept inline, if the task is quick (nbpipe.results)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Outcome:
     env_id: str
     env: dict[str, Any] | None = None
     result: tuple[str, str, int] | None = None
+    data: bytes | None = None  # an inline result (see nbpipe.results)
     stdout: str = ""
     stderr: str = ""
     error: str | None = None
@@ -87,6 +90,10 @@ class Outcome:
     exception: bytes | None = None
     exit_code: int | None = None
     job_id: str | None = None
+
+    def fields(self) -> list[Any]:
+        """The field values in order (compact to send; ``Outcome(*values)`` rebuilds it)."""
+        return list(self.__dict__.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +216,7 @@ def _user_frames(tb: Any) -> Any:
 def _resolve(value: Any, cache: dict[str, Any]) -> Any:
     if isinstance(value, Upstream):
         if value.key not in cache:
-            cache[value.key] = read_result(value.path, value.checksum)
+            cache[value.key] = read_result(value.path, value.checksum, value.data)
         return cache[value.key] if value.output is None else cache[value.key][value.output]
     if type(value) is list:
         return [_resolve(v, cache) for v in value]
@@ -274,7 +281,10 @@ def _run_one(
                     f"task {item.label!r} finished without writing its declared output "
                     f"file(s) {', '.join(missing)}"
                 )
-            outcome.result = tuple(write_result(store_dir, item.key, value))  # type: ignore[assignment]
+            quick = time.time() - outcome.start < INLINE_SECONDS
+            result, outcome.data = write_result(store_dir, item.key, value,
+                                                inline=item.inline if quick else 0)
+            outcome.result = tuple(result)  # type: ignore[assignment]
             outcome.state = "SUCCEEDED"
         except TaskKilled:
             outcome.state = "KILLED"
@@ -323,9 +333,9 @@ def run_items(
 
             worker = get_worker()
             size = sum(len(o.stdout) + len(o.stderr) + len(o.traceback or "")
-                       + len(o.exception or b"") for o in outcomes)
+                       + len(o.exception or b"") + len(o.data or b"") for o in outcomes)
             # Large outcomes are fetched by the runner (the scheduler keeps a log of events).
-            payload = [asdict(o) for o in outcomes] if size <= EVENT_LIMIT else None
+            payload = [o.fields() for o in outcomes] if size <= EVENT_LIMIT else None
             worker.log_event(topic, {"dask_key": worker.get_current_task(), "outcomes": payload})
         except Exception:  # not on a worker: the runner gathers the return value instead
             pass

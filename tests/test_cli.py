@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -110,8 +111,11 @@ def test_graph_writes_dot_and_svg(project: Path) -> None:
 
 def test_doctor_finds_and_repairs_a_damaged_result(project: Path) -> None:
     assert nbpipe(project, "doctor").returncode == 0
-    result = next((project / ".nbpipe" / "results").rglob("*.pkl"))
-    result.write_bytes(b"damaged")
+    db = sqlite3.connect(project / ".nbpipe" / "nbpipe.sqlite")
+    (key,) = db.execute("SELECT key FROM results WHERE path = '' LIMIT 1").fetchone()
+    db.execute("UPDATE results SET data = ? WHERE key = ?", (b"damaged", key))  # an inline result
+    db.commit()
+    db.close()
     report = nbpipe(project, "doctor", "--json")
     assert report.returncode == 1
     assert len(json.loads(report.stdout)["bad_results"]) == 1
@@ -127,7 +131,7 @@ def test_delete_shows_first_and_deletes_with_force_then_gc(project: Path) -> Non
     assert json.loads(nbpipe(project, "pipelines", "--json").stdout)
     assert nbpipe(project, "delete", "cli", "--force").returncode == 0
     assert json.loads(nbpipe(project, "pipelines", "--json").stdout) == []
-    assert "removed 4 result file(s)" in nbpipe(project, "gc").stdout
+    assert "removed 4 result(s)" in nbpipe(project, "gc").stdout
 
 
 def test_pause_kill_and_retry_from_another_process_reach_a_running_pipeline(

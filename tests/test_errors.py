@@ -403,7 +403,7 @@ CONFIG = [
          "not a list", "nbpipe.yaml", "Write `key: value` settings.", None, ("- slurm\n",)),
     Case("configuration", "A misspelt setting, `clsuter: slurm`", "ConfigError",
          "…/nbpipe.yaml: unknown setting 'clsuter' (did you mean 'cluster'?); nbpipe reads cluster, "
-         "idle-timeout, batch-seconds", "'clsuter'", "Fix the setting's name.", None,
+         "idle-timeout, batch-seconds, inline-bytes", "'clsuter'", "Fix the setting's name.", None,
          ("clsuter: slurm\n",)),
     Case("configuration", "`batch-seconds: soon`", "ConfigError",
          "…/nbpipe.yaml: batch-seconds='soon' must be a number of seconds >= 0 (0 turns batching "

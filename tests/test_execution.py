@@ -561,8 +561,14 @@ def test_attempt_records_hostname_and_environment(pipe: Pipeline) -> None:
 
 
 def test_environment_lists_a_package_the_task_itself_imported(pipe: Pipeline, client: Client) -> None:
-    # rich is a dependency of nbpipe, but nothing imports it on the workers.
-    assert not any(client.run(lambda: "rich" in sys.modules).values())
+    # rich is a dependency of nbpipe that tasks do not need: forget it on the workers (another
+    # test may have imported it there), so that this task's own import is what brings it in.
+    def forget_rich() -> bool:
+        for name in [m for m in sys.modules if m == "rich" or m.startswith("rich.")]:
+            del sys.modules[name]
+        return "rich" in sys.modules
+
+    assert not any(client.run(forget_rich).values())
 
     @pipe.task
     def uses_rich() -> str:

@@ -36,8 +36,8 @@ def run():
         return helper(x) * SCALE
 
     @pipe.task
-    def unrelated(x: int) -> int:
-        return x + 1
+    def unrelated(x: int) -> bytes:
+        return bytes(8192 + x)  # large enough to be a result file (small ones are inline)
 
     @pipe.task
     def total(values: list) -> int:
@@ -160,18 +160,25 @@ def test_deleted_output_file_reruns_its_writer(first_run) -> None:
     assert (tmp_path / "output.txt").read_text() == "hello"
 
 
-def test_damaged_result_file_reruns_the_task(first_run) -> None:
+@pytest.mark.parametrize("label", ["unrelated(x=1)", "step(x=0)"])
+def test_damaged_result_reruns_the_task(first_run, label: str) -> None:
+    """A truncated result file, or an inline result (kept in the database) cut short."""
     tmp_path, address, _ = first_run
     import sqlite3
 
     db = sqlite3.connect(tmp_path / ".nbpipe" / "nbpipe.sqlite")
     key, path = db.execute(
-        "SELECT t.key, r.path FROM tasks t JOIN results r USING (key) WHERE t.label = 'unrelated(x=1)'"
+        "SELECT t.key, r.path FROM tasks t JOIN results r USING (key) WHERE t.label = ?", (label,)
     ).fetchone()
+    if path:
+        Path(path).write_bytes(b"truncated")
+    else:  # an inline result
+        db.execute("UPDATE results SET data = ? WHERE key = ?", (b"truncated", key))
+        db.commit()
     db.close()
-    Path(path).write_bytes(b"truncated")
     result = _run(tmp_path, address)
-    assert _rerun(result) == {"unrelated(x=1)"}
+    assert _rerun(result) == {label}
+    assert bool(path) == (label == "unrelated(x=1)")
 
 
 def test_pi_demo_runs_and_a_second_run_executes_nothing(tmp_path: Path, cluster) -> None:

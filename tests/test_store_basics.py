@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nbpipe import Pipeline, PipelineBusy, StoreNotWritable, StoreVersionError
-from nbpipe.store import SCHEMA_VERSION, Store
+from nbpipe.store import SCHEMA_VERSION, Batch, Store
 
 
 def _mode(path: Path) -> int:
@@ -22,11 +22,11 @@ def _mode(path: Path) -> int:
 
 def test_store_directory_and_files_are_private_to_the_user(pipe: Pipeline) -> None:
     @pipe.task
-    def one() -> int:
-        return 1
+    def one() -> bytes:
+        return bytes(10_000)  # large enough to be a result file (small ones are inline)
 
     ref = one()
-    assert ref.result() == 1
+    assert ref.result() == bytes(10_000)
     root = pipe.store.path
     assert _mode(root) == 0o700
     assert _mode(root / "results") == 0o700
@@ -131,3 +131,29 @@ def test_transitions_attempts_events_and_edges_are_recorded(pipe: Pipeline) -> N
     ).fetchone()
     assert "hello from base" in stdout
     assert pipe.store.environment(env_id)["python"]
+
+
+def test_a_batch_writes_one_row_update_per_task_and_keeps_the_events_that_matter(
+        store: Path) -> None:
+    """PENDING -> RUNNING -> SUCCEEDED within one batch: the row gets the last state; the
+    SUCCEEDED event keeps the RUNNING event's message (the worker); a failed attempt's event
+    and its retry stay."""
+    s = Store(store)
+    pid = s.pipeline_id("coalesce")
+    s.register(pid, [{"key": k, "name": "t", "label": k, "kind": "python", "state": "WAITING",
+                      "components": {}} for k in ("quick", "flaky")], [])
+    batch = Batch()
+    batch.state(pid, "quick", "PENDING", attempts=1, reason="new task")
+    batch.state(pid, "quick", "RUNNING", attempts=1, message="tcp://worker:1")
+    batch.state(pid, "quick", "SUCCEEDED", attempts=1)
+    batch.state(pid, "flaky", "RUNNING", attempts=1)
+    batch.state(pid, "flaky", "WAITING", attempts=1, error="boom", message="attempt 1 failed")
+    batch.state(pid, "flaky", "PENDING", attempts=2)
+    assert len(batch.states) == 2
+    s.write(batch)
+    rows = s.task_rows(pid)
+    assert (rows["quick"]["state"], rows["quick"]["reason"]) == ("SUCCEEDED", "new task")
+    assert rows["flaky"]["state"] == "PENDING" and rows["flaky"]["attempts"] == 2
+    events = [(e["key"], e["state"], e["message"]) for e in s.events(pid, 0, 100)]
+    assert events == [("quick", "SUCCEEDED", "tcp://worker:1"),
+                      ("flaky", "WAITING", "attempt 1 failed"), ("flaky", "PENDING", None)]
