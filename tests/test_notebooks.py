@@ -1,0 +1,86 @@
+"""Every example notebook in nb/ runs top to bottom on a real kernel (nbclient).
+
+Each runs in a copy in a temporary folder (its store `.nbpipe` and the files it writes go there)
+against the session's LocalCluster; the `nbpipe` command is on the kernel's PATH, as in an
+activated environment. quickstart.ipynb and slurm.ipynb have tests of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NB_DIR = Path(__file__).resolve().parent.parent / "nb"
+OWN_TESTS = {
+    "quickstart.ipynb": "tests/test_quickstart_notebook.py",
+    "slurm.ipynb": "tests/test_slurm.py (needs a Slurm)",
+}
+NOTEBOOKS = sorted(p.name for p in NB_DIR.glob("*.ipynb") if p.name not in OWN_TESTS)
+
+# What each notebook must show, beyond running without an error (regular expressions).
+EXPECTED: dict[str, list[str]] = {
+    "pi.ipynb": [
+        r"bash app says pi is ~ 3\.1\d{3}",        # python tasks feeding a bash task
+        r"average\(fractions=.*SUCCEEDED",          # the nbpipe command lists the tasks
+        r"│ pi\s+│ 22 ",                               # nbpipe pipelines: 22 tasks
+        r"pipeline 'pi' paused",                    # nbpipe pause / resume from a terminal
+        r"^0 executed, 22 already done",            # the second round computes nothing
+        r"new task",                                # %pipeline why
+    ],
+}
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _execute(path: Path) -> nbformat.NotebookNode:
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    return nb
+
+
+def _text(nb: nbformat.NotebookNode) -> str:
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            assert out.output_type != "error", f"{out.get('ename')}: {out.get('evalue')}"
+            parts.append(out.get("text") or out.get("data", {}).get("text/plain", ""))
+    return ANSI.sub("", "\n".join(parts))  # `!nbpipe ...` colours its tables
+
+
+@pytest.fixture
+def kernel_env(cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel uses the session's cluster, no widgets, and finds `nbpipe` on its PATH."""
+    monkeypatch.setenv("NBPIPE_WIDGETS", "0")
+    monkeypatch.setenv("DASK_NBPIPE__CLUSTER", cluster.scheduler_address)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("NBPIPE_STORE", raising=False)
+    monkeypatch.delenv("NBPIPE_PIPELINE", raising=False)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_top_to_bottom(name: str, tmp_path: Path, kernel_env: None,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / name
+    shutil.copy(NB_DIR / name, path)
+    monkeypatch.setenv("JPY_SESSION_NAME", str(path))
+    before = sorted(p.name for p in NB_DIR.iterdir())
+    text = _text(_execute(path))
+    for pattern in EXPECTED.get(name, []):
+        assert re.search(pattern, text, re.M), f"{name}: no match for {pattern!r} in\n{text}"
+    assert sorted(p.name for p in NB_DIR.iterdir()) == before, "the notebook wrote into nb/"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in NB_DIR.glob("*.ipynb")))
+def test_notebook_is_committed_without_outputs(name: str) -> None:
+    nb = nbformat.read(NB_DIR / name, as_version=4)
+    stale = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
+    assert not stale, f"{name}: clear the outputs of cells {stale} before committing"
