@@ -34,6 +34,14 @@ EXPECTED: dict[str, list[str]] = {
         r"^0 executed, 22 already done",            # the second round computes nothing
         r"new task",                                # %pipeline why
     ],
+    "files.ipynb": [
+        r"^2 executed, 0 already done",             # producer and consumer, linked by a file
+        r"^first: input file .*input\.txt changed",  # content of an In file
+        r"^t1, t2 and t3 are one task: True",       # depio's merged tasks
+        r"^3 executed, 2 already done",             # after= chain of three
+        r"^1 executed, 1 already done",             # the script re-makes only a deleted product
+        r"^output2: output file .*output2\.txt is missing \| final2: found done",
+    ],
 }
 
 
