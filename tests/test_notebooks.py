@@ -42,6 +42,16 @@ EXPECTED: dict[str, list[str]] = {
         r"^1 executed, 1 already done",             # the script re-makes only a deleted product
         r"^output2: output file .*output2\.txt is missing \| final2: found done",
     ],
+    "taskfile.ipynb": [
+        r"^6 executed, 0 already done \(6 SUCCEEDED\)",  # one task per entry of the YAML file
+        r"^frame-003 above threshold: False attempt: 2",  # retried after a transient error
+        r"^entries that started before the previous one ended: 0",  # max_concurrent=1 held
+        r"process\[frame-003\]",                           # labels in the nbpipe command
+        r"│ 1\s+│ FAILED .*\n.*│ 2\s+│ SUCCEEDED",           # its two attempts
+        r"^1 executed, 6 already done",                    # the JSON file: only the new entry
+        r"failed: process\[frame-bad\]",
+        r"KeyError: 'threshold'",                          # %pipeline logs
+    ],
 }
 
 
