@@ -52,7 +52,27 @@ EXPECTED: dict[str, list[str]] = {
         r"failed: process\[frame-bad\]",
         r"KeyError: 'threshold'",                          # %pipeline logs
     ],
+    "workflow.ipynb": [
+        r"^workflow process killed, exit status -9",
+        r"^runme\.py 1 2 OMP_NUM_THREADS = 1",          # the PythonTask with its env
+        r"│ 1\s+│ FAILED .*\n.*│ 2\s+│ SUCCEEDED",      # the flaky task, restarted
+        r"^\[\('SUCCEEDED', 10\)\]",                     # the store, queried with SQL
+        r"^0 executed, 10 already done",               # a finished workflow runs nothing
+        r"^\['cpof_jobmon_qs\.txt', 'flaky-marker'\]",  # touch, cp, rm happened in order
+    ],
 }
+
+
+def _check_resume(text: str) -> None:
+    """workflow.ipynb: the run after the crash skips what had succeeded and runs the rest."""
+    before = int(re.search(r"^(\d+) of 10 tasks had succeeded", text, re.M).group(1))
+    executed, done = map(int, re.search(r"^(\d+) executed, (\d+) already done \(10 SUCCEEDED\)",
+                                        text, re.M).groups())
+    assert 2 <= before < 10 and executed + done == 10
+    assert done >= before and executed >= 2  # steps 4 and 5 had not started when it died
+
+
+CHECKS = {"workflow.ipynb": _check_resume}
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -94,6 +114,8 @@ def test_notebook_runs_top_to_bottom(name: str, tmp_path: Path, kernel_env: None
     text = _text(_execute(path))
     for pattern in EXPECTED.get(name, []):
         assert re.search(pattern, text, re.M), f"{name}: no match for {pattern!r} in\n{text}"
+    if name in CHECKS:
+        CHECKS[name](text)
     assert sorted(p.name for p in NB_DIR.iterdir()) == before, "the notebook wrote into nb/"
 
 
