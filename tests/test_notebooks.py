@@ -124,3 +124,25 @@ def test_notebook_is_committed_without_outputs(name: str) -> None:
     nb = nbformat.read(NB_DIR / name, as_version=4)
     stale = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
     assert not stale, f"{name}: clear the outputs of cells {stale} before committing"
+
+
+# Code in the migration guides captioned with a notebook is a cell of that notebook (after a
+# `%%writefile` line), so the guides show code the tests above execute.
+GUIDES = sorted((NB_DIR.parent / "docs" / "migration").glob("*.md"))
+CAPTIONED = re.compile(r"```\{code-block\} python\n:caption: nb/([\w.]+)\n\n(.*?)\n```", re.S)
+
+
+def _cells(name: str) -> list[str]:
+    nb = nbformat.read(NB_DIR / name, as_version=4)
+    cells = [c.source for c in nb.cells if c.cell_type == "code"]
+    return [c.split("\n", 1)[1] if c.startswith("%%writefile") else c for c in cells]
+
+
+@pytest.mark.parametrize("guide", GUIDES, ids=lambda p: p.name)
+def test_migration_guide_shows_cells_of_an_executed_notebook(guide: Path) -> None:
+    blocks = CAPTIONED.findall(guide.read_text())
+    assert blocks, f"{guide.name} shows no nbpipe code taken from nb/"
+    for name, code in blocks:
+        assert name in NOTEBOOKS, f"{guide.name}: nb/{name} is not run by test_notebook_runs_top_to_bottom"
+        assert code.strip() in [c.strip() for c in _cells(name)], (
+            f"{guide.name}: a block captioned nb/{name} is not a cell of it; copy the cell again")
