@@ -8,7 +8,7 @@ LABEXT := nbpipe/labextension/static/style.js
 LAB_SOURCES := $(wildcard labextension/src/*.ts labextension/src/components/*.tsx labextension/style/*) \
                labextension/package.json labextension/package-lock.json labextension/tsconfig.json
 
-.PHONY: demo test bench lint clean docs-cli screenshots
+.PHONY: demo test bench lint clean docs docs-cli screenshots
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,13 +23,13 @@ $(LABEXT): $(LAB_SOURCES) | $(PY)
 
 # Reinstall when the package metadata or the sidebar changes.
 $(STAMP): pyproject.toml $(LABEXT) | $(PY)
-	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip install -q -e ".[test,bench,docs]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	cd nb && ../$(PY) pi.py
 
-test: $(STAMP)
+test: $(STAMP) docs
 	$(PY) -m ruff check nbpipe tests benchmarks nb
 	cd labextension && npx tsc --noEmit && npx vitest run
 	$(PY) -m pytest; rc=$$?; \
@@ -45,6 +45,11 @@ bench: $(STAMP)
 screenshots: $(STAMP)
 	NBPIPE_UPDATE_SCREENSHOTS=1 $(PY) -m pytest -q tests/test_sidebar_browser.py
 
+# The documentation site (Sphinx + MyST): every warning, broken reference included, is an error.
+docs: $(STAMP)
+	$(PY) -m sphinx -q -W --keep-going -n -b html docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
+
 docs-cli: $(STAMP)
 	$(PY) -c "from nbpipe.cli import reference; open('docs/cli.md', 'w').write(reference())"
 
@@ -52,4 +57,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check nbpipe tests benchmarks nb
 
 clean:
-	rm -rf $(VENV) nb/.nbpipe .pytest_cache nbpipe/labextension labextension/lib labextension/node_modules
+	rm -rf $(VENV) nb/.nbpipe .pytest_cache docs/_build nbpipe/labextension labextension/lib labextension/node_modules

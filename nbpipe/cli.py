@@ -24,6 +24,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import queries
@@ -116,7 +117,8 @@ def tasks(ctx: click.Context, pipeline: str, state: str | None, name: str | None
     rows = queries.tasks(_store(ctx), pipeline, state, name)
     table = Table("task", "state", "attempts", "why it ran", "key")
     for t in rows:
-        table.add_row(t["label"], _state(t["state"]), str(t["attempts"]), t["reason"] or "",
+        # labels of task-file entries look like markup (`process[frame-001]`): print them as text
+        table.add_row(escape(t["label"]), _state(t["state"]), str(t["attempts"]), escape(t["reason"] or ""),
                       t["key"][:12])
     _emit(rows, as_json, table)
 
@@ -162,12 +164,12 @@ def show(ctx: click.Context, pipeline: str, task: str | None, as_json: bool) -> 
     if as_json:
         _emit(detail, True)
         return
-    console.print(f"[bold]{detail['label']}[/]  {_state(detail['state'])}  key {detail['key']}")
-    console.print(f"why it ran: {detail['reason'] or '-'}")
+    console.print(f"[bold]{escape(detail['label'])}[/]  {_state(detail['state'])}  key {detail['key']}")
+    console.print(f"why it ran: {escape(detail['reason'] or '-')}")
     resources = {k: v for k, v in detail["resources"].items() if v}
     console.print(f"resources: {resources or '-'}")
     if detail["error"]:
-        console.print(f"error: [red]{detail['error']}[/]")
+        console.print(f"error: [red]{escape(detail['error'])}[/]")
     table = Table("attempt", "state", "seconds", "host", "worker", "job", "python", "git")
     for a in detail["attempts"]:
         seconds = f"{a['seconds']:.2f}" if a["seconds"] is not None else ""

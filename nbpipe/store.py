@@ -343,6 +343,8 @@ class Store:
         """Insert or refresh task rows and their edges; older tasks with the same labels retire.
 
         A task already in the store keeps its state and attempts; the row is marked active.
+        Only a task found done (an intact result) becomes SUCCEEDED whatever its row said: a
+        runner killed while it ran leaves RUNNING behind, and its worker may still finish.
         """
         now = time.time()
         with self.transaction() as tx:
@@ -357,7 +359,8 @@ class Store:
                    ON CONFLICT (pipeline_id, key) DO UPDATE SET
                        active = 1, name = excluded.name, label = excluded.label,
                        resources = excluded.resources, cell = COALESCE(excluded.cell, tasks.cell),
-                       state = CASE WHEN tasks.state IN ('PENDING', 'RUNNING') THEN tasks.state
+                       state = CASE WHEN excluded.state = 'SUCCEEDED' THEN excluded.state
+                                    WHEN tasks.state IN ('PENDING', 'RUNNING') THEN tasks.state
                                     ELSE excluded.state END,
                        reason = COALESCE(excluded.reason, tasks.reason),
                        updated = excluded.updated""",

@@ -323,3 +323,30 @@ if __name__ == "__main__":
         assert driver.wait(timeout=60) == 1
     finally:
         driver.kill()
+
+
+def test_labels_and_errors_with_brackets_are_printed_as_text(tmp_path: Path, cluster,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DASK_NBPIPE__CLUSTER", cluster.scheduler_address)
+    monkeypatch.delenv("NBPIPE_STORE", raising=False)
+    (tmp_path / "items.py").write_text('''
+from nbpipe import Pipeline, TaskItem
+
+pipe = Pipeline("items")
+
+
+@pipe.task
+def process(item: TaskItem) -> int:
+    return item.data["x"]
+
+
+if __name__ == "__main__":
+    process.map([TaskItem("frame-001", {"x": 1}), TaskItem("frame-bad", {"y": [1, 2]})])
+    pipe.run()
+''')
+    assert nbpipe(tmp_path, "run", "items.py").returncode == 1
+    listing = nbpipe(tmp_path, "tasks", "items").stdout
+    assert "process[frame-001]" in listing and "process[frame-bad]" in listing
+    shown = nbpipe(tmp_path, "show", "items", "process[frame-bad]")
+    assert shown.returncode == 0, shown.stderr
+    assert "process[frame-bad]" in shown.stdout and "KeyError: 'x'" in shown.stdout

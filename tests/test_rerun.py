@@ -194,6 +194,24 @@ def test_pi_demo_runs_and_a_second_run_executes_nothing(tmp_path: Path, cluster)
     assert "this run: 0 executed, 22 already done" in runs[1].stdout
 
 
+def test_task_left_running_by_a_dead_runner_whose_result_exists_is_recorded_succeeded(first_run) -> None:
+    tmp_path, address, _ = first_run
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / ".nbpipe" / "nbpipe.sqlite")
+    # As if the runner was killed while the task ran on a cluster that outlived it: the worker
+    # finished and wrote the result file, nobody recorded it, and the row still says RUNNING.
+    label = "unrelated(x=1)"
+    db.execute("UPDATE tasks SET state = 'RUNNING' WHERE label = ?", (label,))
+    db.execute("DELETE FROM results WHERE key IN (SELECT key FROM tasks WHERE label = ?)", (label,))
+    db.commit()
+    result = _run(tmp_path, address)
+    assert result["executed"] == 0
+    state = db.execute("SELECT state FROM tasks WHERE label = ? AND active", (label,)).fetchone()[0]
+    db.close()
+    assert state == "SUCCEEDED"
+
+
 def test_result_file_the_store_never_recorded_is_adopted_not_recomputed(first_run) -> None:
     tmp_path, address, _ = first_run
     import sqlite3
