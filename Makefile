@@ -23,7 +23,7 @@ $(LABEXT): $(LAB_SOURCES) | $(PY)
 
 # Reinstall when the package metadata or the sidebar changes.
 $(STAMP): pyproject.toml $(LABEXT) | $(PY)
-	$(PY) -m pip install -q -e ".[test,bench,docs]"
+	$(PY) -m pip install -q -e ".[test,docs]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -36,9 +36,11 @@ test: $(STAMP) docs
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"  # the peers (Parsl)
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/responsiveness.py
 	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/peer.py
 	$(PY) benchmarks/slurm_latency.py
 	$(PY) benchmarks/sidebar.py
 

@@ -306,6 +306,9 @@ def _plain_cell(number: int, source: str, state: _State) -> None:
             text = ast.unparse(rewriter.visit(ast.parse(_segment(code, node))))
         else:
             text = _segment(code, node)
+        if node is tree.body[-1] and isinstance(node, ast.Expr) and not isinstance(
+                node.value, (ast.Call, ast.Await, ast.Yield, ast.YieldFrom)):
+            text = f"print({text})"  # what the notebook displays for a cell's last expression
         overwritten = set(scope.writes) & set(state.outputs)
         if overwritten:
             state.warnings.append(f"cell {number}: assigns {', '.join(sorted(overwritten))}, a task "

@@ -48,9 +48,11 @@ def file_params(fn: Callable[..., Any]) -> dict[str, str]:
         return {}
     roles: dict[str, str] = {}
     for name, hint in hints.items():
-        for meta in getattr(hint, "__metadata__", ()):
-            if isinstance(meta, FileRole):
-                roles[name] = meta.role
+        # Python 3.10 wraps a parameter defaulting to None in Optional[...]: look inside too.
+        for part in (hint, *typing.get_args(hint)) if typing.get_origin(hint) is not None else (hint,):
+            for meta in getattr(part, "__metadata__", ()):
+                if isinstance(meta, FileRole):
+                    roles[name] = meta.role
     return roles
 
 

@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import cloudpickle
 
@@ -251,18 +251,28 @@ def _call(fn: Any, item: WorkItem, values: dict[str, Any]) -> Any:
                     os.environ[k] = v
 
 
+class _Where(NamedTuple):
+    """Where a chunk of items runs (looked up once per chunk, not per item)."""
+
+    address: str | None
+    hostname: str
+    pid: int
+    job_id: str | None
+
+
 def _run_one(
     fn: Any, item: WorkItem, store_dir: str, pipeline: str, topic: str | None,
-    address: str | None, values: dict[str, Any],
+    where: _Where, values: dict[str, Any],
 ) -> Outcome:
     out_router, err_router = _routers()
     out, err = io.StringIO(), io.StringIO()
+    address = where.address
     outcome = Outcome(
         key=item.key, attempt=item.attempt, state="FAILED", start=time.time(), end=0.0,
-        worker=address, hostname=socket.gethostname(), pid=os.getpid(), env_id="",
-        job_id=batch_job_id(),
+        worker=address, hostname=where.hostname, pid=where.pid, env_id="", job_id=where.job_id,
     )
-    ctx = TaskContext(item.name, item.key, item.label, item.attempt, pipeline, address)
+    ctx = TaskContext(item.name, item.key, item.label, item.attempt, pipeline, address,
+                      where.job_id)
     out_router.capture(out)
     err_router.capture(err)
     _set_context(ctx)
@@ -326,7 +336,8 @@ def run_items(
     address = _worker_address()
     _notify_start(topic, [item.key for item in items], address)
     values: dict[str, Any] = {}
-    outcomes = [_run_one(fn, item, store_dir, pipeline, topic, address, values) for item in items]
+    where = _Where(address, socket.gethostname(), os.getpid(), batch_job_id())
+    outcomes = [_run_one(fn, item, store_dir, pipeline, topic, where, values) for item in items]
     if topic:  # pushed to the runner at once: no gather round trip per task
         try:
             from distributed import get_worker
