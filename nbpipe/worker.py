@@ -330,9 +330,14 @@ def _run_one(
 
 
 def run_items(
-    items: list[WorkItem], fn: Any, store_dir: str, pipeline: str, topic: str | None = None
+    items: list[WorkItem] | bytes, fn: Any, store_dir: str, pipeline: str,
+    topic: str | None = None,
 ) -> list[Outcome]:
-    """Run ``items`` one after another with ``fn``; return one :class:`Outcome` per item."""
+    """Run ``items`` (or their pickle) one after another with ``fn``; return one
+    :class:`Outcome` per item."""
+    if isinstance(items, bytes):
+        items = cloudpickle.loads(items)
+    assert isinstance(items, list)
     address = _worker_address()
     _notify_start(topic, [item.key for item in items], address)
     values: dict[str, Any] = {}
