@@ -57,6 +57,9 @@ from .why import explain
 
 __all__ = ["Pipeline", "RunSummary", "TaskInfo", "current_pipeline", "use"]
 
+_NONE: tuple[Any, ...] = ()  # shared by every task without upstream tasks or files
+_NONE_BY_NAME: dict[Any, Any] = {}  # shared by every task without keywords or dependencies
+
 
 class TaskInfo(NamedTuple):
     """One row of ``pipe.tasks()``."""
@@ -306,11 +309,13 @@ class Pipeline:
                 else:  # a redefinition (an edited cell run again) replaces the old task
                     self._refs.pop(previous.call_id, None)
             ref = TaskRef(self, func, func.name, label)
-            ref.args, ref.kwargs = bound.args, bound.kwargs
+            # Most tasks have no keywords, upstream tasks or files: they share empty
+            # containers (never changed in place) instead of holding ~300 bytes of their own.
+            ref.args, ref.kwargs = bound.args, bound.kwargs or _NONE_BY_NAME
             ref.call_id = call_id
-            ref.upstream = upstream
+            ref.upstream = upstream or _NONE
             ref.after = after
-            ref.in_files, ref.out_files = in_files, out_files
+            ref.in_files, ref.out_files = in_files or _NONE, out_files or _NONE
             ref.shape, ref.arg_digests = shape, arg_digests
             ref.group, ref.chunksize = group, chunksize
             self._refs[call_id] = ref
@@ -381,7 +386,7 @@ class Pipeline:
                         )
                     else:
                         r.dynamic = True  # an external file: its content is re-read every run
-                r.deps = deps
+                r.deps = deps or _NONE_BY_NAME
             graph = {r: [d for d in r.deps if d in todo_set] for r in todo}
             try:
                 order = list(graphlib.TopologicalSorter(graph).static_order())

@@ -51,6 +51,7 @@ RESULT_POLL = 0.02  # seconds between looks at the futures while tasks are in fl
 JOB_POLL = 3.0  # seconds between looks at the batch queue (jobs started or ended)
 SCALE_POLL = 1.0  # seconds between scaling decisions for worker pools
 OUTCOME_GRACE = 2.0  # seconds a finished future waits for its outcome event before a gather
+SUBMIT_BYTES = 4 * 2**20  # pickled items per client.map call
 BATCH_SECONDS = 0.2  # work per Dask task when tiny tasks are batched (config nbpipe.batch-seconds)
 MAX_BATCH = 256  # tasks per automatic batch at most
 PROBE_MIN = 64  # fewer ready tasks of a function than this are never held back
@@ -539,19 +540,26 @@ class Runner:
         self._to_submit[(first.func, resources)].append((sub, items))
 
     def _flush_submissions(self) -> None:
-        """Submit what this tick made ready: one ``client.map`` per function and resources."""
+        """Submit what this tick made ready: ``client.map`` per function and resources, in
+        groups of at most SUBMIT_BYTES (Dask warns about larger graphs)."""
         for (func, resources), batch in self._to_submit.items():
             # Each chunk's items go pickled as one bytes object: Dask's own pickler would visit
             # every item in Python (about 40 us each), this costs a few.
-            futures = self.client.map(
-                run_items, [cloudpickle.dumps(items, protocol=5) for _, items in batch],
-                key=[sub.dask_key for sub, _ in batch],
-                pure=False, resources=dict(resources) or None, fn=func.fn,
-                store_dir=str(self.store.path), pipeline=self.pipe.name, topic=self.topic,
-            )
-            for (sub, _), future in zip(batch, futures, strict=True):
-                sub.future = future
-            self._completed.update(futures)
+            blobs = [cloudpickle.dumps(items, protocol=5) for _, items in batch]
+            start = size = 0
+            for end in range(len(batch) + 1):
+                if end == len(batch) or (size and size + len(blobs[end]) > SUBMIT_BYTES):
+                    futures = self.client.map(
+                        run_items, blobs[start:end], key=[sub.dask_key for sub, _ in batch[start:end]],
+                        pure=False, resources=dict(resources) or None, fn=func.fn,
+                        store_dir=str(self.store.path), pipeline=self.pipe.name, topic=self.topic,
+                    )
+                    for (sub, _), future in zip(batch[start:end], futures, strict=True):
+                        sub.future = future
+                    self._completed.update(futures)
+                    start, size = end, 0
+                if end < len(batch):
+                    size += len(blobs[end])
         self._to_submit.clear()
 
     # -- results ------------------------------------------------------------------------------

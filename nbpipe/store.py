@@ -214,7 +214,7 @@ class Store:
             conn.execute("PRAGMA busy_timeout = 60000")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA cache_size = -65536")  # up to 64 MiB: big stores stay in memory
+            conn.execute("PRAGMA cache_size = -16384")  # 16 MiB (default 2): fewer reads of big stores
             conn.execute("PRAGMA foreign_keys = OFF")
             conn.row_factory = sqlite3.Row
             self._local.conn = conn

@@ -173,6 +173,9 @@ def make_options(task: str, **kw: Any) -> TaskOptions:
     return TaskOptions(**out)
 
 
+_NO_DEPS: dict[Any, str] = {}  # shared until a task's dependencies are resolved (never changed)
+
+
 class TaskRef:
     """A handle on a registered task, returned at once by calling a task function.
 
@@ -210,7 +213,7 @@ class TaskRef:
         self.chunksize: int | None = None
         self.worker: str | None = None
         self.dynamic = False
-        self.deps: dict[TaskRef, str] = {}  # upstream task -> data | after | file
+        self.deps: dict[TaskRef, str] = _NO_DEPS  # upstream task -> data | after | file
 
     @property
     def key(self) -> str:
