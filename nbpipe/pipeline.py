@@ -554,6 +554,11 @@ class Pipeline:
         for r in refs:  # what failed or was killed before runs again
             if r.state in BAD:
                 r.state, r.budget = State.WAITING, r.attempts
+        gone = [r for r in refs if r.state is State.SUCCEEDED and r.out_files
+                and not all(p.exists() for p in r.out_files)]
+        if gone:  # an output file was deleted since the task ran here: it runs again, saying so
+            with self._lock:
+                self._find_done(gone)
         todo = [r for r in refs if r.state is State.WAITING]
         executed = len(todo)
         live = self._runner is not None and self._runner.alive

@@ -7,8 +7,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import pytest
+
+from nbpipe import Out, Pipeline
 
 SCRIPT = '''
 import json
@@ -223,3 +226,22 @@ def test_result_file_the_store_never_recorded_is_adopted_not_recomputed(first_ru
     db.close()
     result = _run(tmp_path, address)
     assert result["executed"] == 0
+
+
+def test_deleted_output_file_reruns_its_writer_in_the_same_process(tmp_path: Path, client) -> None:
+    """A kernel keeps its pipeline: deleting an Out file between two runs re-runs its writer."""
+    pipe = Pipeline("kernel", store=tmp_path / ".nbpipe", cluster=client)
+
+    @pipe.task
+    def write(text: str, path: Annotated[Path, Out]) -> str:
+        path.write_text(text)
+        return text
+
+    ref = write("hello", tmp_path / "out.txt")
+    assert pipe.run(check=True).executed == 1
+    assert pipe.run(check=True).executed == 0
+    (tmp_path / "out.txt").unlink()
+    assert pipe.run(check=True).executed == 1
+    assert "out.txt is missing" in (ref.reason or "")
+    assert (tmp_path / "out.txt").read_text() == "hello"
+    pipe.close()
