@@ -119,6 +119,7 @@ class Runner:
         self.batch = Batch()
         self.batch_inline: dict[str, bytes] = {}  # inline results in the batch, not yet written
         self.inline_bytes = int(setting("inline-bytes", INLINE_BYTES))
+        self._fn_blobs: dict[Any, bytes] = {}
         self._to_submit: dict[tuple[Any, tuple[Any, ...]], list[tuple[Submission, list[WorkItem]]]] = \
             defaultdict(list)
         self.awaiting: dict[Submission, float] = {}
@@ -539,6 +540,13 @@ class Runner:
             sub.pool = resources[0][0].removeprefix("pool-")
         self._to_submit[(first.func, resources)].append((sub, items))
 
+    def _pickled(self, func: Any) -> bytes:
+        """The task function, pickled once per run (not once per submission)."""
+        blob = self._fn_blobs.get(func)
+        if blob is None:
+            blob = self._fn_blobs[func] = cloudpickle.dumps(func.fn, protocol=5)
+        return blob
+
     def _flush_submissions(self) -> None:
         """Submit what this tick made ready: ``client.map`` per function and resources, in
         groups of at most SUBMIT_BYTES (Dask warns about larger graphs)."""
@@ -551,7 +559,7 @@ class Runner:
                 if end == len(batch) or (size and size + len(blobs[end]) > SUBMIT_BYTES):
                     futures = self.client.map(
                         run_items, blobs[start:end], key=[sub.dask_key for sub, _ in batch[start:end]],
-                        pure=False, resources=dict(resources) or None, fn=func.fn,
+                        pure=False, resources=dict(resources) or None, fn=self._pickled(func),
                         store_dir=str(self.store.path), pipeline=self.pipe.name, topic=self.topic,
                     )
                     for (sub, _), future in zip(batch[start:end], futures, strict=True):

@@ -14,6 +14,7 @@ in C does not see it, and the runner then restarts the worker process (a real ki
 from __future__ import annotations
 
 import ctypes
+import functools
 import io
 import os
 import signal
@@ -329,6 +330,12 @@ def _run_one(
     return outcome
 
 
+@functools.lru_cache(maxsize=64)
+def _function(blob: bytes) -> Any:
+    """A pickled task function, unpickled once per worker process."""
+    return cloudpickle.loads(blob)
+
+
 def run_items(
     items: list[WorkItem] | bytes, fn: Any, store_dir: str, pipeline: str,
     topic: str | None = None,
@@ -338,6 +345,8 @@ def run_items(
     if isinstance(items, bytes):
         items = cloudpickle.loads(items)
     assert isinstance(items, list)
+    if isinstance(fn, bytes):
+        fn = _function(fn)
     address = _worker_address()
     _notify_start(topic, [item.key for item in items], address)
     values: dict[str, Any] = {}
