@@ -1,0 +1,198 @@
+"""Reliability: what happens to a pipeline and its store when things break for real.
+
+Each test breaks something with real processes (``kill -9`` of the driver or of a worker,
+damaged result files, a store cut off mid-write, several processes on one store, a file-size
+limit, a long run with random failures) and checks that nothing finished is lost or computed
+twice. ``docs/reliability.md`` describes each guarantee and the figures of the full soak.
+
+Worker jobs cancelled on a real Slurm (``scancel``) are covered in ``tests/test_slurm.py``
+(``test_scancel_of_a_worker_job_mid_run_and_the_pipeline_completes``) and
+``test_a_new_runner_cancels_the_jobs_a_killed_kernel_left``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from conftest import ROOT, wait_for
+
+from nbpipe.results import read_result
+
+NBPIPE = [sys.executable, "-m", "nbpipe.cli"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """The environment of a child process: this worktree first on the path."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+    env.pop("NBPIPE_STORE", None)
+    return env
+
+
+def _write(path: Path, source: str) -> Path:
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def _start(script: Path, *args: str, **env: str) -> subprocess.Popen[str]:
+    """Start ``script`` in its own session (so that its whole process tree can be cleaned up)."""
+    return subprocess.Popen(
+        [sys.executable, str(script), *args], cwd=script.parent, env=_env(**env), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )
+
+
+def _reap(proc: subprocess.Popen[str]) -> None:
+    """Kill what is left of a process tree we started (its workers, a detached runner's)."""
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # orphans re-parented away from the tree
+    proc.wait(timeout=30)
+
+
+def _query(db: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Rows of a read-only query on a store that other processes are writing."""
+    if not db.exists():
+        return []
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return conn.execute(sql, args).fetchall()
+    except sqlite3.OperationalError:  # tables not created yet
+        return []
+    finally:
+        conn.close()
+
+
+def _count(db: Path, state: str) -> int:
+    rows = _query(db, "SELECT COUNT(*) FROM tasks WHERE active AND state = ?", state)
+    return rows[0][0] if rows else 0
+
+
+def _nbpipe(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*NBPIPE, "--store", str(store), *args], capture_output=True, text=True,
+                          timeout=120, env=_env())
+
+
+def _attempt_rows(db: Path, keys: Any) -> dict[str, int]:
+    """How many attempts the store recorded for each of ``keys``."""
+    counts = dict(_query(db, "SELECT key, COUNT(*) FROM attempts GROUP BY key"))
+    return {k: counts.get(k, 0) for k in keys}
+
+
+def _verify_results(db: Path) -> int:
+    """Read every recorded result with its checksum (raises when one is damaged); how many."""
+    rows = _query(db, "SELECT path, checksum FROM results")
+    for path, checksum in rows:
+        read_result(path, checksum)
+    return len(rows)
+
+
+# -- 1. driver crash ---------------------------------------------------------------------------
+
+MANY = """
+import sys, time
+from nbpipe import Pipeline
+
+pipe = Pipeline("crash", store=sys.argv[1], cluster={"kind": "local", "workers": 2})
+count = int(sys.argv[2])
+
+
+@pipe.task
+def step(i: int) -> int:
+    time.sleep(0.005 + (i % 4) * 0.005)
+    return i * i
+
+
+if __name__ == "__main__":  # worker processes import this file too
+    refs = [step(i) for i in range(count)]
+    summary = pipe.run()
+    wrong = [i for i, r in enumerate(refs) if r.result() != i * i]
+    print("SUMMARY", summary.executed, summary.ok, len(wrong), flush=True)
+"""
+
+
+def test_a_driver_killed_mid_run_loses_nothing_and_a_rerun_completes_without_recomputing(
+    tmp_path: Path,
+) -> None:
+    count = 1000
+    script = _write(tmp_path / "many.py", MANY)
+    store = tmp_path / ".nbpipe"
+    db = store / "nbpipe.sqlite"
+    driver = _start(script, str(store), str(count))
+    try:
+        wait_for(lambda: _count(db, "SUCCEEDED") >= 150, timeout=120, step=0.02)
+        os.kill(driver.pid, signal.SIGKILL)  # mid-run: tasks pending, running and committing
+        driver.wait(timeout=30)
+    finally:
+        _reap(driver)
+    # The store was cut off mid-write: SQLite's WAL must have kept it whole.
+    assert _query(db, "PRAGMA integrity_check") == [("ok",)]
+    before = dict(_query(db, "SELECT key, attempts FROM tasks WHERE state = 'SUCCEEDED'"))
+    assert 150 <= len(before) < count
+    ran_before = _attempt_rows(db, before)
+    rerun = _start(script, str(store), str(count))
+    try:
+        out, err = rerun.communicate(timeout=240)
+    finally:
+        _reap(rerun)
+    assert rerun.returncode == 0, err[-3000:]
+    executed, ok, wrong = out.split("SUMMARY")[1].split()
+    assert ok == "True" and wrong == "0", out
+    assert int(executed) <= count - len(before)  # what finished before the kill did not run
+    assert _count(db, "SUCCEEDED") == count
+    assert _attempt_rows(db, before) == ran_before, "a task recorded SUCCEEDED ran again"
+    now = dict(_query(db, "SELECT key, attempts FROM tasks WHERE state = 'SUCCEEDED'"))
+    assert {k: now.get(k) for k in before} == before  # no attempt counted for them either
+    assert _verify_results(db) == count
+
+
+# -- 2. worker loss ----------------------------------------------------------------------------
+
+
+def test_a_worker_killed_mid_task_and_its_tasks_run_again_elsewhere(store: Path) -> None:
+    from distributed import Client, LocalCluster
+
+    from nbpipe import Pipeline, State
+
+    # A cluster of its own: killing a worker of the shared one would disturb other tests.
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as lc, Client(lc) as client:
+        pipe = Pipeline("worker-loss", store=store, cluster=client)
+
+        @pipe.task
+        def slow(i: int) -> int:
+            time.sleep(1.5)
+            return i + 100
+
+        refs = [slow(i) for i in range(8)]
+        try:
+            pipe.run(wait=False)
+            wait_for(lambda: any(r.state is State.RUNNING and r.worker for r in refs), timeout=60)
+            victim = next(r for r in refs if r.state is State.RUNNING and r.worker)
+            pids = client.run(os.getpid)
+            os.kill(pids[victim.worker], signal.SIGKILL)  # the worker process, mid-task
+            summary = pipe.run(timeout=120)
+            assert summary.ok, summary
+            assert [r.result() for r in refs] == [i + 100 for i in range(8)]
+            assert victim.state is State.SUCCEEDED
+            # the attempt on the dead worker left no outcome; the one that counted ran elsewhere
+            (last,) = [a for a in pipe.store.attempts(pipe.pipeline_id, victim.key)
+                       if a["state"] == "SUCCEEDED"]
+            assert last["worker"] != victim.worker or last["pid"] != pids[victim.worker]
+        finally:
+            pipe.close()
