@@ -20,6 +20,7 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import cloudpickle
 import dask
 from dask.utils import format_bytes
 from distributed import as_completed
@@ -394,7 +395,8 @@ class Runner:
         seen: set[TaskRef] = set()
         while self.ready:
             ref = self.ready.popleft()
-            if ref.state is not State.WAITING or ref in self.sub_of or ref in seen:
+            if (ref.state is not State.WAITING or ref in self.sub_of or ref in seen
+                    or self.blockers.get(ref, 0) > 0):  # an upstream runs again (damaged result)
                 continue
             seen.add(ref)
             limit = ref.func.opts.max_concurrent
@@ -673,8 +675,37 @@ class Runner:
             self._finish(ref, State.SUCCEEDED)
         elif o.state == State.KILLED.value or ref in self.kill_requested:
             self._finish(ref, State.KILLED, o.error or f"task {ref.label!r} was killed on request")
-        else:
+        elif not (o.error or "").startswith("UpstreamCorrupt") or not self._upstream_corrupt(ref, o):
             self._attempt_failed(ref, o.error, o.traceback, o.exception)
+
+    def _upstream_corrupt(self, ref: TaskRef, o: Outcome) -> bool:
+        """An upstream result read by ``ref`` was damaged: compute that task again, then run
+        ``ref`` after it, its attempt not counted against its retries. False when that cannot be."""
+        try:
+            key = cloudpickle.loads(o.exception).key if o.exception else None
+        except Exception:
+            key = None
+        dep = next((d for d in self.pipe._deps(ref) if d.key == key), None)
+        if dep is None or dep.state in BAD:
+            return False
+        if dep.state is State.SUCCEEDED:
+            self.store.forget_result(dep.key)
+            self.by_key[dep.key] = dep
+            dep.state, dep.result_file, dep.budget = State.WAITING, None, dep.attempts
+            dep.reason = "its result file was damaged"
+            self.batch.state(self.pid, dep.key, State.WAITING.value, attempts=dep.attempts,
+                             reason=dep.reason,
+                             message=f"result file damaged (read by {ref.label!r}); running it again")
+            for child in self.children.get(dep, ()):  # those not yet sent wait for it again
+                if child.state is State.WAITING and child in self.blockers:
+                    self.blockers[child] += 1
+            self._arm(dep)
+        ref.state, ref.budget = State.WAITING, ref.budget + 1
+        self.batch.state(self.pid, ref.key, State.WAITING.value, attempts=ref.attempts,
+                         error=o.error, message=f"waiting for {dep.label!r} to run again")
+        self.blockers.pop(ref, None)
+        self._arm(ref)
+        return True
 
     @staticmethod
     def _retries_left(ref: TaskRef) -> bool:

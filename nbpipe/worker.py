@@ -31,7 +31,7 @@ from .bash import run_command
 from .bookkeeping import environment
 from .context import TaskContext, batch_job_id, stop_requested
 from .context import _set as _set_context
-from .errors import BashTaskError, TaskKilled
+from .errors import BashTaskError, ResultCorrupt, TaskKilled, UpstreamCorrupt
 from .results import read_result, write_result
 
 __all__ = ["Outcome", "Upstream", "WorkItem", "interrupt", "run_items"]
@@ -209,7 +209,10 @@ def _user_frames(tb: Any) -> Any:
 def _resolve(value: Any, cache: dict[str, Any]) -> Any:
     if isinstance(value, Upstream):
         if value.key not in cache:
-            cache[value.key] = read_result(value.path, value.checksum)
+            try:
+                cache[value.key] = read_result(value.path, value.checksum)
+            except ResultCorrupt as exc:  # the runner computes it again, then runs this again
+                raise UpstreamCorrupt(value.key, f"upstream task {value.key[:12]}: {exc}") from None
         return cache[value.key] if value.output is None else cache[value.key][value.output]
     if type(value) is list:
         return [_resolve(v, cache) for v in value]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 from conftest import ROOT, wait_for
 
 from nbpipe.results import read_result
@@ -196,3 +197,87 @@ def test_a_worker_killed_mid_task_and_its_tasks_run_again_elsewhere(store: Path)
             assert last["worker"] != victim.worker or last["pid"] != pids[victim.worker]
         finally:
             pipe.close()
+
+
+# -- 3. torn files -----------------------------------------------------------------------------
+
+TORN = """
+import sys
+from nbpipe import Pipeline
+
+pipe = Pipeline("torn", store=sys.argv[1], cluster=sys.argv[2])
+
+
+@pipe.task
+def blob(i: int) -> bytes:
+    return bytes([i]) * 100_000  # surely a file of its own
+
+
+@pipe.task
+def total(blobs: list, salt: int) -> int:
+    return sum(len(b) + b[-1] for b in blobs)
+
+
+if __name__ == "__main__":
+    blobs = [blob(i) for i in range(6)]
+    result = total(blobs, salt=int(sys.argv[3]))
+    summary = pipe.run()
+    print("RESULT", result.result(), summary.executed, flush=True)
+"""
+TORN_TOTAL = 6 * 100_000 + sum(range(6))
+
+
+def _run_torn(script: Path, store: Path, address: str, salt: int) -> int:
+    """Run the torn-files pipeline; return how many tasks it executed."""
+    done = subprocess.run([sys.executable, str(script), str(store), address, str(salt)],
+                          cwd=script.parent, env=_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    value, executed = done.stdout.split("RESULT")[1].split()
+    assert int(value) == TORN_TOTAL
+    return int(executed)
+
+
+def _result_of(db: Path, label: str) -> Path:
+    ((path,),) = _query(db, "SELECT r.path FROM results r JOIN tasks t USING (key) "
+                            "WHERE t.label = ? AND t.active", label)
+    return Path(path)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip(path: Path) -> None:
+    """Damage a file in place, keeping its size (only a checksum tells)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _attempts_by_label(db: Path) -> dict[str, int]:
+    return dict(_query(db, "SELECT label, attempts FROM tasks WHERE active"))
+
+
+@pytest.fixture
+def torn(tmp_path: Path, cluster) -> tuple[Path, Path, str]:
+    """The torn-files pipeline run once: (script, store, scheduler address)."""
+    script = _write(tmp_path / "torn.py", TORN)
+    store = tmp_path / ".nbpipe"
+    assert _run_torn(script, store, cluster.scheduler_address, salt=0) == 7
+    return script, store, cluster.scheduler_address
+
+
+def test_truncated_and_corrupted_results_are_detected_on_resume_and_their_tasks_rerun(torn) -> None:
+    script, store, address = torn
+    db = store / "nbpipe.sqlite"
+    _truncate(_result_of(db, "blob(i=0)"))
+    _flip(_result_of(db, "blob(i=1)"))  # same size: found only by its checksum
+    # `total` runs again (new salt) and reads every blob: the truncated one is found so on
+    # resume (its size), the other when `total` reads it on a worker (its checksum); both are
+    # computed again and `total` gets the right values
+    _run_torn(script, store, address, salt=1)
+    attempts = _attempts_by_label(db)
+    assert attempts["blob(i=0)"] == attempts["blob(i=1)"] == 2
+    assert all(attempts[f"blob(i={i})"] == 1 for i in range(2, 6))
+    assert _verify_results(db) == 8
