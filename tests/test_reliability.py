@@ -13,6 +13,7 @@ Worker jobs cancelled on a real Slurm (``scancel``) are covered in ``tests/test_
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sqlite3
@@ -281,3 +282,78 @@ def test_truncated_and_corrupted_results_are_detected_on_resume_and_their_tasks_
     assert attempts["blob(i=0)"] == attempts["blob(i=1)"] == 2
     assert all(attempts[f"blob(i={i})"] == 1 for i in range(2, 6))
     assert _verify_results(db) == 8
+
+
+STUCK = """
+import sys, time
+from nbpipe import Pipeline, State
+
+pipe = Pipeline("stuck", store=sys.argv[1], cluster=sys.argv[2])
+
+
+@pipe.task
+def slow() -> int:
+    time.sleep(2)
+    return 2
+
+
+if __name__ == "__main__":
+    ref = slow()
+    pipe.run(wait=False)
+    while ref.state is not State.RUNNING:
+        time.sleep(0.02)
+    print("RUNNING", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_doctor_reports_what_crashes_leave_and_repair_makes_the_next_run_whole(torn, tmp_path) -> None:
+    script, store, address = torn
+    db = store / "nbpipe.sqlite"
+    _truncate(_result_of(db, "blob(i=0)"))
+    _flip(_result_of(db, "blob(i=1)"))
+    _result_of(db, "blob(i=2)").unlink()
+    # what a worker killed while writing leaves (and one being written right now)
+    old_temp = store / "results" / "aa" / f".{'a' * 32}.pkl.4242.tmp"
+    old_temp.parent.mkdir(exist_ok=True)
+    old_temp.write_bytes(b"half a pickle")
+    os.utime(old_temp, (time.time() - 3600, time.time() - 3600))
+    fresh_temp = old_temp.with_name(f".{'a' * 31}b.pkl.4243.tmp")
+    fresh_temp.write_bytes(b"being written")
+    orphan_spec = store / "specs" / "ff" / f"{'f' * 32}.pkl"
+    orphan_spec.parent.mkdir(parents=True)
+    orphan_spec.write_bytes(b"spec of a deleted task")
+    # a runner killed while its task runs: its lock, runner record and RUNNING task stay behind
+    stuck = _start(_write(tmp_path / "stuck.py", STUCK), str(store), address)
+    try:
+        assert stuck.stdout is not None and stuck.stdout.readline().strip() == "RUNNING"
+        os.kill(stuck.pid, signal.SIGKILL)
+        stuck.wait(timeout=30)
+    finally:
+        _reap(stuck)
+
+    check = _nbpipe(store, "doctor", "--json")
+    assert check.returncode == 1, check.stderr
+    report = json.loads(check.stdout)
+    assert report["integrity"] == ["ok"]
+    assert sorted(b["problem"] for b in report["bad_results"]) == [
+        "checksum mismatch", "missing", "wrong size"]
+    assert report["temp_files"] == [str(old_temp)]
+    assert [r["pipeline"] for r in report["stale_runners"]] == ["stuck"]
+    assert [(t["label"], t["state"]) for t in report["stale_tasks"]] == [("slow", "RUNNING")]
+    assert report["orphan_specs"] == [str(orphan_spec)]
+    text = _nbpipe(store, "doctor").stdout
+    assert "damaged or missing result files: 3" in text and "nbpipe doctor --repair" in text
+
+    repaired = _nbpipe(store, "doctor", "--repair")
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    again = _nbpipe(store, "doctor")
+    assert again.returncode == 0, again.stdout
+    assert not old_temp.exists() and fresh_temp.exists() and not orphan_spec.exists()
+    states = {r["label"]: r["state"] for r in json.loads(_nbpipe(store, "tasks", "torn", "--json").stdout)}
+    assert [states[f"blob(i={i})"] for i in range(6)] == ["WAITING"] * 3 + ["SUCCEEDED"] * 3
+    assert json.loads(_nbpipe(store, "tasks", "stuck", "--json").stdout)[0]["state"] == "WAITING"
+    assert _run_torn(script, store, address, salt=0) == 3  # exactly the three damaged blobs
+    attempts = _attempts_by_label(db)
+    assert [attempts[f"blob(i={i})"] for i in range(6)] == [2, 2, 2, 1, 1, 1]
+    assert _verify_results(db) >= 7
