@@ -357,3 +357,46 @@ def test_doctor_reports_what_crashes_leave_and_repair_makes_the_next_run_whole(t
     attempts = _attempts_by_label(db)
     assert [attempts[f"blob(i={i})"] for i in range(6)] == [2, 2, 2, 1, 1, 1]
     assert _verify_results(db) >= 7
+
+
+BURST = """
+import sys
+from nbpipe.store import Batch, Store
+
+store = Store(sys.argv[1])
+pid = store.pipeline_id("burst")
+n = 0
+while True:
+    n += 1
+    batch = Batch()
+    batch.events += [(pid, float(n), f"k{i}", "RUNNING", f"batch {n}") for i in range(50)]
+    store.write(batch)  # one transaction of 50 rows
+    if n == 20:
+        print("WRITING", flush=True)
+"""
+
+
+def test_a_store_cut_off_mid_transaction_opens_intact_with_whole_transactions_only(
+    tmp_path: Path,
+) -> None:
+    from nbpipe.store import Store
+
+    store = tmp_path / ".nbpipe"
+    writer = _start(_write(tmp_path / "burst.py", BURST), str(store))
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "WRITING"
+        time.sleep(0.3)
+        os.kill(writer.pid, signal.SIGKILL)  # in the middle of a transaction, most likely
+        writer.wait(timeout=30)
+    finally:
+        _reap(writer)
+    wal = store / "nbpipe.sqlite-wal"
+    assert wal.exists() and wal.stat().st_size > 0  # the recovery path is really taken
+    opened = Store(store)  # recovers the write-ahead log
+    conn = opened.connect()
+    assert [tuple(r) for r in conn.execute("PRAGMA integrity_check")] == [("ok",)]
+    sizes = conn.execute("SELECT message, COUNT(*) FROM events GROUP BY message").fetchall()
+    assert len(sizes) > 20
+    assert {n for _, n in sizes} == {50}  # every transaction whole or absent, none torn
+    assert _nbpipe(store, "doctor").returncode == 0
+    opened.close()
