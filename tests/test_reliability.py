@@ -400,3 +400,108 @@ def test_a_store_cut_off_mid_transaction_opens_intact_with_whole_transactions_on
     assert {n for _, n in sizes} == {50}  # every transaction whole or absent, none torn
     assert _nbpipe(store, "doctor").returncode == 0
     opened.close()
+
+
+# -- 4. concurrent use -------------------------------------------------------------------------
+
+KERNEL = """
+import os, sys, time
+from nbpipe import Pipeline, PipelineBusy
+from nbpipe.store import RunnerLock
+
+store, address, name, count, gate = sys.argv[1:6]
+pipe = Pipeline(name, store=store, cluster=address)
+
+
+@pipe.task
+def work(i: int, tag: str) -> int:
+    time.sleep(0.01 + (i % 3) * 0.005)
+    return i * 3
+
+
+@pipe.task
+def hold(flag: str) -> int:
+    while not os.path.exists(flag):  # keeps the pipeline running until the test says
+        time.sleep(0.05)
+    return 1
+
+
+if __name__ == "__main__":
+    refs = [work(i, name) for i in range(int(count))]  # distinct keys in each pipeline
+    if gate != "-":
+        hold(gate)
+    for turn in (1, 2):
+        try:
+            summary = pipe.run()
+        except PipelineBusy as exc:
+            print("BUSY", exc, flush=True)
+            while RunnerLock(pipe.store, name).busy():  # until the other runner is done
+                time.sleep(0.1)
+            continue
+        wrong = sum(r.result() != i * 3 for i, r in enumerate(refs))
+        print("DONE", summary.executed, summary.ok, wrong, flush=True)
+        break
+"""
+
+
+def test_two_kernels_and_the_command_line_share_a_store_with_one_runner_per_pipeline(
+    tmp_path: Path, cluster,
+) -> None:
+    store = tmp_path / ".nbpipe"
+    db = store / "nbpipe.sqlite"
+    script = _write(tmp_path / "kernel.py", KERNEL)
+    gate = tmp_path / "gate"
+    address = cluster.scheduler_address
+    alpha = _start(script, str(store), address, "alpha", "300", str(gate))
+    beta = _start(script, str(store), address, "beta", "300", "-")
+    # a second kernel on alpha (the same notebook opened twice) while the first runs it
+    twin = None
+    outputs: list[str] = []
+    try:
+        wait_for(lambda: _count(db, "SUCCEEDED") >= 20, timeout=120)
+        twin = _start(script, str(store), address, "alpha", "300", str(gate))
+        assert twin.stdout is not None
+        busy = twin.stdout.readline()
+        assert busy.startswith("BUSY pipeline 'alpha' is already being run by pid"), busy
+        assert f"pid {alpha.pid} " in busy
+        rounds = 0
+        while beta.poll() is None or rounds < 3:
+            for args in (["tasks", "alpha", "--json"], ["pipelines", "--json"],
+                         ["show", "beta", "work", "--json"], ["doctor"]):
+                done = _nbpipe(store, *args)
+                outputs.append(done.stdout + done.stderr)
+                assert done.returncode in (0, 1), done.stderr  # doctor: 1 for a RUNNING gate
+            rounds += 1
+            if rounds == 2:
+                gate.touch()  # let alpha finish
+        results = [p.communicate(timeout=180) for p in (alpha, beta, twin)]
+    finally:
+        for p in (alpha, beta, twin):
+            if p is not None:
+                _reap(p)
+    for (out, err), proc in zip(results, (alpha, beta, twin), strict=True):
+        outputs += [out, err]
+        assert proc.returncode == 0, err[-3000:]
+    assert results[0][0].split()[-3:] == ["301", "True", "0"]  # alpha: every task, once
+    assert results[1][0].split()[-3:] == ["300", "True", "0"]
+    # the twin ran after alpha's runner had finished: nothing left to compute
+    assert results[2][0].split()[-3:] == ["0", "True", "0"], results[2][0]
+    assert not [o for o in outputs if "database is locked" in o]
+    assert _query(db, "SELECT COUNT(*), COUNT(DISTINCT key) FROM attempts") == [(601, 601)]
+    assert _count(db, "SUCCEEDED") == 601
+    assert _query(db, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_a_runner_starting_while_another_process_probes_its_lock_is_not_refused(store: Path) -> None:
+    import threading
+
+    from nbpipe.store import RunnerLock, Store
+
+    opened = Store(store)
+    probe = RunnerLock(opened, "probed")
+    probe.acquire()  # what `busy()` does for an instant (the command line, `nbpipe doctor`)
+    threading.Timer(0.1, probe.release).start()
+    runner = RunnerLock(opened, "probed")
+    runner.acquire()  # would raise PipelineBusy without its short retry
+    assert runner.held and probe.busy()
+    runner.release()
