@@ -72,6 +72,10 @@ class UpstreamCorrupt(ResultCorrupt):
         return (type(self), (self.key, self.args[0]))
 
 
+class ResultWriteError(NbpipeError, OSError):
+    """A task's result could not be written: the disk is full, a quota or file-size limit."""
+
+
 class StoreError(NbpipeError):
     """The pipeline store cannot be opened or used."""
 

@@ -14,6 +14,7 @@ in C does not see it, and the runner then restarts the worker process (a real ki
 from __future__ import annotations
 
 import ctypes
+import errno
 import io
 import os
 import signal
@@ -31,7 +32,7 @@ from .bash import run_command
 from .bookkeeping import environment
 from .context import TaskContext, batch_job_id, stop_requested
 from .context import _set as _set_context
-from .errors import BashTaskError, ResultCorrupt, TaskKilled, UpstreamCorrupt
+from .errors import BashTaskError, ResultCorrupt, ResultWriteError, TaskKilled, UpstreamCorrupt
 from .results import read_result, write_result
 
 __all__ = ["Outcome", "Upstream", "WorkItem", "interrupt", "run_items"]
@@ -247,6 +248,23 @@ def _call(fn: Any, item: WorkItem, values: dict[str, Any]) -> Any:
                     os.environ[k] = v
 
 
+_DISK_FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+              errno.EFBIG: "the file-size limit (ulimit -f) is exceeded"}
+
+
+def _write(store_dir: str, item: WorkItem, value: Any) -> Any:
+    """Write a task's result; a full disk fails the task with a message that says so."""
+    try:
+        return write_result(store_dir, item.key, value)
+    except OSError as exc:
+        why = _DISK_FULL.get(exc.errno or 0, exc.strerror or str(exc))
+        raise ResultWriteError(
+            f"task {item.label!r} finished but its result could not be written to "
+            f"{store_dir}/results: {why} ([Errno {exc.errno}] {exc.strerror}); free space (or "
+            "raise the limit), then retry the task; the store is unchanged"
+        ) from None
+
+
 def _run_one(
     fn: Any, item: WorkItem, store_dir: str, pipeline: str, topic: str | None,
     address: str | None, values: dict[str, Any],
@@ -277,7 +295,7 @@ def _run_one(
                     f"task {item.label!r} finished without writing its declared output "
                     f"file(s) {', '.join(missing)}"
                 )
-            outcome.result = tuple(write_result(store_dir, item.key, value))  # type: ignore[assignment]
+            outcome.result = tuple(_write(store_dir, item, value))  # type: ignore[assignment]
             outcome.state = "SUCCEEDED"
         except TaskKilled:
             outcome.state = "KILLED"

@@ -505,3 +505,64 @@ def test_a_runner_starting_while_another_process_probes_its_lock_is_not_refused(
     runner.acquire()  # would raise PipelineBusy without its short retry
     assert runner.held and probe.busy()
     runner.release()
+
+
+# -- 5. disk full ------------------------------------------------------------------------------
+
+
+def _file_size_limit(limit: int | None) -> None:
+    """On a worker: writes beyond ``limit`` bytes fail with EFBIG (None: no limit again)."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an OSError, not a dead worker
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard if limit is None else limit, hard))
+
+
+def test_a_result_that_does_not_fit_on_disk_fails_its_task_clearly_and_a_retry_succeeds(
+    store: Path,
+) -> None:
+    from distributed import Client, LocalCluster
+
+    from nbpipe import Pipeline, State
+
+    # A worker of its own whose files may not grow beyond 64 KB: the disk is "full".
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as lc, Client(lc) as client:
+        client.run(_file_size_limit, 64 * 1024)
+        pipe = Pipeline("disk-full", store=store, cluster=client)
+
+        @pipe.task
+        def small() -> int:
+            return 7
+
+        @pipe.task
+        def big(n: int) -> bytes:
+            return b"x" * n
+
+        @pipe.task
+        def size(data: bytes) -> int:
+            return len(data)
+
+        fits, ref = small(), big(1_000_000)
+        after = size(ref)
+        try:
+            summary = pipe.run()
+            assert fits.result() == 7 and ref.state is State.FAILED
+            assert after.state is State.UPSTREAM_FAILED and summary.failed == ["big(n=1000000)"]
+            assert ref.error.startswith("ResultWriteError: task 'big(n=1000000)' finished but its "
+                                        "result could not be written"), ref.error
+            assert "the file-size limit (ulimit -f) is exceeded" in ref.error
+            assert "retry the task" in ref.error
+            db = store / "nbpipe.sqlite"
+            assert _query(db, "PRAGMA integrity_check") == [("ok",)]
+            assert not list((store / "results").rglob("*.tmp"))  # no half-written file left
+            assert not _query(db, "SELECT 1 FROM results WHERE key = ?", ref.key)
+
+            client.run(_file_size_limit, None)  # space is back
+            pipe.retry(ref)
+            assert after.result() == 1_000_000
+            assert ref.state is State.SUCCEEDED and ref.attempts == 2
+            assert _verify_results(db) == 3
+        finally:
+            pipe.close()
