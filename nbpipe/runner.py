@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import queue
+import sqlite3
 import threading
 import time
 import uuid
@@ -126,6 +127,7 @@ class Runner:
         self._completed = as_completed()  # no per-future callbacks: drained each tick
         self.error: BaseException | None = None
         self._stop = False
+        self._write_error: sqlite3.Error | None = None  # the store could not be written
         self._last_poll = 0.0
         self.client.subscribe_topic(self.topic, self._on_event)
         try:
@@ -254,7 +256,18 @@ class Runner:
             self._scale_pools(now)
         if self.batch:
             batch, self.batch = self.batch, Batch()
-            self.store.write(batch)
+            try:
+                self.store.write(batch)
+            except sqlite3.Error as exc:  # a full disk, a store gone: keep the changes, try again
+                self.batch = batch
+                if self._write_error is None:
+                    log.warning("nbpipe: cannot write to the store %s (%s); keeping the changes "
+                                "and trying again", self.store.path, exc)
+                self._write_error = self.error = exc
+                return
+            if self._write_error is not None:
+                log.warning("nbpipe: the store %s is writable again", self.store.path)
+                self._write_error = None
         if self.failed_since_tick:  # so `nbpipe retry` can run them from another process
             refs, self.failed_since_tick = list(self.failed_since_tick), {}
             try:

@@ -566,3 +566,52 @@ def test_a_result_that_does_not_fit_on_disk_fails_its_task_clearly_and_a_retry_s
             assert _verify_results(db) == 3
         finally:
             pipe.close()
+
+
+DRIVER_FULL = """
+import os, resource, signal, sys, time
+from nbpipe import Pipeline, State
+
+pipe = Pipeline("driver-full", store=sys.argv[1], cluster=sys.argv[2])
+
+
+@pipe.task
+def step(i: int) -> int:
+    time.sleep(0.05)
+    return i
+
+
+if __name__ == "__main__":
+    refs = [step(i) for i in range(60)]
+    pipe.run(wait=False)
+    while sum(r.state is State.SUCCEEDED for r in refs) < 5:
+        time.sleep(0.01)
+    # The disk of the store fills up under the runner: its commits fail for a while.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1, hard))
+    time.sleep(1.5)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # space is back
+    summary = pipe.run()
+    print("DONE", summary.ok, sum(r.result() == i for i, r in enumerate(refs)), flush=True)
+"""
+
+
+def test_a_store_whose_disk_fills_under_the_runner_keeps_every_transition(
+    tmp_path: Path, cluster,
+) -> None:
+    store = tmp_path / ".nbpipe"
+    db = store / "nbpipe.sqlite"
+    done = subprocess.run(
+        [sys.executable, str(_write(tmp_path / "full.py", DRIVER_FULL)), str(store),
+         cluster.scheduler_address], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-2:] == ["True", "60"], done.stdout
+    assert "nbpipe: cannot write to the store" in done.stderr  # it did hit the limit
+    assert "is writable again" in done.stderr
+    assert _query(db, "PRAGMA integrity_check") == [("ok",)]
+    assert _count(db, "SUCCEEDED") == 60  # no transition lost while commits failed
+    assert _query(db, "SELECT COUNT(*), COUNT(DISTINCT key) FROM attempts") == [(60, 60)]
+    assert _verify_results(db) == 60
