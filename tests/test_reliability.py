@@ -615,3 +615,79 @@ def test_a_store_whose_disk_fills_under_the_runner_keeps_every_transition(
     assert _count(db, "SUCCEEDED") == 60  # no transition lost while commits failed
     assert _query(db, "SELECT COUNT(*), COUNT(DISTINCT key) FROM attempts") == [(60, 60)]
     assert _verify_results(db) == 60
+
+
+# -- 6. soak -----------------------------------------------------------------------------------
+
+SOAK = """
+import hashlib, json, sys, time
+import psutil
+from nbpipe import Pipeline, context
+
+pipe = Pipeline("soak", store=sys.argv[1], cluster={"kind": "local", "workers": 2})
+
+
+def flaky(i: int) -> bool:
+    return int(hashlib.blake2b(str(i).encode(), digest_size=4).hexdigest(), 16) % 100 == 0
+
+
+@pipe.task(retries=2)
+def work(i: int) -> int:
+    if flaky(i) and context().attempt == 1:  # 1 % fail once, at random but by seed
+        raise RuntimeError(f"random failure of {i}")
+    return i
+
+
+if __name__ == "__main__":
+    count = int(sys.argv[2])
+    refs = [work(i) for i in range(count)]
+    me = psutil.Process()
+    start = time.monotonic()
+    pipe.run(wait=False)
+    rss = {}
+    while True:
+        done = sum(r.state.final for r in refs)
+        for mark in (25, 50, 75):
+            if done * 100 >= mark * count and mark not in rss:
+                rss[mark] = me.memory_info().rss
+        if done == count:
+            break
+        time.sleep(0.2)
+    summary = pipe.run()
+    rss[100] = me.memory_info().rss
+    print("SOAK", json.dumps({
+        "count": count, "seconds": time.monotonic() - start, "ok": summary.ok,
+        "succeeded": summary.counts.get("SUCCEEDED", 0), "rss": rss,
+        "flaky": sorted(r.key for i, r in enumerate(refs) if flaky(i)),
+        "wrong": sum(r.result() != i for i, r in enumerate(refs)),
+    }), flush=True)
+"""
+
+
+@pytest.mark.soak
+def test_soak_thousands_of_tasks_with_random_failures_completes_with_exact_counts_and_flat_memory(
+    tmp_path: Path,
+) -> None:
+    """NBPIPE_SOAK_TASKS sets the count (CI: 2,000; the full soak: 20,000, see reliability.md)."""
+    count = int(os.environ.get("NBPIPE_SOAK_TASKS", "2000"))
+    store = tmp_path / ".nbpipe"
+    db = store / "nbpipe.sqlite"
+    done = subprocess.run(
+        [sys.executable, str(_write(tmp_path / "soak.py", SOAK)), str(store), str(count)],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=3600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.split("SOAK", 1)[1])
+    print(json.dumps({k: v for k, v in report.items() if k != "flaky"}))  # the figures (pytest -s)
+    flaky = set(report["flaky"])
+    assert count // 200 < len(flaky) < count // 50  # about 1 %
+    assert report["ok"] and report["succeeded"] == count and report["wrong"] == 0
+    assert _count(db, "SUCCEEDED") == count
+    attempts = dict(_query(db, "SELECT key, attempts FROM tasks WHERE active"))
+    assert {k for k, n in attempts.items() if n == 2} == flaky
+    assert {n for k, n in attempts.items() if k not in flaky} == {1}
+    rows = _query(db, "SELECT state, COUNT(*), COUNT(DISTINCT key) FROM attempts GROUP BY state")
+    assert sorted(rows) == [("FAILED", len(flaky), len(flaky)), ("SUCCEEDED", count, count)]
+    assert {k for (k,) in _query(db, "SELECT key FROM attempts WHERE state = 'FAILED'")} == flaky
+    rss = report["rss"]
+    assert rss["100"] - rss["25"] < 50 * 2**20, rss  # driver memory stays flat
