@@ -58,6 +58,27 @@ PROBE_TIME = 0.5  # seconds the other tasks wait for more probes once the first 
 PROBE_START = 30.0  # seconds at most they wait for a first probe to finish (workers starting)
 
 
+TOPIC_HISTORY = 16  # events of a runner's topic the scheduler keeps (it delivers them all)
+
+
+def _bound_topic(topic: str, keep: int, dask_scheduler: Any = None) -> None:
+    """On the scheduler: keep only the last ``keep`` events of ``topic`` (0: forget the topic).
+
+    The scheduler keeps a history of every topic (``distributed.admin.low-level-log-length``,
+    1,000 events); a runner's events carry the outcomes of whole batches of tasks, so that
+    history held every outcome of the last 1,000 batches (for a local cluster, in the driver:
+    about 18 MB over 20,000 tasks) and outlived the runner. Nobody reads it: the runner gets
+    each event as it is published.
+    """
+    from collections import deque
+
+    topics = dask_scheduler._broker._topics  # no public API bounds one topic's history
+    if keep == 0:
+        topics.pop(topic, None)
+    else:
+        topics[topic].events = deque(topics[topic].events, maxlen=keep)
+
+
 class TerminationNoticePlugin(WorkerPlugin):
     """Installs the SIGTERM notice behind ``context().should_stop()`` on every worker."""
 
@@ -130,6 +151,8 @@ class Runner:
         self._write_error: sqlite3.Error | None = None  # the store could not be written
         self._last_poll = 0.0
         self.client.subscribe_topic(self.topic, self._on_event)
+        with contextlib.suppress(Exception):  # memory only: never worth failing a run for
+            self.client.run_on_scheduler(_bound_topic, self.topic, TOPIC_HISTORY)
         try:
             self.client.register_plugin(TerminationNoticePlugin())
         except Exception:  # pragma: no cover - old schedulers without plugin support
@@ -195,6 +218,8 @@ class Runner:
             log.debug("could not record the runner's end", exc_info=True)
         with contextlib.suppress(Exception):
             self.client.unsubscribe_topic(self.topic)
+        with contextlib.suppress(Exception):
+            self.client.run_on_scheduler(_bound_topic, self.topic, 0)
         self.lock.release()
         with self.changed:
             self.changed.notify_all()

@@ -691,3 +691,28 @@ def test_soak_thousands_of_tasks_with_random_failures_completes_with_exact_count
     assert {k for (k,) in _query(db, "SELECT key FROM attempts WHERE state = 'FAILED'")} == flaky
     rss = report["rss"]
     assert rss["100"] - rss["25"] < 50 * 2**20, rss  # driver memory stays flat
+
+
+def _topic_history(topic: str, dask_scheduler: Any = None) -> int | None:
+    topics = dask_scheduler._broker._topics
+    return len(topics[topic].events) if topic in topics else None
+
+
+def test_the_scheduler_keeps_only_a_short_history_of_a_runners_events(pipe) -> None:
+    """A runner's events carry batches of outcomes; the scheduler kept the last 1,000 of them
+    (in the driver, for a local cluster) and beyond the runner's life."""
+    import dask
+
+    @pipe.task
+    def tiny(i: int) -> int:
+        return i
+
+    refs = [tiny(i) for i in range(60)]
+    with dask.config.set({"nbpipe.batch-seconds": 0}):  # one Dask task, two events, per task
+        assert pipe.run().ok
+    runner = pipe._runner
+    assert [r.result() for r in refs] == list(range(60))
+    assert pipe.client.run_on_scheduler(_topic_history, runner.topic) <= 16
+    client = pipe.client
+    pipe.close()
+    assert client.run_on_scheduler(_topic_history, runner.topic) is None
