@@ -122,26 +122,38 @@ def step(i: int) -> int:
 
 if __name__ == "__main__":  # worker processes import this file too
     refs = [step(i) for i in range(count)]
+    if sys.argv[3:] == ["detach"]:  # hand the pipeline to a detached runner (`nbpipe spawn`)
+        print("DETACHED", pipe.detach(), flush=True)
+        sys.exit(0)
     summary = pipe.run()
     wrong = [i for i, r in enumerate(refs) if r.result() != i * i]
     print("SUMMARY", summary.executed, summary.ok, len(wrong), flush=True)
 """
 
 
+@pytest.mark.parametrize("driver", ["script", "detached runner"])
 def test_a_driver_killed_mid_run_loses_nothing_and_a_rerun_completes_without_recomputing(
-    tmp_path: Path,
+    tmp_path: Path, driver: str,
 ) -> None:
     count = 1000
     script = _write(tmp_path / "many.py", MANY)
     store = tmp_path / ".nbpipe"
     db = store / "nbpipe.sqlite"
-    driver = _start(script, str(store), str(count))
+    starter = _start(script, str(store), str(count), *(["detach"] if driver != "script" else []))
+    victim = starter.pid
     try:
+        if driver != "script":
+            out, err = starter.communicate(timeout=120)
+            assert starter.returncode == 0, err[-3000:]
+            victim = int(out.split("DETACHED")[1])
         wait_for(lambda: _count(db, "SUCCEEDED") >= 150, timeout=120, step=0.02)
-        os.kill(driver.pid, signal.SIGKILL)  # mid-run: tasks pending, running and committing
-        driver.wait(timeout=30)
+        os.kill(victim, signal.SIGKILL)  # mid-run: tasks pending, running and committing
+        if driver == "script":
+            starter.wait(timeout=30)
     finally:
-        _reap(driver)
+        _reap(starter)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(victim, signal.SIGKILL)  # a detached runner's session: its workers
     # The store was cut off mid-write: SQLite's WAL must have kept it whole.
     assert _query(db, "PRAGMA integrity_check") == [("ok",)]
     before = dict(_query(db, "SELECT key, attempts FROM tasks WHERE state = 'SUCCEEDED'"))
