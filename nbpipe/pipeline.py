@@ -578,8 +578,11 @@ class Pipeline:
         another process that ran the pipeline meanwhile: this one was refused with
         PipelineBusy, then ran again); one lookup, and more work only for those found."""
         found = self.store.results([r.key for r in todo])
-        if found:
-            self._find_done([r for r in todo if r.key in found])
+        done = [r for r in todo if r.key in found and r.func.opts.cache
+                and _intact(found[r.key]["path"], found[r.key]["size"])
+                and all(p.exists() for p in r.out_files)]
+        if done:  # (only those: the others keep the reason they were given)
+            self._find_done(done)
         return [r for r in todo if r.state is State.WAITING]
 
     def _summary(self, refs: list[TaskRef], executed: int) -> RunSummary:
