@@ -218,11 +218,14 @@ class Runner:
             log.debug("could not record the runner's end", exc_info=True)
         with contextlib.suppress(Exception):
             self.client.unsubscribe_topic(self.topic)
-        with contextlib.suppress(Exception):
-            self.client.run_on_scheduler(_bound_topic, self.topic, 0)
+        threading.Thread(target=self._drop_topic, daemon=True).start()  # never blocks closing
         self.lock.release()
         with self.changed:
             self.changed.notify_all()
+
+    def _drop_topic(self) -> None:
+        with contextlib.suppress(Exception):  # a closed client or a scheduler gone: nothing kept
+            self.client.run_on_scheduler(_bound_topic, self.topic, 0)
 
     # -- callbacks from the Dask client's thread ----------------------------------------------
 

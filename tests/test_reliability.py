@@ -733,4 +733,4 @@ def test_the_scheduler_keeps_only_a_short_history_of_a_runners_events(pipe) -> N
     assert pipe.client.run_on_scheduler(_topic_history, runner.topic) <= 16
     client = pipe.client
     pipe.close()
-    assert client.run_on_scheduler(_topic_history, runner.topic) is None
+    wait_for(lambda: client.run_on_scheduler(_topic_history, runner.topic) is None, timeout=30)
