@@ -229,17 +229,18 @@ def doctor(store: Store, *, repair: bool = False) -> dict[str, Any]:
 
     conn = store.connect()
     integrity = [r[0] for r in conn.execute("PRAGMA integrity_check")]
-    rows = conn.execute("SELECT key, path, checksum, size FROM results").fetchall()
     bad, listed = [], set()
-    for key, path, checksum, size in rows:
-        listed.add(str(path))
-        try:
-            data = Path(path).read_bytes()
-        except OSError:
-            problem = "missing"
-        else:
-            problem = ("wrong size" if len(data) != size
-                       else "checksum mismatch" if checksum_of(data) != checksum else None)
+    for row in conn.execute("SELECT * FROM results").fetchall():
+        key, path, checksum, size = row["key"], row["path"], row["checksum"], row["size"]
+        data: bytes | None = None
+        if path:  # a result file
+            listed.add(str(path))
+            with contextlib.suppress(OSError):
+                data = Path(path).read_bytes()
+        elif "data" in row.keys():  # noqa: SIM118 (a Row: `in` looks at values) inline result
+            data = row["data"]
+        problem = ("missing" if data is None else "wrong size" if len(data) != size
+                   else "checksum mismatch" if checksum_of(data) != checksum else None)
         if problem:
             bad.append({"key": key, "path": path, "problem": problem})
     unrecorded = [str(p) for p in (store.path / "results").rglob("*.pkl") if str(p) not in listed]
@@ -272,7 +273,8 @@ def doctor(store: Store, *, repair: bool = False) -> dict[str, Any]:
         ids = {name: pid for pid, name in conn.execute("SELECT id, name FROM pipelines")}
         for entry in bad:
             store.forget_result(entry["key"])
-            Path(entry["path"]).unlink(missing_ok=True)
+            if entry["path"]:
+                Path(entry["path"]).unlink(missing_ok=True)
             for pid, attempts in conn.execute(
                     "SELECT pipeline_id, attempts FROM tasks WHERE key = ? AND state = 'SUCCEEDED'",
                     (entry["key"],)).fetchall():
