@@ -24,6 +24,7 @@ from .errors import (
     PipelineBusy,
     ResourceError,
     ResultCorrupt,
+    ResultWriteError,
     StoreError,
     StoreNotWritable,
     StoreVersionError,
@@ -33,6 +34,7 @@ from .errors import (
     TaskKilled,
     UnhashableValue,
     UnknownTask,
+    UpstreamCorrupt,
     UpstreamFailed,
 )
 from .files import In, Out
@@ -56,9 +58,11 @@ except ConfigError:
 __all__ = [
     "BashResult", "BashTaskError", "ClusterError", "ConfigError", "CycleError", "In",
     "InvalidArgument", "MissingInputError", "NbpipeError", "Out", "Pipeline", "PipelineBusy", "ResourceError",
-    "ResultCorrupt", "RunSummary", "State", "StoreError", "StoreNotWritable", "StoreVersionError",
+    "ResultCorrupt", "ResultWriteError", "RunSummary", "State", "StoreError", "StoreNotWritable",
+    "StoreVersionError",
     "TaskContext", "TaskDefinitionError", "TaskFailed", "TaskFunction", "TaskInfo", "TaskItem",
-    "TaskKilled", "TaskRef", "TaskfileError", "UnhashableValue", "UnknownTask", "UpstreamFailed",
+    "TaskKilled", "TaskRef", "TaskfileError", "UnhashableValue", "UnknownTask", "UpstreamCorrupt",
+    "UpstreamFailed",
     "bash_task", "context", "current_pipeline", "load_tasks", "task", "use",
 ]
 

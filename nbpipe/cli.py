@@ -309,22 +309,49 @@ def gc(ctx: click.Context, dry_run: bool) -> None:
 
 
 @main.command()
-@click.option("--repair", is_flag=True, help="forget damaged results so their tasks run again")
+@click.option("--repair", is_flag=True,
+              help="forget damaged results (their tasks run again), remove left-over temporary "
+                   "files and orphan specs, release stale runners")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_context
 def doctor(ctx: click.Context, repair: bool, as_json: bool) -> None:
-    """Check the store's integrity and every result file's checksum."""
+    """Check the store: database integrity, every result's checksum, what crashes left behind.
+
+    Exits 1 while problems remain (after --repair: only a damaged database remains).
+    """
     report = queries.doctor(_store(ctx), repair=repair)
     if as_json:
         _emit(report, True)
-    else:
-        click.echo(f"database: {', '.join(report['integrity'])}")
-        click.echo(f"damaged or missing result files: {len(report['bad_results'])}")
-        for bad in report["bad_results"]:
-            click.echo(f"  {bad['key'][:12]} {bad['path']}")
-        if report["repaired"]:
-            click.echo("repaired: those tasks will run again")
-    ctx.exit(0 if report["ok"] or report["repaired"] else 1)
+        ctx.exit(0 if report["ok"] else 1)
+    click.echo(f"database: {', '.join(report['integrity'])}")
+    if report["integrity"] != ["ok"]:
+        click.echo("  the database is damaged: copy the store aside, then rebuild it with "
+                   "`sqlite3 nbpipe.sqlite .recover | sqlite3 recovered.sqlite`; result files stay "
+                   "valid and are adopted by the next run")
+    sections = [
+        ("damaged or missing result files", report["bad_results"],
+         lambda b: f"{b['key'][:12]} {b['problem']}: {b['path']}"),
+        ("temporary files left by killed workers", report["temp_files"], str),
+        ("stale runners (their process died)", report["stale_runners"],
+         lambda r: f"{r['pipeline']}: {r['runner']}"),
+        ("tasks a dead runner left PENDING/RUNNING", report["stale_tasks"],
+         lambda t: f"{t['pipeline']}: {t['label']} ({t['state']})"),
+        ("task specs of unknown tasks", report["orphan_specs"], str),
+    ]
+    for title, items, fmt in sections:
+        click.echo(f"{title}: {len(items)}")
+        for item in items[:20]:
+            click.echo(f"  {fmt(item)}")
+        if len(items) > 20:
+            click.echo(f"  ... and {len(items) - 20} more")
+    if report["unrecorded_results"]:
+        click.echo(f"result files the store does not list: {len(report['unrecorded_results'])} "
+                   "(adopted by the next run; `nbpipe gc` removes those no task wants)")
+    if report["repaired"]:
+        click.echo("repaired: damaged results forgotten (their tasks run again), left-overs removed")
+    elif not report["ok"] and report["integrity"] == ["ok"]:
+        click.echo("run `nbpipe doctor --repair` to fix these")
+    ctx.exit(0 if report["ok"] else 1)
 
 
 @main.command()

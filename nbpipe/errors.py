@@ -57,6 +57,25 @@ class ResultCorrupt(NbpipeError):
     """A result file is missing or does not match its recorded checksum."""
 
 
+class UpstreamCorrupt(ResultCorrupt):
+    """The result of an upstream task, read on a worker, is missing or damaged.
+
+    The runner then computes that task again and runs the reader after it (without counting
+    the reader's attempt against its retries).
+    """
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+    def __reduce__(self):
+        return (type(self), (self.key, self.args[0]))
+
+
+class ResultWriteError(NbpipeError, OSError):
+    """A task's result could not be written: the disk is full, a quota or file-size limit."""
+
+
 class StoreError(NbpipeError):
     """The pipeline store cannot be opened or used."""
 

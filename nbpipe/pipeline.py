@@ -565,6 +565,9 @@ class Pipeline:
         paused = self._runner.paused if live else self.store.is_paused(self.pipeline_id)
         if todo and (live or not paused):  # a paused pipeline starts no cluster for nothing
             runner = self._ensure_runner()
+            if not live:  # a new runner: another process may have run some since they resolved
+                todo = self._found_since(todo)
+                executed = len(todo)
             runner.check(todo)  # a task no worker pool can hold fails here, before any runs
             runner.add(todo)
             paused = runner.paused
@@ -580,6 +583,18 @@ class Pipeline:
                 summary.failed,
             )
         return summary
+
+    def _found_since(self, todo: list[TaskRef]) -> list[TaskRef]:
+        """``todo`` without the tasks whose results were recorded since they were resolved (by
+        another process that ran the pipeline meanwhile: this one was refused with
+        PipelineBusy, then ran again); one lookup, and more work only for those found."""
+        found = self.store.results([r.key for r in todo])
+        done = [r for r in todo if r.key in found and r.func.opts.cache
+                and _intact(found[r.key])
+                and all(p.exists() for p in r.out_files)]
+        if done:  # (only those: the others keep the reason they were given)
+            self._find_done(done)
+        return [r for r in todo if r.state is State.WAITING]
 
     def _summary(self, refs: list[TaskRef], executed: int) -> RunSummary:
         counts = Counter(r.state.value for r in refs)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -210,26 +211,94 @@ def gc(store: Store, *, dry_run: bool = False) -> list[str]:
     return [str(p) for p in orphans] + [f"inline {k}" for k, p in unreferenced if p == INLINE]
 
 
-def doctor(store: Store, *, repair: bool = False) -> dict[str, Any]:
-    """Check SQLite integrity and every result file's checksum; with ``repair``, forget the bad.
+#: Seconds after which a temporary file nobody writes to any more is left over from a crash.
+STALE_TEMP = 600.0
 
-    A forgotten result makes its task run again the next time its pipeline runs.
+
+def doctor(store: Store, *, repair: bool = False) -> dict[str, Any]:
+    """Check a store; with ``repair``, fix what can be fixed. Returns a report (a dict).
+
+    Checks: SQLite's ``integrity_check``; every recorded result (present, of its size, matching
+    its checksum); temporary files a killed worker left (``.*.tmp``, untouched for 10 minutes);
+    runner locks and runner records of processes that died; tasks left ``PENDING``/``RUNNING``
+    by a runner that died; task specs of tasks the store does not know. Result files the store
+    does not list are reported too, but are no problem: the next run adopts them (``nbpipe gc``
+    removes them when no task wants them).
+
+    ``repair`` forgets damaged results (their tasks show ``WAITING`` and run again the next
+    time their pipeline runs), removes left-over temporary files and orphan specs, releases
+    stale runner records and sets tasks a dead runner left back to ``WAITING``. A damaged
+    database cannot be repaired here: ``ok`` stays false (see ``docs/reliability.md``).
     """
+    import time
+
     conn = store.connect()
     integrity = [r[0] for r in conn.execute("PRAGMA integrity_check")]
-    bad = []
-    for key, path, checksum, data in conn.execute(
-            "SELECT key, path, checksum, data FROM results").fetchall():
-        try:
-            ok = checksum_of(data if path == INLINE else Path(path).read_bytes()) == checksum
-        except (OSError, TypeError):  # a missing file, or an inline result without its bytes
-            ok = False
-        if not ok:
-            bad.append({"key": key, "path": path})
+    bad, listed = [], set()
+    for row in conn.execute("SELECT * FROM results").fetchall():
+        key, path, checksum, size = row["key"], row["path"], row["checksum"], row["size"]
+        data: bytes | None = None
+        if path:  # a result file
+            listed.add(str(path))
+            with contextlib.suppress(OSError):
+                data = Path(path).read_bytes()
+        elif "data" in row.keys():  # noqa: SIM118 (a Row: `in` looks at values) inline result
+            data = row["data"]
+        problem = ("missing" if data is None else "wrong size" if len(data) != size
+                   else "checksum mismatch" if checksum_of(data) != checksum else None)
+        if problem:
+            bad.append({"key": key, "path": path, "problem": problem})
+    unrecorded = [str(p) for p in (store.path / "results").rglob("*.pkl") if str(p) not in listed]
+    now = time.time()
+    temp = []
+    for folder in ("results", "specs"):
+        for p in (store.path / folder).rglob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                if now - p.stat().st_mtime > STALE_TEMP:
+                    temp.append(str(p))
+    known = {k for (k,) in conn.execute("SELECT DISTINCT key FROM tasks")}
+    orphan_specs = [str(p) for p in (store.path / "specs").rglob("*.pkl") if p.stem not in known]
+    stale_runners, stale_tasks = [], []
+    for pid, name, runner in conn.execute("SELECT id, name, runner FROM pipelines").fetchall():
+        lock = RunnerLock(store, name)
+        if lock.busy():
+            continue  # a live runner: its records are its own
+        holder = lock.path.read_text().strip() if lock.path.exists() else ""
+        if runner or holder:
+            stale_runners.append({"pipeline": name, "runner": json.loads(runner) if runner else holder})
+        stale_tasks += [{"pipeline": name, "key": k, "label": label, "state": state}
+                        for k, label, state in conn.execute(
+                            "SELECT key, label, state FROM tasks WHERE pipeline_id = ? AND active "
+                            "AND state IN ('PENDING', 'RUNNING')", (pid,))]
+    problems = bool(bad or temp or orphan_specs or stale_runners or stale_tasks)
     if repair:
+        from .store import Batch
+
+        batch = Batch()
+        ids = {name: pid for pid, name in conn.execute("SELECT id, name FROM pipelines")}
         for entry in bad:
             store.forget_result(entry["key"])
-            if entry["path"] != INLINE:
+            if entry["path"]:
                 Path(entry["path"]).unlink(missing_ok=True)
-    return {"integrity": integrity, "ok": integrity == ["ok"] and not bad, "bad_results": bad,
-            "repaired": repair and bool(bad)}
+            for pid, attempts in conn.execute(
+                    "SELECT pipeline_id, attempts FROM tasks WHERE key = ? AND state = 'SUCCEEDED'",
+                    (entry["key"],)).fetchall():
+                batch.state(pid, entry["key"], "WAITING", attempts=attempts,
+                            reason="its result file was damaged",
+                            message=f"nbpipe doctor: result file {entry['problem']}; runs again")
+        for entry in stale_tasks:
+            (attempts,) = conn.execute("SELECT attempts FROM tasks WHERE pipeline_id = ? AND key = ?",
+                                       (ids[entry["pipeline"]], entry["key"])).fetchone()
+            batch.state(ids[entry["pipeline"]], entry["key"], "WAITING", attempts=attempts,
+                        message="nbpipe doctor: its runner died before it finished")
+        store.write(batch)
+        for entry in stale_runners:
+            RunnerLock(store, entry["pipeline"]).path.write_text("")
+            store.set_runner(ids[entry["pipeline"]], None)
+        for path in (*temp, *orphan_specs):
+            Path(path).unlink(missing_ok=True)
+    ok = integrity == ["ok"] and (repair or not problems)
+    return {"integrity": integrity, "ok": ok, "bad_results": bad, "temp_files": temp,
+            "stale_runners": stale_runners, "stale_tasks": stale_tasks,
+            "orphan_specs": orphan_specs, "unrecorded_results": unrecorded,
+            "repaired": repair and problems}

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import queue
+import sqlite3
 import threading
 import time
 import uuid
@@ -58,6 +59,27 @@ PROBE_MIN = 64  # fewer ready tasks of a function than this are never held back
 PROBE_COUNT = 16  # tasks run first to learn how long a function's tasks take
 PROBE_TIME = 0.5  # seconds the other tasks wait for more probes once the first one finished
 PROBE_START = 30.0  # seconds at most they wait for a first probe to finish (workers starting)
+
+
+TOPIC_HISTORY = 16  # events of a runner's topic the scheduler keeps (it delivers them all)
+
+
+def _bound_topic(topic: str, keep: int, dask_scheduler: Any = None) -> None:
+    """On the scheduler: keep only the last ``keep`` events of ``topic`` (0: forget the topic).
+
+    The scheduler keeps a history of every topic (``distributed.admin.low-level-log-length``,
+    1,000 events); a runner's events carry the outcomes of whole batches of tasks, so that
+    history held every outcome of the last 1,000 batches (for a local cluster, in the driver:
+    about 18 MB over 20,000 tasks) and outlived the runner. Nobody reads it: the runner gets
+    each event as it is published.
+    """
+    from collections import deque
+
+    topics = dask_scheduler._broker._topics  # no public API bounds one topic's history
+    if keep == 0:
+        topics.pop(topic, None)
+    else:
+        topics[topic].events = deque(topics[topic].events, maxlen=keep)
 
 
 class TerminationNoticePlugin(WorkerPlugin):
@@ -132,8 +154,11 @@ class Runner:
         self._completed = as_completed()  # no per-future callbacks: drained each tick
         self.error: BaseException | None = None
         self._stop = False
+        self._write_error: sqlite3.Error | None = None  # the store could not be written
         self._last_poll = 0.0
         self.client.subscribe_topic(self.topic, self._on_event)
+        with contextlib.suppress(Exception):  # memory only: never worth failing a run for
+            self.client.run_on_scheduler(_bound_topic, self.topic, TOPIC_HISTORY)
         try:
             self.client.register_plugin(TerminationNoticePlugin())
         except Exception:  # pragma: no cover - old schedulers without plugin support
@@ -199,9 +224,14 @@ class Runner:
             log.debug("could not record the runner's end", exc_info=True)
         with contextlib.suppress(Exception):
             self.client.unsubscribe_topic(self.topic)
+        threading.Thread(target=self._drop_topic, daemon=True).start()  # never blocks closing
         self.lock.release()
         with self.changed:
             self.changed.notify_all()
+
+    def _drop_topic(self) -> None:
+        with contextlib.suppress(Exception):  # a closed client or a scheduler gone: nothing kept
+            self.client.run_on_scheduler(_bound_topic, self.topic, 0)
 
     # -- callbacks from the Dask client's thread ----------------------------------------------
 
@@ -260,8 +290,19 @@ class Runner:
             self._scale_pools(now)
         if self.batch:
             batch, self.batch = self.batch, Batch()
-            self.store.write(batch)
+            try:
+                self.store.write(batch)
+            except sqlite3.Error as exc:  # a full disk, a store gone: keep the changes, try again
+                self.batch = batch
+                if self._write_error is None:
+                    log.warning("nbpipe: cannot write to the store %s (%s); keeping the changes "
+                                "and trying again", self.store.path, exc)
+                self._write_error = self.error = exc
+                return
             self.batch_inline.clear()
+            if self._write_error is not None:
+                log.warning("nbpipe: the store %s is writable again", self.store.path)
+                self._write_error = None
         if self.failed_since_tick:  # so `nbpipe retry` can run them from another process
             refs, self.failed_since_tick = list(self.failed_since_tick), {}
             try:
@@ -402,7 +443,8 @@ class Runner:
         seen: set[TaskRef] = set()
         while self.ready:
             ref = self.ready.popleft()
-            if ref.state is not State.WAITING or ref in self.sub_of or ref in seen:
+            if (ref.state is not State.WAITING or ref in self.sub_of or ref in seen
+                    or self.blockers.get(ref, 0) > 0):  # an upstream runs again (damaged result)
                 continue
             seen.add(ref)
             limit = ref.func.opts.max_concurrent
@@ -704,8 +746,37 @@ class Runner:
             self._finish(ref, State.SUCCEEDED)
         elif o.state == State.KILLED.value or ref in self.kill_requested:
             self._finish(ref, State.KILLED, o.error or f"task {ref.label!r} was killed on request")
-        else:
+        elif not (o.error or "").startswith("UpstreamCorrupt") or not self._upstream_corrupt(ref, o):
             self._attempt_failed(ref, o.error, o.traceback, o.exception)
+
+    def _upstream_corrupt(self, ref: TaskRef, o: Outcome) -> bool:
+        """An upstream result read by ``ref`` was damaged: compute that task again, then run
+        ``ref`` after it, its attempt not counted against its retries. False when that cannot be."""
+        try:
+            key = cloudpickle.loads(o.exception).key if o.exception else None
+        except Exception:
+            key = None
+        dep = next((d for d in self.pipe._deps(ref) if d.key == key), None)
+        if dep is None or dep.state in BAD:
+            return False
+        if dep.state is State.SUCCEEDED:
+            self.store.forget_result(dep.key)
+            self.by_key[dep.key] = dep
+            dep.state, dep.result_file, dep.budget = State.WAITING, None, dep.attempts
+            dep.reason = "its result file was damaged"
+            self.batch.state(self.pid, dep.key, State.WAITING.value, attempts=dep.attempts,
+                             reason=dep.reason,
+                             message=f"result file damaged (read by {ref.label!r}); running it again")
+            for child in self.children.get(dep, ()):  # those not yet sent wait for it again
+                if child.state is State.WAITING and child in self.blockers:
+                    self.blockers[child] += 1
+            self._arm(dep)
+        ref.state, ref.budget = State.WAITING, ref.budget + 1
+        self.batch.state(self.pid, ref.key, State.WAITING.value, attempts=ref.attempts,
+                         error=o.error, message=f"waiting for {dep.label!r} to run again")
+        self.blockers.pop(ref, None)
+        self._arm(ref)
+        return True
 
     @staticmethod
     def _retries_left(ref: TaskRef) -> bool:

@@ -227,11 +227,12 @@ class Store:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
             conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:  # SQLite may have rolled back already (disk full, I/O error)
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         """Close this thread's connection."""
@@ -359,8 +360,11 @@ class Store:
                    ON CONFLICT (pipeline_id, key) DO UPDATE SET
                        active = 1, name = excluded.name, label = excluded.label,
                        resources = excluded.resources, cell = COALESCE(excluded.cell, tasks.cell),
-                       state = CASE WHEN excluded.state = 'SUCCEEDED' THEN excluded.state
-                                    WHEN tasks.state IN ('PENDING', 'RUNNING') THEN tasks.state
+                       -- a runner elsewhere may be running it: keep its state, unless the
+                       -- task was found done (its result exists: e.g. written by a worker
+                       -- whose runner died, which left the state behind)
+                       state = CASE WHEN tasks.state IN ('PENDING', 'RUNNING')
+                                         AND excluded.state != 'SUCCEEDED' THEN tasks.state
                                     ELSE excluded.state END,
                        reason = COALESCE(excluded.reason, tasks.reason),
                        updated = excluded.updated""",
@@ -567,6 +571,9 @@ def known_stores() -> list[Path]:
     return [p for p in paths if (p / "nbpipe.sqlite").exists()]
 
 
+LOCK_TRIES = 6  # attempts 50 ms apart before a runner lock counts as held by another process
+
+
 class RunnerLock:
     """An exclusive lock (``flock``) that makes one process the runner of a pipeline."""
 
@@ -580,7 +587,16 @@ class RunnerLock:
         """Take the lock or raise :class:`PipelineBusy` naming the process that holds it."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # A few tries: ``busy()`` in another process (the command line asking whether a
+            # runner is attached, `nbpipe doctor`) holds the lock for an instant.
+            for _ in range(LOCK_TRIES - 1):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    time.sleep(0.05)
+            else:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = Path(self.path).read_text().strip() or "another process"
             os.close(fd)

@@ -14,6 +14,7 @@ in C does not see it, and the runner then restarts the worker process (a real ki
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import io
 import os
@@ -32,7 +33,7 @@ from .bash import run_command
 from .bookkeeping import environment
 from .context import TaskContext, batch_job_id, stop_requested
 from .context import _set as _set_context
-from .errors import BashTaskError, TaskKilled
+from .errors import BashTaskError, ResultCorrupt, ResultWriteError, TaskKilled, UpstreamCorrupt
 from .results import INLINE_SECONDS, read_result, write_result
 
 __all__ = ["Outcome", "Upstream", "WorkItem", "interrupt", "run_items"]
@@ -217,7 +218,10 @@ def _user_frames(tb: Any) -> Any:
 def _resolve(value: Any, cache: dict[str, Any]) -> Any:
     if isinstance(value, Upstream):
         if value.key not in cache:
-            cache[value.key] = read_result(value.path, value.checksum, value.data)
+            try:
+                cache[value.key] = read_result(value.path, value.checksum, value.data)
+            except ResultCorrupt as exc:  # the runner computes it again, then runs this again
+                raise UpstreamCorrupt(value.key, f"upstream task {value.key[:12]}: {exc}") from None
         return cache[value.key] if value.output is None else cache[value.key][value.output]
     if type(value) is list:
         return [_resolve(v, cache) for v in value]
@@ -261,6 +265,24 @@ class _Where(NamedTuple):
     job_id: str | None
 
 
+_DISK_FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+              errno.EFBIG: "the file-size limit (ulimit -f) is exceeded"}
+
+
+def _write(store_dir: str, item: WorkItem, value: Any, inline: int) -> Any:
+    """Write a task's result (file or inline bytes); a full disk fails the task with a message
+    that says so."""
+    try:
+        return write_result(store_dir, item.key, value, inline=inline)
+    except OSError as exc:
+        why = _DISK_FULL.get(exc.errno or 0, exc.strerror or str(exc))
+        raise ResultWriteError(
+            f"task {item.label!r} finished but its result could not be written to "
+            f"{store_dir}/results: {why} ([Errno {exc.errno}] {exc.strerror}); free space (or "
+            "raise the limit), then retry the task; the store is unchanged"
+        ) from None
+
+
 def _run_one(
     fn: Any, item: WorkItem, store_dir: str, pipeline: str, topic: str | None,
     where: _Where, values: dict[str, Any],
@@ -293,8 +315,7 @@ def _run_one(
                     f"file(s) {', '.join(missing)}"
                 )
             quick = time.time() - outcome.start < INLINE_SECONDS
-            result, outcome.data = write_result(store_dir, item.key, value,
-                                                inline=item.inline if quick else 0)
+            result, outcome.data = _write(store_dir, item, value, item.inline if quick else 0)
             outcome.result = tuple(result)  # type: ignore[assignment]
             outcome.state = "SUCCEEDED"
         except TaskKilled:

@@ -23,6 +23,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "ci_required: a skip of this test fails the run when CI=true"
     )
+    config.addinivalue_line(
+        "markers", "soak: a long run (tests/test_reliability.py); NBPIPE_SOAK_TASKS sets its size"
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)
