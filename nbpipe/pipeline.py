@@ -636,7 +636,11 @@ class Pipeline:
     def _load(self, ref: TaskRef) -> Any:
         assert ref.result_file is not None
         path, checksum = ref.result_file
-        return read_result(path, checksum, self.store.result_data(ref.key) if path == INLINE else None)
+        data = None
+        if path == INLINE:  # in the runner's next write (not yet in the store), or in the store
+            pending = self._runner.batch_inline if self._runner is not None else {}
+            data = pending.get(ref.key) or self.store.result_data(ref.key)
+        return read_result(path, checksum, data)
 
     def _result(self, ref: TaskRef, timeout: float | None) -> Any:
         if not ref.state.final or ref.state in BAD and ref.exception is None and ref.error is None:

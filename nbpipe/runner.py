@@ -219,12 +219,19 @@ class Runner:
         self.inflight.clear()
         try:
             self.store.write(self.batch)
+            if self._write_error is not None:  # what failed to be written is written now
+                log.warning("nbpipe: the store %s is writable again", self.store.path)
+                self._write_error = None
             self.store.set_runner(self.pid, None)
         except Exception:  # pragma: no cover - closing at interpreter exit
             log.debug("could not record the runner's end", exc_info=True)
         with contextlib.suppress(Exception):
             self.client.unsubscribe_topic(self.topic)
-        threading.Thread(target=self._drop_topic, daemon=True).start()  # never blocks closing
+        # Before the client closes (else the scheduler keeps the topic), but a scheduler that is
+        # gone delays closing by 5 s at most.
+        dropping = threading.Thread(target=self._drop_topic, daemon=True)
+        dropping.start()
+        dropping.join(timeout=5)
         self.lock.release()
         with self.changed:
             self.changed.notify_all()

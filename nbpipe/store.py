@@ -488,11 +488,15 @@ class Store:
                 )
             if batch.attempts:
                 tx.executemany(
+                    # Idempotent: a batch whose commit raised although SQLite kept it (a full
+                    # disk at the WAL checkpoint) is written again, without a second row.
                     """INSERT INTO attempts (pipeline_id, key, number, state, start, end, worker,
                            hostname, pid, job_id, exit_code, error, traceback, stdout,
                            stderr, env_id)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                    batch.attempts,
+                       SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
+                       WHERE NOT EXISTS (SELECT 1 FROM attempts WHERE pipeline_id = ?
+                                         AND key = ? AND number = ? AND start IS ?)""",
+                    [(*a, a[0], a[1], a[2], a[4]) for a in batch.attempts],
                 )
             if batch.states:
                 tx.executemany(
