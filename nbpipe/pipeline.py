@@ -637,9 +637,9 @@ class Pipeline:
         assert ref.result_file is not None
         path, checksum = ref.result_file
         data = None
-        if path == INLINE:  # in the runner's next write (not yet in the store), or in the store
-            pending = self._runner.batch_inline if self._runner is not None else {}
-            data = pending.get(ref.key) or self.store.result_data(ref.key)
+        if path == INLINE:
+            data = (self._runner.inline_data(ref.key) if self._runner is not None
+                    else self.store.result_data(ref.key))
         return read_result(path, checksum, data)
 
     def _result(self, ref: TaskRef, timeout: float | None) -> Any:

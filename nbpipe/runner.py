@@ -518,9 +518,7 @@ class Runner:
     def _upstream_value(self, ref: TaskRef, output: str | None = None) -> Upstream:
         assert ref.result_file is not None, f"{ref.label} has no result yet"
         path, checksum = ref.result_file
-        data = None
-        if path == INLINE:
-            data = self.batch_inline.get(ref.key) or self.store.result_data(ref.key)
+        data = self.inline_data(ref.key) if path == INLINE else None
         return Upstream(ref.key, path, checksum, output, data)
 
     def _substitute(self, value: Any) -> Any:
@@ -537,6 +535,11 @@ class Runner:
         if type(value) is dict:
             return {k: self._substitute(v) for k, v in value.items()}
         return value
+
+    def inline_data(self, key: str) -> bytes | None:
+        """An inline result's bytes: from this runner's next write (not yet in the store, e.g.
+        while the store cannot be written), else from the store."""
+        return self.batch_inline.get(key) or self.store.result_data(key)
 
     def _resources(self, ref: TaskRef) -> tuple[tuple[str, float], ...]:
         """The Dask resources one attempt of ``ref`` holds while it runs."""
