@@ -18,12 +18,14 @@ import linecache
 import re
 import shlex
 import textwrap
+import types
+from collections.abc import Mapping
 from typing import Any
 
 import cloudpickle
 
 from .errors import TaskDefinitionError
-from .identity import CodeIdentity, digest, normalised_source_digest
+from .identity import CodeIdentity, cell_identity, digest
 from .task import TaskFunction, TaskOptions
 
 __all__ = ["CellFunction", "CellRunner", "CellTask", "cell_function", "fill_placeholders", "placeholders"]
@@ -120,11 +122,19 @@ class CellTask(TaskFunction):
         self.outputs = list(outputs)
         self.cell_id = cell_id
 
-    def identity(self) -> CodeIdentity:
-        """The cell's code (comments and formatting do not count); inputs enter as arguments."""
-        code = (normalised_source_digest(self.source) if self.kind == "python"
-                else digest(["bash", self.source.strip()]))
-        return CodeIdentity(code, {}, {}, {})
+    def identity(self, arguments: Mapping[str, Any] | None = None) -> CodeIdentity:
+        """The cell's code (comments and formatting do not count); inputs enter as arguments,
+        except modules of the user's own code: the members the cell uses count by content."""
+        if self.kind != "python":
+            return CodeIdentity(digest(["bash", self.source.strip()]), {}, {}, {})
+        modules = {k: v for k, v in (arguments or {}).items() if isinstance(v, types.ModuleType)}
+        return cell_identity(self.source, modules, owner=self.name)
+
+    def argument_digest(self, value: Any) -> str:
+        """A module input counts through the members the cell uses (see :meth:`identity`)."""
+        if isinstance(value, types.ModuleType):
+            return digest(["module", value.__name__])
+        return digest(value)
 
 
 class CellFunction(CellTask):

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -30,6 +31,7 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
+from .cells import CellRunner
 from .cluster import Connection, connect, validate
 from .errors import (
     ClusterError,
@@ -47,7 +49,7 @@ from .errors import (
     UpstreamFailed,
 )
 from .files import file_digest, paths_in
-from .identity import CodeIdentity, Unencodable, digest
+from .identity import IDENTITY_VERSION, CodeIdentity, Unencodable, is_immutable
 from .results import INLINE, append_private, read_result
 from .runner import Runner, record_jobs
 from .states import BAD, State
@@ -110,6 +112,54 @@ class _Slot:
 
     def __nbpipe_token__(self) -> tuple[str, int, str | None]:
         return ("upstream", self.index, self.output)
+
+
+def _redefines(old: TaskFunction, new: TaskFunction) -> bool:
+    """Whether ``new`` is ``old`` defined again, as a notebook does when a cell runs again: the
+    same ``%%task`` cell name, or a ``def`` of the same name compiled anew that took the old
+    one's place. In a script, for ``with_options`` copies and for functions made in a loop, two
+    calls are always two tasks."""
+    if old is new or old.name != new.name:
+        return False
+    old_fn, new_fn = getattr(old, "function", old.fn), getattr(new, "function", new.fn)
+    if isinstance(old_fn, CellRunner) or isinstance(new_fn, CellRunner):
+        return isinstance(old_fn, CellRunner) and isinstance(new_fn, CellRunner)
+    old_code, new_code = getattr(old_fn, "__code__", None), getattr(new_fn, "__code__", None)
+    if old_code is None or new_code is None or old_code is new_code:
+        return False
+    if getattr(old_fn, "__qualname__", None) != getattr(new_fn, "__qualname__", None):
+        return False
+    bound = getattr(old_fn, "__globals__", {}).get(old_fn.__name__)
+    return bound is not old and bound is not old_fn
+
+
+_shipped: set[str] = set()
+_told_identity: set[str] = set()  # pipelines told that their keys came from older rules
+
+
+def _closest(ref: TaskRef, rows: list[Any]) -> Any:
+    """The earlier call (a store row) most like ``ref``: most arguments alike, then newest."""
+    best, best_score = None, -1
+    args = ref.arg_digests
+    for row in rows[:200]:
+        try:
+            old_args = json.loads(row["components"]).get("args") or {}
+        except ValueError:
+            continue
+        score = sum(1 for k, v in args.items() if old_args.get(k) == v)
+        if score > best_score:
+            best, best_score = row, score
+    return best
+
+
+def _by_value(modules: Iterable[str]) -> None:
+    """Modules of the user's own code that a task's identity follows travel to the workers by
+    value: a worker runs the code that was hashed, not whatever version it imported before."""
+    for name in modules:
+        if name not in _shipped and name in sys.modules:
+            _shipped.add(name)
+            with contextlib.suppress(Exception):
+                cloudpickle.register_pickle_by_value(sys.modules[name])
 
 
 class RemoteTraceback(Exception):
@@ -253,7 +303,9 @@ class Pipeline:
             ) from None
         upstream: list[TaskRef] = []
         slotted = {p: self._slot(v, upstream, func) for p, v in bound.arguments.items()}
-        identity = identity or func.identity()
+        identity = identity or func.identity(bound.arguments)
+        if identity.user_modules:
+            _by_value(identity.user_modules)
         arg_digests = {}
         named: list[tuple[str, Any]] = []
         for param, value in slotted.items():
@@ -261,9 +313,10 @@ class Pipeline:
                 named += list(value.items())  # **kwargs: each keyword is an argument of its own
             else:
                 named.append((param, value))
+        argument_digest = func.argument_digest
         for param, value in named:
             try:
-                arg_digests[param] = digest(value)
+                arg_digests[param] = argument_digest(value)
             except Unencodable as exc:
                 raise UnhashableValue(
                     f"task {func.name!r}: argument {param!r}{exc.path} is a {exc.typename}, "
@@ -301,13 +354,13 @@ class Pipeline:
                 return existing
             previous = self._by_label.get(label)
             if previous is not None:
-                if previous.func is func:  # same function, arguments that print alike
+                if _redefines(previous.func, func):  # an edited cell run again replaces it
+                    self._refs.pop(previous.call_id, None)
+                else:  # another call whose label prints alike: a task of its own
                     n = 2
                     while f"{label}~{n}" in self._by_label:
                         n += 1
                     label = f"{label}~{n}"
-                else:  # a redefinition (an edited cell run again) replaces the old task
-                    self._refs.pop(previous.call_id, None)
             ref = TaskRef(self, func, func.name, label)
             # Most tasks have no keywords, upstream tasks or files: they share empty
             # containers (never changed in place) instead of holding ~300 bytes of their own.
@@ -417,6 +470,52 @@ class Pipeline:
             if changed:
                 self._find_done(changed)
 
+    def _rekey_changed(self) -> None:
+        """Keys are made with the values a task runs with. A task not yet handed to a runner
+        whose function now reads a changed global (``CFG["k"] = 2`` after the call), or whose
+        argument changed in place, is keyed again now, with its dependents, and says why."""
+        with self._lock:
+            identities: dict[TaskFunction, Any] = {}
+            stale = False
+            for r in self._refs.values():
+                if r.key_ is None or r.state is not State.WAITING or r.queued or r.shape is None:
+                    continue
+                func = r.func
+                if getattr(func, "source", None) is None:  # a cell's code cannot change
+                    shape = identities.get(func)
+                    if shape is None:
+                        shape = identities[func] = func.key_shape(func.identity())
+                    if shape is not r.shape:
+                        r.shape = shape
+                        stale = True
+                if self._arguments_changed(r):
+                    stale = True
+            if stale:  # their dependents' keys change too: make every waiting key again
+                for r in self._refs.values():
+                    if r.state is State.WAITING and not r.queued:
+                        r.key_ = None
+
+    def _arguments_changed(self, ref: TaskRef) -> bool:
+        """Whether an argument of ``ref`` (a list, a dict, an object) changed since the call;
+        its digest is made again then."""
+        named = list(zip(ref.func.signature.parameters, ref.args, strict=False)) + list(ref.kwargs.items())
+        changed = False
+        for param, value in named:
+            if param == ref.func.var_keyword or is_immutable(value) or isinstance(value, TaskRef):
+                continue
+            old = ref.arg_digests.get(param)
+            if old is None:
+                continue
+            try:
+                new = ref.func.argument_digest(self._slot(value, [], ref.func))
+            except Unencodable:
+                continue
+            if new != old:
+                if ref.arg_digests is not _NONE_BY_NAME:
+                    ref.arg_digests = {**ref.arg_digests, param: new}
+                changed = True
+        return changed
+
     def _find_done(self, refs: list[TaskRef]) -> None:
         keys = [r.key for r in refs]
         results = self.store.results(keys)
@@ -452,12 +551,8 @@ class Pipeline:
                     r.reason = "the previous run did not finish"
                 else:
                     unexplained.append(r)
-        if unexplained:  # new tasks: say what changed since the last task with the same label
-            latest = self.store.latest_by_label(self.pipeline_id, [r.label for r in unexplained])
-            for r in unexplained:
-                prev = latest.get(r.label)
-                old = json.loads(prev["components"]) if prev is not None else None
-                r.reason = explain(r.components, old, r.name)
+        if unexplained:
+            self._explain(unexplained)
         for r in refs:
             text = resources.get(r.func)
             if text is None:
@@ -477,6 +572,33 @@ class Pipeline:
             })
             edges += [(d.key_, r.key_, kind) for d, kind in r.deps.items()]
         self.store.register(self.pipeline_id, register, edges)
+
+    def _explain(self, refs: list[TaskRef]) -> None:
+        """Say what changed since the previous run of each new task: the last task with the same
+        label, else the previous call of the same function or cell whose label no task of this
+        run has (an argument changed: ``f(x=5)`` became ``f(x=6)``)."""
+        latest = self.store.latest_by_label(self.pipeline_id, [r.label for r in refs])
+        orphans = [r for r in refs if r.label not in latest]
+        by_name = self.store.latest_by_name(self.pipeline_id, [r.name for r in orphans]) \
+            if orphans else {}
+        taken = set(self._by_label)
+        old_version = False
+        for r in refs:
+            prev = latest.get(r.label)
+            if prev is None:
+                prev = _closest(r, [row for row in by_name.get(r.name, ())
+                                    if row["label"] not in taken])
+            old = json.loads(prev["components"]) if prev is not None else None
+            r.reason = explain(r.components, old, r.name)
+            old_version = old_version or (old is not None and old.get("identity")
+                                          != r.components.get("identity"))
+        if old_version and self.name not in _told_identity:
+            _told_identity.add(self.name)
+            warnings.warn(
+                f"pipeline {self.name!r}: this store's tasks were keyed by an older nbpipe "
+                f"(identity rules version < {IDENTITY_VERSION}); their results are kept, and "
+                "tasks run once under the new rules, which follow more of your code and data "
+                "(see 'Identity' in docs/concepts.md)", stacklevel=4)
 
     def _adopt_results(self, keys: list[str]) -> dict[str, dict[str, Any]]:
         """Result files on disk that the store does not list: written by a worker whose runner
@@ -549,10 +671,12 @@ class Pipeline:
         """
         if isinstance(targets, TaskRef):
             targets = [targets]
+        self._rekey_changed()
         self._resolve(targets)
         refs = self._closure(targets if targets is not None else list(self._refs.values()))
         for r in refs:  # what failed or was killed before runs again
             if r.state in BAD:
+                r.queued = False
                 r.state, r.budget = State.WAITING, r.attempts
         gone = [r for r in refs if r.state is State.SUCCEEDED and r.out_files
                 and not all(p.exists() for p in r.out_files)]
@@ -569,6 +693,8 @@ class Pipeline:
                 todo = self._found_since(todo)
                 executed = len(todo)
             runner.check(todo)  # a task no worker pool can hold fails here, before any runs
+            for r in todo:
+                r.queued = True
             runner.add(todo)
             paused = runner.paused
         live = self._runner is not None and self._runner.alive

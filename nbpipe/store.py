@@ -413,6 +413,18 @@ class Store:
                 found[r["label"]] = r
         return found
 
+    def latest_by_name(self, pipeline_id: int, names: Sequence[str], per_name: int = 500
+                       ) -> dict[str, list[sqlite3.Row]]:
+        """For each task name, its most recently updated rows (newest first, at most
+        ``per_name``): the previous calls of one function or cell, whatever their labels."""
+        conn = self.connect()
+        found: dict[str, list[sqlite3.Row]] = {}
+        for name in dict.fromkeys(names):
+            found[name] = conn.execute(
+                "SELECT * FROM tasks WHERE pipeline_id = ? AND name = ? ORDER BY updated DESC "
+                "LIMIT ?", (pipeline_id, name, per_name)).fetchall()
+        return found
+
     def labels_of(self, keys: Sequence[str]) -> dict[str, str]:
         """Labels of tasks by key, across pipelines (for naming upstream tasks in reasons)."""
         conn = self.connect()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import os
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -27,7 +28,7 @@ from dask.utils import parse_bytes, parse_timedelta
 
 from .errors import TaskDefinitionError
 from .files import file_params
-from .identity import CodeIdentity, DictShape, code_identity
+from .identity import IDENTITY_VERSION, CodeIdentity, DictShape, code_identity, digest
 from .states import State
 
 if TYPE_CHECKING:
@@ -38,7 +39,8 @@ __all__ = ["TaskFunction", "TaskOptions", "TaskOutput", "TaskRef", "bash_task", 
 
 @dataclass(frozen=True)
 class TaskOptions:
-    """Options of a task. Only ``version`` (and ``cache``) affect its identity.
+    """Options of a task. ``version``, ``env`` and ``env_inputs`` (and ``cache``) affect its
+    identity; resources and the name do not.
 
     ``memory`` is in bytes and ``walltime`` in seconds once parsed.
     """
@@ -56,6 +58,7 @@ class TaskOptions:
     after: tuple[Any, ...] = ()
     max_concurrent: int | None = None
     retry_memory_factor: float | None = None
+    env_inputs: tuple[str, ...] = ()
 
     def resources(self) -> dict[str, Any]:
         """The options a scheduler needs, for the store and the command line."""
@@ -152,6 +155,16 @@ def make_options(task: str, **kw: Any) -> TaskOptions:
                 f"task {task!r}: env={env!r} must be a dict of variable names to strings"
             )
         out["env"] = {k: str(v) for k, v in env.items()}
+    if kw.get("env_inputs"):
+        names = kw["env_inputs"]
+        names = [names] if isinstance(names, str) else names
+        if not isinstance(names, (list, tuple, set, frozenset)) or not all(
+                isinstance(n, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n) for n in names):
+            raise TaskDefinitionError(
+                f"task {task!r}: env_inputs={kw['env_inputs']!r} must be a list of environment "
+                "variable names, e.g. env_inputs=['OUTPUT_DIR']"
+            )
+        out["env_inputs"] = tuple(sorted(set(names)))
     if kw.get("version") is not None:
         if not isinstance(kw["version"], (str, int)) or isinstance(kw["version"], bool):
             raise TaskDefinitionError(f"task {task!r}: version={kw['version']!r} must be a str or int")
@@ -188,7 +201,7 @@ class TaskRef:
         "after", "in_files", "out_files", "shape", "arg_digests", "file_digests", "key_",
         "components_",
         "state", "attempts", "error", "exception", "traceback", "result_file", "reason",
-        "group", "chunksize", "worker", "dynamic", "budget", "deps", "__weakref__",
+        "group", "chunksize", "worker", "dynamic", "budget", "deps", "queued", "__weakref__",
     )
 
     def __init__(self, pipeline: Pipeline, func: TaskFunction, name: str, label: str):
@@ -213,6 +226,7 @@ class TaskRef:
         self.chunksize: int | None = None
         self.worker: str | None = None
         self.dynamic = False
+        self.queued = False  # handed to a runner: its key no longer changes
         self.deps: dict[TaskRef, str] = _NO_DEPS  # upstream task -> data | after | file
 
     @property
@@ -344,9 +358,28 @@ class TaskFunction:
     def __nbpipe_function__(self) -> Callable[..., Any]:
         return self.fn
 
-    def identity(self) -> CodeIdentity:
-        """The content identity of the function's code and everything it reads."""
+    def identity(self, arguments: Mapping[str, Any] | None = None) -> CodeIdentity:
+        """The content identity of the function's code and everything it reads (a function's
+        does not depend on the ``arguments`` of a call; a cell's may, see ``CellTask``)."""
         return code_identity(self.fn, owner=self.name)
+
+    def argument_digest(self, value: Any) -> str:
+        """The digest of one argument value in a task's key."""
+        return digest(value)
+
+    def env_input_values(self) -> dict[str, str | None]:
+        """The values of the ``env_inputs`` variables in this process (``None``: unset)."""
+        return {name: os.environ.get(name) for name in self.opts.env_inputs}
+
+    def run_env(self, shape: DictShape | None = None) -> dict[str, str]:
+        """The environment variables a task of this function runs with: ``env``, and the
+        ``env_inputs`` values its key was made with (so the task sees what was hashed)."""
+        env = dict(self.opts.env)
+        if self.opts.env_inputs:
+            hashed = shape.fixed.get("env_inputs") if shape is not None else None
+            values = hashed if hashed is not None else self.env_input_values()
+            env.update({k: v for k, v in values.items() if v is not None})
+        return env
 
     def bind(self, args: Sequence[Any], kwargs: dict[str, Any]) -> inspect.BoundArguments:
         """Arguments by parameter, defaults applied; a TypeError as ``inspect`` raises it."""
@@ -373,13 +406,20 @@ class TaskFunction:
     def key_shape(self, identity: CodeIdentity) -> DictShape:
         """The part of this function's task keys that its calls share: kind, code identity,
         version and (for cells) outputs. Made once per identity."""
+        env_inputs = self.env_input_values() if self.opts.env_inputs else None
         cached = self._shape
-        if cached is not None and cached[0] is identity:
+        if cached is not None and cached[0] is identity and (
+                env_inputs is None or cached[1].fixed.get("env_inputs") == env_inputs):
             return cached[1]
         fixed: dict[str, Any] = {
-            "kind": self.kind, "code": identity.code, "helpers": identity.helpers,
-            "globals": identity.globals, "modules": identity.modules, "version": self.opts.version,
+            "identity": IDENTITY_VERSION, "kind": self.kind, "code": identity.code,
+            "helpers": identity.helpers, "globals": identity.globals, "modules": identity.modules,
+            "closure": identity.closure, "defaults": identity.defaults,
+            "version": self.opts.version,
+            "env": dict(self.opts.env),
         }
+        if env_inputs is not None:
+            fixed["env_inputs"] = env_inputs
         outputs = getattr(self, "outputs", None)
         if outputs is not None:  # a %%task cell: its value is a dict of these names
             fixed["outputs"] = list(outputs)
@@ -447,8 +487,10 @@ def _decorator(kind: str) -> Callable[..., Any]:
 task = _decorator("python")
 task.__doc__ = """Make a function a task: ``@task`` or ``@task(retries=2, memory="4GB", ...)``.
 
-Options: ``name, retries, cores, memory, walltime, gpus, pool, env, version, cache, after,
-max_concurrent, retry_memory_factor``. ``cores``, ``memory``, ``gpus`` and ``walltime`` send the
+Options: ``name, retries, cores, memory, walltime, gpus, pool, env, env_inputs, version, cache,
+after, max_concurrent, retry_memory_factor``. ``env={"MODE": "fast"}`` sets variables for the task
+and counts in its identity; ``env_inputs=["OUTPUT_DIR"]`` makes variables the task inherits count
+(their values here, which the task then runs with). ``cores``, ``memory``, ``gpus`` and ``walltime`` send the
 task only to workers that have them (on a batch cluster, to a worker pool large enough).
 
 ``@task(outputs=["mean", "std"])`` makes the function a *cell* (what ``nbpipe export`` writes

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nbpipe import Pipeline, UnhashableValue
-from nbpipe.identity import digest, normalised_source_digest
+from nbpipe.identity import IDENTITY_VERSION, digest, key_digest, normalised_source_digest
 
 LOCK = threading.Lock()
 SCALE = 2
@@ -20,7 +20,11 @@ def _helper(x: int) -> int:
 
 
 def test_encoding_is_canonical_and_unambiguous() -> None:
-    assert digest({"a": 1, "b": [1, 2]}) == digest({"b": [1, 2], "a": 1})
+    # A dict counts in its order (a task can see it); a set has none; a key's components are
+    # sorted, so their JSON copy gives the key back.
+    assert digest({"a": 1, "b": [1, 2]}) != digest({"b": [1, 2], "a": 1})
+    assert digest({"a", "b"}) == digest({"b", "a"})
+    assert key_digest({"a": 1, "b": {"y": 1, "x": 2}}) == key_digest({"b": {"x": 2, "y": 1}, "a": 1})
     values = [1, 1.0, True, "1", b"1", (1,), [1], {1}, None, Path("1")]
     assert len({digest(v) for v in values}) == len(values)
     assert digest(("ab", "c")) != digest(("a", "bc"))  # no plain string joins
@@ -28,11 +32,12 @@ def test_encoding_is_canonical_and_unambiguous() -> None:
 
 def test_the_encoding_does_not_drift_between_versions() -> None:
     """Keys computed by an older nbpipe must still match: a store must never recompute because
-    nbpipe itself was upgraded. This digest was computed by the first released encoder."""
+    nbpipe itself was upgraded. This digest was computed by the encoder of identity version 2
+    (dicts in order); changing it is an IDENTITY_VERSION bump, never a silent drift."""
     np = pytest.importorskip("numpy")
     value = {"b": 1, "a": [1.5, "x", None, True, (2,)], "s": {1, 2}, "p": Path("/d"),
              "n": np.arange(4)}
-    assert digest(value) == "259de6b6ef35cbe9a2e2ca127bb227cc"
+    assert digest(value) == "116e3db6e5a5588f78ae942984e371e8"
 
 
 def test_a_function_hashed_once_still_sees_changed_globals_and_helpers(tmp_path: Path) -> None:
@@ -90,7 +95,8 @@ def test_a_key_is_the_digest_of_its_recorded_components(tmp_path: Path) -> None:
     s = second(f, [f, 2])
     t = third()
     for ref in (f, s, t):
-        assert ref.key == digest(ref.components)
+        assert ref.key == key_digest(ref.components)
+        assert ref.components["identity"] == IDENTITY_VERSION
     assert s.components["upstream"] == [[f.label, f.key]]
     assert t.components["after"] == [f.key]
     assert set(f.components["args"]) == {"x", "path", "fast"}
