@@ -471,9 +471,9 @@ class CodeIdentity:
     functions and classes it uses (recursively, through modules of the user's own code too) to
     digests of their code, ``defaults`` those with default values to their digests; ``globals``
     maps the global values they read to value digests, ``closure`` the variables of enclosing
-    functions; ``modules`` maps library modules to versions. ``user_modules`` (not part of the digest) names the modules of the user's
-    own code it reaches: they travel to the workers by value, so a worker runs the code that
-    was hashed.
+    functions; ``modules`` maps library modules to versions. ``user_modules`` (not part of the
+    digest) names the modules of the user's own code it reaches: they travel to the workers by
+    value, so a worker runs the code that was hashed.
     """
 
     code: str
