@@ -29,6 +29,7 @@ from .cellscope import analyze, analyze_tree
 from .cluster import parse_words
 from .display import ClusterView, Progress, StatusLine, TaskTable, task_graph, widgets_enabled
 from .errors import CycleError, NbpipeError, UnknownTask
+from .identity import is_stand_in, register_stand_ins
 from .pipeline import Pipeline, use
 from .results import read_result
 from .runner import record_jobs
@@ -216,10 +217,20 @@ class NbpipeMagics(Magics):
     def _inputs(self, task_name: str, reads: list[str]) -> dict[str, Any]:
         """Values for the names a cell reads: task outputs (dependencies) or captured values."""
         session, ns = self.session, self.shell.user_ns
+        hidden = self.shell.user_ns_hidden
         inputs: dict[str, Any] = {}
         for name in reads:
             if name in session.outputs:
                 inputs[name] = session.outputs[name]
+            elif name in ns and is_stand_in(name, ns[name]):
+                continue  # IPython's own `open`: the builtin, as in the exported script
+            elif name in ns and name in hidden and ns[name] is hidden[name] \
+                    and not hasattr(builtins, name):
+                raise UsageError(
+                    f"%%task {task_name}: the cell reads {name!r}, which IPython defines in "
+                    "this kernel only (its history or shell), so a task cannot use it on a "
+                    f"worker; copy what you need into a variable of your own in a plain cell "
+                    f"(e.g. `value = {name}`) and read that")
             elif name in ns:
                 inputs[name] = ns[name]
             elif hasattr(builtins, name):
@@ -456,6 +467,10 @@ class NbpipeMagics(Magics):
 def load_ipython_extension(shell: Any) -> None:
     """``%load_ext nbpipe``: open the notebook's pipeline and register the magics."""
     session = getattr(shell, "_nbpipe_session", None)
+    # IPython binds its own `open`, `exit` and `quit` in the user namespace: code that uses them
+    # counts as using the builtins, so a notebook and its exported script share keys.
+    register_stand_ins({name: shell.user_ns_hidden[name] for name in ("open", "exit", "quit")
+                        if name in shell.user_ns_hidden and hasattr(builtins, name)})
     if session is None:
         session = NotebookSession(shell)
         shell._nbpipe_session = session

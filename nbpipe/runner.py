@@ -573,7 +573,7 @@ class Runner:
                 key=ref.key, name=ref.name, label=ref.label, attempt=ref.attempts,
                 args=self._substitute(ref.args) if ref.upstream else ref.args,
                 kwargs=self._substitute(ref.kwargs) if ref.upstream else ref.kwargs,
-                kind=ref.func.kind, env=dict(ref.func.opts.env),
+                kind=ref.func.kind, env=ref.func.run_env(ref.shape),
                 outputs=tuple(str(p) for p in ref.out_files), inline=self.inline_bytes,
             ))
             self.batch.state(self.pid, ref.key, State.PENDING.value, attempts=ref.attempts,
