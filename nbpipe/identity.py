@@ -1063,10 +1063,15 @@ def _defaults(fn: Any) -> Any:
     return encoded
 
 
-def _user_modules_of(value: Any) -> list[str]:
-    """The user modules whose classes an object is made of (they travel by value too)."""
-    module = getattr(type(value), "__module__", None)
-    if module and module != "__main__" and module in sys.modules \
-            and _is_user_module(sys.modules[module]):
-        return [module]
-    return []
+def _user_modules_of(value: Any) -> frozenset[str]:
+    """The user modules an object's class (and its user base classes) come from: they travel
+    by value too."""
+    cls = type(value)
+    if not _is_user_code(cls) or isinstance(value, type):
+        return frozenset()
+    found = set(code_identity(cls).user_modules)
+    for base in cls.__mro__:
+        module = sys.modules.get(getattr(base, "__module__", "") or "")
+        if module is not None and module.__name__ != "__main__" and _is_user_module(module):
+            found.add(module.__name__)
+    return frozenset(found)

@@ -52,6 +52,7 @@ from .files import file_digest, paths_in
 from .identity import IDENTITY_VERSION, CodeIdentity, Unencodable, is_immutable
 from .results import INLINE, append_private, read_result
 from .runner import Runner, record_jobs
+from .shipping import by_value
 from .states import BAD, State
 from .store import Batch, RunnerLock, Store
 from .task import TaskFunction, TaskOutput, TaskRef, _label, bash_task, task
@@ -61,6 +62,7 @@ __all__ = ["Pipeline", "RunSummary", "TaskInfo", "current_pipeline", "use"]
 
 _NONE: tuple[Any, ...] = ()  # shared by every task without upstream tasks or files
 _NONE_BY_NAME: dict[Any, Any] = {}  # shared by every task without keywords or dependencies
+_SCALARS = frozenset({int, float, str, bool, type(None), bytes})
 
 
 class TaskInfo(NamedTuple):
@@ -133,7 +135,6 @@ def _redefines(old: TaskFunction, new: TaskFunction) -> bool:
     return bound is not old and bound is not old_fn
 
 
-_shipped: set[str] = set()
 _told_identity: set[str] = set()  # pipelines told that their keys came from older rules
 
 
@@ -150,16 +151,6 @@ def _closest(ref: TaskRef, rows: list[Any]) -> Any:
         if score > best_score:
             best, best_score = row, score
     return best
-
-
-def _by_value(modules: Iterable[str]) -> None:
-    """Modules of the user's own code that a task's identity follows travel to the workers by
-    value: a worker runs the code that was hashed, not whatever version it imported before."""
-    for name in modules:
-        if name not in _shipped and name in sys.modules:
-            _shipped.add(name)
-            with contextlib.suppress(Exception):
-                cloudpickle.register_pickle_by_value(sys.modules[name])
 
 
 class RemoteTraceback(Exception):
@@ -241,6 +232,9 @@ class Pipeline:
         self.cluster = cluster
         self._refs: dict[str, TaskRef] = {}  # call id -> ref, the active tasks of this process
         self._by_label: dict[str, TaskRef] = {}
+        # Tasks with an argument that can change in place (a list, a dict, an object): their
+        # digests are checked again when they are handed to a runner.
+        self._mutable_args: weakref.WeakSet[TaskRef] = weakref.WeakSet()
         self._lock = threading.RLock()
         self._runner: Runner | None = None
         self._connection: Connection | None = None
@@ -305,7 +299,7 @@ class Pipeline:
         slotted = {p: self._slot(v, upstream, func) for p, v in bound.arguments.items()}
         identity = identity or func.identity(bound.arguments)
         if identity.user_modules:
-            _by_value(identity.user_modules)
+            by_value(identity.user_modules)
         arg_digests = {}
         named: list[tuple[str, Any]] = []
         for param, value in slotted.items():
@@ -314,7 +308,11 @@ class Pipeline:
             else:
                 named.append((param, value))
         argument_digest = func.argument_digest
+        mutable = False
         for param, value in named:
+            if not mutable and type(value) not in _SCALARS and type(value) is not _Slot \
+                    and not is_immutable(value):
+                mutable = True
             try:
                 arg_digests[param] = argument_digest(value)
             except Unencodable as exc:
@@ -373,6 +371,8 @@ class Pipeline:
             ref.group, ref.chunksize = group, chunksize
             self._refs[call_id] = ref
             self._by_label[label] = ref
+            if mutable:
+                self._mutable_args.add(ref)
         return ref
 
     def _add_many(self, func: TaskFunction, items: Iterable[Any], chunksize: int | None
@@ -478,7 +478,7 @@ class Pipeline:
             identities: dict[TaskFunction, Any] = {}
             stale = False
             for r in self._refs.values():
-                if r.key_ is None or r.state is not State.WAITING or r.queued or r.shape is None:
+                if r.state is not State.WAITING or r.queued or r.shape is None:
                     continue
                 func = r.func
                 if getattr(func, "source", None) is None:  # a cell's code cannot change
@@ -488,7 +488,7 @@ class Pipeline:
                     if shape is not r.shape:
                         r.shape = shape
                         stale = True
-                if self._arguments_changed(r):
+                if r in self._mutable_args and self._arguments_changed(r):
                     stale = True
             if stale:  # their dependents' keys change too: make every waiting key again
                 for r in self._refs.values():

@@ -33,6 +33,7 @@ from .config import setting
 from .errors import ResourceError
 from .pools import cancel_jobs
 from .results import INLINE, INLINE_BYTES
+from .shipping import bundle
 from .specs import write_specs
 from .states import BAD, State
 from .store import Batch, RunnerLock
@@ -596,7 +597,9 @@ class Runner:
         """The task function, pickled once per run (not once per submission)."""
         blob = self._fn_blobs.get(func)
         if blob is None:
-            blob = self._fn_blobs[func] = cloudpickle.dumps(func.fn, protocol=5)
+            modules = func.identity().user_modules if func.shape_identity is None \
+                else func.shape_identity.user_modules
+            blob = self._fn_blobs[func] = cloudpickle.dumps(bundle(func.fn, modules), protocol=5)
         return blob
 
     def _flush_submissions(self) -> None:

@@ -358,6 +358,11 @@ class TaskFunction:
     def __nbpipe_function__(self) -> Callable[..., Any]:
         return self.fn
 
+    @property
+    def shape_identity(self) -> CodeIdentity | None:
+        """The identity the function's latest task keys were made with."""
+        return self._shape[0] if self._shape is not None else None
+
     def identity(self, arguments: Mapping[str, Any] | None = None) -> CodeIdentity:
         """The content identity of the function's code and everything it reads (a function's
         does not depend on the ``arguments`` of a call; a cell's may, see ``CellTask``)."""
