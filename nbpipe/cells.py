@@ -28,9 +28,13 @@ from .errors import TaskDefinitionError
 from .identity import CodeIdentity, cell_identity, digest
 from .task import TaskFunction, TaskOptions
 
-__all__ = ["CellFunction", "CellRunner", "CellTask", "cell_function", "fill_placeholders", "placeholders"]
+__all__ = ["RUNNER_NAMES", "CellFunction", "CellRunner", "CellTask",
+           "cell_function", "fill_placeholders", "placeholders"]
 
 DISPLAY = "__nbpipe_display__"  # key of a cell's rich output in its result dict
+#: Names a cell finds on its worker as it does in the kernel, where IPython provides them: they
+#: are not inputs of the cell (in the kernel, in the exported script, or in keys).
+RUNNER_NAMES = frozenset({"display"})
 
 _PLACEHOLDER = re.compile(r"(?<![{$])\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
 
@@ -127,7 +131,10 @@ class CellTask(TaskFunction):
         except modules of the user's own code: the members the cell uses count by content."""
         if self.kind != "python":
             return CodeIdentity(digest(["bash", self.source.strip()]), {}, {}, {})
-        modules = {k: v for k, v in (arguments or {}).items() if isinstance(v, types.ModuleType)}
+        values = dict(arguments or {})
+        if self.var_keyword in values:  # a cell takes its inputs as **inputs
+            values.update(values.pop(self.var_keyword))
+        modules = {k: v for k, v in values.items() if isinstance(v, types.ModuleType)}
         return cell_identity(self.source, modules, owner=self.name)
 
     def argument_digest(self, value: Any) -> str:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cells import placeholders
+from .cells import RUNNER_NAMES, placeholders
 from .cellscope import analyze, analyze_tree
 from .errors import NbpipeError
 
@@ -170,7 +170,9 @@ def _task_cell(number: int, line: str, body: str, state: _State) -> None:
     name = args.name or (outputs[0] if outputs else None)
     if not name:
         raise ExportError(f"{where}: the cell assigns nothing, so it needs a name: %%task NAME")
-    inputs = [r for r in scope.reads if not hasattr(builtins, r)]
+    inputs = [r for r in scope.reads if not hasattr(builtins, r) and r not in RUNNER_NAMES]
+    if "display" in scope.reads and "display" not in inputs:  # what the kernel's display is
+        state.imports.append("from IPython.display import display")
     fname = _function_name(name, outputs, inputs, state)
     # indenting a multi-line string would change it: such a cell is written from its AST
     code = ast.unparse(ast.parse(body)) if _has_multiline_strings(body) else _quiet_imports(body.rstrip())
@@ -334,28 +336,34 @@ def _name_order(name: str) -> tuple[int, str]:
     return kind, name
 
 
-def _import_block(statements: list[str], script_tail: str) -> list[str]:
-    """The script's imports, one per line, in isort's order (standard library first, then the
-    rest; ``import x`` before ``from x import y``); imports the script never reads keep a
-    ``# noqa: F401`` (the notebook had them)."""
+def _import_block(statements: list[str], script_tail: str, folder: Path | None = None) -> list[str]:
+    """The script's imports, one per line, in isort's order (standard library, then installed
+    packages, then the user's own modules beside the script; ``import x`` before ``from x import
+    y``); imports the script never reads keep a ``# noqa: F401`` (the notebook had them)."""
     used = {n.id for n in ast.walk(ast.parse(script_tail)) if isinstance(n, ast.Name)}
-    plain: dict[tuple[bool, str], str] = {}
-    froms: dict[tuple[bool, str], set[str]] = {}
+
+    def section(top: str, level: int = 0) -> int:
+        if level or folder is not None and top and (
+                (folder / f"{top}.py").exists() or (folder / top / "__init__.py").exists()):
+            return 2  # first party: a module or package beside the notebook
+        return 0 if top in sys.stdlib_module_names else 1
+
+    plain: dict[tuple[int, str], str] = {}
+    froms: dict[tuple[int, str], set[str]] = {}
     for statement in statements:
         for node in ast.parse(statement).body:
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     top = alias.name.partition(".")[0]
                     text = f"import {alias.name}" + (f" as {alias.asname}" if alias.asname else "")
-                    plain[(top not in sys.stdlib_module_names, text.lower())] = text
+                    plain[(section(top), text.lower())] = text
             elif isinstance(node, ast.ImportFrom):
                 module = "." * node.level + (node.module or "")
                 top = (node.module or "").partition(".")[0]
-                names = froms.setdefault((top not in sys.stdlib_module_names or node.level > 0, module),
-                                         set())
+                names = froms.setdefault((section(top, node.level), module), set())
                 names.update(a.name + (f" as {a.asname}" if a.asname else "") for a in node.names)
     out: list[str] = []
-    for third_party in (False, True):
+    for third_party in (0, 1, 2):
         section = [plain[k] for k in sorted(k for k in plain if k[0] == third_party)]
         section += [f"from {m} import {', '.join(sorted(froms[(tp, m)], key=_name_order))}"
                     for tp, m in sorted(k for k in froms if k[0] == third_party)]
@@ -412,7 +420,7 @@ def export_notebook(notebook: str | os.PathLike[str], *, script: str | os.PathLi
                         f"def main() -> dict[str, Any]:\n    \"\"\"Register the tasks, run what is not "
                         f"done, return the names the notebook bound.\"\"\"\n{body}\n",
                         'if __name__ == "__main__":\n    main()\n'])
-    imports = _import_block([*HEADER_IMPORTS, *state.imports], tail)
+    imports = _import_block([*HEADER_IMPORTS, *state.imports], tail, path.parent)
     header = [
         f'"""Pipeline {name!r}, exported from {path.name} by `nbpipe export`.',
         "",

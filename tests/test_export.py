@@ -74,8 +74,9 @@ def export(path: Path, env: dict[str, str]) -> tuple[Path, str]:
                          text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     script = path.with_suffix(".py")
-    lint = subprocess.run([sys.executable, "-m", "ruff", "check", "--isolated", str(script)],
-                          capture_output=True, text=True)
+    # ruff run where the script lives, as its user would: modules beside it are first party
+    lint = subprocess.run([sys.executable, "-m", "ruff", "check", "--isolated", script.name],
+                          capture_output=True, text=True, cwd=script.parent)
     assert lint.returncode == 0, lint.stdout + script.read_text()
     return script, out.stderr
 

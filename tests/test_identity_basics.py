@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 
@@ -181,3 +182,123 @@ def test_objects_with_an_nbpipe_token_are_hashable(tmp_path: Path) -> None:
 
     assert use(Config(1)).key == use(Config(1)).key
     assert use(Config(1)).key != use(Config(2)).key
+
+
+def test_two_calls_that_share_a_label_are_two_tasks(tmp_path: Path) -> None:
+    """Registration never drops a task: with_options copies, and two functions given one name,
+    are tasks of their own in a script (only a notebook cell run again redefines)."""
+    pipe = Pipeline("labels", store=tmp_path / ".nbpipe")
+
+    @pipe.bash_task
+    def run(command: str) -> str:
+        return command
+
+    @pipe.task
+    def a() -> int:
+        return 1
+
+    @pipe.task
+    def b() -> int:
+        return 2
+
+    first = run.with_options(after=[a()])("echo same")
+    second = run.with_options(after=[b()])("echo same")
+
+    @pipe.task(name="average")
+    def mean_a(values: list) -> float:
+        return sum(values) / len(values)
+
+    @pipe.task(name="average")
+    def mean_b(values: list) -> float:
+        return sorted(values)[len(values) // 2]
+
+    averages = [mean_a([1, 2, 6]), mean_b([1, 2, 6])]
+    labels = {t.label for t in pipe.tasks()}
+    assert len({first.key, second.key}) == 2
+    assert {first.label, second.label} <= labels
+    assert {averages[0].label, averages[1].label} <= labels
+    assert len(pipe.tasks()) == 6
+
+
+def test_functions_made_in_a_loop_are_tasks_of_their_own(tmp_path: Path) -> None:
+    pipe = Pipeline("loop", store=tmp_path / ".nbpipe")
+    refs = []
+    for k in range(3):
+        @pipe.task(name="scaled")
+        def scaled(x: int, k: int = k) -> int:
+            return x * k
+
+        refs.append(scaled(1))
+    assert len({r.key for r in refs}) == 3
+    assert len(pipe.tasks()) == 3
+
+
+def test_a_store_keyed_by_older_rules_says_so_once_and_keeps_its_results(tmp_path: Path) -> None:
+    """Keys of identity version 1 never match version 2: tasks re-run once, saying why, and the
+    pipeline warns once; nothing recorded is lost."""
+    pipe = Pipeline("old", store=tmp_path / ".nbpipe")
+
+    @pipe.task
+    def work(x: int) -> int:
+        return x
+
+    ref = work(1)
+    old_components = {k: v for k, v in ref.components.items() if k != "identity"}
+    pipe.store.register(pipe.pipeline_id, [{
+        "key": "0" * 32, "name": "work", "label": ref.label, "kind": "python",
+        "state": "SUCCEEDED", "components": old_components, "reason": None,
+        "resources": "{}", "cell": None}], [])
+    fresh = Pipeline("old", store=tmp_path / ".nbpipe")
+    again = fresh.task(work.fn)(1)
+    with pytest.warns(UserWarning, match="keyed by an older nbpipe.*results are kept"):
+        fresh.tasks()
+    assert "identity rules changed (version 1 -> 2)" in again.reason
+    rows = fresh.store.task_rows(fresh.pipeline_id, ["0" * 32], active_only=False)
+    assert rows["0" * 32]["state"] == "SUCCEEDED"  # the old record is kept
+
+
+def test_instances_of_user_classes_count_with_their_class_code(tmp_path: Path) -> None:
+    class Model:
+        def __init__(self, w: float):
+            self.w = w
+
+        def predict(self, x: float) -> float:
+            return self.w * x
+
+    class Edited(Model):
+        def predict(self, x: float) -> float:
+            return self.w * x + 1
+
+    Edited.__name__ = Edited.__qualname__ = "Model"
+    assert digest(Model(1.0)) == digest(Model(1.0))
+    assert digest(Model(1.0)) != digest(Model(2.0))
+    assert digest(Model(1.0)) != digest(Edited(1.0))
+
+
+def test_partial_and_cached_functions_hash_by_what_they_wrap() -> None:
+    def scale(x: int, factor: int) -> int:
+        return x * factor
+
+    assert digest(functools.partial(scale, factor=2)) == digest(functools.partial(scale, factor=2))
+    assert digest(functools.partial(scale, factor=2)) != digest(functools.partial(scale, factor=3))
+    assert digest(functools.lru_cache(scale)) == digest(functools.cache(scale))
+
+
+def test_installed_packages_count_by_version_not_code(tmp_path: Path) -> None:
+    """A limit, documented: code of installed packages (site-packages) enters a key by its
+    distribution's version; editing it in place is not seen."""
+    import json as stdlib_json
+
+    import numpy as np
+
+    pipe = Pipeline("limits", store=tmp_path / ".nbpipe")
+
+    @pipe.task
+    def uses_libraries(x: int) -> str:
+        return stdlib_json.dumps(float(np.sqrt(x)))
+
+    modules = uses_libraries(4).components["modules"]
+    assert modules["numpy"] == np.__version__
+    assert modules["json"].startswith("python-")
+    assert "helpers" in uses_libraries(4).components
+    assert not any("numpy" in h for h in uses_libraries(4).components["helpers"])
