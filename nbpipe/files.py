@@ -35,6 +35,9 @@ class FileRole:
     def __reduce__(self) -> str:
         return repr(self)
 
+    def __nbpipe_token__(self) -> str:
+        return self.role
+
 
 In = FileRole("in")
 Out = FileRole("out")

@@ -908,7 +908,6 @@ class _Walk:
             for local, target, attr, level in info.imports:
                 self._import(current, holder, local, target, attr, level,
                              chains_by_root.get(local, ()))
-            self._enclosing(current)
 
     @staticmethod
     def _how(raw: Any) -> str:
@@ -1028,22 +1027,6 @@ class _Walk:
                 self._consider(raw, f"{name}.{attr}", chains)
         else:  # import pkg.sub as s
             self._module(module, local, chains)
-
-    def _enclosing(self, current: Any) -> None:
-        """A function made inside another (a decorator's wrapper, a closure) counts with the
-        code of the function that made it, when that one is a module-level user function."""
-        qualname = getattr(current, "__qualname__", "") or ""
-        if ".<locals>." not in qualname or isinstance(current, type):
-            return
-        outer = qualname.split(".<locals>.")[0]
-        if "." in outer:
-            return
-        found, raw = _lookup(current, outer)
-        if found and isinstance(raw, types.FunctionType) and _is_user_code(raw):
-            module = getattr(current, "__module__", "") or ""
-            own = module == getattr(self.fn, "__module__", None)
-            self.checks.append((current, outer, _SAME, raw))
-            self._helper(raw, outer if own else f"{module}.{outer}")
 
 
 def _defaults(fn: Any) -> Any:
