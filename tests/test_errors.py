@@ -69,6 +69,14 @@ def job() -> int:
     return 1
 
 
+LOCK = __import__("threading").Lock()
+
+
+def uses_lock() -> bool:
+    """A task body that reads a global nbpipe cannot hash."""
+    return LOCK.locked()
+
+
 def takes_two(x: int, y: int = 0) -> int:
     """A task body with two parameters."""
     return x + y
@@ -150,7 +158,7 @@ PYTHON = [
          lambda tmp: task(walltime="soon")(job)),
     Case("Python API", "A misspelt option, `@task(retrys=2)`", "TaskDefinitionError",
          "task 'job': unknown option(s) retrys (did you mean retries?); valid options are after, "
-         "cache, cores, env, gpus, max_concurrent, memory, name, pool, retries, "
+         "cache, cores, env, env_inputs, gpus, max_concurrent, memory, name, pool, retries, "
          "retry_memory_factor, version, walltime", "retrys", "Use one of the listed options.",
          lambda tmp: task(retrys=2)(job)),
     Case("Python API", '`@task(cores="4")` (a string)', "TaskDefinitionError",
@@ -193,6 +201,18 @@ PYTHON = [
          "task 'takes_two': too many positional arguments; its signature is takes_two(x: …, "
          "y: … = 0) -> …", "takes_two",
          "Call it as its signature says.", lambda tmp: _pipe(tmp).task(takes_two)(1, 2, 3)),
+    Case("Python API", "`@task(env_inputs=\"OUTPUT DIR\")`: not a variable name", "TaskDefinitionError",
+         "task 'job': env_inputs='OUTPUT DIR' must be a list of environment variable names, e.g. "
+         "env_inputs=['OUTPUT_DIR']", "env_inputs",
+         "Name the variables the task reads: `env_inputs=[\"OUTPUT_DIR\"]`.",
+         lambda tmp: task(env_inputs="OUTPUT DIR")(job)),
+    Case("Python API", "A global nbpipe cannot hash (a lock the task reads)", "UnhashableValue",
+         "task 'uses_lock' reads global 'LOCK', a _thread.lock, which nbpipe cannot hash "
+         "deterministically; pass it as an argument of a type nbpipe can hash (numbers, strings, "
+         "paths, lists, dicts, numpy arrays, dataclasses, objects of your own classes), give its "
+         "class a __nbpipe_token__() method, or build it inside the task", "'LOCK'",
+         "Build the object inside the task, or give its class a `__nbpipe_token__()` method.",
+         lambda tmp: _pipe(tmp).task(uses_lock)()),
     Case("Python API", "An argument nbpipe cannot hash (a lock)", "UnhashableValue",
          "task 'takes_two': argument 'x' is a _thread.lock, which nbpipe cannot hash "
          "deterministically; pass a value of a type nbpipe can hash (numbers, strings, paths, "
@@ -280,6 +300,12 @@ PYTHON = [
 # -- magics -------------------------------------------------------------------------------------
 
 MAGICS = [
+    Case("magics", "A `%%task` cell reads IPython's history (`Out`)", "UsageError",
+         "%%task t: the cell reads 'Out', which IPython defines in this kernel only (its history or "
+         "shell), so a task cannot use it on a worker; copy what you need into a variable of your "
+         "own in a plain cell (e.g. `value = Out`) and read that", "'Out'",
+         "Copy the value into a variable of your own in a plain cell, and read that.",
+         "%%task t\nt = len(Out)"),
     Case("magics", "`%%task x --retrys 2`: an option `%%task` does not have", "UsageError",
          "unrecognized arguments: --retrys 2", "--retrys",
          "See `%%task?` for the options.", "%%task x --retrys 2\nx = 1"),

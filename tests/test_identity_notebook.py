@@ -17,7 +17,9 @@ CELLS = [
     "from nbpipe import task\n\n\n@task\ndef size(path: str) -> int:\n"
     "    with open(path) as handle:\n        return len(handle.read())\n\n\nsized = size(DATA)",
     "%%task total\ndisplay(sum(numbers))\nprint('numbers', numbers)\ntotal = mylib.f(sum(numbers))",
-    "print('total', total, 'size', sized.result())",
+    "def via(x):\n    return mylib.f(x) + 1",
+    "%%task helped\nhelped = via(2)",
+    "print('total', total, 'size', sized.result(), 'helped', helped)",
 ]
 
 
@@ -26,24 +28,24 @@ def test_a_notebook_using_open_display_and_print_exports_to_a_script_that_runs_n
     (tmp_path / "mylib.py").write_text("def f(x):\n    return x * 3\n\n\ndef g():\n    return 0\n")
     path = _notebook(tmp_path / "names.ipynb", CELLS)
     text = execute(path, monkeypatch)
-    assert "total 18 size 5" in text
+    assert "total 18 size 5 helped 7" in text
     first = attempts(tmp_path / ".nbpipe", "names")
-    assert len(first) == 3
+    assert len(first) == 4
     script, _ = export(path, env)
     out = run_script(script, env)
     assert "0 executed" in out or attempts(tmp_path / ".nbpipe", "names") == first
     assert attempts(tmp_path / ".nbpipe", "names") == first  # the script ran nothing
     text = execute(path, monkeypatch)  # and back again, in a fresh kernel
-    assert "total 18 size 5" in text
+    assert "total 18 size 5 helped 7" in text
     assert attempts(tmp_path / ".nbpipe", "names") == first
 
-    # The user's own module counts by content in a cell: an unrelated edit re-runs nothing,
-    # editing the function the cell uses re-runs that cell only.
+    # The user's own module counts by content in a cell and in a plain-cell helper: an unrelated
+    # edit re-runs nothing, editing the function they use re-runs those two cells only.
     (tmp_path / "mylib.py").write_text("def f(x):\n    return x * 3\n\n\ndef g():\n    return 1\n")
     execute(path, monkeypatch)
     assert attempts(tmp_path / ".nbpipe", "names") == first
     (tmp_path / "mylib.py").write_text("def f(x):\n    return x * 4\n\n\ndef g():\n    return 1\n")
     text = execute(path, monkeypatch)
-    assert "total 24 size 5" in text
+    assert "total 24 size 5 helped 9" in text
     after = attempts(tmp_path / ".nbpipe", "names")
-    assert {label for label in after if after[label] != first.get(label)} == {"total"}
+    assert {label for label in after if after[label] != first.get(label)} == {"total", "helped"}
