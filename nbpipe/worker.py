@@ -31,6 +31,7 @@ import cloudpickle
 
 from .bash import run_command
 from .bookkeeping import environment
+from .cells import cell_output
 from .context import TaskContext, batch_job_id, stop_requested
 from .context import _set as _set_context
 from .errors import BashTaskError, ResultCorrupt, ResultWriteError, TaskKilled, UpstreamCorrupt
@@ -222,7 +223,7 @@ def _resolve(value: Any, cache: dict[str, Any]) -> Any:
                 cache[value.key] = read_result(value.path, value.checksum, value.data)
             except ResultCorrupt as exc:  # the runner computes it again, then runs this again
                 raise UpstreamCorrupt(value.key, f"upstream task {value.key[:12]}: {exc}") from None
-        return cache[value.key] if value.output is None else cache[value.key][value.output]
+        return cache[value.key] if value.output is None else cell_output(cache[value.key], value.output)
     if type(value) is list:
         return [_resolve(v, cache) for v in value]
     if type(value) is tuple:
