@@ -97,8 +97,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> _Parser:
     parser = _Parser(prog="%%task", usage=synopsis(80).replace("%", "%%"),  # argparse %-formats it
-                     add_help=False, exit_on_error=False,
-                     description="Turn the cell into a task.")
+                     add_help=False, description="Turn the cell into a task.")
     for option in OPTIONS:
         if option.flag == "name":
             parser.add_argument("name", nargs="?", help=option.help)
