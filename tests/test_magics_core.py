@@ -12,7 +12,7 @@ from IPython.core.error import UsageError
 from IPython.terminal.interactiveshell import TerminalInteractiveShell
 from IPython.testing.globalipapp import start_ipython
 
-from nbpipe import CycleError, State
+from nbpipe import CycleError, OutputNotStored, State
 from nbpipe.cellscope import analyze
 
 _names = itertools.count()
@@ -194,11 +194,13 @@ def test_cycle_between_cells_is_an_error_naming_it(shell) -> None:
         run(shell, "%%task a\na = b + 1")
 
 
-def test_unpicklable_output_fails_naming_the_variable(shell) -> None:
-    run(shell, "%%task lock\nimport threading\nlock = threading.Lock()")
-    ref = session(shell).pipe._by_label["lock"]
-    with pytest.raises(TypeError, match="output 'lock' of task 'lock' cannot be pickled"):
-        ref.result()
+def test_an_unpicklable_value_is_left_out_and_reading_it_names_the_cell(shell) -> None:
+    run(shell, "%%task locks\nimport threading\nlock = threading.Lock()\nn = 1")
+    ref = session(shell).pipe._by_label["locks"]
+    assert ref.result()["n"] == 1  # the task succeeded
+    with pytest.raises(OutputNotStored, match="'lock' is not an output of %%task locks: it holds a "
+                                              "_thread.lock, which cannot be stored"):
+        ref.output("lock").result()
 
 
 def test_task_error_traceback_points_into_the_cell(shell) -> None:
