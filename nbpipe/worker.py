@@ -34,7 +34,14 @@ from .bookkeeping import environment
 from .cells import cell_output
 from .context import TaskContext, batch_job_id, stop_requested
 from .context import _set as _set_context
-from .errors import BashTaskError, ResultCorrupt, ResultWriteError, TaskKilled, UpstreamCorrupt
+from .errors import (
+    BashTaskError,
+    OutputNotStored,
+    ResultCorrupt,
+    ResultWriteError,
+    TaskKilled,
+    UpstreamCorrupt,
+)
 from .results import INLINE_SECONDS, read_result, write_result
 
 __all__ = ["Outcome", "Upstream", "WorkItem", "interrupt", "run_items"]
@@ -234,8 +241,11 @@ def _resolve(value: Any, cache: dict[str, Any]) -> Any:
 
 
 def _call(fn: Any, item: WorkItem, values: dict[str, Any]) -> Any:
-    args = _resolve(item.args, values)
-    kwargs = _resolve(item.kwargs, values)
+    try:
+        args = _resolve(item.args, values)
+        kwargs = _resolve(item.kwargs, values)
+    except OutputNotStored as exc:  # say which task needed it: the message is all users see
+        raise OutputNotStored(f"task {item.label!r} cannot run: {exc}") from None
     if item.kind == "bash":
         command = fn(*args, **kwargs)
         result = run_command(command, task=item.label, env=item.env)

@@ -336,6 +336,15 @@ MAGICS = [
          "(cannot pickle '_thread.lock' object); compute it in the cell that reads it", "%%task locks",
          "Keep such objects inside the cell, or build them in the cell that uses them.",
          "lock", ("%%task locks\nimport threading\nlock = threading.Lock()",)),
+    Case("magics", "`%pipeline use other` while tasks of this pipeline run", "UsageError",
+         "pipeline '…': 1 task(s) are running; wait for them (pipe.wait(), %pipeline wait) or kill "
+         "them before switching to pipeline 'other'", "'other'",
+         "Wait for the tasks (`%pipeline wait`) or kill them, then switch.", "%pipeline use other",
+         ("%%task nap\nimport time\ntime.sleep(3)\nnap = 1",
+          "import time\nnap_ref = get_ipython()._nbpipe_session.pipe._by_label['nap']\n"
+          "deadline = time.monotonic() + 60\n"
+          "while nap_ref.state.value != 'RUNNING' and time.monotonic() < deadline:\n"
+          "    time.sleep(0.02)")),
     Case("magics", "`%pipeline frobnicate`", "UsageError",
          "argument command: invalid choice: 'frobnicate' (choose from …)\nusage: …", "frobnicate",
          "Use one of the listed commands.", "%pipeline frobnicate"),
@@ -536,7 +545,7 @@ def shell(cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         ip.run_line_magic("load_ext", "nbpipe")
         yield ip
         ip.run_line_magic("unload_ext", "nbpipe")
-    for name in ("a", "b", "x", "y", "lock", "math"):
+    for name in ("a", "b", "x", "y", "lock", "math", "nap_ref", "deadline"):
         ip.user_ns.pop(name, None)
 
 

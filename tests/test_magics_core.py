@@ -233,6 +233,24 @@ def test_another_cell_claiming_a_name_warns(shell, monkeypatch: pytest.MonkeyPat
         run(shell, "%%task x\nx = 2")
 
 
+def test_use_is_refused_while_tasks_of_the_pipeline_run(shell, tmp_path: Path) -> None:
+    flag = tmp_path / "go"
+    shell.user_ns["flag"] = str(flag)
+    run(shell, "%%task spin\nimport os, time\nwhile not os.path.exists(flag):\n    time.sleep(0.02)\n"
+               "spin = 1")
+    pipe = session(shell).pipe
+    ref = pipe._by_label["spin"]
+    wait_for(lambda: ref.state is State.RUNNING)
+    with pytest.raises(UsageError, match=r"1 task\(s\) are running; wait for them .* before "
+                                         "switching to pipeline 'other'"):
+        shell.run_line_magic("pipeline", "use other")
+    assert session(shell).pipe is pipe
+    flag.write_text("now")
+    wait_for(lambda: ref.state is State.SUCCEEDED, timeout=30)
+    shell.run_line_magic("pipeline", "use other")
+    assert session(shell).pipe.name == "other" and "spin" not in session(shell).outputs
+
+
 def test_kill_and_retry_through_the_pipeline_magic(shell, tmp_path: Path) -> None:
     flag = tmp_path / "go"
     shell.user_ns["flag"] = str(flag)

@@ -131,8 +131,9 @@ def test_throwaway_values_are_skipped_and_readers_are_told_why(tmp_path, kernel_
         short(error)
     short(lock)
     no_errors(r, 8)  # registered; it fails on its worker, where `numbers` is missing
-    assert count["error"].startswith("OutputNotStored: 'numbers' is not an output of %%task read: "
-                                     "it holds a generator")
+    assert count["error"].startswith("OutputNotStored: task 'uses_numbers' cannot run: 'numbers' is "
+                                     "not an output of %%task read: it holds a generator")
+    short(count)
 
 
 def test_export_of_throwaway_values_runs_and_lists_no_with_names(tmp_path, kernel_env, monkeypatch) -> None:
