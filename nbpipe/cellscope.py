@@ -11,12 +11,13 @@ declarations, ``del``, augmented assignment and the walrus operator follow Pytho
 block as marimo's visitor does: a ``global x`` in a nested function concerns that function only,
 and an ``except E as e`` name is deleted when its handler ends (it is not an output).
 
-Names bound by ``with ... as NAME`` (and not bound again later) are *transient*: the context's
-object (a file, a lock) is closed when the block ends, so it is not an output either.
+Names bound last by ``with ... as NAME`` or to a generator expression are *transient*, with
+why: the context's object (a file, a lock) is closed when the block ends, and a generator runs
+once and cannot be stored; they are not outputs either.
 
->>> scope = analyze("with open(path) as f:\\n    text = f.read()")
+>>> scope = analyze("with open(path) as f:\\n    text = f.read()\\nwords = (w for w in text.split())")
 >>> scope.writes, scope.transient
-(['text'], ['f'])
+(['text'], {'f': 'with', 'words': 'generator'})
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class CellScope:
     writes: list[str] = field(default_factory=list)
     imports: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
-    transient: list[str] = field(default_factory=list)  # bound last by `with ... as NAME`
+    transient: dict[str, str] = field(default_factory=dict)  # name -> "with" | "generator"
     import_lines: dict[str, str] = field(default_factory=dict)  # imported name -> its import
 
 
@@ -112,7 +113,7 @@ class _Visitor(ast.NodeVisitor):
         self.result = CellScope()
         self._reads: dict[str, None] = {}
         self._writes: dict[str, None] = {}
-        self._transient: dict[str, None] = {}
+        self._transient: dict[str, str] = {}
         self._deferred: list[tuple[ast.AST, _Scope]] = []
 
     # -- name resolution ----------------------------------------------------------------------
@@ -186,6 +187,9 @@ class _Visitor(ast.NodeVisitor):
         self.visit(node.value)  # the value is evaluated before the targets are bound
         for target in node.targets:
             self.visit(target)
+            if (isinstance(node.value, ast.GeneratorExp) and isinstance(target, ast.Name)
+                    and self._binding_scope(target.id) is self.module):
+                self._transient[target.id] = "generator"
 
     def visit_NamedExpr(self, node: ast.NamedExpr) -> None:
         self.visit(node.value)
@@ -232,7 +236,7 @@ class _Visitor(ast.NodeVisitor):
                 if self.scope is self.module:
                     for name in ast.walk(item.optional_vars):
                         if isinstance(name, ast.Name) and name.id not in self.module.globals:
-                            self._transient[name.id] = None
+                            self._transient[name.id] = "with"
         for stmt in node.body:
             self.visit(stmt)
 
@@ -322,7 +326,7 @@ class _Visitor(ast.NodeVisitor):
             node, scope = self._deferred.pop(0)
             self._run_function_body(node, scope)
         self.result.reads = list(self._reads)
-        self.result.transient = [t for t in self._transient if t in self._writes]
+        self.result.transient = {t: why for t, why in self._transient.items() if t in self._writes}
         self.result.writes = [w for w in self._writes
                               if w not in self.result.imports and w not in self._transient]
         self.result.import_lines = {n: line for n, line in self.result.import_lines.items()

@@ -179,7 +179,7 @@ class NbpipeMagics(Magics):
         except TaskLineError as exc:
             raise UsageError(str(exc)) from None
         session = self.session
-        transient: list[str] = []
+        transient: dict[str, str] = {}
         imports: dict[str, str] = {}
         if args.bash:
             reads, outputs = placeholders(cell), []
@@ -212,12 +212,12 @@ class NbpipeMagics(Magics):
         session.override([*outputs, *transient, *imports])  # this cell binds them now
         for output in outputs:
             session.outputs[output] = ref.output(output)
-        for dropped in transient:
-            session.dropped[dropped] = (
-                f"{dropped!r} is not an output of %%task {name}: it is bound by `with ... as "
-                f"{dropped}`, whose value (a file, a lock) is closed when the block ends; compute "
-                "it in the cell that reads it"
-            )
+        for dropped, why in transient.items():
+            what = (f"it is bound by `with ... as {dropped}`, whose value (a file, a lock) is closed "
+                    "when the block ends" if why == "with" else
+                    "it is a generator expression, which runs once and cannot be stored")
+            session.dropped[dropped] = (f"{dropped!r} is not an output of %%task {name}: {what}; "
+                                        "compute it in the cell that reads it")
         for module, statement in imports.items():
             session.imported[module] = (name, statement)
         if args.bash:

@@ -96,7 +96,7 @@ THROWAWAY = [
     "%%task read\nimport threading\nfrom pathlib import Path\n"
     "with Path(path).open() as f:\n    text = f.read()\n"
     "words = iter(text.split())\n"                       # an iterator that pickles: kept
-    "numbers = (int(w) for w in text.split())\n"         # a generator: not stored
+    "numbers = (int(w) for w in text.split())\n"         # a generator: not an output
     "lock = threading.Lock()\n"                          # a lock: not stored
     "handle = Path(path).open()\n"                       # a file: not stored
     "handle.close()\n"
@@ -111,29 +111,30 @@ def test_throwaway_values_are_skipped_and_readers_are_told_why(tmp_path, kernel_
         "lock",                                              # a plain cell, a value not pickled
         "f.read()",                                          # a plain cell, a `with ... as` name
         "%%task uses_f\nsize = len(f.read())",               # a task cell, a `with ... as` name
-        "%%task uses_numbers\ncount = sum(1 for _ in numbers)",  # a task cell, a value not pickled
-        "print(count)",
+        "list(numbers)",                                     # a plain cell, a generator
+        "%%task uses_lock\nwith lock:\n    locked = 1",      # a task cell, a value not pickled
+        "print(locked)",
     ]
     r = execute(tmp_path / "throwaway.ipynb", THROWAWAY + readers, monkeypatch)
     no_errors(r, 0, 1, 2, 3, 4)
     assert "6 ['1', '2', '3']" in r[3]["text"]  # the task succeeded
     assert "SUCCEEDED" in r[4]["text"]
     skipped = [line for line in r[4]["text"].splitlines() if "did not store" in line]
-    assert skipped == ["nbpipe: %%task read did not store numbers, lock, handle (cannot be pickled: "
-                       "generator, _thread.lock, _io.TextIOWrapper); a cell that reads them gets an "
-                       "error"]
-    lock, f_plain, f_task, numbers_task, count = r[5:]
+    assert skipped == ["nbpipe: %%task read did not store lock, handle (cannot be pickled: "
+                       "_thread.lock, _io.TextIOWrapper); a cell that reads them gets an error"]
+    lock, f_plain, f_task, numbers, uses_lock, locked = r[5:]
     assert lock["error"].startswith("OutputNotStored: 'lock' is not an output of %%task read: it "
                                     "holds a _thread.lock, which cannot be stored")
     for error in (f_plain, f_task):
         assert error["error"].startswith("OutputNotStored: 'f' is not an output of %%task read: it is "
                                          "bound by `with ... as f`")
+    assert numbers["error"].startswith("OutputNotStored: 'numbers' is not an output of %%task read: "
+                                       "it is a generator expression")
+    assert not uses_lock["error"]  # registered; it fails on its worker, where `lock` is missing
+    assert locked["error"].startswith("OutputNotStored: task 'uses_lock' cannot run: 'lock' is not "
+                                      "an output of %%task read: it holds a _thread.lock")
+    for error in (lock, f_plain, f_task, numbers, locked):
         short(error)
-    short(lock)
-    no_errors(r, 8)  # registered; it fails on its worker, where `numbers` is missing
-    assert count["error"].startswith("OutputNotStored: task 'uses_numbers' cannot run: 'numbers' is "
-                                     "not an output of %%task read: it holds a generator")
-    short(count)
 
 
 def test_export_of_throwaway_values_runs_and_lists_no_with_names(tmp_path, kernel_env, monkeypatch) -> None:
@@ -142,7 +143,7 @@ def test_export_of_throwaway_values_runs_and_lists_no_with_names(tmp_path, kerne
     no_errors(r, 0, 1, 2, 3)
     script, output = export_and_run(notebook, kernel_env)
     outputs = re.search(r"@nbpipe\.task\(outputs=(\[.*?\])", script).group(1)
-    assert eval(outputs) == ["text", "words", "numbers", "lock", "handle", "total"]  # no `f`
+    assert eval(outputs) == ["text", "words", "lock", "handle", "total"]  # no `f`, no `numbers`
     assert "6 ['1', '2', '3']" in output
     assert "0 executed, 1 already done" in output  # the script found the notebook's result
 
@@ -264,6 +265,8 @@ def test_names_bound_like_builtins_shadow_them_in_kernel_and_script(tmp_path, ke
     # `with ... as`: not an output; bound again later, it is one
     ("with open(p) as fh:\n    data = fh.read()", ["open", "p"], ["data"]),
     ("with open(p) as fh:\n    pass\nfh = 1", ["open", "p"], ["fh"]),
+    # a generator expression runs once: not an output either
+    ("gen = (x for x in xs)\nfirst = next(gen)", ["xs", "next"], ["first"]),
     # match patterns bind at top level
     ("match point:\n    case (px, *rest):\n        pass\n    case {'k': v, **others}:\n        pass",
      ["point"], ["px", "rest", "v", "others"]),
