@@ -376,3 +376,40 @@ def test_use_closes_the_previous_runner_and_keeps_its_local_cluster(tmp_path, ke
     assert "pipeline 'other'" in r[4]["text"]
     assert last(r[6]) == "2"
     assert last(r[7]) == "True running ['nbpipe-runner-other']"
+
+
+def test_pipe_wait_skips_tasks_only_registered_and_unsubmitted_lists_them(pipe) -> None:
+    from nbpipe import State
+
+    def inc(x: int) -> int:
+        return x + 1
+
+    ran = pipe.task(inc)(1)
+    idle = [pipe.task(inc)(i) for i in (10, 11)]
+    pipe.run([ran])
+    assert pipe.unsubmitted() == idle
+    summary = pipe.wait(timeout=30)  # returns: nothing it waits for is left
+    assert summary.counts == {"SUCCEEDED": 1}
+    assert all(r.state is State.WAITING for r in idle)
+    pipe.run()
+    assert pipe.unsubmitted() == [] and [r.result() for r in idle] == [11, 12]
+
+
+def test_reopen_hands_the_cluster_to_the_next_pipeline_and_stops_the_runner(pipe, store) -> None:
+    from nbpipe import Pipeline
+
+    def one() -> int:
+        return 1
+
+    pipe.task(one)()
+    pipe.run(check=True)
+    client = pipe.client
+    other = pipe.reopen("other")
+    try:
+        assert other.client is client and other.name == "other"
+        again = Pipeline(pipe.name, store=store, cluster=client)  # its lock was given back
+        again.task(one)()
+        assert again.run(check=True).cached == 1
+        again.close()
+    finally:
+        other.close()
