@@ -71,8 +71,8 @@ class NotebookSession:
         self.cell_of: dict[str, str | None] = {}  # task name -> id of the cell that defined it
         # Names a %%task cell binds but does not output, with why (`with ... as` values), and
         # modules it imports (name -> (task, import statement)): a cell reading one is told.
-        self.dropped: dict[str, str] = {}
-        self.imported: dict[str, tuple[str, str]] = {}
+        self.dropped: dict[str, tuple[str, str]] = {}  # name -> (task, why)
+        self.imported: dict[str, tuple[str, str]] = {}  # name -> (task, import statement)
         self.autorun = True
         use(self.pipe)
 
@@ -108,13 +108,19 @@ class NotebookSession:
         """Raise a short error when ``name`` is one a ``%%task`` cell bound but did not output (a
         ``with ... as`` value) or a module only a ``%%task`` cell imported."""
         if name in self.dropped:
-            raise OutputNotStored(self.dropped[name])
+            raise OutputNotStored(self.dropped[name][1])
         if name in self.imported and name not in self.shell.user_ns:
             task, line = self.imported[name]
             raise CellInputError(
                 f"{reader} reads {name!r}, a module that %%task {task} imports; modules are not "
                 f"task outputs: `{line}` in this cell"
             )
+
+    def forget_cell(self, task: str) -> None:
+        """Forget the names task cell ``task`` dropped or imported (it runs again, changed)."""
+        for names in (self.dropped, self.imported):
+            for name in [n for n, (owner, _) in names.items() if owner == task]:
+                del names[name]
 
     def unknown_name(self, task: str, name: str) -> Exception:
         """The error for a name a ``%%task`` cell reads that nothing defines."""
@@ -196,6 +202,7 @@ class NbpipeMagics(Magics):
             if not name:
                 raise UsageError("this cell assigns nothing, so name it: %%task NAME")
         options = make_options(name, **args.options)
+        session.forget_cell(name)  # what this cell dropped or imported when it last ran
         after = args.options.get("after", [])
         self._check_after(name, after)
         inputs = self._inputs(name, reads)
@@ -216,8 +223,8 @@ class NbpipeMagics(Magics):
             what = (f"it is bound by `with ... as {dropped}`, whose value (a file, a lock) is closed "
                     "when the block ends" if why == "with" else
                     "it is a generator expression, which runs once and cannot be stored")
-            session.dropped[dropped] = (f"{dropped!r} is not an output of %%task {name}: {what}; "
-                                        "compute it in the cell that reads it")
+            session.dropped[dropped] = (name, f"{dropped!r} is not an output of %%task {name}: "
+                                              f"{what}; compute it in the cell that reads it")
         for module, statement in imports.items():
             session.imported[module] = (name, statement)
         if args.bash:
@@ -242,7 +249,7 @@ class NbpipeMagics(Magics):
         inputs: dict[str, Any] = {}
         for name in reads:
             if name in session.dropped:  # a later binding than any kernel variable of that name
-                raise OutputNotStored(session.dropped[name])
+                raise OutputNotStored(session.dropped[name][1])
             if name in session.outputs:
                 inputs[name] = session.outputs[name]
             elif name in ns:

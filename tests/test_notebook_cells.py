@@ -413,3 +413,17 @@ def test_reopen_hands_the_cluster_to_the_next_pipeline_and_stops_the_runner(pipe
         again.close()
     finally:
         other.close()
+
+
+def test_a_cell_run_again_without_its_with_forgets_the_name(tmp_path, kernel_env, monkeypatch) -> None:
+    cells = [
+        "%load_ext nbpipe",
+        "f = 'the notebook'",
+        "%%task load\nimport io\nwith io.StringIO('x') as f:\n    data = [1]",
+        "%%task load\ndata = [2]",     # the same cell, edited: no `with ... as f` now
+        "%%task use\nuse = (f, data)",
+        "print(use)",
+    ]
+    r = execute(tmp_path / "again.ipynb", cells, monkeypatch)
+    no_errors(r, *range(6))
+    assert last(r[5]) == "('the notebook', [2])"
