@@ -235,7 +235,7 @@ class NbpipeMagics(Magics):
             session.pipe._resolve([ref])
         StatusLine(ref)
 
-    task.__doc__ = f"Turn the cell into a task.\n\n{usage()}"
+    task.__doc__ = usage()  # `%%task?` shows the option table's help
 
     def _cell_id(self) -> str | None:
         try:
