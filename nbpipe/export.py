@@ -71,6 +71,7 @@ class _State:
     main_names: list[str] = field(default_factory=list)
     module_names: set[str] = field(default_factory=set)
     plain_names: set[str] = field(default_factory=set)  # bound at module level by plain cells
+    task_imports: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (task, import)
     task_functions: set[str] = field(default_factory=set)
     imports: list[str] = field(default_factory=list)
     cluster: Any = None  # from a `%pipeline cluster KIND key=value ...` line
@@ -144,6 +145,13 @@ def _task_cell(number: int, line: str, body: str, state: _State) -> None:
     # A name the notebook bound before shadows the builtin of that name, as in the kernel.
     bound = state.outputs.keys() | state.plain_names | set(state.main_names)
     inputs = [r for r in scope.reads if r in bound or not hasattr(builtins, r)]
+    for read in inputs:
+        if read in state.task_imports and read not in bound:  # as the magic refuses it
+            task, statement = state.task_imports[read]
+            raise ExportError(f"{where}: reads {read!r}, a module that %%task {task} imports; modules "
+                              f"are not task outputs: `{statement}` in this cell")
+    for module, statement in scope.import_lines.items():
+        state.task_imports[module] = (name, statement)
     fname = _function_name(name, outputs, inputs, state)
     # indenting a multi-line string would change it: such a cell is written from its AST
     code = ast.unparse(ast.parse(body)) if _has_multiline_strings(body) else _quiet_imports(body.rstrip())

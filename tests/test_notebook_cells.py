@@ -427,3 +427,18 @@ def test_a_cell_run_again_without_its_with_forgets_the_name(tmp_path, kernel_env
     r = execute(tmp_path / "again.ipynb", cells, monkeypatch)
     no_errors(r, *range(6))
     assert last(r[5]) == "('the notebook', [2])"
+
+
+def test_export_refuses_an_import_from_another_task_cell_as_the_magic_does(tmp_path) -> None:
+    from nbpipe.export import ExportError, export_notebook
+
+    notebook = tmp_path / "imports.ipynb"
+    cells = ["%%task load\nimport numpy as np\ndata = np.arange(3)", "%%task stats\nm = np.mean(data)"]
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells]), notebook)
+    with pytest.raises(ExportError, match=r"cell 2 \(%%task stats\): reads 'np', a module that %%task "
+                                          r"load imports; modules are not task outputs: `import numpy "
+                                          r"as np` in this cell"):
+        export_notebook(notebook)
+    cells.insert(1, "import numpy as np")  # imported in a plain cell: every cell may use it
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells]), notebook)
+    assert "def stats(np, data):" in export_notebook(notebook).script
