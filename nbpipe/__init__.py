@@ -15,12 +15,14 @@ from .bash import BashResult
 from .context import TaskContext, context
 from .errors import (
     BashTaskError,
+    CellInputError,
     ClusterError,
     ConfigError,
     CycleError,
     InvalidArgument,
     MissingInputError,
     NbpipeError,
+    OutputNotStored,
     PipelineBusy,
     ResourceError,
     ResultCorrupt,
@@ -56,8 +58,9 @@ except ConfigError:
     pass
 
 __all__ = [
-    "BashResult", "BashTaskError", "ClusterError", "ConfigError", "CycleError", "In",
-    "InvalidArgument", "MissingInputError", "NbpipeError", "Out", "Pipeline", "PipelineBusy", "ResourceError",
+    "BashResult", "BashTaskError", "CellInputError", "ClusterError", "ConfigError", "CycleError", "In",
+    "InvalidArgument", "MissingInputError", "NbpipeError", "Out", "OutputNotStored", "Pipeline",
+    "PipelineBusy", "ResourceError",
     "ResultCorrupt", "ResultWriteError", "RunSummary", "State", "StoreError", "StoreNotWritable",
     "StoreVersionError",
     "TaskContext", "TaskDefinitionError", "TaskFailed", "TaskFunction", "TaskInfo", "TaskItem",

@@ -17,6 +17,7 @@ import inspect
 import linecache
 import re
 import shlex
+import sys
 import textwrap
 import types
 from collections.abc import Mapping
@@ -24,17 +25,38 @@ from typing import Any
 
 import cloudpickle
 
-from .errors import TaskDefinitionError
+from .errors import OutputNotStored, TaskDefinitionError
 from .identity import CodeIdentity, cell_identity, digest
 from .task import TaskFunction, TaskOptions
 
-__all__ = ["RUNNER_NAMES", "CellFunction", "CellRunner", "CellTask",
-           "cell_function", "fill_placeholders", "placeholders"]
+__all__ = ["RUNNER_NAMES", "CellFunction", "CellRunner", "CellTask", "cell_function", "cell_output",
+           "fill_placeholders", "placeholders"]
 
 DISPLAY = "__nbpipe_display__"  # key of a cell's rich output in its result dict
+SKIPPED = "__nbpipe_skipped__"  # key of {name: why it is not stored} in a cell's result dict
+HIDDEN = (DISPLAY, SKIPPED)  # keys of a cell's result dict that are not its outputs
 #: Names a cell finds on its worker as it does in the kernel, where IPython provides them: they
 #: are not inputs of the cell (in the kernel, in the exported script, or in keys).
 RUNNER_NAMES = frozenset({"display"})
+
+
+def cell_output(result: dict[str, Any], name: str, task: str | None = None) -> Any:
+    """The output ``name`` of a cell's ``result``, or :class:`~nbpipe.OutputNotStored` saying
+    why the cell did not store it.
+
+    >>> cell_output({"x": 1}, "x")
+    1
+    """
+    try:
+        return result[name]
+    except KeyError:
+        why = result.get(SKIPPED, {}).get(name) if isinstance(result, dict) else None
+        raise OutputNotStored(why or f"{name!r} is not an output of task {task or '?'}") from None
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 _PLACEHOLDER = re.compile(r"(?<![{$])\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
 
@@ -96,19 +118,31 @@ class CellRunner:
             if value is not None:
                 display(value)
         outputs: dict[str, Any] = {DISPLAY: displays} if displays else {}
+        skipped: dict[str, str] = {}
+        where = f"%%task {self.name}"
         for name in self.outputs:
             if name not in namespace:
-                continue  # assigned on a branch that did not run
+                skipped[name] = (f"{name!r} was not assigned by {where} (the code that assigns it "
+                                 "did not run); assign it on every path, or read it elsewhere")
+                continue
             value = namespace[name]
             try:
                 cloudpickle.dumps(value)
             except Exception as exc:
-                raise TypeError(
-                    f"output {name!r} of task {self.name!r} cannot be pickled ({exc}); "
-                    f"compute it in the cell that needs it, or `del {name}` at the end of "
-                    "this cell"
-                ) from None
+                # A throwaway value (an open or closed file, a lock, a generator) must not fail
+                # the cell: it is left out, and a cell that reads it is told why.
+                skipped[name] = (f"{name!r} is not an output of {where}: it holds a "
+                                 f"{_type_name(value)}, which cannot be stored ({exc}); "
+                                 f"compute it in the cell that reads it")
+                continue
             outputs[name] = value
+        unpicklable = [n for n in skipped if n in namespace]
+        if unpicklable:
+            print(f"nbpipe: {where} did not store {', '.join(unpicklable)} (cannot be pickled: "
+                  f"{', '.join(_type_name(namespace[n]) for n in unpicklable)}); a cell that reads "
+                  f"{'it' if len(unpicklable) == 1 else 'them'} gets an error", file=sys.stderr)
+        if skipped:
+            outputs[SKIPPED] = skipped
         return outputs
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -7,7 +7,17 @@
 Reads are the names the cell takes from outside (in order of first use); writes are the names
 assigned at the cell's top level (imports excluded: a module is not a result). Comprehension
 variables, function parameters and locals, class bodies, ``global`` and ``nonlocal``
-declarations, ``del``, augmented assignment and the walrus operator follow Python's rules.
+declarations, ``del``, augmented assignment and the walrus operator follow Python's rules, block by
+block as marimo's visitor does: a ``global x`` in a nested function concerns that function only,
+and an ``except E as e`` name is deleted when its handler ends (it is not an output).
+
+Names bound last by ``with ... as NAME`` or to a generator expression are *transient*, with
+why: the context's object (a file, a lock) is closed when the block ends, and a generator runs
+once and cannot be stored; they are not outputs either.
+
+>>> scope = analyze("with open(path) as f:\\n    text = f.read()\\nwords = (w for w in text.split())")
+>>> scope.writes, scope.transient
+(['text'], {'f': 'with', 'words': 'generator'})
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ class CellScope:
     writes: list[str] = field(default_factory=list)
     imports: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    transient: dict[str, str] = field(default_factory=dict)  # name -> "with" | "generator"
+    import_lines: dict[str, str] = field(default_factory=dict)  # imported name -> its import
 
 
 class _Scope:
@@ -37,10 +49,45 @@ class _Scope:
         self.nonlocals: set[str] = set()
 
 
-def _stored_names(node: ast.AST) -> set[str]:
-    """Every name a function body binds (so reads of it inside are local, not outside)."""
+_NESTED = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef, ast.ListComp,
+           ast.SetComp, ast.GeneratorExp, ast.DictComp)
+
+
+def _scope_nodes(nodes: list[ast.AST]) -> list[ast.AST]:
+    """The nodes of one scope: of a nested function, class or comprehension only the parts that
+    run in this scope (its name, decorators, defaults, bases, first iterable), and the walrus
+    targets of a comprehension (they bind here)."""
+    out: list[ast.AST] = []
+    stack = list(reversed(nodes))
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            args = node.args
+            parts: list[ast.AST] = [*args.defaults, *(d for d in args.kw_defaults if d is not None)]
+            if not isinstance(node, ast.Lambda):
+                parts += node.decorator_list
+                parts += [a.annotation for a in [*args.posonlyargs, *args.args, *args.kwonlyargs,
+                                                 args.vararg, args.kwarg]
+                          if a is not None and a.annotation is not None]
+                parts += [node.returns] if node.returns is not None else []
+            stack.extend(reversed(parts))
+        elif isinstance(node, ast.ClassDef):
+            stack.extend(reversed([*node.decorator_list, *node.bases, *(k.value for k in node.keywords)]))
+        elif isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
+            stack.append(node.generators[0].iter)
+            out.extend(n.target for n in ast.walk(node) if isinstance(n, ast.NamedExpr))
+        else:
+            stack.extend(reversed(list(ast.iter_child_nodes(node))))
+    return out
+
+
+def _bound_names(nodes: list[ast.AST]) -> tuple[set[str], set[str], set[str]]:
+    """What one scope binds, declares ``global`` and declares ``nonlocal`` (nested scopes apart)."""
     names: set[str] = set()
-    for child in ast.walk(node):
+    globals_: set[str] = set()
+    nonlocals: set[str] = set()
+    for child in _scope_nodes(nodes):
         if isinstance(child, ast.Name) and isinstance(child.ctx, (ast.Store, ast.Del)):
             names.add(child.id)
         elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -48,15 +95,15 @@ def _stored_names(node: ast.AST) -> set[str]:
         elif isinstance(child, (ast.Import, ast.ImportFrom)):
             for alias in child.names:
                 names.add((alias.asname or alias.name).partition(".")[0])
-        elif isinstance(child, ast.ExceptHandler) and child.name:
-            names.add(child.name)
-        elif isinstance(child, ast.arg):
-            names.add(child.arg)
-        elif isinstance(child, (ast.MatchAs, ast.MatchStar)) and child.name:
+        elif isinstance(child, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and child.name:
             names.add(child.name)
         elif isinstance(child, ast.MatchMapping) and child.rest:
             names.add(child.rest)
-    return names
+        elif isinstance(child, ast.Global):
+            globals_.update(child.names)
+        elif isinstance(child, ast.Nonlocal):
+            nonlocals.update(child.names)
+    return names, globals_, nonlocals
 
 
 class _Visitor(ast.NodeVisitor):
@@ -66,6 +113,7 @@ class _Visitor(ast.NodeVisitor):
         self.result = CellScope()
         self._reads: dict[str, None] = {}
         self._writes: dict[str, None] = {}
+        self._transient: dict[str, str] = {}
         self._deferred: list[tuple[ast.AST, _Scope]] = []
 
     # -- name resolution ----------------------------------------------------------------------
@@ -85,6 +133,7 @@ class _Visitor(ast.NodeVisitor):
             return
         scope.defined.add(name)
         if scope is self.module:
+            self._transient.pop(name, None)  # bound again: a `with ... as` value no longer
             if imported:
                 self.result.imports.append(name)
                 self._writes.pop(name, None)
@@ -138,6 +187,9 @@ class _Visitor(ast.NodeVisitor):
         self.visit(node.value)  # the value is evaluated before the targets are bound
         for target in node.targets:
             self.visit(target)
+            if (isinstance(node.value, ast.GeneratorExp) and isinstance(target, ast.Name)
+                    and self._binding_scope(target.id) is self.module):
+                self._transient[target.id] = "generator"
 
     def visit_NamedExpr(self, node: ast.NamedExpr) -> None:
         self.visit(node.value)
@@ -145,12 +197,18 @@ class _Visitor(ast.NodeVisitor):
 
     def visit_Import(self, node: ast.Import) -> None:
         for alias in node.names:
-            self._define((alias.asname or alias.name).partition(".")[0], imported=True)
+            name = (alias.asname or alias.name).partition(".")[0]
+            self._define(name, imported=True)
+            if self.scope is self.module:
+                self.result.import_lines[name] = ast.unparse(ast.Import(names=[alias]))
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         for alias in node.names:
             if alias.name != "*":
                 self._define(alias.asname or alias.name, imported=True)
+                if self.scope is self.module:
+                    self.result.import_lines[alias.asname or alias.name] = ast.unparse(
+                        ast.ImportFrom(module=node.module, names=[alias], level=node.level))
 
     def visit_Global(self, node: ast.Global) -> None:
         self.scope.globals.update(node.names)
@@ -165,6 +223,24 @@ class _Visitor(ast.NodeVisitor):
             self._define(node.name)
         for stmt in node.body:
             self.visit(stmt)
+        if node.name and self._binding_scope(node.name) is self.module:
+            # Python deletes the name when the handler ends: never an output
+            self.module.defined.discard(node.name)
+            self._writes.pop(node.name, None)
+
+    def _with(self, node: ast.With | ast.AsyncWith) -> None:
+        for item in node.items:
+            self.visit(item.context_expr)
+            if item.optional_vars is not None:
+                self.visit(item.optional_vars)
+                if self.scope is self.module:
+                    for name in ast.walk(item.optional_vars):
+                        if isinstance(name, ast.Name) and name.id not in self.module.globals:
+                            self._transient[name.id] = "with"
+        for stmt in node.body:
+            self.visit(stmt)
+
+    visit_With = visit_AsyncWith = _with
 
     def visit_MatchAs(self, node: ast.MatchAs) -> None:
         if node.pattern is not None:
@@ -203,14 +279,10 @@ class _Visitor(ast.NodeVisitor):
     def _run_function_body(self, node: ast.AST, scope: _Scope) -> None:
         saved, self.scope = self.scope, scope
         body = node.body if isinstance(node.body, list) else [node.body]
-        for stmt in body:
-            if isinstance(stmt, (ast.Global, ast.Nonlocal)):
-                self.visit(stmt)
-        for child in ast.walk(node):
-            if isinstance(child, (ast.Global, ast.Nonlocal)):
-                self.visit(child)
-        holder = ast.Module(body=body, type_ignores=[])
-        local = _stored_names(holder) - scope.globals - scope.nonlocals
+        # Only this function's own declarations: a `global x` in a nested function makes `x`
+        # global there, not here.
+        local, scope.globals, scope.nonlocals = _bound_names(body)
+        local -= scope.globals | scope.nonlocals
         args = node.args
         local |= {a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs,
                                   args.vararg, args.kwarg] if a is not None}
@@ -254,7 +326,11 @@ class _Visitor(ast.NodeVisitor):
             node, scope = self._deferred.pop(0)
             self._run_function_body(node, scope)
         self.result.reads = list(self._reads)
-        self.result.writes = [w for w in self._writes if w not in self.result.imports]
+        self.result.transient = {t: why for t, why in self._transient.items() if t in self._writes}
+        self.result.writes = [w for w in self._writes
+                              if w not in self.result.imports and w not in self._transient]
+        self.result.import_lines = {n: line for n, line in self.result.import_lines.items()
+                                    if n in self.result.imports}
         return self.result
 
 

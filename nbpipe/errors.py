@@ -121,3 +121,19 @@ class InvalidArgument(NbpipeError, ValueError):
 
 class ResourceError(NbpipeError, ValueError):
     """A task asks for more than any worker pool of the cluster can give it."""
+
+
+class CellInputError(NbpipeError, NameError):
+    """A cell reads a name it cannot have: nothing defines it, it is a module another ``%%task``
+    cell imports, or it is a name a task cell did not keep as an output.
+
+    In IPython only the message is shown (the mistake is in the cell, not in nbpipe's frames).
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+class OutputNotStored(CellInputError):
+    """A ``%%task`` cell's name that is not one of its stored outputs (it could not be pickled,
+    it was bound by ``with ... as``, or the cell did not assign it on the branch that ran)."""

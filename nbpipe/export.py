@@ -21,7 +21,6 @@ names its cell.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import builtins
 import io
@@ -40,9 +39,11 @@ from typing import Any
 from .cells import RUNNER_NAMES, placeholders
 from .cellscope import analyze, analyze_tree
 from .errors import NbpipeError
+from .task import make_options
+from .taskline import TaskLineError, parse_task_line
 
 __all__ = [
-    "ExportError", "Exported", "export_notebook", "sbatch_script", "task_cell_parser", "write_export",
+    "ExportError", "Exported", "export_notebook", "sbatch_script", "write_export",
 ]
 
 MODULE_LEVEL = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
@@ -51,25 +52,6 @@ TASK_DECORATORS = {"task", "bash_task"}
 
 class ExportError(NbpipeError, ValueError):
     """A notebook nbpipe cannot turn into a script (not a notebook, a cell it cannot read)."""
-
-
-def task_cell_parser() -> argparse.ArgumentParser:
-    """The options of a ``%%task`` line (the same as the magic's)."""
-    p = argparse.ArgumentParser(prog="%%task", add_help=False, exit_on_error=False)
-    p.add_argument("name", nargs="?")
-    p.add_argument("--after", nargs="+", default=[])
-    p.add_argument("--retries", type=int)
-    p.add_argument("--cores", type=int)
-    p.add_argument("--memory")
-    p.add_argument("--walltime")
-    p.add_argument("--gpus", type=int)
-    p.add_argument("--pool")
-    p.add_argument("--retry-memory-factor", type=float)
-    p.add_argument("--env", nargs="+", default=[])
-    p.add_argument("--version")
-    p.add_argument("--no-cache", action="store_true")
-    p.add_argument("--bash", action="store_true")
-    return p
 
 
 @dataclass
@@ -88,6 +70,8 @@ class _State:
     outputs: dict[str, str] = field(default_factory=dict)  # task output name -> "output" | "ref"
     main_names: list[str] = field(default_factory=list)
     module_names: set[str] = field(default_factory=set)
+    plain_names: set[str] = field(default_factory=set)  # bound at module level by plain cells
+    task_imports: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (task, import)
     task_functions: set[str] = field(default_factory=set)
     imports: list[str] = field(default_factory=list)
     cluster: Any = None  # from a `%pipeline cluster KIND key=value ...` line
@@ -115,39 +99,26 @@ def _identifier(name: str) -> str:
     return out
 
 
-def _option_kwargs(args: argparse.Namespace, where: str, state: _State) -> list[str]:
-    kwargs = []
-    for option in ("retries", "cores", "memory", "walltime", "gpus", "pool", "retry_memory_factor",
-                   "version"):
-        value = getattr(args, option)
-        if value is not None:
-            kwargs.append(f"{option}={value!r}")
-    if args.env:
-        env = {}
-        for pair in args.env:
-            key, sep, value = pair.partition("=")
-            if not sep:
-                raise ExportError(f"{where}: --env takes KEY=VALUE pairs, got {pair!r}")
-            env[key] = value
-        kwargs.append(f"env={env!r}")
-    if args.no_cache:
-        kwargs.append("cache=False")
-    if args.after:
-        kwargs.append(f"after={args.after!r}")
-    return kwargs
+def _option_kwargs(options: dict[str, Any], name: str, where: str) -> list[str]:
+    """The decorator's keywords, checked as the magic checks them (a bad value fails here)."""
+    try:
+        make_options(name, **options)
+    except NbpipeError as exc:
+        raise ExportError(f"{where}: {exc}") from None
+    return [f"{key}={value!r}" for key, value in options.items()]
 
 
 def _task_cell(number: int, line: str, body: str, state: _State) -> None:
     where = f"cell {number} ({line.strip()})"
     try:
-        args = task_cell_parser().parse_args(line.split()[1:])
-    except (argparse.ArgumentError, SystemExit) as exc:
+        args = parse_task_line(line)
+    except TaskLineError as exc:
         raise ExportError(f"{where}: cannot read the %%task options ({exc})") from None
-    options = _option_kwargs(args, where, state)
     if args.bash:
         if not args.name:
             raise ExportError(f"{where}: a --bash cell needs a name: %%task NAME --bash")
         name, inputs = args.name, placeholders(body)
+        options = _option_kwargs(args.options, name, where)
         fname = _function_name(name, [name], inputs, state)  # `name` holds its ref in main()
         plain = '"""' not in body and not body.endswith(("\\", '"'))
         literal = f'r"""{body}"""' if plain else repr(body)
@@ -166,13 +137,24 @@ def _task_cell(number: int, line: str, body: str, state: _State) -> None:
         scope = analyze(body)
     except SyntaxError as exc:
         raise ExportError(f"{where}: the cell is not valid Python ({exc.msg}, line {exc.lineno})") from None
-    outputs = scope.writes
+    outputs = scope.writes  # without `with ... as` names: their values are not kept
     name = args.name or (outputs[0] if outputs else None)
     if not name:
         raise ExportError(f"{where}: the cell assigns nothing, so it needs a name: %%task NAME")
-    inputs = [r for r in scope.reads if not hasattr(builtins, r) and r not in RUNNER_NAMES]
+    options = _option_kwargs(args.options, name, where)
+    # A name the notebook bound before shadows the builtin of that name, as in the kernel.
+    bound = state.outputs.keys() | state.plain_names | set(state.main_names)
+    inputs = [r for r in scope.reads
+              if r in bound or not hasattr(builtins, r) and r not in RUNNER_NAMES]
     if "display" in scope.reads and "display" not in inputs:  # what the kernel's display is
         state.imports.append("from IPython.display import display")
+    for read in inputs:
+        if read in state.task_imports and read not in bound:  # as the magic refuses it
+            task, statement = state.task_imports[read]
+            raise ExportError(f"{where}: reads {read!r}, a module that %%task {task} imports; modules "
+                              f"are not task outputs: `{statement}` in this cell")
+    for module, statement in scope.import_lines.items():
+        state.task_imports[module] = (name, statement)
     fname = _function_name(name, outputs, inputs, state)
     # indenting a multi-line string would change it: such a cell is written from its AST
     code = ast.unparse(ast.parse(body)) if _has_multiline_strings(body) else _quiet_imports(body.rstrip())
@@ -222,7 +204,7 @@ def _quiet_imports(code: str) -> str:
 def _function_name(name: str, outputs: list[str], inputs: list[str], state: _State) -> str:
     fname = _identifier(name)
     taken = set(outputs) | set(inputs) | state.module_names | set(state.main_names)
-    while fname in taken:
+    while fname in taken or hasattr(builtins, fname):  # a module-level `sum` would shadow sum()
         fname += "_cell"
     state.module_names.add(fname)
     return fname
@@ -301,6 +283,7 @@ def _plain_cell(number: int, source: str, state: _State) -> None:
             else:
                 state.top.append(_segment(code, node) + "\n")
             state.module_names.update(bound)
+            state.plain_names.update(bound)
             continue
         outputs = set(scope.reads) & {n for n, kind in state.outputs.items()}
         if outputs:

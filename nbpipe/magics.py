@@ -21,20 +21,20 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from . import queries
-from .cells import DISPLAY, CellTask, placeholders
+from .cells import HIDDEN, CellTask, placeholders
 from .cellscope import analyze, analyze_tree
 from .cluster import parse_words
 from .display import ClusterView, Progress, StatusLine, TaskTable, task_graph, widgets_enabled
-from .errors import CycleError, NbpipeError, UnknownTask
+from .errors import CellInputError, CycleError, NbpipeError, OutputNotStored, UnknownTask
 from .identity import is_stand_in, register_stand_ins
 from .pipeline import Pipeline, use
 from .results import read_result
 from .runner import record_jobs
 from .states import State
 from .task import TaskOutput, TaskRef, make_options
+from .taskline import TaskLineError, parse_task_line, usage
 
 __all__ = ["NotebookSession", "load_ipython_extension", "notebook_path"]
 
@@ -70,6 +70,10 @@ class NotebookSession:
         self.pipe = Pipeline(name, store=store)
         self.outputs: dict[str, TaskRef | TaskOutput] = {}
         self.cell_of: dict[str, str | None] = {}  # task name -> id of the cell that defined it
+        # Names a %%task cell binds but does not output, with why (`with ... as` values), and
+        # modules it imports (name -> (task, import statement)): a cell reading one is told.
+        self.dropped: dict[str, tuple[str, str]] = {}  # name -> (task, why)
+        self.imported: dict[str, tuple[str, str]] = {}  # name -> (task, import statement)
         self.autorun = True
         use(self.pipe)
 
@@ -91,6 +95,7 @@ class NotebookSession:
         for name in names:
             producer = self.outputs.get(name)
             if producer is None:
+                self.check_readable(name)
                 continue
             ref = producer.ref if isinstance(producer, TaskOutput) else producer
             if ref.state.final:
@@ -100,10 +105,41 @@ class NotebookSession:
             with Progress(self.pipe._closure([ref]), f"waiting for {ref.label}"):
                 self.shell.user_ns[name] = producer.result()
 
+    def check_readable(self, name: str, reader: str = "this cell") -> None:
+        """Raise a short error when ``name`` is one a ``%%task`` cell bound but did not output (a
+        ``with ... as`` value) or a module only a ``%%task`` cell imported."""
+        if name in self.dropped:
+            raise OutputNotStored(self.dropped[name][1])
+        if name in self.imported and name not in self.shell.user_ns:
+            task, line = self.imported[name]
+            raise CellInputError(
+                f"{reader} reads {name!r}, a module that %%task {task} imports; modules are not "
+                f"task outputs: `{line}` in this cell"
+            )
+
+    def forget_cell(self, task: str) -> None:
+        """Forget the names task cell ``task`` dropped or imported (it runs again, changed)."""
+        for names in (self.dropped, self.imported):
+            for name in [n for n, (owner, _) in names.items() if owner == task]:
+                del names[name]
+
+    def unknown_name(self, task: str, name: str) -> Exception:
+        """The error for a name a ``%%task`` cell reads that nothing defines."""
+        try:
+            self.check_readable(name, f"task {task!r}")
+        except CellInputError as exc:
+            return exc
+        return CellInputError(
+            f"task {task!r} reads {name!r}, but no task output, variable or builtin has that name; "
+            f"define {name!r} in a cell (or a %%task cell) and run it first"
+        )
+
     def override(self, names: list[str]) -> None:
         """Names a plain cell assigns stop following their task from then on."""
         for name in names:
             self.outputs.pop(name, None)
+            self.dropped.pop(name, None)
+            self.imported.pop(name, None)
 
 
 class _PullTransformer(ast.NodeTransformer):
@@ -113,11 +149,13 @@ class _PullTransformer(ast.NodeTransformer):
         self.session = session
 
     def visit_Module(self, node: ast.Module) -> ast.Module:
-        if not self.session.outputs:
+        session = self.session
+        if not (session.outputs or session.dropped or session.imported):
             return node
         scope = analyze_tree(node)
-        wanted = [n for n in scope.reads if n in self.session.outputs]
-        self.session.override([n for n in scope.writes if n in self.session.outputs])
+        known = session.outputs.keys() | session.dropped.keys() | session.imported.keys()
+        wanted = [n for n in scope.reads if n in known]
+        session.override([n for n in [*scope.writes, *scope.imports] if n in known])
         if wanted:
             call = ast.Expr(ast.Call(
                 func=ast.Name(PULL, ast.Load()),
@@ -138,55 +176,36 @@ class NbpipeMagics(Magics):
 
     # -- %%task ---------------------------------------------------------------------------------
 
-    @magic_arguments()
-    @argument("name", nargs="?", help="task name (default: the cell's first output)")
-    @argument("--after", nargs="+", default=[], metavar="TASK", help="run after these tasks")
-    @argument("--retries", type=int, help="attempts after the first failure")
-    @argument("--cores", type=int, help="cores a worker must have")
-    @argument("--memory", help="memory a worker must have, e.g. 4GB")
-    @argument("--walltime", help="time limit, e.g. 01:30:00")
-    @argument("--gpus", type=int, help="GPUs a worker must have")
-    @argument("--pool", help="worker pool to run in")
-    @argument("--retry-memory-factor", type=float, metavar="F",
-              help="grow --memory by F on each retry after the worker died (out of memory)")
-    @argument("--env", nargs="+", default=[], metavar="K=V", help="environment variables")
-    @argument("--version", help="bump to re-run without changing code")
-    @argument("--no-cache", action="store_true", help="run every time")
-    @argument("--bash", action="store_true", help="the cell is a bash script; {name} fills values")
     @cell_magic
     def task(self, line: str, cell: str) -> None:
-        """Turn the cell into a task: ``%%task [NAME] [--retries N] [--memory 4GB] ...``."""
-        args = parse_argstring(self.task, line)
+        try:
+            args = parse_task_line(line)
+            name = args.name
+            if args.bash and not name:
+                raise TaskLineError("a --bash cell needs a name: %%task NAME --bash")
+        except TaskLineError as exc:
+            raise UsageError(str(exc)) from None
         session = self.session
-        env = {}
-        for pair in args.env:
-            key, sep, value = pair.partition("=")
-            if not sep or not key:
-                raise UsageError(f"%%task {args.name or ''}: --env takes KEY=VALUE pairs, got "
-                                 f"{pair!r}; e.g. --env OMP_NUM_THREADS=4")
-            env[key] = value
+        transient: dict[str, str] = {}
+        imports: dict[str, str] = {}
         if args.bash:
-            if not args.name:
-                raise UsageError("a --bash cell needs a name: %%task NAME --bash")
-            reads, outputs, name = placeholders(cell), [], args.name
+            reads, outputs = placeholders(cell), []
         else:
             try:
-                compile(cell, f"<task {args.name or 'cell'}>", "exec")
+                compile(cell, f"<task {name or 'cell'}>", "exec")
                 scope = analyze(cell)
             except SyntaxError as exc:
-                exc.filename = f"<task {args.name or 'cell'}>"
+                exc.filename = f"<task {name or 'cell'}>"
                 raise exc from None
             reads, outputs = scope.reads, scope.writes
-            name = args.name or (outputs[0] if outputs else None)
+            transient, imports = scope.transient, scope.import_lines
+            name = name or (outputs[0] if outputs else None)
             if not name:
                 raise UsageError("this cell assigns nothing, so name it: %%task NAME")
-        options = make_options(
-            name, retries=args.retries, cores=args.cores, memory=args.memory,
-            walltime=args.walltime, gpus=args.gpus, pool=args.pool, env=env or None,
-            version=args.version, cache=not args.no_cache, after=args.after or None,
-            retry_memory_factor=args.retry_memory_factor,
-        )
-        self._check_after(name, args.after)
+        options = make_options(name, **args.options)
+        session.forget_cell(name)  # what this cell dropped or imported when it last ran
+        after = args.options.get("after", [])
+        self._check_after(name, after)
         inputs = self._inputs(name, reads)
         cell_id = self._cell_id()
         previous_cell = session.cell_of.get(name)
@@ -198,8 +217,17 @@ class NbpipeMagics(Magics):
         self._check_cycle(name, inputs)
         ref = session.pipe._add(func, (), inputs, label=name)
         session.cell_of[name] = cell_id
+        session.override([*outputs, *transient, *imports])  # this cell binds them now
         for output in outputs:
             session.outputs[output] = ref.output(output)
+        for dropped, why in transient.items():
+            what = (f"it is bound by `with ... as {dropped}`, whose value (a file, a lock) is closed "
+                    "when the block ends" if why == "with" else
+                    "it is a generator expression, which runs once and cannot be stored")
+            session.dropped[dropped] = (name, f"{dropped!r} is not an output of %%task {name}: "
+                                              f"{what}; compute it in the cell that reads it")
+        for module, statement in imports.items():
+            session.imported[module] = (name, statement)
         if args.bash:
             session.outputs[name] = ref
         if session.autorun:
@@ -207,6 +235,8 @@ class NbpipeMagics(Magics):
         else:
             session.pipe._resolve([ref])
         StatusLine(ref)
+
+    task.__doc__ = usage()  # `%%task?` shows the option table's help
 
     def _cell_id(self) -> str | None:
         try:
@@ -220,6 +250,8 @@ class NbpipeMagics(Magics):
         hidden = self.shell.user_ns_hidden
         inputs: dict[str, Any] = {}
         for name in reads:
+            if name in session.dropped:  # a later binding than any kernel variable of that name
+                raise OutputNotStored(session.dropped[name][1])
             if name in session.outputs:
                 inputs[name] = session.outputs[name]
             elif name in ns and is_stand_in(name, ns[name]):
@@ -236,11 +268,7 @@ class NbpipeMagics(Magics):
             elif hasattr(builtins, name):
                 continue
             else:
-                raise NameError(
-                    f"task {task_name!r} reads {name!r}, but no task output, variable or "
-                    f"builtin has that name; define {name!r} in a cell (or a %%task cell) "
-                    "and run it first"
-                )
+                raise session.unknown_name(task_name, name)
         return inputs
 
     def _check_after(self, task_name: str, after: list[str]) -> None:
@@ -363,10 +391,18 @@ class NbpipeMagics(Magics):
         print(f"submitted: {summary}")
 
     def _do_wait(self, args: Any) -> None:
+        """Wait for the submitted tasks; say which are only registered, and how to run them."""
         pipe = self.session.pipe
-        with Progress(list(pipe._refs.values()), f"pipeline {pipe.name}"):
+        idle = set(pipe.unsubmitted())
+        with Progress([r for r in pipe._refs.values() if r not in idle], f"pipeline {pipe.name}"):
             summary = pipe.wait(timeout=args.timeout)
         print(summary)
+        idle_now = pipe.unsubmitted()
+        if idle_now:
+            names = ", ".join(r.label for r in idle_now[:5]) + (", ..." if len(idle_now) > 5 else "")
+            print(f"not waited for: {len(idle_now)} task(s) registered but not submitted ({names}); "
+                  "`%pipeline run` runs them (`%pipeline run NAME` one of them), as does reading "
+                  "their values")
 
     def _do_retry(self, args: Any) -> None:
         if not args.names and not args.failed:
@@ -418,7 +454,7 @@ class NbpipeMagics(Magics):
             value = read_result(result["path"], result["checksum"], result["data"])
             outputs = json.loads(row["components"]).get("outputs")
             if outputs is not None and isinstance(value, dict):
-                value = {k: v for k, v in value.items() if k != DISPLAY}
+                value = {k: v for k, v in value.items() if k not in HIDDEN}
                 self.shell.user_ns.update(value)
                 print(f"pulled {', '.join(value) or 'nothing'} from task {row['label']}")
             else:
@@ -426,11 +462,13 @@ class NbpipeMagics(Magics):
                 print(f"pulled {row['name']} from task {row['label']}")
 
     def _do_use(self, args: Any) -> None:
-        old = self.session.pipe
-        self.session.pipe = Pipeline(args.name, store=args.store or old.store, cluster=old.cluster)
-        self.session.outputs.clear()
-        use(self.session.pipe)
-        print(self.session.banner())
+        """Switch pipelines: the old one's runner stops, its cluster carries on for the new one."""
+        session = self.session
+        session.pipe = session.pipe.reopen(args.name, store=args.store)
+        for names in (session.outputs, session.dropped, session.imported, session.cell_of):
+            names.clear()
+        use(session.pipe)
+        print(session.banner())
 
     def _do_cluster(self, args: Any) -> ClusterView:
         """Switch to ``KIND [KEY=VALUE ...]`` (then start it), or show the cluster and its jobs."""

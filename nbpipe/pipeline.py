@@ -753,11 +753,44 @@ class Pipeline:
                 runner.changed.wait(0.5 if left is None else min(0.5, left))
 
     def wait(self, timeout: float | None = None) -> RunSummary:
-        """Wait until every task handed to the runner reached a final state."""
-        refs = list(self._refs.values())
+        """Wait until every task handed to the runner reached a final state.
+
+        Tasks only registered (called, never run nor needed) are not waited for: see
+        :meth:`unsubmitted`.
+        """
+        waiting = set(self.unsubmitted())
+        refs = [r for r in self._refs.values() if r not in waiting]
         if self._runner is not None:
             self._wait(refs, timeout)
         return self._summary(refs, 0)
+
+    def unsubmitted(self) -> list[TaskRef]:
+        """Tasks registered in this process that no runner has: ``pipe.run()`` (or reading their
+        values) runs them."""
+        runner = self._runner
+        live = runner is not None and runner.alive
+        return [r for r in self._refs.values()
+                if r.state is State.WAITING and not (live and runner.was_handed(r))]
+
+    def reopen(self, name: str, store: str | os.PathLike[str] | Store | None = None) -> Pipeline:
+        """Another pipeline on this one's cluster: this pipeline's runner stops and the new one
+        takes the cluster over (closing the new one closes it). Refused while tasks of this one
+        run.
+
+        >>> other = pipe.reopen("other")     # doctest: +SKIP
+        """
+        runner = self._runner
+        if runner is not None and runner.alive and runner.in_flight():
+            raise PipelineBusy(
+                f"pipeline {self.name!r}: {runner.in_flight()} task(s) are running; wait for them "
+                f"(pipe.wait(), %pipeline wait) or kill them before switching to pipeline {name!r}"
+            )
+        new = Pipeline(name, store=store if store is not None else self.store, cluster=self.cluster)
+        with self._lock:
+            connection, self._connection = self._connection, None
+        self.close()  # the runner (its lock given back); the cluster now belongs to `new`
+        new._connection = connection
+        return new
 
     def _load(self, ref: TaskRef) -> Any:
         assert ref.result_file is not None

@@ -129,6 +129,7 @@ class Runner:
         self.wake = threading.Event()
         self.changed = threading.Condition()
         self.by_key: dict[str, TaskRef] = {}
+        self.handed: set[TaskRef] = set()
         self.children: dict[TaskRef, set[TaskRef]] = defaultdict(set)
         self.blockers: dict[TaskRef, int] = {}
         self.ready: deque[TaskRef] = deque()
@@ -187,8 +188,13 @@ class Runner:
 
     def add(self, refs: list[TaskRef]) -> None:
         """Hand resolved tasks (WAITING) to the runner."""
+        self.handed.update(refs)  # now, not at the next tick: a wait right after sees them
         self.inbox.put(("add", refs))
         self.wake.set()
+
+    def was_handed(self, ref: TaskRef) -> bool:
+        """Whether ``ref`` was handed to this runner (it runs, or waits for what it needs)."""
+        return ref in self.handed
 
     def poke(self) -> None:
         """Look at the command table now."""

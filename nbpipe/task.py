@@ -289,8 +289,11 @@ class TaskOutput:
         self.name = name
 
     def result(self, timeout: float | None = None) -> Any:
-        """The entry's value (waits for the task)."""
-        return self.ref.result(timeout)[self.name]
+        """The entry's value (waits for the task); :class:`~nbpipe.OutputNotStored` when the
+        task did not store it (a cell's value that cannot be pickled, say)."""
+        from .cells import cell_output
+
+        return cell_output(self.ref.result(timeout), self.name, repr(self.ref.label))
 
     def __repr__(self) -> str:
         return f"<TaskOutput {self.ref.label}.{self.name} {self.ref.state.value}>"

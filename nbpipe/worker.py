@@ -31,9 +31,17 @@ import cloudpickle
 
 from .bash import run_command
 from .bookkeeping import environment
+from .cells import cell_output
 from .context import TaskContext, batch_job_id, stop_requested
 from .context import _set as _set_context
-from .errors import BashTaskError, ResultCorrupt, ResultWriteError, TaskKilled, UpstreamCorrupt
+from .errors import (
+    BashTaskError,
+    OutputNotStored,
+    ResultCorrupt,
+    ResultWriteError,
+    TaskKilled,
+    UpstreamCorrupt,
+)
 from .results import INLINE_SECONDS, read_result, write_result
 
 __all__ = ["Outcome", "Upstream", "WorkItem", "interrupt", "run_items"]
@@ -222,7 +230,7 @@ def _resolve(value: Any, cache: dict[str, Any]) -> Any:
                 cache[value.key] = read_result(value.path, value.checksum, value.data)
             except ResultCorrupt as exc:  # the runner computes it again, then runs this again
                 raise UpstreamCorrupt(value.key, f"upstream task {value.key[:12]}: {exc}") from None
-        return cache[value.key] if value.output is None else cache[value.key][value.output]
+        return cache[value.key] if value.output is None else cell_output(cache[value.key], value.output)
     if type(value) is list:
         return [_resolve(v, cache) for v in value]
     if type(value) is tuple:
@@ -233,8 +241,11 @@ def _resolve(value: Any, cache: dict[str, Any]) -> Any:
 
 
 def _call(fn: Any, item: WorkItem, values: dict[str, Any]) -> Any:
-    args = _resolve(item.args, values)
-    kwargs = _resolve(item.kwargs, values)
+    try:
+        args = _resolve(item.args, values)
+        kwargs = _resolve(item.kwargs, values)
+    except OutputNotStored as exc:  # say which task needed it: the message is all users see
+        raise OutputNotStored(f"task {item.label!r} cannot run: {exc}") from None
     if item.kind == "bash":
         command = fn(*args, **kwargs)
         result = run_command(command, task=item.label, env=item.env)

@@ -327,10 +327,28 @@ MAGICS = [
     Case("magics", "A syntax error in a `%%task` cell", "SyntaxError",
          "'(' was never closed (<task broken>, line 1)", "<task broken>", "Fix the cell's code.",
          "%%task broken\ny = (2 +\n"),
-    Case("magics", "A `%%task` cell reading a name nothing defines", "NameError",
+    Case("magics", "A `%%task` cell reading a name nothing defines", "CellInputError",
          "task 'x' reads 'nowhere', but no task output, variable or builtin has that name; define "
          "'nowhere' in a cell (or a %%task cell) and run it first", "'nowhere'",
          "Define the name first (or fix the typo).", "%%task x\nx = nowhere + 1"),
+    Case("magics", "A `%%task` cell using a module another `%%task` cell imports", "CellInputError",
+         "task 'stats' reads 'np', a module that %%task load imports; modules are not task outputs: "
+         "`import numpy as np` in this cell", "'np'",
+         "Import the module in the cell that uses it (or once in a plain cell).",
+         "%%task stats\nm = np.mean(data)",
+         ("%%task load\nimport numpy as np\ndata = np.arange(3)",)),
+    Case("magics", "A plain cell using a module only a `%%task` cell imports", "CellInputError",
+         "this cell reads 'math', a module that %%task load imports; modules are not task outputs: "
+         "`import math` in this cell", "'math'", "Import the module in this cell.", "math.pi",
+         ("%%task load\nimport math\ny = math.floor(2.5)",)),
+    Case("magics", "Reading a `%%task` cell's `with ... as` name", "OutputNotStored",
+         "'f' is not an output of %%task read: it is bound by `with ... as f`, whose value (a file, "
+         "a lock) is closed when the block ends; compute it in the cell that reads it", "%%task read",
+         "Use the value inside the `with` block, or open it again in the cell that needs it.",
+         "f.read()", ("%%task read\nimport io\nwith io.StringIO('text') as f:\n    x = f.read()",)),
+    Case("magics", "A `%%task` line with an unclosed quote", "UsageError",
+         "cannot split the %%task line 'x --env \"MSG=hello': No closing quotation", "--env",
+         "Close the quote: `--env \"MSG=hello world\"`.", "%%task x --env \"MSG=hello\nx = 1"),
     Case("magics", "Cells that read each other's outputs (a cycle)", "CycleError",
          "cells form a cycle: … -> … -> a; a cell cannot read what a cell downstream of it produces",
          "a", "Move the shared computation into its own cell.", "%%task a\na = b + 1",
@@ -339,10 +357,20 @@ MAGICS = [
          "%%task y: --after lod names no task of pipeline '…' (its tasks: none yet); run the cell "
          "that defines 'lod' first, or fix the name", "lod",
          "Run the cell that defines it first, or fix the name.", "%%task y --after lod\ny = 1"),
-    Case("magics", "A task output that cannot be pickled (a lock)", "TypeError",
-         "output 'lock' of task 'lock' cannot be pickled…", "'lock'",
+    Case("magics", "Reading a `%%task` cell's value that cannot be pickled (a lock)", "OutputNotStored",
+         "'lock' is not an output of %%task locks: it holds a _thread.lock, which cannot be stored "
+         "(cannot pickle '_thread.lock' object); compute it in the cell that reads it", "%%task locks",
          "Keep such objects inside the cell, or build them in the cell that uses them.",
-         "lock", ("%%task lock\nimport threading\nlock = threading.Lock()",)),
+         "lock", ("%%task locks\nimport threading\nlock = threading.Lock()",)),
+    Case("magics", "`%pipeline use other` while tasks of this pipeline run", "UsageError",
+         "pipeline '…': 1 task(s) are running; wait for them (pipe.wait(), %pipeline wait) or kill "
+         "them before switching to pipeline 'other'", "'other'",
+         "Wait for the tasks (`%pipeline wait`) or kill them, then switch.", "%pipeline use other",
+         ("%%task nap\nimport time\ntime.sleep(3)\nnap = 1",
+          "import time\nnap_ref = get_ipython()._nbpipe_session.pipe._by_label['nap']\n"
+          "deadline = time.monotonic() + 60\n"
+          "while nap_ref.state.value != 'RUNNING' and time.monotonic() < deadline:\n"
+          "    time.sleep(0.02)")),
     Case("magics", "`%pipeline frobnicate`", "UsageError",
          "argument command: invalid choice: 'frobnicate' (choose from …)\nusage: …", "frobnicate",
          "Use one of the listed commands.", "%pipeline frobnicate"),
@@ -543,7 +571,7 @@ def shell(cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         ip.run_line_magic("load_ext", "nbpipe")
         yield ip
         ip.run_line_magic("unload_ext", "nbpipe")
-    for name in ("a", "b", "x", "y", "lock"):
+    for name in ("a", "b", "x", "y", "lock", "math", "nap_ref", "deadline"):
         ip.user_ns.pop(name, None)
 
 

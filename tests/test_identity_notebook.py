@@ -13,7 +13,7 @@ CELLS = [
     "import mylib\nfrom pathlib import Path\n\nDATA = str(Path('data.txt').resolve())\n"
     "Path(DATA).write_text('1 2 3')",
     "%%task numbers\nwith open(DATA) as handle:\n    numbers = [int(x) for x in handle.read().split()]\n"
-    "del handle\nprint('read', numbers)",
+    "print('read', numbers)",
     "from nbpipe import task\n\n\n@task\ndef size(path: str) -> int:\n"
     "    with open(path) as handle:\n        return len(handle.read())\n\n\nsized = size(DATA)",
     "%%task total\ndisplay(sum(numbers))\nprint('numbers', numbers)\ntotal = mylib.f(sum(numbers))",

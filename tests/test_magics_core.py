@@ -12,7 +12,7 @@ from IPython.core.error import UsageError
 from IPython.terminal.interactiveshell import TerminalInteractiveShell
 from IPython.testing.globalipapp import start_ipython
 
-from nbpipe import CycleError, State
+from nbpipe import CycleError, OutputNotStored, State
 from nbpipe.cellscope import analyze
 
 _names = itertools.count()
@@ -194,11 +194,13 @@ def test_cycle_between_cells_is_an_error_naming_it(shell) -> None:
         run(shell, "%%task a\na = b + 1")
 
 
-def test_unpicklable_output_fails_naming_the_variable(shell) -> None:
-    run(shell, "%%task lock\nimport threading\nlock = threading.Lock()")
-    ref = session(shell).pipe._by_label["lock"]
-    with pytest.raises(TypeError, match="output 'lock' of task 'lock' cannot be pickled"):
-        ref.result()
+def test_an_unpicklable_value_is_left_out_and_reading_it_names_the_cell(shell) -> None:
+    run(shell, "%%task locks\nimport threading\nlock = threading.Lock()\nn = 1")
+    ref = session(shell).pipe._by_label["locks"]
+    assert ref.result()["n"] == 1  # the task succeeded
+    with pytest.raises(OutputNotStored, match="'lock' is not an output of %%task locks: it holds a "
+                                              "_thread.lock, which cannot be stored"):
+        ref.output("lock").result()
 
 
 def test_task_error_traceback_points_into_the_cell(shell) -> None:
@@ -229,6 +231,24 @@ def test_another_cell_claiming_a_name_warns(shell, monkeypatch: pytest.MonkeyPat
     run(shell, "%%task x\nx = 1")
     with pytest.warns(UserWarning, match="task 'x' was defined by another cell"):
         run(shell, "%%task x\nx = 2")
+
+
+def test_use_is_refused_while_tasks_of_the_pipeline_run(shell, tmp_path: Path) -> None:
+    flag = tmp_path / "go"
+    shell.user_ns["flag"] = str(flag)
+    run(shell, "%%task spin\nimport os, time\nwhile not os.path.exists(flag):\n    time.sleep(0.02)\n"
+               "spin = 1")
+    pipe = session(shell).pipe
+    ref = pipe._by_label["spin"]
+    wait_for(lambda: ref.state is State.RUNNING)
+    with pytest.raises(UsageError, match=r"1 task\(s\) are running; wait for them .* before "
+                                         "switching to pipeline 'other'"):
+        shell.run_line_magic("pipeline", "use other")
+    assert session(shell).pipe is pipe
+    flag.write_text("now")
+    wait_for(lambda: ref.state is State.SUCCEEDED, timeout=30)
+    shell.run_line_magic("pipeline", "use other")
+    assert session(shell).pipe.name == "other" and "spin" not in session(shell).outputs
 
 
 def test_kill_and_retry_through_the_pipeline_magic(shell, tmp_path: Path) -> None:
