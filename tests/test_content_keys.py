@@ -338,3 +338,65 @@ def test_notebook_cell_reading_a_no_cache_cell_follows_its_value(tmp_path: Path,
     text = _notebook_run(path)  # the same value: doubled is found done
     assert "doubled 42" in text
     assert "doubled: found done" in text
+
+
+HANDOVER = '''
+import sys
+from pathlib import Path
+from typing import Annotated
+
+from nbpipe import In, Out, Pipeline
+
+pipe = Pipeline("handover", store=sys.argv[1], cluster=sys.argv[2])
+
+
+def fetch(path: str) -> int:
+    return int(Path(path).read_text())
+
+
+def double(x: int) -> int:
+    return 2 * x
+
+
+def produce(out: Annotated[Path, Out]) -> None:
+    out.write_text("hello")
+
+
+def count(src: Annotated[Path, In]) -> int:
+    return len(src.read_text())
+
+
+if __name__ == "__main__":
+    doubled = pipe.task(double)(pipe.task(fetch, cache=False)(str(Path("source.txt").absolute())))
+    pipe.task(produce)(Path("a.txt"))
+    counted = pipe.task(count)(Path("a.txt"))
+    if sys.argv[3] == "detach":
+        pipe.detach()
+    else:
+        summary = pipe.run()
+        print("RESULT", summary.executed, doubled.reason, doubled.result(), counted.reason,
+              counted.result())
+'''
+
+
+def test_detached_runner_settles_late_tasks(tmp_path: Path, cluster, monkeypatch) -> None:
+    """Late tasks handed over to `nbpipe spawn` (specs on disk) get their final keys there: a
+    run afterwards finds them done."""
+    from conftest import wait_for
+
+    monkeypatch.setenv("DASK_NBPIPE__CLUSTER", cluster.scheduler_address)  # for the spawned runner
+    (tmp_path / "source.txt").write_text("4")
+    script = tmp_path / "handover.py"
+    script.write_text(HANDOVER)
+    args = [sys.executable, str(script), str(tmp_path / ".nbpipe"), cluster.scheduler_address]
+    subprocess.run([*args, "detach"], cwd=tmp_path, check=True, timeout=120)
+
+    def states() -> set[str]:
+        return {t["state"] for t in json.loads(_nbpipe(tmp_path, "tasks", "handover", "--json"))}
+
+    wait_for(lambda: states() == {"SUCCEEDED"}, timeout=120)
+    wait_for(lambda: not _nbpipe(tmp_path, "pipelines", "--json").count('"pid"'), timeout=60)
+    _assert_store_consistent(tmp_path, tasks=4)
+    out = subprocess.run([*args, "run"], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "RESULT 1 found done 8 found done 5" in out.stdout
