@@ -400,3 +400,92 @@ def test_detached_runner_settles_late_tasks(tmp_path: Path, cluster, monkeypatch
     out = subprocess.run([*args, "run"], cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "RESULT 1 found done 8 found done 5" in out.stdout
+
+
+KINDS = '''
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+from nbpipe import In, Out, Pipeline
+
+pipe = Pipeline("kinds", store=sys.argv[1], cluster=sys.argv[2])
+SOURCE = str(Path("source.txt").absolute())
+
+
+@pipe.task(cache=False)
+def stamp(out: Annotated[Path, Out]) -> None:  # a cache=False task that writes a file
+    out.write_text(Path(SOURCE).read_text())
+
+
+@pipe.task
+def read(src: Annotated[Path, In]) -> str:
+    return src.read_text()
+
+
+@pipe.task(cache=False)
+def part(i: int) -> int:
+    return int(Path(SOURCE).read_text()) + i
+
+
+@pipe.task
+def total(values: list) -> int:  # cache=False upstream tasks inside a list
+    return sum(values)
+
+
+@pipe.bash_task(cache=False)
+def shout() -> str:  # a cache=False bash task: its value is what it printed
+    return f"cat {SOURCE}"
+
+
+@pipe.task
+def echo(result) -> str:
+    return result.strip() + "!"
+
+
+@pipe.task
+def tail(text: str) -> str:  # downstream of a late task: late too
+    return text * 2
+
+
+if __name__ == "__main__":
+    refs = {"read": read(stamp(Path("stamp.txt")) and Path("stamp.txt")),
+            "total": total([part(i) for i in range(3)])}
+    refs["tail"] = tail(echo(shout()))
+    summary = pipe.run()
+    print("RESULT " + json.dumps({
+        "ran": sorted(t.label for t in pipe.tasks() if t.reason != "found done"),
+        "executed": summary.executed,
+        "values": {name: r.result() for name, r in refs.items()},
+    }))
+'''
+
+
+def test_every_kind_of_cache_false_upstream_counts_by_content(tmp_path: Path, cluster) -> None:
+    """A cache=False task writing an In file, several in a list, a bash one; and what is
+    downstream of their consumers."""
+    script = tmp_path / "kinds.py"
+    script.write_text(KINDS)
+
+    def run() -> dict:
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path / ".nbpipe"),
+                               cluster.scheduler_address], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+        return json.loads(line[len("RESULT "):])
+
+    always = ["part(i=0)", "part(i=1)", "part(i=2)", "shout", "stamp(out=stamp.txt)"]
+    (tmp_path / "source.txt").write_text("1")
+    first = run()
+    assert first["values"] == {"read": "1", "total": 6, "tail": "1!1!"}
+    assert first["executed"] == 9
+    same = run()
+    assert same["ran"] == always and same["executed"] == 5
+    assert same["values"] == first["values"]
+    (tmp_path / "source.txt").write_text("2")
+    changed = run()
+    assert changed["ran"] == sorted([*always, "echo(result=<shout>)", "read(src=stamp.txt)",
+                                     "tail(text=<echo>)", "total(values=[3 tasks])"])
+    assert changed["values"] == {"read": "2", "total": 9, "tail": "2!2!"}
