@@ -146,6 +146,7 @@ class Runner:
             defaultdict(list)
         self.awaiting: dict[Submission, float] = {}
         self.failed_since_tick: dict[TaskRef, None] = {}
+        self.has_late = False  # a late task was handed over: ready ones are settled first
         self.durations: dict[Any, tuple[int, float]] = {}  # function -> (count, total seconds)
         self.probe_deadline: dict[Any, float] = {}
         self.probe_seen: dict[Any, float] = {}  # function -> when its tasks were first held
@@ -322,6 +323,8 @@ class Runner:
     def _integrate(self, refs: list[TaskRef]) -> None:
         for ref in refs:
             self.by_key[ref.key] = ref
+            if ref.late:
+                self.has_late = True
         for ref in refs:
             if ref.state is not State.WAITING or ref in self.sub_of or ref in self.blockers:
                 continue  # not waiting, or already counted (run() twice before a tick)
@@ -629,7 +632,7 @@ class Runner:
     def _settle_late(self) -> None:
         """Ready late tasks (keys waiting for upstream content, see :mod:`nbpipe.content`) get
         their final keys: found done, or submitted under them. What they release settles too."""
-        while True:
+        while self.has_late:
             late = [r for r in self.ready if r.late and r.state is State.WAITING
                     and not self.blockers.get(r, 0)]
             if not late:
@@ -643,8 +646,10 @@ class Runner:
             for ref in late:
                 twin = self.by_key.get(ref.key)
                 if ref.late:  # its upstream tasks succeeded, yet a file they wrote is gone
-                    self._finish(ref, State.FAILED, f"task {ref.label!r}: {ref.reason}; an In "
-                                 "file was deleted after its producer wrote it: retry the task")
+                    gone = ", ".join(str(p) for p in ref.in_files if not p.exists())
+                    self._finish(ref, State.FAILED, (
+                        f"task {ref.label!r} reads {gone or 'an In file'}, which is gone although "
+                        "the task that writes it succeeded; restore the file, or retry that task"))
                 elif twin is not None and twin is not ref and twin.state is State.SUCCEEDED:
                     ref.result_file, ref.reason = twin.result_file, "found done"
                     self._finish(ref, State.SUCCEEDED)  # the same content, computed already
