@@ -412,11 +412,11 @@ class Pipeline:
                     continue
                 late, old = r.late, r.key_
                 key = content_key(r)
-                if key == old:
+                if key == old and not (r.late and r.state is State.WAITING):
                     continue
-                if late and old is not None:
+                if late and old is not None and key != old:
                     retired[old] = key
-                r.key_ = key
+                r.key_ = key  # (a late task is looked at again: its upstream may be found done)
                 r.state, r.result_file = State.WAITING, None  # not final for readers until found
                 changed.append(r)
             if changed:

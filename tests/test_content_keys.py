@@ -297,6 +297,35 @@ def test_file_edited_by_hand_between_two_runs_of_one_process(pipe: Pipeline, tmp
     assert pipe.run(check=True).executed == 0
 
 
+def test_reader_of_a_failed_producer_shows_upstream_failed_and_runs_after_a_retry(
+        pipe: Pipeline, tmp_path: Path) -> None:
+    """A late task whose producer failed stays UPSTREAM_FAILED (under its provisional key) until
+    the producer is retried; then it gets its final key and runs."""
+    fixed = tmp_path / "fixed"
+
+    @pipe.task
+    def write(out: Annotated[Path, Out], flag: str) -> None:
+        if not Path(flag).exists():
+            raise RuntimeError("not fixed yet")
+        out.write_text("made")
+
+    @pipe.task
+    def read(src: Annotated[Path, In]) -> str:
+        return src.read_text()
+
+    path = tmp_path / "made.txt"
+    write(path, str(fixed))
+    reader = read(path)
+    assert len(pipe.run().failed) == 1
+    assert {t.name: t.state for t in pipe.tasks()} == {"write": "FAILED", "read": "UPSTREAM_FAILED"}
+    fixed.touch()
+    pipe.retry(failed=True)
+    assert reader.result(timeout=120) == "made"
+    assert {t.name: t.state for t in pipe.tasks()} == {"write": "SUCCEEDED", "read": "SUCCEEDED"}
+    pipe.close()
+    _assert_store_consistent(tmp_path, tasks=2)
+
+
 NOTEBOOK = [
     "%load_ext nbpipe",
     "from pathlib import Path\nSOURCE = str(Path('source.txt').resolve())",
