@@ -33,6 +33,7 @@ import cloudpickle
 
 from .cells import CellRunner
 from .cluster import Connection, connect, validate
+from .content import content_key, pending_reason
 from .errors import (
     ClusterError,
     CycleError,
@@ -48,7 +49,7 @@ from .errors import (
     UnknownTask,
     UpstreamFailed,
 )
-from .files import file_digest, paths_in
+from .files import paths_in
 from .identity import IDENTITY_VERSION, CodeIdentity, Unencodable, is_immutable
 from .results import INLINE, append_private, read_result
 from .runner import Runner, record_jobs
@@ -405,9 +406,9 @@ class Pipeline:
         return list(ref.deps)
 
     def _resolve(self, refs: Iterable[TaskRef] | None = None) -> None:
-        """Compute keys and dependencies of new (and file-dependent) tasks; find what is done."""
+        """Compute keys and dependencies of new (and content-dependent) tasks; find what is done."""
         with self._lock:
-            todo = [r for r in self._refs.values() if r.key_ is None or r.dynamic]
+            todo = [r for r in self._refs.values() if r.key_ is None or r.dynamic or r.late]
             if refs is not None:
                 todo += [r for r in refs if r.key_ is None and r.call_id not in self._refs]
             if not todo:
@@ -437,8 +438,9 @@ class Pipeline:
                             "task of the pipeline declares as an Out file; create the file, "
                             "fix the path, or register the task that writes it"
                         )
-                    else:
-                        r.dynamic = True  # an external file: its content is re-read every run
+                    # Read by content every run: an external file, or one its producer wrote
+                    # and a hand may have changed since.
+                    r.dynamic = True
                 r.deps = deps or _NONE_BY_NAME
             graph = {r: [d for d in r.deps if d in todo_set] for r in todo}
             try:
@@ -450,25 +452,28 @@ class Pipeline:
                     "(an after= or an In/Out file)"
                 ) from None
             changed = []
+            retired: dict[str, str] = {}  # provisional key -> the key that replaces it
+            runner = self._runner
+            held = runner.blockers if runner is not None and runner.alive else _NONE_BY_NAME
             for r in order:
                 if any(d.dynamic for d in r.deps):
                     r.dynamic = True
-                if r.key_ is not None and r.state in (State.PENDING, State.RUNNING):
-                    continue  # in flight: keeps its key until it ends
-                if r.in_files:
-                    r.file_digests = {
-                        str(p): (producers[p].key_ if p in producers and producers[p] is not r
-                                 else file_digest(p))
-                        for p in r.in_files
-                    }
-                assert r.shape is not None
-                key = r.shape.digest(r.key_extras())
-                if key == r.key_:
+                if r.key_ is not None and (r.state in (State.PENDING, State.RUNNING)
+                                           or r in held):
+                    # In the runner's hands (it settles a late key itself): its key stays until
+                    # it ends, or the runner would not know the task by it.
                     continue
-                r.key_ = key
+                late, old = r.late, r.key_
+                key = content_key(r)
+                if key == old and not (r.late and r.state is State.WAITING):
+                    continue
+                if late and old is not None and key != old:
+                    retired[old] = key
+                r.key_ = key  # (a late task is looked at again: its upstream may be found done)
+                r.state, r.result_file = State.WAITING, None  # not final for readers until found
                 changed.append(r)
             if changed:
-                self._find_done(changed)
+                self._find_done(changed, retired)
 
     def _rekey_changed(self) -> None:
         """Keys are made with the values a task runs with. A task not yet handed to a runner
@@ -516,14 +521,70 @@ class Pipeline:
                 changed = True
         return changed
 
-    def _find_done(self, refs: list[TaskRef]) -> None:
+    def _settle_late(self, refs: list[TaskRef]) -> list[tuple[TaskRef, str]] | None:
+        """Final keys for late tasks the runner found ready (every upstream task succeeded, so
+        the content they read is there): each is found done (SUCCEEDED) or stays WAITING to run
+        under its final key. Returns (task, provisional key) pairs; None when this pipeline is
+        busy resolving in another thread (the runner tries again at its next tick)."""
+        if not self._lock.acquire(timeout=0.05):
+            return None
+        try:
+            retired, settled = {}, []
+            for r in refs:
+                old = r.key_
+                assert old is not None
+                key = content_key(r)
+                if key != old:
+                    retired[old] = r.key_ = key
+                    settled.append((r, old))
+            if settled:
+                self._find_done([r for r, _ in settled], retired)
+            return settled
+        finally:
+            self._lock.release()
+
+    def _find_done(self, refs: list[TaskRef], retired: dict[str, str] | None = None) -> None:
+        """Find which of ``refs`` (just keyed) are done, and record them all in the store.
+
+        A late task whose upstream content became known because its upstream tasks were found
+        done here is keyed again first (one store lookup per level of such tasks); ``retired``
+        provisional keys give way to the keys that replace them.
+        """
+        retired = dict(retired or {})
+        rows = self._decide(refs, retired)
+        followers: dict[TaskRef, list[TaskRef]] = {}
+        for r in refs:
+            if r.late:
+                for d in r.deps:
+                    followers.setdefault(d, []).append(r)
+        found = [r for r in refs if r.state is State.SUCCEEDED]
+        while followers and found:
+            again = []
+            for r in dict.fromkeys(c for d in found for c in followers.get(d, ()) if c.late):
+                old = r.key_
+                assert old is not None
+                key = content_key(r)
+                if key != old:
+                    retired[old] = r.key_ = key
+                    again.append(r)
+            if not again:
+                break
+            rows.update(self._decide(again, retired))
+            found = [r for r in again if r.state is State.SUCCEEDED]
+        self._record(refs, rows)
+
+    def _decide(self, refs: list[TaskRef], retired: dict[str, str]) -> dict[str, Any]:
+        """Set each task's state: SUCCEEDED when its result is recorded and intact, else
+        WAITING with the reason it runs. Returns the store rows of their keys."""
+        if retired:  # before anything is explained by the latest row of a label
+            self.store.retire_keys(self.pipeline_id, retired)
+            retired.clear()
         keys = [r.key for r in refs]
         results = self.store.results(keys)
         adopted = self._adopt_results([k for k in keys if k not in results])
         results.update(adopted)
         rows = self.store.task_rows(self.pipeline_id, keys, active_only=False)
-        resources: dict[TaskFunction, str] = {}  # one JSON text per function, not per task
-        register, edges, unexplained = [], [], []
+        unexplained = []
         for r in refs:
             res = results.get(r.key_)
             intact = res is not None and _intact(res)
@@ -539,7 +600,9 @@ class Pipeline:
                 r.reason = "found done"
             else:
                 r.state, r.result_file = State.WAITING, None
-                if not r.func.opts.cache:
+                if r.late:
+                    r.reason = pending_reason(r)
+                elif not r.func.opts.cache:
                     r.reason = "cache=False: runs every time"
                 elif row is not None and row["state"] == State.SUCCEEDED.value:
                     r.reason = (f"output file {missing_out[0]} is missing" if missing_out
@@ -553,6 +616,12 @@ class Pipeline:
                     unexplained.append(r)
         if unexplained:
             self._explain(unexplained)
+        return rows
+
+    def _record(self, refs: list[TaskRef], rows: dict[str, Any]) -> None:
+        """Write the rows and edges of ``refs`` (those recorded exactly so already are kept)."""
+        resources: dict[TaskFunction, str] = {}  # one JSON text per function, not per task
+        register, edges = [], []
         for r in refs:
             text = resources.get(r.func)
             if text is None:
@@ -700,6 +769,8 @@ class Pipeline:
         live = self._runner is not None and self._runner.alive
         if wait and live and not paused and any(not r.state.final for r in refs):
             self._wait(refs, timeout)
+        # Late tasks found done once their upstream content was known did not execute.
+        executed -= sum(r.reason == "found done" for r in todo)
         summary = self._summary(refs, executed)
         if check and summary.failed:
             raise TaskFailed(

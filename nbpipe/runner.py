@@ -148,6 +148,7 @@ class Runner:
             defaultdict(list)
         self.awaiting: dict[Submission, float] = {}
         self.failed_since_tick: dict[TaskRef, None] = {}
+        self.has_late = False  # a late task was handed over: ready ones are settled first
         self.durations: dict[Any, tuple[int, float]] = {}  # function -> (count, total seconds)
         self.probe_deadline: dict[Any, float] = {}
         self.probe_seen: dict[Any, float] = {}  # function -> when its tasks were first held
@@ -329,6 +330,8 @@ class Runner:
     def _integrate(self, refs: list[TaskRef]) -> None:
         for ref in refs:
             self.by_key[ref.key] = ref
+            if ref.late:
+                self.has_late = True
         for ref in refs:
             if ref.state is not State.WAITING or ref in self.sub_of or ref in self.blockers:
                 continue  # not waiting, or already counted (run() twice before a tick)
@@ -450,6 +453,7 @@ class Runner:
     def _submit_ready(self) -> None:
         if self.paused or not self.ready:
             return
+        self._settle_late()
         now = time.monotonic()
         held: list[TaskRef] = []
         chunks: dict[str, list[TaskRef]] = defaultdict(list)
@@ -461,6 +465,9 @@ class Runner:
                     or self.blockers.get(ref, 0) > 0):  # an upstream runs again (damaged result)
                 continue
             seen.add(ref)
+            if ref.late:  # not settled yet (the pipeline was busy): next tick
+                held.append(ref)
+                continue
             limit = ref.func.opts.max_concurrent
             if limit is not None and self.active[ref.func] + len(by_func[ref.func]) >= limit:
                 held.append(ref)
@@ -630,6 +637,39 @@ class Runner:
                 if end < len(batch):
                     size += len(blobs[end])
         self._to_submit.clear()
+
+    def _settle_late(self) -> None:
+        """Ready late tasks (keys waiting for upstream content, see :mod:`nbpipe.content`) get
+        their final keys: found done, or submitted under them. What they release settles too."""
+        while self.has_late:
+            late = [r for r in self.ready if r.late and r.state is State.WAITING
+                    and not self.blockers.get(r, 0)]
+            if not late:
+                return
+            settled = self.pipe._settle_late(late)
+            if settled is None:
+                return
+            for ref, old in settled:
+                if self.by_key.get(old) is ref:
+                    del self.by_key[old]
+            for ref in late:
+                twin = self.by_key.get(ref.key)
+                if ref.late:  # its upstream tasks succeeded, yet a file they wrote is gone
+                    gone = ", ".join(str(p) for p in ref.in_files if not p.exists())
+                    self._finish(ref, State.FAILED, (
+                        f"task {ref.label!r} reads {gone or 'an In file'}, which is gone although "
+                        "the task that writes it succeeded; restore the file, or retry that task"))
+                elif twin is not None and twin is not ref and twin.state is State.SUCCEEDED:
+                    ref.result_file, ref.reason = twin.result_file, "found done"
+                    self._finish(ref, State.SUCCEEDED)  # the same content, computed already
+                elif twin is not None and twin is not ref and not twin.state.final:
+                    ref.late = True  # the same content, being computed: settled after it
+                    self.children[twin].add(ref)
+                    self.blockers[ref] = 1
+                else:
+                    self.by_key[ref.key] = ref
+                    if ref.state is State.SUCCEEDED:
+                        self._finish(ref, State.SUCCEEDED)
 
     # -- results ------------------------------------------------------------------------------
 

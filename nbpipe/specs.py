@@ -61,7 +61,7 @@ def write_specs(pipe: Pipeline, refs: list[TaskRef]) -> int:
             "deps": {d.key: kind for d, kind in ref.deps.items()},
             "in_files": [str(p) for p in ref.in_files], "out_files": [str(p) for p in ref.out_files],
             "group": ref.group, "chunksize": ref.chunksize, "components": ref.components,
-            "reason": ref.reason,
+            "reason": ref.reason, "late": ref.late,
         }
         write_private(_spec_path(pipe.store.path, ref.key), cloudpickle.dumps(spec))
         written += 1
@@ -123,6 +123,7 @@ def revive(pipe: Pipeline) -> list[TaskRef]:
         ref.in_files = [Path(p) for p in spec["in_files"]]
         ref.out_files = [Path(p) for p in spec["out_files"]]
         ref.group, ref.chunksize = spec["group"], spec["chunksize"]
+        ref.late = spec.get("late", False)  # its key is settled when it is ready
         ref.attempts = ref.budget = rows[key]["attempts"]
         refs[key] = ref
     for key, spec in specs.items():

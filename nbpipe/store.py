@@ -382,6 +382,29 @@ class Store:
                 [(pipeline_id, p, c, k) for p, c, k in edges],
             )
 
+    def retire_keys(self, pipeline_id: int, keys: dict[str, str]) -> None:
+        """Replace provisional task keys by final ones (``{old: new}``, see :mod:`nbpipe.content`):
+        edges and events move to the final key, the provisional rows go."""
+        if not keys:
+            return
+        pid = (pipeline_id,)
+        with self.transaction() as tx:
+            # One pass over the pipeline's events and edges, whatever the number of keys.
+            tx.execute("CREATE TEMP TABLE IF NOT EXISTS retired (old TEXT PRIMARY KEY, new TEXT)")
+            tx.execute("DELETE FROM temp.retired")
+            tx.executemany("INSERT OR REPLACE INTO temp.retired VALUES (?, ?)", list(keys.items()))
+            old = "(SELECT old FROM temp.retired)"
+            for column in ("parent", "child"):
+                tx.execute(
+                    f"UPDATE OR IGNORE edges SET {column} = (SELECT new FROM temp.retired "
+                    f"WHERE old = edges.{column}) WHERE pipeline_id = ? AND {column} IN {old}", pid)
+            tx.execute(f"DELETE FROM edges WHERE pipeline_id = ? AND (parent IN {old} "
+                       f"OR child IN {old})", pid)
+            tx.execute("UPDATE events SET key = (SELECT new FROM temp.retired WHERE old = events.key)"
+                       f" WHERE pipeline_id = ? AND key IN {old}", pid)
+            tx.execute(f"DELETE FROM tasks WHERE pipeline_id = ? AND key IN {old}", pid)
+            tx.execute("DELETE FROM temp.retired")
+
     def task_rows(
         self, pipeline_id: int, keys: Sequence[str] | None = None, *, active_only: bool = True
     ) -> dict[str, sqlite3.Row]:

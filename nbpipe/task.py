@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from dask.utils import parse_bytes, parse_timedelta
 
+from .content import upstream_token
 from .errors import TaskDefinitionError
 from .files import file_params
 from .identity import IDENTITY_VERSION, CodeIdentity, DictShape, code_identity, digest
@@ -201,7 +202,8 @@ class TaskRef:
         "after", "in_files", "out_files", "shape", "arg_digests", "file_digests", "key_",
         "components_",
         "state", "attempts", "error", "exception", "traceback", "result_file", "reason",
-        "group", "chunksize", "worker", "dynamic", "budget", "deps", "queued", "__weakref__",
+        "group", "chunksize", "worker", "dynamic", "late", "budget", "deps", "queued",
+        "__weakref__",
     )
 
     def __init__(self, pipeline: Pipeline, func: TaskFunction, name: str, label: str):
@@ -227,6 +229,7 @@ class TaskRef:
         self.worker: str | None = None
         self.dynamic = False
         self.queued = False  # handed to a runner: its key no longer changes
+        self.late = False  # its key is provisional: it reads upstream content not known yet
         self.deps: dict[TaskRef, str] = _NO_DEPS  # upstream task -> data | after | file
 
     @property
@@ -252,10 +255,11 @@ class TaskRef:
         self.components_ = value
 
     def key_extras(self) -> dict[str, Any]:
-        """The per-task parts of the key: arguments, upstream keys, after= keys, input files."""
+        """The per-task parts of the key: arguments, upstream keys (a ``cache=False`` upstream
+        task's result by content), after= keys, input files (by content)."""
         return {
             "args": self.arg_digests,
-            "upstream": [[u.label, u.key_] for u in dict.fromkeys(self.upstream)],
+            "upstream": [[u.label, upstream_token(u)] for u in dict.fromkeys(self.upstream)],
             "after": sorted(d.key_ for d, kind in self.deps.items() if kind == "after" and d.key_),
             "files": self.file_digests or {},
         }

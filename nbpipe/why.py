@@ -68,7 +68,10 @@ def explain(new: dict[str, Any], old: dict[str, Any] | None, name: str) -> str:
         elif label not in new_up:
             reasons.append(f"upstream task `{label}` is no longer used")
         elif new_up[label] != old_up[label]:
-            reasons.append(f"upstream task `{label}` changed")
+            if str(new_up[label]).startswith("result:") and str(old_up[label]).startswith("result:"):
+                reasons.append(f"the value of upstream task `{label}` (cache=False) changed")
+            else:
+                reasons.append(f"upstream task `{label}` changed")
     if not reasons and new_pairs != old_pairs:
         reasons.append("the order of its upstream tasks changed")
     if new.get("version") != old.get("version"):
