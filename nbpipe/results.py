@@ -14,7 +14,8 @@ Small results of quick tasks -- at most :data:`INLINE_BYTES` pickled (the settin
 -- are *inline*: the worker sends the bytes to the runner, which records them in the store's
 database in the same transaction as the task's success (path ``""``). Creating a file costs
 about a millisecond on many file systems, more than such a task; a runner that dies before
-recording an inline result loses under a second of work, whereas a longer task's file is
+recording an inline result loses about a second of work at most (a chunk of a ``map`` pushes
+its finished items every 0.5 s, see :mod:`nbpipe.worker`), whereas a longer task's file is
 adopted by the next runner.
 """
 

@@ -378,6 +378,9 @@ def run_items(
     _notify_start(topic, [item.key for item in items], address)
     values: dict[str, Any] = {}
     where = _Where(address, socket.gethostname(), os.getpid(), batch_job_id())
+    # The first snapshot of a worker's environment (packages, a git call) can take a while:
+    # taken before the first item ends, not between its end and the push of its outcome.
+    environment()
     outcomes: list[Outcome] = []
     unsent = 0  # outcomes[unsent:] have not been pushed yet
     last_push = time.monotonic()

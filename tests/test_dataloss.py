@@ -488,13 +488,13 @@ from typing import Annotated
 from nbpipe import In, Out, Pipeline
 
 pipe = Pipeline("torture", store=".nbpipe", cluster={"kind": "local", "workers": 2})
-RUN = os.environ.get("TORTURE_RUN", "0")
 LEDGER = os.path.abspath("ledger.txt")
 
 
 def note(what: str, label: str) -> None:
+    run = os.environ.get("TORTURE_RUN", "0")  # read here: a global would enter the keys
     with open(LEDGER, "a") as f:
-        f.write(f"{what} {label} {RUN} {time.time()}\\n")
+        f.write(f"{what} {label} {run} {time.time()}\\n")
 
 
 @pipe.task
@@ -622,13 +622,17 @@ def torture(base: Path, kills: int, seed: int = 17, log: Any = print) -> dict[st
             run += 1
             figures["runs"] += 1
             proc = _start(script, TORTURE_RUN=str(run))
-            started = time.time()
-            # Random moments over a whole run (cluster start included) of about 6-10 s.
-            moment = rng.uniform(0.5, 9.0) if figures["kills"] < kills else None
+            # A random moment of the run's work (the first task's start to about its end: a
+            # full run works for 4-6 s); a run that completes first is not killed.
+            moment = rng.uniform(0.0, 5.0) if figures["kills"] < kills else None
             try:
                 if moment is not None:
+                    wait_for(lambda r=run, p=proc, path=ledger: p.poll() is not None or any(
+                        row[0] == "S" and row[2] == r for row in _torture_ledger(path)),
+                        timeout=300, step=0.02)
+                    started = time.time()
                     with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(timeout=max(0.0, started + moment - time.time()))
+                        proc.wait(timeout=moment)
                 if proc.poll() is None and moment is not None:
                     os.kill(proc.pid, signal.SIGKILL)  # the driver only: its workers run on
                     kill_times[run] = time.time()
@@ -641,8 +645,9 @@ def torture(base: Path, kills: int, seed: int = 17, log: Any = print) -> dict[st
                             db, "SELECT label FROM tasks WHERE active AND state = 'SUCCEEDED'")}
                     report = json.loads(_nbpipe(project / ".nbpipe", "doctor", "--json").stdout or "{}")
                     figures["doctor_bad_results"] += len(report.get("bad_results", []))
-                    log(f"kill {figures['kills']}: round {figures['rounds']} run {run} at "
-                        f"{kill_times[run] - started:.2f} s, {len(recorded_at_kill[run])} recorded")
+                    log(f"kill {figures['kills']}: round {figures['rounds']} run {run}, "
+                        f"{kill_times[run] - started:.2f} s after its first task started; "
+                        f"{len(recorded_at_kill[run])} of {TORTURE_TASKS} recorded")
                     continue
                 out, err = proc.communicate(timeout=300)
             finally:
