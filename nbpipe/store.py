@@ -566,7 +566,9 @@ def _refuse_newer(path: Path, db_path: Path) -> None:
             header = f.read(100)
     except OSError:
         return  # none yet (or unreadable: the normal opening says what is wrong)
-    version = int.from_bytes(header[60:64], "big") if len(header) == 100 else 0
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\0"):
+        return  # empty, or not a database: the normal opening says what is wrong
+    version = int.from_bytes(header[60:64], "big")
     if version <= SCHEMA_VERSION and Path(f"{db_path}-wal").exists():
         # A write-ahead log may hold a newer first page: ask SQLite (its files exist already).
         with contextlib.suppress(sqlite3.Error):

@@ -696,3 +696,13 @@ def test_torture_random_driver_kills_of_a_mixed_pipeline(tmp_path: Path) -> None
     assert figures["kills"] >= kills
     assert figures["lost"] == 0 and figures["beyond_bound"] == 0 and figures["wrong"] == 0, figures
     assert figures["doctor_bad_results"] == 0, figures
+
+
+def test_a_damaged_database_is_not_taken_for_a_newer_store(store: Path) -> None:
+    store.mkdir()
+    header = bytearray(random.Random(5).randbytes(4096))
+    header[60:64] = (SCHEMA_VERSION + 7).to_bytes(4, "big")  # where SQLite keeps the version
+    (store / "nbpipe.sqlite").write_bytes(bytes(header))
+    with pytest.raises(Exception) as info:
+        Store(store).pipeline_id("p")
+    assert "newer nbpipe" not in str(info.value)
