@@ -689,6 +689,7 @@ def _ledger_name(label: str) -> str:
 
 
 @pytest.mark.torture
+@pytest.mark.timeout(3600)  # about 30 s a kill on a loaded machine; CI runs 3
 def test_torture_random_driver_kills_of_a_mixed_pipeline(tmp_path: Path) -> None:
     kills = int(os.environ.get("NBPIPE_TORTURE_KILLS", "3"))
     figures = torture(tmp_path, kills, log=lambda line: print(line, flush=True))
