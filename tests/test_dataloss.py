@@ -263,6 +263,7 @@ def _previous_nbpipe(into: Path) -> Path:
         source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:nbpipe/store.py"],
                                 capture_output=True, text=True).stdout
         if "SCHEMA_VERSION = 3\n" in source:
+            into.mkdir(parents=True, exist_ok=True)
             archive = into / "old.tar"
             subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), commit, "nbpipe"],
                            check=True)
