@@ -291,7 +291,10 @@ def kill(ctx: click.Context, pipeline: str, task: tuple[str, ...], all_: bool) -
 @click.option("--force", is_flag=True, help="really delete (otherwise only show what would go)")
 @click.pass_context
 def delete(ctx: click.Context, pipeline: str, force: bool) -> None:
-    """Delete PIPELINE's records from the store (result files go with `nbpipe gc`)."""
+    """Delete PIPELINE's records from the store (result files go with `nbpipe gc`).
+
+    Refused while a runner of PIPELINE is live.
+    """
     counts = queries.delete_pipeline(_store(ctx), pipeline, force=force)
     what = ", ".join(f"{n} {table}" for table, n in counts.items())
     click.echo(f"{'deleted' if force else 'would delete'} pipeline {pipeline!r}: {what}")
@@ -303,7 +306,11 @@ def delete(ctx: click.Context, pipeline: str, force: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="only count what would be removed")
 @click.pass_context
 def gc(ctx: click.Context, dry_run: bool) -> None:
-    """Remove results (files and inline ones) that no task references."""
+    """Remove results (files and inline ones) that no registered task could use.
+
+    Refused while a runner of the store is live; a result file the store does not list yet is
+    kept when a task could adopt it.
+    """
     removed = queries.gc(_store(ctx), dry_run=dry_run)
     click.echo(f"{'would remove' if dry_run else 'removed'} {len(removed)} result(s)")
 
@@ -311,7 +318,7 @@ def gc(ctx: click.Context, dry_run: bool) -> None:
 @main.command()
 @click.option("--repair", is_flag=True,
               help="forget damaged results (their tasks run again), remove left-over temporary "
-                   "files and orphan specs, release stale runners")
+                   "files, orphan specs and records of deleted pipelines, release stale runners")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_context
 def doctor(ctx: click.Context, repair: bool, as_json: bool) -> None:
@@ -337,6 +344,8 @@ def doctor(ctx: click.Context, repair: bool, as_json: bool) -> None:
         ("tasks a dead runner left PENDING/RUNNING", report["stale_tasks"],
          lambda t: f"{t['pipeline']}: {t['label']} ({t['state']})"),
         ("task specs of unknown tasks", report["orphan_specs"], str),
+        ("records of deleted pipelines", list(report["orphan_records"].items()),
+         lambda t: f"{t[1]} in {t[0]}"),
     ]
     for title, items, fmt in sections:
         click.echo(f"{title}: {len(items)}")

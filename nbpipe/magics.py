@@ -30,7 +30,7 @@ from .display import ClusterView, Progress, StatusLine, TaskTable, task_graph, w
 from .errors import CellInputError, CycleError, NbpipeError, OutputNotStored, UnknownTask
 from .identity import is_stand_in, register_stand_ins
 from .pipeline import Pipeline, use
-from .results import read_result
+from .results import locate, read_result
 from .runner import record_jobs
 from .states import State
 from .task import TaskOutput, TaskRef, make_options
@@ -451,7 +451,8 @@ class NbpipeMagics(Magics):
             result = pipe.store.results([row["key"]]).get(row["key"])
             if result is None or row["state"] != State.SUCCEEDED.value:
                 raise UsageError(f"task {row['label']} is {row['state']}: nothing to pull")
-            value = read_result(result["path"], result["checksum"], result["data"])
+            value = read_result(locate(pipe.store.path, result["path"]), result["checksum"],
+                                result["data"])
             outputs = json.loads(row["components"]).get("outputs")
             if outputs is not None and isinstance(value, dict):
                 value = {k: v for k, v in value.items() if k not in HIDDEN}

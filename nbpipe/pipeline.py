@@ -51,7 +51,7 @@ from .errors import (
 )
 from .files import paths_in
 from .identity import IDENTITY_VERSION, CodeIdentity, Unencodable, is_immutable
-from .results import INLINE, append_private, read_result
+from .results import INLINE, append_private, locate, read_result
 from .runner import Runner, record_jobs
 from .shipping import by_value
 from .states import BAD, State
@@ -587,7 +587,7 @@ class Pipeline:
         unexplained = []
         for r in refs:
             res = results.get(r.key_)
-            intact = res is not None and _intact(res)
+            intact = res is not None and _intact(res, self.store.path)
             if res is not None and not intact:
                 self.store.forget_result(r.key)
             missing_out = [p for p in r.out_files if not p.exists()]
@@ -596,7 +596,7 @@ class Pipeline:
                 r.attempts = r.budget = row["attempts"]
             if r.func.opts.cache and intact and not missing_out:
                 r.state = State.SUCCEEDED
-                r.result_file = (res["path"], res["checksum"])
+                r.result_file = (locate(self.store.path, res["path"]), res["checksum"])
                 r.reason = "found done"
             else:
                 r.state, r.result_file = State.WAITING, None
@@ -671,21 +671,20 @@ class Pipeline:
 
     def _adopt_results(self, keys: list[str]) -> dict[str, dict[str, Any]]:
         """Result files on disk that the store does not list: written by a worker whose runner
-        died before recording them. Files are renamed into place whole, so they are complete:
-        record them (with their checksum) instead of computing the task again."""
-        from .results import checksum_of, result_path
+        died before recording them. Files are renamed into place whole, and each carries the
+        checksum of its contents: a file that verifies is recorded instead of computing the task
+        again; one that does not (altered, or written before files carried checksums) is not."""
+        from .results import read_verified, relative_path, result_path
 
         found: dict[str, dict[str, Any]] = {}
         batch = Batch()
         for key in keys:
-            path = result_path(self.store.path, key)
-            try:
-                data = path.read_bytes()
-            except OSError:
+            verified = read_verified(result_path(self.store.path, key))
+            if verified is None:
                 continue
-            found[key] = {"path": str(path), "checksum": checksum_of(data), "size": len(data)}
-            batch.results.append((key, str(path), found[key]["checksum"], len(data), time.time(),
-                                  None))
+            checksum, size = verified
+            found[key] = {"path": relative_path(key), "checksum": checksum, "size": size}
+            batch.results.append((key, relative_path(key), checksum, size, time.time(), None))
         self.store.write(batch)
         return found
 
@@ -787,7 +786,7 @@ class Pipeline:
         PipelineBusy, then ran again); one lookup, and more work only for those found."""
         found = self.store.results([r.key for r in todo])
         done = [r for r in todo if r.key in found and r.func.opts.cache
-                and _intact(found[r.key])
+                and _intact(found[r.key], self.store.path)
                 and all(p.exists() for p in r.out_files)]
         if done:  # (only those: the others keep the reason they were given)
             self._find_done(done)
@@ -1122,11 +1121,11 @@ def _absolute(value: Any) -> Any:
     return value
 
 
-def _intact(result: Any) -> bool:
+def _intact(result: Any, store_dir: Path) -> bool:
     """Whether a recorded result is there with its size (checksums are verified on reading)."""
     if result["path"] == INLINE:
         return result["data"] is not None and len(result["data"]) == result["size"]
     try:
-        return os.stat(result["path"]).st_size == result["size"]
+        return os.stat(locate(store_dir, result["path"])).st_size == result["size"]
     except OSError:
         return False

@@ -2,14 +2,20 @@
 
 A result lives at ``<store>/results/<key[:2]>/<key>.pkl``. The worker writes it to a temporary
 file in the same directory and renames it into place, so a reader sees the whole file or none.
-The store records its path, size and checksum.
+The store records its path *relative to the store root* (``results/ab/<key>.pkl``: a moved or
+renamed project keeps its results), its size and checksum.
+
+A result file starts with a one-line header that carries the checksum of the pickle after it
+(:data:`MAGIC`, the checksum, a newline). A file the worker wrote after its runner died is
+therefore verified before the next run adopts it: a flipped bit is found, not served.
 
 Small results of quick tasks -- at most :data:`INLINE_BYTES` pickled (the setting
 ``nbpipe.inline-bytes``; 0 turns this off), from a task that ran under :data:`INLINE_SECONDS`
 -- are *inline*: the worker sends the bytes to the runner, which records them in the store's
 database in the same transaction as the task's success (path ``""``). Creating a file costs
 about a millisecond on many file systems, more than such a task; a runner that dies before
-recording an inline result loses under a second of work, whereas a longer task's file is
+recording an inline result loses about a second of work at most (a chunk of a ``map`` pushes
+its finished items every 0.5 s, see :mod:`nbpipe.worker`), whereas a longer task's file is
 adopted by the next runner.
 """
 
@@ -25,12 +31,15 @@ import cloudpickle
 
 from .errors import ResultCorrupt
 
-__all__ = ["INLINE", "INLINE_BYTES", "INLINE_SECONDS", "ResultFile", "append_private", "checksum_of",
-           "read_result", "result_path", "write_result"]
+__all__ = ["INLINE", "INLINE_BYTES", "INLINE_SECONDS", "MAGIC", "ResultFile", "append_private",
+           "checksum_of", "locate", "read_result", "read_verified", "relative_path", "result_path",
+           "unpack", "write_result"]
 
 INLINE = ""  # the path recorded for a result kept in the store's database
 INLINE_BYTES = 4096  # default of the nbpipe.inline-bytes setting
 INLINE_SECONDS = 1.0
+MAGIC = b"nbpipe-result 1 "  # then the blake2b-128 hex checksum of the pickle, then a newline
+_HEADER = len(MAGIC) + 32 + 1
 
 
 class ResultFile(NamedTuple):
@@ -41,9 +50,29 @@ class ResultFile(NamedTuple):
     size: int
 
 
+def relative_path(key: str) -> str:
+    """The path of task ``key``'s result file relative to the store root (what is recorded).
+
+    >>> relative_path("ab12")
+    'results/ab/ab12.pkl'
+    """
+    return f"results/{key[:2]}/{key}.pkl"
+
+
 def result_path(store_dir: str | os.PathLike[str], key: str) -> Path:
     """The path of the result file of task ``key`` in a store."""
-    return Path(store_dir) / "results" / key[:2] / f"{key}.pkl"
+    return Path(store_dir) / relative_path(key)
+
+
+def locate(store_dir: str | os.PathLike[str], path: str) -> str:
+    """A recorded result path made usable: joined to the store root (``""``, inline, stays).
+
+    >>> locate("/data/.nbpipe", "results/ab/ab12.pkl")
+    '/data/.nbpipe/results/ab/ab12.pkl'
+    >>> locate("/data/.nbpipe", "")
+    ''
+    """
+    return path if path == INLINE else os.path.join(store_dir, path)
 
 
 def checksum_of(data: bytes) -> str:
@@ -59,9 +88,30 @@ def write_result(store_dir: str | os.PathLike[str], key: str, value: Any, *,
     data = cloudpickle.dumps(value, protocol=5)
     if len(data) <= inline:
         return ResultFile(INLINE, checksum_of(data), len(data)), data
-    path = result_path(store_dir, key)
-    write_private(path, data)
-    return ResultFile(str(path), checksum_of(data), len(data)), None
+    checksum = checksum_of(data)
+    write_private(result_path(store_dir, key), MAGIC + checksum.encode() + b"\n", data)
+    return ResultFile(relative_path(key), checksum, _HEADER + len(data)), None
+
+
+def unpack(raw: bytes) -> tuple[bytes, str | None]:
+    """A result file's bytes split into (the pickle, the checksum its header carries); files of
+    nbpipe before the header have none."""
+    if raw.startswith(MAGIC) and raw[_HEADER - 1 : _HEADER] == b"\n":
+        return raw[_HEADER:], raw[len(MAGIC) : _HEADER - 1].decode("ascii", "replace")
+    return raw, None
+
+
+def read_verified(path: str | os.PathLike[str]) -> tuple[str, int] | None:
+    """(checksum, size) of a result file that verifies against the checksum in its own header;
+    None when it is missing, carries no header (nothing to verify against) or was altered."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError:
+        return None
+    data, written = unpack(raw)
+    if written is None or checksum_of(data) != written:
+        return None
+    return written, len(raw)
 
 
 def private_dirs(directory: Path) -> None:
@@ -77,14 +127,15 @@ def private_dirs(directory: Path) -> None:
         folder.mkdir(mode=0o700, exist_ok=True)
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + rename), readable by the user only."""
+def write_private(path: Path, *parts: bytes) -> None:
+    """Write ``parts`` to ``path`` atomically (temp file + rename), readable by the user only."""
     private_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for part in parts:  # (not joined: a large result is not copied once more)
+                f.write(part)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -106,9 +157,10 @@ def read_result(path: str | os.PathLike[str], checksum: str | None = None,
         path = "(inline in the store)"
     else:
         try:
-            data = Path(path).read_bytes()
+            data, written = unpack(Path(path).read_bytes())
         except FileNotFoundError:
             raise ResultCorrupt(f"result file {path} is missing; the task will run again") from None
+        checksum = checksum or written
     if checksum is not None and checksum_of(data) != checksum:
         raise ResultCorrupt(
             f"result file {path} does not match its checksum (truncated or altered); "

@@ -32,7 +32,7 @@ from .cluster import Connection
 from .config import setting
 from .errors import ResourceError
 from .pools import cancel_jobs
-from .results import INLINE, INLINE_BYTES
+from .results import INLINE, INLINE_BYTES, locate
 from .shipping import bundle
 from .specs import write_specs
 from .states import BAD, State
@@ -797,8 +797,8 @@ class Runner:
         if o.env is not None:
             self.batch.envs.append((o.env_id, json.dumps(o.env, sort_keys=True)))
         if o.state == State.SUCCEEDED.value and o.result is not None:
-            path, checksum, size = o.result
-            ref.result_file = (path, checksum)
+            path, checksum, size = o.result  # path relative to the store root
+            ref.result_file = (locate(self.store.path, path), checksum)
             self.batch.results.append((o.key, path, checksum, size, time.time(), o.data))
             if o.data is not None:  # downstream tasks may start before the batch is written
                 self.batch_inline[o.key] = o.data

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 
 from .errors import NbpipeError
-from .results import write_private
+from .results import locate, write_private
 from .states import State
 from .task import TaskFunction, TaskOutput, TaskRef, make_options
 
@@ -72,7 +72,7 @@ def _done_ref(pipe: Pipeline, row: Any, result: Any) -> TaskRef:
     ref = TaskRef.__new__(TaskRef)
     TaskRef.__init__(ref, pipe, None, row["name"], row["label"])  # type: ignore[arg-type]
     ref.key_, ref.state, ref.attempts = row["key"], State.SUCCEEDED, row["attempts"]
-    ref.result_file = (result["path"], result["checksum"])
+    ref.result_file = (locate(pipe.store.path, result["path"]), result["checksum"])
     ref.reason = "found done"
     ref.args, ref.kwargs, ref.upstream, ref.after = (), {}, [], ()
     ref.in_files, ref.out_files, ref.call_id = [], [], row["key"]

@@ -30,7 +30,7 @@ from .errors import PipelineBusy, StoreError, StoreNotWritable, StoreVersionErro
 
 __all__ = ["SCHEMA_VERSION", "Batch", "RunnerLock", "Store", "known_stores", "remember"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pipelines (
@@ -70,7 +70,7 @@ CREATE TABLE IF NOT EXISTS edges (
 );
 CREATE TABLE IF NOT EXISTS results (
     key      TEXT PRIMARY KEY,   -- results are shared by every pipeline of the store
-    path     TEXT NOT NULL,      -- '' for an inline result
+    path     TEXT NOT NULL,      -- relative to the store root (results/ab/<key>.pkl); '' inline
     checksum TEXT NOT NULL,
     size     INTEGER NOT NULL,
     created  REAL NOT NULL,
@@ -179,6 +179,8 @@ class Store:
 
     def __init__(self, path: str | os.PathLike[str] | None = None):
         self.path = Path(path or os.environ.get("NBPIPE_STORE") or ".nbpipe").absolute()
+        self.db_path = self.path / "nbpipe.sqlite"
+        _refuse_newer(self.path, self.db_path)  # before anything is created or switched
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
             (self.path / "results").mkdir(mode=0o700, exist_ok=True)
@@ -193,7 +195,6 @@ class Store:
                 f"the nbpipe store {self.path} is not writable by this user; fix its "
                 "permissions or choose another with Pipeline(store=...) or NBPIPE_STORE"
             )
-        self.db_path = self.path / "nbpipe.sqlite"
         self._local = threading.local()
         self._init_schema()
         remember(self.path)
@@ -244,12 +245,8 @@ class Store:
     def _init_schema(self) -> None:
         conn = self.connect()
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreVersionError(
-                f"the store {self.path} was written by a newer nbpipe (schema {version}; this "
-                f"nbpipe knows {SCHEMA_VERSION}); upgrade nbpipe (pip install -U nbpipe) or use "
-                "another store"
-            )
+        if version > SCHEMA_VERSION:  # created newer between _refuse_newer and now
+            raise _newer(self.path, version)
         if version < SCHEMA_VERSION:
             try:  # every statement is idempotent, so concurrent first opens are safe
                 statements = []
@@ -262,6 +259,14 @@ class Store:
                     with contextlib.suppress(sqlite3.OperationalError):  # another opener did it
                         conn.execute(statement)
                 conn.executescript(_SCHEMA)
+                if 1 <= version <= 3:  # v4: result paths relative to the store root
+                    # A recorded path ends in results/<key[:2]>/<key>.pkl whatever spelling of
+                    # the store (or its old place, for a moved project) it was written under.
+                    conn.execute(
+                        "UPDATE results SET path = 'results/' || substr(key, 1, 2) || '/' || key"
+                        " || '.pkl' WHERE path != '' AND path LIKE '%/results/' || substr(key, 1, 2)"
+                        " || '/' || key || '.pkl'"
+                    )
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             except sqlite3.OperationalError as exc:
                 raise StoreError(f"cannot initialise the store {self.path}: {exc}") from None
@@ -578,6 +583,37 @@ class Store:
             "SELECT status FROM commands WHERE id = ?", (command_id,)
         ).fetchone()
         return row[0] if row else "unknown"
+
+
+def _newer(path: Path, version: int) -> StoreVersionError:
+    return StoreVersionError(
+        f"the store {path} was written by a newer nbpipe (schema {version}; this nbpipe knows "
+        f"{SCHEMA_VERSION}); upgrade nbpipe (pip install -U nbpipe) or use another store; "
+        "the store was left untouched"
+    )
+
+
+def _refuse_newer(path: Path, db_path: Path) -> None:
+    """Raise :class:`StoreVersionError` for a store of a newer schema, having changed nothing:
+    no folder created, no journal mode switched, no file written (not even SQLite's ``-shm``)."""
+    try:
+        with open(db_path, "rb") as f:
+            header = f.read(100)
+    except OSError:
+        return  # none yet (or unreadable: the normal opening says what is wrong)
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\0"):
+        return  # empty, or not a database: the normal opening says what is wrong
+    version = int.from_bytes(header[60:64], "big")
+    if version <= SCHEMA_VERSION and Path(f"{db_path}-wal").exists():
+        # A write-ahead log may hold a newer first page: ask SQLite (its files exist already).
+        with contextlib.suppress(sqlite3.Error):
+            conn = sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True, timeout=60)
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            finally:
+                conn.close()
+    if version > SCHEMA_VERSION:
+        raise _newer(path, version)
 
 
 def registry_path() -> Path:

@@ -48,6 +48,7 @@ __all__ = ["Outcome", "Upstream", "WorkItem", "interrupt", "run_items"]
 
 TAIL = 64 * 1024  # characters of stdout/stderr kept with an attempt
 EVENT_LIMIT = 16 * 1024  # outcomes larger than this are gathered, not pushed as events
+STREAM_SECONDS = 0.5  # a chunk's finished items are pushed to the runner at least this often
 
 
 @dataclass(frozen=True)
@@ -373,7 +374,12 @@ def run_items(
     topic: str | None = None,
 ) -> list[Outcome]:
     """Run ``items`` (or their pickle) one after another with ``fn``; return one
-    :class:`Outcome` per item."""
+    :class:`Outcome` per item.
+
+    Outcomes are pushed to the runner as they come, at least every :data:`STREAM_SECONDS`
+    (not only when the whole chunk of a ``map`` ends): a runner killed in the middle of a long
+    chunk has recorded all but the last second or so of it.
+    """
     if isinstance(items, bytes):
         items = cloudpickle.loads(items)
     assert isinstance(items, list)
@@ -383,17 +389,41 @@ def run_items(
     _notify_start(topic, [item.key for item in items], address)
     values: dict[str, Any] = {}
     where = _Where(address, socket.gethostname(), os.getpid(), batch_job_id())
-    outcomes = [_run_one(fn, item, store_dir, pipeline, topic, where, values) for item in items]
+    # The first snapshot of a worker's environment (packages, a git call) can take a while:
+    # taken before the first item ends, not between its end and the push of its outcome.
+    environment()
+    outcomes: list[Outcome] = []
+    unsent = 0  # outcomes[unsent:] have not been pushed yet
+    last_push = time.monotonic()
+    for number, item in enumerate(items, 1):
+        outcomes.append(_run_one(fn, item, store_dir, pipeline, topic, where, values))
+        if topic and number < len(items) and time.monotonic() - last_push >= STREAM_SECONDS:
+            if _push(topic, outcomes[unsent:], partial=True):
+                unsent = len(outcomes)
+            last_push = time.monotonic()
     if topic:  # pushed to the runner at once: no gather round trip per task
-        try:
-            from distributed import get_worker
-
-            worker = get_worker()
-            size = sum(len(o.stdout) + len(o.stderr) + len(o.traceback or "")
-                       + len(o.exception or b"") + len(o.data or b"") for o in outcomes)
-            # Large outcomes are fetched by the runner (the scheduler keeps a log of events).
-            payload = [o.fields() for o in outcomes] if size <= EVENT_LIMIT else None
-            worker.log_event(topic, {"dask_key": worker.get_current_task(), "outcomes": payload})
-        except Exception:  # not on a worker: the runner gathers the return value instead
-            pass
+        _push(topic, outcomes[unsent:], partial=False)
     return outcomes
+
+
+def _push(topic: str, outcomes: list[Outcome], *, partial: bool) -> bool:
+    """Send outcomes to the runner as an event; False when they were not sent (too large for an
+    event while the chunk goes on, or not on a Dask worker: the runner gathers the return value)."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except Exception:
+        return False
+    size = sum(len(o.stdout) + len(o.stderr) + len(o.traceback or "")
+               + len(o.exception or b"") + len(o.data or b"") for o in outcomes)
+    if size > EVENT_LIMIT and partial:
+        return False  # sent with the rest of the chunk (or gathered at its end)
+    # Large outcomes are fetched by the runner (the scheduler keeps a log of events).
+    payload = [o.fields() for o in outcomes] if size <= EVENT_LIMIT else None
+    try:
+        worker.log_event(topic, {"dask_key": worker.get_current_task(), "outcomes": payload,
+                                 "partial": partial})
+    except Exception:
+        return False
+    return True

@@ -26,6 +26,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "soak: a long run (tests/test_reliability.py); NBPIPE_SOAK_TASKS sets its size"
     )
+    config.addinivalue_line(
+        "markers", "torture: random driver kills (tests/test_dataloss.py); NBPIPE_TORTURE_KILLS "
+        "sets how many"
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)

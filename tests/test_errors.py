@@ -30,6 +30,7 @@ from tornado.httpclient import HTTPClientError
 
 from nbpipe import In, Out, Pipeline, load_tasks, task
 from nbpipe.cli import main as cli_main
+from nbpipe.store import SCHEMA_VERSION, RunnerLock, Store
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "errors.md"
@@ -142,6 +143,15 @@ def _async(tmp: Path) -> None:
     task(fetch)
 
 
+def _newer_store(tmp: Path) -> None:
+    Store(tmp / ".nbpipe").close()
+    import sqlite3
+
+    with sqlite3.connect(tmp / ".nbpipe" / "nbpipe.sqlite") as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    _pipe(tmp)
+
+
 def _task_file(tmp: Path, name: str, text: str) -> None:
     (tmp / name).write_text(text)
     load_tasks(tmp / name)
@@ -248,6 +258,10 @@ PYTHON = [
          "with Pipeline(store=...) or the NBPIPE_STORE variable", "notes.txt",
          "Point `store=` at a directory.",
          lambda tmp: ((tmp / "notes.txt").write_text("x"), Pipeline("p", store=tmp / "notes.txt"))),
+    Case("Python API", "A store written by a newer nbpipe", "StoreVersionError",
+         "the store … was written by a newer nbpipe (schema …; this nbpipe knows …); upgrade nbpipe "
+         "(pip install -U nbpipe) or use another store; the store was left untouched",
+         "newer nbpipe", "Upgrade nbpipe, or use another store.", lambda tmp: _newer_store(tmp)),
     Case("Python API", '`Pipeline(cluster="lots")`', "ClusterError",
          "cluster='lots' is not something nbpipe can run on; use 'local', a batch scheduler kind "
          "(slurm, pbs, sge, lsf, htcondor), a scheduler address like 'tcp://host:8786', a dict like "
@@ -442,6 +456,16 @@ CLI = [
     Case("command line", "`nbpipe delete nope`: an unknown pipeline", "exit 2",
          "no pipeline named 'nope' in the store …; `nbpipe pipelines` lists the pipelines of a "
          "store", "'nope'", "Use a name from `nbpipe pipelines`.", ["--store", "{store}", "delete", "nope"]),
+    Case("command line", "`nbpipe gc` while a runner of the store is live", "exit 2",
+         "nbpipe gc removes nothing while a runner is live in the store … (pid … on … (demo)): its "
+         "workers write results the store does not list yet; run gc again once it has finished",
+         "runner is live", "Wait for the run to end, then run `nbpipe gc` again.",
+         ["--store", "{store}", "gc"], ("live runner",)),
+    Case("command line", "`nbpipe delete demo --force` while a runner of `demo` is live", "exit 2",
+         "cannot delete pipeline 'demo': it is being run by pid … on …; wait for the run to "
+         "finish, or stop it (`nbpipe kill demo --all`, or end that process), then delete it",
+         "'demo'", "Let the run finish (or stop it), then delete.",
+         ["--store", "{store}", "delete", "demo", "--force"], ("live runner",)),
     Case("command line", "`nbpipe frobnicate`", "exit 2", "No such command 'frobnicate'.",
          "frobnicate", "See `nbpipe --help`.", ["frobnicate"]),
 ]
@@ -652,7 +676,13 @@ def test_command_line_mistakes(case: Case, cli_store: Path, tmp_path: Path,
     (tmp_path / "job.py").write_text("print('never runs')\n")
     (tmp_path / "broken.ipynb").write_text("not json")
     args = [a.format(store=cli_store, tmp=tmp_path, script=tmp_path / "job.py") for a in case.action]
-    result = CliRunner().invoke(cli_main, args)
+    lock = RunnerLock(Store(cli_store), "demo")
+    if "live runner" in case.setup:  # this process runs `demo` meanwhile
+        lock.acquire()
+    try:
+        result = CliRunner().invoke(cli_main, args)
+    finally:
+        lock.release()
     assert result.exit_code == 2, (args, result.output, result.exception)
     last = result.output.strip().splitlines()
     message = " ".join(line.strip() for line in last[last.index(next(

@@ -28,7 +28,7 @@ import psutil
 import pytest
 from conftest import ROOT, wait_for
 
-from nbpipe.results import read_result
+from nbpipe.results import locate, read_result
 
 NBPIPE = [sys.executable, "-m", "nbpipe.cli"]
 
@@ -100,7 +100,7 @@ def _verify_results(db: Path) -> int:
     """Read every recorded result with its checksum (raises when one is damaged); how many."""
     rows = _query(db, "SELECT path, checksum, data FROM results")  # data: an inline result
     for path, checksum, data in rows:
-        read_result(path, checksum, data)
+        read_result(locate(db.parent, path), checksum, data)
     return len(rows)
 
 
@@ -253,7 +253,7 @@ def _run_torn(script: Path, store: Path, address: str, salt: int) -> int:
 def _result_of(db: Path, label: str) -> Path:
     ((path,),) = _query(db, "SELECT r.path FROM results r JOIN tasks t USING (key) "
                             "WHERE t.label = ? AND t.active", label)
-    return Path(path)
+    return Path(locate(db.parent, path))
 
 
 def _truncate(path: Path) -> None:

@@ -173,8 +173,8 @@ def test_damaged_result_reruns_the_task(first_run, label: str) -> None:
     key, path = db.execute(
         "SELECT t.key, r.path FROM tasks t JOIN results r USING (key) WHERE t.label = ?", (label,)
     ).fetchone()
-    if path:
-        Path(path).write_bytes(b"truncated")
+    if path:  # (recorded relative to the store root)
+        (tmp_path / ".nbpipe" / path).write_bytes(b"truncated")
     else:  # an inline result
         db.execute("UPDATE results SET data = ? WHERE key = ?", (b"truncated", key))
         db.commit()
