@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .files import file_digest
-from .identity import digest
+from .identity import key_digest
 from .states import State
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def content_key(ref: TaskRef) -> str:
             "files": ref.file_digests or {},
         }
         ref.components = {**ref.components, **extras}
-        key = digest(ref.components)
+        key = key_digest(ref.components)
     ref.late = (any(d.late for d in ref.deps)
                 or any(token_is_pending(token) for _, token in extras["upstream"])
                 or any(token_is_pending(token) for token in extras["files"].values()))
