@@ -30,13 +30,22 @@ from distributed.scheduler import KilledWorker
 
 from .cluster import Connection
 from .config import setting
+from .crashes import Crash, describe, read_crash
 from .errors import ResourceError
 from .pools import cancel_jobs
 from .results import INLINE, INLINE_BYTES
 from .specs import write_specs
 from .states import BAD, State
 from .store import Batch, RunnerLock
-from .worker import Outcome, Upstream, WorkItem, install_termination_notice, interrupt, run_items
+from .worker import (
+    TAIL,
+    Outcome,
+    Upstream,
+    WorkItem,
+    install_termination_notice,
+    interrupt,
+    run_items,
+)
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -565,6 +574,7 @@ class Runner:
                 self._finish(ref, State.FAILED, str(exc))
             return
         items = []
+        self.pipe.ran.update(refs)  # what run() reports as executed (retries included)
         for ref in refs:
             ref.attempts += 1
             ref.state = State.PENDING
@@ -706,15 +716,37 @@ class Runner:
         message = (f"{type(exc).__name__}: {exc}" if exc is not None
                    else f"the Dask future was {future.status}")
         died = isinstance(exc, KilledWorker)
+        # The record the dead process left says which item ended it, how, and what it printed.
+        crash = (read_crash(self.store.path, sub.refs[0].key, sub.refs[0].attempts)
+                 if died else None)
         for ref in list(sub.refs):
             if not self._detach(sub, ref):
                 continue
             if ref in self.kill_requested:
                 self._finish(ref, State.KILLED, f"task {ref.label!r} was killed on request")
+            elif died and crash is not None and crash.key == ref.key:
+                self._crash_attempt(ref, crash, exc)
             elif died:
                 self._attempt_failed(ref, self._worker_died(ref, exc), None, None)
             else:
                 self._attempt_failed(ref, message, None, None)
+
+    def _crash_attempt(self, ref: TaskRef, crash: Crash, exc: Any) -> None:
+        """Record the attempt whose process died (Dask gave up on it: ``KilledWorker``)."""
+        header = crash.header
+        last = getattr(exc, "last_worker", None)
+        limit = (header.get("memory_limit") or getattr(last, "memory_limit", None)
+                 or self.worker_memory.get(header.get("worker") or ""))
+        error, memory = describe(ref.label, crash, limit)
+        if memory:
+            error += self._grow_memory(ref, limit)
+        self.batch.attempts.append((
+            self.pid, ref.key, ref.attempts, State.FAILED.value, header.get("start", 0.0),
+            time.time(), header.get("worker"), header.get("host"), header.get("pid"), None,
+            crash.exit_code, error, crash.fault or None, crash.stdout[-TAIL:],
+            crash.stderr[-TAIL:], None,
+        ))
+        self._attempt_failed(ref, error, crash.fault or None, None)
 
     def _worker_died(self, ref: TaskRef, exc: Any) -> str:
         """Explain a task whose workers kept dying; grow its memory when it asks for that."""
@@ -728,14 +760,18 @@ class Runner:
             f"the last one, {address}, had {had}); a task that kills its worker usually runs out of "
             "memory: ask for more with memory=, or set retry_memory_factor= to grow it on each retry"
         )
+        return message + self._grow_memory(ref, limit)
+
+    def _grow_memory(self, ref: TaskRef, limit: int | None) -> str:
+        """After a worker death: grow the task's memory for its retry (retry_memory_factor)."""
         factor = ref.func.opts.retry_memory_factor
         if factor and self._retries_left(ref):
             current = self._memory(ref) or limit
             if current:
                 grown = int(current * factor)
                 self.memory_boost[ref] = grown
-                message += f"; retrying with memory={format_bytes(grown)}"
-        return message
+                return f"; retrying with memory={format_bytes(grown)}"
+        return ""
 
     def _outcome(self, ref: TaskRef, o: Outcome) -> None:
         count, total = self.durations.get(ref.func, (0, 0.0))
@@ -757,7 +793,10 @@ class Runner:
         elif o.state == State.KILLED.value or ref in self.kill_requested:
             self._finish(ref, State.KILLED, o.error or f"task {ref.label!r} was killed on request")
         elif not (o.error or "").startswith("UpstreamCorrupt") or not self._upstream_corrupt(ref, o):
-            self._attempt_failed(ref, o.error, o.traceback, o.exception)
+            error = o.error
+            if o.died:  # its process died, maybe out of memory: the retry may get more
+                error = (error or "") + self._grow_memory(ref, self.worker_memory.get(o.worker or ""))
+            self._attempt_failed(ref, error, o.traceback, o.exception)
 
     def _upstream_corrupt(self, ref: TaskRef, o: Outcome) -> bool:
         """An upstream result read by ``ref`` was damaged: compute that task again, then run

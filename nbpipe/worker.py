@@ -13,6 +13,7 @@ in C does not see it, and the runner then restarts the worker process (a real ki
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -33,6 +34,7 @@ from .bash import run_command
 from .bookkeeping import environment
 from .context import TaskContext, batch_job_id, stop_requested
 from .context import _set as _set_context
+from .crashes import Crash, Recorder, describe, read_crash, record_path
 from .errors import BashTaskError, ResultCorrupt, ResultWriteError, TaskKilled, UpstreamCorrupt
 from .results import INLINE_SECONDS, read_result, write_result
 
@@ -92,6 +94,7 @@ class Outcome:
     exception: bytes | None = None
     exit_code: int | None = None
     job_id: str | None = None
+    died: bool = False  # its worker process died under it; may have run out of memory
 
     def fields(self) -> list[Any]:
         """The field values in order (compact to send; ``Outcome(*values)`` rebuilds it)."""
@@ -107,13 +110,18 @@ class _Router(io.TextIOBase):
         self._fallback = fallback
         self._local = threading.local()
 
-    def capture(self, buffer: io.StringIO | None) -> None:
+    def capture(self, buffer: io.StringIO | None, spill: Any = None) -> None:
         self._local.buffer = buffer
+        self._local.spill = spill  # a copy on disk that outlives the process (nbpipe.crashes)
 
     def write(self, text: str) -> int:
         buffer = getattr(self._local, "buffer", None)
         if buffer is None:
             return self._fallback.write(text)
+        spill = self._local.spill
+        if spill is not None:
+            with contextlib.suppress(OSError):  # a full disk must not fail the task
+                spill.write(text, buffer)
         return buffer.write(text)
 
     def flush(self) -> None:
@@ -285,7 +293,7 @@ def _write(store_dir: str, item: WorkItem, value: Any, inline: int) -> Any:
 
 def _run_one(
     fn: Any, item: WorkItem, store_dir: str, pipeline: str, topic: str | None,
-    where: _Where, values: dict[str, Any],
+    where: _Where, values: dict[str, Any], recorder: Recorder | None = None,
 ) -> Outcome:
     out_router, err_router = _routers()
     out, err = io.StringIO(), io.StringIO()
@@ -296,8 +304,8 @@ def _run_one(
     )
     ctx = TaskContext(item.name, item.key, item.label, item.attempt, pipeline, address,
                       where.job_id)
-    out_router.capture(out)
-    err_router.capture(err)
+    out_router.capture(out, recorder.stdout if recorder is not None else None)
+    err_router.capture(err, recorder.stderr if recorder is not None else None)
     _set_context(ctx)
     try:
         try:
@@ -321,6 +329,13 @@ def _run_one(
         except TaskKilled:
             outcome.state = "KILLED"
             outcome.error = f"task {item.label!r} was killed on request"
+        except SystemExit as exc:  # sys.exit() in a worker thread ends the task, not the process
+            code = exc.code
+            outcome.exit_code = code if isinstance(code, int) else (0 if code is None else 1)
+            outcome.error = (f"task {item.label!r} exited with code {outcome.exit_code} "
+                             f"(sys.exit({code!r}) in the task)")
+            outcome.traceback = "".join(
+                traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
         except BaseException as exc:  # noqa: BLE001 - every failure becomes an outcome
             outcome.error = f"{type(exc).__name__}: {exc}"
             outcome.traceback = "".join(
@@ -351,6 +366,29 @@ def _run_one(
     return outcome
 
 
+def _memory_limit() -> int | None:
+    try:
+        from distributed import get_worker
+
+        return getattr(get_worker().memory_manager, "memory_limit", None)
+    except Exception:  # not on a Dask worker
+        return None
+
+
+def _crashed(item: WorkItem, crash: Crash) -> Outcome:
+    """The failed attempt of an item whose worker process died while running it."""
+    header = crash.header
+    error, memory = describe(item.label, crash, header.get("memory_limit"))
+    env_id, env = environment()
+    return Outcome(
+        key=item.key, attempt=item.attempt, state="FAILED", start=header.get("start", 0.0),
+        end=time.time(), worker=header.get("worker"), hostname=header.get("host", ""),
+        pid=header.get("pid", 0), env_id=env_id, env=env, stdout=crash.stdout[-TAIL:],
+        stderr=crash.stderr[-TAIL:], error=error, traceback=crash.fault or None,
+        exit_code=crash.exit_code, job_id=batch_job_id(), died=memory,
+    )
+
+
 @functools.lru_cache(maxsize=64)
 def _function(blob: bytes) -> Any:
     """A pickled task function, unpickled once per worker process."""
@@ -372,7 +410,25 @@ def run_items(
     _notify_start(topic, [item.key for item in items], address)
     values: dict[str, Any] = {}
     where = _Where(address, socket.gethostname(), os.getpid(), batch_job_id())
-    outcomes = [_run_one(fn, item, store_dir, pipeline, topic, where, values) for item in items]
+    first = items[0]
+    # Dask runs a task again when the worker process running it died: the record that process
+    # left tells which item ended it, and that item becomes a failed attempt instead of
+    # killing this worker too (nbpipe.crashes).
+    crash = read_crash(store_dir, first.key, first.attempt)
+    recorder = Recorder(record_path(store_dir, first.key, first.attempt),
+                        {"pid": where.pid, "host": where.hostname, "worker": address,
+                         "memory_limit": _memory_limit(), "start": time.time()})
+    outcomes = []
+    try:
+        for item in items:
+            if crash is not None and (item.key, item.attempt) == (crash.key, crash.attempt):
+                outcomes.append(_crashed(item, crash))
+                continue
+            recorder.start(item.key, item.attempt)
+            outcomes.append(_run_one(fn, item, store_dir, pipeline, topic, where, values, recorder))
+            recorder.end(item.key, item.attempt)
+    finally:
+        recorder.close()
     if topic:  # pushed to the runner at once: no gather round trip per task
         try:
             from distributed import get_worker

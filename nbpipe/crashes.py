@@ -1,0 +1,265 @@
+"""Tasks that end their own process: what the worker leaves behind, and the attempt it becomes.
+
+A task can end the worker process running it: ``os._exit(3)``, a segfault in C code, the
+out-of-memory killer. The process is gone, and with it the task's captured output; Dask would
+then run the task again on another worker, which it kills too, and so on until Dask gives up
+(``distributed.scheduler.allowed-failures``) with a ``KilledWorker`` that says nothing of why.
+
+So while a Dask task of nbpipe runs, its worker keeps a small *record* on disk, in
+``<store>/running/``: who runs it (pid, host, memory limit), a line when each of its items
+starts and ends, the exit code given to ``os._exit``, the traceback Python's ``faulthandler``
+writes on a fatal signal, and (in files beside it) what the item printed so far. A normal end
+removes the record. When Dask runs the same task again after the process died, the worker
+finds the record and, instead of running the item that was running, returns its outcome: one
+failed attempt with the exit code, the output and the reason -- so one worker dies, not four,
+and nbpipe's own ``retries`` decide whether it runs again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import json
+import os
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Crash", "Recorder", "describe", "read_crash", "record_path"]
+
+SPILL_LIMIT = 256 * 1024  # bytes of output kept on disk per stream before it is cut to its tail
+_SIGNALS = {signal.SIGSEGV: "a crash in C code (segmentation fault)",
+            signal.SIGBUS: "a crash in C code (bus error)", signal.SIGFPE: "a crash in C code",
+            signal.SIGILL: "a crash in C code", signal.SIGABRT: "C code aborted",
+            signal.SIGKILL: "SIGKILL: the out-of-memory killer, the batch system or a user",
+            signal.SIGTERM: "SIGTERM"}
+_FAULTS = {"Segmentation fault": signal.SIGSEGV, "Bus error": signal.SIGBUS,
+           "Floating-point exception": signal.SIGFPE, "Illegal instruction": signal.SIGILL,
+           "Aborted": signal.SIGABRT}
+
+
+def record_path(store_dir: str | os.PathLike[str], key: str, attempt: int) -> Path:
+    """The record of the Dask task whose first item is attempt ``attempt`` of task ``key``."""
+    return Path(store_dir) / "running" / f"{key}-{attempt}"
+
+
+# -- the worker side ---------------------------------------------------------------------------
+
+_live: dict[int, Recorder] = {}  # open records of this process, by id
+_live_lock = threading.Lock()
+_real_exit = os._exit
+_installed = False
+
+
+def _exit_recording(code: int) -> None:
+    """``os._exit`` on a worker: note the code in the open records, then exit."""
+    for recorder in list(_live.values()):
+        if recorder.pid == os.getpid():  # not in a child forked by the task (multiprocessing)
+            recorder.line(f"exit {int(code)}")
+    _real_exit(code)
+
+
+def _clean_exit() -> None:
+    """The process ends normally (a worker shut down): the tasks it ran move elsewhere."""
+    for recorder in list(_live.values()):
+        if recorder.pid == os.getpid():
+            recorder.close(remove=True)
+
+
+def _install() -> None:
+    global _installed
+    if _installed:
+        return
+    import atexit
+
+    # The only way to learn the code a task passes to os._exit; Python runs nothing else then.
+    os._exit = _exit_recording
+    atexit.register(_clean_exit)
+    _installed = True
+
+
+class _Spill:
+    """One output stream of the running item, on disk as it is written (created on the first
+    write: most tasks print nothing)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+        self.size = 0
+
+    def write(self, text: str, written: Any) -> None:
+        """Append ``text``; ``written`` (a StringIO) holds everything the item wrote before."""
+        data = text.encode("utf-8", "replace")
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        if self.size + len(data) > SPILL_LIMIT:  # keep the tail only, like the attempt's record
+            data = (written.getvalue() + text)[-SPILL_LIMIT // 2:].encode("utf-8", "replace")
+            os.ftruncate(self.fd, 0)
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            self.size = 0
+        os.write(self.fd, data)
+        self.size += len(data)
+
+    def reset(self) -> None:
+        if self.fd is not None and self.size:
+            os.ftruncate(self.fd, 0)
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            self.size = 0
+
+    def close(self, remove: bool) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            if remove:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+
+
+class Recorder:
+    """The record of one Dask task of nbpipe while it runs on this worker (see the module)."""
+
+    def __init__(self, path: Path, header: dict[str, Any]):
+        _install()
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path = path
+        self.pid = os.getpid()
+        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
+                                      0o600)
+        self.stdout = _Spill(path.with_name(path.name + ".out"))
+        self.stderr = _Spill(path.with_name(path.name + ".err"))
+        self.line(json.dumps(header))
+        self._faults = not faulthandler.is_enabled()
+        if self._faults:  # a fatal signal writes the Python traceback into the record
+            faulthandler.enable(file=self.fd, all_threads=False)
+        with _live_lock:
+            _live[id(self)] = self
+
+    def line(self, text: str) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.fd, (text + "\n").encode())
+
+    def start(self, key: str, attempt: int) -> None:
+        self.stdout.reset()
+        self.stderr.reset()
+        self.line(f"start {key} {attempt}")
+
+    def end(self, key: str, attempt: int) -> None:
+        self.line(f"end {key} {attempt}")
+
+    def close(self, remove: bool = True) -> None:
+        with _live_lock:
+            if _live.pop(id(self), None) is None:
+                return
+        if self._faults:
+            faulthandler.disable()
+        self.stdout.close(remove)
+        self.stderr.close(remove)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if remove:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+
+# -- reading a record left behind --------------------------------------------------------------
+
+
+@dataclass
+class Crash:
+    """What a record left by a dead worker process says about the item that was running."""
+
+    key: str
+    attempt: int
+    exit_code: int | None  # os._exit's code; -N for signal N; None when nothing said
+    fault: str  # faulthandler's report (the traceback at the fatal signal), or ""
+    stdout: str
+    stderr: str
+    header: dict[str, Any]
+
+
+def _alive_here(header: dict[str, Any]) -> bool:
+    """Whether the process that wrote a record still runs (on this host): not a crash."""
+    if header.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(header.get("pid", 0)), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def read_crash(store_dir: str | os.PathLike[str], key: str, attempt: int, *,
+               remove: bool = True) -> Crash | None:
+    """The crash a record shows, or None (no record, its process alive, or no item running)."""
+    path = record_path(store_dir, key, attempt)
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    lines = text.splitlines()
+    try:
+        header = json.loads(lines[0])
+    except (IndexError, ValueError):
+        header = {}
+    if _alive_here(header):
+        return None
+    running: tuple[str, int] | None = None
+    exit_code: int | None = None
+    fault: list[str] = []
+    for line in lines[1:]:
+        word, _, rest = line.partition(" ")
+        if word == "start":
+            name, _, number = rest.partition(" ")
+            running = (name, int(number))
+        elif word == "end":
+            running = None
+        elif word == "exit" and rest.lstrip("-").isdigit():
+            exit_code = int(rest)
+        else:
+            fault.append(line)
+    outputs = []
+    for suffix in (".out", ".err"):
+        spill = path.with_name(path.name + suffix)
+        try:
+            outputs.append(spill.read_text(errors="replace"))
+        except OSError:
+            outputs.append("")
+    if remove:
+        for p in (path, path.with_name(path.name + ".out"), path.with_name(path.name + ".err")):
+            with contextlib.suppress(OSError):
+                p.unlink()
+    if running is None:
+        return None
+    report = "\n".join(fault).strip()
+    if exit_code is None:
+        for name, number in _FAULTS.items():
+            if f"Fatal Python error: {name}" in report:
+                exit_code = -int(number)
+                break
+    return Crash(running[0], running[1], exit_code, report, outputs[0], outputs[1], header)
+
+
+def describe(label: str, crash: Crash | None, memory_limit: int | None = None) -> tuple[str, bool]:
+    """The error of a task whose worker process died; True when that may have been memory."""
+    from dask.utils import format_bytes
+
+    code = crash.exit_code if crash is not None else None
+    if code is not None and code >= 0:
+        return (f"task {label!r} ended its worker process: the process exited with code {code} "
+                "(os._exit() or exit() in the task or in C code it called)", False)
+    if code is not None and -code in _SIGNALS and -code not in (signal.SIGKILL, signal.SIGTERM):
+        name = signal.Signals(-code).name
+        return (f"task {label!r} ended its worker process: the process was killed by signal "
+                f"{-code} ({name}: {_SIGNALS[signal.Signals(-code)]}); its traceback is in "
+                "`nbpipe logs`", False)
+    had = f"a memory limit of {format_bytes(memory_limit)}" if memory_limit else "no memory limit"
+    how = (f"killed by signal {-code}, {signal.Signals(-code).name}" if code is not None
+           else "killed without a word, e.g. by SIGKILL")
+    return (f"task {label!r}: the worker running it died ({how}; it had {had}); a task that "
+            "kills its worker usually runs out of memory: ask for more with memory=, or set "
+            "retry_memory_factor= to grow it on each retry", True)
