@@ -255,7 +255,7 @@ def describe(label: str, crash: Crash | None, memory_limit: int | None = None) -
     if code is not None and -code in _SIGNALS and -code not in (signal.SIGKILL, signal.SIGTERM):
         name = signal.Signals(-code).name
         return (f"task {label!r} ended its worker process: the process was killed by signal "
-                f"{-code} ({name}: {_SIGNALS[signal.Signals(-code)]}); its traceback is in "
+                f"{-code} ({name}, {_SIGNALS[signal.Signals(-code)]}); its traceback is in "
                 "`nbpipe logs`", False)
     had = f"a memory limit of {format_bytes(memory_limit)}" if memory_limit else "no memory limit"
     how = (f"killed by signal {-code}, {signal.Signals(-code).name}" if code is not None
