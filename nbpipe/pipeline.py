@@ -588,6 +588,14 @@ class Pipeline:
 
             pipe.run(wait_for_runner=True)   # 0 executed when the other runner did it all
         """
+        return self._run(targets, wait=wait, check=check, timeout=timeout,
+                         wait_for_runner=wait_for_runner, report=True)
+
+    def _run(self, targets: Iterable[TaskRef] | TaskRef | None, *, wait: bool, check: bool = False,
+             timeout: float | None = None, wait_for_runner: bool = False,
+             report: bool = False) -> RunSummary:
+        """:meth:`run`; ``report=False`` for the runs nbpipe makes itself (``ref.result()``,
+        ``retry()``): what they execute is counted by the user's next ``run()``."""
         if isinstance(targets, TaskRef):
             targets = [targets]
         self._resolve(targets)
@@ -614,7 +622,7 @@ class Pipeline:
         live = self._runner is not None and self._runner.alive
         if wait and live and not paused and any(not r.state.final for r in refs):
             self._wait(refs, timeout)
-        summary = self._summary(refs)
+        summary = self._summary(refs, report)
         if check and summary.failed:
             raise TaskFailed(
                 f"pipeline {self.name!r}: {len(summary.failed)} task(s) failed: "
@@ -636,7 +644,7 @@ class Pipeline:
             self._find_done(done)
         return [r for r in todo if r.state is State.WAITING]
 
-    def _summary(self, refs: list[TaskRef]) -> RunSummary:
+    def _summary(self, refs: list[TaskRef], report: bool = True) -> RunSummary:
         """Counts of ``refs``; *executed* are those this process ran since a summary last
         reported them finished (a task run by ``ref.result()`` before ``run()`` included),
         *already done* the others that succeeded."""
@@ -649,7 +657,8 @@ class Pipeline:
         executed = [r for r in refs if r in ran and not (paused and r.state is State.WAITING)]
         cached = sum(r.state is State.SUCCEEDED for r in refs) - sum(
             r.state is State.SUCCEEDED for r in executed)
-        ran.difference_update([r for r in executed if r.state.final])  # reported once
+        if report:  # each execution is reported once
+            ran.difference_update([r for r in executed if r.state.final])
         return RunSummary(dict(counts), failed, len(executed), cached, paused)
 
     def _wait(self, refs: list[TaskRef], timeout: float | None) -> None:
@@ -693,7 +702,7 @@ class Pipeline:
 
     def _result(self, ref: TaskRef, timeout: float | None) -> Any:
         if not ref.state.final or ref.state in BAD and ref.exception is None and ref.error is None:
-            self.run([ref], wait=True, timeout=timeout)
+            self._run([ref], wait=True, timeout=timeout)
         if ref.state is State.SUCCEEDED:
             assert ref.result_file is not None
             try:
@@ -702,7 +711,7 @@ class Pipeline:
                 self.store.forget_result(ref.key)
                 ref.state, ref.result_file, ref.key_ = State.WAITING, None, None
                 self._resolve([ref])
-                self.run([ref], wait=True, timeout=timeout)
+                self._run([ref], wait=True, timeout=timeout)
                 if ref.state is State.SUCCEEDED and ref.result_file is not None:
                     return self._load(ref)
         if ref.state is State.FAILED:
@@ -813,7 +822,7 @@ class Pipeline:
                 self._resolve(refs)
                 targets = [r for r in self._refs.values()
                            if r.state is not State.SUCCEEDED]
-                self.run(targets, wait=wait)
+                self._run(targets, wait=wait)
             return
         self._command("retry", keys=keys, failed=failed)
 

@@ -329,7 +329,8 @@ pipe = Pipeline("shared")
 @pipe.task
 def part(i: int) -> int:
     Path(f"started-{i}").touch()
-    time.sleep(float(Path("hold").read_text()))
+    while not Path("release").exists():  # the test lets it finish
+        time.sleep(0.1)
     return i
 
 
@@ -347,25 +348,35 @@ print("values", [v.result() for v in values])''')
 def test_a_script_can_wait_for_the_process_that_runs_its_pipeline(tmp_path: Path) -> None:
     (tmp_path / "holder.py").write_text(HOLDER)
     (tmp_path / "waiter.py").write_text(WAITER)
-    (tmp_path / "hold").write_text("8")
     holder = subprocess.Popen([sys.executable, "holder.py"], cwd=tmp_path, env=_environment(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    waiter = None
     try:
         wait_for(lambda: (tmp_path / "started-0").exists(), timeout=300, step=0.2)
         refused = launch(tmp_path, "python", "waiter.py")
         assert refused.returncode == 1
         assert "PipelineBusy: pipeline 'shared' is already being run by pid" in refused.stderr
         assert "use pipe.run(wait_for_runner=True)" in refused.stderr, refused.stderr
-        waited = launch(tmp_path, "python", "waiter.py", "--wait")
+        with open(tmp_path / "waiter.err", "w") as err_file:
+            waiter = subprocess.Popen([sys.executable, "waiter.py", "--wait"], cwd=tmp_path,
+                                      env=_environment(), stdout=subprocess.PIPE,
+                                      stderr=err_file, text=True)
+        wait_for(lambda: "waiting for it" in (tmp_path / "waiter.err").read_text(),
+                 timeout=300, step=0.2)
+        (tmp_path / "release").touch()
         out, err = holder.communicate(timeout=300)
+        waited, _ = waiter.communicate(timeout=300)
     finally:
-        if holder.poll() is None:
-            holder.kill()
+        (tmp_path / "release").touch()
+        for proc in (holder, waiter):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
     assert "holder 2 executed" in out, out + err
-    assert waited.returncode == 0, waited.stdout + waited.stderr
-    assert "is already being run by pid" in waited.stderr and "waiting for it" in waited.stderr
-    assert "waiter 0 executed, 2 already done (2 SUCCEEDED)" in waited.stdout, waited.stdout
-    assert "values [0, 1]" in waited.stdout
+    message = (tmp_path / "waiter.err").read_text()
+    assert waiter.returncode == 0, waited + message
+    assert "nbpipe: pipeline 'shared' is already being run by pid" in message, message
+    assert "waiter 0 executed, 2 already done (2 SUCCEEDED)" in waited, waited
+    assert "values [0, 1]" in waited
 
 
 def test_waiting_for_a_runner_gives_up_after_the_timeout(tmp_path: Path) -> None:
