@@ -1,8 +1,8 @@
 """Tasks that end their own process: what the worker leaves behind, and the attempt it becomes.
 
-A task can end the worker process running it: ``os._exit(3)``, a segfault in C code, the
-out-of-memory killer. The process is gone, and with it the task's captured output; Dask would
-then run the task again on another worker, which it kills too, and so on until Dask gives up
+A task can end the worker process running it: ``os._exit(3)``, a segfault in C code. The
+process is gone, and with it the task's captured output; Dask would then run the task again
+on another worker, which it kills too, and so on until Dask gives up
 (``distributed.scheduler.allowed-failures``) with a ``KilledWorker`` that says nothing of why.
 
 So while a Dask task of nbpipe runs, its worker keeps a small *record* on disk, in
@@ -13,6 +13,12 @@ removes the record. When Dask runs the same task again after the process died, t
 finds the record and, instead of running the item that was running, returns its outcome: one
 failed attempt with the exit code, the output and the reason -- so one worker dies, not four,
 and nbpipe's own ``retries`` decide whether it runs again.
+
+Only evidence makes a crash: an exit code given to ``os._exit``, or a fatal signal's report. A
+worker killed without a word (``kill -9``, the out-of-memory killer, a node lost) or shut down in
+order (its records are removed at a normal exit) is a lost worker, as before: Dask runs its tasks
+again elsewhere at no attempt's cost, and a task that keeps killing its workers ends with
+Dask's ``KilledWorker``, which the runner explains (memory).
 """
 
 from __future__ import annotations
@@ -32,10 +38,7 @@ __all__ = ["Crash", "Recorder", "describe", "read_crash", "record_path"]
 
 SPILL_LIMIT = 256 * 1024  # bytes of output kept on disk per stream before it is cut to its tail
 _SIGNALS = {signal.SIGSEGV: "a crash in C code (segmentation fault)",
-            signal.SIGBUS: "a crash in C code (bus error)", signal.SIGFPE: "a crash in C code",
-            signal.SIGILL: "a crash in C code", signal.SIGABRT: "C code aborted",
-            signal.SIGKILL: "SIGKILL: the out-of-memory killer, the batch system or a user",
-            signal.SIGTERM: "SIGTERM"}
+            signal.SIGBUS: "a crash in C code (bus error)", signal.SIGABRT: "C code aborted"}
 _FAULTS = {"Segmentation fault": signal.SIGSEGV, "Bus error": signal.SIGBUS,
            "Floating-point exception": signal.SIGFPE, "Illegal instruction": signal.SIGILL,
            "Aborted": signal.SIGABRT}
@@ -241,25 +244,24 @@ def read_crash(store_dir: str | os.PathLike[str], key: str, attempt: int, *,
             if f"Fatal Python error: {name}" in report:
                 exit_code = -int(number)
                 break
+    if exit_code is None:
+        # Killed without a word (SIGKILL: `kill -9`, the out-of-memory killer, a node lost):
+        # nothing says the task did it, so Dask runs it again elsewhere, as it always has.
+        return None
     return Crash(running[0], running[1], exit_code, report, outputs[0], outputs[1], header)
 
 
-def describe(label: str, crash: Crash | None, memory_limit: int | None = None) -> tuple[str, bool]:
-    """The error of a task whose worker process died; True when that may have been memory."""
-    from dask.utils import format_bytes
-
-    code = crash.exit_code if crash is not None else None
+def describe(label: str, crash: Crash) -> str:
+    """The error of a task that ended its worker process (``crash.exit_code`` is known)."""
+    code = crash.exit_code
     if code is not None and code >= 0:
         return (f"task {label!r} ended its worker process: the process exited with code {code} "
-                "(os._exit() or exit() in the task or in C code it called)", False)
-    if code is not None and -code in _SIGNALS and -code not in (signal.SIGKILL, signal.SIGTERM):
-        name = signal.Signals(-code).name
-        return (f"task {label!r} ended its worker process: the process was killed by signal "
-                f"{-code} ({name}, {_SIGNALS[signal.Signals(-code)]}); its traceback is in "
-                "`nbpipe logs`", False)
-    had = f"a memory limit of {format_bytes(memory_limit)}" if memory_limit else "no memory limit"
-    how = (f"killed by signal {-code}, {signal.Signals(-code).name}" if code is not None
-           else "killed without a word, e.g. by SIGKILL")
-    return (f"task {label!r}: the worker running it died ({how}; it had {had}); a task that "
-            "kills its worker usually runs out of memory: ask for more with memory=, or set "
-            "retry_memory_factor= to grow it on each retry", True)
+                "(os._exit() or exit() in the task or in C code it called)")
+    number = -(code or 0)
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = "unknown signal"
+    return (f"task {label!r} ended its worker process: the process was killed by signal "
+            f"{number} ({name}, {_SIGNALS.get(number, 'a crash in C code')}); its traceback is "
+            "in `nbpipe logs`")

@@ -725,21 +725,16 @@ class Runner:
             if ref in self.kill_requested:
                 self._finish(ref, State.KILLED, f"task {ref.label!r} was killed on request")
             elif died and crash is not None and crash.key == ref.key:
-                self._crash_attempt(ref, crash, exc)
+                self._crash_attempt(ref, crash)
             elif died:
                 self._attempt_failed(ref, self._worker_died(ref, exc), None, None)
             else:
                 self._attempt_failed(ref, message, None, None)
 
-    def _crash_attempt(self, ref: TaskRef, crash: Crash, exc: Any) -> None:
-        """Record the attempt whose process died (Dask gave up on it: ``KilledWorker``)."""
+    def _crash_attempt(self, ref: TaskRef, crash: Crash) -> None:
+        """Record the attempt that ended its worker process (Dask gave up: ``KilledWorker``)."""
         header = crash.header
-        last = getattr(exc, "last_worker", None)
-        limit = (header.get("memory_limit") or getattr(last, "memory_limit", None)
-                 or self.worker_memory.get(header.get("worker") or ""))
-        error, memory = describe(ref.label, crash, limit)
-        if memory:
-            error += self._grow_memory(ref, limit)
+        error = describe(ref.label, crash)
         self.batch.attempts.append((
             self.pid, ref.key, ref.attempts, State.FAILED.value, header.get("start", 0.0),
             time.time(), header.get("worker"), header.get("host"), header.get("pid"), None,
@@ -793,10 +788,7 @@ class Runner:
         elif o.state == State.KILLED.value or ref in self.kill_requested:
             self._finish(ref, State.KILLED, o.error or f"task {ref.label!r} was killed on request")
         elif not (o.error or "").startswith("UpstreamCorrupt") or not self._upstream_corrupt(ref, o):
-            error = o.error
-            if o.died:  # its process died, maybe out of memory: the retry may get more
-                error = (error or "") + self._grow_memory(ref, self.worker_memory.get(o.worker or ""))
-            self._attempt_failed(ref, error, o.traceback, o.exception)
+            self._attempt_failed(ref, o.error, o.traceback, o.exception)
 
     def _upstream_corrupt(self, ref: TaskRef, o: Outcome) -> bool:
         """An upstream result read by ``ref`` was damaged: compute that task again, then run

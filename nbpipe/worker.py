@@ -94,7 +94,6 @@ class Outcome:
     exception: bytes | None = None
     exit_code: int | None = None
     job_id: str | None = None
-    died: bool = False  # its worker process died under it; may have run out of memory
 
     def fields(self) -> list[Any]:
         """The field values in order (compact to send; ``Outcome(*values)`` rebuilds it)."""
@@ -378,14 +377,13 @@ def _memory_limit() -> int | None:
 def _crashed(item: WorkItem, crash: Crash) -> Outcome:
     """The failed attempt of an item whose worker process died while running it."""
     header = crash.header
-    error, memory = describe(item.label, crash, header.get("memory_limit"))
     env_id, env = environment()
     return Outcome(
         key=item.key, attempt=item.attempt, state="FAILED", start=header.get("start", 0.0),
         end=time.time(), worker=header.get("worker"), hostname=header.get("host", ""),
         pid=header.get("pid", 0), env_id=env_id, env=env, stdout=crash.stdout[-TAIL:],
-        stderr=crash.stderr[-TAIL:], error=error, traceback=crash.fault or None,
-        exit_code=crash.exit_code, job_id=batch_job_id(), died=memory,
+        stderr=crash.stderr[-TAIL:], error=describe(item.label, crash),
+        traceback=crash.fault or None, exit_code=crash.exit_code, job_id=batch_job_id(),
     )
 
 
