@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Crash", "Recorder", "describe", "read_crash", "record_path"]
+__all__ = ["Crash", "Recorder", "describe", "discard", "read_crash", "record_path"]
 
 SPILL_LIMIT = 256 * 1024  # bytes of output kept on disk per stream before it is cut to its tail
 _SIGNALS = {signal.SIGSEGV: "a crash in C code (segmentation fault)",
@@ -172,6 +172,14 @@ class Recorder:
 # -- reading a record left behind --------------------------------------------------------------
 
 
+def discard(store_dir: str | os.PathLike[str], key: str, attempt: int) -> None:
+    """Remove a record and its output files (a task killed on request: no crash to tell)."""
+    path = record_path(store_dir, key, attempt)
+    for p in (path, path.with_name(path.name + ".out"), path.with_name(path.name + ".err")):
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
 @dataclass
 class Crash:
     """What a record left by a dead worker process says about the item that was running."""
@@ -233,9 +241,7 @@ def read_crash(store_dir: str | os.PathLike[str], key: str, attempt: int, *,
         except OSError:
             outputs.append("")
     if remove:
-        for p in (path, path.with_name(path.name + ".out"), path.with_name(path.name + ".err")):
-            with contextlib.suppress(OSError):
-                p.unlink()
+        discard(store_dir, key, attempt)
     if running is None:
         return None
     report = "\n".join(fault).strip()

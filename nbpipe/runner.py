@@ -30,7 +30,7 @@ from distributed.scheduler import KilledWorker
 
 from .cluster import Connection
 from .config import setting
-from .crashes import Crash, describe, read_crash
+from .crashes import Crash, describe, discard, read_crash
 from .errors import ResourceError
 from .pools import cancel_jobs
 from .results import INLINE, INLINE_BYTES
@@ -925,7 +925,8 @@ class Runner:
             sub.future.cancel()
             self._release(sub)
             if ref.worker:
-                threading.Thread(target=self._restart_worker, args=(ref.worker,), daemon=True).start()
+                threading.Thread(target=self._restart_worker, daemon=True,
+                                 args=(ref.worker, sub.refs[0].key, sub.refs[0].attempts)).start()
             for other in sub.refs:
                 if other is ref or other in self.kill_requested:
                     self._finish(other, State.KILLED,
@@ -935,11 +936,12 @@ class Runner:
                     other.state = State.WAITING
                     self.ready.append(other)
 
-    def _restart_worker(self, address: str) -> None:
+    def _restart_worker(self, address: str, key: str, attempt: int) -> None:
         try:
             self.client.restart_workers([address], raise_for_error=False)
         except Exception:  # the cluster may be closing; the task is killed either way
             log.debug("could not restart worker %s", address, exc_info=True)
+        discard(self.store.path, key, attempt)  # what the restarted worker left: not a crash
 
     def _cmd_retry(self, keys: list[str] | None = None, failed: bool = False) -> str:
         targets = self._targets(keys)

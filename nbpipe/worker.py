@@ -413,20 +413,27 @@ def run_items(
     # left tells which item ended it, and that item becomes a failed attempt instead of
     # killing this worker too (nbpipe.crashes).
     crash = read_crash(store_dir, first.key, first.attempt)
-    recorder = Recorder(record_path(store_dir, first.key, first.attempt),
-                        {"pid": where.pid, "host": where.hostname, "worker": address,
-                         "memory_limit": _memory_limit(), "start": time.time()})
+    try:
+        recorder: Recorder | None = Recorder(
+            record_path(store_dir, first.key, first.attempt),
+            {"pid": where.pid, "host": where.hostname, "worker": address,
+             "memory_limit": _memory_limit(), "start": time.time()})
+    except OSError:  # (the result write says what is wrong with the store; tasks still run)
+        recorder = None
     outcomes = []
     try:
         for item in items:
             if crash is not None and (item.key, item.attempt) == (crash.key, crash.attempt):
                 outcomes.append(_crashed(item, crash))
                 continue
-            recorder.start(item.key, item.attempt)
+            if recorder is not None:
+                recorder.start(item.key, item.attempt)
             outcomes.append(_run_one(fn, item, store_dir, pipeline, topic, where, values, recorder))
-            recorder.end(item.key, item.attempt)
+            if recorder is not None:
+                recorder.end(item.key, item.attempt)
     finally:
-        recorder.close()
+        if recorder is not None:
+            recorder.close()
     if topic:  # pushed to the runner at once: no gather round trip per task
         try:
             from distributed import get_worker
