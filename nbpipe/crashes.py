@@ -224,8 +224,8 @@ def read_crash(store_dir: str | os.PathLike[str], key: str, attempt: int, *,
     fault: list[str] = []
     for line in lines[1:]:
         word, _, rest = line.partition(" ")
-        if word == "start":
-            name, _, number = rest.partition(" ")
+        if word == "start" and rest.rpartition(" ")[2].isdigit():
+            name, _, number = rest.rpartition(" ")
             running = (name, int(number))
         elif word == "end":
             running = None
