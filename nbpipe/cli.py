@@ -6,8 +6,9 @@
     nbpipe retry pi --failed
 
 Every listing takes ``--json``. The store is ``--store DIR``, else ``$NBPIPE_STORE``, else the
-nearest ``.nbpipe`` from the current directory upward. Exit codes: 0 success, 1 a task failed
-(``run``) or a check failed (``doctor``), 2 a usage error.
+nearest ``.nbpipe`` from the current directory upward. ``--store`` and ``--json`` go before or
+after the command name (``nbpipe --store DIR tasks pi`` is ``nbpipe tasks pi --store DIR``).
+Exit codes: 0 success, 1 a task failed (``run``) or a check failed (``doctor``), 2 a usage error.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from .store import Store
 
 console = Console()
 
+JSON_COMMANDS = {"doctor", "pipelines", "show", "tasks"}  # the commands with a --json option
+
 STATE_STYLE = {
     "WAITING": "dim", "PENDING": "cyan", "RUNNING": "blue", "SUCCEEDED": "green",
     "FAILED": "red", "UPSTREAM_FAILED": "yellow", "KILLED": "magenta",
@@ -49,6 +52,18 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except NbpipeError as exc:
             raise click.UsageError(str(exc), ctx) from None
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """Keep a global option given after the command name where the group's own copy goes."""
+    if value is not None and value is not False:
+        ctx.ensure_object(dict)[param.name] = value
+
+
+def _store_option(command: Any) -> Any:
+    """``--store`` after the command name too: people put it where they think of it."""
+    return click.option("--store", type=click.Path(file_okay=False), expose_value=False,
+                        callback=_remember, help="the store directory")(command)
 
 
 def _store(ctx: click.Context) -> Store:
@@ -77,21 +92,32 @@ def _state(state: str) -> str:
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--store", type=click.Path(file_okay=False), help="the store directory")
+@click.option("--store", type=click.Path(file_okay=False),
+              help="the store directory (also accepted after the command name)")
+@click.option("--json", "as_json", is_flag=True,
+              help="machine-readable output of a listing (also accepted after the command name)")
 @click.version_option(package_name="nbpipe")
 @click.pass_context
-def main(ctx: click.Context, store: str | None) -> None:
+def main(ctx: click.Context, store: str | None, as_json: bool) -> None:
     """Inspect and control nbpipe pipelines."""
     ctx.ensure_object(dict)
     ctx.obj["store"] = store
+    ctx.obj["json"] = as_json
+    if as_json and ctx.invoked_subcommand and ctx.invoked_subcommand not in JSON_COMMANDS:
+        raise click.UsageError(
+            f"--json: `nbpipe {ctx.invoked_subcommand}` has no machine-readable output; the "
+            f"commands that have one are {', '.join(sorted(JSON_COMMANDS))}"
+        )
 
 
 @main.command()
+@_store_option
 @click.option("--all", "all_", is_flag=True, help="every store this user has used")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_context
 def pipelines(ctx: click.Context, all_: bool, as_json: bool) -> None:
     """Pipelines in the store, with their tasks counted by state."""
+    as_json = as_json or ctx.obj["json"]
     from .store import known_stores
 
     stores = [Store(p) for p in known_stores()] if all_ else [_store(ctx)]
@@ -106,6 +132,7 @@ def pipelines(ctx: click.Context, all_: bool, as_json: bool) -> None:
 
 
 @main.command()
+@_store_option
 @click.argument("pipeline")
 @click.option("--state", type=click.Choice([s.value for s in State], case_sensitive=False))
 @click.option("--name", help="glob on task names or labels, e.g. 'fraction*'")
@@ -114,6 +141,7 @@ def pipelines(ctx: click.Context, all_: bool, as_json: bool) -> None:
 def tasks(ctx: click.Context, pipeline: str, state: str | None, name: str | None,
           as_json: bool) -> None:
     """The tasks of PIPELINE."""
+    as_json = as_json or ctx.obj["json"]
     rows = queries.tasks(_store(ctx), pipeline, state, name)
     table = Table("task", "state", "attempts", "why it ran", "key")
     for t in rows:
@@ -149,6 +177,7 @@ def _show_cluster(store: Store, pipeline: str, as_json: bool) -> None:
 
 
 @main.command()
+@_store_option
 @click.argument("pipeline")
 @click.argument("task", required=False)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
@@ -157,6 +186,7 @@ def show(ctx: click.Context, pipeline: str, task: str | None, as_json: bool) -> 
     """Everything about TASK: key, state, resources, why it ran, attempts (with batch job ids)
     and versions. Without TASK: the pipeline's cluster, worker pools with their job scripts,
     and batch jobs with their scheduler states."""
+    as_json = as_json or ctx.obj["json"]
     if task is None:
         _show_cluster(_store(ctx), pipeline, as_json)
         return
@@ -180,6 +210,7 @@ def show(ctx: click.Context, pipeline: str, task: str | None, as_json: bool) -> 
 
 
 @main.command()
+@_store_option
 @click.argument("pipeline")
 @click.argument("task")
 @click.option("--attempt", type=int, help="attempt number (default: the last)")
@@ -204,9 +235,15 @@ def logs(ctx: click.Context, pipeline: str, task: str, attempt: int | None, foll
         if chosen[part]:
             click.echo(f"--- {part} (attempt {chosen['number']}) ---")
             click.echo(chosen[part].rstrip())
+    if chosen["error"] and not chosen["traceback"]:  # e.g. a process that ended itself
+        click.echo(f"--- error (attempt {chosen['number']}) ---")
+        click.echo(chosen["error"])
+    if chosen["exit_code"] is not None:
+        click.echo(f"--- exit code (attempt {chosen['number']}): {chosen['exit_code']}")
 
 
 @main.command()
+@_store_option
 @click.argument("pipeline")
 @click.argument("task")
 @click.pass_context
@@ -228,6 +265,7 @@ def _spawned(result: dict[str, Any], store: Store) -> None:
 
 
 @main.command()
+@_store_option
 @click.argument("pipeline")
 @click.pass_context
 def pause(ctx: click.Context, pipeline: str) -> None:
@@ -239,6 +277,7 @@ def pause(ctx: click.Context, pipeline: str) -> None:
 
 
 @main.command()
+@_store_option
 @click.argument("pipeline")
 @click.option("--no-spawn", is_flag=True, help="do not start a runner when none is attached")
 @click.pass_context
@@ -253,6 +292,7 @@ def resume(ctx: click.Context, pipeline: str, no_spawn: bool) -> None:
 
 
 @main.command()
+@_store_option
 @click.argument("pipeline")
 @click.argument("task", nargs=-1)
 @click.option("--failed", is_flag=True, help="every failed or killed task")
@@ -272,6 +312,7 @@ def retry(ctx: click.Context, pipeline: str, task: tuple[str, ...], failed: bool
 
 
 @main.command()
+@_store_option
 @click.argument("pipeline")
 @click.argument("task", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="every unfinished task")
@@ -287,6 +328,7 @@ def kill(ctx: click.Context, pipeline: str, task: tuple[str, ...], all_: bool) -
 
 
 @main.command()
+@_store_option
 @click.argument("pipeline")
 @click.option("--force", is_flag=True, help="really delete (otherwise only show what would go)")
 @click.pass_context
@@ -303,6 +345,7 @@ def delete(ctx: click.Context, pipeline: str, force: bool) -> None:
 
 
 @main.command()
+@_store_option
 @click.option("--dry-run", is_flag=True, help="only count what would be removed")
 @click.pass_context
 def gc(ctx: click.Context, dry_run: bool) -> None:
@@ -316,6 +359,7 @@ def gc(ctx: click.Context, dry_run: bool) -> None:
 
 
 @main.command()
+@_store_option
 @click.option("--repair", is_flag=True,
               help="forget damaged results (their tasks run again), remove left-over temporary "
                    "files, orphan specs and records of deleted pipelines, release stale runners")
@@ -326,6 +370,7 @@ def doctor(ctx: click.Context, repair: bool, as_json: bool) -> None:
 
     Exits 1 while problems remain (after --repair: only a damaged database remains).
     """
+    as_json = as_json or ctx.obj["json"]
     report = queries.doctor(_store(ctx), repair=repair)
     if as_json:
         _emit(report, True)
@@ -364,6 +409,7 @@ def doctor(ctx: click.Context, repair: bool, as_json: bool) -> None:
 
 
 @main.command()
+@_store_option
 @click.argument("pipeline")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="FILE.svg, .png or .dot")
 @click.pass_context
@@ -391,6 +437,7 @@ def graph(ctx: click.Context, pipeline: str, output: str | None) -> None:
 
 
 @main.command()
+@_store_option
 @click.argument("pipeline")
 @click.pass_context
 def spawn(ctx: click.Context, pipeline: str) -> None:

@@ -15,17 +15,17 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from dask.utils import parse_timedelta
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from .config import setting
 from .errors import ClusterError
+from .localcluster import LocalProcessCluster
 from .pools import DEFAULT_IDLE, KINDS, PoolCluster, parse_pools
 
 __all__ = ["ClusterError", "Connection", "connect", "parse_words", "resolve_spec"]
@@ -60,18 +60,15 @@ class Connection:
             self.cluster.close()
 
 
-def local_cluster(n_workers: int | None = None) -> LocalCluster:
+def local_cluster(n_workers: int | None = None) -> LocalProcessCluster:
     """A LocalCluster of worker processes, one thread each, as many as the machine has cores.
 
     Processes (not threads) so that a killed task can be stopped for real and per-task
-    environment variables do not leak between tasks.
+    environment variables do not leak between tasks; run by a process of its own so that the
+    workers never import the user's script (see :mod:`nbpipe.localcluster`).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return LocalCluster(
-        n_workers=n_workers or cores or 1, threads_per_worker=1, processes=True,
-        dashboard_address="127.0.0.1:0",  # the dashboard has no authentication: this machine only
-        silence_logs=logging.ERROR,
-    )
+    return LocalProcessCluster(n_workers or cores or 1)
 
 
 def _is_address(value: str) -> bool:
@@ -218,8 +215,13 @@ def connect(cluster: Any = None, *, store_dir: str | os.PathLike[str] | None = N
         return Connection(client, owns_client=True, description=f"scheduler {spec}")
     if isinstance(spec, Mapping) and spec["kind"] == "local":
         lc = local_cluster(_local_workers(spec))
-        return Connection(Client(lc), owns_client=True, cluster=lc,
-                          description=f"local ({len(lc.workers)} workers)")
+        try:
+            client = Client(lc.scheduler_address, timeout="30s")
+        except BaseException:
+            lc.close()
+            raise
+        return Connection(client, owns_client=True, cluster=lc,
+                          description=f"local ({lc.workers} workers)")
     if isinstance(spec, Mapping):
         directory = Path(store_dir) if store_dir is not None else None
         pools = parse_pools(spec, directory)

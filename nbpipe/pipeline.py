@@ -79,7 +79,11 @@ class TaskInfo(NamedTuple):
 
 
 class RunSummary(NamedTuple):
-    """What ``pipe.run()`` did: counts by state, failed task labels, how many ran."""
+    """What ``pipe.run()`` did: counts by state, failed task labels, how many ran.
+
+    ``executed`` counts the tasks this process ran for the call -- also those a ``ref.result()``
+    ran before it -- and ``cached`` the ones found done; a task is reported executed once.
+    """
 
     counts: dict[str, int]
     failed: list[str]
@@ -239,6 +243,10 @@ class Pipeline:
         self._lock = threading.RLock()
         self._runner: Runner | None = None
         self._connection: Connection | None = None
+        # Tasks this process ran (or handed to its runner) that no summary has reported as
+        # finished yet: what `run()` counts as executed, also when a `ref.result()` ran them
+        # before it. The runner adds what it submits on its own (retries, retry commands).
+        self.ran: set[TaskRef] = set()
         _open.add(self)
 
     def __repr__(self) -> str:
@@ -718,11 +726,11 @@ class Pipeline:
             refs.extend(matches)
         return refs
 
-    def _ensure_runner(self) -> Runner:
+    def _ensure_runner(self, wait_for_runner: bool = False, timeout: float | None = None) -> Runner:
         if self._runner is not None and self._runner.alive:
             return self._runner
         lock = RunnerLock(self.store, self.name)
-        lock.acquire()  # before starting a cluster: a busy pipeline fails fast
+        self._take(lock, wait_for_runner, timeout)  # before starting a cluster: fails fast
         try:
             self._runner = Runner(self, self.connection, lock)
         except BaseException:
@@ -730,13 +738,54 @@ class Pipeline:
             raise
         return self._runner
 
+    def _take(self, lock: RunnerLock, wait_for_runner: bool, timeout: float | None) -> None:
+        """Take the pipeline's runner lock; with ``wait_for_runner``, wait while another
+        process (a script, `nbpipe spawn` started by `nbpipe retry`) runs the pipeline."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        told = False
+        while True:
+            try:
+                lock.acquire()
+                return
+            except PipelineBusy as exc:
+                if not wait_for_runner:
+                    raise PipelineBusy(
+                        f"{exc}; to wait for that runner and then run what it left, use "
+                        "pipe.run(wait_for_runner=True)"
+                    ) from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise PipelineBusy(
+                        f"{exc}; still so after waiting {timeout} s (wait_for_runner=True)"
+                    ) from None
+                if not told:  # a script that seems to hang says why
+                    print(f"nbpipe: {str(exc).split(';')[0]}; waiting for it to finish "
+                          "(wait_for_runner=True)", file=sys.stderr, flush=True)
+                    told = True
+                time.sleep(0.5)
+
     def run(self, targets: Iterable[TaskRef] | TaskRef | None = None, *, wait: bool = True,
-            check: bool = False, timeout: float | None = None) -> RunSummary:
+            check: bool = False, timeout: float | None = None,
+            wait_for_runner: bool = False) -> RunSummary:
         """Run what is not done: every task, or ``targets`` and what they need.
 
         ``wait=False`` returns at once while the tasks run in the background. ``check=True``
         raises :class:`~nbpipe.TaskFailed` naming the tasks that failed.
+
+        When another process runs the pipeline (a script, or the runner `nbpipe retry`
+        started), this raises :class:`~nbpipe.PipelineBusy`; ``wait_for_runner=True`` waits
+        for that process to finish instead (up to ``timeout`` seconds), takes what it computed
+        and runs what is left::
+
+            pipe.run(wait_for_runner=True)   # 0 executed when the other runner did it all
         """
+        return self._run(targets, wait=wait, check=check, timeout=timeout,
+                         wait_for_runner=wait_for_runner, report=True)
+
+    def _run(self, targets: Iterable[TaskRef] | TaskRef | None, *, wait: bool, check: bool = False,
+             timeout: float | None = None, wait_for_runner: bool = False,
+             report: bool = False) -> RunSummary:
+        """:meth:`run`; ``report=False`` for the runs nbpipe makes itself (``ref.result()``,
+        ``retry()``): what they execute is counted by the user's next ``run()``."""
         if isinstance(targets, TaskRef):
             targets = [targets]
         self._rekey_changed()
@@ -752,25 +801,22 @@ class Pipeline:
             with self._lock:
                 self._find_done(gone)
         todo = [r for r in refs if r.state is State.WAITING]
-        executed = len(todo)
         live = self._runner is not None and self._runner.alive
         paused = self._runner.paused if live else self.store.is_paused(self.pipeline_id)
         if todo and (live or not paused):  # a paused pipeline starts no cluster for nothing
-            runner = self._ensure_runner()
+            runner = self._ensure_runner(wait_for_runner, timeout)
             if not live:  # a new runner: another process may have run some since they resolved
                 todo = self._found_since(todo)
-                executed = len(todo)
             runner.check(todo)  # a task no worker pool can hold fails here, before any runs
             for r in todo:
                 r.queued = True
+            self.ran.update(todo)
             runner.add(todo)
             paused = runner.paused
         live = self._runner is not None and self._runner.alive
         if wait and live and not paused and any(not r.state.final for r in refs):
             self._wait(refs, timeout)
-        # Late tasks found done once their upstream content was known did not execute.
-        executed -= sum(r.reason == "found done" for r in todo)
-        summary = self._summary(refs, executed)
+        summary = self._summary(refs, report)
         if check and summary.failed:
             raise TaskFailed(
                 f"pipeline {self.name!r}: {len(summary.failed)} task(s) failed: "
@@ -792,12 +838,24 @@ class Pipeline:
             self._find_done(done)
         return [r for r in todo if r.state is State.WAITING]
 
-    def _summary(self, refs: list[TaskRef], executed: int) -> RunSummary:
+    def _summary(self, refs: list[TaskRef], report: bool = True) -> RunSummary:
+        """Counts of ``refs``; *executed* are those this process ran since a summary last
+        reported them finished (a task run by ``ref.result()`` before ``run()`` included),
+        *already done* the others that succeeded."""
         counts = Counter(r.state.value for r in refs)
         failed = [r.label for r in refs if r.state in (State.FAILED, State.KILLED)]
         runner = self._runner
         paused = runner.paused if runner is not None else self.store.is_paused(self.pipeline_id)
-        return RunSummary(dict(counts), failed, executed, len(refs) - executed, paused)
+        ran = self.ran
+        # (held back by a pause before it started, or a late task found done once its upstream
+        # content was known: it did not run)
+        executed = [r for r in refs if r in ran and not (paused and r.state is State.WAITING)
+                    and r.reason != "found done"]
+        cached = sum(r.state is State.SUCCEEDED for r in refs) - sum(
+            r.state is State.SUCCEEDED for r in executed)
+        if report:  # each execution is reported once
+            ran.difference_update([r for r in executed if r.state.final])
+        return RunSummary(dict(counts), failed, len(executed), cached, paused)
 
     def _wait(self, refs: list[TaskRef], timeout: float | None) -> None:
         runner = self._runner
@@ -832,7 +890,7 @@ class Pipeline:
         refs = [r for r in self._refs.values() if r not in waiting]
         if self._runner is not None:
             self._wait(refs, timeout)
-        return self._summary(refs, 0)
+        return self._summary(refs)
 
     def unsubmitted(self) -> list[TaskRef]:
         """Tasks registered in this process that no runner has: ``pipe.run()`` (or reading their
@@ -873,7 +931,7 @@ class Pipeline:
 
     def _result(self, ref: TaskRef, timeout: float | None) -> Any:
         if not ref.state.final or ref.state in BAD and ref.exception is None and ref.error is None:
-            self.run([ref], wait=True, timeout=timeout)
+            self._run([ref], wait=True, timeout=timeout)
         if ref.state is State.SUCCEEDED:
             assert ref.result_file is not None
             try:
@@ -882,7 +940,7 @@ class Pipeline:
                 self.store.forget_result(ref.key)
                 ref.state, ref.result_file, ref.key_ = State.WAITING, None, None
                 self._resolve([ref])
-                self.run([ref], wait=True, timeout=timeout)
+                self._run([ref], wait=True, timeout=timeout)
                 if ref.state is State.SUCCEEDED and ref.result_file is not None:
                     return self._load(ref)
         if ref.state is State.FAILED:
@@ -993,7 +1051,7 @@ class Pipeline:
                 self._resolve(refs)
                 targets = [r for r in self._refs.values()
                            if r.state is not State.SUCCEEDED]
-                self.run(targets, wait=wait)
+                self._run(targets, wait=wait)
             return
         self._command("retry", keys=keys, failed=failed)
 

@@ -30,6 +30,7 @@ from distributed.scheduler import KilledWorker
 
 from .cluster import Connection
 from .config import setting
+from .crashes import Crash, describe, discard, read_crash
 from .errors import ResourceError
 from .pools import cancel_jobs
 from .results import INLINE, INLINE_BYTES, locate
@@ -37,7 +38,15 @@ from .shipping import bundle
 from .specs import write_specs
 from .states import BAD, State
 from .store import Batch, RunnerLock
-from .worker import Outcome, Upstream, WorkItem, install_termination_notice, interrupt, run_items
+from .worker import (
+    TAIL,
+    Outcome,
+    Upstream,
+    WorkItem,
+    install_termination_notice,
+    interrupt,
+    run_items,
+)
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -579,6 +588,7 @@ class Runner:
                 self._finish(ref, State.FAILED, str(exc))
             return
         items = []
+        self.pipe.ran.update(refs)  # what run() reports as executed (retries included)
         for ref in refs:
             ref.attempts += 1
             ref.state = State.PENDING
@@ -755,15 +765,32 @@ class Runner:
         message = (f"{type(exc).__name__}: {exc}" if exc is not None
                    else f"the Dask future was {future.status}")
         died = isinstance(exc, KilledWorker)
+        # The record the dead process left says which item ended it, how, and what it printed.
+        crash = (read_crash(self.store.path, sub.refs[0].key, sub.refs[0].attempts)
+                 if died else None)
         for ref in list(sub.refs):
             if not self._detach(sub, ref):
                 continue
             if ref in self.kill_requested:
                 self._finish(ref, State.KILLED, f"task {ref.label!r} was killed on request")
+            elif died and crash is not None and crash.key == ref.key:
+                self._crash_attempt(ref, crash)
             elif died:
                 self._attempt_failed(ref, self._worker_died(ref, exc), None, None)
             else:
                 self._attempt_failed(ref, message, None, None)
+
+    def _crash_attempt(self, ref: TaskRef, crash: Crash) -> None:
+        """Record the attempt that ended its worker process (Dask gave up: ``KilledWorker``)."""
+        header = crash.header
+        error = describe(ref.label, crash)
+        self.batch.attempts.append((
+            self.pid, ref.key, ref.attempts, State.FAILED.value, header.get("start", 0.0),
+            time.time(), header.get("worker"), header.get("host"), header.get("pid"), None,
+            crash.exit_code, error, crash.fault or None, crash.stdout[-TAIL:],
+            crash.stderr[-TAIL:], None,
+        ))
+        self._attempt_failed(ref, error, crash.fault or None, None)
 
     def _worker_died(self, ref: TaskRef, exc: Any) -> str:
         """Explain a task whose workers kept dying; grow its memory when it asks for that."""
@@ -777,14 +804,18 @@ class Runner:
             f"the last one, {address}, had {had}); a task that kills its worker usually runs out of "
             "memory: ask for more with memory=, or set retry_memory_factor= to grow it on each retry"
         )
+        return message + self._grow_memory(ref, limit)
+
+    def _grow_memory(self, ref: TaskRef, limit: int | None) -> str:
+        """After a worker death: grow the task's memory for its retry (retry_memory_factor)."""
         factor = ref.func.opts.retry_memory_factor
         if factor and self._retries_left(ref):
             current = self._memory(ref) or limit
             if current:
                 grown = int(current * factor)
                 self.memory_boost[ref] = grown
-                message += f"; retrying with memory={format_bytes(grown)}"
-        return message
+                return f"; retrying with memory={format_bytes(grown)}"
+        return ""
 
     def _outcome(self, ref: TaskRef, o: Outcome) -> None:
         count, total = self.durations.get(ref.func, (0, 0.0))
@@ -943,7 +974,8 @@ class Runner:
             sub.future.cancel()
             self._release(sub)
             if ref.worker:
-                threading.Thread(target=self._restart_worker, args=(ref.worker,), daemon=True).start()
+                threading.Thread(target=self._restart_worker, daemon=True,
+                                 args=(ref.worker, sub.refs[0].key, sub.refs[0].attempts)).start()
             for other in sub.refs:
                 if other is ref or other in self.kill_requested:
                     self._finish(other, State.KILLED,
@@ -953,11 +985,12 @@ class Runner:
                     other.state = State.WAITING
                     self.ready.append(other)
 
-    def _restart_worker(self, address: str) -> None:
+    def _restart_worker(self, address: str, key: str, attempt: int) -> None:
         try:
             self.client.restart_workers([address], raise_for_error=False)
         except Exception:  # the cluster may be closing; the task is killed either way
             log.debug("could not restart worker %s", address, exc_info=True)
+        discard(self.store.path, key, attempt)  # what the restarted worker left: not a crash
 
     def _cmd_retry(self, keys: list[str] | None = None, failed: bool = False) -> str:
         targets = self._targets(keys)

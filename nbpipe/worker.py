@@ -13,6 +13,7 @@ in C does not see it, and the runner then restarts the worker process (a real ki
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -34,6 +35,7 @@ from .bookkeeping import environment
 from .cells import cell_output
 from .context import TaskContext, batch_job_id, stop_requested
 from .context import _set as _set_context
+from .crashes import Crash, Recorder, describe, read_crash, record_path
 from .errors import (
     BashTaskError,
     OutputNotStored,
@@ -116,13 +118,18 @@ class _Router(io.TextIOBase):
         self._fallback = fallback
         self._local = threading.local()
 
-    def capture(self, buffer: io.StringIO | None) -> None:
+    def capture(self, buffer: io.StringIO | None, spill: Any = None) -> None:
         self._local.buffer = buffer
+        self._local.spill = spill  # a copy on disk that outlives the process (nbpipe.crashes)
 
     def write(self, text: str) -> int:
         buffer = getattr(self._local, "buffer", None)
         if buffer is None:
             return self._fallback.write(text)
+        spill = self._local.spill
+        if spill is not None:
+            with contextlib.suppress(OSError):  # a full disk must not fail the task
+                spill.write(text, buffer)
         return buffer.write(text)
 
     def flush(self) -> None:
@@ -297,7 +304,7 @@ def _write(store_dir: str, item: WorkItem, value: Any, inline: int) -> Any:
 
 def _run_one(
     fn: Any, item: WorkItem, store_dir: str, pipeline: str, topic: str | None,
-    where: _Where, values: dict[str, Any],
+    where: _Where, values: dict[str, Any], recorder: Recorder | None = None,
 ) -> Outcome:
     out_router, err_router = _routers()
     out, err = io.StringIO(), io.StringIO()
@@ -308,8 +315,8 @@ def _run_one(
     )
     ctx = TaskContext(item.name, item.key, item.label, item.attempt, pipeline, address,
                       where.job_id)
-    out_router.capture(out)
-    err_router.capture(err)
+    out_router.capture(out, recorder.stdout if recorder is not None else None)
+    err_router.capture(err, recorder.stderr if recorder is not None else None)
     _set_context(ctx)
     try:
         try:
@@ -333,6 +340,13 @@ def _run_one(
         except TaskKilled:
             outcome.state = "KILLED"
             outcome.error = f"task {item.label!r} was killed on request"
+        except SystemExit as exc:  # sys.exit() in a worker thread ends the task, not the process
+            code = exc.code
+            outcome.exit_code = code if isinstance(code, int) else (0 if code is None else 1)
+            outcome.error = (f"task {item.label!r} exited with code {outcome.exit_code} "
+                             f"(sys.exit({code!r}) in the task)")
+            outcome.traceback = "".join(
+                traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
         except BaseException as exc:  # noqa: BLE001 - every failure becomes an outcome
             outcome.error = f"{type(exc).__name__}: {exc}"
             outcome.traceback = "".join(
@@ -363,6 +377,28 @@ def _run_one(
     return outcome
 
 
+def _memory_limit() -> int | None:
+    try:
+        from distributed import get_worker
+
+        return getattr(get_worker().memory_manager, "memory_limit", None)
+    except Exception:  # not on a Dask worker
+        return None
+
+
+def _crashed(item: WorkItem, crash: Crash) -> Outcome:
+    """The failed attempt of an item whose worker process died while running it."""
+    header = crash.header
+    env_id, env = environment()
+    return Outcome(
+        key=item.key, attempt=item.attempt, state="FAILED", start=header.get("start", 0.0),
+        end=time.time(), worker=header.get("worker"), hostname=header.get("host", ""),
+        pid=header.get("pid", 0), env_id=env_id, env=env, stdout=crash.stdout[-TAIL:],
+        stderr=crash.stderr[-TAIL:], error=describe(item.label, crash),
+        traceback=crash.fault or None, exit_code=crash.exit_code, job_id=batch_job_id(),
+    )
+
+
 @functools.lru_cache(maxsize=64)
 def _function(blob: bytes) -> Any:
     """A pickled task function, unpickled once per worker process."""
@@ -389,18 +425,42 @@ def run_items(
     _notify_start(topic, [item.key for item in items], address)
     values: dict[str, Any] = {}
     where = _Where(address, socket.gethostname(), os.getpid(), batch_job_id())
+    first = items[0]
+    # Dask runs a task again when the worker process running it died: the record that process
+    # left tells which item ended it, and that item becomes a failed attempt instead of
+    # killing this worker too (nbpipe.crashes).
+    crash = read_crash(store_dir, first.key, first.attempt)
+    try:
+        recorder: Recorder | None = Recorder(
+            record_path(store_dir, first.key, first.attempt),
+            {"pid": where.pid, "host": where.hostname, "worker": address,
+             "memory_limit": _memory_limit(), "start": time.time()})
+    except OSError:  # (the result write says what is wrong with the store; tasks still run)
+        recorder = None
     # The first snapshot of a worker's environment (packages, a git call) can take a while:
     # taken before the first item ends, not between its end and the push of its outcome.
     environment()
     outcomes: list[Outcome] = []
     unsent = 0  # outcomes[unsent:] have not been pushed yet
     last_push = time.monotonic()
-    for number, item in enumerate(items, 1):
-        outcomes.append(_run_one(fn, item, store_dir, pipeline, topic, where, values))
-        if topic and number < len(items) and time.monotonic() - last_push >= STREAM_SECONDS:
-            if _push(topic, outcomes[unsent:], partial=True):
-                unsent = len(outcomes)
-            last_push = time.monotonic()
+    try:
+        for number, item in enumerate(items, 1):
+            if crash is not None and (item.key, item.attempt) == (crash.key, crash.attempt):
+                outcomes.append(_crashed(item, crash))
+            else:
+                if recorder is not None:
+                    recorder.start(item.key, item.attempt)
+                outcomes.append(_run_one(fn, item, store_dir, pipeline, topic, where, values,
+                                         recorder))
+                if recorder is not None:
+                    recorder.end(item.key, item.attempt)
+            if topic and number < len(items) and time.monotonic() - last_push >= STREAM_SECONDS:
+                if _push(topic, outcomes[unsent:], partial=True):
+                    unsent = len(outcomes)
+                last_push = time.monotonic()
+    finally:
+        if recorder is not None:
+            recorder.close()
     if topic:  # pushed to the runner at once: no gather round trip per task
         _push(topic, outcomes[unsent:], partial=False)
     return outcomes

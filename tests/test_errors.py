@@ -152,6 +152,33 @@ def _newer_store(tmp: Path) -> None:
     _pipe(tmp)
 
 
+def _busy(tmp: Path, **run: Any) -> None:
+    """Run a pipeline that another process runs (its runner lock is held, as by that process)."""
+    from nbpipe.store import RunnerLock
+
+    pipe = _pipe(tmp)
+    pipe.task(job)()
+    other = RunnerLock(pipe.store, "demo")
+    other.acquire()
+    try:
+        pipe.run(**run)
+    finally:
+        other.release()
+
+
+def _ends_its_process(tmp: Path) -> None:
+    import os
+
+    def ender() -> int:
+        os._exit(3)
+
+    pipe = _pipe(tmp, cluster={"kind": "local", "workers": 1})
+    try:
+        pipe.task(ender)().result()
+    finally:
+        pipe.close()
+
+
 def _task_file(tmp: Path, name: str, text: str) -> None:
     (tmp / name).write_text(text)
     load_tasks(tmp / name)
@@ -308,6 +335,25 @@ PYTHON = [
     Case("Python API", "A task file with another extension", "TaskfileError",
          "task file …/tasks.txt: use a .json, .yaml or .yml file", "tasks.txt",
          "Rename it to .json, .yaml or .yml.", lambda tmp: _task_file(tmp, "tasks.txt", "[]")),
+    Case("Python API", "`pipe.run()` while another process runs the pipeline", "PipelineBusy",
+         "pipeline 'demo' is already being run by pid …; wait for it to finish, watch it with "
+         "`nbpipe tasks`, or stop it with `nbpipe pause` (only one process may run a pipeline at a "
+         "time); to wait for that runner and then run what it left, use "
+         "pipe.run(wait_for_runner=True)", "wait_for_runner",
+         "Pass `wait_for_runner=True` (scripts that only want results), or pause the other runner.",
+         _busy),
+    Case("Python API", "`pipe.run(wait_for_runner=True, timeout=1)` while the other runner keeps "
+         "going", "PipelineBusy",
+         "pipeline 'demo' is already being run by pid …; still so after waiting 1 s "
+         "(wait_for_runner=True)", "wait_for_runner",
+         "Wait longer (`timeout=None` waits until it ends), or pause the other runner.",
+         lambda tmp: _busy(tmp, wait_for_runner=True, timeout=1)),
+    Case("Python API", "A task that ends its own process (`os._exit(3)`, a segfault in C code)",
+         "TaskFailed",
+         "task 'ender' failed: task 'ender' ended its worker process: the process exited with code "
+         "3 (os._exit() or exit() in the task or in C code it called)\n", "code 3",
+         "Return or raise instead of exiting; `nbpipe logs PIPELINE TASK` shows what it printed "
+         "(and, after a crash in C code, its traceback).", _ends_its_process),
 ]
 
 
@@ -468,6 +514,11 @@ CLI = [
          ["--store", "{store}", "delete", "demo", "--force"], ("live runner",)),
     Case("command line", "`nbpipe frobnicate`", "exit 2", "No such command 'frobnicate'.",
          "frobnicate", "See `nbpipe --help`.", ["frobnicate"]),
+    Case("command line", "`nbpipe --json why demo job`: `--json` on a command without a listing",
+         "exit 2", "--json: `nbpipe why` has no machine-readable output; the commands that have "
+         "one are doctor, pipelines, show, tasks", "--json",
+         "Drop `--json`; it goes with `pipelines`, `tasks`, `show` and `doctor`, before or after "
+         "the command name.", ["--json", "--store", "{store}", "why", "demo", "job"]),
 ]
 
 # -- configuration ------------------------------------------------------------------------------
