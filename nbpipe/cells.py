@@ -26,7 +26,7 @@ from .errors import TaskDefinitionError
 from .identity import CodeIdentity, digest, normalised_source_digest
 from .task import TaskFunction, TaskOptions
 
-__all__ = ["CellFunction", "CellRunner", "CellTask", "cell_function", "fill_placeholders", "placeholders"]
+__all__ = ["CellFunction", "CellRunner", "CellTask", "cell_function", "code_digest", "fill_placeholders", "placeholders"]
 
 DISPLAY = "__nbpipe_display__"  # key of a cell's rich output in its result dict
 
@@ -109,6 +109,18 @@ class CellRunner:
         return (CellRunner, (self.name, self.source, self.outputs, self.kind))
 
 
+def code_digest(source: str, kind: str = "python") -> str:
+    """The code part of a cell task's key: its body's normalised code (a bash body, stripped).
+
+    The sidebar compares a cell's current text with a task's recorded code through this, so it
+    is the one definition of "the cell's code".
+
+    >>> code_digest("x = 1  # one") == code_digest("x=1")
+    True
+    """
+    return normalised_source_digest(source) if kind == "python" else digest(["bash", source.strip()])
+
+
 class CellTask(TaskFunction):
     """A ``%%task`` cell as a task function; its identity is the cell's normalised code."""
 
@@ -122,9 +134,7 @@ class CellTask(TaskFunction):
 
     def identity(self) -> CodeIdentity:
         """The cell's code (comments and formatting do not count); inputs enter as arguments."""
-        code = (normalised_source_digest(self.source) if self.kind == "python"
-                else digest(["bash", self.source.strip()]))
-        return CodeIdentity(code, {}, {}, {})
+        return CodeIdentity(code_digest(self.source, self.kind), {}, {}, {})
 
 
 class CellFunction(CellTask):
