@@ -26,7 +26,8 @@ from .errors import TaskDefinitionError
 from .identity import CodeIdentity, digest, normalised_source_digest
 from .task import TaskFunction, TaskOptions
 
-__all__ = ["CellFunction", "CellRunner", "CellTask", "cell_function", "code_digest", "fill_placeholders", "placeholders"]
+__all__ = ["CellFunction", "CellRunner", "CellTask", "cell_function", "code_digest", "fill_placeholders",
+           "placeholders"]
 
 DISPLAY = "__nbpipe_display__"  # key of a cell's rich output in its result dict
 

@@ -23,8 +23,8 @@ from .results import INLINE, checksum_of
 from .store import RunnerLock, Store
 
 __all__ = [
-    "cell_changed", "cluster_detail", "delete_pipeline", "doctor", "events", "find_store", "gc", "graph", "pipelines",
-    "runner", "task_detail", "tasks",
+    "cell_changed", "cluster_detail", "delete_pipeline", "doctor", "events", "find_store", "gc", "graph",
+    "pipelines", "runner", "task_detail", "tasks",
 ]
 
 
