@@ -45,3 +45,33 @@ def test_the_widget_refreshes_itself_while_tasks_run(pipe) -> None:
     pipe.run(wait=False)
     wait_for(lambda: widget.tasks[0]["state"] == "SUCCEEDED", timeout=30)
     assert ref.result() == 0.5
+
+
+def test_the_widget_keeps_following_after_every_task_finished(pipe) -> None:
+    """A task added or re-run after the graph went quiet still shows (it never stops silently)."""
+    @pipe.task
+    def one(i: int) -> int:
+        return i
+
+    pipe.run([one(0)], check=True)
+    widget = GraphWidget(pipe, poll=0.05)
+    wait_for(lambda: [t["state"] for t in widget.tasks] == ["SUCCEEDED"], timeout=30)
+    import time
+
+    time.sleep(0.5)  # quiet for several polls: every task is final
+    later = one(1)
+    pipe.run([later], check=True)
+    wait_for(lambda: {t["label"]: t["state"] for t in widget.tasks}.get(later.label) == "SUCCEEDED",
+             timeout=30)
+    assert widget.following
+
+
+def test_the_widget_says_when_it_stopped_following(pipe) -> None:
+    @pipe.task
+    def one(i: int) -> int:
+        return i
+
+    pipe.run([one(0)], check=True)
+    widget = GraphWidget(pipe, poll=0.05)
+    widget._pipe = None  # the pipeline is gone under it (closed, replaced)
+    wait_for(lambda: widget.following is False, timeout=30)
