@@ -181,7 +181,7 @@ def test_sidebar_shows_the_live_graph_and_retries_and_kills(lab, page, tmp_path:
 
     # the 20 mapped calls are one group node with counts by state; a click shows its items
     group = sidebar.locator('g.nbpipe-node[data-group="true"][data-task="fraction"]')
-    group.locator("text=20 done").wait_for()
+    sidebar.locator('g.nbpipe-node[data-task="fraction"][data-counts="20 done"]').wait_for()
     group.click()
     cells = sidebar.locator('[data-group-grid="fraction"] .nbpipe-cell')
     cells.nth(19).wait_for()
@@ -395,7 +395,7 @@ def test_the_sidebar_is_readable_at_its_default_width(lab, page) -> None:
     _run_all(page)
     node(page, "pi", "SUCCEEDED").wait_for()
     group = sidebar.locator('g.nbpipe-node[data-group="true"][data-task="fraction"]')
-    group.locator("text=20 done").wait_for()
+    sidebar.locator('g.nbpipe-node[data-task="fraction"][data-counts="20 done"]').wait_for()
     width = sidebar.evaluate("e => e.getBoundingClientRect().width")
     assert 200 <= width <= 320, f"the sidebar's default width is {width} px"
     sizes = _label_sizes(page)
@@ -433,7 +433,8 @@ def test_a_300_item_map_is_readable_and_the_sidebar_misses_no_event(lab, page) -
     _run_all(page)
     group = sidebar.locator('g.nbpipe-node[data-group="true"][data-task="item"]')
     # every event arrives: the group converges to the store's truth without a reload
-    group.locator("text=2 failed · 298 done").wait_for(timeout=240_000)
+    sidebar.locator('g.nbpipe-node[data-task="item"][data-counts="2 failed · 298 done"]').wait_for(
+        timeout=240_000)
     assert group.get_attribute("data-state") == "FAILED"
     counts = sidebar.locator(".nbpipe-counts").inner_text()
     assert "298 succeeded" in counts and "2 failed" in counts, counts
