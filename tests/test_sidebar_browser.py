@@ -274,8 +274,8 @@ def _kernel_ready(page) -> None:
 
 
 def _command(page, command: str, args: dict | None = None) -> None:
-    """Run a JupyterLab command, as a menu or the palette would."""
-    page.evaluate("([c, a]) => window.jupyterapp.commands.execute(c, a)", [command, args or {}])
+    """Start a JupyterLab command, as a menu or the palette would (not waiting for its dialogs)."""
+    page.evaluate("([c, a]) => { void window.jupyterapp.commands.execute(c, a); }", [command, args or {}])
 
 
 def _run_all(page) -> None:
@@ -507,7 +507,7 @@ def test_the_task_panel_follows_a_fixed_cell_and_the_inline_graph_keeps_followin
 
 def test_runner_facts_follow_the_runner_across_a_kernel_restart(lab, page) -> None:
     url, root = lab
-    _notebook(root / "restart.ipynb", ["%load_ext nbpipe", "%%task one\none = 1"])
+    _notebook(root / "restart.ipynb", ["%load_ext nbpipe", "%%task one --no-cache\none = 1"])
     _start(page, url, "restart.ipynb")
     sidebar = _open_sidebar(page)
     _run_all(page)
