@@ -125,7 +125,8 @@ def page(tmp_path: Path, request: pytest.FixtureRequest):
             print(f"screenshot: {tmp_path / 'failure.png'}")
             print(pg.locator("#nbpipe-sidebar").inner_text(timeout=2000)[:3000])
             outputs = pg.locator(".jp-OutputArea-output")
-            print("last output:", outputs.nth(outputs.count() - 1).inner_html(timeout=2000)[:2000])
+            if outputs.count():
+                print("last output:", outputs.nth(outputs.count() - 1).inner_html(timeout=2000)[:2000])
             print((tmp_path / "lab.log").read_text()[-4000:])
         browser.close()
 
@@ -267,7 +268,7 @@ def _kernel_ready(page) -> None:
         choose.click()
     except Exception:  # noqa: BLE001 - no dialog: the kernel started by itself
         pass
-    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for()
+    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle'] >> visible=true").first.wait_for()
     news = page.locator(".jp-Notification-Toast-Close, .Toastify__close-button")
     if news.count():
         news.first.click()
@@ -369,7 +370,7 @@ def test_the_sidebar_follows_the_notebook_in_focus_and_restores_after_reload(lab
     assert min(_label_sizes(page)) >= 11
     # widening the panel lays the graph out again for the space it has
     assert sidebar.locator(".nbpipe-graph").get_attribute("data-direction") == "TB"
-    handle = page.locator(".lm-SplitPanel-handle").first
+    handle = page.locator("#jp-main-split-panel > .lm-SplitPanel-handle >> visible=true").first
     start = handle.bounding_box()
     page.mouse.move(start["x"] + 2, start["y"] + 200)
     page.mouse.down()
