@@ -41,12 +41,29 @@ def widgets_enabled() -> bool:
         return False
 
 
+def run_seconds(ref: TaskRef) -> float | None:
+    """How long the task's last attempt ran (end - start, as recorded): the figure the sidebar's
+    task panel shows, so the cell and the panel agree. None before an attempt ended."""
+    try:
+        pipe = ref.pipeline
+        rows = pipe.store.attempts(pipe.pipeline_id, ref.key)
+    except Exception:  # noqa: BLE001 - a status line never fails a cell
+        return None
+    last = rows[-1] if rows else None
+    if last is None or last["start"] is None or last["end"] is None:
+        return None
+    return max(0.0, last["end"] - last["start"])
+
+
 def _status_text(ref: TaskRef, started: float) -> str:
     elapsed = time.monotonic() - started
     worker = f" on {ref.worker}" if ref.worker else ""
     note = f" ({ref.reason})" if ref.state is State.WAITING and ref.reason else ""
     if ref.state is State.SUCCEEDED and ref.reason == "found done":
-        note = " (found done: nothing to run)"
+        return f"task {ref.label}: {ref.state.value}, {elapsed:.1f} s (found done: nothing to run)"
+    ran = run_seconds(ref) if ref.state.final else None
+    if ran is not None:  # the attempt's own time (as the task panel), then the wall time
+        return f"task {ref.label}: {ref.state.value}{worker} in {ran:.1f} s ({elapsed:.1f} s since the cell ran)"
     return f"task {ref.label}: {ref.state.value}{worker}, {elapsed:.1f} s{note}"
 
 

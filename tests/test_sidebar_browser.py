@@ -172,8 +172,7 @@ def test_sidebar_shows_the_live_graph_and_retries_and_kills(lab, page, tmp_path:
     sidebar.wait_for()
 
     # run every cell: the %%task cells become tasks; the sidebar picks the pipeline up
-    page.locator('.lm-MenuBar-itemLabel:text-is("Run")').click()
-    page.locator('.lm-Menu-itemLabel:text-is("Run All Cells")').click()
+    _run_all(page)
     node(page, "data", "SUCCEEDED").wait_for()
     node(page, "total", "SUCCEEDED").wait_for()
     node(page, "checked", "FAILED").wait_for()

@@ -75,3 +75,25 @@ def test_the_widget_says_when_it_stopped_following(pipe) -> None:
     widget = GraphWidget(pipe, poll=0.05)
     widget._pipe = None  # the pipeline is gone under it (closed, replaced)
     wait_for(lambda: widget.following is False, timeout=30)
+
+
+def test_the_cells_status_line_and_the_task_panel_give_the_same_duration(pipe) -> None:
+    """The status line's run time is the attempt's, as the sidebar's panel shows it (one decimal)."""
+    import time
+
+    from nbpipe import queries
+    from nbpipe.display import _status_text
+
+    @pipe.task
+    def nap(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    ref = nap(0.4)
+    started = time.monotonic()
+    pipe.run([ref], check=True)
+    time.sleep(0.3)  # wall time since the cell ran grows; the run time does not
+    line = _status_text(ref, started)
+    panel = queries.task_detail(pipe.store, pipe.name, ref.key)["attempts"][-1]["seconds"]
+    assert f"SUCCEEDED on {ref.worker} in {panel:.1f} s (" in line, (line, panel)
+    assert panel >= 0.4
