@@ -63,7 +63,8 @@ def _status_text(ref: TaskRef, started: float) -> str:
         return f"task {ref.label}: {ref.state.value}, {elapsed:.1f} s (found done: nothing to run)"
     ran = run_seconds(ref) if ref.state.final else None
     if ran is not None:  # the attempt's own time (as the task panel), then the wall time
-        return f"task {ref.label}: {ref.state.value}{worker} in {ran:.1f} s ({elapsed:.1f} s since the cell ran)"
+        return (f"task {ref.label}: {ref.state.value}{worker} in {ran:.1f} s "
+                f"({elapsed:.1f} s since the cell ran)")
     return f"task {ref.label}: {ref.state.value}{worker}, {elapsed:.1f} s{note}"
 
 

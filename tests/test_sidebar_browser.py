@@ -394,7 +394,6 @@ def test_the_sidebar_is_readable_at_its_default_width(lab, page) -> None:
     sidebar = _open_sidebar(page)
     _run_all(page)
     node(page, "pi", "SUCCEEDED").wait_for()
-    group = sidebar.locator('g.nbpipe-node[data-group="true"][data-task="fraction"]')
     sidebar.locator('g.nbpipe-node[data-task="fraction"][data-counts="20 done"]').wait_for()
     width = sidebar.evaluate("e => e.getBoundingClientRect().width")
     assert 200 <= width <= 320, f"the sidebar's default width is {width} px"
@@ -480,6 +479,14 @@ def test_the_task_panel_follows_a_fixed_cell_and_the_inline_graph_keeps_followin
     panel.locator(".nbpipe-traceback:has-text('too few items')").wait_for()
     old_key = panel.get_attribute("data-panel-task")
     assert panel.locator(".nbpipe-cell-changed").count() == 0
+    # polish: the long key stays inside the panel (its tooltip has it whole); so does the picker's name
+    assert panel.evaluate("e => e.scrollWidth <= e.clientWidth + 1")
+    assert panel.locator(".nbpipe-key").get_attribute("title") == old_key
+    assert sidebar.locator(".nbpipe-picker").get_attribute("title").startswith("fix (.nbpipe)")
+    # the cell the task came from is marked in its own way, not as JupyterLab's selection
+    marked = page.locator(".jp-Cell.nbpipe-highlight", has_text="%%task checked")
+    marked.wait_for()
+    assert "dashed" in marked.evaluate("e => getComputedStyle(e).outlineStyle")
 
     # edit the cell without running it: the panel says Retry would run the old code
     editor = page.locator(".jp-Cell", has_text="%%task checked").locator(".cm-content")

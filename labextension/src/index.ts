@@ -54,6 +54,10 @@ function showCell(tracker: INotebookTracker, cellId: string): boolean {
     }
   });
   for (const panel of panels) {
+    // one marked cell at a time: the one asked for last
+    panel.content.widgets.forEach(cell => cell.removeClass('nbpipe-highlight'));
+  }
+  for (const panel of panels) {
     const notebook = panel.content;
     const index = notebook.widgets.findIndex(cell => cell.model.id === cellId);
     if (index < 0) {

@@ -142,7 +142,7 @@ export function draw(
   if (!following) {
     const note = document.createElement('div');
     note.className = 'nbpipe-inline-stopped';
-    note.textContent = 'Stopped following the pipeline (it was closed): run %pipeline graph again for a live graph.';
+    note.textContent = 'Not following the pipeline any more: run %pipeline graph again for a live graph.';
     parts.push(note);
   }
   const picture = document.createElement('div');
