@@ -9,7 +9,9 @@ import {
   Direction,
   IEdge,
   ILayout,
+  IPlacedNode,
   ITask,
+  State,
   MIN_SCALE,
   collapse,
   countsLine,
@@ -78,6 +80,58 @@ export function GroupGrid(props: {
   );
 }
 
+/**
+ * One node. Memoised: a state change re-renders the nodes it changed, not all 2,000 of a big
+ * graph (the sidebar polls every 400 ms while tasks run).
+ */
+const GraphNode = React.memo(function GraphNode(props: {
+  node: IPlacedNode;
+  state: State;
+  line: string;
+  chosen: boolean;
+  onActivate: (n: IPlacedNode) => void;
+}): JSX.Element {
+  const { node: n, state, line } = props;
+  return (
+    <g
+      className={`nbpipe-node${props.chosen ? ' nbpipe-selected' : ''}`}
+      data-task={n.group ? n.name : n.id}
+      data-label={n.label}
+      data-state={state}
+      data-group={n.group ? 'true' : undefined}
+      data-counts={n.group ? line : undefined}
+      transform={`translate(${n.x - n.width / 2},${n.y - n.height / 2})`}
+      tabIndex={0}
+      role="button"
+      aria-label={n.group ? `${n.label}: ${line}` : `${n.label}: ${state}`}
+      onClick={() => props.onActivate(n)}
+      onKeyDown={event => {
+        if (event.key === 'Enter' || event.key === ' ') {
+          event.preventDefault();
+          props.onActivate(n);
+        }
+      }}
+    >
+      <title>{n.group ? `${n.label}: ${line} — click for its items` : `${n.label}: ${state}`}</title>
+      <rect width={n.width} height={n.height} rx={6} className={`nbpipe-state-${state}`} />
+      {n.group ? (
+        <>
+          <text x={n.width / 2} y={17} textAnchor="middle">
+            {shortLabel(n.label)}
+          </text>
+          <text x={n.width / 2} y={34} textAnchor="middle" className="nbpipe-node-counts">
+            {line}
+          </text>
+        </>
+      ) : (
+        <text x={n.width / 2} y={n.height / 2 + 4} textAnchor="middle">
+          {shortLabel(n.label)}
+        </text>
+      )}
+    </g>
+  );
+});
+
 export function GraphView(props: IGraphViewProps): JSX.Element {
   const [group, setGroup] = React.useState<string | null>(null);
   const boxRef = React.useRef<HTMLDivElement>(null);
@@ -115,13 +169,17 @@ export function GraphView(props: IGraphViewProps): JSX.Element {
     }
   }, [props.tasks, group]);
 
-  const activate = (groupNode: boolean, name: string, keys: string[]) => {
-    if (groupNode) {
-      setGroup(group === name ? null : name);
+  const activate = (n: IPlacedNode) => {
+    if (n.group) {
+      setGroup(group === n.name ? null : n.name);
     } else {
-      props.onSelect(keys[0]);
+      props.onSelect(n.keys[0]);
     }
   };
+  // one stable callback for every node (so memoised nodes stay memoised), calling the latest
+  const activateRef = React.useRef(activate);
+  activateRef.current = activate;
+  const onActivate = React.useCallback((n: IPlacedNode) => activateRef.current(n), []);
   const zoomBy = (factor: number) =>
     setZoom(Math.min(3, Math.max(MIN_SCALE, Math.round(scale * factor * 100) / 100)));
 
@@ -164,47 +222,9 @@ export function GraphView(props: IGraphViewProps): JSX.Element {
             {placed.nodes.map(n => {
               const now = liveById.get(n.id);
               const state = n.group ? now?.state ?? n.state : stateOf.get(n.id) ?? n.state;
-              const counts = now?.counts ?? n.counts;
-              const line = countsLine(counts);
-              const chosen = (props.selected && n.keys.includes(props.selected)) || (n.group && group === n.name);
+              const chosen = !!((props.selected && n.keys.includes(props.selected)) || (n.group && group === n.name));
               return (
-                <g
-                  key={n.id}
-                  className={`nbpipe-node${chosen ? ' nbpipe-selected' : ''}`}
-                  data-task={n.group ? n.name : n.id}
-                  data-label={n.label}
-                  data-state={state}
-                  data-group={n.group ? 'true' : undefined}
-                  data-counts={n.group ? line : undefined}
-                  transform={`translate(${n.x - n.width / 2},${n.y - n.height / 2})`}
-                  tabIndex={0}
-                  role="button"
-                  aria-label={n.group ? `${n.label}: ${line}` : `${n.label}: ${state}`}
-                  onClick={() => activate(n.group, n.name, n.keys)}
-                  onKeyDown={event => {
-                    if (event.key === 'Enter' || event.key === ' ') {
-                      event.preventDefault();
-                      activate(n.group, n.name, n.keys);
-                    }
-                  }}
-                >
-                  <title>{n.group ? `${n.label}: ${line} — click for its items` : `${n.label}: ${state}`}</title>
-                  <rect width={n.width} height={n.height} rx={6} className={`nbpipe-state-${state}`} />
-                  {n.group ? (
-                    <>
-                      <text x={n.width / 2} y={17} textAnchor="middle">
-                        {shortLabel(n.label)}
-                      </text>
-                      <text x={n.width / 2} y={34} textAnchor="middle" className="nbpipe-node-counts">
-                        {line}
-                      </text>
-                    </>
-                  ) : (
-                    <text x={n.width / 2} y={n.height / 2 + 4} textAnchor="middle">
-                      {shortLabel(n.label)}
-                    </text>
-                  )}
-                </g>
+                <GraphNode key={n.id} node={n} state={state} line={n.group ? countsLine(now?.counts ?? n.counts) : ''} chosen={chosen} onActivate={onActivate} />
               );
             })}
           </g>
