@@ -26,11 +26,11 @@ from typing import Any
 import cloudpickle
 
 from .errors import OutputNotStored, TaskDefinitionError
-from .identity import CodeIdentity, cell_identity, digest
+from .identity import CodeIdentity, cell_identity, digest, normalised_source_digest
 from .task import TaskFunction, TaskOptions
 
 __all__ = ["RUNNER_NAMES", "CellFunction", "CellRunner", "CellTask", "cell_function", "cell_output",
-           "fill_placeholders", "placeholders"]
+           "code_digest", "fill_placeholders", "placeholders"]
 
 DISPLAY = "__nbpipe_display__"  # key of a cell's rich output in its result dict
 SKIPPED = "__nbpipe_skipped__"  # key of {name: why it is not stored} in a cell's result dict
@@ -149,6 +149,18 @@ class CellRunner:
         return (CellRunner, (self.name, self.source, self.outputs, self.kind))
 
 
+def code_digest(source: str, kind: str = "python") -> str:
+    """The code part of a cell task's key: its body's normalised code (a bash body, stripped).
+
+    The sidebar compares a cell's current text with a task's recorded code through this, so it
+    is the one definition of "the cell's code".
+
+    >>> code_digest("x = 1  # one") == code_digest("x=1")
+    True
+    """
+    return normalised_source_digest(source) if kind == "python" else digest(["bash", source.strip()])
+
+
 class CellTask(TaskFunction):
     """A ``%%task`` cell as a task function; its identity is the cell's normalised code."""
 
@@ -164,7 +176,7 @@ class CellTask(TaskFunction):
         """The cell's code (comments and formatting do not count); inputs enter as arguments,
         except modules of the user's own code: the members the cell uses count by content."""
         if self.kind != "python":
-            return CodeIdentity(digest(["bash", self.source.strip()]), {}, {}, {})
+            return CodeIdentity(code_digest(self.source, self.kind), {}, {}, {})
         values = dict(arguments or {})
         if self.var_keyword in values:  # a cell takes its inputs as **inputs
             values.update(values.pop(self.var_keyword))

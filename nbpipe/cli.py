@@ -421,7 +421,7 @@ def graph(ctx: click.Context, pipeline: str, output: str | None) -> None:
     pid = store.pipeline_id(pipeline, create=False)
     rows = store.task_rows(pid)
     edges = store.connect().execute("SELECT parent, child FROM edges WHERE pipeline_id = ?", (pid,))
-    dot = task_graph(pipeline, [(k, r["label"], r["state"]) for k, r in rows.items()],
+    dot = task_graph(pipeline, [(k, r["label"], r["state"], r["name"]) for k, r in rows.items()],
                      [(p, c) for p, c in edges if p in rows and c in rows])
     if output is None or output.endswith(".dot"):
         if output:

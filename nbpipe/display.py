@@ -12,12 +12,15 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .states import State
 from .task import TaskRef
 
-__all__ = ["ClusterView", "Progress", "StatusLine", "TaskTable", "task_graph", "widgets_enabled"]
+__all__ = ["ClusterView", "Progress", "StatusLine", "TaskTable", "counts_line", "task_graph",
+           "widgets_enabled"]
 
 COLOURS = {
     "WAITING": "#9e9e9e", "PENDING": "#90caf9", "RUNNING": "#1e88e5", "SUCCEEDED": "#43a047",
@@ -38,12 +41,30 @@ def widgets_enabled() -> bool:
         return False
 
 
+def run_seconds(ref: TaskRef) -> float | None:
+    """How long the task's last attempt ran (end - start, as recorded): the figure the sidebar's
+    task panel shows, so the cell and the panel agree. None before an attempt ended."""
+    try:
+        pipe = ref.pipeline
+        rows = pipe.store.attempts(pipe.pipeline_id, ref.key)
+    except Exception:  # noqa: BLE001 - a status line never fails a cell
+        return None
+    last = rows[-1] if rows else None
+    if last is None or last["start"] is None or last["end"] is None:
+        return None
+    return max(0.0, last["end"] - last["start"])
+
+
 def _status_text(ref: TaskRef, started: float) -> str:
     elapsed = time.monotonic() - started
     worker = f" on {ref.worker}" if ref.worker else ""
     note = f" ({ref.reason})" if ref.state is State.WAITING and ref.reason else ""
     if ref.state is State.SUCCEEDED and ref.reason == "found done":
-        note = " (found done: nothing to run)"
+        return f"task {ref.label}: {ref.state.value}, {elapsed:.1f} s (found done: nothing to run)"
+    ran = run_seconds(ref) if ref.state.final else None
+    if ran is not None:  # the attempt's own time (as the task panel), then the wall time
+        return (f"task {ref.label}: {ref.state.value}{worker} in {ran:.1f} s "
+                f"({elapsed:.1f} s since the cell ran)")
     return f"task {ref.label}: {ref.state.value}{worker}, {elapsed:.1f} s{note}"
 
 
@@ -206,14 +227,62 @@ class Progress:
             self._bar.bar_style = "success" if self._count() == len(self.refs) else "warning"
 
 
-def task_graph(name: str, nodes: list[tuple[str, str, str]], edges: list[tuple[str, str]]) -> Any:
-    """A Graphviz graph of tasks: ``nodes`` are (key, label, state), ``edges`` (parent, child)."""
+#: Neutral grey for edges and text outside nodes: readable on light and dark backgrounds alike.
+NEUTRAL = "#8a8a8a"
+#: The state a group node shows: what most needs attention among its tasks (as the sidebar).
+ATTENTION = ("FAILED", "RUNNING", "PENDING", "KILLED", "UPSTREAM_FAILED", "WAITING", "SUCCEEDED")
+#: How a group node counts its tasks (as the sidebar's countsLine), attention first.
+COUNT_WORDS = (("FAILED", "failed"), ("KILLED", "killed"), ("UPSTREAM_FAILED", "blocked"),
+               ("RUNNING", "running"), ("PENDING", "queued"), ("WAITING", "waiting"),
+               ("SUCCEEDED", "done"))
+
+
+def counts_line(states: Iterable[str]) -> str:
+    """A group's tasks counted by state, attention first.
+
+    >>> counts_line(["SUCCEEDED", "FAILED", "SUCCEEDED"])
+    '1 failed · 2 done'
+    """
+    counts = Counter(states)
+    return " · ".join(f"{counts[s]} {word}" for s, word in COUNT_WORDS if counts[s])
+
+
+def task_graph(name: str, nodes: Sequence[tuple[str, ...]], edges: Sequence[tuple[str, str]]) -> Any:
+    """A Graphviz graph of tasks: ``nodes`` are (key, label, state[, name]), ``edges`` (parent, child).
+
+    Tasks of one name that has several (a map, a loop of calls) are drawn as one group node
+    with their counts by state, as in the sidebar. The background is transparent and edges are
+    a neutral grey, so the picture reads in JupyterLab's light and dark themes.
+    """
     import graphviz
 
-    dot = graphviz.Digraph(name, graph_attr={"rankdir": "LR"},
-                           node_attr={"shape": "box", "style": "rounded,filled", "fontcolor": "white"})
-    for key, label, state in nodes:
-        dot.node(key, label, fillcolor=COLOURS.get(state, "#000"))
+    dot = graphviz.Digraph(name, graph_attr={"rankdir": "LR", "bgcolor": "transparent",
+                                             "fontcolor": NEUTRAL},
+                           node_attr={"shape": "box", "style": "rounded,filled", "fontcolor": "white",
+                                      "color": NEUTRAL, "fontname": "sans-serif"},
+                           edge_attr={"color": NEUTRAL, "arrowsize": "0.7"})
+    by_name: dict[str, list[tuple[str, str]]] = {}
+    for node in nodes:
+        key, _label, state = node[:3]
+        by_name.setdefault(node[3] if len(node) > 3 else key, []).append((key, state))
+    node_of: dict[str, str] = {}
+    for key, label, state, *rest in nodes:
+        members = by_name[rest[0]] if rest else [(key, state)]
+        if len(members) > 1:
+            group = f"group:{rest[0]}"
+            node_of[key] = group
+            if members[0][0] == key:  # draw the group once, where its first task is
+                states = [s for _, s in members]
+                shown = next(s for s in ATTENTION if s in states)
+                dot.node(group, f"{rest[0]} ×{len(members)}\n{counts_line(states)}",
+                         fillcolor=COLOURS.get(shown, "#000"))
+        else:
+            node_of[key] = key
+            dot.node(key, label, fillcolor=COLOURS.get(state, "#000"))
+    seen: set[tuple[str, str]] = set()
     for parent, child in edges:
-        dot.edge(parent, child)
+        pair = (node_of.get(parent, parent), node_of.get(child, child))
+        if pair[0] != pair[1] and pair not in seen:
+            seen.add(pair)
+            dot.edge(*pair)
     return dot

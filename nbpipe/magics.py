@@ -374,7 +374,7 @@ class NbpipeMagics(Magics):
             if available():
                 return GraphWidget(pipe)
         refs = list(pipe._refs.values())
-        return task_graph(pipe.name, [(r.key, r.label, r.state.value) for r in refs],
+        return task_graph(pipe.name, [(r.key, r.label, r.state.value, r.name) for r in refs],
                           [(dep.key, r.key) for r in refs for dep in r.deps])
 
     def _targets(self, names: list[str]) -> list[TaskRef]:

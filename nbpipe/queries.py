@@ -12,7 +12,9 @@ import contextlib
 import fnmatch
 import json
 import os
+import sqlite3
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,8 @@ from .results import INLINE, checksum_of, locate, unpack
 from .store import RunnerLock, Store
 
 __all__ = [
-    "cluster_detail", "delete_pipeline", "doctor", "events", "find_store", "gc", "graph", "pipelines",
-    "task_detail", "tasks",
+    "cell_changed", "cluster_detail", "delete_pipeline", "doctor", "events", "find_store", "gc", "graph",
+    "pipelines", "runner", "task_detail", "tasks",
 ]
 
 
@@ -46,47 +48,96 @@ def pipelines(store: Store) -> list[dict[str, Any]]:
         counts.setdefault(pid, Counter())[state] = n
     out = []
     for row in store.pipelines():
-        # A runner record outlives a killed process: trust it only while the lock is held.
-        alive = row["runner"] and RunnerLock(store, row["name"]).busy()
-        runner = json.loads(row["runner"]) if alive else None
         c = counts.get(row["id"], Counter())
         out.append({"name": row["name"], "tasks": sum(c.values()), "states": dict(c),
-                    "paused": bool(row["paused"]), "runner": runner})
+                    "paused": bool(row["paused"]), "runner": _live_runner(store, row["name"], row["runner"])})
     return out
+
+
+def _live_runner(store: Store, pipeline: str, record: str | None) -> dict[str, Any] | None:
+    """A pipeline's runner record, or None once its process died.
+
+    A runner record outlives a killed process (a kernel restart, a crash): trust it only while
+    the runner's lock is held.
+    """
+    if not record or not RunnerLock(store, pipeline).busy():
+        return None
+    return json.loads(record)
+
+
+def runner(store: Store, pipeline: str) -> dict[str, Any] | None:
+    """The live runner of a pipeline (pid, host, started, cluster, dashboard), or None."""
+    row = store.connect().execute("SELECT runner FROM pipelines WHERE name = ?", (pipeline,)).fetchone()
+    return _live_runner(store, pipeline, row[0] if row else None)
 
 
 def _pipeline_id(store: Store, pipeline: str) -> int:
     return store.pipeline_id(pipeline, create=False)
 
 
+@contextlib.contextmanager
+def _snapshot(store: Store) -> Iterator[sqlite3.Connection]:
+    """One read transaction: every SELECT inside sees the same committed state of the store.
+
+    A view that takes a snapshot and then follows the events after its cursor must read both
+    in one snapshot, or a commit between the two reads is lost to it (or applied twice).
+    """
+    conn = store.connect()
+    if conn.in_transaction:  # already inside one (a caller's snapshot): share it
+        yield conn
+        return
+    conn.execute("BEGIN")  # deferred: the first SELECT fixes the snapshot (WAL keeps it)
+    try:
+        yield conn
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("COMMIT")
+
+
 def graph(store: Store, pipeline: str) -> dict[str, Any]:
     """A pipeline's graph for live views: tasks (nodes), edges, counts and the last event id.
 
     A view loads this once, then asks :func:`events` for what changed after ``last_event``.
+    Tasks, edges and the cursor come from one read transaction, so every change committed
+    after the snapshot has an event after ``last_event``, and none before it is missing.
+    Nodes are in graph order: the order the tasks were defined.
     """
-    pid = _pipeline_id(store, pipeline)
-    conn = store.connect()
-    rows = store.task_rows(pid)
-    nodes = [{"key": r["key"], "name": r["name"], "label": r["label"], "kind": r["kind"],
-              "state": r["state"], "attempts": r["attempts"], "reason": r["reason"],
-              "error": (r["error"] or "")[:500] or None, "cell": r["cell"]}
-             for r in sorted(rows.values(), key=lambda r: r["created"])]
-    edges = [{"parent": p, "child": c, "kind": k} for p, c, k in conn.execute(
-        "SELECT parent, child, kind FROM edges WHERE pipeline_id = ?", (pid,)) if p in rows and c in rows]
-    last = conn.execute("SELECT MAX(id) FROM events WHERE pipeline_id = ?", (pid,)).fetchone()[0]
-    info = next(p for p in pipelines(store) if p["name"] == pipeline)
-    return {"pipeline": pipeline, "nodes": nodes, "edges": edges, "counts": info["states"],
-            "paused": info["paused"], "runner": info["runner"], "last_event": last or 0}
+    with _snapshot(store) as conn:
+        # the cursor first: inside the snapshot the order does not matter, but the cursor is
+        # read first on its own too, so nothing can fall between it and the rows
+        last = conn.execute("SELECT MAX(id) FROM events WHERE pipeline_id = "
+                            "(SELECT id FROM pipelines WHERE name = ?)", (pipeline,)).fetchone()[0]
+        pid = _pipeline_id(store, pipeline)
+        rows = conn.execute("SELECT * FROM tasks WHERE pipeline_id = ? AND active = 1 "
+                            "ORDER BY created, rowid", (pid,)).fetchall()
+        keys = {r["key"] for r in rows}
+        nodes = [{"key": r["key"], "name": r["name"], "label": r["label"], "kind": r["kind"],
+                  "state": r["state"], "attempts": r["attempts"], "reason": r["reason"],
+                  "error": (r["error"] or "")[:500] or None, "cell": r["cell"]} for r in rows]
+        edges = [{"parent": p, "child": c, "kind": k} for p, c, k in conn.execute(
+            "SELECT parent, child, kind FROM edges WHERE pipeline_id = ? ORDER BY rowid", (pid,))
+            if p in keys and c in keys]
+        info = conn.execute("SELECT paused, runner FROM pipelines WHERE id = ?", (pid,)).fetchone()
+    counts = Counter(n["state"] for n in nodes)
+    return {"pipeline": pipeline, "nodes": nodes, "edges": edges, "counts": dict(counts),
+            "paused": bool(info["paused"]), "runner": _live_runner(store, pipeline, info["runner"]),
+            "last_event": last or 0}
 
 
 def events(store: Store, pipeline: str, since: int = 0, limit: int = 5_000) -> dict[str, Any]:
-    """State changes of a pipeline after event id ``since`` (oldest first), and the last id."""
-    pid = _pipeline_id(store, pipeline)
-    rows = store.events(pid, since, limit)
+    """State changes of a pipeline after event id ``since`` (oldest first), and the last id.
+
+    With them: whether the pipeline is paused and its live runner (None once it died), so a
+    view that follows the events also follows the runner.
+    """
+    with _snapshot(store) as conn:
+        pid = _pipeline_id(store, pipeline)
+        rows = store.events(pid, since, limit)
+        info = conn.execute("SELECT paused, runner FROM pipelines WHERE id = ?", (pid,)).fetchone()
     out = [{"id": r["id"], "time": r["time"], "key": r["key"], "state": r["state"],
             "message": r["message"]} for r in rows]
     return {"events": out, "last_event": out[-1]["id"] if out else since,
-            "paused": store.is_paused(pid)}
+            "paused": bool(info["paused"]), "runner": _live_runner(store, pipeline, info["runner"])}
 
 
 def cluster_detail(store: Store, pipeline: str, *, live: bool = True) -> dict[str, Any]:
@@ -98,8 +149,7 @@ def cluster_detail(store: Store, pipeline: str, *, live: bool = True) -> dict[st
     from .pools import queue_states
 
     pid = _pipeline_id(store, pipeline)
-    row = store.connect().execute("SELECT runner FROM pipelines WHERE id = ?", (pid,)).fetchone()
-    runner = json.loads(row["runner"]) if row["runner"] and RunnerLock(store, pipeline).busy() else None
+    live = runner(store, pipeline)
     jobs = [dict(j) for j in store.jobs(pid)]
     open_ids: dict[str, list[str]] = {}
     for job in jobs:
@@ -114,9 +164,9 @@ def cluster_detail(store: Store, pipeline: str, *, live: bool = True) -> dict[st
                 job["state"] = states.get(job["job_id"], "GONE")
     return {
         "pipeline": pipeline,
-        "cluster": runner and runner.get("cluster"),
-        "dashboard": runner and runner.get("dashboard"),
-        "pools": (runner or {}).get("pools") or [],
+        "cluster": live and live.get("cluster"),
+        "dashboard": live and live.get("dashboard"),
+        "pools": (live or {}).get("pools") or [],
         "jobs": jobs,
     }
 
@@ -181,6 +231,30 @@ def task_detail(store: Store, pipeline: str, task: str) -> dict[str, Any]:
 
 #: Tables whose rows belong to one pipeline (``pipeline_id``); results are shared by the store.
 PIPELINE_TABLES = ("tasks", "edges", "attempts", "events", "commands", "jobs")
+
+
+def cell_changed(store: Store, pipeline: str, task: str, source: str) -> bool | None:
+    """Whether a ``%%task`` cell's current text defines other code than the task ``task``.
+
+    ``source`` is the whole cell as the notebook holds it now (the ``%%task`` line first). A
+    retry runs the task as it was defined, so the sidebar says when the cell has changed since.
+    None for a task that no ``%%task`` cell defines (its code is not in one cell).
+
+    >>> cell_changed(store, "pi", "stats", "%%task stats\nmean = data.mean()")  # doctest: +SKIP
+    False
+    """
+    from .cells import code_digest
+
+    row = _task_row(store, _pipeline_id(store, pipeline), task)
+    first, _, body = source.partition("\n")
+    if not row["cell"] or not first.lstrip().startswith("%%task"):
+        return None if not row["cell"] else True  # no longer a %%task cell: it changed
+    recorded = json.loads(row["components"]).get("code")
+    try:
+        now = code_digest(body, row["kind"])
+    except SyntaxError:
+        return True  # it does not even parse now: not the code the task ran
+    return now != recorded
 
 
 def delete_pipeline(store: Store, pipeline: str, *, force: bool = False) -> dict[str, int]:

@@ -2,7 +2,8 @@
 
 An anywidget whose JavaScript (``nbpipe/static/graph-widget.js``, built from
 ``labextension/src/widget.ts``) shares the sidebar's graph model and layout: mapped tasks as one
-group node (click to expand), nodes coloured by state. A thread refreshes it while tasks run.
+group node (click for its items in order), nodes coloured by state. A thread keeps it live for as
+long as it is shown, also after every task finished (a task re-run later shows).
 
 >>> from nbpipe.widget import GraphWidget
 >>> GraphWidget(pipe)                                  # doctest: +SKIP
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 __all__ = ["GraphWidget", "available"]
 
 STATIC = Path(__file__).parent / "static"
+FINAL = ("SUCCEEDED", "FAILED", "UPSTREAM_FAILED", "KILLED")
+IDLE_FACTOR = 4  # polls are this much slower while every task is final
 
 
 def available() -> bool:
@@ -39,9 +42,11 @@ class GraphWidget(anywidget.AnyWidget):
     pipeline = traitlets.Unicode().tag(sync=True)
     tasks = traitlets.List().tag(sync=True)
     edges = traitlets.List().tag(sync=True)
+    #: False once the widget no longer follows the pipeline (it then says so under the graph).
+    following = traitlets.Bool(True).tag(sync=True)
 
     def __init__(self, pipe: Pipeline, *, follow: bool = True, poll: float = 0.5, **kwargs: Any):
-        super().__init__(pipeline=pipe.name, **kwargs)
+        super().__init__(pipeline=pipe.name, following=follow, **kwargs)
         self._pipe = pipe
         self.refresh()
         if follow:
@@ -61,9 +66,13 @@ class GraphWidget(anywidget.AnyWidget):
             self.edges = edges
 
     def _follow(self, poll: float) -> None:
-        """Refresh until every task is final (then once more), or the widget is closed."""
+        """Refresh for as long as the widget is shown: quickly while tasks run, slower when all
+        are final (a task re-run later, or added by another cell, still shows)."""
         while self.comm is not None:
-            time.sleep(poll)
-            self.refresh()
-            if all(t["state"] in ("SUCCEEDED", "FAILED", "UPSTREAM_FAILED", "KILLED") for t in self.tasks):
+            final = all(t["state"] in FINAL for t in self.tasks)
+            time.sleep(poll * IDLE_FACTOR if final else poll)
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - the pipeline closed under it: say so and stop
+                self.following = False
                 return

@@ -104,7 +104,8 @@ def test_show_logs_and_why(project: Path) -> None:
 
 def test_graph_writes_dot_and_svg(project: Path) -> None:
     dot = nbpipe(project, "graph", "cli").stdout
-    assert "square(x=0)" in dot and "->" in dot
+    # the three mapped square() calls are one group node with counts by state, as in the sidebar
+    assert "square ×3" in dot and "3 done" in dot and "square(x=0)" not in dot and "->" in dot
     assert nbpipe(project, "graph", "cli", "-o", "g.svg").returncode == 0
     assert (project / "g.svg").read_text().lstrip().startswith("<?xml")
 

@@ -44,10 +44,10 @@ CELLS = [
 ]
 
 
-def _notebook(path: Path) -> None:
+def _notebook(path: Path, sources: list[str] = CELLS) -> None:
     cells = [{"cell_type": "code", "id": f"cell-{i}", "metadata": {}, "execution_count": None,
               "outputs": [], "source": source.replace("{root}", str(path.parent))}
-             for i, source in enumerate(CELLS)]
+             for i, source in enumerate(sources)]
     path.write_text(json.dumps({
         "cells": cells, "nbformat": 4, "nbformat_minor": 5,
         "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
@@ -80,7 +80,8 @@ def lab(tmp_path: Path):
         proc = subprocess.Popen(
             [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
              f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}", "--allow-root",
-             "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+             "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+             "--LabApp.expose_app_in_browser=True"],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
         url = f"http://127.0.0.1:{port}/"
@@ -116,13 +117,16 @@ def page(tmp_path: Path, request: pytest.FixtureRequest):
         context = browser.new_context(viewport={"width": 1400, "height": 900})
         pg = context.new_page()
         pg.set_default_timeout(60_000)
+        pg.console_messages = []  # what the page logged: a NaN transform shows up here
+        pg.on("console", lambda m: pg.console_messages.append(m.text))
         yield pg
         if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
             pg.screenshot(path=str(tmp_path / "failure.png"))
             print(f"screenshot: {tmp_path / 'failure.png'}")
             print(pg.locator("#nbpipe-sidebar").inner_text(timeout=2000)[:3000])
             outputs = pg.locator(".jp-OutputArea-output")
-            print("last output:", outputs.nth(outputs.count() - 1).inner_html(timeout=2000)[:2000])
+            if outputs.count():
+                print("last output:", outputs.nth(outputs.count() - 1).inner_html(timeout=2000)[:2000])
             print((tmp_path / "lab.log").read_text()[-4000:])
         browser.close()
 
@@ -168,26 +172,27 @@ def test_sidebar_shows_the_live_graph_and_retries_and_kills(lab, page, tmp_path:
     sidebar.wait_for()
 
     # run every cell: the %%task cells become tasks; the sidebar picks the pipeline up
-    page.locator('.lm-MenuBar-itemLabel:text-is("Run")').click()
-    page.locator('.lm-Menu-itemLabel:text-is("Run All Cells")').click()
+    _run_all(page)
     node(page, "data", "SUCCEEDED").wait_for()
     node(page, "total", "SUCCEEDED").wait_for()
     node(page, "checked", "FAILED").wait_for()
     node(page, "slow", "RUNNING").wait_for()
     assert "demo" in sidebar.locator(".nbpipe-picker").input_value()
 
-    # the 20 mapped calls are one group node; a click expands it
+    # the 20 mapped calls are one group node with counts by state; a click shows its items
     group = sidebar.locator('g.nbpipe-node[data-group="true"][data-task="fraction"]')
-    group.locator("text=(20/20)").wait_for()
+    sidebar.locator('g.nbpipe-node[data-task="fraction"][data-counts="20 done"]').wait_for()
     group.click()
-    page.wait_for_function("() => document.querySelectorAll("
-                           "'#nbpipe-sidebar g.nbpipe-node[data-label^=\"fraction(\"]').length === 20")
-    sidebar.locator("button:text-is('Collapse groups')").click()
-    group.wait_for()
+    cells = sidebar.locator('[data-group-grid="fraction"] .nbpipe-cell')
+    cells.nth(19).wait_for()
+    assert cells.count() == 20
+    sidebar.locator('[data-group-grid="fraction"] button.nbpipe-close').click()
+    cells.first.wait_for(state="detached")
 
     # the inline graph (%pipeline graph, an anywidget sharing the sidebar's layout) is live too
     inline = page.locator(".jp-OutputArea .nbpipe-inline")
     inline.locator('g.nbpipe-node[data-group="true"][data-task="fraction"][data-state="SUCCEEDED"]').wait_for()
+    assert inline.locator("marker#nbpipe-inline-arrow").count() == 1  # edges have arrowheads
     inline.locator('g.nbpipe-node[data-label="checked"][data-state="FAILED"]').wait_for()
 
     # keyboard: a node takes focus and Enter opens its panel
@@ -243,3 +248,289 @@ def test_sidebar_shows_the_live_graph_and_retries_and_kills(lab, page, tmp_path:
     page.screenshot(path=str(tmp_path / "sidebar-dark.png"))
     _not_blank(tmp_path / "sidebar-dark.png")
     keep(tmp_path / "sidebar-dark.png", "sidebar-dark.png")
+
+
+# -- the sidebar shows the truth, for the notebook in focus, readably at its default width ------------
+
+
+def _start(page, url: str, notebook: str) -> None:
+    """Open JupyterLab on a notebook and wait for its kernel (accepting the kernel dialog)."""
+    page.goto(f"{url}lab/tree/{notebook}?token={TOKEN}")
+    _kernel_ready(page)
+
+
+def _kernel_ready(page) -> None:
+    page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell").first.wait_for()
+    choose = page.locator(".jp-Dialog:has-text('Select Kernel') .jp-Dialog-button.jp-mod-accept")
+    try:  # JupyterLab may ask which kernel to start
+        choose.wait_for(timeout=5_000)
+        choose.click()
+    except Exception:  # noqa: BLE001 - no dialog: the kernel started by itself
+        pass
+    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle'] >> visible=true").first.wait_for()
+    news = page.locator(".jp-Notification-Toast-Close, .Toastify__close-button")
+    if news.count():
+        news.first.click()
+
+
+def _command(page, command: str, args: dict | None = None) -> None:
+    """Start a JupyterLab command, as a menu or the palette would (not waiting for its dialogs)."""
+    page.evaluate("([c, a]) => { void window.jupyterapp.commands.execute(c, a); }", [command, args or {}])
+
+
+def _run_all(page) -> None:
+    _command(page, "notebook:run-all-cells")
+
+
+def _open_sidebar(page):
+    tab = page.locator('li[data-id="nbpipe-sidebar"]')
+    if tab.get_attribute("aria-selected") != "true":
+        tab.click()
+    sidebar = page.locator("#nbpipe-sidebar")
+    sidebar.wait_for()
+    return sidebar
+
+
+def _label_sizes(page) -> list[float]:
+    """Rendered font size (px on screen) of every label of the sidebar's graph."""
+    return page.evaluate("""() => [...document.querySelectorAll('#nbpipe-sidebar .nbpipe-graph-svg text')]
+        .map(t => parseFloat(getComputedStyle(t).fontSize) * t.getScreenCTM().a)""")
+
+
+def _picker(sidebar) -> str:
+    return sidebar.locator(".nbpipe-picker").input_value()
+
+
+def test_the_sidebar_follows_the_notebook_in_focus_and_restores_after_reload(lab, page) -> None:
+    url, root = lab
+    _notebook(root / "alpha.ipynb", ["%load_ext nbpipe", "%%task first\nfirst = 1",
+                                     "%%task second\nsecond = first + 1"])
+    _notebook(root / "beta.ipynb", ["%load_ext nbpipe", "%%task other\nother = 2"])
+    _start(page, url, "alpha.ipynb")
+    sidebar = _open_sidebar(page)
+    sidebar.locator(".nbpipe-empty:has-text('alpha.ipynb has no pipeline yet')").wait_for()
+    _run_all(page)
+    node(page, "second", "SUCCEEDED").wait_for()
+    assert _picker(sidebar).endswith("\x00alpha")
+
+    # open beta: it has no pipeline yet, and the sidebar does not keep showing alpha's
+    _command(page, "docmanager:open", {"path": "beta.ipynb"})
+    _kernel_ready(page)
+    sidebar.locator(".nbpipe-empty:has-text('beta.ipynb has no pipeline yet')").wait_for()
+    assert node(page, "second").count() == 0
+    _run_all(page)
+    node(page, "other", "SUCCEEDED").wait_for()  # beta's own pipeline, once it ran
+    assert _picker(sidebar).endswith("\x00beta")
+
+    # switching tabs switches the pipeline, and commands go to the one shown
+    page.locator('.lm-DockPanel-tabBar li[data-type="document-title"]:has-text("alpha.ipynb")').click()
+    node(page, "second").wait_for()
+    assert node(page, "other").count() == 0 and _picker(sidebar).endswith("\x00alpha")
+    sidebar.locator("button.nbpipe-pause").click()
+    sidebar.locator(".nbpipe-paused").wait_for()
+    page.locator('.lm-DockPanel-tabBar li[data-type="document-title"]:has-text("beta.ipynb")').click()
+    node(page, "other").wait_for()
+    assert sidebar.locator(".nbpipe-paused").count() == 0  # only alpha was paused
+    sidebar.locator(".nbpipe-pin").wait_for(state="detached")
+
+    # a choice in the picker is pinned, visibly, and stays when the tab changes
+    picker = sidebar.locator(".nbpipe-picker")
+    picker.select_option(value=next(v for v in picker.evaluate("s => [...s.options].map(o => o.value)")
+                                    if v.endswith("\x00alpha")))
+    node(page, "second").wait_for()
+    sidebar.locator(".nbpipe-pin:has-text('pinned')").wait_for()
+    assert "nbpipe-pinned" in picker.get_attribute("class")
+    assert "pinned" in picker.get_attribute("title")
+    page.locator('.lm-DockPanel-tabBar li[data-type="document-title"]:has-text("alpha.ipynb")').click()
+    page.locator('.lm-DockPanel-tabBar li[data-type="document-title"]:has-text("beta.ipynb")').click()
+    page.wait_for_timeout(1500)
+    assert node(page, "second").count() == 1, "a pinned pipeline stays"
+    sidebar.locator("button.nbpipe-unpin").click()
+    node(page, "other").wait_for()  # following beta, the notebook in focus, again
+    sidebar.locator("button.nbpipe-resume").wait_for(state="detached")
+
+    # reload: the sidebar is open again, on the notebook in focus, and the graph fits its space
+    page.locator('.lm-DockPanel-tabBar li[data-type="document-title"]:has-text("alpha.ipynb")').click()
+    node(page, "second").wait_for()
+    width = sidebar.evaluate("e => e.getBoundingClientRect().width")
+    page.wait_for_timeout(1500)  # the layout restorer saves the shell's state
+    page.console_messages.clear()
+    page.reload()
+    page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for()
+    sidebar = page.locator("#nbpipe-sidebar")
+    sidebar.wait_for()  # restored open: no click on its tab
+    node(page, "second", "SUCCEEDED").wait_for()
+    assert _picker(sidebar).endswith("\x00alpha")
+    assert abs(sidebar.evaluate("e => e.getBoundingClientRect().width") - width) <= 2
+    assert not [m for m in page.console_messages if "NaN" in m], page.console_messages
+    box = sidebar.locator(".nbpipe-graph-box")
+    svg = sidebar.locator(".nbpipe-graph-svg")
+    assert svg.evaluate("e => e.getBoundingClientRect().width") <= box.evaluate("e => e.clientWidth") + 1
+    assert min(_label_sizes(page)) >= 11
+    # widening the panel lays the graph out again for the space it has
+    assert sidebar.locator(".nbpipe-graph").get_attribute("data-direction") == "TB"
+    handle = page.locator("#jp-main-split-panel > .lm-SplitPanel-handle >> visible=true").first
+    start = handle.bounding_box()
+    page.mouse.move(start["x"] + 2, start["y"] + 200)
+    page.mouse.down()
+    page.mouse.move(start["x"] + 500, start["y"] + 200, steps=10)
+    page.mouse.up()
+    page.wait_for_function("() => document.querySelector('#nbpipe-sidebar .nbpipe-graph')"
+                           ".dataset.direction === 'LR'")
+
+
+def test_the_sidebar_is_readable_at_its_default_width(lab, page) -> None:
+    """The pi pipeline of the guide: labels at least 11 px high on screen, nothing cut off."""
+    url, root = lab
+    _notebook(root / "pi.ipynb", [
+        "%load_ext nbpipe",
+        "%%task load\ndata = list(range(1000))",
+        "%%task stats\nmean = sum(data) / len(data)",
+        "from nbpipe import task\n\n@task\ndef fraction(seed: int) -> float:\n    return seed / 20\n\n"
+        "fractions = [fraction(seed=i) for i in range(20)]",
+        "%%task pi\npi = 4 * sum(fractions) / len(fractions)",
+    ])
+    _start(page, url, "pi.ipynb")
+    sidebar = _open_sidebar(page)
+    _run_all(page)
+    node(page, "pi", "SUCCEEDED").wait_for()
+    sidebar.locator('g.nbpipe-node[data-task="fraction"][data-counts="20 done"]').wait_for()
+    width = sidebar.evaluate("e => e.getBoundingClientRect().width")
+    assert 200 <= width <= 320, f"the sidebar's default width is {width} px"
+    sizes = _label_sizes(page)
+    assert len(sizes) >= 5 and min(sizes) >= 11, sizes
+    # every node inside the visible box: the graph is laid out top to bottom, not scaled down
+    assert sidebar.locator(".nbpipe-graph").get_attribute("data-direction") == "TB"
+    right = sidebar.locator(".nbpipe-graph-box").evaluate("e => e.getBoundingClientRect().right")
+    nodes = sidebar.locator("g.nbpipe-node")
+    for i in range(nodes.count()):
+        assert nodes.nth(i).evaluate("e => e.getBoundingClientRect().right") <= right + 1
+    # words are never broken in the middle, and badges stay on one line
+    for badge in sidebar.locator(".nbpipe-badge").all():
+        assert badge.evaluate("e => e.getClientRects().length") == 1
+    page.screenshot(path=str(lab[1].parent / "pi.png"))
+    keep(lab[1].parent / "pi.png", "sidebar-pi.png")
+
+    # Open in main area: the same pipeline in a full-size tab
+    sidebar.locator("button.nbpipe-open-main").click()
+    main = page.locator("#nbpipe-main")
+    main.locator('g.nbpipe-node[data-label="pi"]').wait_for()
+    assert main.evaluate("e => e.getBoundingClientRect().width") > 500
+
+
+def test_a_300_item_map_is_readable_and_the_sidebar_misses_no_event(lab, page) -> None:
+    url, root = lab
+    _notebook(root / "big.ipynb", [
+        "%load_ext nbpipe",
+        "from nbpipe import task\n\n@task\ndef item(i: int) -> int:\n"
+        "    if i in (7, 150):\n        raise ValueError(f'bad item {i}')\n"
+        "    return i\n\nitems = [item(i=i) for i in range(300)]",
+        "%%task total\ntotal = sum(items)",
+    ])
+    _start(page, url, "big.ipynb")
+    sidebar = _open_sidebar(page)
+    _run_all(page)
+    group = sidebar.locator('g.nbpipe-node[data-group="true"][data-task="item"]')
+    # every event arrives: the group converges to the store's truth without a reload
+    sidebar.locator('g.nbpipe-node[data-task="item"][data-counts="2 failed · 298 done"]').wait_for(
+        timeout=240_000)
+    assert group.get_attribute("data-state") == "FAILED"
+    counts = sidebar.locator(".nbpipe-counts").inner_text()
+    assert "298 succeeded" in counts and "2 failed" in counts, counts
+    assert min(_label_sizes(page)) >= 11
+    # its items, in order, as a grid of state colours; hover names one, a click opens its panel
+    group.click()
+    grid = sidebar.locator('[data-group-grid="item"]')
+    cells = grid.locator(".nbpipe-cell")
+    cells.nth(299).wait_for()
+    labels = cells.evaluate_all("cs => cs.map(c => c.dataset.label)")
+    assert labels == [f"item(i={i})" for i in range(300)]
+    assert [cells.nth(i).get_attribute("data-state") for i in (6, 7, 8, 150)] == \
+        ["SUCCEEDED", "FAILED", "SUCCEEDED", "FAILED"]
+    assert cells.nth(7).get_attribute("title") == "item(i=7): FAILED"
+    assert grid.evaluate("e => e.scrollWidth <= e.clientWidth + 1")  # no sideways overflow
+    assert cells.first.evaluate("e => e.getBoundingClientRect().width") >= 10
+    cells.nth(150).click()
+    panel = sidebar.locator(".nbpipe-panel[data-panel-label='item(i=150)']")
+    panel.locator(".nbpipe-traceback:has-text('bad item 150')").wait_for()
+    # the task panel closes; an error message can be dismissed
+    panel.locator("button.nbpipe-close").click()
+    panel.wait_for(state="detached")
+    page.screenshot(path=str(lab[1].parent / "map.png"))
+    keep(lab[1].parent / "map.png", "sidebar-map.png")
+
+
+def test_the_task_panel_follows_a_fixed_cell_and_the_inline_graph_keeps_following(lab, page) -> None:
+    url, root = lab
+    _notebook(root / "fix.ipynb", [
+        "%load_ext nbpipe",
+        "%%task data\ndata = [1, 2, 3]",
+        "%%task checked\nassert len(data) > 5, 'too few items'\nchecked = sum(data)",
+        "%pipeline graph",
+    ])
+    _start(page, url, "fix.ipynb")
+    sidebar = _open_sidebar(page)
+    _run_all(page)
+    node(page, "checked", "FAILED").wait_for()
+    inline = page.locator(".jp-OutputArea .nbpipe-inline")
+    inline.locator('g.nbpipe-node[data-label="checked"][data-state="FAILED"]').wait_for()
+    node(page, "checked").click()
+    panel = sidebar.locator(".nbpipe-panel")
+    panel.locator(".nbpipe-traceback:has-text('too few items')").wait_for()
+    old_key = panel.get_attribute("data-panel-task")
+    assert panel.locator(".nbpipe-cell-changed").count() == 0
+    # polish: the long key stays inside the panel (its tooltip has it whole); so does the picker's name
+    assert panel.evaluate("e => e.scrollWidth <= e.clientWidth + 1")
+    assert panel.locator(".nbpipe-key").get_attribute("title") == old_key
+    assert sidebar.locator(".nbpipe-picker").get_attribute("title").startswith("fix (.nbpipe)")
+    # the cell the task came from is marked in its own way, not as JupyterLab's selection
+    marked = page.locator(".jp-Cell.nbpipe-highlight", has_text="%%task checked")
+    marked.wait_for()
+    assert "dashed" in marked.evaluate("e => getComputedStyle(e).outlineStyle")
+
+    # edit the cell without running it: the panel says Retry would run the old code
+    editor = page.locator(".jp-Cell", has_text="%%task checked").locator(".cm-content")
+    editor.click()
+    page.keyboard.press("Control+a")
+    page.keyboard.insert_text("%%task checked\nassert len(data) > 2, 'too few items'\nchecked = sum(data)")
+    panel.locator(".nbpipe-cell-changed:has-text('the cell has changed')").wait_for(timeout=10_000)
+    assert "old code" in panel.locator("button.nbpipe-retry").get_attribute("title")
+
+    # run the fixed cell: the panel follows the task to its new key, green, no old traceback
+    page.keyboard.press("Shift+Enter")
+    node(page, "checked", "SUCCEEDED").wait_for()
+    panel.locator(".nbpipe-panel-state:text-is('SUCCEEDED')").wait_for()
+    assert panel.get_attribute("data-panel-task") != old_key
+    assert panel.locator(".nbpipe-traceback").count() == 0
+    assert panel.locator(".nbpipe-cell-changed").count() == 0
+    # the inline graph, drawn when every task was final, shows the re-run too
+    inline.locator('g.nbpipe-node[data-label="checked"][data-state="SUCCEEDED"]').wait_for()
+    # Retry acts on the task as it is now (no 404 for the old key)
+    panel.locator("button.nbpipe-retry").click()
+    page.wait_for_timeout(1500)
+    assert sidebar.locator(".nbpipe-message").count() == 0, sidebar.locator(".nbpipe-message").inner_text()
+    node(page, "checked", "SUCCEEDED").wait_for()
+
+
+def test_runner_facts_follow_the_runner_across_a_kernel_restart(lab, page) -> None:
+    url, root = lab
+    _notebook(root / "restart.ipynb", ["%load_ext nbpipe", "%%task one --no-cache\none = 1"])
+    _start(page, url, "restart.ipynb")
+    sidebar = _open_sidebar(page)
+    _run_all(page)
+    node(page, "one", "SUCCEEDED").wait_for()
+    runner = sidebar.locator(".nbpipe-runner")
+    runner.locator("text=runner pid").wait_for()
+    pid = runner.get_attribute("data-runner-pid")
+    uptime = runner.locator(".nbpipe-uptime").inner_text()
+    page.wait_for_timeout(2500)
+    assert runner.locator(".nbpipe-uptime").inner_text() != uptime, "uptime ticks while idle"
+    _command(page, "kernelmenu:restart")
+    page.locator(".jp-Dialog .jp-Dialog-button.jp-mod-accept").click()
+    # the dead runner's pid, uptime and dashboard go
+    runner.locator("text=no runner attached").wait_for()
+    assert runner.locator("a").count() == 0
+    _kernel_ready(page)
+    _run_all(page)
+    page.wait_for_function("p => { const r = document.querySelector('#nbpipe-sidebar .nbpipe-runner');"
+                           " return r && r.dataset.runnerPid && r.dataset.runnerPid !== p; }", arg=pid)

@@ -38,6 +38,7 @@ export interface IEvents {
   events: IEvent[];
   last_event: number;
   paused: boolean;
+  runner: IRunner | null;
 }
 
 export interface IAttempt {
@@ -69,6 +70,8 @@ export interface ITaskDetail {
   resources: Record<string, unknown>;
   attempts: IAttempt[];
   cell: string | null;
+  /** Whether the cell's text (sent as `source`) defines other code than this task; null: not asked. */
+  cell_changed: boolean | null;
 }
 
 export type Verb = 'retry' | 'kill' | 'pause' | 'resume';

@@ -1,6 +1,8 @@
 /**
  * The pipeline graph as the sidebar draws it: tasks from the REST API, mapped tasks collapsed
- * into one group node per function, and a layered left-to-right layout (dagre).
+ * into one group node per function (its items shown as an ordered grid on demand), and a
+ * layered layout (dagre): left to right where there is room, top to bottom where it is narrow,
+ * at a scale that keeps labels readable (the view scrolls instead of shrinking them).
  *
  * Pure functions of plain data, with no JupyterLab imports, so they are unit tested alone.
  */
@@ -172,24 +174,90 @@ export function collapse(
   return { nodes, edges: viewEdges };
 }
 
-const CHAR_WIDTH = 7;
+const CHAR_WIDTH = 7.2; // of the 12 px label font
 const NODE_HEIGHT = 30;
+const GROUP_HEIGHT = 44; // two lines: the name and the counts by state
 const MAX_LABEL = 28;
+
+/** The label font size in px at scale 1 (style/index.css sets the same). */
+export const FONT_PX = 12;
+/** The smallest scale Fit uses: labels stay at least 11 px high; the view scrolls instead. */
+export const MIN_SCALE = 0.95;
+/** The largest scale Fit uses (a 3-node graph is not blown up). */
+export const MAX_SCALE = 1.25;
+/** Below this width (px) the graph is laid out top to bottom. */
+export const NARROW = 480;
+
+export type Direction = 'LR' | 'TB';
 
 /** Labels longer than the node holds end with an ellipsis. */
 export function shortLabel(label: string): string {
   return label.length > MAX_LABEL ? label.slice(0, MAX_LABEL - 1) + '…' : label;
 }
 
-/** Place nodes in layers from left to right (dagre) and route the edges. */
-export function layout(nodes: IViewNode[], edges: IViewEdge[]): ILayout {
+/** Short names of states for count lines. */
+const SHORT: Record<State, string> = {
+  WAITING: 'waiting',
+  PENDING: 'queued',
+  RUNNING: 'running',
+  SUCCEEDED: 'done',
+  FAILED: 'failed',
+  UPSTREAM_FAILED: 'blocked',
+  KILLED: 'killed'
+};
+
+/** The order counts are written in: what needs attention first, done last. */
+const COUNT_ORDER: State[] = ['FAILED', 'KILLED', 'UPSTREAM_FAILED', 'RUNNING', 'PENDING', 'WAITING', 'SUCCEEDED'];
+
+/**
+ * A group's counts by state as one short line, attention first: `2 failed · 5 running · 293 done`.
+ */
+export function countsLine(counts: Partial<Record<State, number>>): string {
+  return COUNT_ORDER.filter(s => (counts[s] ?? 0) > 0)
+    .map(s => `${counts[s]} ${SHORT[s]}`)
+    .join(' · ');
+}
+
+/**
+ * A node's width and height. A group's width holds its current count line, so the layout is
+ * recomputed when that line's length changes (`layoutKey`), not on every state change.
+ */
+export function nodeSize(n: IViewNode): { width: number; height: number } {
+  const text = shortLabel(n.label).length * CHAR_WIDTH;
+  const counts = n.group ? countsLine(n.counts).length * CHAR_WIDTH : 0;
+  const width = Math.ceil(Math.max(40, text, counts) + 20);
+  return { width, height: n.group ? GROUP_HEIGHT : NODE_HEIGHT };
+}
+
+/** What the layout depends on: the nodes, the edges, and the length of each group's count line. */
+export function layoutKey(nodes: IViewNode[], edges: IViewEdge[], rankdir: Direction): string {
+  const groups = nodes.filter(n => n.group).map(n => `${n.id}:${countsLine(n.counts).length}`);
+  return `${rankdir}|${nodes.length}|${nodes.map(n => n.id).join(',')}|${edges.length}|${groups.join(',')}`;
+}
+
+/** Left to right where `width` (px) has room for it, top to bottom where it is narrow. */
+export function direction(width: number): Direction {
+  return width > 0 && width < NARROW ? 'TB' : 'LR';
+}
+
+/**
+ * The scale that fits a layout's width into `boxWidth` px, kept between MIN_SCALE (labels
+ * stay readable: the view scrolls) and MAX_SCALE. A zero or unknown size gives 1, never NaN.
+ */
+export function fitScale(layoutWidth: number, boxWidth: number): number {
+  if (!(layoutWidth > 0) || !(boxWidth > 0) || !isFinite(layoutWidth) || !isFinite(boxWidth)) {
+    return 1;
+  }
+  return Math.min(MAX_SCALE, Math.max(MIN_SCALE, boxWidth / layoutWidth));
+}
+
+/** Place nodes in layers (dagre), left to right or top to bottom, and route the edges. */
+export function layout(nodes: IViewNode[], edges: IViewEdge[], rankdir: Direction = 'LR'): ILayout {
   const g = new dagre.graphlib.Graph();
-  g.setGraph({ rankdir: 'LR', nodesep: 12, ranksep: 40, marginx: 10, marginy: 10 });
+  g.setGraph({ rankdir, nodesep: rankdir === 'LR' ? 12 : 10, ranksep: rankdir === 'LR' ? 40 : 28, marginx: 8, marginy: 8 });
   g.setDefaultEdgeLabel(() => ({}));
   for (const n of nodes) {
-    const text = n.group ? `${shortLabel(n.label)} (${n.keys.length}/${n.keys.length})` : shortLabel(n.label);
-    const width = Math.max(60, text.length * CHAR_WIDTH + 20);
-    g.setNode(n.id, { width, height: NODE_HEIGHT });
+    g.setNode(n.id, nodeSize(n));
   }
   for (const e of edges) {
     g.setEdge(e.source, e.target);
@@ -205,12 +273,44 @@ export function layout(nodes: IViewNode[], edges: IViewEdge[]): ILayout {
     points: g.edge(e.source, e.target).points ?? []
   }));
   const info = g.graph();
+  const finite = (v: number | undefined) => (v !== undefined && isFinite(v) && v > 0 ? v : 0);
   return {
     nodes: placed,
     edges: routed,
-    width: info.width ?? 0,
-    height: info.height ?? 0
+    width: finite(info.width),
+    height: finite(info.height)
   };
+}
+
+/** The tasks of a group node (a function's mapped calls) in graph order. */
+export function groupMembers(tasks: ITask[], name: string): ITask[] {
+  return tasks.filter(t => t.name === name);
+}
+
+/**
+ * The task that now stands where `old` stood: the same key if it is still there, else the task
+ * of the same cell, else of the same label (a re-run cell or an edited function gets a new key).
+ */
+export function successor(
+  tasks: ReadonlyMap<string, ITask>,
+  old: { key: string; label: string; name: string; cell: string | null }
+): ITask | null {
+  const same = tasks.get(old.key);
+  if (same) {
+    return same;
+  }
+  const all = [...tasks.values()];
+  if (old.cell) {
+    const byCell = all.filter(t => t.cell === old.cell);
+    if (byCell.length === 1) {
+      return byCell[0];
+    }
+    const named = byCell.find(t => t.label === old.label);
+    if (named) {
+      return named;
+    }
+  }
+  return all.find(t => t.label === old.label) ?? null;
 }
 
 /**

@@ -1,19 +1,28 @@
 /**
  * The sidebar's state: the pipelines of the active notebook, the selected pipeline's graph,
  * kept live by polling the events after the last one seen, and the selected task.
+ *
+ * Which pipeline shows: the pipeline of the notebook in focus (its kernel's pipeline, named
+ * after the notebook), switching with the tab, unless the user pinned another in the picker.
  */
 import { ISignal, Signal } from '@lumino/signaling';
-import { IGraph, IEvents, IPipeline, ITaskDetail, Verb, command, requestAPI } from './api';
-import { ITask, applyEvents, countStates } from './graph';
+import { IGraph, IEvents, IPipeline, IRunner, ITaskDetail, Verb, command, requestAPI } from './api';
+import { ITask, applyEvents, countStates, successor } from './graph';
 
 /** How often the sidebar asks for new events, in milliseconds. */
 export const POLL_MS = 400;
 /** How often the sidebar looks for pipelines while it shows none, in milliseconds. */
 export const SCAN_MS = 2000;
 
+function sameRunner(a: IRunner | null | undefined, b: IRunner | null | undefined): boolean {
+  return JSON.stringify(a ?? null) === JSON.stringify(b ?? null);
+}
+
 export class SidebarModel {
   pipelines: IPipeline[] = [];
   selected: IPipeline | null = null;
+  /** True when the user chose the pipeline in the picker: it stays when the notebook changes. */
+  pinned = false;
   graph: IGraph | null = null;
   tasks = new Map<string, ITask>();
   detail: ITaskDetail | null = null;
@@ -21,10 +30,15 @@ export class SidebarModel {
   path = '';
   /** Runs the "Export notebook to nbpipe script" command (set by the plugin). */
   exportCommand: (() => Promise<unknown>) | null = null;
+  /** Opens the pipeline in a full-size tab (set by the plugin). */
+  openMain: (() => void) | null = null;
+  /** The current text of a notebook cell by id, or null when no open notebook has it. */
+  cellSource: (cellId: string) => string | null = () => null;
   private _lastEvent = 0;
   private _timer: number | null = null;
   private _busy = false;
   private _lastScan = 0;
+  private _checkedSource: string | null = null;
   private _changed = new Signal<this, void>(this);
   private _version = 0;
 
@@ -43,13 +57,19 @@ export class SidebarModel {
     this._changed.emit();
   }
 
-  /** Look for pipelines for a notebook (or, with '', everything under the server root). */
+  /** Follow a notebook (or, with '', everything under the server root): show its pipeline. */
   async setPath(path: string): Promise<void> {
+    const moved = path !== this.path;
     this.path = path;
-    await this.refreshPipelines();
+    await this.refreshPipelines(moved);
   }
 
-  async refreshPipelines(): Promise<void> {
+  /**
+   * Look for pipelines again. The choice: a pinned pipeline while it exists; else the focused
+   * notebook's own pipeline (none until it has run: never another notebook's); without a
+   * notebook, the current choice or the first pipeline.
+   */
+  async refreshPipelines(moved = false): Promise<void> {
     try {
       this.pipelines = await requestAPI<IPipeline[]>('pipelines', { path: this.path });
       this.error = null;
@@ -57,29 +77,51 @@ export class SidebarModel {
       this.pipelines = [];
       this.error = (e as Error).message;
     }
-    const keep =
-      this.selected &&
-      this.pipelines.find(p => p.store === this.selected?.store && p.name === this.selected?.name);
-    const choice = keep || this.pipelines.find(p => p.default) || this.pipelines[0] || null;
+    const find = (p: IPipeline | null) => p && this.pipelines.find(q => q.store === p.store && q.name === p.name);
+    let choice: IPipeline | null | undefined;
+    if (this.pinned && find(this.selected)) {
+      choice = find(this.selected);
+    } else {
+      this.pinned = false;
+      if (this.path.endsWith('.ipynb')) {
+        choice = this.pipelines.find(p => p.default) ?? null;
+      } else {
+        choice = (!moved && find(this.selected)) || this.pipelines[0] || null;
+      }
+    }
     if (!choice) {
-      this.selected = null;
-      this.graph = null;
-      this.tasks.clear();
+      if (this.selected) {
+        this.selected = null;
+        this.graph = null;
+        this.detail = null;
+        this.tasks = new Map();
+      }
       this._emit();
       return;
     }
-    if (!keep) {
-      await this.select(choice);
+    const same = this.selected && choice.store === this.selected.store && choice.name === this.selected.name;
+    if (!same || !this.graph) {
+      await this.select(choice, this.pinned);
     } else {
+      this.selected = choice;
       this._emit();
     }
   }
 
-  /** Show another pipeline. */
-  async select(pipeline: IPipeline): Promise<void> {
+  /** Show another pipeline; `pin` keeps it shown when the notebook in focus changes. */
+  async select(pipeline: IPipeline, pin = false): Promise<void> {
     this.selected = pipeline;
+    this.pinned = pin;
     this.detail = null;
+    this.graph = null;
+    this.tasks = new Map();
     await this.loadGraph();
+  }
+
+  /** Stop pinning: show the focused notebook's pipeline again. */
+  async unpin(): Promise<void> {
+    this.pinned = false;
+    await this.refreshPipelines(true);
   }
 
   async loadGraph(): Promise<void> {
@@ -88,12 +130,26 @@ export class SidebarModel {
       return;
     }
     try {
-      this.graph = await requestAPI<IGraph>('graph', { store: p.store, pipeline: p.name });
-      this.tasks = new Map(this.graph.nodes.map(t => [t.key, t]));
-      this._lastEvent = this.graph.last_event;
+      const graph = await requestAPI<IGraph>('graph', { store: p.store, pipeline: p.name });
+      if (this.selected !== p) {
+        return; // another pipeline was chosen meanwhile
+      }
+      this.graph = graph;
+      this.tasks = new Map(graph.nodes.map(t => [t.key, t]));
+      this._lastEvent = graph.last_event;
       this.error = null;
     } catch (e) {
       this.error = (e as Error).message;
+    }
+    // the open panel follows its task to its new key (a re-run cell, an edited function)
+    const d = this.detail;
+    if (d && !this.tasks.has(d.key)) {
+      const next = successor(this.tasks, d);
+      if (next) {
+        await this.showTask(next.key);
+        return;
+      }
+      this.detail = null;
     }
     this._emit();
   }
@@ -138,7 +194,17 @@ export class SidebarModel {
         pipeline: p.name,
         since: String(this._lastEvent)
       });
-      if (update.events.length === 0 && this.graph && update.paused === this.graph.paused) {
+      if (this.selected !== p) {
+        return;
+      }
+      const cellMoved = this._cellMoved();
+      if (
+        update.events.length === 0 &&
+        this.graph &&
+        update.paused === this.graph.paused &&
+        sameRunner(update.runner, this.graph.runner) &&
+        !cellMoved
+      ) {
         return;
       }
       this._lastEvent = update.last_event;
@@ -148,9 +214,14 @@ export class SidebarModel {
         return;
       }
       if (this.graph) {
-        this.graph = { ...this.graph, counts: countStates(this.tasks.values()), paused: update.paused };
+        this.graph = {
+          ...this.graph,
+          counts: countStates(this.tasks.values()),
+          paused: update.paused,
+          runner: update.runner
+        };
       }
-      if (this.detail && update.events.some(e => e.key === this.detail?.key)) {
+      if (this.detail && (cellMoved || update.events.some(e => e.key === this.detail?.key))) {
         await this.showTask(this.detail.key);
       }
       this._emit();
@@ -162,7 +233,13 @@ export class SidebarModel {
     }
   }
 
-  /** Load the detail panel of a task. */
+  /** Whether the open panel's cell was edited since the panel last asked about it. */
+  private _cellMoved(): boolean {
+    const cell = this.detail?.cell;
+    return !!cell && this.cellSource(cell) !== this._checkedSource;
+  }
+
+  /** Load the detail panel of a task (null closes it). */
   async showTask(key: string | null): Promise<void> {
     const p = this.selected;
     if (!p || key === null) {
@@ -170,12 +247,25 @@ export class SidebarModel {
       this._emit();
       return;
     }
+    const cell = this.tasks.get(key)?.cell ?? null;
+    const source = cell ? this.cellSource(cell) : null;
+    const params: Record<string, string> = { store: p.store, pipeline: p.name, task: key };
+    if (source !== null) {
+      params.source = source;
+    }
     try {
-      this.detail = await requestAPI<ITaskDetail>('task', { store: p.store, pipeline: p.name, task: key });
+      this.detail = await requestAPI<ITaskDetail>('task', params);
+      this._checkedSource = source;
       this.error = null;
     } catch (e) {
       this.error = (e as Error).message;
     }
+    this._emit();
+  }
+
+  /** Hide the error message. */
+  dismissError(): void {
+    this.error = null;
     this._emit();
   }
 

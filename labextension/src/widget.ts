@@ -4,7 +4,7 @@
  * and layout (graph.ts) and draws with the DOM alone (no React, no JupyterLab packages).
  */
 import '../style/widget.css';
-import { IEdge, ITask, collapse, layout, shortLabel } from './graph';
+import { IEdge, ITask, collapse, countsLine, groupMembers, layout, shortLabel } from './graph';
 
 const SVG = 'http://www.w3.org/2000/svg';
 
@@ -12,6 +12,7 @@ interface IModel {
   get(name: 'tasks'): ITask[];
   get(name: 'edges'): IEdge[];
   get(name: 'pipeline'): string;
+  get(name: 'following'): boolean;
   on(event: string, callback: () => void): void;
   off(event: string, callback: () => void): void;
 }
@@ -24,9 +25,47 @@ function svg<K extends keyof SVGElementTagNameMap>(tag: K, attrs: Record<string,
   return node;
 }
 
-/** Draw the graph into `el` (again on every change of the tasks). */
-export function draw(el: HTMLElement, tasks: ITask[], edges: IEdge[], expanded: Set<string>, redraw: () => void): void {
-  const view = collapse(tasks, edges, expanded);
+/** A mapped group's items in order: one coloured square each, the label on hover. */
+function grid(tasks: ITask[], name: string, close: () => void): HTMLElement {
+  const members = groupMembers(tasks, name);
+  const counts: Record<string, number> = {};
+  for (const m of members) {
+    counts[m.state] = (counts[m.state] ?? 0) + 1;
+  }
+  const box = document.createElement('div');
+  box.className = 'nbpipe-inline-grid';
+  box.dataset.groupGrid = name;
+  const head = document.createElement('div');
+  head.textContent = `${name} ×${members.length}: ${countsLine(counts)} `;
+  const button = document.createElement('button');
+  button.textContent = '×';
+  button.title = 'close';
+  button.addEventListener('click', close);
+  head.appendChild(button);
+  const cells = document.createElement('div');
+  cells.className = 'nbpipe-inline-cells';
+  for (const t of members) {
+    const cell = document.createElement('span');
+    cell.className = `nbpipe-inline-cell nbpipe-state-${t.state}`;
+    cell.dataset.label = t.label;
+    cell.dataset.state = t.state;
+    cell.title = `${t.label}: ${t.state}`;
+    cells.appendChild(cell);
+  }
+  box.append(head, cells);
+  return box;
+}
+
+/** Draw the graph into `el` (again on every change of the tasks); `open` holds the group shown as a grid. */
+export function draw(
+  el: HTMLElement,
+  tasks: ITask[],
+  edges: IEdge[],
+  open: Set<string>,
+  redraw: () => void,
+  following = true
+): void {
+  const view = collapse(tasks, edges);
   const placed = layout(view.nodes, view.edges);
   const root = svg('svg', {
     class: 'nbpipe-inline-svg',
@@ -36,29 +75,57 @@ export function draw(el: HTMLElement, tasks: ITask[], edges: IEdge[], expanded: 
     role: 'img',
     'aria-label': 'task graph'
   });
+  const defs = svg('defs', {});
+  const marker = svg('marker', {
+    id: 'nbpipe-inline-arrow',
+    viewBox: '0 0 10 10',
+    refX: 9,
+    refY: 5,
+    markerWidth: 6,
+    markerHeight: 6,
+    orient: 'auto'
+  });
+  marker.appendChild(svg('path', { d: 'M0,0 L10,5 L0,10 z', class: 'nbpipe-arrow' }));
+  defs.appendChild(marker);
+  root.appendChild(defs);
   for (const e of placed.edges) {
-    root.appendChild(svg('path', { d: e.points.map((p, i) => `${i ? 'L' : 'M'}${p.x},${p.y}`).join(' '), class: 'nbpipe-edge' }));
+    root.appendChild(
+      svg('path', {
+        d: e.points.map((p, i) => `${i ? 'L' : 'M'}${p.x},${p.y}`).join(' '),
+        class: 'nbpipe-edge',
+        'marker-end': 'url(#nbpipe-inline-arrow)'
+      })
+    );
   }
   for (const n of placed.nodes) {
-    const done = n.counts.SUCCEEDED ?? 0;
+    const line = countsLine(n.counts);
     const g = svg('g', {
       class: 'nbpipe-node',
       'data-task': n.group ? n.name : n.id,
       'data-label': n.label,
       'data-state': n.state,
       'data-group': n.group ? 'true' : 'false',
+      'data-counts': n.group ? line : '',
       transform: `translate(${n.x - n.width / 2},${n.y - n.height / 2})`
     });
     const title = svg('title', {});
-    title.textContent = n.group ? `${n.label}: ${done}/${n.keys.length} succeeded — click to expand` : `${n.label}: ${n.state}`;
+    title.textContent = n.group ? `${n.label}: ${line} — click for its items` : `${n.label}: ${n.state}`;
     g.appendChild(title);
     g.appendChild(svg('rect', { width: n.width, height: n.height, rx: 6, class: `nbpipe-state-${n.state}` }));
-    const text = svg('text', { x: n.width / 2, y: n.height / 2 + 4, 'text-anchor': 'middle' });
-    text.textContent = n.group ? `${shortLabel(n.label)} (${done}/${n.keys.length})` : shortLabel(n.label);
+    const text = svg('text', { x: n.width / 2, y: n.group ? 17 : n.height / 2 + 4, 'text-anchor': 'middle' });
+    text.textContent = shortLabel(n.label);
     g.appendChild(text);
     if (n.group) {
+      const counts = svg('text', { x: n.width / 2, y: 34, 'text-anchor': 'middle' });
+      counts.textContent = line;
+      g.appendChild(counts);
       g.addEventListener('click', () => {
-        expanded.add(n.name);
+        if (open.has(n.name)) {
+          open.delete(n.name);
+        } else {
+          open.clear();
+          open.add(n.name);
+        }
         redraw();
       });
     }
@@ -71,20 +138,41 @@ export function draw(el: HTMLElement, tasks: ITask[], edges: IEdge[], expanded: 
   const summary = document.createElement('div');
   summary.className = 'nbpipe-inline-summary';
   summary.textContent = [...counts].map(([s, c]) => `${c} ${s.toLowerCase().replace('_', ' ')}`).join(', ') || 'no tasks';
-  el.replaceChildren(summary, root);
+  const parts: HTMLElement[] = [summary];
+  if (!following) {
+    const note = document.createElement('div');
+    note.className = 'nbpipe-inline-stopped';
+    note.textContent = 'Not following the pipeline any more: run %pipeline graph again for a live graph.';
+    parts.push(note);
+  }
+  const picture = document.createElement('div');
+  picture.className = 'nbpipe-inline-graph';
+  picture.appendChild(root);
+  parts.push(picture);
+  for (const name of open) {
+    if (tasks.some(t => t.name === name)) {
+      parts.push(grid(tasks, name, () => {
+        open.delete(name);
+        redraw();
+      }));
+    }
+  }
+  el.replaceChildren(...parts);
 }
 
 export default {
   render({ model, el }: { model: IModel; el: HTMLElement }): () => void {
     el.classList.add('nbpipe-inline');
-    const expanded = new Set<string>();
-    const redraw = () => draw(el, model.get('tasks'), model.get('edges'), expanded, redraw);
+    const open = new Set<string>();
+    const redraw = () => draw(el, model.get('tasks'), model.get('edges'), open, redraw, model.get('following') !== false);
     redraw();
-    model.on('change:tasks', redraw);
-    model.on('change:edges', redraw);
+    for (const name of ['change:tasks', 'change:edges', 'change:following']) {
+      model.on(name, redraw);
+    }
     return () => {
-      model.off('change:tasks', redraw);
-      model.off('change:edges', redraw);
+      for (const name of ['change:tasks', 'change:edges', 'change:following']) {
+        model.off(name, redraw);
+      }
     };
   }
 };

@@ -8,8 +8,9 @@ cookie. Stores are named by their path relative to the server root and must lie 
 =====================================  ==============================================
 ``GET  pipelines?path=NB_OR_DIR``      pipelines of the stores for a notebook or a folder
 ``GET  graph?store=S&pipeline=P``      tasks, edges, counts, the last event id
-``GET  events?store=S&pipeline=P&since=N``  state changes after event N
-``GET  task?store=S&pipeline=P&task=T``     attempts, logs, traceback, resources, versions
+``GET  events?store=S&pipeline=P&since=N``  state changes after event N, paused, the runner
+``GET  task?store=S&pipeline=P&task=T[&source=CELL]``  attempts, logs, traceback, resources,
+                                       versions; with the cell's text, whether it changed
 ``GET  cluster?store=S&pipeline=P``    worker pools, job scripts, batch jobs
 ``POST command`` (JSON body)           ``{store, pipeline, verb, tasks?, failed?, all?}``
 ``POST export`` (JSON body)            ``{path}``: the notebook's script, written beside it
@@ -174,11 +175,14 @@ class TaskHandler(NbpipeHandler):
     @tornado.web.authenticated
     async def get(self) -> None:
         await self.answer(self._task, self.store(), self.get_argument("pipeline"),
-                          self.get_argument("task"))
+                          self.get_argument("task"), self.get_argument("source", None))
 
     @staticmethod
-    def _task(store: Store, pipeline: str, task: str) -> dict[str, Any]:
+    def _task(store: Store, pipeline: str, task: str, source: str | None = None) -> dict[str, Any]:
         detail = queries.task_detail(store, pipeline, task)
+        # the cell's text as the notebook holds it now: has it changed since the task was defined?
+        detail["cell_changed"] = (queries.cell_changed(store, pipeline, detail["key"], source)
+                                  if source is not None else None)
         for attempt in detail["attempts"]:
             for part in ("stdout", "stderr"):
                 if attempt[part] and len(attempt[part]) > LOG_TAIL:

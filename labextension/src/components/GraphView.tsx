@@ -1,139 +1,238 @@
 /**
- * The DAG as SVG: nodes coloured by state, mapped tasks as group nodes (click to expand),
- * zoom and pan with the wheel and drag (d3-zoom), and a Fit button.
+ * The DAG as SVG in a scrolling box: nodes coloured by state, mapped tasks as one group node
+ * with counts by state (click it for its items as an ordered grid), laid out for the space the
+ * box has (top to bottom when narrow) at a scale that keeps labels readable. Fit, zoom buttons,
+ * and a ResizeObserver that refits when the panel is resized or shown after a reload.
  */
-import { select } from 'd3-selection';
-import { ZoomBehavior, zoom, zoomIdentity } from 'd3-zoom';
 import * as React from 'react';
-import { IEdge, ILayout, ITask, collapse, layout, shortLabel } from '../graph';
+import {
+  Direction,
+  IEdge,
+  ILayout,
+  IPlacedNode,
+  ITask,
+  State,
+  MIN_SCALE,
+  collapse,
+  countsLine,
+  direction,
+  fitScale,
+  groupMembers,
+  layout,
+  layoutKey,
+  shortLabel
+} from '../graph';
 
 export interface IGraphViewProps {
   tasks: ITask[];
   edges: IEdge[];
   selected: string | null;
   onSelect: (key: string) => void;
+  /** Show the graph in a full-size tab (absent inside that tab). */
+  onOpenMain?: () => void;
 }
 
 function path(points: { x: number; y: number }[]): string {
   return points.map((p, i) => `${i ? 'L' : 'M'}${p.x},${p.y}`).join(' ');
 }
 
+/** A mapped group's items in order, one coloured square each (hover: label; click: panel). */
+export function GroupGrid(props: {
+  name: string;
+  tasks: ITask[];
+  selected: string | null;
+  onSelect: (key: string) => void;
+  onClose: () => void;
+}): JSX.Element {
+  const members = groupMembers(props.tasks, props.name);
+  const counts: Partial<Record<ITask['state'], number>> = {};
+  for (const m of members) {
+    counts[m.state] = (counts[m.state] ?? 0) + 1;
+  }
+  return (
+    <div className="nbpipe-group-grid" data-group-grid={props.name}>
+      <div className="nbpipe-group-head">
+        <b>
+          {props.name} ×{members.length}
+        </b>
+        <span className="nbpipe-group-counts">{countsLine(counts)}</span>
+        <button className="jp-Button nbpipe-small nbpipe-close" title="Close the group's items" aria-label="close" onClick={props.onClose}>
+          ×
+        </button>
+      </div>
+      <div className="nbpipe-cells" role="list">
+        {members.map((t, i) => (
+          <button
+            key={t.key}
+            role="listitem"
+            className={`nbpipe-cell nbpipe-state-${t.state}${props.selected === t.key ? ' nbpipe-selected' : ''}`}
+            data-task={t.key}
+            data-label={t.label}
+            data-state={t.state}
+            data-index={i}
+            title={`${t.label}: ${t.state}`}
+            aria-label={`${t.label}: ${t.state}`}
+            onClick={() => props.onSelect(t.key)}
+          />
+        ))}
+      </div>
+    </div>
+  );
+}
+
+/**
+ * One node. Memoised: a state change re-renders the nodes it changed, not all 2,000 of a big
+ * graph (the sidebar polls every 400 ms while tasks run).
+ */
+const GraphNode = React.memo(function GraphNode(props: {
+  node: IPlacedNode;
+  state: State;
+  line: string;
+  chosen: boolean;
+  onActivate: (n: IPlacedNode) => void;
+}): JSX.Element {
+  const { node: n, state, line } = props;
+  return (
+    <g
+      className={`nbpipe-node${props.chosen ? ' nbpipe-selected' : ''}`}
+      data-task={n.group ? n.name : n.id}
+      data-label={n.label}
+      data-state={state}
+      data-group={n.group ? 'true' : undefined}
+      data-counts={n.group ? line : undefined}
+      transform={`translate(${n.x - n.width / 2},${n.y - n.height / 2})`}
+      tabIndex={0}
+      role="button"
+      aria-label={n.group ? `${n.label}: ${line}` : `${n.label}: ${state}`}
+      onClick={() => props.onActivate(n)}
+      onKeyDown={event => {
+        if (event.key === 'Enter' || event.key === ' ') {
+          event.preventDefault();
+          props.onActivate(n);
+        }
+      }}
+    >
+      <title>{n.group ? `${n.label}: ${line} — click for its items` : `${n.label}: ${state}`}</title>
+      <rect width={n.width} height={n.height} rx={6} className={`nbpipe-state-${state}`} />
+      {n.group ? (
+        <>
+          <text x={n.width / 2} y={17} textAnchor="middle">
+            {shortLabel(n.label)}
+          </text>
+          <text x={n.width / 2} y={34} textAnchor="middle" className="nbpipe-node-counts">
+            {line}
+          </text>
+        </>
+      ) : (
+        <text x={n.width / 2} y={n.height / 2 + 4} textAnchor="middle">
+          {shortLabel(n.label)}
+        </text>
+      )}
+    </g>
+  );
+});
+
 export function GraphView(props: IGraphViewProps): JSX.Element {
-  const [expanded, setExpanded] = React.useState<Set<string>>(new Set());
-  const svgRef = React.useRef<SVGSVGElement>(null);
-  const layerRef = React.useRef<SVGGElement>(null);
-  const zoomRef = React.useRef<ZoomBehavior<SVGSVGElement, unknown> | null>(null);
+  const [group, setGroup] = React.useState<string | null>(null);
+  const boxRef = React.useRef<HTMLDivElement>(null);
+  const [boxWidth, setBoxWidth] = React.useState(0);
+  // null: fit to the box (and refit when it is resized); a number: the user's zoom
+  const [zoom, setZoom] = React.useState<number | null>(null);
+
+  // The box's width decides the direction and the fit; follow it (reload, resize, shown again).
+  React.useEffect(() => {
+    const box = boxRef.current;
+    if (!box) {
+      return;
+    }
+    const measure = () => setBoxWidth(Math.floor(box.clientWidth));
+    measure();
+    const observer = new ResizeObserver(measure);
+    observer.observe(box);
+    return () => observer.disconnect();
+  }, []);
+  const rankdir: Direction = direction(boxWidth);
 
   // The layout depends on the shape of the graph, not on states: recompute only when it changes.
-  const shape = React.useMemo(
-    () => props.tasks.map(t => t.key).join(',') + '|' + props.edges.length + '|' + [...expanded].join(','),
-    [props.tasks, props.edges, expanded]
-  );
-  const placed: ILayout = React.useMemo(() => {
-    const view = collapse(props.tasks, props.edges, expanded);
-    return layout(view.nodes, view.edges);
-  }, [shape]);
+  const view = collapse(props.tasks, props.edges);
+  const shape = layoutKey(view.nodes, view.edges, rankdir);
+  const placed: ILayout = React.useMemo(() => layout(view.nodes, view.edges, rankdir), [shape]);
   const stateOf = new Map(props.tasks.map(t => [t.key, t.state]));
-  const live = collapse(props.tasks, props.edges, expanded).nodes;
-  const liveById = new Map(live.map(n => [n.id, n]));
-
-  const fit = React.useCallback(() => {
-    const svg = svgRef.current;
-    if (!svg || !zoomRef.current) {
-      return;
-    }
-    const box = svg.getBoundingClientRect();
-    const scale = Math.min(1.5, (box.width || 300) / (placed.width || 1), (box.height || 300) / (placed.height || 1));
-    const transform = zoomIdentity
-      .translate(((box.width || 300) - placed.width * scale) / 2, ((box.height || 300) - placed.height * scale) / 2)
-      .scale(scale);
-    select(svg).call(zoomRef.current.transform, transform);
-  }, [placed]);
+  const liveById = new Map(view.nodes.map(n => [n.id, n]));
+  const scale = zoom ?? fitScale(placed.width, boxWidth - 4);
+  const width = Math.ceil(placed.width * scale);
+  const height = Math.ceil(placed.height * scale);
 
   React.useEffect(() => {
-    const svg = svgRef.current;
-    if (!svg) {
-      return;
+    if (group && !props.tasks.some(t => t.name === group)) {
+      setGroup(null); // the group is gone (another pipeline)
     }
-    const behaviour = zoom<SVGSVGElement, unknown>()
-      .scaleExtent([0.05, 4])
-      .on('zoom', event => {
-        layerRef.current?.setAttribute('transform', event.transform.toString());
-      });
-    zoomRef.current = behaviour;
-    select(svg).call(behaviour);
-    return () => {
-      select(svg).on('.zoom', null);
-    };
-  }, []);
+  }, [props.tasks, group]);
 
-  React.useEffect(() => fit(), [placed]);
-
-  const activate = (id: string, group: boolean, name: string, keys: string[]) => {
-    if (group) {
-      setExpanded(new Set([...expanded, name]));
+  const activate = (n: IPlacedNode) => {
+    if (n.group) {
+      setGroup(group === n.name ? null : n.name);
     } else {
-      props.onSelect(keys[0]);
+      props.onSelect(n.keys[0]);
     }
   };
+  // one stable callback for every node (so memoised nodes stay memoised), calling the latest
+  const activateRef = React.useRef(activate);
+  activateRef.current = activate;
+  const onActivate = React.useCallback((n: IPlacedNode) => activateRef.current(n), []);
+  const zoomBy = (factor: number) =>
+    setZoom(Math.min(3, Math.max(MIN_SCALE, Math.round(scale * factor * 100) / 100)));
 
   return (
-    <div className="nbpipe-graph">
+    <div className="nbpipe-graph" data-direction={rankdir} data-scale={scale.toFixed(3)}>
       <div className="nbpipe-graph-tools">
-        <button className="jp-Button nbpipe-small" onClick={fit} title="Fit the graph to the panel">
+        <button className="jp-Button nbpipe-small nbpipe-fit" onClick={() => setZoom(null)} title="Fit the graph to the width of the panel">
           Fit
         </button>
-        {expanded.size > 0 && (
-          <button className="jp-Button nbpipe-small" onClick={() => setExpanded(new Set())} title="Collapse mapped tasks">
-            Collapse groups
+        <button className="jp-Button nbpipe-small" onClick={() => zoomBy(1 / 1.25)} title="Zoom out (labels stay readable)" aria-label="zoom out" disabled={scale <= MIN_SCALE}>
+          −
+        </button>
+        <button className="jp-Button nbpipe-small" onClick={() => zoomBy(1.25)} title="Zoom in" aria-label="zoom in" disabled={scale >= 3}>
+          +
+        </button>
+        {props.onOpenMain && (
+          <button className="jp-Button nbpipe-small nbpipe-open-main" onClick={props.onOpenMain} title="Open the pipeline in a full-size tab">
+            Open in main area
           </button>
         )}
       </div>
-      <svg ref={svgRef} className="nbpipe-graph-svg" role="img" aria-label="task graph">
-        <defs>
-          <marker id="nbpipe-arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="6" markerHeight="6" orient="auto">
-            <path d="M0,0 L10,5 L0,10 z" className="nbpipe-arrow" />
-          </marker>
-        </defs>
-        <g ref={layerRef}>
-          {placed.edges.map(e => (
-            <path key={`${e.source}-${e.target}`} d={path(e.points)} className="nbpipe-edge" markerEnd="url(#nbpipe-arrow)" />
-          ))}
-          {placed.nodes.map(n => {
-            const now = liveById.get(n.id);
-            const state = n.group ? now?.state ?? n.state : stateOf.get(n.id) ?? n.state;
-            const counts = now?.counts ?? n.counts;
-            const done = counts.SUCCEEDED ?? 0;
-            return (
-              <g
-                key={n.id}
-                className={`nbpipe-node${props.selected && n.keys.includes(props.selected) ? ' nbpipe-selected' : ''}`}
-                data-task={n.group ? n.name : n.id}
-                data-label={n.label}
-                data-state={state}
-                data-group={n.group ? 'true' : undefined}
-                transform={`translate(${n.x - n.width / 2},${n.y - n.height / 2})`}
-                tabIndex={0}
-                role="button"
-                aria-label={`${n.label}: ${state}`}
-                onClick={() => activate(n.id, n.group, n.name, n.keys)}
-                onKeyDown={event => {
-                  if (event.key === 'Enter' || event.key === ' ') {
-                    event.preventDefault();
-                    activate(n.id, n.group, n.name, n.keys);
-                  }
-                }}
-              >
-                <title>{n.group ? `${n.label}: ${done}/${n.keys.length} succeeded — click to expand` : `${n.label}: ${state}`}</title>
-                <rect width={n.width} height={n.height} rx={6} className={`nbpipe-state-${state}`} />
-                <text x={n.width / 2} y={n.height / 2 + 4} textAnchor="middle">
-                  {n.group ? `${shortLabel(n.label)} (${done}/${n.keys.length})` : shortLabel(n.label)}
-                </text>
-              </g>
-            );
-          })}
-        </g>
-      </svg>
+      <div className="nbpipe-graph-box" ref={boxRef}>
+        <svg
+          className="nbpipe-graph-svg"
+          role="img"
+          aria-label="task graph"
+          width={Math.max(width, 1)}
+          height={Math.max(height, 1)}
+          viewBox={`0 0 ${Math.max(placed.width, 1)} ${Math.max(placed.height, 1)}`}
+        >
+          <defs>
+            <marker id="nbpipe-arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="6" markerHeight="6" orient="auto">
+              <path d="M0,0 L10,5 L0,10 z" className="nbpipe-arrow" />
+            </marker>
+          </defs>
+          <g>
+            {placed.edges.map(e => (
+              <path key={`${e.source}-${e.target}`} d={path(e.points)} className="nbpipe-edge" markerEnd="url(#nbpipe-arrow)" />
+            ))}
+            {placed.nodes.map(n => {
+              const now = liveById.get(n.id);
+              const state = n.group ? now?.state ?? n.state : stateOf.get(n.id) ?? n.state;
+              const chosen = !!((props.selected && n.keys.includes(props.selected)) || (n.group && group === n.name));
+              return (
+                <GraphNode key={n.id} node={n} state={state} line={n.group ? countsLine(now?.counts ?? n.counts) : ''} chosen={chosen} onActivate={onActivate} />
+              );
+            })}
+          </g>
+        </svg>
+      </div>
+      {group && (
+        <GroupGrid name={group} tasks={props.tasks} selected={props.selected} onSelect={props.onSelect} onClose={() => setGroup(null)} />
+      )}
     </div>
   );
 }

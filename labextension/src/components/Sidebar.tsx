@@ -12,6 +12,8 @@ export interface ISidebarProps {
   model: SidebarModel;
   /** Scroll the notebook to the cell that defines a task (and highlight it). */
   onShowCell: (cellId: string) => boolean;
+  /** True for the full-size tab ("Open in main area"). */
+  main?: boolean;
 }
 
 function useModel(model: SidebarModel): number {
@@ -37,8 +39,21 @@ function elapsed(started: number | undefined): string {
   return h ? `${h}h ${m}m` : m ? `${m}m ${s}s` : `${s}s`;
 }
 
+/** Re-render every second while `on` (a clock that ticks while nothing else changes). */
+function useTick(on: boolean): void {
+  const [, setTick] = React.useState(0);
+  React.useEffect(() => {
+    if (!on) {
+      return;
+    }
+    const timer = window.setInterval(() => setTick(t => t + 1), 1000);
+    return () => window.clearInterval(timer);
+  }, [on]);
+}
+
 function Summary(props: { model: SidebarModel }): JSX.Element | null {
   const { graph } = props.model;
+  useTick(!!graph?.runner);
   if (!graph) {
     return null;
   }
@@ -60,11 +75,11 @@ function Summary(props: { model: SidebarModel }): JSX.Element | null {
           <div key={s} className={`nbpipe-state-${s}`} style={{ width: `${(100 * (counts[s] ?? 0)) / Math.max(1, total)}%` }} />
         ))}
       </div>
-      <div className="nbpipe-runner">
+      <div className="nbpipe-runner" data-runner-pid={graph.runner?.pid}>
         {graph.runner ? (
           <>
-            runner pid {graph.runner.pid} on {graph.runner.host} · {elapsed(graph.runner.started)} · cluster{' '}
-            {graph.runner.cluster}
+            runner pid {graph.runner.pid} on {graph.runner.host} ·{' '}
+            <span className="nbpipe-uptime">{elapsed(graph.runner.started)}</span> · cluster {graph.runner.cluster}
             {graph.runner.dashboard && (
               <>
                 {' '}
@@ -112,7 +127,9 @@ function TaskList(props: { model: SidebarModel; onSelect: (key: string) => void 
               onClick={() => props.onSelect(t.key)}
             >
               <span className={`nbpipe-dot nbpipe-state-${t.state}`} />
-              <span className="nbpipe-task-label">{t.label}</span>
+              <span className="nbpipe-task-label" title={t.label}>
+                {t.label}
+              </span>
               <span className="nbpipe-task-state">{t.state}</span>
             </button>
           </li>
@@ -123,13 +140,18 @@ function TaskList(props: { model: SidebarModel; onSelect: (key: string) => void 
   );
 }
 
+/** A duration as the notebook's status line writes it (one decimal). */
+export function seconds(value: number): string {
+  return `${value.toFixed(1)} s`;
+}
+
 function Attempt(props: { attempt: IAttempt }): JSX.Element {
   const a = props.attempt;
   return (
     <details className="nbpipe-attempt" open={a.state === 'FAILED'}>
       <summary>
         attempt {a.number}: {a.state}
-        {a.seconds !== null ? ` in ${a.seconds.toFixed(2)} s` : ''}
+        {a.seconds !== null ? ` in ${seconds(a.seconds)}` : ''}
         {a.hostname ? ` on ${a.hostname}` : ''}
         {a.job_id ? ` (job ${a.job_id})` : ''}
       </summary>
@@ -186,16 +208,31 @@ function TaskPanel(props: { model: SidebarModel; detail: ITaskDetail; onShowCell
   };
   const blocked = downstream([detail.key], model.graph?.edges ?? []).size;
   return (
-    <div className="nbpipe-panel" data-panel-task={detail.key}>
+    <div className="nbpipe-panel" data-panel-task={detail.key} data-panel-label={detail.label}>
       <div className="nbpipe-panel-head">
         <span className={`nbpipe-dot nbpipe-state-${detail.state}`} />
-        <b>{detail.label}</b> <span className="nbpipe-panel-state">{detail.state}</span>
+        <b className="nbpipe-panel-label" title={detail.label}>
+          {detail.label}
+        </b>{' '}
+        <span className="nbpipe-panel-state">{detail.state}</span>
+        <button className="jp-Button nbpipe-small nbpipe-close" title="Close the task panel" aria-label="close" onClick={() => void model.showTask(null)}>
+          ×
+        </button>
       </div>
+      {detail.cell_changed && (
+        <div className="nbpipe-cell-changed" role="status">
+          The cell has changed since this task was defined: Retry runs the old code. Run the cell to use the new code.
+        </div>
+      )}
       <div className="nbpipe-buttons">
         <button
           className="jp-Button nbpipe-retry"
           disabled={running}
-          title={`Run it again${blocked ? `, with the ${blocked} task(s) it blocks` : ''}`}
+          title={
+            detail.cell_changed
+              ? 'The cell has changed since this task was defined: Retry runs the old code; run the cell to use the new code'
+              : `Run it again${blocked ? `, with the ${blocked} task(s) it blocks` : ''}`
+          }
           onClick={() => void model.send('retry', { tasks: [detail.key] })}
         >
           Retry
@@ -214,7 +251,9 @@ function TaskPanel(props: { model: SidebarModel; detail: ITaskDetail; onShowCell
       {resources.length > 0 && (
         <div className="nbpipe-resources">resources: {resources.map(([k, v]) => `${k}=${v}`).join(', ')}</div>
       )}
-      <div className="nbpipe-key">key {detail.key}</div>
+      <div className="nbpipe-key" title={detail.key}>
+        key <code>{detail.key}</code>
+      </div>
       {[...detail.attempts].reverse().map(a => (
         <Attempt key={a.number} attempt={a} />
       ))}
@@ -235,22 +274,29 @@ export function Sidebar(props: ISidebarProps): JSX.Element {
   };
   const failed = (model.graph?.counts.FAILED ?? 0) + (model.graph?.counts.KILLED ?? 0);
   return (
-    <div className="nbpipe-sidebar-body">
+    <div className={`nbpipe-sidebar-body${props.main ? ' nbpipe-main-body' : ''}`}>
       <div className="nbpipe-header">
         <select
-          className="nbpipe-picker"
+          className={`nbpipe-picker${model.pinned ? ' nbpipe-pinned' : ''}`}
           aria-label="pipeline"
+          title={
+            model.selected
+              ? `${model.selected.name} (${model.selected.store})${model.pinned ? ' — pinned' : ' — the pipeline of the notebook in focus'}`
+              : 'pipelines'
+          }
           value={model.selected ? `${model.selected.store}\u0000${model.selected.name}` : ''}
           onChange={e => {
             const choice = model.pipelines.find(p => `${p.store}\u0000${p.name}` === e.target.value);
             if (choice) {
-              void model.select(choice);
+              void model.select(choice, true);
             }
           }}
         >
-          {model.pipelines.length === 0 && <option value="">no pipeline yet</option>}
+          {!model.selected && (
+            <option value="">{model.path.endsWith('.ipynb') ? 'this notebook has no pipeline yet' : 'no pipeline yet'}</option>
+          )}
           {model.pipelines.map(p => (
-            <option key={`${p.store}/${p.name}`} value={`${p.store}\u0000${p.name}`}>
+            <option key={`${p.store}/${p.name}`} value={`${p.store}\u0000${p.name}`} title={`${p.name} (${p.store})`}>
               {p.name} ({p.store})
             </option>
           ))}
@@ -268,10 +314,35 @@ export function Sidebar(props: ISidebarProps): JSX.Element {
           </button>
         )}
       </div>
-      {model.error && <div className="nbpipe-message">{model.error}</div>}
+      {model.pinned && (
+        <div className="nbpipe-pin">
+          📌 pinned: stays when you switch notebooks{' '}
+          <button className="jp-Button nbpipe-small nbpipe-unpin" title="Follow the notebook in focus again" onClick={() => void model.unpin()}>
+            Follow notebook
+          </button>
+        </div>
+      )}
+      {model.error && (
+        <div className="nbpipe-message" role="alert">
+          <span>{model.error}</span>
+          <button className="jp-Button nbpipe-small nbpipe-close" title="Dismiss" aria-label="dismiss" onClick={() => model.dismissError()}>
+            ×
+          </button>
+        </div>
+      )}
       {!model.selected && (
         <div className="nbpipe-empty">
-          Run a notebook with <code>%load_ext nbpipe</code> and <code>%%task</code> cells: its pipeline shows here.
+          {model.path.endsWith('.ipynb') ? (
+            <>
+              <b>{model.path.split('/').pop()}</b> has no pipeline yet: run it with <code>%load_ext nbpipe</code> and{' '}
+              <code>%%task</code> cells and its pipeline shows here
+              {model.pipelines.length > 0 && ' (the picker lists the other pipelines of this folder)'}.
+            </>
+          ) : (
+            <>
+              Run a notebook with <code>%load_ext nbpipe</code> and <code>%%task</code> cells: its pipeline shows here.
+            </>
+          )}
         </div>
       )}
       {model.selected && (
@@ -291,7 +362,13 @@ export function Sidebar(props: ISidebarProps): JSX.Element {
               </button>
             )}
           </div>
-          <GraphView tasks={tasks} edges={model.graph?.edges ?? []} selected={model.detail?.key ?? null} onSelect={select} />
+          <GraphView
+            tasks={tasks}
+            edges={model.graph?.edges ?? []}
+            selected={model.detail?.key ?? null}
+            onSelect={select}
+            onOpenMain={props.main ? undefined : model.openMain ?? undefined}
+          />
           {model.detail && <TaskPanel model={model} detail={model.detail} onShowCell={props.onShowCell} />}
           <TaskList model={model} onSelect={select} />
         </>
