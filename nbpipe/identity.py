@@ -444,12 +444,27 @@ def _is_user_module(module: types.ModuleType) -> bool:
     return not _is_library_file(filename)
 
 
+_source_digests: dict[tuple[str, int, int], str] = {}
+
+
 def _module_source_digest(module: types.ModuleType) -> str:
-    """A user module used whole (passed as a value): the normalised code of its file."""
+    """A user module used whole (passed as a value): the normalised code of its file (cached
+    by the file's size and modification time)."""
+    filename = getattr(module, "__file__", None) or ""
     try:
-        return normalised_source_digest(inspect.getsource(module))
-    except (OSError, TypeError, SyntaxError):
+        st = os.stat(filename)
+    except OSError:
         return "unreadable"
+    cache_key = (filename, st.st_mtime_ns, st.st_size)
+    found = _source_digests.get(cache_key)
+    if found is None:
+        try:
+            with open(filename, encoding="utf-8") as f:
+                found = normalised_source_digest(f.read())
+        except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+            found = "unreadable"
+        _source_digests[cache_key] = found
+    return found
 
 
 @functools.lru_cache(maxsize=4096)
@@ -790,6 +805,8 @@ def _find(fn: Any, holder: Any, name: str) -> tuple[bool, Any]:
     if name.startswith("import:"):
         module = sys.modules.get(name[7:])
         return module is not None, module
+    if name == "__source__":  # a module used whole: its file, compared by digest
+        return True, holder
     return _lookup(fn if holder is None else holder, name)
 
 
@@ -984,6 +1001,7 @@ class _Walk:
         chains = [c for c in chains if c]
         if not chains:  # the module itself is used (passed on, or its members read by name)
             self.helpers[f"{module.__name__} (whole module)"] = _module_source_digest(module)
+            self.checks.append((module, "__source__", _EQUAL, digest(module)))
             return
         for chain in chains:  # mylib.f, pkg.sub.K: members of the user's modules, by content
             owner, attr = module, chain[0]

@@ -302,3 +302,54 @@ def test_installed_packages_count_by_version_not_code(tmp_path: Path) -> None:
     assert modules["json"].startswith("python-")
     assert "helpers" in uses_libraries(4).components
     assert not any("numpy" in h for h in uses_libraries(4).components["helpers"])
+
+
+def test_a_module_edited_in_a_running_process_counts_once_python_sees_it(tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """A limit, documented: in a running kernel an edited module counts once it is reloaded
+    (``importlib.reload``, ``%autoreload``, a restart), as Python itself sees it."""
+    import importlib
+    import sys
+
+    (tmp_path / "kernel_lib.py").write_text("def f(x):\n    return x * 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import kernel_lib
+
+    pipe = Pipeline("reload", store=tmp_path / ".nbpipe")
+
+    @pipe.task
+    def use(x: int) -> int:
+        return kernel_lib.f(x)
+
+    before = use(1).key
+    (tmp_path / "kernel_lib.py").write_text("def f(x):\n    return x * 4  # edited\n")
+    assert use(1).key == before  # not reloaded: the kernel still runs the old f
+    importlib.reload(kernel_lib)
+    assert use(1).key != before
+    assert use(1).components["helpers"]["kernel_lib.f"]
+    sys.modules.pop("kernel_lib", None)
+
+
+def test_a_module_used_whole_counts_by_its_whole_file(tmp_path: Path, monkeypatch) -> None:
+    """A limit, documented: a module passed on or read with getattr counts by its whole file, so
+    editing any of its members changes the key (a re-run more than needed, never a stale one)."""
+    import importlib
+    import sys
+
+    (tmp_path / "whole_lib.py").write_text("def f(x):\n    return x\n\n\ndef g():\n    return 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import whole_lib
+
+    pipe = Pipeline("whole", store=tmp_path / ".nbpipe")
+
+    @pipe.task
+    def dynamic(name: str) -> int:
+        module = whole_lib
+        return getattr(module, name)(1)
+
+    before = dynamic("f").key
+    (tmp_path / "whole_lib.py").write_text("def f(x):\n    return x\n\n\ndef g():\n    return 1\n")
+    importlib.reload(whole_lib)
+    assert dynamic("f").key != before
+    assert "whole_lib (whole module)" in dynamic("f").components["helpers"]
+    sys.modules.pop("whole_lib", None)
