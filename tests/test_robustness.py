@@ -333,12 +333,12 @@ def test_a_pipeline_with_a_long_or_slashed_name_runs_beside_its_lookalike(
         pipe = nbpipe.Pipeline(sys.argv[1], store={str(store)!r},
                                cluster={cluster.scheduler_address!r})
 
-        def wait(i: int) -> int:
+        def wait(seconds: float) -> float:
             import time
-            time.sleep(float(sys.argv[2]))
-            return i
+            time.sleep(seconds)
+            return seconds
 
-        pipe.task(wait)(1)
+        pipe.task(wait)(float(sys.argv[2]))
         print(pipe.run(check=True, timeout=120).counts)
     """
     (tmp_path / "runs.py").write_text(textwrap.dedent(script))
