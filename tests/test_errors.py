@@ -283,8 +283,8 @@ PYTHON = [
          "Follow the message: copy the store aside and `.recover` it, or start a new store.",
          lambda tmp: _damaged_store(tmp, bytes(range(256)) * 64)),
     Case("Python API", "A store whose `nbpipe.sqlite` was cut short", "StoreDamaged",
-         "the store …/.nbpipe is damaged: SQLite cannot read nbpipe.sqlite (the file has … bytes, "
-         "its header says …: it was cut short); copy the folder aside …", ".nbpipe",
+         "the store …/.nbpipe is damaged: SQLite cannot read nbpipe.sqlite (…); copy the folder "
+         "aside …", ".nbpipe",
          "Copy the store aside and `.recover` it, or start a new store.",
          lambda tmp: _damaged_store(tmp, cut=True)),
     Case("Python API", "Tasks that wait for each other (a cycle of `after=`)", "CycleError",
@@ -397,7 +397,7 @@ MAGICS = [
          "Keep such objects inside the cell, or build them in the cell that uses them.",
          "lock", ("%%task lock\nimport threading\nlock = threading.Lock()",)),
     Case("magics", "A task whose return value cannot be pickled", "TypeError",
-         "the return value of task 'locked()' (a lock) cannot be pickled (cannot pickle "
+         "the return value of task 'locked' (a lock) cannot be pickled (cannot pickle "
          "'_thread.lock' object); return plain data (numbers, strings, lists, dicts, arrays) and "
          "build such objects where they are used", "return value",
          "Return plain data; build the object where it is used.",
@@ -546,7 +546,7 @@ CONFIG = [
          "quick tasks up to this size are kept in the store's database; 0: every result is a file)",
          "inline-bytes", "Give a number of bytes, e.g. `4096`.", None, ("inline-bytes: .inf\n",)),
     Case("configuration", "An `nbpipe.yaml` that is not UTF-8", "ConfigError",
-         "…/nbpipe.yaml: the file is not UTF-8 text (byte 0xe9 at offset 16); save it as UTF-8",
+         "…/nbpipe.yaml: the file is not UTF-8 text (byte 0xe9 at offset 20); save it as UTF-8",
          "nbpipe.yaml", "Save the file as UTF-8.", None, ("cluster: local\n# caf\xe9\n",)),
     Case("configuration", "`DASK_NBPIPE__INLINE_BYTES=lots`", "ConfigError",
          "the environment variable DASK_NBPIPE__INLINE_BYTES: inline-bytes='lots' must be a finite "

@@ -461,7 +461,7 @@ def test_a_kill_right_after_the_database_is_created_leaves_it_private(tmp_path: 
     import signal
     import time
 
-    for attempt in range(5):
+    for attempt in range(3):
         store = tmp_path / f"s{attempt}"
         proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
             import os
