@@ -486,7 +486,7 @@ CLI = [
     Case("command line", "`nbpipe show demo ''`: an empty task name", "exit 2",
          "no task '' in pipeline 'demo'; `nbpipe tasks demo` lists its tasks", "''",
          "Name a task from `nbpipe tasks demo`.", ["--store", "{store}", "show", "demo", ""]),
-    Case("command line", "A store whose database is damaged", "exit 2",
+    Case("command line", "`--store` naming a store whose database is damaged", "exit 2",
          "the store …/damaged is damaged: SQLite cannot read nbpipe.sqlite (file is not a "
          "database); copy the folder aside (cp -a …/damaged …/damaged.damaged), then recover what "
          "SQLite can with `sqlite3 …/damaged.damaged/nbpipe.sqlite .recover | sqlite3 "
@@ -494,7 +494,7 @@ CLI = [
          "result files stay valid and the next run adopts them", "damaged",
          "Copy the store aside and `.recover` it (`nbpipe doctor` says the same).",
          ["--store", "{tmp}/damaged", "tasks", "demo"]),
-    Case("command line", "A store written by a newer nbpipe", "exit 2",
+    Case("command line", "`--store` naming a store written by a newer nbpipe", "exit 2",
          "the store …/newer was written by a newer nbpipe (schema 99; this nbpipe knows …); "
          "upgrade nbpipe (pip install -U nbpipe) or use another store", "newer",
          "Upgrade nbpipe.", ["--store", "{tmp}/newer", "pipelines"]),
@@ -624,12 +624,12 @@ REST = [
          "failed must be true or false (JSON booleans), not 'false'", "failed",
          'Send `"failed": false`.',
          ("POST", "command", {"store": S, "pipeline": "run", "verb": "retry", "failed": "false"})),
-    Case("REST", "A store whose database is damaged", "HTTP 409",
+    Case("REST", "`GET graph` of a store whose database is damaged", "HTTP 409",
          "the store …/broken/.nbpipe is damaged: SQLite cannot read nbpipe.sqlite (file is not a "
          "database); copy the folder aside …", "broken",
          "Copy the store aside and `.recover` it, or start a new store.",
          ("GET", "graph", {"store": "broken/.nbpipe", "pipeline": "run"})),
-    Case("REST", "A store written by a newer nbpipe", "HTTP 409",
+    Case("REST", "`GET graph` of a store written by a newer nbpipe", "HTTP 409",
          "the store …/newer/.nbpipe was written by a newer nbpipe (schema 99; this nbpipe knows …); "
          "upgrade nbpipe (pip install -U nbpipe) or use another store", "newer",
          "Upgrade nbpipe in the Jupyter server's environment.",
