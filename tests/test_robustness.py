@@ -476,3 +476,44 @@ def test_a_kill_right_after_the_database_is_created_leaves_it_private(tmp_path: 
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         assert _mode(store / "nbpipe.sqlite") == 0o600
+
+
+@pytest.fixture
+def jp_server_config() -> dict[str, object]:
+    return {"ServerApp": {"jpserver_extensions": {"nbpipe.server": True}}}
+
+
+async def test_a_folder_listing_marks_unreadable_stores_and_lists_the_rest(
+        jp_fetch, jp_root_dir: Path, tmp_path_factory: pytest.TempPathFactory, client) -> None:
+    import json
+
+    good = jp_root_dir / "good" / ".nbpipe"
+    pipe = Pipeline("fine", store=good, cluster=client)
+    pipe.task(uses)(None, 1)
+    pipe.run(check=True, timeout=120)
+    pipe.close()
+    for name, how in (("random", "random"), ("cut", "truncated"), ("newer", "newer")):
+        other = jp_root_dir / name / ".nbpipe"
+        Pipeline("x", store=other).close()
+        if how == "truncated":  # big enough to cut
+            big = Pipeline("x", store=other)
+            for i in range(40):
+                big.task(uses)("y" * 4000, i)
+            big._resolve()
+            big.close()
+        damage(other, how)
+    outside = tmp_path_factory.mktemp("outside") / ".nbpipe"
+    Pipeline("away", store=outside).close()
+    (jp_root_dir / "linked").mkdir()
+    (jp_root_dir / "linked" / ".nbpipe").symlink_to(outside)
+
+    answer = await jp_fetch("nbpipe", "api", "pipelines", params={"path": ""})
+    rows = {r["store"]: r for r in json.loads(answer.body)}  # before: a 403 or 500 for all
+    assert rows["good/.nbpipe"]["name"] == "fine" and "error" not in rows["good/.nbpipe"]
+    for store, says in (("random/.nbpipe", ".recover"), ("cut/.nbpipe", ".recover"),
+                        ("newer/.nbpipe", "upgrade nbpipe"), ("linked/.nbpipe", "outside")):
+        assert rows[store]["name"] is None and says in rows[store]["error"], rows[store]
+    for store in ("random/.nbpipe", "newer/.nbpipe"):  # and asking for them: 409, named
+        with pytest.raises(Exception) as info:
+            await jp_fetch("nbpipe", "api", "graph", params={"store": store, "pipeline": "x"})
+        assert info.value.code == 409 and store in json.loads(info.value.response.body)["message"]
