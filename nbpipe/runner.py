@@ -34,7 +34,7 @@ from .pools import cancel_jobs
 from .results import INLINE, INLINE_BYTES
 from .specs import write_specs
 from .states import BAD, State
-from .store import Batch, RunnerLock
+from .store import Batch, RunnerLock, is_damage
 from .worker import Outcome, Upstream, WorkItem, install_termination_notice, interrupt, run_items
 
 if TYPE_CHECKING:
@@ -262,10 +262,16 @@ class Runner:
             with self.changed:
                 try:
                     self._tick()
-                except sqlite3.Error as exc:  # the store, for a while (its writes are retried)
-                    log.warning("nbpipe: the store %s failed (%s); trying again",
-                                self.store.path, exc)
-                    self.error = exc
+                except sqlite3.Error as exc:
+                    if is_damage(exc):  # a damaged database does not heal: stop, say so
+                        self.error = exc
+                        self._stopped_by(self.store.damaged(exc))
+                        self.changed.notify_all()
+                        return
+                    if self.error is None or type(self.error) is not type(exc):
+                        log.warning("nbpipe: the store %s failed (%s); trying again",
+                                    self.store.path, exc)
+                    self.error = exc  # busy, full, gone for a while: its writes are retried
                 except Exception as exc:  # a bug or a broken cluster: stop, and say why
                     log.exception("nbpipe runner error")
                     self.error = exc
@@ -285,22 +291,23 @@ class Runner:
             "retry --failed`)"
         )
         self._stop = True
-        for sub in list(self.inflight.values()):
-            if sub.future is not None:
-                with contextlib.suppress(Exception):
-                    sub.future.cancel()
-        self.inflight.clear()
-        self.sub_of.clear()
-        for ref in list(self.by_key.values()):
-            if not ref.state.final:
-                self._finish(ref, State.FAILED, f"the runner stopped: {cause}")
         try:
+            for sub in list(self.inflight.values()):
+                if sub.future is not None:
+                    with contextlib.suppress(Exception):
+                        sub.future.cancel()
+            self.inflight.clear()
+            self.sub_of.clear()
+            for ref in list(self.by_key.values()):
+                if not ref.state.final:
+                    self._finish(ref, State.FAILED, f"the runner stopped: {cause}")
             self.store.write(self.batch)
             self.batch = Batch()
             self.store.set_runner(self.pid, None)
-        except Exception:
+        except Exception:  # the store itself may be what failed: the states are in memory
             log.debug("could not record the runner's end", exc_info=True)
-        self.lock.release()
+        finally:
+            self.lock.release()
 
     def _tick(self) -> None:
         while True:
@@ -337,6 +344,9 @@ class Runner:
             try:
                 self.store.write(batch)
             except sqlite3.Error as exc:  # a full disk, a store gone: keep the changes, try again
+                if is_damage(exc):
+                    self.batch = batch
+                    raise
                 self.batch = batch
                 if self._write_error is None:
                     log.warning("nbpipe: cannot write to the store %s (%s); keeping the changes "

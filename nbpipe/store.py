@@ -266,7 +266,7 @@ class Store:
     def damaged(self, exc: BaseException) -> StoreError:
         """The error for ``exc`` raised by SQLite while using this store: :class:`StoreDamaged`
         saying what to do when the database file is damaged, else a :class:`StoreError`."""
-        if isinstance(exc, sqlite3.OperationalError) and not _is_damage(exc):
+        if not is_damage(exc):
             return StoreError(f"the store {self.path} cannot be used: {exc}")
         return StoreDamaged(
             f"the store {self.path} is damaged: SQLite cannot read {self.db_path.name} ({exc}); "
@@ -320,7 +320,7 @@ class Store:
                 conn.executescript(_SCHEMA)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             except sqlite3.OperationalError as exc:
-                if _is_damage(exc):
+                if is_damage(exc):
                     raise
                 raise StoreError(f"cannot initialise the store {self.path}: {exc}") from None
 
@@ -716,12 +716,13 @@ class RunnerLock:
         return self._fd is not None
 
 
-def _is_damage(exc: sqlite3.DatabaseError) -> bool:
-    """Whether SQLite's error means the file is damaged (not busy, not full, not read-only)."""
-    if not isinstance(exc, sqlite3.OperationalError):
-        return True  # "file is not a database", "database disk image is malformed"
+def is_damage(exc: sqlite3.Error) -> bool:
+    """Whether SQLite's error means the file is damaged (not busy, not full, not read-only, not
+    a closed connection)."""
     code = getattr(exc, "sqlite_errorcode", None)
-    return code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or "malformed" in str(exc)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+    return type(exc) is sqlite3.DatabaseError or "malformed" in str(exc)
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:

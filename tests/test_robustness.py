@@ -249,6 +249,7 @@ def _cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None
                           text=True, timeout=120, cwd=cwd, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.timeout(900)  # a dozen command-line processes; slow on a loaded machine
 @pytest.mark.parametrize("how", DAMAGES)
 def test_a_damaged_or_newer_store_gives_every_door_a_clear_message(
         made_store: Path, how: str, tmp_path: Path) -> None:
@@ -267,8 +268,11 @@ def test_a_damaged_or_newer_store_gives_every_door_a_clear_message(
                 ["pipelines"], ["logs", "demo", "uses"], ["retry", "demo", "--failed"],
                 ["pause", "demo"], ["graph", "demo"], ["doctor"], ["doctor", "--json"],
                 ["gc"], ["delete", "demo", "--force"]]
-    for args in commands:
-        done = _cli("--store", str(made_store), *args)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:  # each command is a Python start-up: run a few at once
+        results = list(pool.map(lambda args: _cli("--store", str(made_store), *args), commands))
+    for args, done in zip(commands, results, strict=True):
         output = done.stdout + done.stderr
         assert "Traceback" not in output, (args, output)
         assert done.returncode in (1, 2), (args, output)
