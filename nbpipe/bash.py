@@ -52,7 +52,7 @@ def run_command(
     try:
         proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=cwd,
-            stdin=subprocess.DEVNULL, text=True, errors="replace", start_new_session=True,
+            stdin=subprocess.DEVNULL, text=True, errors="backslashreplace", start_new_session=True,
         )
     except FileNotFoundError:
         raise BashTaskError(

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import runpy
+import sqlite3
 import sys
 import threading
 import time
@@ -29,7 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import queries
-from .errors import NbpipeError
+from .errors import NbpipeError, StoreDamaged
 from .pipeline import Pipeline
 from .states import State
 from .store import Store
@@ -52,6 +53,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except NbpipeError as exc:
             raise click.UsageError(str(exc), ctx) from None
+        except sqlite3.DatabaseError as exc:  # the store got damaged under the command
+            store = (ctx.obj or {}).get("opened")
+            if store is None:
+                raise
+            raise click.UsageError(str(store.damaged(exc)), ctx) from None
 
 
 def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:
@@ -77,7 +83,21 @@ def _store(ctx: click.Context) -> Store:
         path = found
     elif not (Path(path) / "nbpipe.sqlite").exists():
         raise click.UsageError(f"{path} is not an nbpipe store (no nbpipe.sqlite in it)")
-    return Store(path)
+    store = ctx.obj["opened"] = Store(path)
+    return store
+
+
+def _output_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An output file's folder must exist and be writable (checked before any work is done)."""
+    if value is not None:
+        folder = Path(value).absolute().parent
+        if not folder.is_dir():
+            raise click.BadParameter(f"the folder {folder} does not exist; create it first "
+                                     "(mkdir -p) or write elsewhere", ctx, param)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise click.BadParameter(f"the folder {folder} is not writable by you; write "
+                                     "elsewhere", ctx, param)
+    return value
 
 
 def _emit(data: Any, as_json: bool, table: Table | None = None) -> None:
@@ -120,10 +140,24 @@ def pipelines(ctx: click.Context, all_: bool, as_json: bool) -> None:
     as_json = as_json or ctx.obj["json"]
     from .store import known_stores
 
-    stores = [Store(p) for p in known_stores()] if all_ else [_store(ctx)]
-    rows = [{**p, "store": str(store.path)} for store in stores for p in queries.pipelines(store)]
+    rows = []
+    for path in known_stores() if all_ else [None]:
+        if path is None:
+            store = _store(ctx)
+            rows += [{**p, "store": str(store.path)} for p in queries.pipelines(store)]
+            continue
+        try:  # one store that cannot be read (damaged, newer) is marked, not fatal
+            store = Store(path)
+            rows += [{**p, "store": str(store.path)} for p in queries.pipelines(store)]
+        except NbpipeError as exc:
+            rows.append({"name": None, "store": str(path), "error": str(exc)})
+        except sqlite3.DatabaseError as exc:
+            rows.append({"name": None, "store": str(path), "error": str(store.damaged(exc))})
     table = Table("pipeline", "tasks", "states", "paused", "runner", *(["store"] if all_ else []))
     for p in rows:
+        if p["name"] is None:
+            table.add_row("[red](unreadable)[/]", "", escape(p["error"]), "", "", escape(p["store"]))
+            continue
         states = ", ".join(f"{n} {_state(s)}" for s, n in sorted(p["states"].items()))
         runner = f"pid {p['runner']['pid']} on {p['runner']['host']}" if p["runner"] else ""
         table.add_row(p["name"], str(p["tasks"]), states, "yes" if p["paused"] else "", runner,
@@ -358,6 +392,15 @@ def gc(ctx: click.Context, dry_run: bool) -> None:
     click.echo(f"{'would remove' if dry_run else 'removed'} {len(removed)} result(s)")
 
 
+def _damaged_report(ctx: click.Context, message: str, as_json: bool) -> None:
+    """``nbpipe doctor`` on a store whose database cannot be read: the finding, exit 1."""
+    if as_json:
+        _emit({"integrity": ["damaged"], "ok": False, "damaged": message}, True)
+    else:
+        click.echo(f"database: damaged\n  {message}")
+    ctx.exit(1)
+
+
 @main.command()
 @_store_option
 @click.option("--repair", is_flag=True,
@@ -370,8 +413,14 @@ def doctor(ctx: click.Context, repair: bool, as_json: bool) -> None:
 
     Exits 1 while problems remain (after --repair: only a damaged database remains).
     """
-    as_json = as_json or ctx.obj["json"]
-    report = queries.doctor(_store(ctx), repair=repair)
+    try:
+        as_json = as_json or ctx.obj["json"]
+        store = _store(ctx)
+        report = queries.doctor(store, repair=repair)
+    except StoreDamaged as exc:  # doctor's own finding: say it and what to do, no traceback
+        _damaged_report(ctx, str(exc), as_json)
+    except sqlite3.DatabaseError as exc:
+        _damaged_report(ctx, str(store.damaged(exc)), as_json)
     if as_json:
         _emit(report, True)
         ctx.exit(0 if report["ok"] else 1)
@@ -411,7 +460,8 @@ def doctor(ctx: click.Context, repair: bool, as_json: bool) -> None:
 @main.command()
 @_store_option
 @click.argument("pipeline")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="FILE.svg, .png or .dot")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), callback=_output_path,
+              help="FILE.svg, .png or .dot")
 @click.pass_context
 def graph(ctx: click.Context, pipeline: str, output: str | None) -> None:
     """The task graph of PIPELINE, coloured by state (Graphviz)."""
@@ -530,10 +580,11 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
 
 @main.command("export")
 @click.argument("notebook", type=click.Path(exists=True, dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="the script (default: NOTEBOOK.py)")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), callback=_output_path,
+              help="the script (default: NOTEBOOK.py)")
 @click.option("--pipeline", help="the pipeline's name (default: the notebook's, as in the notebook)")
 @click.option("--cluster", metavar="KIND", help="write this cluster into the script (default: configuration)")
-@click.option("--sbatch", type=click.Path(dir_okay=False), metavar="JOB.sh",
+@click.option("--sbatch", type=click.Path(dir_okay=False), metavar="JOB.sh", callback=_output_path,
               help="also write a Slurm batch script that runs the exported script as the driver")
 @click.option("--inside-allocation", is_flag=True,
               help="with --sbatch: the whole run in that one job (scheduler, driver and workers)")
@@ -612,7 +663,7 @@ def _notebook_script(notebook: Path) -> Path:
     from .results import private_dirs
 
     private_dirs(exports)
-    target, result = write_export(notebook, exports / f"{notebook.stem}.py")
+    target, result = write_export(notebook, exports / f"{notebook.stem}.py", private=True)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     return target

@@ -19,6 +19,7 @@ Precedence, strongest first: arguments (``Pipeline(cluster=...)``), ``dask.confi
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["load_project_config", "project_config_path"]
+__all__ = ["check_configured", "load_project_config", "project_config_path", "setting"]
 
 FILENAME = "nbpipe.yaml"
 
@@ -60,7 +61,12 @@ def load_project_config(start: str | os.PathLike[str] | None = None) -> Path | N
     if path is None or path in _loaded:
         return path
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: the file is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start}); save it as UTF-8"
+        ) from None
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read it as YAML ({exc}); fix or remove the file") from None
     if not isinstance(data, dict):
@@ -82,9 +88,10 @@ def load_project_config(start: str | os.PathLike[str] | None = None) -> Path | N
 #: The settings nbpipe reads, and what each must be (``cluster`` is checked by nbpipe.cluster).
 SETTINGS = {
     "cluster": "a cluster: local, a batch scheduler kind, an address or a mapping with a kind",
-    "idle-timeout": "a duration such as '60s' (how long a batch pool keeps jobs it no longer needs)",
-    "batch-seconds": "a number of seconds >= 0 (0 turns batching of tiny tasks off)",
-    "inline-bytes": "a number of bytes >= 0 (results of quick tasks up to this size are kept in "
+    "idle-timeout": "a finite duration such as '60s' (how long a batch pool keeps jobs it no "
+                    "longer needs)",
+    "batch-seconds": "a finite number of seconds >= 0 (0 turns batching of tiny tasks off)",
+    "inline-bytes": "a finite whole number of bytes >= 0 (results of quick tasks up to this size are kept in "
                     "the store's database; 0: every result is a file)",
 }
 
@@ -100,18 +107,59 @@ def check_settings(data: Any, where: str) -> None:
             raise ConfigError(
                 f"{where}: unknown setting {key!r}{hint}; nbpipe reads {', '.join(SETTINGS)}"
             )
-        if value is None or key == "cluster":
-            continue
-        try:
-            if key == "idle-timeout":
-                dask.utils.parse_timedelta(value)
-            elif isinstance(value, bool) or float(value) < 0:
+        check_value(key, value, where)
+
+
+def check_value(key: str, value: Any, where: str) -> Any:
+    """``value`` of setting ``key`` as nbpipe uses it (a float for seconds, an int for bytes,
+    the value itself otherwise), or :class:`ConfigError` naming ``where`` it came from.
+
+    Infinities and NaN are refused: ``batch-seconds: .inf`` would make one Dask task of a whole
+    map, ``inline-bytes: .inf`` cannot be compared with a size.
+    """
+    if value is None or key == "cluster":
+        return value
+    try:
+        if key == "idle-timeout":
+            seconds = dask.utils.parse_timedelta(value)
+            if seconds is None or not math.isfinite(seconds) or seconds < 0:
                 raise ValueError
-        except (ValueError, TypeError, KeyError):
-            raise ConfigError(f"{where}: {key}={value!r} must be {SETTINGS[key]}") from None
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError
+        number = float(value)
+        if not math.isfinite(number) or number < 0:
+            raise ValueError
+        if key == "inline-bytes":
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        return number
+    except (ValueError, TypeError, KeyError, OverflowError):
+        raise ConfigError(f"{where}: {key}={value!r} must be {SETTINGS[key]}") from None
+
+
+def _source(key: str, value: Any) -> str:
+    """Where the value of ``nbpipe.<key>`` comes from, as a user would look for it."""
+    variable = "DASK_NBPIPE__" + key.upper().replace("-", "_")
+    if variable in os.environ:
+        env = dask.config.collect_env({variable: os.environ[variable]}).get("nbpipe", {})
+        if value in env.values():
+            return f"the environment variable {variable}"
+    return f"dask.config 'nbpipe.{key}'"
 
 
 def setting(key: str, default: Any = None) -> Any:
-    """``dask.config.get("nbpipe.<key>")`` after loading the project's ``nbpipe.yaml``."""
+    """``dask.config.get("nbpipe.<key>")`` after loading the project's ``nbpipe.yaml``, checked
+    wherever it came from (the file, ``dask.config.set``, a ``DASK_NBPIPE__*`` variable)."""
     load_project_config()
-    return dask.config.get(f"nbpipe.{key}", default)
+    value = dask.config.get(f"nbpipe.{key}", None)
+    if value is None:
+        return default
+    return check_value(key, value, _source(key, value))
+
+
+def check_configured() -> None:
+    """Check every nbpipe setting now (a mistake shows when a pipeline opens, not mid-run)."""
+    for key in SETTINGS:
+        setting(key)

@@ -93,13 +93,12 @@ class _Spill:
         self.fd: int | None = None
         self.size = 0
 
-    def write(self, text: str, written: Any) -> None:
-        """Append ``text``; ``written`` (a StringIO) holds everything the item wrote before."""
-        data = text.encode("utf-8", "replace")
+    def write(self, data: bytes, written: Any) -> None:
+        """Append ``data``; ``written`` (bytes, a BytesIO) holds what the item wrote before."""
         if self.fd is None:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         if self.size + len(data) > SPILL_LIMIT:  # keep the tail only, like the attempt's record
-            data = (written.getvalue() + text)[-SPILL_LIMIT // 2:].encode("utf-8", "replace")
+            data = (written.getvalue() + data)[-SPILL_LIMIT // 2:]
             os.ftruncate(self.fd, 0)
             os.lseek(self.fd, 0, os.SEEK_SET)
             self.size = 0

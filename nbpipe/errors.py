@@ -84,8 +84,17 @@ class StoreNotWritable(StoreError, PermissionError):
     """The store directory cannot be created or written."""
 
 
+class StoreDamaged(StoreError):
+    """The store's database file is damaged (not SQLite, truncated, malformed); the message
+    says how to recover it."""
+
+
 class StoreVersionError(StoreError):
     """The store was written by a newer nbpipe whose schema this one does not know."""
+
+
+class RunnerError(NbpipeError, RuntimeError):
+    """The runner of a pipeline stopped on an error; the message names the cause."""
 
 
 class PipelineBusy(NbpipeError):

@@ -430,11 +430,20 @@ def export_notebook(notebook: str | os.PathLike[str], *, script: str | os.PathLi
 
 
 def write_export(notebook: str | os.PathLike[str], script: str | os.PathLike[str] | None = None,
-                 **options: Any) -> tuple[Path, Exported]:
-    """Export ``notebook`` and write the script (default: beside it, ``NOTEBOOK.py``)."""
+                 *, private: bool = False, **options: Any) -> tuple[Path, Exported]:
+    """Export ``notebook`` and write the script (default: beside it, ``NOTEBOOK.py``).
+
+    ``private``: the script is readable by the user only from its creation (0600; for copies
+    kept inside the store, which is private).
+    """
     target = Path(script) if script is not None else Path(notebook).with_suffix(".py")
     result = export_notebook(notebook, script=target, **options)
-    target.write_text(result.script)
+    if private:
+        from .results import write_private
+
+        write_private(target, result.script.encode())
+    else:
+        target.write_text(result.script)
     return target, result
 
 

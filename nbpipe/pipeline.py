@@ -33,6 +33,7 @@ import cloudpickle
 
 from .cells import CellRunner
 from .cluster import Connection, connect, validate
+from .config import check_configured
 from .content import content_key, pending_reason
 from .errors import (
     ClusterError,
@@ -52,7 +53,7 @@ from .errors import (
 from .files import paths_in
 from .identity import IDENTITY_VERSION, CodeIdentity, Unencodable, is_immutable
 from .results import INLINE, append_private, locate, read_result
-from .runner import Runner, record_jobs
+from .runner import Runner, holds_ref, record_jobs
 from .shipping import by_value
 from .states import BAD, State
 from .store import Batch, RunnerLock, Store
@@ -233,6 +234,7 @@ class Pipeline:
         self.pipeline_id = self.store.pipeline_id(name, source=_default_name())
         # A mistake (in the argument or the configured nbpipe.cluster) shows now, not when
         # tasks first run.
+        check_configured()
         validate(cluster, self.store.path)
         self.cluster = cluster
         self._refs: dict[str, TaskRef] = {}  # call id -> ref, the active tasks of this process
@@ -293,7 +295,25 @@ class Pipeline:
             return tuple(self._slot(v, upstream, func) for v in value)
         if kind is dict:
             return {k: self._slot(v, upstream, func) for k, v in value.items()}
+        if isinstance(value, (tuple, set, frozenset, dict)) and holds_ref(value):
+            raise TaskDefinitionError(
+                f"task {func.name!r}: an argument holds a task result inside a "
+                f"{type(value).__name__}; nbpipe finds task results only in lists, tuples and "
+                "dicts (the data dependencies): pass the result directly, or in one of those"
+            )
         return value
+
+    def _check_after(self, func: TaskFunction, after: Sequence[Any]) -> None:
+        """Refuse ``after=`` a task of another pipeline, as data dependencies are refused."""
+        for a in after:
+            ref = a.ref if isinstance(a, TaskOutput) else a
+            if isinstance(ref, TaskRef) and ref.pipeline is not self:
+                raise TaskDefinitionError(
+                    f"task {func.name!r} has after={ref.label!r} from pipeline "
+                    f"{ref.pipeline.name!r}; tasks can only wait for tasks of the same pipeline "
+                    f"({self.name!r}): run the other pipeline first, or define that task in "
+                    "this one"
+                )
 
     def _add(self, func: TaskFunction, args: Sequence[Any], kwargs: dict[str, Any], *,
              identity: CodeIdentity | None = None, label: str | None = None,
@@ -348,6 +368,7 @@ class Pipeline:
             bound.arguments[param] = _absolute(bound.arguments.get(param))
         shape = func.key_shape(identity)
         after = func.opts.after
+        self._check_after(func, after)
         # The call's identity in this process, before upstream keys are known: a digest of
         # the repr of strings (unambiguous, and much cheaper than the canonical encoding).
         call_id = hashlib.blake2b(repr((
@@ -718,7 +739,7 @@ class Pipeline:
                 refs.append(t)
                 continue
             matches = [r for r in self._refs.values()
-                       if t in (r.name, r.label) or (r.key_ and r.key_.startswith(str(t)))]
+                       if t in (r.name, r.label) or (t and r.key_ and r.key_.startswith(str(t)))]
             if not matches:
                 raise UnknownTask(
                     f"no task {t!r} in pipeline {self.name!r}; see pipe.tasks() for names"
@@ -816,6 +837,8 @@ class Pipeline:
         live = self._runner is not None and self._runner.alive
         if wait and live and not paused and any(not r.state.final for r in refs):
             self._wait(refs, timeout)
+        if wait and todo and self._runner is not None and self._runner.fatal is not None:
+            raise self._runner.fatal  # it stopped before the wait began
         summary = self._summary(refs, report)
         if check and summary.failed:
             raise TaskFailed(
@@ -866,6 +889,8 @@ class Pipeline:
             while True:
                 while cursor < len(refs) and refs[cursor].state.final:
                     cursor += 1
+                if runner.fatal is not None:
+                    raise runner.fatal
                 if cursor == len(refs) or not runner.alive:
                     return
                 if runner.paused and not any(r.state in (State.PENDING, State.RUNNING)
@@ -1007,7 +1032,7 @@ class Pipeline:
                 if store_rows is None:
                     store_rows = list(self.store.task_rows(self.pipeline_id).values())
                 matches = [r["key"] for r in store_rows
-                           if t in (r["name"], r["label"]) or r["key"].startswith(t)]
+                           if t in (r["name"], r["label"]) or (t and r["key"].startswith(t))]
             if not matches:
                 raise UnknownTask(f"no task {t!r} in pipeline {self.name!r}; see pipe.tasks()")
             keys.extend(matches)

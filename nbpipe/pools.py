@@ -39,6 +39,7 @@ import dask
 from dask.utils import format_bytes, parse_bytes, parse_timedelta
 
 from .errors import ClusterError, ResourceError
+from .results import make_private, private_dirs
 
 __all__ = ["KINDS", "JobInfo", "Pool", "PoolCluster", "cancel_jobs", "parse_pools", "queue_states"]
 
@@ -419,6 +420,12 @@ class PoolCluster:
                 shared.mkdir(mode=0o700, parents=True, exist_ok=True)
             else:
                 shared = self._tmp = Path(tempfile.mkdtemp(prefix="nbpipe-tls-"))
+        if store_dir is not None:  # private before dask-jobqueue makes it with the umask's mode
+            private_dirs(store_dir / "jobs")
+            make_private(store_dir / "jobs", 0o700)
+        for pool in pools:
+            if pool.job_kwargs.get("log_directory"):
+                private_dirs(Path(pool.job_kwargs["log_directory"]))
         options = {"dashboard_address": ":0", **(scheduler_options or {})}
         try:
             self.cluster = cluster_class(first.kind)(
@@ -610,6 +617,20 @@ class PoolCluster:
                 pool = self._pool_of.get(name)
                 if pool is not None:
                     self._wanted[pool] = max(0, self._wanted.get(pool, 0) - 1)
+
+    def saw_job(self, job_id: str, name: str | None) -> bool:
+        """A worker reported running in batch job ``job_id``: know it now (the queue poll may
+        not have seen it yet, nor dask-jobqueue set its id). True when it was new."""
+        with self._jobs_lock:
+            if job_id in self._known:
+                return False
+            if name is None or name not in self._pool_of:
+                name = next((n for n, job in dict(self.cluster.workers).items()
+                             if getattr(job, "job_id", None) == job_id), name or "")
+            info = JobInfo(self._pool_of.get(name, "default"), name, job_id)
+            self._known[job_id] = info
+            self._new.append(info)
+            return True
 
     def take_new(self) -> list[JobInfo]:
         """Jobs submitted since the last call."""

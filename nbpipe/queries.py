@@ -190,7 +190,9 @@ def _task_row(store: Store, pipeline_id: int, task: str) -> Any:
     rows = store.task_rows(pipeline_id, active_only=False).values()
     active = [r for r in rows if r["active"]]
     for pool in (active, list(rows)):
-        matches = [r for r in pool if task in (r["label"], r["name"]) or r["key"].startswith(task)]
+        # (an empty name is a prefix of every key: it names no task)
+        matches = [r for r in pool if task in (r["label"], r["name"])
+                   or (task and r["key"].startswith(task))]
         if matches:
             return max(matches, key=lambda r: r["updated"])
     name = store.connect().execute("SELECT name FROM pipelines WHERE id = ?", (pipeline_id,)).fetchone()

@@ -21,6 +21,7 @@ adopted by the next runner.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -125,6 +126,15 @@ def private_dirs(directory: Path) -> None:
         directory = directory.parent
     for folder in reversed(missing):
         folder.mkdir(mode=0o700, exist_ok=True)
+
+
+def make_private(path: Path, mode: int) -> None:
+    """Take group and other permissions away from ``path`` if it is ours and has them (a folder
+    an older nbpipe made with the umask's mode, a file copied in with 0644)."""
+    with contextlib.suppress(OSError):  # missing, or not ours: leave it
+        info = path.stat()
+        if info.st_uid == os.getuid() and info.st_mode & 0o077:
+            os.chmod(path, mode)
 
 
 def write_private(path: Path, *parts: bytes) -> None:

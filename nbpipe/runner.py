@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
-import dask
 from dask.utils import format_bytes
 from distributed import as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -31,13 +30,13 @@ from distributed.scheduler import KilledWorker
 from .cluster import Connection
 from .config import setting
 from .crashes import Crash, describe, discard, read_crash
-from .errors import ResourceError
+from .errors import ResourceError, RunnerError
 from .pools import cancel_jobs
 from .results import INLINE, INLINE_BYTES, locate
 from .shipping import bundle
 from .specs import write_specs
 from .states import BAD, State
-from .store import Batch, RunnerLock
+from .store import Batch, RunnerLock, is_damage
 from .worker import (
     TAIL,
     Outcome,
@@ -151,8 +150,10 @@ class Runner:
         self.counters = _Counters()
         self.batch = Batch()
         self.batch_inline: dict[str, bytes] = {}  # inline results in the batch, not yet written
-        self.inline_bytes = int(setting("inline-bytes", INLINE_BYTES))
+        self.inline_bytes = setting("inline-bytes", INLINE_BYTES)
+        self.batch_seconds = setting("batch-seconds", BATCH_SECONDS)
         self._fn_blobs: dict[Any, bytes] = {}
+        self._blobs: dict[Submission, bytes] = {}  # pickled items of submissions being sent
         self._to_submit: dict[tuple[Any, tuple[Any, ...]], list[tuple[Submission, list[WorkItem]]]] = \
             defaultdict(list)
         self.awaiting: dict[Submission, float] = {}
@@ -165,6 +166,7 @@ class Runner:
         self._threads_checked = 0.0
         self._completed = as_completed()  # no per-future callbacks: drained each tick
         self.error: BaseException | None = None
+        self.fatal: RunnerError | None = None  # set when the loop stopped on an error
         self._stop = False
         self._write_error: sqlite3.Error | None = None  # the store could not be written
         self._last_poll = 0.0
@@ -277,10 +279,52 @@ class Runner:
             with self.changed:
                 try:
                     self._tick()
-                except Exception as exc:  # keep running; the error is logged and shown to waiters
+                except sqlite3.Error as exc:
+                    if is_damage(exc):  # a damaged database does not heal: stop, say so
+                        self.error = exc
+                        self._stopped_by(self.store.damaged(exc))
+                        self.changed.notify_all()
+                        return
+                    if self.error is None or type(self.error) is not type(exc):
+                        log.warning("nbpipe: the store %s failed (%s); trying again",
+                                    self.store.path, exc)
+                    self.error = exc  # busy, full, gone for a while: its writes are retried
+                except Exception as exc:  # a bug or a broken cluster: stop, and say why
                     log.exception("nbpipe runner error")
                     self.error = exc
+                    self._stopped_by(exc)
+                    self.changed.notify_all()
+                    return
                 self.changed.notify_all()
+
+    def _stopped_by(self, exc: BaseException) -> None:
+        """The loop cannot go on: every unfinished task fails naming the cause (the sidebar and
+        ``nbpipe tasks`` show it; ``run()`` raises :class:`~nbpipe.RunnerError`), the store
+        records it and the pipeline's lock is given back, so a new ``run()`` starts afresh."""
+        cause = f"{type(exc).__name__}: {exc}"
+        self.fatal = RunnerError(
+            f"the runner of pipeline {self.pipe.name!r} stopped: {cause}; its unfinished tasks "
+            "are marked FAILED with this message: fix the cause, then run again (or `nbpipe "
+            "retry --failed`)"
+        )
+        self._stop = True
+        try:
+            for sub in list(self.inflight.values()):
+                if sub.future is not None:
+                    with contextlib.suppress(Exception):
+                        sub.future.cancel()
+            self.inflight.clear()
+            self.sub_of.clear()
+            for ref in list(self.by_key.values()):
+                if not ref.state.final:
+                    self._finish(ref, State.FAILED, f"the runner stopped: {cause}")
+            self.store.write(self.batch)
+            self.batch = Batch()
+            self.store.set_runner(self.pid, None)
+        except Exception:  # the store itself may be what failed: the states are in memory
+            log.debug("could not record the runner's end", exc_info=True)
+        finally:
+            self.lock.release()
 
     def _tick(self) -> None:
         while True:
@@ -317,6 +361,9 @@ class Runner:
             try:
                 self.store.write(batch)
             except sqlite3.Error as exc:  # a full disk, a store gone: keep the changes, try again
+                if is_damage(exc):
+                    self.batch = batch
+                    raise
                 self.batch = batch
                 if self._write_error is None:
                     log.warning("nbpipe: cannot write to the store %s (%s); keeping the changes "
@@ -511,8 +558,7 @@ class Runner:
         are not sent one by one just because the workers were slow to come up).
         """
         singles = [[r] for r in refs]
-        configured = dask.config.get("nbpipe.batch-seconds", None)
-        batch_seconds = BATCH_SECONDS if configured is None else float(configured)
+        batch_seconds = self.batch_seconds
         if func.opts.max_concurrent is not None or batch_seconds <= 0:
             return singles, []
         count, total = self.durations.get(func, (0, 0.0))
@@ -631,13 +677,23 @@ class Runner:
         for (func, resources), batch in self._to_submit.items():
             # Each chunk's items go pickled as one bytes object: Dask's own pickler would visit
             # every item in Python (about 40 us each), this costs a few.
-            blobs = [cloudpickle.dumps(items, protocol=5) for _, items in batch]
+            batch = [(sub, items) for sub, items in batch if not self._unsendable(sub, items)]
+            if not batch:
+                continue
+            try:
+                fn_blob = self._pickled(func)
+            except Exception as exc:  # noqa: BLE001 - whatever pickling raises names the cause
+                for sub, _ in batch:
+                    self._not_sent(sub, f"its function {func.name!r} cannot be sent to a worker "
+                                        f"({type(exc).__name__}: {exc})")
+                continue
+            blobs = [self._blobs.pop(sub) for sub, _ in batch]
             start = size = 0
             for end in range(len(batch) + 1):
                 if end == len(batch) or (size and size + len(blobs[end]) > SUBMIT_BYTES):
                     futures = self.client.map(
                         run_items, blobs[start:end], key=[sub.dask_key for sub, _ in batch[start:end]],
-                        pure=False, resources=dict(resources) or None, fn=self._pickled(func),
+                        pure=False, resources=dict(resources) or None, fn=fn_blob,
                         store_dir=str(self.store.path), pipeline=self.pipe.name, topic=self.topic,
                     )
                     for (sub, _), future in zip(batch[start:end], futures, strict=True):
@@ -681,6 +737,40 @@ class Runner:
                     if ref.state is State.SUCCEEDED:
                         self._finish(ref, State.SUCCEEDED)
 
+    def _unsendable(self, sub: Submission, items: list[WorkItem]) -> bool:
+        """Pickle a submission's items (kept in ``_blobs``); when they cannot be pickled (a
+        lock, or a task result inside a namedtuple or a set, where nbpipe does not look for
+        it) its tasks fail naming the argument, instead of the runner."""
+        try:
+            self._blobs[sub] = cloudpickle.dumps(items, protocol=5)
+            return False
+        except Exception:  # noqa: BLE001 - whatever pickling raises names the cause
+            pass
+        for ref, item in zip(sub.refs, items, strict=True):
+            for name, value in [*enumerate(item.args), *item.kwargs.items()]:
+                try:
+                    cloudpickle.dumps(value, protocol=5)
+                except Exception as exc:  # noqa: BLE001
+                    what = f"argument {name!r}" if isinstance(name, str) else f"argument {name + 1}"
+                    inner = " (it holds a task result inside a container other than a list, " \
+                        "tuple or dict: pass the result directly, or in one of those)" \
+                        if holds_ref(value) else ""
+                    self._not_sent(sub, f"its {what} cannot be sent to a worker "
+                                        f"({type(exc).__name__}: {exc}){inner}", only=ref)
+                    break
+            else:
+                self._not_sent(sub, "it was in one chunk with a task whose arguments cannot be "
+                                    "sent to a worker; fix that task, then retry both", only=ref)
+        return True
+
+    def _not_sent(self, sub: Submission, why: str, only: TaskRef | None = None) -> None:
+        """Fail a submission's tasks (or one of them) that cannot be sent to a worker."""
+        self.inflight.pop(sub.dask_key, None)
+        for ref in sub.refs if only is None else [only]:
+            self.sub_of.pop(ref, None)
+            self.active[ref.func] -= 1
+            self._finish(ref, State.FAILED, f"task {ref.label!r}: {why}")
+
     # -- results ------------------------------------------------------------------------------
 
     def _started(self, msg: dict[str, Any]) -> None:
@@ -698,6 +788,12 @@ class Runner:
                              message=f"{ref.worker}{job}")
         if msg.get("worker") and msg.get("memory_limit"):
             self.worker_memory[msg["worker"]] = int(msg["memory_limit"])
+        # A job seen running a task is recorded now, before the task's transitions are written:
+        # the periodic poll alone could miss a job whose tasks all end between two polls, and
+        # run() would return with the job unrecorded (a crash then could not reap it).
+        if self.pools is not None and msg.get("job_id") and \
+                self.pools.saw_job(str(msg["job_id"]), msg.get("name")):
+            record_jobs(self.store, self.pid, self.pools)
 
     def _release(self, sub: Submission) -> None:
         self.inflight.pop(sub.dask_key, None)
@@ -1019,6 +1115,22 @@ class Runner:
         for ref in reset:
             self._arm(ref)
         return f"retrying {len(reset)} task(s)"
+
+
+def holds_ref(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` holds a TaskRef somewhere nbpipe does not look for one."""
+    from .task import TaskOutput, TaskRef
+
+    if isinstance(value, (TaskRef, TaskOutput)):
+        return True
+    if depth > 20:
+        return False
+    if isinstance(value, dict):
+        return any(holds_ref(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(holds_ref(v, depth + 1) for v in value)
+    fields = getattr(value, "__dict__", None)
+    return isinstance(fields, dict) and any(holds_ref(v, depth + 1) for v in fields.values())
 
 
 def record_jobs(store: Any, pipeline_id: int, pools: Any) -> None:

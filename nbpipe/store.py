@@ -6,7 +6,7 @@ Layout of a store directory (default ``./.nbpipe``, created private to the user)
       nbpipe.sqlite        pipelines, tasks, edges, attempts, results, events, commands
       results/ab/<key>.pkl result files, written atomically by the workers (small results of
                            quick tasks are kept in the results table instead)
-      locks/<pipeline>.lock held by the one process running a pipeline
+      locks/<pipeline>-<digest>.lock  held by the one process running a pipeline
 
 The schema is documented in ``docs/store.md``; query it with ``sqlite3``. Writes from a runner
 are batched: one transaction per tick, however many tasks changed state.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -26,9 +27,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import PipelineBusy, StoreError, StoreNotWritable, StoreVersionError
+from .errors import (
+    InvalidArgument,
+    PipelineBusy,
+    StoreDamaged,
+    StoreError,
+    StoreNotWritable,
+    StoreVersionError,
+)
+from .results import make_private
 
-__all__ = ["SCHEMA_VERSION", "Batch", "RunnerLock", "Store", "known_stores", "remember"]
+__all__ = ["SCHEMA_VERSION", "Batch", "RunnerLock", "Store", "file_stem", "known_stores",
+           "remember"]
 
 SCHEMA_VERSION = 4
 
@@ -178,6 +188,11 @@ class Store:
     """A store directory and its SQLite database (one connection per thread)."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None):
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise InvalidArgument(
+                f"store={path!r} is not a folder: pass a path (a str or pathlib.Path) such as "
+                "store='.nbpipe', or leave it out for ./.nbpipe"
+            )
         self.path = Path(path or os.environ.get("NBPIPE_STORE") or ".nbpipe").absolute()
         self.db_path = self.path / "nbpipe.sqlite"
         _refuse_newer(self.path, self.db_path)  # before anything is created or switched
@@ -185,6 +200,7 @@ class Store:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
             (self.path / "results").mkdir(mode=0o700, exist_ok=True)
             (self.path / "locks").mkdir(mode=0o700, exist_ok=True)
+            make_private(self.path, 0o700)  # made by an older nbpipe, or by hand, with 0755
         except OSError as exc:
             raise StoreNotWritable(
                 f"cannot create the nbpipe store at {self.path}: {exc.strerror}; choose a "
@@ -205,18 +221,24 @@ class Store:
         """This thread's connection (created on first use)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            new = not self.db_path.exists()
             try:
+                # Private from its first byte (SQLite gives its -wal and -shm files the same
+                # mode): a kill between creating and a chmod cannot leave it readable by all.
+                os.close(os.open(self.db_path, os.O_RDWR | os.O_CREAT, 0o600))
+                for suffix in ("", "-wal", "-shm"):  # an older nbpipe's, or copied with 0644
+                    make_private(Path(f"{self.db_path}{suffix}"), 0o600)
                 conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
-            except sqlite3.OperationalError as exc:
+            except (OSError, sqlite3.OperationalError) as exc:
                 raise StoreNotWritable(f"cannot open {self.db_path}: {exc}") from None
-            if new:
-                os.chmod(self.db_path, 0o600)
-            conn.execute("PRAGMA busy_timeout = 60000")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA cache_size = -16384")  # 16 MiB (default 2): fewer reads of big stores
-            conn.execute("PRAGMA foreign_keys = OFF")
+            try:
+                conn.execute("PRAGMA busy_timeout = 60000")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA cache_size = -16384")  # 16 MiB (default 2): fewer reads
+                conn.execute("PRAGMA foreign_keys = OFF")
+            except sqlite3.DatabaseError as exc:
+                conn.close()
+                raise self.damaged(exc) from None
             conn.row_factory = sqlite3.Row
             self._local.conn = conn
         return conn
@@ -242,8 +264,42 @@ class Store:
             conn.close()
             self._local.conn = None
 
+    def damaged(self, exc: BaseException) -> StoreError:
+        """The error for ``exc`` raised by SQLite while using this store: :class:`StoreDamaged`
+        saying what to do when the database file is damaged, else a :class:`StoreError`."""
+        if not is_damage(exc):
+            return StoreError(f"the store {self.path} cannot be used: {exc}")
+        return StoreDamaged(
+            f"the store {self.path} is damaged: SQLite cannot read {self.db_path.name} ({exc}); "
+            f"copy the folder aside (cp -a {self.path} {self.path}.damaged), then recover what "
+            f"SQLite can with `sqlite3 {self.path}.damaged/{self.db_path.name} .recover | "
+            f"sqlite3 {self.db_path}` after removing the damaged {self.db_path.name}, or start a "
+            "new store; result files stay valid and the next run adopts them"
+        )
+
+    def _check_length(self, conn: sqlite3.Connection) -> None:
+        """A database file shorter than its header says was cut (a copy that stopped half-way,
+        a full disk): refuse it now rather than fail on whichever page is missing later. Only
+        when the write-ahead log is empty: until a checkpoint, pages may live there."""
+        wal = Path(f"{self.db_path}-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            return
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        if self.db_path.stat().st_size < pages * size:
+            raise sqlite3.DatabaseError(
+                f"the file has {self.db_path.stat().st_size} bytes, its header says "
+                f"{pages * size}: it was cut short")
+
     def _init_schema(self) -> None:
+        try:
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise self.damaged(exc) from None
+
+    def _migrate(self) -> None:
         conn = self.connect()
+        self._check_length(conn)
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:  # created newer between _refuse_newer and now
             raise _newer(self.path, version)
@@ -269,6 +325,8 @@ class Store:
                     )
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             except sqlite3.OperationalError as exc:
+                if is_damage(exc):
+                    raise
                 raise StoreError(f"cannot initialise the store {self.path}: {exc}") from None
 
     # -- pipelines ----------------------------------------------------------------------------
@@ -649,12 +707,33 @@ def known_stores() -> list[Path]:
 LOCK_TRIES = 6  # attempts 50 ms apart before a runner lock counts as held by another process
 
 
+def file_stem(pipeline: str) -> str:
+    """A pipeline's name as part of a file name: readable, one per name, and short enough for
+    any file system (locks, logs).
+
+    The readable part alone is not enough (``a/b`` and ``a_b`` both read ``a_b``; a long name
+    exceeds NAME_MAX): a digest of the exact name follows it.
+
+    >>> file_stem("a/b") != file_stem("a_b")
+    True
+    >>> len(file_stem("x" * 300))
+    77
+    """
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in pipeline)
+    tag = hashlib.blake2b(pipeline.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    return f"{safe[:60]}-{tag}"
+
+
+def lock_name(pipeline: str) -> str:
+    """The lock file name of a pipeline (see :func:`file_stem`)."""
+    return f"{file_stem(pipeline)}.lock"
+
+
 class RunnerLock:
     """An exclusive lock (``flock``) that makes one process the runner of a pipeline."""
 
     def __init__(self, store: Store, pipeline: str):
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in pipeline)
-        self.path = store.path / "locks" / f"{safe}.lock"
+        self.path = store.path / "locks" / lock_name(pipeline)
         self.pipeline = pipeline
         self._fd: int | None = None
 
@@ -706,6 +785,15 @@ class RunnerLock:
     def held(self) -> bool:
         """Whether this object holds the lock."""
         return self._fd is not None
+
+
+def is_damage(exc: sqlite3.Error) -> bool:
+    """Whether SQLite's error means the file is damaged (not busy, not full, not read-only, not
+    a closed connection)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+    return type(exc) is sqlite3.DatabaseError or "malformed" in str(exc)
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:

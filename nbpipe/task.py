@@ -13,9 +13,11 @@ Calling ``fraction(seed=1)`` registers a task in the current pipeline and return
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import inspect
+import math
 import os
 import re
 import threading
@@ -77,17 +79,26 @@ def parse_walltime(value: Any, task: str) -> float | None:
     """Seconds from ``"HH:MM:SS"``, ``"D-HH:MM:SS"``, ``"2h"``/``"30min"`` or a number."""
     if value is None:
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    if isinstance(value, str):
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
         m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", value.strip())
         if m:
-            days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
-            return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
-        try:
-            return float(parse_timedelta(value))
-        except (ValueError, KeyError, TypeError):
-            pass
+            days, hours, minutes, seconds_ = (int(g) if g else 0 for g in m.groups())
+            seconds = float(((days * 24 + hours) * 60 + minutes) * 60 + seconds_)
+        else:
+            with contextlib.suppress(ValueError, KeyError, TypeError, OverflowError):
+                seconds = float(parse_timedelta(value))
+    # Zero, negative, infinite or NaN: no scheduler can give that (Slurm reads 0 as no limit).
+    if seconds is not None and math.isfinite(seconds) and seconds > 0:
+        return seconds
+    if seconds is not None:
+        raise TaskDefinitionError(
+            f"task {task!r}: walltime={value!r} must be a finite duration longer than 0 s "
+            "(no scheduler gives a job more, or less); e.g. '01:30:00', or leave it out for no "
+            "limit of nbpipe's"
+        )
     raise TaskDefinitionError(
         f"task {task!r}: walltime={value!r} is not a duration; use 'HH:MM:SS', "
         "'D-HH:MM:SS', '2h', '30min' or a number of seconds"
@@ -136,7 +147,7 @@ def make_options(task: str, **kw: Any) -> TaskOptions:
             out["memory"] = int(parse_bytes(memory)) if isinstance(memory, str) else int(memory)
             if isinstance(memory, bool) or out["memory"] <= 0:
                 raise ValueError
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):  # (int(inf) overflows)
             raise TaskDefinitionError(
                 f"task {task!r}: memory={memory!r} is not a size; use e.g. '4GB', '500MiB' "
                 "or a number of bytes"
@@ -155,6 +166,17 @@ def make_options(task: str, **kw: Any) -> TaskOptions:
             raise TaskDefinitionError(
                 f"task {task!r}: env={env!r} must be a dict of variable names to strings"
             )
+        for k in env:
+            if not k or "=" in k or "\0" in k:
+                raise TaskDefinitionError(
+                    f"task {task!r}: env has the variable name {k!r}; a name cannot be empty "
+                    "or contain '=' or a NUL byte: write env={'NAME': 'value'}"
+                )
+            if "\0" in str(env[k]):
+                raise TaskDefinitionError(
+                    f"task {task!r}: env[{k!r}] contains a NUL byte, which no environment "
+                    "variable can hold"
+                )
         out["env"] = {k: str(v) for k, v in env.items()}
     if kw.get("env_inputs"):
         names = kw["env_inputs"]
@@ -462,6 +484,11 @@ class TaskFunction:
         """
         if chunksize is not None:
             _positive_int(chunksize, "chunksize", self.name, 1)
+        if not isinstance(items, Iterable):
+            raise TaskDefinitionError(
+                f"task {self.name!r}: map() takes an iterable of items (a list, a range, ...), "
+                f"not {type(items).__name__} {items!r:.40}; e.g. {self.name}.map(range(5))"
+            )
         return self._target()._add_many(self, items, chunksize)
 
     def __repr__(self) -> str:

@@ -19,6 +19,7 @@ import errno
 import functools
 import io
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -113,35 +114,103 @@ class Outcome:
 # Output capture: one router per worker process sends each thread's writes to its own buffer.
 
 
+def to_bytes(text: str) -> bytes:
+    """``text`` as UTF-8 bytes, never failing: lone surrogates that stand for undecodable bytes
+    (what ``os.listdir`` returns for a Latin-1 file name) become those bytes again, and any
+    other lone surrogate is escaped (``\\ud800``)."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace")
+
+
+def shown(data: bytes) -> str:
+    """Captured output as text to show and store: valid UTF-8 as is, other bytes escaped
+    (``\\xe9``). The result encodes to UTF-8 without error, so it can travel to the runner
+    (msgpack) and into SQLite."""
+    return data.decode("utf-8", "backslashreplace")
+
+
+def safe_text(text: str | None) -> str | None:
+    """``text`` (an error message, a traceback) with lone surrogates escaped."""
+    return None if text is None else shown(to_bytes(text))
+
+
+class _Capture(io.BytesIO):
+    """One task's output: bytes until shown (see :func:`shown`)."""
+
+
 class _Router(io.TextIOBase):
     def __init__(self, fallback: Any):
         self._fallback = fallback
         self._local = threading.local()
+        self.buffer = _ByteRouter(self)  # sys.stdout.buffer.write(b"...") is captured too
 
-    def capture(self, buffer: io.StringIO | None, spill: Any = None) -> None:
+    def capture(self, buffer: _Capture | None, spill: Any = None) -> None:
         self._local.buffer = buffer
         self._local.spill = spill  # a copy on disk that outlives the process (nbpipe.crashes)
 
+    def current(self) -> _Capture | None:
+        return getattr(self._local, "buffer", None)
+
     def write(self, text: str) -> int:
-        buffer = getattr(self._local, "buffer", None)
+        buffer = self.current()
         if buffer is None:
-            return self._fallback.write(text)
+            try:
+                return self._fallback.write(text)
+            except UnicodeEncodeError:  # the worker's own stream cannot take it: escape it
+                return self._fallback.write(safe_text(text))
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        data = to_bytes(text)
         spill = self._local.spill
         if spill is not None:
             with contextlib.suppress(OSError):  # a full disk must not fail the task
-                spill.write(text, buffer)
-        return buffer.write(text)
+                spill.write(data, buffer)
+        buffer.write(data)
+        return len(text)
 
     def flush(self) -> None:
-        if getattr(self._local, "buffer", None) is None:
+        if self.current() is None:
             self._fallback.flush()
 
     def isatty(self) -> bool:
         return False
 
+    def writable(self) -> bool:
+        return True
+
     @property
     def encoding(self) -> str:  # type: ignore[override]
-        return getattr(self._fallback, "encoding", "utf-8")
+        return "utf-8"
+
+    @property
+    def errors(self) -> str:  # type: ignore[override]
+        return "surrogateescape"
+
+
+class _ByteRouter(io.RawIOBase):
+    """``sys.stdout.buffer`` while tasks run: bytes go to the task's capture unchanged."""
+
+    def __init__(self, router: _Router):
+        self._router = router
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        buffer = self._router.current()
+        if buffer is None:
+            fallback = getattr(self._router._fallback, "buffer", None)
+            if fallback is None:
+                return self._router._fallback.write(shown(bytes(data)))
+            return fallback.write(data)
+        return buffer.write(bytes(data))
+
+    def flush(self) -> None:
+        if self._router.current() is None:
+            with contextlib.suppress(Exception):
+                self._router._fallback.flush()
 
 
 _install_lock = threading.Lock()
@@ -213,7 +282,8 @@ def _notify_start(topic: str | None, keys: list[str], address: str | None) -> No
         worker = get_worker()
         memory = getattr(getattr(worker, "memory_manager", None), "memory_limit", None)
         worker.log_event(topic, {"keys": keys, "worker": address, "time": time.time(),
-                                 "memory_limit": memory, "job_id": batch_job_id()})
+                                 "memory_limit": memory, "job_id": batch_job_id(),
+                                 "name": str(worker.name)})
     except Exception:  # not on a Dask worker (tests calling run_items directly)
         pass
 
@@ -257,7 +327,7 @@ def _call(fn: Any, item: WorkItem, values: dict[str, Any]) -> Any:
     if item.kind == "bash":
         command = fn(*args, **kwargs)
         result = run_command(command, task=item.label, env=item.env)
-        sys.stdout.write(result.stdout)
+        sys.stdout.write(result.stdout)  # (undecodable bytes arrive escaped)
         sys.stderr.write(result.stderr)
         return result.stdout
     if not item.env:
@@ -293,6 +363,12 @@ def _write(store_dir: str, item: WorkItem, value: Any, inline: int) -> Any:
     that says so."""
     try:
         return write_result(store_dir, item.key, value, inline=inline)
+    except (TypeError, AttributeError, pickle.PicklingError, RecursionError) as exc:
+        raise TypeError(
+            f"the return value of task {item.label!r} (a {type(value).__name__}) cannot be "
+            f"pickled ({exc}); return plain data (numbers, strings, lists, dicts, arrays) and "
+            "build such objects where they are used"
+        ) from None
     except OSError as exc:
         why = _DISK_FULL.get(exc.errno or 0, exc.strerror or str(exc))
         raise ResultWriteError(
@@ -307,7 +383,7 @@ def _run_one(
     where: _Where, values: dict[str, Any], recorder: Recorder | None = None,
 ) -> Outcome:
     out_router, err_router = _routers()
-    out, err = io.StringIO(), io.StringIO()
+    out, err = _Capture(), _Capture()
     address = where.address
     outcome = Outcome(
         key=item.key, attempt=item.attempt, state="FAILED", start=time.time(), end=0.0,
@@ -372,8 +448,11 @@ def _run_one(
     if (topic, outcome.env_id) not in _sent_envs:
         _sent_envs.add((topic, outcome.env_id))
         outcome.env = env
-    outcome.stdout = out.getvalue()[-TAIL:]
-    outcome.stderr = err.getvalue()[-TAIL:]
+    outcome.stdout = shown(out.getvalue())[-TAIL:]
+    outcome.stderr = shown(err.getvalue())[-TAIL:]
+    # Messages can carry lone surrogates too (a file name in an exception): escaped, or the
+    # outcome could not travel to the runner nor be stored.
+    outcome.error, outcome.traceback = safe_text(outcome.error), safe_text(outcome.traceback)
     return outcome
 
 

@@ -136,6 +136,39 @@ def _unknown_after(tmp: Path) -> None:
     pipe.run()  # names in after= are looked up when the graph is resolved
 
 
+def _other_pipeline_after(tmp: Path) -> None:
+    upstream = _pipe(tmp, "other").task(job)()
+    _pipe(tmp).task(takes_two, after=upstream)(1)
+
+
+def _hidden_in_namedtuple(tmp: Path) -> None:
+    from collections import namedtuple
+
+    pipe = _pipe(tmp)
+    point = namedtuple("Point", "x y")(pipe.task(job)(), 2)
+    pipe.task(takes_two)(point)
+
+
+def _damaged_store(tmp: Path, data: bytes | None = None, cut: bool = False) -> None:
+    store = tmp / ".nbpipe"
+    if cut:  # a real store, cut in half
+        pipe = _pipe(tmp)
+        for i in range(20):
+            pipe.task(takes_two)("x" * 4000, i)
+        pipe._resolve()
+        pipe.close()
+        db = store / "nbpipe.sqlite"
+        import sqlite3
+
+        with sqlite3.connect(db) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        Path(f"{db}-wal").unlink(missing_ok=True)
+        data = db.read_bytes()[: db.stat().st_size // 2]
+    store.mkdir(exist_ok=True)
+    (store / "nbpipe.sqlite").write_bytes(data or b"")
+    _pipe(tmp)
+
+
 def _async(tmp: Path) -> None:
     async def fetch() -> int:
         return 1
@@ -265,6 +298,52 @@ PYTHON = [
          "task 'job' has after='lod', but no task of pipeline 'demo' has that name; register it "
          "first or fix the name", "'lod'", "Fix the name, or register that task first.",
          _unknown_after),
+    Case("Python API", "`after=` a task of another pipeline", "TaskDefinitionError",
+         "task 'takes_two' has after='job' from pipeline 'other'; tasks can only wait for tasks of "
+         "the same pipeline ('demo'): run the other pipeline first, or define that task in this one",
+         "takes_two", "Register both tasks in the same pipeline.", _other_pipeline_after),
+    Case("Python API", "A task result inside a namedtuple argument", "TaskDefinitionError",
+         "task 'takes_two': an argument holds a task result inside a Point; nbpipe finds task "
+         "results only in lists, tuples and dicts (the data dependencies): pass the result "
+         "directly, or in one of those", "Point",
+         "Pass the result itself, or a list, tuple or dict of results.", _hidden_in_namedtuple),
+    Case("Python API", '`@task(walltime="00:00:00")`', "TaskDefinitionError",
+         "task 'job': walltime='00:00:00' must be a finite duration longer than 0 s (no scheduler "
+         "gives a job more, or less); e.g. '01:30:00', or leave it out for no limit of nbpipe's",
+         "walltime", 'Give a duration: `walltime="01:30:00"`, or none.',
+         lambda tmp: task(walltime="00:00:00")(job)),
+    Case("Python API", '`@task(walltime=float("inf"))`', "TaskDefinitionError",
+         "task 'job': walltime=inf must be a finite duration longer than 0 s (no scheduler "
+         "gives a job more, or less); e.g. '01:30:00', or leave it out for no limit of nbpipe's",
+         "walltime", "Leave `walltime` out for no limit.", lambda tmp: task(walltime=float("inf"))(job)),
+    Case("Python API", '`@task(memory=float("inf"))`', "TaskDefinitionError",
+         "task 'job': memory=inf is not a size; use e.g. '4GB', '500MiB' or a number of bytes",
+         "memory", "Give a size: `memory=\"4GB\"`.", lambda tmp: task(memory=float("inf"))(job)),
+    Case("Python API", '`@task(env={"A=B": "1"})`: a variable name with `=`', "TaskDefinitionError",
+         "task 'job': env has the variable name 'A=B'; a name cannot be empty or contain '=' or a "
+         "NUL byte: write env={'NAME': 'value'}", "'A=B'", 'Write `env={"A": "B"}`.',
+         lambda tmp: task(env={"A=B": "1"})(job)),
+    Case("Python API", "`fn.map(5)`: not an iterable", "TaskDefinitionError",
+         "task 'takes_two': map() takes an iterable of items (a list, a range, ...), not int 5; e.g. "
+         "takes_two.map(range(5))", "map()", "Pass a list or a range: `fn.map(range(5))`.",
+         lambda tmp: _pipe(tmp).task(takes_two).map(5)),
+    Case("Python API", "`Pipeline(store=123)`", "InvalidArgument",
+         "store=123 is not a folder: pass a path (a str or pathlib.Path) such as store='.nbpipe', or "
+         "leave it out for ./.nbpipe", "store=123", "Pass a folder path.",
+         lambda tmp: Pipeline("demo", store=123)),
+    Case("Python API", "A store whose `nbpipe.sqlite` is not a database", "StoreDamaged",
+         "the store …/.nbpipe is damaged: SQLite cannot read nbpipe.sqlite (file is not a database); "
+         "copy the folder aside (cp -a …/.nbpipe …/.nbpipe.damaged), then recover what SQLite can "
+         "with `sqlite3 …/.nbpipe.damaged/nbpipe.sqlite .recover | sqlite3 …/.nbpipe/nbpipe.sqlite` "
+         "after removing the damaged nbpipe.sqlite, or start a new store; result files stay valid "
+         "and the next run adopts them", ".nbpipe",
+         "Follow the message: copy the store aside and `.recover` it, or start a new store.",
+         lambda tmp: _damaged_store(tmp, bytes(range(256)) * 64)),
+    Case("Python API", "A store whose `nbpipe.sqlite` was cut short", "StoreDamaged",
+         "the store …/.nbpipe is damaged: SQLite cannot read nbpipe.sqlite (…); copy the folder "
+         "aside …", ".nbpipe",
+         "Copy the store aside and `.recover` it, or start a new store.",
+         lambda tmp: _damaged_store(tmp, cut=True)),
     Case("Python API", "Tasks that wait for each other (a cycle of `after=`)", "CycleError",
          "tasks form a cycle: … -> … -> …; remove one of these dependencies (an after= or an "
          "In/Out file)", "cycle", "Remove one of the dependencies named.", _cycle),
@@ -431,6 +510,14 @@ MAGICS = [
           "deadline = time.monotonic() + 60\n"
           "while nap_ref.state.value != 'RUNNING' and time.monotonic() < deadline:\n"
           "    time.sleep(0.02)")),
+    Case("magics", "A task whose return value cannot be pickled", "TypeError",
+         "the return value of task 'locked' (a lock) cannot be pickled (cannot pickle "
+         "'_thread.lock' object); return plain data (numbers, strings, lists, dicts, arrays) and "
+         "build such objects where they are used", "return value",
+         "Return plain data; build the object where it is used.",
+         "locked().result()",
+         ("from nbpipe import task\n\n@task\ndef locked():\n    import threading\n"
+          "    return threading.Lock()",)),
     Case("magics", "`%pipeline frobnicate`", "UsageError",
          "argument command: invalid choice: 'frobnicate' (choose from …)\nusage: …", "frobnicate",
          "Use one of the listed commands.", "%pipeline frobnicate"),
@@ -512,6 +599,29 @@ CLI = [
          "finish, or stop it (`nbpipe kill demo --all`, or end that process), then delete it",
          "'demo'", "Let the run finish (or stop it), then delete.",
          ["--store", "{store}", "delete", "demo", "--force"], ("live runner",)),
+    Case("command line", "`nbpipe graph demo -o missing/graph.svg`: a folder that does not exist",
+         "exit 2", "Invalid value for '-o' / '--output': the folder …/missing does not exist; create "
+         "it first (mkdir -p) or write elsewhere", "missing", "Create the folder first.",
+         ["--store", "{store}", "graph", "demo", "-o", "{tmp}/missing/graph.svg"]),
+    Case("command line", "`nbpipe export nb.ipynb -o missing/nb.py`", "exit 2",
+         "Invalid value for '-o' / '--output': the folder …/missing does not exist; create it first "
+         "(mkdir -p) or write elsewhere", "--output", "Create the folder first.",
+         ["export", "{tmp}/broken.ipynb", "-o", "{tmp}/missing/nb.py"]),
+    Case("command line", "`nbpipe show demo ''`: an empty task name", "exit 2",
+         "no task '' in pipeline 'demo'; `nbpipe tasks demo` lists its tasks", "''",
+         "Name a task from `nbpipe tasks demo`.", ["--store", "{store}", "show", "demo", ""]),
+    Case("command line", "`--store` naming a store whose database is damaged", "exit 2",
+         "the store …/damaged is damaged: SQLite cannot read nbpipe.sqlite (file is not a "
+         "database); copy the folder aside (cp -a …/damaged …/damaged.damaged), then recover what "
+         "SQLite can with `sqlite3 …/damaged.damaged/nbpipe.sqlite .recover | sqlite3 "
+         "…/damaged/nbpipe.sqlite` after removing the damaged nbpipe.sqlite, or start a new store; "
+         "result files stay valid and the next run adopts them", "damaged",
+         "Copy the store aside and `.recover` it (`nbpipe doctor` says the same).",
+         ["--store", "{tmp}/damaged", "tasks", "demo"]),
+    Case("command line", "`--store` naming a store written by a newer nbpipe", "exit 2",
+         "the store …/newer was written by a newer nbpipe (schema 99; this nbpipe knows …); "
+         "upgrade nbpipe (pip install -U nbpipe) or use another store", "newer",
+         "Upgrade nbpipe.", ["--store", "{tmp}/newer", "pipelines"]),
     Case("command line", "`nbpipe frobnicate`", "exit 2", "No such command 'frobnicate'.",
          "frobnicate", "See `nbpipe --help`.", ["frobnicate"]),
     Case("command line", "`nbpipe --json why demo job`: `--json` on a command without a listing",
@@ -535,11 +645,11 @@ CONFIG = [
          "idle-timeout, batch-seconds, inline-bytes", "'clsuter'", "Fix the setting's name.", None,
          ("clsuter: slurm\n",)),
     Case("configuration", "`batch-seconds: soon`", "ConfigError",
-         "…/nbpipe.yaml: batch-seconds='soon' must be a number of seconds >= 0 (0 turns batching "
+         "…/nbpipe.yaml: batch-seconds='soon' must be a finite number of seconds >= 0 (0 turns batching "
          "of tiny tasks off)", "batch-seconds", "Give a number of seconds.", None,
          ("batch-seconds: soon\n",)),
     Case("configuration", "`idle-timeout: forever`", "ConfigError",
-         "…/nbpipe.yaml: idle-timeout='forever' must be a duration such as '60s' (how long a batch "
+         "…/nbpipe.yaml: idle-timeout='forever' must be a finite duration such as '60s' (how long a batch "
          "pool keeps jobs it no longer needs)", "idle-timeout", "Give a duration.", None,
          ("idle-timeout: forever\n",)),
     Case("configuration", "`cluster: warp`", "ClusterError",
@@ -556,6 +666,26 @@ CONFIG = [
     Case("configuration", "A pool with `cores: lots`", "ClusterError",
          "cluster pool 'big': cores='lots' must be an integer >= 1", "'big'", "Give a number.", None,
          ("cluster: {kind: slurm, cores: 1, memory: 1GB, pools: {big: {cores: lots}}}\n",)),
+    Case("configuration", "`batch-seconds: .inf`", "ConfigError",
+         "…/nbpipe.yaml: batch-seconds=inf must be a finite number of seconds >= 0 (0 turns "
+         "batching of tiny tasks off)", "batch-seconds", "Give a finite number of seconds.", None,
+         ("batch-seconds: .inf\n",)),
+    Case("configuration", "`inline-bytes: .inf`", "ConfigError",
+         "…/nbpipe.yaml: inline-bytes=inf must be a finite whole number of bytes >= 0 (results of "
+         "quick tasks up to this size are kept in the store's database; 0: every result is a file)",
+         "inline-bytes", "Give a number of bytes, e.g. `4096`.", None, ("inline-bytes: .inf\n",)),
+    Case("configuration", "An `nbpipe.yaml` that is not UTF-8", "ConfigError",
+         "…/nbpipe.yaml: the file is not UTF-8 text (byte 0xe9 at offset 20); save it as UTF-8",
+         "nbpipe.yaml", "Save the file as UTF-8.", None, ("cluster: local\n# caf\xe9\n",)),
+    Case("configuration", "`DASK_NBPIPE__INLINE_BYTES=lots`", "ConfigError",
+         "the environment variable DASK_NBPIPE__INLINE_BYTES: inline-bytes='lots' must be a finite "
+         "whole number of bytes >= 0 (results of quick tasks up to this size are kept in the "
+         "store's database; 0: every result is a file)", "DASK_NBPIPE__INLINE_BYTES",
+         "Set a number of bytes, or unset the variable.", {"env": ("DASK_NBPIPE__INLINE_BYTES", "lots")}, ()),
+    Case("configuration", '`dask.config.set({"nbpipe.batch-seconds": "soon"})`', "ConfigError",
+         "dask.config 'nbpipe.batch-seconds': batch-seconds='soon' must be a finite number of "
+         "seconds >= 0 (0 turns batching of tiny tasks off)", "nbpipe.batch-seconds",
+         "Set a number of seconds.", {"nbpipe.batch-seconds": "soon"}, ()),
     Case("configuration", '`dask.config.set({"nbpipe.cluster": "warp"})`', "ClusterError",
          "cluster='warp' is not something nbpipe can run on; …", "'warp'",
          "Use `local`, a batch scheduler kind or an address.", "dask.config", ()),
@@ -579,7 +709,8 @@ REST = [
     Case("REST", "A folder that is not a store", "HTTP 404", "'analysis' is not an nbpipe store",
          "'analysis'", "Name the `.nbpipe` folder.",
          ("GET", "graph", {"store": "analysis", "pipeline": "run"})),
-    Case("REST", "`GET events` with `since=abc`", "HTTP 400", "since must be an event id (an integer)",
+    Case("REST", "`GET events` with `since=abc`", "HTTP 400",
+         "since must be an event id (an integer from 0 to 2**63 - 1)",
          "since", "Pass the `last_event` of the previous answer.",
          ("GET", "events", {"store": S, "pipeline": "run", "since": "abc"})),
     Case("REST", "`GET task` of an unknown task", "HTTP 404",
@@ -588,7 +719,8 @@ REST = [
     Case("REST", "`GET cluster` of an unknown pipeline", "HTTP 404",
          "no pipeline named 'nope' in the store …; `nbpipe pipelines` lists the pipelines of a store",
          "'nope'", "Use a name from `GET pipelines`.", ("GET", "cluster", {"store": S, "pipeline": "nope"})),
-    Case("REST", "`POST command` whose body is not JSON", "HTTP 400", "the body must be JSON", "body",
+    Case("REST", "`POST command` whose body is not JSON", "HTTP 400",
+         "the body must be JSON (UTF-8 text)", "body",
          "Send a JSON object.", ("POST", "command", "verb=pause")),
     Case("REST", "`POST command` whose body is a JSON list", "HTTP 400", "the body must be a JSON object",
          "object", "Send a JSON object.", ("POST", "command", [])),
@@ -604,6 +736,33 @@ REST = [
     Case("REST", "`POST command` retrying an unknown task", "HTTP 404",
          "no task 'nope' in pipeline 'run'; see pipe.tasks()", "'nope'", "Use a label from `GET graph`.",
          ("POST", "command", {"store": S, "pipeline": "run", "verb": "retry", "tasks": ["nope"]})),
+    Case("REST", "`GET events` with a `since` beyond 64 bits", "HTTP 400",
+         "since must be an event id (an integer from 0 to 2**63 - 1)", "since",
+         "Pass the `last_event` of the previous answer.",
+         ("GET", "events", {"store": S, "pipeline": "run", "since": "99999999999999999999999"})),
+    Case("REST", "`GET task` with an empty `task`", "HTTP 400",
+         "task is empty: give a task's name, label or key", "task", "Name a task from `GET graph`.",
+         ("GET", "task", {"store": S, "pipeline": "run", "task": ""})),
+    Case("REST", "`POST command` whose body is not UTF-8", "HTTP 400",
+         "the body must be JSON (UTF-8 text)", "UTF-8", "Send UTF-8 JSON.",
+         ("POST", "command", b'{"verb": "pause\xff"}')),
+    Case("REST", "`POST command` whose body is nested thousands deep", "HTTP 400",
+         "the body is JSON nested too deeply", "nested", "Send a flat JSON object.",
+         ("POST", "command", "[" * 100_000 + "]" * 100_000)),
+    Case("REST", '`POST command` with `"failed": "false"` (a string)', "HTTP 400",
+         "failed must be true or false (JSON booleans), not 'false'", "failed",
+         'Send `"failed": false`.',
+         ("POST", "command", {"store": S, "pipeline": "run", "verb": "retry", "failed": "false"})),
+    Case("REST", "`GET graph` of a store whose database is damaged", "HTTP 409",
+         "the store …/broken/.nbpipe is damaged: SQLite cannot read nbpipe.sqlite (file is not a "
+         "database); copy the folder aside …", "broken",
+         "Copy the store aside and `.recover` it, or start a new store.",
+         ("GET", "graph", {"store": "broken/.nbpipe", "pipeline": "run"})),
+    Case("REST", "`GET graph` of a store written by a newer nbpipe", "HTTP 409",
+         "the store …/newer/.nbpipe was written by a newer nbpipe (schema 99; this nbpipe knows …); "
+         "upgrade nbpipe (pip install -U nbpipe) or use another store", "newer",
+         "Upgrade nbpipe in the Jupyter server's environment.",
+         ("GET", "graph", {"store": "newer/.nbpipe", "pipeline": "run"})),
     Case("REST", "`POST export` of a file that is not a notebook", "HTTP 404",
          "'analysis/notes.txt' is not a notebook", "notes.txt", "Export a saved .ipynb.",
          ("POST", "export", {"path": "analysis/notes.txt"})),
@@ -726,6 +885,9 @@ def test_command_line_mistakes(case: Case, cli_store: Path, tmp_path: Path,
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # `nbpipe run` sets it for the script
     (tmp_path / "job.py").write_text("print('never runs')\n")
     (tmp_path / "broken.ipynb").write_text("not json")
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "nbpipe.sqlite").write_bytes(bytes(range(256)) * 64)
+    _newer_store(tmp_path / "newer")
     args = [a.format(store=cli_store, tmp=tmp_path, script=tmp_path / "job.py") for a in case.action]
     lock = RunnerLock(Store(cli_store), "demo")
     if "live runner" in case.setup:  # this process runs `demo` meanwhile
@@ -743,10 +905,16 @@ def test_command_line_mistakes(case: Case, cli_store: Path, tmp_path: Path,
 
 
 @pytest.mark.parametrize("case", _by_surface("configuration"))
-def test_configuration_mistakes(case: Case, clean_config: Path) -> None:
+def test_configuration_mistakes(case: Case, clean_config: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
     if case.setup:
-        (clean_config / "nbpipe.yaml").write_text(case.setup[0])
-    configured = {"nbpipe.cluster": "warp"} if case.action == "dask.config" else {}
+        (clean_config / "nbpipe.yaml").write_bytes(case.setup[0].encode("latin-1"))
+    configured = {"nbpipe.cluster": "warp"} if case.action == "dask.config" else case.action or {}
+    if "env" in configured:  # as Dask reads the variable when it starts
+        variable, value = configured["env"]
+        monkeypatch.setenv(variable, value)
+        configured = {f"nbpipe.{k}": v for k, v in
+                      dask.config.collect_env({variable: value})["nbpipe"].items()}
     with dask.config.set(configured), pytest.raises(Exception) as info:
         Pipeline("configured", store=clean_config / ".nbpipe")
     check(case, type(info.value).__name__, str(info.value))
@@ -787,7 +955,20 @@ def rest_project(jp_root_dir: Path, client) -> Path:
     pipe.task(job)()
     pipe.run(check=True)
     pipe.close()
+    (jp_root_dir / "broken" / ".nbpipe").mkdir(parents=True)
+    (jp_root_dir / "broken" / ".nbpipe" / "nbpipe.sqlite").write_bytes(bytes(range(256)) * 64)
+    _newer_store(jp_root_dir / "newer" / ".nbpipe")
     return folder
+
+
+def _newer_store(path: Path) -> None:
+    """A store as a newer nbpipe (schema 99) leaves it."""
+    import sqlite3
+
+    path.mkdir(parents=True)
+    with sqlite3.connect(path / "nbpipe.sqlite") as conn:
+        conn.execute("CREATE TABLE future (x)")
+        conn.execute("PRAGMA user_version = 99")
 
 
 async def test_rest_mistakes(jp_fetch, rest_project: Path) -> None:
@@ -797,7 +978,7 @@ async def test_rest_mistakes(jp_fetch, rest_project: Path) -> None:
         if method == "GET":
             request = jp_fetch("nbpipe", "api", name, params=payload)
         else:
-            body = payload if isinstance(payload, str) else json.dumps(payload)
+            body = payload if isinstance(payload, (str, bytes)) else json.dumps(payload)
             request = jp_fetch("nbpipe", "api", name, method="POST", body=body)
         with pytest.raises(HTTPClientError) as info:
             await request

@@ -109,6 +109,44 @@ def test_pipeline_runs_on_slurm_workers_over_tls_and_leaves_no_job(slurm_pipe) -
     assert all(j["ended"] for j in pipe.store.jobs(pipe.pipeline_id))
 
 
+def test_jobs_are_recorded_before_run_returns_and_a_crash_right_after_still_reaps_them(
+        store: Path, tmp_path: Path) -> None:
+    """The queue is polled every few seconds; quick tasks can all end between two polls. The
+    jobs must be in the store when run() returns anyway (the poll is made hourly here, so only
+    the record made when a worker reports its job counts), and a driver killed right after
+    leaves nothing the next runner cannot reap."""
+    script = tmp_path / "quick.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sqlite3
+        import nbpipe, nbpipe.runner
+        nbpipe.runner.JOB_POLL = 3600.0
+        pipe = nbpipe.Pipeline("quick", store={str(store)!r}, cluster={_spec()!r})
+
+        def quick(i: int) -> int:
+            return i
+
+        refs = [pipe.task(quick)(i) for i in range(3)]
+        pipe.run(check=True, timeout=300)
+        jobs = sqlite3.connect({str(store / "nbpipe.sqlite")!r}).execute(
+            "SELECT job_id FROM jobs WHERE ended IS NULL").fetchall()
+        print("jobs", " ".join(j for (j,) in jobs), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # a crash right after run() returned
+    """))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    recorded = done.stdout.split("jobs", 1)[1].split()
+    assert recorded, done.stdout  # before the fix: none (the poll had not seen them)
+    # The next runner of the pipeline cancels what the dead one left.
+    again = Pipeline("quick", store=store, cluster=_spec())
+    again.task(_where)()
+    again.run(check=True, timeout=300)
+    rows = {r["job_id"]: r for r in again.store.jobs(again.pipeline_id)}
+    assert all(rows[j]["ended"] and rows[j]["state"] == "CANCELLED" for j in recorded), rows
+    again.close()
+    wait_for(lambda: not set(recorded) & set(_queue()), timeout=60)
+
+
 def test_tasks_go_to_pools_large_enough(slurm_pipe) -> None:
     pipe = slurm_pipe(pools={"big": {"cores": 2, "memory": "2GB", "max_jobs": 1}})
 

@@ -22,6 +22,8 @@ export interface IPipeline {
   paused: boolean;
   runner: IRunner | null;
   default: boolean;
+  /** Set (and name null) for a store that cannot be read: damaged, newer, linked out. */
+  error?: string;
 }
 
 export interface IGraph {

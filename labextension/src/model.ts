@@ -71,8 +71,11 @@ export class SidebarModel {
    */
   async refreshPipelines(moved = false): Promise<void> {
     try {
-      this.pipelines = await requestAPI<IPipeline[]>('pipelines', { path: this.path });
-      this.error = null;
+      const found = await requestAPI<IPipeline[]>('pipelines', { path: this.path });
+      // A store that cannot be read is listed with its reason: shown, never selectable.
+      this.pipelines = found.filter(p => !p.error);
+      const bad = found.filter(p => p.error).map(p => p.error);
+      this.error = bad.length ? bad.join('\n') : null;
     } catch (e) {
       this.pipelines = [];
       this.error = (e as Error).message;

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from tornado.ioloop import IOLoop
 
 from .. import queries
 from ..control import VERBS, steer
-from ..errors import NbpipeError, UnknownTask
+from ..errors import NbpipeError, StoreError, UnknownTask
 from ..store import Store, known_stores
 
 __all__ = ["HANDLERS", "setup_handlers"]
@@ -70,15 +71,20 @@ class NbpipeHandler(APIHandler):
             raise tornado.web.HTTPError(404, f"{relative!r} is not an nbpipe store")
         with _stores_lock:
             if path not in _stores:
-                _stores[path] = Store(path)
+                try:
+                    _stores[path] = Store(path)
+                except StoreError as exc:  # damaged, newer schema, not writable: say which
+                    raise tornado.web.HTTPError(409, str(exc)) from None
             return _stores[path]
 
     def json_body(self) -> dict[str, Any]:
         """The request's JSON object (a 400 for anything else)."""
         try:
             body = json.loads(self.request.body or b"{}")
-        except json.JSONDecodeError:
-            raise tornado.web.HTTPError(400, "the body must be JSON") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise tornado.web.HTTPError(400, "the body must be JSON (UTF-8 text)") from None
+        except RecursionError:
+            raise tornado.web.HTTPError(400, "the body is JSON nested too deeply") from None
         if not isinstance(body, dict):
             raise tornado.web.HTTPError(400, "the body must be a JSON object")
         return body
@@ -92,8 +98,15 @@ class NbpipeHandler(APIHandler):
             result = await IOLoop.current().run_in_executor(None, lambda: fn(*args, **kwargs))
         except UnknownTask as exc:
             raise tornado.web.HTTPError(404, str(exc)) from None
+        except StoreError as exc:
+            raise tornado.web.HTTPError(409, str(exc)) from None
         except NbpipeError as exc:
             raise tornado.web.HTTPError(400, str(exc)) from None
+        except sqlite3.DatabaseError as exc:  # damaged while in use: name the store, say what to do
+            store = next((a for a in args if isinstance(a, Store)), None)
+            if store is None:
+                raise
+            raise tornado.web.HTTPError(409, str(store.damaged(exc))) from None
         self.finish(json.dumps(result, default=str))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
@@ -115,14 +128,32 @@ class PipelinesHandler(NbpipeHandler):
         await self.answer(self._pipelines, target)
 
     def _pipelines(self, target: Path) -> list[dict[str, Any]]:
+        """The pipelines of every store found; a store that cannot be read (damaged, newer
+        schema, a link out of the root) is one entry with ``error`` saying why and no name."""
         notebook = target if target.suffix == ".ipynb" else None
         stores = _stores_for(target, self.root)
         out = []
         for path in stores:
-            for p in queries.pipelines(self.store(self.relative(path))):
+            relative = os.path.relpath(path, self.root)
+            try:
+                store = self.store(relative)
+                found = queries.pipelines(store)
+            except tornado.web.HTTPError as exc:
+                out.append(_bad_store(relative, exc.log_message or str(exc)))
+                continue
+            except sqlite3.DatabaseError as exc:
+                out.append(_bad_store(relative, str(store.damaged(exc))))
+                continue
+            for p in found:
                 out.append({**p, "store": self.relative(path),
                             "default": bool(notebook and p["name"] == notebook.stem)})
         return out
+
+
+def _bad_store(relative: str, message: str) -> dict[str, Any]:
+    """A listing's entry for a store that cannot be read: marked, not fatal to the listing."""
+    return {"store": relative, "name": None, "error": message, "tasks": 0, "states": {},
+            "paused": False, "runner": None, "default": False}
 
 
 def _stores_for(target: Path, root: Path) -> list[Path]:
@@ -164,8 +195,11 @@ class EventsHandler(NbpipeHandler):
     async def get(self) -> None:
         try:
             since = int(self.get_argument("since", "0"))
+            if not 0 <= since < 2**63:  # SQLite's integers are 64-bit
+                raise ValueError
         except ValueError:
-            raise tornado.web.HTTPError(400, "since must be an event id (an integer)") from None
+            raise tornado.web.HTTPError(
+                400, "since must be an event id (an integer from 0 to 2**63 - 1)") from None
         await self.answer(queries.events, self.store(), self.get_argument("pipeline"), since)
 
 
@@ -174,8 +208,11 @@ class TaskHandler(NbpipeHandler):
 
     @tornado.web.authenticated
     async def get(self) -> None:
-        await self.answer(self._task, self.store(), self.get_argument("pipeline"),
-                          self.get_argument("task"), self.get_argument("source", None))
+        task = self.get_argument("task")
+        if not task.strip():
+            raise tornado.web.HTTPError(400, "task is empty: give a task's name, label or key")
+        await self.answer(self._task, self.store(), self.get_argument("pipeline"), task,
+                          self.get_argument("source", None))
 
     @staticmethod
     def _task(store: Store, pipeline: str, task: str, source: str | None = None) -> dict[str, Any]:
@@ -216,8 +253,14 @@ class CommandHandler(NbpipeHandler):
         pipeline = body.get("pipeline")
         if not isinstance(pipeline, str):
             raise tornado.web.HTTPError(400, "pipeline must be a pipeline name")
-        await self.answer(steer, store, pipeline, verb, tasks, failed=bool(body.get("failed")),
-                          all=bool(body.get("all")))
+        flags = {}
+        for flag in ("failed", "all"):
+            value = body.get(flag, False)
+            if not isinstance(value, bool):  # "false" is a true string: refuse, do not guess
+                raise tornado.web.HTTPError(400, f"{flag} must be true or false (JSON booleans), "
+                                                 f"not {value!r}")
+            flags[flag] = value
+        await self.answer(steer, store, pipeline, verb, tasks, **flags)
 
 
 class ExportHandler(NbpipeHandler):
