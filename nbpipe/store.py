@@ -224,10 +224,16 @@ class Store:
             try:
                 # Private from its first byte (SQLite gives its -wal and -shm files the same
                 # mode): a kill between creating and a chmod cannot leave it readable by all.
-                os.close(os.open(self.db_path, os.O_RDWR | os.O_CREAT, 0o600))
+                # Only when it does not exist: closing any descriptor of a database file drops
+                # every POSIX lock this process's SQLite connections hold on it (then another
+                # process may delete the write-ahead log under them).
+                if not self.db_path.exists():
+                    with contextlib.suppress(FileExistsError):
+                        os.close(os.open(self.db_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
                 for suffix in ("", "-wal", "-shm"):  # an older nbpipe's, or copied with 0644
                     make_private(Path(f"{self.db_path}{suffix}"), 0o600)
                 conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
+                _connected.add(os.path.realpath(self.db_path))
             except (OSError, sqlite3.OperationalError) as exc:
                 raise StoreNotWritable(f"cannot open {self.db_path}: {exc}") from None
             try:
@@ -643,6 +649,9 @@ class Store:
         return row[0] if row else "unknown"
 
 
+_connected: set[str] = set()  # database files this process opened SQLite connections to
+
+
 def _newer(path: Path, version: int) -> StoreVersionError:
     return StoreVersionError(
         f"the store {path} was written by a newer nbpipe (schema {version}; this nbpipe knows "
@@ -653,7 +662,12 @@ def _newer(path: Path, version: int) -> StoreVersionError:
 
 def _refuse_newer(path: Path, db_path: Path) -> None:
     """Raise :class:`StoreVersionError` for a store of a newer schema, having changed nothing:
-    no folder created, no journal mode switched, no file written (not even SQLite's ``-shm``)."""
+    no folder created, no journal mode switched, no file written (not even SQLite's ``-shm``).
+
+    Not for a database this process has SQLite connections to (it was checked then): closing
+    the descriptor read here would drop the POSIX locks those connections hold."""
+    if os.path.realpath(db_path) in _connected:
+        return
     try:
         with open(db_path, "rb") as f:
             header = f.read(100)
