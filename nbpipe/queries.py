@@ -12,6 +12,7 @@ import contextlib
 import fnmatch
 import json
 import os
+import re
 import sqlite3
 from collections import Counter
 from collections.abc import Iterator
@@ -306,7 +307,8 @@ def live_runners(store: Store) -> list[str]:
             fcntl.flock(fd, fcntl.LOCK_UN)
         except BlockingIOError:
             holder = path.read_text(errors="replace").strip() or "another process"
-            holders.append(f"{holder} ({path.stem})")
+            name = re.sub(r"-[0-9a-f]{16}$", "", path.stem)  # the lock of pipeline NAME
+            holders.append(f"{holder} ({name})")
         finally:
             os.close(fd)
     return holders

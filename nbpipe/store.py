@@ -233,7 +233,8 @@ class Store:
                 for suffix in ("", "-wal", "-shm"):  # an older nbpipe's, or copied with 0644
                     make_private(Path(f"{self.db_path}{suffix}"), 0o600)
                 conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
-                _connected.add(os.path.realpath(self.db_path))
+                where = os.path.realpath(self.db_path)
+                _connected[where] = _connected.get(where, 0) + 1
             except (OSError, sqlite3.OperationalError) as exc:
                 raise StoreNotWritable(f"cannot open {self.db_path}: {exc}") from None
             try:
@@ -269,6 +270,8 @@ class Store:
         if conn is not None:
             conn.close()
             self._local.conn = None
+            where = os.path.realpath(self.db_path)
+            _connected[where] = max(0, _connected.get(where, 0) - 1)
 
     def damaged(self, exc: BaseException) -> StoreError:
         """The error for ``exc`` raised by SQLite while using this store: :class:`StoreDamaged`
@@ -649,7 +652,7 @@ class Store:
         return row[0] if row else "unknown"
 
 
-_connected: set[str] = set()  # database files this process opened SQLite connections to
+_connected: dict[str, int] = {}  # database file -> SQLite connections this process has open
 
 
 def _newer(path: Path, version: int) -> StoreVersionError:
@@ -664,9 +667,9 @@ def _refuse_newer(path: Path, db_path: Path) -> None:
     """Raise :class:`StoreVersionError` for a store of a newer schema, having changed nothing:
     no folder created, no journal mode switched, no file written (not even SQLite's ``-shm``).
 
-    Not for a database this process has SQLite connections to (it was checked then): closing
-    the descriptor read here would drop the POSIX locks those connections hold."""
-    if os.path.realpath(db_path) in _connected:
+    Not for a database this process has SQLite connections open to (it was checked then):
+    closing the descriptor read here would drop the POSIX locks those connections hold."""
+    if _connected.get(os.path.realpath(db_path)):
         return
     try:
         with open(db_path, "rb") as f:

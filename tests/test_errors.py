@@ -176,7 +176,7 @@ def _async(tmp: Path) -> None:
     task(fetch)
 
 
-def _newer_store(tmp: Path) -> None:
+def _pipe_on_newer_store(tmp: Path) -> None:
     Store(tmp / ".nbpipe").close()
     import sqlite3
 
@@ -367,7 +367,7 @@ PYTHON = [
     Case("Python API", "A store written by a newer nbpipe", "StoreVersionError",
          "the store … was written by a newer nbpipe (schema …; this nbpipe knows …); upgrade nbpipe "
          "(pip install -U nbpipe) or use another store; the store was left untouched",
-         "newer nbpipe", "Upgrade nbpipe, or use another store.", lambda tmp: _newer_store(tmp)),
+         "newer nbpipe", "Upgrade nbpipe, or use another store.", lambda tmp: _pipe_on_newer_store(tmp)),
     Case("Python API", '`Pipeline(cluster="lots")`', "ClusterError",
          "cluster='lots' is not something nbpipe can run on; use 'local', a batch scheduler kind "
          "(slurm, pbs, sge, lsf, htcondor), a scheduler address like 'tcp://host:8786', a dict like "
@@ -620,7 +620,8 @@ CLI = [
          ["--store", "{tmp}/damaged", "tasks", "demo"]),
     Case("command line", "`--store` naming a store written by a newer nbpipe", "exit 2",
          "the store …/newer was written by a newer nbpipe (schema 99; this nbpipe knows …); "
-         "upgrade nbpipe (pip install -U nbpipe) or use another store", "newer",
+         "upgrade nbpipe (pip install -U nbpipe) or use another store; the store was left untouched",
+         "newer",
          "Upgrade nbpipe.", ["--store", "{tmp}/newer", "pipelines"]),
     Case("command line", "`nbpipe frobnicate`", "exit 2", "No such command 'frobnicate'.",
          "frobnicate", "See `nbpipe --help`.", ["frobnicate"]),
@@ -760,7 +761,8 @@ REST = [
          ("GET", "graph", {"store": "broken/.nbpipe", "pipeline": "run"})),
     Case("REST", "`GET graph` of a store written by a newer nbpipe", "HTTP 409",
          "the store …/newer/.nbpipe was written by a newer nbpipe (schema 99; this nbpipe knows …); "
-         "upgrade nbpipe (pip install -U nbpipe) or use another store", "newer",
+         "upgrade nbpipe (pip install -U nbpipe) or use another store; the store was left untouched",
+         "newer",
          "Upgrade nbpipe in the Jupyter server's environment.",
          ("GET", "graph", {"store": "newer/.nbpipe", "pipeline": "run"})),
     Case("REST", "`POST export` of a file that is not a notebook", "HTTP 404",
