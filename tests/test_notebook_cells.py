@@ -368,14 +368,14 @@ def test_use_closes_the_previous_runner_and_keeps_its_local_cluster(tmp_path, ke
         "%pipeline use other",
         "%%task z\nz = 2",
         "print(z)",
-        "print(session.pipe.connection.cluster is first, first.status.name, runners())",
+        "print(session.pipe.connection.cluster is first, first.process.poll() is None, runners())",
     ]
     r = execute(tmp_path / "first.ipynb", cells, monkeypatch)
     no_errors(r, *range(8))
-    assert last(r[3]) == "LocalCluster ['nbpipe-runner-first']"
+    assert last(r[3]) == "LocalProcessCluster ['nbpipe-runner-first']"  # nbpipe's local cluster
     assert "pipeline 'other'" in r[4]["text"]
     assert last(r[6]) == "2"
-    assert last(r[7]) == "True running ['nbpipe-runner-other']"
+    assert last(r[7]) == "True True ['nbpipe-runner-other']"  # the same cluster, still up
 
 
 def test_pipe_wait_skips_tasks_only_registered_and_unsubmitted_lists_them(pipe) -> None:
