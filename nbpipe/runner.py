@@ -327,6 +327,10 @@ class Runner:
             self.lock.release()
 
     def _tick(self) -> None:
+        if (self.inflight or self.ready) and self.client.status in ("closing", "closed"):
+            # Its futures will never complete: stop now, saying why, rather than wait forever.
+            raise RunnerError(f"the Dask client of pipeline {self.pipe.name!r} was closed while "
+                              "its tasks ran; run again to use a new client")
         while True:
             try:
                 kind, payload = self.inbox.get_nowait()

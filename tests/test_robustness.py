@@ -190,7 +190,7 @@ def test_a_runner_that_cannot_go_on_stops_and_run_raises_naming_the_cause(
     pipe.run(wait=False)
     client.close()  # the cluster goes away under the runner
     with pytest.raises(RunnerError, match=r"the runner of pipeline 'stops' stopped: \w+"):
-        pipe.run(timeout=120)
+        pipe.wait(timeout=120)  # (run() would start a new runner if this one stopped already)
     rows = Pipeline("stops", store=store).tasks()
     assert {r.state for r in rows} <= {"FAILED", "SUCCEEDED", "UPSTREAM_FAILED"}
     assert any((r.error or "").startswith("the runner stopped: ") for r in rows)
