@@ -23,6 +23,7 @@ from .errors import (
     MissingInputError,
     NbpipeError,
     OutputNotStored,
+    Permanent,
     PipelineBusy,
     ResourceError,
     ResultCorrupt,
@@ -36,6 +37,7 @@ from .errors import (
     TaskFailed,
     TaskfileError,
     TaskKilled,
+    TaskTimedOut,
     UnhashableValue,
     UnknownTask,
     UpstreamCorrupt,
@@ -45,7 +47,7 @@ from .files import In, Out
 from .pipeline import Pipeline, RunSummary, TaskInfo, current_pipeline, use
 from .states import State
 from .task import TaskFunction, TaskRef, bash_task, task
-from .taskfile import TaskItem, load_tasks
+from .taskfile import TaskItem, dump_tasks, iter_tasks, load_tasks
 
 __version__ = "0.1.0"
 
@@ -62,13 +64,13 @@ except ConfigError:
 __all__ = [
     "BashResult", "BashTaskError", "CellInputError", "ClusterError", "ConfigError", "CycleError", "In",
     "InvalidArgument", "MissingInputError", "NbpipeError", "Out", "OutputNotStored", "Pipeline",
-    "PipelineBusy", "ResourceError",
+    "Permanent", "PipelineBusy", "ResourceError",
     "ResultCorrupt", "ResultWriteError", "RunSummary", "RunnerError", "State", "StoreDamaged",
     "StoreError", "StoreNotWritable", "StoreVersionError",
     "TaskContext", "TaskDefinitionError", "TaskFailed", "TaskFunction", "TaskInfo", "TaskItem",
-    "TaskKilled", "TaskRef", "TaskfileError", "UnhashableValue", "UnknownTask", "UpstreamCorrupt",
-    "UpstreamFailed",
-    "bash_task", "context", "current_pipeline", "load_tasks", "task", "use",
+    "TaskKilled", "TaskRef", "TaskTimedOut", "TaskfileError", "UnhashableValue", "UnknownTask",
+    "UpstreamCorrupt", "UpstreamFailed",
+    "bash_task", "context", "current_pipeline", "dump_tasks", "iter_tasks", "load_tasks", "task", "use",
 ]
 
 

@@ -37,7 +37,7 @@ from .store import Store
 
 console = Console()
 
-JSON_COMMANDS = {"doctor", "pipelines", "show", "tasks"}  # the commands with a --json option
+JSON_COMMANDS = {"doctor", "events", "pipelines", "show", "tasks"}  # the commands with a --json option
 
 STATE_STYLE = {
     "WAITING": "dim", "PENDING": "cyan", "RUNNING": "blue", "SUCCEEDED": "green",
@@ -170,19 +170,97 @@ def pipelines(ctx: click.Context, all_: bool, as_json: bool) -> None:
 @click.argument("pipeline")
 @click.option("--state", type=click.Choice([s.value for s in State], case_sensitive=False))
 @click.option("--name", help="glob on task names or labels, e.g. 'fraction*'")
+@click.option("--upstream", metavar="TASK", help="only TASK and what it needs (transitively)")
+@click.option("--downstream", metavar="TASK", help="only TASK and what needs it (transitively)")
+@click.option("--as-taskfile", "taskfile", type=click.Path(dir_okay=False), metavar="FILE",
+              help="write the listed task-file entries to FILE (.json, .yaml, .jsonl) for a later run")
+@click.option("--from", "source", type=click.Path(exists=True, dir_okay=False), metavar="TASKFILE",
+              help="with --as-taskfile: take the entries from this task file (default: the store)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_context
 def tasks(ctx: click.Context, pipeline: str, state: str | None, name: str | None,
+          upstream: str | None, downstream: str | None, taskfile: str | None, source: str | None,
           as_json: bool) -> None:
-    """The tasks of PIPELINE."""
+    """The tasks of PIPELINE (filtered by state, name, or the sub-graph around a task)."""
     as_json = as_json or ctx.obj["json"]
-    rows = queries.tasks(_store(ctx), pipeline, state, name)
+    store = _store(ctx)
+    rows = queries.tasks(store, pipeline, state, name, upstream=upstream, downstream=downstream)
+    if taskfile is not None:
+        from .taskfile import dump_tasks
+
+        items = queries.taskfile_entries(store, rows, source)
+        count = dump_tasks(taskfile, items)
+        click.echo(f"wrote {count} task-file entr{'y' if count == 1 else 'ies'} to {taskfile}",
+                   err=as_json)
+        if not as_json:
+            return
     table = Table("task", "state", "attempts", "why it ran", "key")
     for t in rows:
         # labels of task-file entries look like markup (`process[frame-001]`): print them as text
-        table.add_row(escape(t["label"]), _state(t["state"]), str(t["attempts"]), escape(t["reason"] or ""),
+        state_text = _state(t["state"]) + (f" ({t['outcome']})" if t.get("outcome") else "")
+        table.add_row(escape(t["label"]), state_text, str(t["attempts"]), escape(t["reason"] or ""),
                       t["key"][:12])
     _emit(rows, as_json, table)
+
+
+@main.command()
+@_store_option
+@click.argument("pipeline")
+@click.option("--follow", "-f", is_flag=True, help="keep printing new events until interrupted")
+@click.option("--since", type=int, default=0, metavar="ID", help="only events after this id")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+@click.pass_context
+def events(ctx: click.Context, pipeline: str, follow: bool, since: int, as_json: bool) -> None:
+    """The event log of PIPELINE: every state change with its time and message (cloud_tasks'
+    event stream); --follow waits for new ones, --json prints one JSON object per line."""
+    as_json = as_json or ctx.obj["json"]
+    store = _store(ctx)
+    labels: dict[str, str] = {}
+    cursor = since
+    while True:
+        batch = queries.events(store, pipeline, cursor)
+        missing = [e["key"] for e in batch["events"] if e["key"] and e["key"] not in labels]
+        if missing:
+            labels.update(store.labels_of(missing))
+        for e in batch["events"]:
+            e["task"] = labels.get(e["key"] or "", "")
+            if as_json:
+                click.echo(json.dumps(e, default=str))
+            else:
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
+                click.echo(f"{e['id']:>6} {stamp} {e['state'] or '':<15} {e['task']}"
+                           + (f"  {e['message']}" if e["message"] else ""))
+        sys.stdout.flush()
+        cursor = batch["last_event"]
+        if not follow:
+            return
+        if not batch["events"]:
+            time.sleep(0.5)
+
+
+@main.command()
+@_store_option
+@click.argument("pipeline")
+@click.argument("task", nargs=-1, required=True)
+@click.pass_context
+def accept(ctx: click.Context, pipeline: str, task: tuple[str, ...]) -> None:
+    """Let TASKs keep the result of their last successful run instead of running again (after
+    an edit you call cosmetic); `why` says "accepted by hand on DATE"; undo with `nbpipe retry`."""
+    from .accept import accept_keys
+
+    store = _store(ctx)
+    pid = store.pipeline_id(pipeline, create=False)
+    keys = [t["key"] for name in task for t in queries.tasks(store, pipeline)
+            if name in (t["name"], t["label"]) or t["key"].startswith(name)]
+    if not keys:
+        raise click.UsageError(f"no task {task[0]!r} in pipeline {pipeline!r}; "
+                               f"`nbpipe tasks {pipeline}` lists its tasks")
+    accepted = accept_keys(store, pid, list(dict.fromkeys(keys)), pipeline=pipeline)
+    labels = store.labels_of(list(accepted))
+    for key, reason in accepted.items():
+        click.echo(f"{labels.get(key, key[:12])}: {reason}")
+    if not accepted:
+        click.echo("nothing to accept: the tasks are done already")
 
 
 def _show_cluster(store: Store, pipeline: str, as_json: bool) -> None:
@@ -514,11 +592,19 @@ def spawn(ctx: click.Context, pipeline: str) -> None:
 @click.option("-o", "--cluster-option", "options", multiple=True, metavar="KEY=VALUE",
               help="a job option for the cluster, e.g. -o memory=4GB -o queue=short (repeatable)")
 @click.option("--detach", is_flag=True, help="run in the background; output in nbpipe-run.log")
+@click.option("--stop-on-failure", is_flag=True,
+              help="start no new task after the first failure (desipipe's stop_at_error)")
+@click.option("--keep-succeeded", is_flag=True,
+              help="tasks whose key changed keep their last successful result (recorded as "
+                   "accepted); only failed and new tasks run")
+@click.option("--trust-existing", is_flag=True,
+              help="adopt tasks whose declared Out files all exist instead of running them")
 @click.option("--inside-allocation", is_flag=True,
               help="under `srun` in a Slurm job: rank 0 is the scheduler, rank 1 runs the script, "
                    "the other ranks are its workers (dask-jobqueue's SLURMRunner)")
 def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[str, ...],
-        detach: bool, inside_allocation: bool) -> None:
+        detach: bool, stop_on_failure: bool, keep_succeeded: bool, trust_existing: bool,
+        inside_allocation: bool) -> None:
     """Run a pipeline script, or a notebook's pipeline headless (SCRIPT.ipynb, no Jupyter);
     exit 0 when every task succeeded, 1 when one failed."""
     import subprocess
@@ -539,6 +625,10 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
             command[4:4] = ["--cluster", cluster]
         for option in options:
             command[4:4] = ["-o", option]
+        for flag, on in (("--stop-on-failure", stop_on_failure),
+                         ("--keep-succeeded", keep_succeeded), ("--trust-existing", trust_existing)):
+            if on:
+                command.insert(4, flag)
         from .results import append_private
 
         with append_private("nbpipe-run.log") as log:
@@ -557,6 +647,10 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
         if inside_allocation:  # only rank 1 gets past this line; the others serve, then exit
             spec = stack.enter_context(_allocation_client())
         stack.enter_context(dask.config.set({"nbpipe.cluster": spec} if spec is not None else {}))
+        modes = {name: True for name, on in (("stop-on-failure", stop_on_failure),
+                 ("keep-succeeded", keep_succeeded), ("trust-existing", trust_existing)) if on}
+        if modes:  # read by Pipeline.run (nbpipe.policy.run_mode)
+            stack.enter_context(dask.config.set({"nbpipe.run": modes}))
         try:
             runpy.run_path(script, run_name="__main__")
         except SystemExit as exc:  # the script's own verdict; the tasks' states come first

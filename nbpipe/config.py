@@ -91,6 +91,10 @@ SETTINGS = {
     "idle-timeout": "a finite duration such as '60s' (how long a batch pool keeps jobs it no "
                     "longer needs)",
     "batch-seconds": "a finite number of seconds >= 0 (0 turns batching of tiny tasks off)",
+    "task": "task defaults: a mapping of retries, timeout, retry_on, trust_existing "
+            "(see nbpipe.policy)",
+    "run": "run modes: a mapping of stop-on-failure, keep-succeeded, trust-existing (true/false; "
+           "what `nbpipe run --stop-on-failure` sets)",
     "inline-bytes": "a finite whole number of bytes >= 0 (results of quick tasks up to this size are kept in "
                     "the store's database; 0: every result is a file)",
 }
@@ -119,6 +123,14 @@ def check_value(key: str, value: Any, where: str) -> Any:
     """
     if value is None or key == "cluster":
         return value
+    if key in ("task", "run"):
+        from .errors import TaskDefinitionError
+        from .policy import check_defaults, check_run_modes
+
+        try:
+            return (check_defaults if key == "task" else check_run_modes)(value, f"{where}: {key}")
+        except TaskDefinitionError as exc:
+            raise ConfigError(str(exc)) from None
     try:
         if key == "idle-timeout":
             seconds = dask.utils.parse_timedelta(value)

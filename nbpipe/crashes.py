@@ -190,6 +190,7 @@ class Crash:
     stdout: str
     stderr: str
     header: dict[str, Any]
+    timeout: float | None = None  # the item's timeout, when its watchdog ended the process
 
 
 def _alive_here(header: dict[str, Any]) -> bool:
@@ -220,6 +221,7 @@ def read_crash(store_dir: str | os.PathLike[str], key: str, attempt: int, *,
         return None
     running: tuple[str, int] | None = None
     exit_code: int | None = None
+    timeout: float | None = None
     fault: list[str] = []
     for line in lines[1:]:
         word, _, rest = line.partition(" ")
@@ -230,6 +232,9 @@ def read_crash(store_dir: str | os.PathLike[str], key: str, attempt: int, *,
             running = None
         elif word == "exit" and rest.lstrip("-").isdigit():
             exit_code = int(rest)
+        elif word == "timeout" and running is not None and rest.startswith(running[0] + " "):
+            with contextlib.suppress(ValueError):
+                timeout = float(rest.rpartition(" ")[2])
         else:
             fault.append(line)
     outputs = []
@@ -249,6 +254,8 @@ def read_crash(store_dir: str | os.PathLike[str], key: str, attempt: int, *,
             if f"Fatal Python error: {name}" in report:
                 exit_code = -int(number)
                 break
+    if timeout is not None:  # its timeout's watchdog ended the process (nbpipe.worker)
+        return Crash(running[0], running[1], 124, report, outputs[0], outputs[1], header, timeout)
     if exit_code is None:
         # Killed without a word (SIGKILL: `kill -9`, the out-of-memory killer, a node lost):
         # nothing says the task did it, so Dask runs it again elsewhere, as it always has.

@@ -42,6 +42,22 @@ class TaskKilled(NbpipeError):
     """The task was killed on request (``pipe.kill``, ``nbpipe kill`` or the sidebar)."""
 
 
+class TaskTimedOut(TaskKilled):
+    """The task ran longer than its ``timeout=`` and was stopped (a distinct outcome: the
+    attempt is recorded as ``TIMED_OUT``, and ``retry_on`` decides whether it runs again)."""
+
+
+class Permanent(NbpipeError):
+    """Raise it in a task for an error no retry can fix: the task fails at once, whatever its
+    ``retries`` (jobmon's fatal errors, as opposed to retryable ones).
+
+    >>> from nbpipe import Permanent
+    >>> def fetch(url):
+    ...     if not url.startswith("https://"):
+    ...         raise Permanent(f"{url!r} is not an https URL; fix the task file")
+    """
+
+
 class BashTaskError(NbpipeError):
     """A bash task exited with a non-zero status; ``exit_code`` holds it."""
 

@@ -31,6 +31,8 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
+from . import runmodes
+from .accept import accept_keys
 from .cells import CellRunner
 from .cluster import Connection, connect, validate
 from .config import check_configured
@@ -52,7 +54,8 @@ from .errors import (
 )
 from .files import paths_in
 from .identity import IDENTITY_VERSION, CodeIdentity, Unencodable, is_immutable
-from .results import INLINE, append_private, locate, read_result
+from .policy import check_defaults, run_mode
+from .results import INLINE, append_private, locate, read_result, result_path
 from .runner import Runner, holds_ref, record_jobs
 from .shipping import by_value
 from .states import BAD, State
@@ -221,15 +224,17 @@ class Pipeline:
     ``None`` (the ``nbpipe.cluster`` setting, else local), ``"local"``, a batch scheduler kind
     (``"slurm"``, ``"pbs"``, ``"sge"``, ``"lsf"``, ``"htcondor"``) or a dict of its job options,
     a scheduler address, a dask Cluster or a Client (see :mod:`nbpipe.cluster`). The cluster
-    starts when the first task runs.
+    starts when the first task runs. ``defaults={"retries": 2, "timeout": "1h"}`` applies to
+    every task that does not set the option itself (see :mod:`nbpipe.policy`).
     """
 
     def __init__(self, name: str | None = None, store: str | os.PathLike[str] | Store | None = None,
-                 cluster: Any = None):
+                 cluster: Any = None, defaults: dict[str, Any] | None = None):
         name = _default_name() if name is None else name
         if not isinstance(name, str) or not name.strip():
             raise TaskDefinitionError(f"a pipeline needs a non-empty name, got {name!r}")
         self.name = name
+        self.defaults = check_defaults(defaults, f"Pipeline({name!r}, defaults=...)")
         self.store = store if isinstance(store, Store) else Store(store)
         self.pipeline_id = self.store.pipeline_id(name, source=_default_name())
         # A mistake (in the argument or the configured nbpipe.cluster) shows now, not when
@@ -786,7 +791,9 @@ class Pipeline:
 
     def run(self, targets: Iterable[TaskRef] | TaskRef | None = None, *, wait: bool = True,
             check: bool = False, timeout: float | None = None,
-            wait_for_runner: bool = False) -> RunSummary:
+            wait_for_runner: bool = False, stop_on_failure: bool | None = None,
+            skip: str | Sequence[str] | None = None, keep_succeeded: bool | None = None,
+            trust_existing: bool | None = None) -> RunSummary:
         """Run what is not done: every task, or ``targets`` and what they need.
 
         ``wait=False`` returns at once while the tasks run in the background. ``check=True``
@@ -798,13 +805,22 @@ class Pipeline:
         and runs what is left::
 
             pipe.run(wait_for_runner=True)   # 0 executed when the other runner did it all
+
+        Run modes (each also set for a whole script by ``nbpipe run --stop-on-failure``,
+        ``--keep-succeeded``, ``--trust-existing``): ``stop_on_failure=True`` starts nothing new
+        after the first failure; ``skip=["FAILED", "fit*"]`` leaves tasks out by state, name or
+        label glob (and what depends on them); ``keep_succeeded=True`` keeps the last successful
+        result of tasks whose key changed (recorded as accepted, see :meth:`accept`);
+        ``trust_existing=True`` adopts tasks whose declared ``Out`` files exist.
         """
         return self._run(targets, wait=wait, check=check, timeout=timeout,
-                         wait_for_runner=wait_for_runner, report=True)
+                         wait_for_runner=wait_for_runner, report=True,
+                         modes={"stop_on_failure": stop_on_failure, "skip": skip,
+                                "keep_succeeded": keep_succeeded, "trust_existing": trust_existing})
 
     def _run(self, targets: Iterable[TaskRef] | TaskRef | None, *, wait: bool, check: bool = False,
              timeout: float | None = None, wait_for_runner: bool = False,
-             report: bool = False) -> RunSummary:
+             report: bool = False, modes: dict[str, Any] | None = None) -> RunSummary:
         """:meth:`run`; ``report=False`` for the runs nbpipe makes itself (``ref.result()``,
         ``retry()``): what they execute is counted by the user's next ``run()``."""
         if isinstance(targets, TaskRef):
@@ -812,6 +828,10 @@ class Pipeline:
         self._rekey_changed()
         self._resolve(targets)
         refs = self._closure(targets if targets is not None else list(self._refs.values()))
+        modes = modes or {}
+        left_out = runmodes.skipped(refs, modes.get("skip"))  # i20: run modes (nbpipe.runmodes)
+        if left_out:
+            refs = [r for r in refs if r not in left_out]
         for r in refs:  # what failed or was killed before runs again
             if r.state in BAD:
                 r.queued = False
@@ -821,6 +841,10 @@ class Pipeline:
         if gone:  # an output file was deleted since the task ran here: it runs again, saying so
             with self._lock:
                 self._find_done(gone)
+        with self._lock:
+            if run_mode("keep-succeeded", modes.get("keep_succeeded")):
+                runmodes.keep_succeeded(self, refs)
+            runmodes.adopt_existing(self, refs, run_mode("trust-existing", modes.get("trust_existing")))
         todo = [r for r in refs if r.state is State.WAITING]
         live = self._runner is not None and self._runner.alive
         paused = self._runner.paused if live else self.store.is_paused(self.pipeline_id)
@@ -829,6 +853,7 @@ class Pipeline:
             if not live:  # a new runner: another process may have run some since they resolved
                 todo = self._found_since(todo)
             runner.check(todo)  # a task no worker pool can hold fails here, before any runs
+            runner.stop_on_failure = run_mode("stop-on-failure", modes.get("stop_on_failure"))
             for r in todo:
                 r.queued = True
             self.ran.update(todo)
@@ -1012,7 +1037,24 @@ class Pipeline:
         """Why the task ran (or will run) in this pipeline's latest run."""
         ref = self._as_refs(task)[0]
         self._resolve([ref])
+        if ref.reason == "found done":  # accepted or adopted earlier: the store says so
+            row = self.store.task_rows(self.pipeline_id, [ref.key]).get(ref.key)
+            if row is not None and row["reason"] and row["reason"].startswith(("accepted", "adopted")):
+                return row["reason"]
         return ref.reason or "found done"
+
+    def accept(self, tasks: Any) -> dict[str, str]:
+        """Let the current definition of ``tasks`` (refs, names or labels) adopt the result of
+        their last successful run, without running them (an edit you call cosmetic): they
+        become SUCCEEDED and ``why`` says "accepted by hand on DATE". Undo with :meth:`retry`.
+        Returns ``{label: reason}``."""
+        refs = self._as_refs(tasks)
+        with self._lock:
+            self._resolve(refs)
+            reasons = accept_keys(self.store, self.pipeline_id, [r.key for r in refs],
+                                  pipeline=self.name)
+            runmodes._mark_done(self, [r for r in refs if r.key in reasons], reasons)
+        return {r.label: reasons[r.key] for r in refs if r.key in reasons}
 
     # -- control (works from any process, through the store's command table) ------------------
 
@@ -1067,6 +1109,8 @@ class Pipeline:
                                                                      State.KILLED.value)]
             for key in keys:
                 self.store.forget_result(key)
+                # (else its file is adopted again at once: an accepted result would stay)
+                result_path(self.store.path, key).unlink(missing_ok=True)
             refs = [r for r in self._refs.values() if r.key_ in set(keys)]
             self.store.set_states(self.pipeline_id, keys, State.WAITING.value, "retry requested")
             if refs:

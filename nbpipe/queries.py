@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PipelineBusy, UnknownTask
+from .policy import outcome
 from .results import INLINE, checksum_of, locate, unpack
 from .store import RunnerLock, Store
 
@@ -114,7 +115,8 @@ def graph(store: Store, pipeline: str) -> dict[str, Any]:
         keys = {r["key"] for r in rows}
         nodes = [{"key": r["key"], "name": r["name"], "label": r["label"], "kind": r["kind"],
                   "state": r["state"], "attempts": r["attempts"], "reason": r["reason"],
-                  "error": (r["error"] or "")[:500] or None, "cell": r["cell"]} for r in rows]
+                  "error": (r["error"] or "")[:500] or None, "cell": r["cell"],
+                  "outcome": outcome(r["state"], r["error"], r["reason"])} for r in rows]
         edges = [{"parent": p, "child": c, "kind": k} for p, c, k in conn.execute(
             "SELECT parent, child, kind FROM edges WHERE pipeline_id = ? ORDER BY rowid", (pid,))
             if p in keys and c in keys]
@@ -172,19 +174,55 @@ def cluster_detail(store: Store, pipeline: str, *, live: bool = True) -> dict[st
     }
 
 
-def tasks(store: Store, pipeline: str, state: str | None = None, name: str | None = None
-          ) -> list[dict[str, Any]]:
-    """Active tasks of a pipeline, filtered by state and a name glob (matched on name or label)."""
-    rows = store.task_rows(_pipeline_id(store, pipeline)).values()
+def tasks(store: Store, pipeline: str, state: str | None = None, name: str | None = None,
+          *, upstream: str | None = None, downstream: str | None = None) -> list[dict[str, Any]]:
+    """Active tasks of a pipeline, filtered by state and a name glob (matched on name or label);
+    ``upstream=TASK`` keeps what TASK needs (transitively), ``downstream=TASK`` what needs it
+    (jobmon's sub-DAG); the task itself is included."""
+    pid = _pipeline_id(store, pipeline)
+    rows = store.task_rows(pid).values()
+    keep: set[str] | None = None
+    for task, direction in ((upstream, "up"), (downstream, "down")):
+        if task is not None:
+            found = related(store, pipeline, task, direction)
+            keep = found if keep is None else keep & found
     out = []
     for r in sorted(rows, key=lambda r: r["created"]):
+        if keep is not None and r["key"] not in keep:
+            continue
         if state and r["state"] != state.upper():
             continue
         if name and not (fnmatch.fnmatchcase(r["name"], name) or fnmatch.fnmatchcase(r["label"], name)):
             continue
         out.append({"name": r["name"], "key": r["key"], "label": r["label"], "state": r["state"],
-                    "attempts": r["attempts"], "reason": r["reason"], "error": r["error"]})
+                    "attempts": r["attempts"], "reason": r["reason"], "error": r["error"],
+                    "outcome": outcome(r["state"], r["error"], r["reason"])})
     return out
+
+
+def related(store: Store, pipeline: str, task: str, direction: str) -> set[str]:
+    """Keys of TASK (a name, label or key prefix) and every active task upstream (``"up"``) or
+    downstream (``"down"``) of it."""
+    pid = _pipeline_id(store, pipeline)
+    rows = store.task_rows(pid)
+    active = set(rows)
+    # a name matches every task of it (fraction: its 20 calls); else one label or key prefix
+    starts = [k for k, r in rows.items() if task in (r["name"], r["label"])] or \
+        [_task_row(store, pid, task)["key"]]
+    links: dict[str, list[str]] = {}
+    for parent, child in store.connect().execute(
+            "SELECT parent, child FROM edges WHERE pipeline_id = ?", (pid,)):
+        if parent in active and child in active:
+            a, b = (child, parent) if direction == "up" else (parent, child)
+            links.setdefault(a, []).append(b)
+    seen = set(starts)
+    todo = list(starts)
+    while todo:
+        for nxt in links.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
 
 
 def _task_row(store: Store, pipeline_id: int, task: str) -> Any:
@@ -226,6 +264,7 @@ def task_detail(store: Store, pipeline: str, task: str) -> dict[str, Any]:
     return {
         "name": row["name"], "key": row["key"], "label": row["label"], "state": row["state"],
         "attempts": attempts, "reason": row["reason"], "error": row["error"],
+        "outcome": outcome(row["state"], row["error"], row["reason"]),
         "resources": json.loads(row["resources"] or "{}"),
         "components": json.loads(row["components"]),
         "result": result,
@@ -463,3 +502,39 @@ def doctor(store: Store, *, repair: bool = False) -> dict[str, Any]:
             "orphan_specs": orphan_specs, "orphan_records": orphan_records,
             "unrecorded_results": unrecorded,
             "repaired": repair and problems}
+
+
+def taskfile_entries(store: Store, rows: list[dict[str, Any]], source: str | None = None) -> list[Any]:
+    """The task-file entries (:class:`~nbpipe.TaskItem`) of listed tasks, in their order, to
+    write back out as a task file: from the task file ``source`` (streamed), else from the
+    specs the store keeps of unfinished and failed tasks. Tasks that are not task-file entries
+    (no ``[task_id]`` in their label) are left out; one whose entry cannot be found is an error
+    naming it."""
+    from .errors import TaskfileError
+    from .taskfile import TaskItem, iter_tasks, task_id_of
+
+    wanted = {task_id_of(r["label"]): r for r in rows if task_id_of(r["label"]) is not None}
+    found: dict[str, Any] = {}
+    if source is not None:
+        for item in iter_tasks(source):
+            if item.task_id in wanted:
+                found[item.task_id] = item
+    else:
+        import cloudpickle
+
+        for task_id, row in wanted.items():
+            path = store.path / "specs" / row["key"][:2] / f"{row['key']}.pkl"
+            with contextlib.suppress(Exception):  # a spec an older nbpipe wrote: not found
+                spec = cloudpickle.loads(path.read_bytes())
+                args = list(spec.get("args") or ()) + list((spec.get("kwargs") or {}).values())
+                item = next((a for a in args if isinstance(a, TaskItem)), None)
+                if item is not None:
+                    found[task_id] = item
+    missing = [wanted[t]["label"] for t in wanted if t not in found]
+    if missing:
+        where = (f"the task file {source}" if source
+                 else "the store (it keeps the entries of unfinished and failed tasks only)")
+        raise TaskfileError(
+            f"no task-file entry for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+            f"in {where}; name the task file they came from with --from TASKFILE")
+    return [found[t] for t in wanted]

@@ -27,6 +27,7 @@ from distributed import as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.scheduler import KilledWorker
 
+from . import policy  # i20: timeout, retry_on, stop_on_failure
 from .cluster import Connection
 from .config import setting
 from .crashes import Crash, describe, discard, read_crash
@@ -147,6 +148,7 @@ class Runner:
         self.kill_requested: set[TaskRef] = set()
         self.kill_deadline: dict[TaskRef, float] = {}
         self.paused = self.store.is_paused(self.pid)
+        self.stop_on_failure = False  # i20: set by run(stop_on_failure=True) (nbpipe.policy)
         self.counters = _Counters()
         self.batch = Batch()
         self.batch_inline: dict[str, bytes] = {}  # inline results in the batch, not yet written
@@ -423,6 +425,8 @@ class Runner:
         self.kill_deadline.pop(ref, None)
         self.counters.finished[state.value] += 1
         self.batch.state(self.pid, ref.key, state.value, attempts=ref.attempts, error=ref.error)
+        if state is State.FAILED and self.stop_on_failure:  # i20: stop_on_failure (policy)
+            policy.stop_submitting(self, ref)
         if state is State.SUCCEEDED:
             for child in self.children.get(ref, ()):
                 if child.state is State.WAITING and child in self.blockers:
@@ -649,6 +653,7 @@ class Runner:
                 kwargs=self._substitute(ref.kwargs) if ref.upstream else ref.kwargs,
                 kind=ref.func.kind, env=ref.func.run_env(ref.shape),
                 outputs=tuple(str(p) for p in ref.out_files), inline=self.inline_bytes,
+                timeout=policy.timeout_of(ref),  # i20: enforced by the worker (nbpipe.policy)
             ))
             self.batch.state(self.pid, ref.key, State.PENDING.value, attempts=ref.attempts,
                              reason=ref.reason)
@@ -876,21 +881,24 @@ class Runner:
             elif died and crash is not None and crash.key == ref.key:
                 self._crash_attempt(ref, crash)
             elif died:
-                self._attempt_failed(ref, self._worker_died(ref, exc), None, None)
+                self._attempt_failed(ref, self._worker_died(ref, exc), None, None, "lost")
             else:
-                self._attempt_failed(ref, message, None, None)
+                self._attempt_failed(ref, message, None, None, "lost")
 
     def _crash_attempt(self, ref: TaskRef, crash: Crash) -> None:
         """Record the attempt that ended its worker process (Dask gave up: ``KilledWorker``)."""
         header = crash.header
-        error = describe(ref.label, crash)
+        error = describe(ref.label, crash) if crash.timeout is None else \
+            policy.timeout_error(ref.label, crash.timeout)  # i20: its watchdog ended the process
         self.batch.attempts.append((
-            self.pid, ref.key, ref.attempts, State.FAILED.value, header.get("start", 0.0),
+            self.pid, ref.key, ref.attempts,
+            State.FAILED.value if crash.timeout is None else policy.TIMED_OUT, header.get("start", 0.0),
             time.time(), header.get("worker"), header.get("host"), header.get("pid"), None,
             crash.exit_code, error, crash.fault or None, crash.stdout[-TAIL:],
             crash.stderr[-TAIL:], None,
         ))
-        self._attempt_failed(ref, error, crash.fault or None, None)
+        self._attempt_failed(ref, error, crash.fault or None, None,
+                             "exit" if crash.timeout is None else "timeout")
 
     def _worker_died(self, ref: TaskRef, exc: Any) -> str:
         """Explain a task whose workers kept dying; grow its memory when it asks for that."""
@@ -937,7 +945,7 @@ class Runner:
         elif o.state == State.KILLED.value or ref in self.kill_requested:
             self._finish(ref, State.KILLED, o.error or f"task {ref.label!r} was killed on request")
         elif not (o.error or "").startswith("UpstreamCorrupt") or not self._upstream_corrupt(ref, o):
-            self._attempt_failed(ref, o.error, o.traceback, o.exception)
+            self._attempt_failed(ref, o.error, o.traceback, o.exception, o.failure or "exception")
 
     def _upstream_corrupt(self, ref: TaskRef, o: Outcome) -> bool:
         """An upstream result read by ``ref`` was damaged: compute that task again, then run
@@ -970,13 +978,13 @@ class Runner:
 
     @staticmethod
     def _retries_left(ref: TaskRef) -> bool:
-        """Whether a failed attempt of ``ref`` is followed by another (its ``retries``)."""
-        return ref.attempts - ref.budget <= ref.func.opts.retries
+        """Whether a lost worker's attempt of ``ref`` is followed by another (its ``retries``)."""
+        return policy.should_retry(ref, "lost")
 
     def _attempt_failed(self, ref: TaskRef, error: str | None, tb: str | None,
-                        exception: bytes | None) -> None:
+                        exception: bytes | None, kind: str = "exception") -> None:
         ref.error, ref.traceback, ref.exception = error, tb, exception
-        if self._retries_left(ref):
+        if policy.should_retry(ref, kind):  # i20: retries and retry_on (nbpipe.policy)
             ref.state = State.WAITING
             self.batch.state(
                 self.pid, ref.key, State.WAITING.value, attempts=ref.attempts, error=error,

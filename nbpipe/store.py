@@ -545,6 +545,19 @@ class Store:
         row = self.connect().execute("SELECT data FROM results WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
+    def last_success(self, pipeline_id: int, label: str, *, exclude: str = "") -> sqlite3.Row | None:
+        """The latest task of ``label`` that succeeded and whose result is still recorded (key,
+        updated, and its result's path, checksum, size, data), other than ``exclude``."""
+        for row in self.connect().execute(
+            """SELECT t.key AS key, t.updated AS updated, r.path AS path, r.checksum AS checksum,
+                      r.size AS size, r.data AS data
+               FROM tasks t JOIN results r ON r.key = t.key
+               WHERE t.pipeline_id = ? AND t.label = ? AND t.key != ? AND t.state = 'SUCCEEDED'
+               ORDER BY t.updated DESC""", (pipeline_id, label, exclude)):
+            if row["path"] == "" or (self.path / row["path"]).exists():
+                return row
+        return None
+
     def forget_result(self, key: str) -> None:
         """Drop the record of a result file that turned out missing or corrupt."""
         with self.transaction() as tx:

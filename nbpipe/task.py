@@ -49,7 +49,7 @@ class TaskOptions:
     """
 
     name: str | None = None
-    retries: int = 0
+    retries: int | None = None  # None: the pipeline's or configured default (nbpipe.policy), else 0
     cores: int = 1
     memory: int | None = None
     walltime: float | None = None
@@ -62,6 +62,9 @@ class TaskOptions:
     max_concurrent: int | None = None
     retry_memory_factor: float | None = None
     env_inputs: tuple[str, ...] = ()
+    timeout: float | None = None  # seconds; None: the default (nbpipe.policy), else no limit
+    retry_on: frozenset[str] | None = None  # kinds of failure retried; None: the default
+    trust_existing: bool | None = None  # adopt existing declared Out files instead of running
 
     def resources(self) -> dict[str, Any]:
         """The options a scheduler needs, for the store and the command line."""
@@ -69,6 +72,8 @@ class TaskOptions:
             "retries": self.retries, "cores": self.cores, "memory": self.memory,
             "walltime": self.walltime, "gpus": self.gpus, "pool": self.pool,
             "max_concurrent": self.max_concurrent, "retry_memory_factor": self.retry_memory_factor,
+            "timeout": self.timeout,
+            "retry_on": sorted(self.retry_on) if self.retry_on is not None else None,
         }
 
 
@@ -131,6 +136,19 @@ def make_options(task: str, **kw: Any) -> TaskOptions:
     for option, minimum in (("retries", 0), ("cores", 1), ("gpus", 0)):
         if kw.get(option) is not None:
             out[option] = _positive_int(kw[option], option, task, minimum)
+    if kw.get("timeout") is not None:
+        from .policy import parse_timeout
+
+        out["timeout"] = parse_timeout(kw["timeout"], task)
+    if kw.get("retry_on") is not None:
+        from .policy import parse_retry_on
+
+        out["retry_on"] = parse_retry_on(kw["retry_on"], task)
+    if kw.get("trust_existing") is not None:
+        if not isinstance(kw["trust_existing"], bool):
+            raise TaskDefinitionError(
+                f"task {task!r}: trust_existing={kw['trust_existing']!r} must be True or False")
+        out["trust_existing"] = kw["trust_existing"]
     if kw.get("max_concurrent") is not None:
         out["max_concurrent"] = _positive_int(kw["max_concurrent"], "max_concurrent", task, 1)
     factor = kw.get("retry_memory_factor")
@@ -527,8 +545,12 @@ task = _decorator("python")
 task.__doc__ = """Make a function a task: ``@task`` or ``@task(retries=2, memory="4GB", ...)``.
 
 Options: ``name, retries, cores, memory, walltime, gpus, pool, env, env_inputs, version, cache,
-after, max_concurrent, retry_memory_factor``. ``env={"MODE": "fast"}`` sets variables for the task
-and counts in its identity; ``env_inputs=["OUTPUT_DIR"]`` makes variables the task inherits count
+after, max_concurrent, retry_memory_factor, timeout, retry_on, trust_existing``.
+``timeout="10m"`` stops a task that runs longer (its attempt is recorded ``TIMED_OUT``);
+``retry_on=["exception", "timeout"]`` picks the kinds of failure ``retries`` apply to (see
+:mod:`nbpipe.policy`); ``trust_existing=True`` adopts declared ``Out`` files that already exist.
+``env={"MODE": "fast"}`` sets variables for the task and counts in its identity;
+``env_inputs=["OUTPUT_DIR"]`` makes variables the task inherits count
 (their values here, which the task then runs with). ``cores``, ``memory``, ``gpus`` and ``walltime`` send the
 task only to workers that have them (on a batch cluster, to a worker pool large enough).
 

@@ -40,11 +40,14 @@ from .crashes import Crash, Recorder, describe, read_crash, record_path
 from .errors import (
     BashTaskError,
     OutputNotStored,
+    Permanent,
     ResultCorrupt,
     ResultWriteError,
     TaskKilled,
+    TaskTimedOut,
     UpstreamCorrupt,
 )
+from .policy import TIMED_OUT, TIMEOUT_GRACE, timeout_error
 from .results import INLINE_SECONDS, read_result, write_result
 
 __all__ = ["Outcome", "Upstream", "WorkItem", "interrupt", "run_items"]
@@ -79,6 +82,7 @@ class WorkItem:
     env: dict[str, str] = field(default_factory=dict)
     outputs: tuple[str, ...] = ()
     inline: int = 0  # the largest result kept inline, if the task is quick (nbpipe.results)
+    timeout: float | None = None  # seconds it may run (nbpipe.policy); enforced here
 
 
 @dataclass
@@ -104,6 +108,7 @@ class Outcome:
     exception: bytes | None = None
     exit_code: int | None = None
     job_id: str | None = None
+    failure: str | None = None  # kind of failure: exception, permanent, timeout, exit (policy)
 
     def fields(self) -> list[Any]:
         """The field values in order (compact to send; ``Outcome(*values)`` rebuilds it)."""
@@ -245,6 +250,49 @@ def interrupt(key: str) -> bool:
         ctypes.c_ulong(thread_id), ctypes.py_object(TaskKilled)
     )
     return True
+
+
+class _Watchdog:
+    """The timeout of one item: at the deadline, raise TaskTimedOut in its thread; if the item
+    is still running :data:`~nbpipe.policy.TIMEOUT_GRACE` seconds later (blocked in C code,
+    a sleep in a C library), note the timeout in the worker's crash record and end the process:
+    Dask starts a new worker, and the item's outcome is read from the record
+    (:mod:`nbpipe.crashes`): a timed-out attempt, not a lost worker."""
+
+    def __init__(self, item: WorkItem, thread_id: int, recorder: Recorder | None):
+        self.item, self.thread_id, self.recorder = item, thread_id, recorder
+        self.fired = False
+        self.done = threading.Event()
+        self.lock = threading.Lock()  # after stop() returns, nothing fires any more
+        self.thread = threading.Thread(target=self._watch, daemon=True,
+                                       name=f"nbpipe-timeout-{item.key[:8]}")
+        self.thread.start()
+
+    def _watch(self) -> None:
+        assert self.item.timeout is not None
+        if self.done.wait(self.item.timeout):
+            return
+        with self.lock:
+            if self.done.is_set():
+                return
+            self.fired = True
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(self.thread_id), ctypes.py_object(TaskTimedOut))
+        if self.done.wait(TIMEOUT_GRACE):
+            return
+        with self.lock:
+            if self.done.is_set():
+                return
+            if self.recorder is not None:  # only this record says why: the rest is lost work
+                self.recorder.line(f"timeout {self.item.key} {self.item.attempt} "
+                                   f"{self.item.timeout!r}")
+            from .crashes import _real_exit
+
+            _real_exit(124)  # (the code `timeout` uses) the only way to stop C code in a thread
+
+    def stop(self) -> None:
+        with self.lock:
+            self.done.set()
 
 
 def install_termination_notice() -> None:
@@ -398,21 +446,36 @@ def _run_one(
         try:
             if item.key in _killed:
                 raise TaskKilled(f"task {item.label!r} was killed")
+            before = _stats(item.outputs)  # outputs there already: each must be rewritten
             _running[item.key] = threading.get_ident()
+            watchdog = (_Watchdog(item, threading.get_ident(), recorder)
+                        if item.timeout is not None else None)
             try:
                 value = _call(fn, item, values)
             finally:
                 _running.pop(item.key, None)
+                if watchdog is not None:
+                    watchdog.stop()
             missing = [p for p in item.outputs if not os.path.exists(p)]
             if missing:
                 raise FileNotFoundError(
                     f"task {item.label!r} finished without writing its declared output "
                     f"file(s) {', '.join(missing)}"
                 )
+            stale = [p for p, stat in before.items() if _stats([p]).get(p) == stat]
+            if stale:  # depio's check: an Out that existed before and is untouched is stale
+                raise FileExistsError(
+                    f"task {item.label!r} finished without updating its declared output "
+                    f"file(s) {', '.join(stale)}, which existed before it ran; write them in the "
+                    "task (or remove them first), or set trust_existing=True to adopt existing "
+                    "files instead of running"
+                )
             quick = time.time() - outcome.start < INLINE_SECONDS
             result, outcome.data = _write(store_dir, item, value, item.inline if quick else 0)
             outcome.result = tuple(result)  # type: ignore[assignment]
             outcome.state = "SUCCEEDED"
+        except TaskTimedOut:
+            _timed_out(outcome, item)
         except TaskKilled:
             outcome.state = "KILLED"
             outcome.error = f"task {item.label!r} was killed on request"
@@ -421,6 +484,7 @@ def _run_one(
             outcome.exit_code = code if isinstance(code, int) else (0 if code is None else 1)
             outcome.error = (f"task {item.label!r} exited with code {outcome.exit_code} "
                              f"(sys.exit({code!r}) in the task)")
+            outcome.failure = "exit"
             outcome.traceback = "".join(
                 traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
         except BaseException as exc:  # noqa: BLE001 - every failure becomes an outcome
@@ -428,12 +492,16 @@ def _run_one(
             outcome.traceback = "".join(
                 traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__))
             )
+            outcome.failure = "permanent" if isinstance(exc, Permanent) else "exception"
             if isinstance(exc, BashTaskError):
                 outcome.exit_code = exc.exit_code
+                outcome.failure = "exit"
             try:
                 outcome.exception = cloudpickle.dumps(exc)
             except Exception:
                 outcome.exception = None
+    except TaskTimedOut:  # the async exception arrived just after the task returned
+        _timed_out(outcome, item)
     except TaskKilled:  # the async exception arrived just after the task returned
         outcome.state = "KILLED"
         outcome.error = f"task {item.label!r} was killed on request"
@@ -456,6 +524,22 @@ def _run_one(
     return outcome
 
 
+def _stats(paths: Any) -> dict[str, tuple[int, int, int]]:
+    """(inode, size, modification time in ns) of the files among ``paths`` that exist."""
+    out = {}
+    for p in paths:
+        with contextlib.suppress(OSError):
+            st = os.stat(p)
+            out[p] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _timed_out(outcome: Outcome, item: WorkItem) -> None:
+    outcome.state, outcome.failure = TIMED_OUT, "timeout"
+    outcome.error = timeout_error(item.label, item.timeout or 0.0)
+    outcome.result = outcome.data = None
+
+
 def _memory_limit() -> int | None:
     try:
         from distributed import get_worker
@@ -469,12 +553,22 @@ def _crashed(item: WorkItem, crash: Crash) -> Outcome:
     """The failed attempt of an item whose worker process died while running it."""
     header = crash.header
     env_id, env = environment()
+    if crash.timeout is not None:  # ended by its watchdog: blocked past its timeout
+        return Outcome(
+            key=item.key, attempt=item.attempt, state=TIMED_OUT, start=header.get("start", 0.0),
+            end=time.time(), worker=header.get("worker"), hostname=header.get("host", ""),
+            pid=header.get("pid", 0), env_id=env_id, env=env, stdout=crash.stdout[-TAIL:],
+            stderr=crash.stderr[-TAIL:],
+            error=timeout_error(item.label, crash.timeout) + " (its worker process was ended: "
+                  "the task did not stop on its own, e.g. blocked in C code)",
+            exit_code=None, job_id=batch_job_id(), failure="timeout")
     return Outcome(
         key=item.key, attempt=item.attempt, state="FAILED", start=header.get("start", 0.0),
         end=time.time(), worker=header.get("worker"), hostname=header.get("host", ""),
         pid=header.get("pid", 0), env_id=env_id, env=env, stdout=crash.stdout[-TAIL:],
         stderr=crash.stderr[-TAIL:], error=describe(item.label, crash),
         traceback=crash.fault or None, exit_code=crash.exit_code, job_id=batch_job_id(),
+        failure="exit",
     )
 
 
