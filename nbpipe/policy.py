@@ -253,6 +253,16 @@ def stop_submitting(runner: Any, failed: TaskRef) -> None:
 
     message = (f"not started: the run stopped at the failure of {failed.label!r} "
                "(stop_on_failure); fix it, then run again")
+    # Handed to Dask but not started yet: taken back (as a pause does), then not started.
+    for sub in list(runner.inflight.values()):
+        if sub.started or any(r.state is not State.PENDING for r in sub.refs):
+            continue
+        sub.cancelled = True
+        sub.future.cancel()
+        runner._release(sub)
+        for ref in sub.refs:
+            ref.attempts -= 1
+            ref.state = State.WAITING
     for ref in list(runner.by_key.values()):
         if ref.state is State.WAITING and ref not in runner.sub_of:
             runner._finish(ref, State.KILLED, message)

@@ -1,0 +1,294 @@
+"""Deciding by hand and run modes, ported from the seeds: accepting a result after a cosmetic
+edit (jobmon's update_task_status -s D), keeping SUCCEEDED results and re-running only FAILED
+ones (desipipe), stopping at the first error (desipipe's stop_at_error), skipping by state or
+label, adopting existing products (depio's IF_MISSING) and failing stale products (depio)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Annotated
+
+import pytest
+from conftest import run_script
+
+from nbpipe import In, Out, Pipeline, State, queries
+
+TIMEOUT = 180
+
+
+def _nbpipe(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "nbpipe.cli", *args, "--store", str(store)],
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+ACCEPT_SCRIPT = """
+    import sys
+    from nbpipe import Pipeline, queries
+    pipe = Pipeline("flow", cluster={"kind": "local", "workers": 1})
+    MESSAGE = sys.argv[1]
+
+    @pipe.task
+    def scale(x: int) -> int:
+        note = MESSAGE  # a global the task reads: its key changes with it (a cosmetic edit)
+        return x * 10
+
+    ref = scale(4)
+    if sys.argv[2] == "accept":
+        print("state before", ref.state.value)
+        print("accepted", pipe.accept(ref))
+        print("why", pipe.why(ref))
+        node = next(n for n in queries.graph(pipe.store, "flow")["nodes"] if n["key"] == ref.key)
+        print("outcome", node["outcome"])
+        print("attempts", len(pipe.store.attempts(pipe.pipeline_id, ref.key)))
+    elif sys.argv[2] == "retry":
+        pipe.retry(ref, wait=True)
+        print("attempts after retry", len(pipe.store.attempts(pipe.pipeline_id, ref.key)))
+    summary = pipe.run()
+    print("executed", summary.executed, "value", ref.result())
+    pipe.close()
+"""
+
+
+def test_accept_keeps_the_last_successful_result_after_a_cosmetic_edit(tmp_path: Path) -> None:
+    script = tmp_path / "flow.py"
+    first = run_script(script, ACCEPT_SCRIPT, "v1", "run", timeout=TIMEOUT)
+    assert "executed 1 value 40" in first.stdout, first.stderr
+    second = run_script(script, ACCEPT_SCRIPT, "v1 reworded", "accept", timeout=TIMEOUT)
+    assert second.returncode == 0, second.stderr
+    out = second.stdout
+    assert "state before WAITING" in out
+    assert "why accepted by hand on " in out
+    assert "outcome accepted" in out
+    assert "attempts 0" in out  # no attempt is invented
+    assert "executed 0 value 40" in out  # nothing ran: the result was accepted
+    events = _nbpipe(tmp_path / ".nbpipe", "events", "flow")
+    assert "accepted by hand on" in events.stdout  # recorded, never silent
+    # undo: retry runs it
+    third = run_script(script, ACCEPT_SCRIPT, "v1 reworded", "retry", timeout=TIMEOUT)
+    assert third.returncode == 0, third.stderr
+    assert "attempts after retry 1" in third.stdout and "value 40" in third.stdout
+
+
+def test_accept_without_an_earlier_success_is_an_error_naming_the_task(pipe: Pipeline) -> None:
+    @pipe.task
+    def never_ran(x: int) -> int:
+        return x
+
+    ref = never_ran(1)
+    with pytest.raises(Exception, match=r"task 'never_ran\(x=1\)'.*no earlier successful run"):
+        pipe.accept(ref)
+
+
+def test_nbpipe_accept_from_the_command_line_then_why_and_a_rerun_that_executes_nothing(
+        tmp_path: Path) -> None:
+    script = """
+        import sys
+        from nbpipe import Pipeline
+        pipe = Pipeline("flow", cluster="local")
+        MESSAGE = sys.argv[1]
+
+        @pipe.task
+        def scale(x: int) -> int:
+            note = MESSAGE  # a global the task reads: its key changes with it
+            return x * 10
+
+        ref = scale(3)
+        summary = pipe.run()
+        print("executed", summary.executed, "value", ref.result())
+        pipe.close()
+    """
+    first = run_script(tmp_path / "flow.py", script, "v1", timeout=TIMEOUT)
+    assert first.returncode == 0, first.stderr
+    assert "executed 1 value 30" in first.stdout
+    # An edit registers the new definition (the script is stopped before it runs: --detach-free
+    # way of registering is running it with the pipeline paused)
+    store = tmp_path / ".nbpipe"
+    assert _nbpipe(store, "pause", "flow").returncode == 0
+    second = run_script(tmp_path / "flow.py", script.replace("print(", "pass  # print("), "v2",
+                        timeout=TIMEOUT)
+    assert second.returncode == 0, second.stderr
+    assert _nbpipe(store, "resume", "flow", "--no-spawn").returncode == 0
+    accepted = _nbpipe(store, "accept", "flow", "scale(x=3)")
+    assert accepted.returncode == 0, accepted.stderr
+    assert "accepted by hand on" in accepted.stdout
+    why = _nbpipe(store, "why", "flow", "scale(x=3)")
+    assert "accepted by hand on" in why.stdout
+    third = run_script(tmp_path / "flow.py", script, "v2", timeout=TIMEOUT)
+    assert third.returncode == 0, third.stderr
+    assert "executed 0 value 30" in third.stdout
+
+
+KEEP_SCRIPT = """
+    import sys
+    from nbpipe import Pipeline
+    pipe = Pipeline("batch", cluster={"kind": "local", "workers": 1})
+    FIXED = sys.argv[1] == "fixed"
+
+    @pipe.task
+    def process(i: int) -> int:
+        if i == 3 and not FIXED:
+            raise ValueError(i)
+        return i * i
+
+    refs = process.map(range(5))
+    summary = pipe.run()
+    print("executed", summary.executed, "failed", summary.failed)
+    if not summary.failed:
+        print("values", [r.result() for r in refs])
+        print("why", [pipe.why(r).split(" on ")[0] for r in refs])
+    pipe.close()
+"""
+
+
+def test_keep_succeeded_reruns_only_failed_and_new_tasks(tmp_path: Path) -> None:
+    # desipipe: after fixing code, re-run only the FAILED tasks and keep the SUCCEEDED results.
+    script = tmp_path / "batch.py"
+    first = run_script(script, KEEP_SCRIPT, "broken", timeout=TIMEOUT)
+    assert "executed 5 failed ['process(i=3)']" in first.stdout, first.stderr
+    script.write_text(textwrap.dedent(KEEP_SCRIPT))
+    fixed = subprocess.run([sys.executable, "-m", "nbpipe.cli", "run", "--keep-succeeded", "batch.py",
+                            "fixed"], cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    assert fixed.returncode == 0, fixed.stderr
+    assert "executed 1 failed []" in fixed.stdout  # only the one that failed ran
+    assert "values [0, 1, 4, 9, 16]" in fixed.stdout
+    assert fixed.stdout.count("accepted by hand (keep_succeeded)") == 4
+
+
+def test_stop_on_failure_starts_nothing_new_after_the_first_failure(pipe: Pipeline) -> None:
+    @pipe.task
+    def gate() -> int:
+        time.sleep(3)  # still running when boom fails: it finishes
+        return 1
+
+    @pipe.task
+    def step(i: int, gate_value: int) -> int:
+        return i + gate_value
+
+    @pipe.task
+    def boom() -> None:
+        raise RuntimeError("first one fails")
+
+    opened = gate()
+    later = [step(i, opened) for i in range(5)]  # ready only after boom failed
+    failed = boom()
+    summary = pipe.run(stop_on_failure=True, timeout=TIMEOUT)
+    assert failed.state is State.FAILED and opened.state is State.SUCCEEDED
+    assert [r.state for r in later] == [State.KILLED] * 5
+    assert all("stop_on_failure" in r.error and "'boom'" in r.error for r in later)
+    assert all(pipe.store.attempts(pipe.pipeline_id, r.key) == [] for r in later)
+    assert summary.counts == {"FAILED": 1, "SUCCEEDED": 1, "KILLED": 5}
+    # a run without the mode runs them
+    pipe.run(timeout=TIMEOUT)
+    assert [r.state for r in later] == [State.SUCCEEDED] * 5
+
+
+def test_stop_on_failure_from_the_command_line(tmp_path: Path) -> None:
+    (tmp_path / "flow.py").write_text(
+        "import time\nfrom nbpipe import Pipeline\n"
+        "pipe = Pipeline('flow', cluster={'kind': 'local', 'workers': 1})\n"
+        "@pipe.task\ndef gate():\n    time.sleep(3)\n    return 1\n"
+        "@pipe.task\ndef step(i, g):\n    return i\n"
+        "@pipe.task\ndef boom():\n    raise RuntimeError('boom')\n"
+        "g = gate()\nrefs = [step(i, g) for i in range(4)]\nboom()\npipe.run()\n")
+    result = subprocess.run([sys.executable, "-m", "nbpipe.cli", "run", "--stop-on-failure", "flow.py"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 1, result.stderr
+    listing = _nbpipe(tmp_path / ".nbpipe", "tasks", "flow", "--state", "KILLED", "--json")
+    killed = json.loads(listing.stdout)
+    assert killed and all("stop_on_failure" in t["error"] for t in killed)
+
+
+def test_skip_leaves_tasks_out_by_state_and_by_label(pipe: Pipeline) -> None:
+    @pipe.task
+    def part(i: int) -> int:
+        if i == 1:
+            raise RuntimeError("broken input")
+        return i
+
+    @pipe.task
+    def combine(x: int) -> int:
+        return x + 100
+
+    parts = [part(i) for i in range(3)]
+    pipe.run(timeout=TIMEOUT)
+    assert parts[1].state is State.FAILED
+    downstream = combine(parts[1])
+    summary = pipe.run(skip="FAILED", timeout=TIMEOUT)  # what failed is not tried again
+    assert parts[1].state is State.FAILED and downstream.state is State.WAITING
+    assert len(pipe.store.attempts(pipe.pipeline_id, parts[1].key)) == 1
+    assert summary.executed == 0
+    other = combine(parts[0])
+    pipe.run(skip=["combine(x=<part*"], timeout=TIMEOUT)
+    assert other.state is State.WAITING
+
+
+def test_trust_existing_adopts_existing_products_with_their_checksums(pipe: Pipeline, tmp_path: Path
+                                                                     ) -> None:
+    # depio IF_MISSING: a product made before nbpipe (or by hand) is not made again.
+    product = tmp_path / "made-by-hand.txt"
+    product.write_text("precious\n")
+    ran = tmp_path / "ran"
+
+    @pipe.task(trust_existing=True)
+    def make(out: Annotated[Path, Out]) -> None:
+        ran.write_text("yes")
+        Path(out).write_text("remade\n")
+
+    @pipe.task
+    def use(path: Annotated[Path, In]) -> str:
+        return Path(path).read_text()
+
+    made = make(product)
+    used = use(product)
+    pipe.run(check=True, timeout=TIMEOUT)
+    assert not ran.exists() and product.read_text() == "precious\n"
+    assert made.state is State.SUCCEEDED and used.result() == "precious\n"
+    why = pipe.why(made)
+    assert why.startswith("adopted existing output file(s)") and str(product) in why
+    assert "blake2b" in why
+    node = next(n for n in queries.graph(pipe.store, pipe.name)["nodes"] if n["key"] == made.key)
+    assert node["outcome"] == "adopted"
+
+
+def test_without_trust_existing_an_existing_product_that_is_not_rewritten_fails(
+        pipe: Pipeline, tmp_path: Path) -> None:
+    # depio: a task that does not update its product fails, naming the path.
+    product = tmp_path / "stale.txt"
+    product.write_text("old\n")
+
+    @pipe.task
+    def lazy(out: Annotated[Path, Out]) -> None:
+        if Path(out).exists():
+            return  # "already there": the product is stale
+
+    @pipe.task
+    def diligent(out: Annotated[Path, Out]) -> None:
+        Path(out).write_text("new\n")
+
+    stale, fresh = lazy(product), diligent(tmp_path / "fresh.txt")
+    (tmp_path / "fresh.txt").write_text("old\n")
+    pipe.run(timeout=TIMEOUT)
+    assert stale.state is State.FAILED
+    assert "without updating its declared output file(s)" in stale.error
+    assert str(product) in stale.error
+    assert fresh.state is State.SUCCEEDED
+
+
+def test_trust_existing_for_a_whole_run_from_the_command_line(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("by hand\n")
+    (tmp_path / "flow.py").write_text(
+        "from pathlib import Path\nfrom typing import Annotated\nfrom nbpipe import Out, Pipeline\n"
+        "pipe = Pipeline('flow', cluster={'kind': 'local', 'workers': 1})\n"
+        "@pipe.task\ndef make(out: Annotated[Path, Out]) -> None:\n    Path('ran').write_text('yes')\n"
+        "    Path(out).write_text('made')\n"
+        "make(Path('a.txt').absolute())\npipe.run()\n")
+    result = subprocess.run([sys.executable, "-m", "nbpipe.cli", "run", "--trust-existing", "flow.py"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "ran").exists()
+    assert (tmp_path / "a.txt").read_text() == "by hand\n"
