@@ -91,12 +91,12 @@ SETTINGS = {
     "idle-timeout": "a finite duration such as '60s' (how long a batch pool keeps jobs it no "
                     "longer needs)",
     "batch-seconds": "a finite number of seconds >= 0 (0 turns batching of tiny tasks off)",
+    "inline-bytes": "a finite whole number of bytes >= 0 (results of quick tasks up to this size are kept in "
+                    "the store's database; 0: every result is a file)",
     "task": "task defaults: a mapping of retries, timeout, retry_on, trust_existing "
             "(see nbpipe.policy)",
     "run": "run modes: a mapping of stop-on-failure, keep-succeeded, trust-existing (true/false; "
            "what `nbpipe run --stop-on-failure` sets)",
-    "inline-bytes": "a finite whole number of bytes >= 0 (results of quick tasks up to this size are kept in "
-                    "the store's database; 0: every result is a file)",
 }
 
 

@@ -60,6 +60,12 @@ TIMEOUT_GRACE = 2.0
 _TIMEOUT_PREFIX = "timed out after "
 
 
+def _who(task: str) -> str:
+    """How a message names where a value came from: a task, or a place such as a file."""
+    return task if task.startswith(("Pipeline(", "/", "the ", "dask.config")) or ":" in task \
+        else f"task {task!r}"
+
+
 def parse_timeout(value: Any, task: str, option: str = "timeout") -> float | None:
     """Seconds from ``"10m"``, ``"1h"``, ``"HH:MM:SS"``, ``"D-HH:MM:SS"`` or a number."""
     if value is None:
@@ -78,7 +84,7 @@ def parse_timeout(value: Any, task: str, option: str = "timeout") -> float | Non
     if seconds is not None and math.isfinite(seconds) and seconds > 0:
         return seconds
     raise TaskDefinitionError(
-        f"task {task!r}: {option}={value!r} is not a duration longer than 0 s; use e.g. '10m', "
+        f"{_who(task)}: {option}={value!r} is not a duration longer than 0 s; use e.g. '10m', "
         "'1h', '00:30:00' or a number of seconds (leave it out for no limit)"
     )
 
@@ -92,7 +98,7 @@ def parse_retry_on(value: Any, task: str) -> frozenset[str]:
         wrong = [k for k, v in value.items() if not isinstance(v, bool)]
         if wrong:
             raise TaskDefinitionError(
-                f"task {task!r}: retry_on={dict(value)!r}: each kind maps to True or False, "
+                f"{_who(task)}: retry_on={dict(value)!r}: each kind maps to True or False, "
                 f"e.g. retry_on={{'exit': False}}")
         kinds = [k for k in value]
         chosen = {k for k in FAILURE_KINDS if value.get(k, True)}
@@ -101,14 +107,14 @@ def parse_retry_on(value: Any, task: str) -> frozenset[str]:
         chosen = set(kinds)
     else:
         raise TaskDefinitionError(
-            f"task {task!r}: retry_on={value!r} must list kinds of failure, e.g. "
+            f"{_who(task)}: retry_on={value!r} must list kinds of failure, e.g. "
             f"retry_on=['exception', 'timeout'] (kinds: {', '.join(FAILURE_KINDS)})")
     unknown = [k for k in kinds if k not in FAILURE_KINDS]
     if unknown:
         guess = difflib.get_close_matches(str(unknown[0]), FAILURE_KINDS, 1)
         hint = f" (did you mean {guess[0]!r}?)" if guess else ""
         raise TaskDefinitionError(
-            f"task {task!r}: retry_on has the unknown kind {unknown[0]!r}{hint}; the kinds are "
+            f"{_who(task)}: retry_on has the unknown kind {unknown[0]!r}{hint}; the kinds are "
             f"{', '.join(FAILURE_KINDS)}")
     return frozenset(chosen)
 
