@@ -42,6 +42,7 @@ JSON_COMMANDS = {"doctor", "events", "pipelines", "show", "tasks"}  # the comman
 STATE_STYLE = {
     "WAITING": "dim", "PENDING": "cyan", "RUNNING": "blue", "SUCCEEDED": "green",
     "FAILED": "red", "UPSTREAM_FAILED": "yellow", "KILLED": "magenta",
+    "TIMED_OUT": "red",  # an attempt stopped by its timeout (nbpipe.policy)
 }
 
 
@@ -108,7 +109,8 @@ def _emit(data: Any, as_json: bool, table: Table | None = None) -> None:
 
 
 def _state(state: str) -> str:
-    return f"[{STATE_STYLE.get(state, '')}]{state}[/]"
+    style = STATE_STYLE.get(state)
+    return f"[{style}]{state}[/]" if style else escape(state)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -306,7 +308,9 @@ def show(ctx: click.Context, pipeline: str, task: str | None, as_json: bool) -> 
     if as_json:
         _emit(detail, True)
         return
-    console.print(f"[bold]{escape(detail['label'])}[/]  {_state(detail['state'])}  key {detail['key']}")
+    outcome = f" ({detail['outcome']})" if detail.get("outcome") else ""
+    console.print(f"[bold]{escape(detail['label'])}[/]  {_state(detail['state'])}{outcome}  "
+                  f"key {detail['key']}")
     console.print(f"why it ran: {escape(detail['reason'] or '-')}")
     resources = {k: v for k, v in detail["resources"].items() if v}
     console.print(f"resources: {resources or '-'}")

@@ -53,6 +53,17 @@ EXPECTED: dict[str, list[str]] = {
         r"failed: process\[frame-bad\]",
         r"KeyError: 'threshold'",                          # %pipeline logs
     ],
+    "policy.ipynb": [
+        r"^stuck\(seconds=60\) FAILED attempts: 1",       # stopped by its timeout, not retried
+        r"^flaky\(name='a'\) SUCCEEDED attempts: 2",      # the pipeline's default retries
+        r"^fatal FAILED attempts: 1",                    # Permanent: never retried
+        r"stuck\(seconds=60\)\s+FAILED \(timed out\)",    # nbpipe show
+        r"│ 1\s+│ TIMED_OUT",                             # its attempt
+        r"^WAITING - the code of `scale` changed",
+        r"^0 executed, 1 already done \(1 SUCCEEDED\) 40",  # accepted: nothing ran
+        r"^scale\(x=4\): accepted by hand on ",           # nbpipe why
+        r"SUCCEEDED\s+│.*\n.*\(accepted\)",                # nbpipe tasks
+    ],
     "workflow.ipynb": [
         r"^workflow process killed, exit status -9",
         r"^runme\.py 1 2 OMP_NUM_THREADS = 1",          # the PythonTask with its env
