@@ -23,7 +23,7 @@ True
 600.0
 
 This module is pure policy: the runner asks it whether to retry and how long a task may run;
-the worker wrapper (:mod:`nbpipe.worker`) enforces the timeout.
+the worker wrapper (``nbpipe.worker``) enforces the timeout.
 """
 
 from __future__ import annotations
