@@ -70,6 +70,9 @@ _NONE_BY_NAME: dict[Any, Any] = {}  # shared by every task without keywords or d
 _SCALARS = frozenset({int, float, str, bool, type(None), bytes})
 
 
+PROGRESS_EVERY = 100_000  # map() over more entries than this reports its progress on stderr
+
+
 class TaskInfo(NamedTuple):
     """One row of ``pipe.tasks()``."""
 
@@ -421,6 +424,9 @@ class Pipeline:
             label = f"{func.name}[{item.task_id}]" if isinstance(item, TaskItem) else None
             refs.append(self._add(func, (item,), {}, identity=identity, label=label,
                                   group=group if chunksize else None, chunksize=chunksize))
+            if len(refs) % PROGRESS_EVERY == 0:  # a large task file: say how far it got
+                print(f"nbpipe: registered {len(refs):,} tasks of {func.name!r}", file=sys.stderr,
+                      flush=True)
         return refs
 
     # -- resolution: keys, dependencies, what is already done ---------------------------------

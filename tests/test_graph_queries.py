@@ -216,3 +216,24 @@ def test_jsonl_task_files_are_read_one_entry_at_a_time_with_errors_naming_the_li
     path.write_text('{"task_id": "a"\n')
     with pytest.raises(Exception, match=r"line 1 is not valid JSON"):
         load_tasks(path)
+
+
+def test_mapping_a_large_task_file_reports_progress_while_registering(tmp_path: Path) -> None:
+    dump_tasks(tmp_path / "many.jsonl", [TaskItem(f"e{i}", i) for i in range(5)])
+    result = run_script(tmp_path / "register.py", """
+        import nbpipe.pipeline
+        from nbpipe import Pipeline, TaskItem, iter_tasks
+
+        nbpipe.pipeline.PROGRESS_EVERY = 2  # (100,000 entries by default)
+        pipe = Pipeline("many")
+
+        @pipe.task
+        def process(item: TaskItem) -> int:
+            return item.data
+
+        print(len(process.map(iter_tasks("many.jsonl"))))
+    """, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "5"
+    assert "nbpipe: registered 2 tasks of 'process'" in result.stderr
+    assert "nbpipe: registered 4 tasks of 'process'" in result.stderr
