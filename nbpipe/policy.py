@@ -220,10 +220,11 @@ def effective(func: TaskFunction, pipeline: Pipeline | None) -> Policy:
     configuration's, else nbpipe's."""
     import dask.config
 
-    raw = dask.config.get("nbpipe.task", None)
+    # (by value: dask.config.set may change the configuration's dicts in place)
+    raw = repr(dask.config.get("nbpipe.task", None))
     defaults = getattr(pipeline, "defaults", None) or {}
     memo = _memo.get(func)
-    if memo is not None and memo[0] is raw and memo[1] is defaults:
+    if memo is not None and memo[0] == raw and memo[1] is defaults:
         return memo[2]
     merged = {**_configured(), **defaults}
     opts = func.opts

@@ -22,6 +22,7 @@ import os
 import pickle
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -462,7 +463,7 @@ def _run_one(
                     f"task {item.label!r} finished without writing its declared output "
                     f"file(s) {', '.join(missing)}"
                 )
-            stale = [p for p, stat in before.items() if _stats([p]).get(p) == stat]
+            stale = [p for p, seen in before.items() if _stats([p]).get(p) == seen]
             if stale:  # depio's check: an Out that existed before and is untouched is stale
                 raise FileExistsError(
                     f"task {item.label!r} finished without updating its declared output "
@@ -525,12 +526,14 @@ def _run_one(
 
 
 def _stats(paths: Any) -> dict[str, tuple[int, int, int]]:
-    """(inode, size, modification time in ns) of the files among ``paths`` that exist."""
+    """(inode, size, modification time in ns) of the regular files among ``paths`` (a folder's
+    own times do not change when the files in it are rewritten: folders are not checked)."""
     out = {}
     for p in paths:
         with contextlib.suppress(OSError):
             st = os.stat(p)
-            out[p] = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if stat.S_ISREG(st.st_mode):
+                out[p] = (st.st_ino, st.st_size, st.st_mtime_ns)
     return out
 
 

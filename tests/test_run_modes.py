@@ -292,3 +292,17 @@ def test_trust_existing_for_a_whole_run_from_the_command_line(tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "ran").exists()
     assert (tmp_path / "a.txt").read_text() == "by hand\n"
+
+
+def test_an_output_folder_whose_files_are_rewritten_is_not_stale(pipe: Pipeline, tmp_path: Path) -> None:
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    (folder / "a.txt").write_text("old")
+
+    @pipe.task
+    def refill(out: Annotated[Path, Out]) -> None:
+        (Path(out) / "a.txt").write_text("new")  # the folder's own times do not change
+
+    ref = refill(folder)
+    pipe.run(check=True, timeout=TIMEOUT)
+    assert ref.state is State.SUCCEEDED and (folder / "a.txt").read_text() == "new"
