@@ -93,6 +93,9 @@ SETTINGS = {
     "batch-seconds": "a finite number of seconds >= 0 (0 turns batching of tiny tasks off)",
     "inline-bytes": "a finite whole number of bytes >= 0 (results of quick tasks up to this size are kept in "
                     "the store's database; 0: every result is a file)",
+    "store-patience": "a finite number of seconds >= 0 (how long a runner retries a store that "
+                      "cannot be written before it stops and run() raises)",
+    "max-concurrent": "a whole number >= 1 (tasks of a pipeline running at once; unset: no cap)",
 }
 
 
@@ -130,8 +133,8 @@ def check_value(key: str, value: Any, where: str) -> Any:
         number = float(value)
         if not math.isfinite(number) or number < 0:
             raise ValueError
-        if key == "inline-bytes":
-            if number != int(number):
+        if key in ("inline-bytes", "max-concurrent"):
+            if number != int(number) or (key == "max-concurrent" and number < 1):
                 raise ValueError
             return int(number)
         return number

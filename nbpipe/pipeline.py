@@ -221,14 +221,21 @@ class Pipeline:
     ``None`` (the ``nbpipe.cluster`` setting, else local), ``"local"``, a batch scheduler kind
     (``"slurm"``, ``"pbs"``, ``"sge"``, ``"lsf"``, ``"htcondor"``) or a dict of its job options,
     a scheduler address, a dask Cluster or a Client (see :mod:`nbpipe.cluster`). The cluster
-    starts when the first task runs.
+    starts when the first task runs. ``max_concurrent`` caps how many of its tasks run at once
+    (default: the ``nbpipe.max-concurrent`` setting, else no cap); detached runners keep it.
     """
 
     def __init__(self, name: str | None = None, store: str | os.PathLike[str] | Store | None = None,
-                 cluster: Any = None):
+                 cluster: Any = None, max_concurrent: int | None = None):
         name = _default_name() if name is None else name
         if not isinstance(name, str) or not name.strip():
             raise TaskDefinitionError(f"a pipeline needs a non-empty name, got {name!r}")
+        if max_concurrent is not None and (isinstance(max_concurrent, bool) or not isinstance(
+                max_concurrent, int) or max_concurrent < 1):
+            raise TaskDefinitionError(
+                f"pipeline {name!r}: max_concurrent={max_concurrent!r} must be a whole number "
+                ">= 1 (tasks running at once), or None for no cap")
+        self.max_concurrent = max_concurrent
         self.name = name
         self.store = store if isinstance(store, Store) else Store(store)
         self.pipeline_id = self.store.pipeline_id(name, source=_default_name())
