@@ -55,7 +55,7 @@ def test_a_chain_records_each_transition_after_its_upstream_succeeded(pipe: Pipe
         refs.append(inc(refs[-1], i))
     pipe.run(check=True)
     assert refs[-1].result() == 31
-    for up, down in zip(refs, refs[1:]):
+    for up, down in zip(refs, refs[1:], strict=False):
         ups, downs = _events(pipe, up.key), _events(pipe, down.key)
         # (the store keeps one event of PENDING/RUNNING/SUCCEEDED written in one transaction)
         moves = [(i, s) for i, s in downs if s != "WAITING"]

@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 SCRIPT = '''
 import sys, time
 from pathlib import Path
@@ -69,12 +67,3 @@ def test_a_store_that_stays_locked_makes_run_raise(tmp_path: Path, cluster) -> N
     assert line.startswith("RAISED"), (line, err[-3000:])
     assert "could not be written" in line and "database is locked" in line
     assert proc.returncode == 3
-
-
-@pytest.mark.parametrize("value", ["-1", "soon"])
-def test_a_bad_store_patience_names_the_setting(tmp_path: Path, value: str) -> None:
-    (tmp_path / "nbpipe.yaml").write_text(f"store-patience: {value}\n")
-    out = subprocess.run([sys.executable, "-c", "from nbpipe import Pipeline; Pipeline('x')"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0
-    assert "store-patience" in out.stderr and "seconds" in out.stderr
