@@ -93,8 +93,8 @@ def _arrays(submit: Callable[..., Any]) -> list[Any]:
 
 # name -> (builder of the graph from a submit function, expected values, target ratio)
 SHAPES: dict[str, tuple[Callable[[Callable[..., Any]], list[Any]], list[Any], float]] = {
-    "chain of 200": (lambda s: _chains(s, 1, 200), [199], 1.2),
-    "40 chains of depth 15": (lambda s: _chains(s, 40, 15), [c * 1000 + 14 for c in range(40)],
+    "chain of 200": (lambda s: _chains(s, 1, 200), [200], 1.2),
+    "40 chains of depth 15": (lambda s: _chains(s, 40, 15), [c * 1000 + 15 for c in range(40)],
                               1.2),
     "binary reduce of 512 leaves": (lambda s: _reduce(s, 512), [sum(range(1, 513))], 1.0),
     "8 x 40 MB arrays + 1 consumer": (_arrays, [float(sum(range(8)) * ARRAY_ITEMS)], 1.1),
