@@ -898,7 +898,8 @@ class Pipeline:
                     cursor += 1
                 if runner.fatal is not None:
                     raise runner.fatal
-                if cursor == len(refs) or not runner.alive:
+                # (ended, but not yet recorded while the store fails: wait for it, or its end)
+                if (cursor == len(refs) and runner.error is None) or not runner.alive:
                     return
                 if runner.paused and not any(r.state in (State.PENDING, State.RUNNING)
                                              for r in refs[cursor:]):

@@ -300,6 +300,7 @@ class Runner:
             # Waiters hold this lock while they look at states: they never see a state whose
             # transition is not yet committed to the store.
             with self.changed:
+                began = time.monotonic()
                 try:
                     self._tick()
                 except sqlite3.Error as exc:
@@ -321,20 +322,20 @@ class Runner:
                 else:
                     if self._write_error is None:
                         self.error = None
-                if self._gave_up():
+                if self._gave_up(began):
                     self.changed.notify_all()
                     return
                 self.changed.notify_all()
 
-    def _gave_up(self) -> bool:
+    def _gave_up(self, began: float) -> bool:
         """Stop when the store has failed for longer than ``nbpipe.store-patience`` seconds:
         ``run()`` raises instead of waiting forever for transitions that cannot be recorded."""
         if self.error is None:
             self._failing_since = None
             return False
         now = time.monotonic()
-        if self._failing_since is None:
-            self._failing_since = now
+        if self._failing_since is None:  # (from the start of the tick: a write may wait long)
+            self._failing_since = began
         if now - self._failing_since < self.store_patience:
             return False
         self._stopped_by(RunnerError(
