@@ -10,7 +10,13 @@ are noise, ratios measured side by side are not.
 - nbpipe, one Dask task per task: the same with adaptive batching off
   (``nbpipe.batch-seconds: 0``), to show the per-task cost.
 
-    python benchmarks/overhead.py [--tasks 5000] [--rounds 5] [--no-write]
+Graph shapes (``--shapes``, run by default after the no-ops), each side by side with the same
+graph as raw ``client.submit`` futures (futures as arguments), on the same cluster:
+
+- a chain of 200 quick tasks; 40 chains of depth 15; a binary reduce of 512 leaves;
+- 8 tasks making 40 MB arrays and one consumer of all 8.
+
+    python benchmarks/overhead.py [--tasks 5000] [--rounds 5] [--shape NAME ...] [--no-write]
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import dask
 from distributed import Client, LocalCluster
@@ -31,12 +39,115 @@ try:
 except ImportError:  # run as a script: benchmarks/ is on sys.path
     from report import machine, write_section  # type: ignore[no-redef]
 
-TARGET = 1.15  # issue 8: nbpipe / raw dask.distributed
+TARGET = 0.5  # issue 19: nbpipe / raw dask.distributed for 5,000 no-ops (issue 8: 1.15)
+ARRAY_ITEMS = 5_000_000  # float64: 40 MB per array
 
 
 def noop(i: int) -> int:
     """The task: nothing to do."""
     return i
+
+
+def inc(x: int, i: int = 0) -> int:
+    """A quick step of a chain."""
+    return x + 1
+
+
+def add(a: int, b: int) -> int:
+    """A quick step of a reduce."""
+    return a + b
+
+
+def make_array(i: int) -> Any:
+    """40 MB of float64."""
+    import numpy as np
+
+    return np.full(ARRAY_ITEMS, float(i))
+
+
+def consume(arrays: list[Any]) -> float:
+    """Read every array."""
+    return float(sum(a.sum() for a in arrays))
+
+
+def _chains(submit: Callable[..., Any], width: int, depth: int) -> list[Any]:
+    ends = []
+    for c in range(width):
+        ref = submit(inc, c * 1000)
+        for i in range(depth - 1):
+            ref = submit(inc, ref, i)
+        ends.append(ref)
+    return ends
+
+
+def _reduce(submit: Callable[..., Any], leaves: int) -> list[Any]:
+    level = [submit(inc, i) for i in range(leaves)]
+    while len(level) > 1:
+        level = [submit(add, level[i], level[i + 1]) for i in range(0, len(level), 2)]
+    return level
+
+
+def _arrays(submit: Callable[..., Any]) -> list[Any]:
+    return [submit(consume, [submit(make_array, i) for i in range(8)])]
+
+
+# name -> (builder of the graph from a submit function, expected values, target ratio)
+SHAPES: dict[str, tuple[Callable[[Callable[..., Any]], list[Any]], list[Any], float]] = {
+    "chain of 200": (lambda s: _chains(s, 1, 200), [200], 1.2),
+    "40 chains of depth 15": (lambda s: _chains(s, 40, 15), [c * 1000 + 15 for c in range(40)],
+                              1.2),
+    "binary reduce of 512 leaves": (lambda s: _reduce(s, 512), [sum(range(1, 513))], 1.0),
+    "8 x 40 MB arrays + 1 consumer": (_arrays, [float(sum(range(8)) * ARRAY_ITEMS)], 1.1),
+}
+
+
+def raw_shape(client: Client, name: str) -> float:
+    """Seconds for one graph shape as raw futures."""
+    build, expected, _ = SHAPES[name]
+    start = time.perf_counter()
+    ends = build(lambda f, *a: client.submit(f, *a, pure=False))
+    values = client.gather(ends)
+    elapsed = time.perf_counter() - start
+    assert values == expected, (name, values[:3])
+    del ends
+    return elapsed
+
+
+def nbpipe_shape(client: Client, name: str, round_: int) -> float:
+    """Seconds for one graph shape as nbpipe tasks in a fresh store."""
+    build, expected, _ = SHAPES[name]
+    with tempfile.TemporaryDirectory() as store:
+        start = time.perf_counter()
+        pipe = Pipeline(f"shape-{round_}", store=store, cluster=client)
+        tasks: dict[Any, Any] = {}
+
+        def submit(f: Callable[..., Any], *a: Any) -> Any:
+            if f not in tasks:
+                tasks[f] = pipe.task(f)
+            return tasks[f](*a)
+
+        ends = build(submit)
+        pipe.run(check=True)
+        values = [e.result() for e in ends]
+        elapsed = time.perf_counter() - start
+        pipe.close()
+    assert values == expected, (name, values[:3])
+    return elapsed
+
+
+def shapes(client: Client, names: list[str], rounds: int) -> dict[str, tuple[float, float]]:
+    """Median seconds (raw, nbpipe) per shape, alternating the sides round by round."""
+    out = {}
+    for name in names:
+        raw_shape(client, name)  # warm up: the functions' imports on every worker
+        raw, ours = [], []
+        for r in range(rounds):
+            raw.append(raw_shape(client, name))
+            ours.append(nbpipe_shape(client, name, r))
+            print(f"{name}, round {r + 1}: raw {raw[-1]:.2f} s, nbpipe {ours[-1]:.2f} s",
+                  flush=True)
+        out[name] = (statistics.median(raw), statistics.median(ours))
+    return out
 
 
 def raw_dask(client: Client, n: int) -> float:
@@ -72,19 +183,66 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--shape", action="append", choices=[*SHAPES, "none"],
+                        help="graph shapes to measure (default: all)")
+    parser.add_argument("--no-noops", action="store_true", help="skip the no-op tasks")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/performance.md")
     args = parser.parse_args()
+    names = [n for n in (args.shape or list(SHAPES)) if n != "none"]
     times: dict[str, list[float]] = {"raw": [], "nbpipe": [], "nbpipe-unbatched": []}
-    with LocalCluster(threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
         workers = len(cluster.workers)
         raw_dask(client, 200)  # warm up: imports and connections on every worker
-        for r in range(args.rounds):
+        for r in range(0 if args.no_noops else args.rounds):
             times["raw"].append(raw_dask(client, args.tasks))
             times["nbpipe"].append(with_nbpipe(client, args.tasks, r, batching=True))
             times["nbpipe-unbatched"].append(with_nbpipe(client, args.tasks, r, batching=False))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
                   flush=True)
+        shaped = shapes(client, names, args.rounds)
+    for name, (raw, ours) in shaped.items():
+        target = SHAPES[name][2]
+        print(f"{name}: raw {raw:.2f} s, nbpipe {ours:.2f} s, ratio {ours / raw:.2f} "
+              f"(target <= {target}: {'PASS' if ours / raw <= target else 'MISS'})")
+    if not args.no_noops:
+        write_noops(args, times, workers)
+    if shaped and not args.no_write:
+        write_shapes(args, shaped, workers)
+
+
+def write_shapes(args: argparse.Namespace, shaped: dict[str, tuple[float, float]],
+                 workers: int) -> None:
+    """The "Graph shapes" section of docs/performance.md."""
+    rows = "\n".join(
+        f"| {name} | {raw:.2f} s | {ours:.2f} s | **{ours / raw:.2f}** | <= {SHAPES[name][2]} "
+        f"{'PASS' if ours / raw <= SHAPES[name][2] else 'MISS'} |"
+        for name, (raw, ours) in shaped.items())
+    body = f"""Deep and data-heavy graphs, each built twice on one LocalCluster ({workers} worker
+processes x 1 thread): as raw `client.submit` futures with futures as arguments, and as nbpipe
+tasks in a fresh store (`Pipeline(...)`, registration, `run()`, `.result()` of the end tasks,
+all timed); {args.rounds} rounds alternating the sides; medians.
+
+| graph | raw Dask | nbpipe | ratio | target |
+| --- | --- | --- | --- | --- |
+{rows}
+
+How: the runner hands Dask a task's dependents as soon as the task is submitted, with its
+future as their input (a whole chain goes to Dask in one tick), so Dask starts each level
+the moment the previous one ends, on the worker that holds its value, without a round trip
+through the runner. A task's Dask result holds its value in the worker's memory besides its
+outcome; the runner fetches only the outcomes, and consumers take the values from their
+inputs (moved worker to worker by Dask) instead of reading back result files. Results are
+still written to the store for resume, and every transition is recorded in order: a
+handed-ahead task stays WAITING until the runner has recorded its upstream tasks' success.
+"""
+    write_section(Path(__file__).resolve().parent.parent / "docs" / "performance.md",
+                  "Graph shapes against raw Dask", body, machine())
+    print("wrote docs/performance.md")
+
+
+def write_noops(args: argparse.Namespace, times: dict[str, list[float]], workers: int) -> None:
+    """Print the no-op medians; write the "Overhead against raw Dask" section."""
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["nbpipe"] / med["raw"]
     ratio_unbatched = med["nbpipe-unbatched"] / med["raw"]

@@ -97,6 +97,9 @@ SETTINGS = {
             "(see nbpipe.policy)",
     "run": "run modes: a mapping of stop-on-failure, keep-succeeded, trust-existing (true/false; "
            "what `nbpipe run --stop-on-failure` sets)",
+    "store-patience": "a finite number of seconds >= 0 (how long a runner retries a store that "
+                      "cannot be written before it stops and run() raises)",
+    "max-concurrent": "a whole number >= 1 (tasks of a pipeline running at once; unset: no cap)",
 }
 
 
@@ -142,8 +145,8 @@ def check_value(key: str, value: Any, where: str) -> Any:
         number = float(value)
         if not math.isfinite(number) or number < 0:
             raise ValueError
-        if key == "inline-bytes":
-            if number != int(number):
+        if key in ("inline-bytes", "max-concurrent"):
+            if number != int(number) or (key == "max-concurrent" and number < 1):
                 raise ValueError
             return int(number)
         return number

@@ -140,6 +140,10 @@ def _encode_other(value: Any, out: list[bytes]) -> None:
     elif hasattr(value, "__nbpipe_token__") and not isinstance(value, type):
         out.append(_frame(b"K", _qualname(type(value)).encode()))
         _encode(value.__nbpipe_token__(), out)
+    elif is_dask_collection(value):  # a dask.delayed, a dask.array: by Dask's own token
+        from dask.base import tokenize
+
+        out.append(_frame(b"Q", tokenize(value).encode()))
     elif isinstance(value, tuple) and hasattr(value, "_fields"):
         out.append(_frame(b"U", _qualname(type(value)).encode()))
         _encode_class_code(type(value), out)
@@ -353,6 +357,12 @@ class SealedDict(dict):  # type: ignore[type-arg]
             _encode_sorted_dict(self, out, canonical=True)
             self._encoding: bytes = b"".join(out)
             return self._encoding
+
+
+def is_dask_collection(value: Any) -> bool:
+    """Whether ``value`` is a Dask collection (without building its graph, which
+    ``dask.is_dask_collection`` may do)."""
+    return not isinstance(value, type) and callable(getattr(type(value), "__dask_graph__", None))
 
 
 def _is_numpy(value: Any) -> bool:

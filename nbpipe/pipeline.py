@@ -229,13 +229,22 @@ class Pipeline:
     a scheduler address, a dask Cluster or a Client (see :mod:`nbpipe.cluster`). The cluster
     starts when the first task runs. ``defaults={"retries": 2, "timeout": "1h"}`` applies to
     every task that does not set the option itself (see :mod:`nbpipe.policy`).
+    ``max_concurrent`` caps how many of its tasks run at once (default: the
+    ``nbpipe.max-concurrent`` setting, else no cap); detached runners keep it.
     """
 
     def __init__(self, name: str | None = None, store: str | os.PathLike[str] | Store | None = None,
-                 cluster: Any = None, defaults: dict[str, Any] | None = None):
+                 cluster: Any = None, defaults: dict[str, Any] | None = None,
+                 max_concurrent: int | None = None):
         name = _default_name() if name is None else name
         if not isinstance(name, str) or not name.strip():
             raise TaskDefinitionError(f"a pipeline needs a non-empty name, got {name!r}")
+        if max_concurrent is not None and (isinstance(max_concurrent, bool) or not isinstance(
+                max_concurrent, int) or max_concurrent < 1):
+            raise TaskDefinitionError(
+                f"pipeline {name!r}: max_concurrent={max_concurrent!r} must be a whole number "
+                ">= 1 (tasks running at once), or None for no cap")
+        self.max_concurrent = max_concurrent
         self.name = name
         self.defaults = check_defaults(defaults, f"Pipeline({name!r}, defaults=...)")
         self.store = store if isinstance(store, Store) else Store(store)
@@ -922,7 +931,8 @@ class Pipeline:
                     cursor += 1
                 if runner.fatal is not None:
                     raise runner.fatal
-                if cursor == len(refs) or not runner.alive:
+                # (ended, but not yet recorded while the store fails: wait for it, or its end)
+                if (cursor == len(refs) and runner.error is None) or not runner.alive:
                     return
                 if runner.paused and not any(r.state in (State.PENDING, State.RUNNING)
                                              for r in refs[cursor:]):

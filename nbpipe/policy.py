@@ -252,29 +252,6 @@ def should_retry(ref: TaskRef, kind: str) -> bool:
     return ref.attempts - ref.budget <= policy.retries
 
 
-def stop_submitting(runner: Any, failed: TaskRef) -> None:
-    """``run(stop_on_failure=True)``: after the first failure, the tasks not yet sent to a
-    worker are not started (they end KILLED, saying why; running ones finish). desipipe's
-    ``spawn(mode='stop_at_error')``."""
-    from .states import State
-
-    message = (f"not started: the run stopped at the failure of {failed.label!r} "
-               "(stop_on_failure); fix it, then run again")
-    # Handed to Dask but not started yet: taken back (as a pause does), then not started.
-    for sub in list(runner.inflight.values()):
-        if sub.started or any(r.state is not State.PENDING for r in sub.refs):
-            continue
-        sub.cancelled = True
-        sub.future.cancel()
-        runner._release(sub)
-        for ref in sub.refs:
-            ref.attempts -= 1
-            ref.state = State.WAITING
-    for ref in list(runner.by_key.values()):
-        if ref.state is State.WAITING and ref not in runner.sub_of:
-            runner._finish(ref, State.KILLED, message)
-
-
 def timeout_error(label: str, seconds: float) -> str:
     """The error of an attempt stopped by its timeout (``outcome`` recognises it)."""
     return f"{_TIMEOUT_PREFIX}{seconds:g} s: task {label!r} ran longer than its timeout and was stopped"

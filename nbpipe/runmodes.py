@@ -8,7 +8,7 @@
   all exist is adopted instead of run (depio's ``IF_MISSING``); its result is ``None`` and the
   store records the files' checksums.
 
-``stop_on_failure`` is applied while the run goes on, by ``nbpipe.policy.stop_submitting``.
+``stop_on_failure`` is applied while the run goes on, by the runner (``Runner._stop_submitting``).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from .cluster import Connection
 from .config import setting
 from .crashes import Crash, describe, discard, read_crash
 from .errors import ResourceError, RunnerError
+from .identity import is_dask_collection
 from .pools import cancel_jobs
 from .results import INLINE, INLINE_BYTES, locate
 from .shipping import bundle
@@ -39,12 +40,15 @@ from .specs import write_specs
 from .states import BAD, State
 from .store import Batch, RunnerLock, is_damage
 from .worker import (
+    NOT_RUN,
     TAIL,
     Outcome,
     Upstream,
     WorkItem,
+    as_done,
     install_termination_notice,
     interrupt,
+    outcomes_of,
     run_items,
 )
 
@@ -61,6 +65,7 @@ COMMAND_POLL = 0.2  # seconds between looks at the command table
 RESULT_POLL = 0.02  # seconds between looks at the futures while tasks are in flight
 JOB_POLL = 3.0  # seconds between looks at the batch queue (jobs started or ended)
 SCALE_POLL = 1.0  # seconds between scaling decisions for worker pools
+STORE_PATIENCE = 300.0  # seconds the store may keep failing before the runner stops
 OUTCOME_GRACE = 2.0  # seconds a finished future waits for its outcome event before a gather
 SUBMIT_BYTES = 4 * 2**20  # pickled items per client.map call
 BATCH_SECONDS = 0.2  # work per Dask task when tiny tasks are batched (config nbpipe.batch-seconds)
@@ -112,6 +117,8 @@ class Submission:
     cancelled: bool = False
     pool: str | None = None  # the worker pool it runs in (batch clusters)
     remaining: int = -1  # its refs not yet detached (outcome, failure or release)
+    inputs: list[Submission] = field(default_factory=list)  # upstream submissions (handed ahead)
+    extra: list[Any] = field(default_factory=list)  # futures of Dask collections in its arguments
 
     def __post_init__(self) -> None:
         self.remaining = len(self.refs)
@@ -146,6 +153,15 @@ class Runner:
         self.sub_of: dict[TaskRef, Submission] = {}
         self.active: Counter[Any] = Counter()
         self.kill_requested: set[TaskRef] = set()
+        # Handed ahead: submitted with the futures of upstream tasks still running as inputs,
+        # WAITING until they succeed (then PENDING); what their workers report before that is
+        # kept in `early` and applied then, so the store records transitions in order.
+        self.ahead: set[TaskRef] = set()
+        self.early: dict[TaskRef, list[tuple[str, Any, Any]]] = defaultdict(list)
+        self._ahead_subs: list[tuple[Submission, list[WorkItem], Any, Any]] = []
+        self._released: deque[TaskRef] = deque()  # went from ahead to PENDING with reports kept
+        self._sent = 0  # submissions so far: handed-ahead Dask keys are never reused
+        self._collections: list[tuple[str, Any]] = []  # Dask collections in the items being built
         self.kill_deadline: dict[TaskRef, float] = {}
         self.paused = self.store.is_paused(self.pid)
         self.stop_on_failure = False  # i20: set by run(stop_on_failure=True) (nbpipe.policy)
@@ -154,6 +170,11 @@ class Runner:
         self.batch_inline: dict[str, bytes] = {}  # inline results in the batch, not yet written
         self.inline_bytes = setting("inline-bytes", INLINE_BYTES)
         self.batch_seconds = setting("batch-seconds", BATCH_SECONDS)
+        # The pipeline-wide cap: Pipeline(max_concurrent=), else nbpipe.max-concurrent.
+        self.max_concurrent: int | None = getattr(pipeline, "max_concurrent", None) or \
+            setting("max-concurrent", None)
+        self.store_patience = setting("store-patience", STORE_PATIENCE)
+        self._failing_since: float | None = None  # since when every tick fails to write
         self._fn_blobs: dict[Any, bytes] = {}
         self._blobs: dict[Submission, bytes] = {}  # pickled items of submissions being sent
         self._to_submit: dict[tuple[Any, tuple[Any, ...]], list[tuple[Submission, list[WorkItem]]]] = \
@@ -229,6 +250,8 @@ class Runner:
         self._stop = True
         self.wake.set()
         self.thread.join(timeout=30)
+        for ref in list(self.ahead):
+            self._unhand(ref)
         for sub in list(self.inflight.values()):
             for ref in sub.refs:
                 if ref.state in (State.PENDING, State.RUNNING):
@@ -279,6 +302,7 @@ class Runner:
             # Waiters hold this lock while they look at states: they never see a state whose
             # transition is not yet committed to the store.
             with self.changed:
+                began = time.monotonic()
                 try:
                     self._tick()
                 except sqlite3.Error as exc:
@@ -297,9 +321,33 @@ class Runner:
                     self._stopped_by(exc)
                     self.changed.notify_all()
                     return
+                else:
+                    if self._write_error is None:
+                        self.error = None
+                if self._gave_up(began):
+                    self.changed.notify_all()
+                    return
                 self.changed.notify_all()
 
-    def _stopped_by(self, exc: BaseException) -> None:
+    def _gave_up(self, began: float) -> bool:
+        """Stop when the store has failed for longer than ``nbpipe.store-patience`` seconds:
+        ``run()`` raises instead of waiting forever for transitions that cannot be recorded."""
+        if self.error is None:
+            self._failing_since = None
+            return False
+        now = time.monotonic()
+        if self._failing_since is None:  # (from the start of the tick: a write may wait long)
+            self._failing_since = began
+        if now - self._failing_since < self.store_patience:
+            return False
+        self._stopped_by(RunnerError(
+            f"the store {self.store.path} could not be written for "
+            f"{now - self._failing_since:.0f} s ({type(self.error).__name__}: {self.error}); "
+            "what ran is in its result files: free the store (another process holding it, a "
+            "full disk), then run again"), record=False)
+        return True
+
+    def _stopped_by(self, exc: BaseException, record: bool = True) -> None:
         """The loop cannot go on: every unfinished task fails naming the cause (the sidebar and
         ``nbpipe tasks`` show it; ``run()`` raises :class:`~nbpipe.RunnerError`), the store
         records it and the pipeline's lock is given back, so a new ``run()`` starts afresh."""
@@ -317,12 +365,14 @@ class Runner:
                         sub.future.cancel()
             self.inflight.clear()
             self.sub_of.clear()
+            self.ahead.clear()
             for ref in list(self.by_key.values()):
                 if not ref.state.final:
                     self._finish(ref, State.FAILED, f"the runner stopped: {cause}")
-            self.store.write(self.batch)
-            self.batch = Batch()
-            self.store.set_runner(self.pid, None)
+            if record:  # (not into a store that keeps failing: each write waits for it)
+                self.store.write(self.batch)
+                self.batch = Batch()
+                self.store.set_runner(self.pid, None)
         except Exception:  # the store itself may be what failed: the states are in memory
             log.debug("could not record the runner's end", exc_info=True)
         finally:
@@ -353,6 +403,7 @@ class Runner:
         done = [f.key for f in self._completed.next_batch(block=False)]
         if done or self.awaiting:
             self._done(done)
+        self._replay()
         now = time.monotonic()
         if now - self._last_poll >= COMMAND_POLL:
             self._last_poll = now
@@ -418,6 +469,8 @@ class Runner:
             self.ready.append(ref)
 
     def _finish(self, ref: TaskRef, state: State, error: str | None = None) -> None:
+        if ref in self.ahead:  # killed, or not sendable, before its upstream tasks finished
+            self._unhand(ref)
         ref.state = state
         ref.error = error if state is not State.SUCCEEDED else None
         self.blockers.pop(ref, None)
@@ -426,19 +479,24 @@ class Runner:
         self.counters.finished[state.value] += 1
         self.batch.state(self.pid, ref.key, state.value, attempts=ref.attempts, error=ref.error)
         if state is State.FAILED and self.stop_on_failure:  # i20: stop_on_failure (policy)
-            policy.stop_submitting(self, ref)
+            self._stop_submitting(ref)
         if state is State.SUCCEEDED:
             for child in self.children.get(ref, ()):
                 if child.state is State.WAITING and child in self.blockers:
                     self.blockers[child] -= 1
                     if self.blockers[child] == 0:
-                        self.ready.append(child)
+                        if child in self.ahead:
+                            self._go(child)
+                        else:
+                            self.ready.append(child)
             return
         self.failed_since_tick[ref] = None
         todo = list(self.children.get(ref, ()))
         while todo:
             child = todo.pop()
             self.failed_since_tick[child] = None
+            if child in self.ahead:  # its Dask task gets no value from ref: taken back
+                self._unhand(child)
             if child.state is State.WAITING and child not in self.sub_of:
                 self.blockers.pop(child, None)
                 child.state = State.UPSTREAM_FAILED
@@ -447,6 +505,86 @@ class Runner:
                 self.batch.state(self.pid, child.key, child.state.value, attempts=child.attempts,
                                  error=child.error)
                 todo.extend(self.children.get(child, ()))
+
+    # -- handing tasks ahead ------------------------------------------------------------------
+    #
+    # A task whose upstream tasks are all submitted (or done) is submitted too, with their
+    # futures as inputs: Dask runs it as soon as they end, on the worker that holds their values
+    # (no round trip through the runner per level, no read-back of a result still in memory).
+    # It stays WAITING until the runner has recorded its upstream tasks' success, then becomes
+    # PENDING; when one of them fails, is killed, or the pipeline pauses, it is taken back and
+    # ends exactly as a task that was never sent (waits for a retry, UPSTREAM_FAILED, WAITING).
+
+    def _may_hand(self, ref: TaskRef) -> bool:
+        """Whether ``ref`` can be handed to Dask ahead of its upstream tasks' outcomes."""
+        if (self.paused or ref.state is not State.WAITING or ref in self.sub_of or ref.late
+                or self.blockers.get(ref, 0) <= 0 or ref.func is None
+                or ref.func.opts.max_concurrent is not None or (ref.chunksize and ref.group)):
+            return False  # (capped functions wait for a free slot, the runner's business)
+        if self.max_concurrent is not None:
+            return False
+        for dep in self.pipe._deps(ref):
+            if dep.state is not State.SUCCEEDED and (
+                    dep not in self.sub_of or dep in self.kill_requested):
+                return False
+        return True
+
+    def _hand_ahead(self, submitted: list[TaskRef]) -> None:
+        """Submit the dependents of ``submitted`` that may go ahead, level after level."""
+        frontier = submitted
+        while frontier:
+            candidates = dict.fromkeys(c for r in frontier for c in self.children.get(r, ()))
+            frontier = [c for c in candidates if self._may_hand(c) and self._submit([c], ahead=True)]
+
+    def _unhand(self, ref: TaskRef) -> None:
+        """Take back a handed-ahead task: it waits as if never sent (its attempt not counted)."""
+        self.ahead.discard(ref)
+        self.early.pop(ref, None)
+        sub = self.sub_of.pop(ref, None)
+        if sub is not None:  # (handed-ahead submissions hold one task each)
+            sub.cancelled = True
+            sub.remaining = 0
+            self.inflight.pop(sub.dask_key, None)
+            self.awaiting.pop(sub, None)
+            self.active[cap_identity(ref.func)] -= 1
+            if sub.future is not None:
+                sub.future.cancel()
+            ref.attempts -= 1
+        ref.worker = None
+
+    def _unhand_below(self, ref: TaskRef) -> None:
+        """Take back every handed-ahead task that waits for ``ref``'s current attempt."""
+        todo = list(self.children.get(ref, ()))
+        while todo:
+            child = todo.pop()
+            if child in self.ahead:
+                self._unhand(child)
+                todo.extend(self.children.get(child, ()))
+
+    def _go(self, ref: TaskRef) -> None:
+        """A handed-ahead task's upstream tasks all succeeded: it is PENDING now (its Dask task
+        may be running or done already: what its worker reported is applied next)."""
+        self.ahead.discard(ref)
+        ref.state = State.PENDING
+        self.pipe.ran.add(ref)
+        self.batch.state(self.pid, ref.key, State.PENDING.value, attempts=ref.attempts,
+                         reason=ref.reason)
+        if ref in self.early:
+            self._released.append(ref)
+
+    def _replay(self) -> None:
+        """Apply what workers reported for tasks that were still handed ahead then."""
+        while self._released:
+            ref = self._released.popleft()
+            for kind, sub, payload in self.early.pop(ref, ()):
+                if self.sub_of.get(ref) is not sub:
+                    break
+                if kind == "start":
+                    self._started(payload)
+                elif kind == "outcome":
+                    self._apply(sub, [payload])
+                else:
+                    self._failed_future(sub)
 
     # -- worker pools (batch clusters) ----------------------------------------------------------
 
@@ -477,7 +615,7 @@ class Runner:
             self._last_scale, self._demand_grew = now, False
             demand: Counter[str] = Counter()
             for sub in self.inflight.values():
-                if sub.pool is not None and not sub.cancelled:
+                if sub.pool is not None and not sub.cancelled and sub.refs[0] not in self.ahead:
                     demand[sub.pool] += sub.refs[0].func.opts.cores
             if not self.paused:
                 for ref in self.ready:
@@ -523,6 +661,9 @@ class Runner:
         chunks: dict[str, list[TaskRef]] = defaultdict(list)
         by_func: dict[Any, list[TaskRef]] = defaultdict(list)
         seen: set[TaskRef] = set()
+        picked: Counter[Any] = Counter()  # per cap identity, this tick
+        total = sum(self.active.values())  # for the pipeline-wide cap
+        submitted: list[TaskRef] = []
         while self.ready:
             ref = self.ready.popleft()
             if (ref.state is not State.WAITING or ref in self.sub_of or ref in seen
@@ -532,26 +673,35 @@ class Runner:
             if ref.late:  # not settled yet (the pipeline was busy): next tick
                 held.append(ref)
                 continue
-            limit = ref.func.opts.max_concurrent
-            if limit is not None and self.active[ref.func] + len(by_func[ref.func]) >= limit:
+            limit, cap = ref.func.opts.max_concurrent, cap_identity(ref.func)
+            if (limit is not None and self.active[cap] + picked[cap] >= limit) or (
+                    self.max_concurrent is not None and total >= self.max_concurrent):
                 held.append(ref)
-            elif ref.chunksize and ref.group:  # the user's own chunks (map(..., chunksize=))
-                self.active[ref.func] += 1
+                continue
+            total += 1
+            if ref.chunksize and ref.group:  # the user's own chunks (map(..., chunksize=))
+                self.active[cap] += 1
                 chunk = chunks[ref.group]
                 chunk.append(ref)
                 if len(chunk) >= ref.chunksize:
-                    self._submit(chunks.pop(ref.group))
+                    chunk = chunks.pop(ref.group)
+                    if self._submit(chunk):
+                        submitted.extend(chunk)
             else:
+                picked[cap] += 1
                 by_func[ref.func].append(ref)
         for chunk in chunks.values():
-            self._submit(chunk)
+            if self._submit(chunk):
+                submitted.extend(chunk)
         for func, refs in by_func.items():
             batches, rest = self._batches(func, refs, now)
             for batch in batches:
-                self.active[func] += len(batch)
-                self._submit(batch)
+                self.active[cap_identity(func)] += len(batch)
+                if self._submit(batch):
+                    submitted.extend(batch)
             held.extend(rest)
         self.ready.extend(held)
+        self._hand_ahead(submitted)
         self._flush_submissions()
 
     def _batches(self, func: Any, refs: list[TaskRef], now: float
@@ -567,7 +717,8 @@ class Runner:
         """
         singles = [[r] for r in refs]
         batch_seconds = self.batch_seconds
-        if func.opts.max_concurrent is not None or batch_seconds <= 0:
+        if func.opts.max_concurrent is not None or self.max_concurrent is not None \
+                or batch_seconds <= 0:  # (one at a time: caps count tasks, not batches)
             return singles, []
         count, total = self.durations.get(func, (0, 0.0))
         if count >= PROBE_COUNT // 4:
@@ -580,7 +731,7 @@ class Runner:
         deadline = self.probe_deadline.get(func, self.probe_seen.setdefault(func, now) + PROBE_START)
         if len(refs) < PROBE_MIN or now >= deadline:
             return singles, []
-        probes = max(0, PROBE_COUNT - self.active[func])
+        probes = max(0, PROBE_COUNT - self.active[cap_identity(func)])
         return singles[:probes], refs[probes:]
 
     def _threads(self) -> int:
@@ -593,6 +744,8 @@ class Runner:
         return self._thread_count
 
     def _upstream_value(self, ref: TaskRef, output: str | None = None) -> Upstream:
+        if ref.state is not State.SUCCEEDED:  # handed ahead: the value comes with the inputs
+            return Upstream(ref.key, "", "", output, ahead=True)
         assert ref.result_file is not None, f"{ref.label} has no result yet"
         path, checksum = ref.result_file
         data = self.inline_data(ref.key) if path == INLINE else None
@@ -611,6 +764,12 @@ class Runner:
             return tuple(self._substitute(v) for v in value)
         if type(value) is dict:
             return {k: self._substitute(v) for k, v in value.items()}
+        if is_dask_collection(value):  # computed on the cluster, an input of the Dask task
+            from dask.base import tokenize
+
+            key = f"dask-{tokenize(value)}"
+            self._collections.append((key, value))
+            return Upstream(key, "", "", None, ahead=True)
         return value
 
     def inline_data(self, key: str) -> bytes | None:
@@ -632,36 +791,53 @@ class Runner:
             if name in self.worker_resources and amount
         )
 
-    def _submit(self, refs: list[TaskRef]) -> None:
+    def _submit(self, refs: list[TaskRef], ahead: bool = False) -> bool:
+        """Submit one Dask task for ``refs`` (sent at the end of the tick); ``ahead``: one task
+        whose upstream tasks are still in flight (see _may_hand). False if it cannot run."""
+        if ahead:
+            self.active[cap_identity(refs[0].func)] += 1
         try:
             resources = self._resources(refs[0])
         except ResourceError as exc:  # memory grown past every pool after worker deaths
             for ref in refs:
-                self.active[ref.func] -= 1
+                self.active[cap_identity(ref.func)] -= 1
                 ref.attempts += 1
                 self._finish(ref, State.FAILED, str(exc))
-            return
+            return False
         items = []
-        self.pipe.ran.update(refs)  # what run() reports as executed (retries included)
+        if not ahead:
+            self.pipe.ran.update(refs)  # what run() reports as executed (retries included)
         for ref in refs:
+            needs = bool(ref.upstream) or holds_collection((ref.args, ref.kwargs))
             ref.attempts += 1
-            ref.state = State.PENDING
             ref.worker = None
+            if ahead:
+                self.ahead.add(ref)
+            else:
+                ref.state = State.PENDING
             items.append(WorkItem(
                 key=ref.key, name=ref.name, label=ref.label, attempt=ref.attempts,
-                args=self._substitute(ref.args) if ref.upstream else ref.args,
-                kwargs=self._substitute(ref.kwargs) if ref.upstream else ref.kwargs,
+                args=self._substitute(ref.args) if needs else ref.args,
+                kwargs=self._substitute(ref.kwargs) if needs else ref.kwargs,
                 kind=ref.func.kind, env=ref.func.run_env(ref.shape),
                 outputs=tuple(str(p) for p in ref.out_files), inline=self.inline_bytes,
                 timeout=policy.timeout_of(ref),  # i20: enforced by the worker (nbpipe.policy)
             ))
-            self.batch.state(self.pid, ref.key, State.PENDING.value, attempts=ref.attempts,
-                             reason=ref.reason)
+            if not ahead:
+                self.batch.state(self.pid, ref.key, State.PENDING.value, attempts=ref.attempts,
+                                 reason=ref.reason)
         first = refs[0]
         dask_key = f"{first.name}-{first.key[:16]}-{first.attempts}"
         if len(refs) > 1:
             dask_key += f"-x{len(refs)}"
+        self._sent += 1
+        if ahead:  # (taken back and sent again, it must not meet its cancelled key)
+            dask_key += f"-a{self._sent}"
         sub = Submission(dask_key, refs)
+        if self._collections:
+            sub.extra = [self.client.submit(as_done, key, self.client.compute(value), pure=False)
+                         for key, value in dict(self._collections).items()]
+            self._collections.clear()
         self.inflight[dask_key] = sub
         for ref in refs:
             self.sub_of[ref] = sub
@@ -669,7 +845,13 @@ class Runner:
         self._demand_grew = True
         if self.pools is not None:
             sub.pool = resources[0][0].removeprefix("pool-")
-        self._to_submit[(first.func, resources)].append((sub, items))
+        if ahead:
+            sub.inputs = list(dict.fromkeys(
+                self.sub_of[d] for d in self.pipe._deps(first) if d.state is not State.SUCCEEDED))
+            self._ahead_subs.append((sub, items, first.func, resources))
+        else:
+            self._to_submit[(first.func, resources)].append((sub, items))
+        return True
 
     def _pickled(self, func: Any) -> bytes:
         """The task function, pickled once per run (not once per submission)."""
@@ -684,34 +866,57 @@ class Runner:
         """Submit what this tick made ready: ``client.map`` per function and resources, in
         groups of at most SUBMIT_BYTES (Dask warns about larger graphs)."""
         for (func, resources), batch in self._to_submit.items():
-            # Each chunk's items go pickled as one bytes object: Dask's own pickler would visit
-            # every item in Python (about 40 us each), this costs a few.
-            batch = [(sub, items) for sub, items in batch if not self._unsendable(sub, items)]
-            if not batch:
-                continue
-            try:
-                fn_blob = self._pickled(func)
-            except Exception as exc:  # noqa: BLE001 - whatever pickling raises names the cause
-                for sub, _ in batch:
-                    self._not_sent(sub, f"its function {func.name!r} cannot be sent to a worker "
-                                        f"({type(exc).__name__}: {exc})")
-                continue
-            blobs = [self._blobs.pop(sub) for sub, _ in batch]
-            start = size = 0
-            for end in range(len(batch) + 1):
-                if end == len(batch) or (size and size + len(blobs[end]) > SUBMIT_BYTES):
-                    futures = self.client.map(
-                        run_items, blobs[start:end], key=[sub.dask_key for sub, _ in batch[start:end]],
-                        pure=False, resources=dict(resources) or None, fn=fn_blob,
-                        store_dir=str(self.store.path), pipeline=self.pipe.name, topic=self.topic,
-                    )
-                    for (sub, _), future in zip(batch[start:end], futures, strict=True):
-                        sub.future = future
-                    self._completed.update(futures)
-                    start, size = end, 0
-                if end < len(batch):
-                    size += len(blobs[end])
+            self._send(func, resources, batch)
         self._to_submit.clear()
+        # Handed-ahead tasks in levels: each level's inputs have their futures by then.
+        level: dict[Submission, int] = {}
+        groups: dict[tuple[int, Any, Any], list[tuple[Submission, list[WorkItem]]]] = \
+            defaultdict(list)
+        for sub, items, func, resources in self._ahead_subs:
+            level[sub] = 1 + max((level.get(i, 0) for i in sub.inputs), default=0)
+            groups[(level[sub], func, resources)].append((sub, items))
+        self._ahead_subs.clear()
+        for (_, func, resources), batch in sorted(groups.items(), key=lambda g: g[0][0]):
+            # (an input that failed to be sent has taken its dependents back already)
+            batch = [(sub, items) for sub, items in batch if self.inflight.get(sub.dask_key) is sub
+                     and all(i.future is not None for i in sub.inputs)]
+            if batch:
+                self._send(func, resources, batch)
+
+    def _send(self, func: Any, resources: Any,
+              batch: list[tuple[Submission, list[WorkItem]]]) -> None:
+        """``client.map`` the submissions of one function and resources, in groups of at most
+        SUBMIT_BYTES (Dask warns about larger graphs)."""
+        # Each chunk's items go pickled as one bytes object: Dask's own pickler would visit
+        # every item in Python (about 40 us each), this costs a few.
+        batch = [(sub, items) for sub, items in batch if not self._unsendable(sub, items)]
+        if not batch:
+            return
+        try:
+            fn_blob = self._pickled(func)
+        except Exception as exc:  # noqa: BLE001 - whatever pickling raises names the cause
+            for sub, _ in batch:
+                self._not_sent(sub, f"its function {func.name!r} cannot be sent to a worker "
+                                    f"({type(exc).__name__}: {exc})")
+            return
+        blobs = [self._blobs.pop(sub) for sub, _ in batch]
+        start = size = 0
+        for end in range(len(batch) + 1):
+            if end == len(batch) or (size and size + len(blobs[end]) > SUBMIT_BYTES):
+                part = batch[start:end]
+                inputs = [[*(i.future for i in sub.inputs), *sub.extra] for sub, _ in part]
+                extra = [inputs] if any(inputs) else []
+                futures = self.client.map(
+                    run_items, blobs[start:end], *extra, key=[sub.dask_key for sub, _ in part],
+                    pure=False, resources=dict(resources) or None, fn=fn_blob,
+                    store_dir=str(self.store.path), pipeline=self.pipe.name, topic=self.topic,
+                )
+                for (sub, _), future in zip(part, futures, strict=True):
+                    sub.future = future
+                self._completed.update(futures)
+                start, size = end, 0
+            if end < len(batch):
+                size += len(blobs[end])
 
     def _settle_late(self) -> None:
         """Ready late tasks (keys waiting for upstream content, see :mod:`nbpipe.content`) get
@@ -777,7 +982,7 @@ class Runner:
         self.inflight.pop(sub.dask_key, None)
         for ref in sub.refs if only is None else [only]:
             self.sub_of.pop(ref, None)
-            self.active[ref.func] -= 1
+            self.active[cap_identity(ref.func)] -= 1
             self._finish(ref, State.FAILED, f"task {ref.label!r}: {why}")
 
     # -- results ------------------------------------------------------------------------------
@@ -785,6 +990,9 @@ class Runner:
     def _started(self, msg: dict[str, Any]) -> None:
         for key in msg.get("keys", ()):
             ref = self.by_key.get(key)
+            if ref in self.ahead:  # recorded once its upstream tasks' success is
+                self.early[ref].append(("start", self.sub_of[ref], msg))
+                continue
             if ref is None or ref.state is not State.PENDING:
                 continue
             sub = self.sub_of.get(ref)
@@ -809,7 +1017,8 @@ class Runner:
         for ref in sub.refs:
             if self.sub_of.get(ref) is sub:
                 del self.sub_of[ref]
-                self.active[ref.func] -= 1
+                self.active[cap_identity(ref.func)] -= 1
+                self._unhand_below(ref)  # its future is cancelled: theirs with it
         sub.remaining = 0
 
     def _done(self, dask_keys: list[str]) -> None:
@@ -832,8 +1041,12 @@ class Runner:
         due = [sub for sub in due if self.inflight.get(sub.dask_key) is sub]
         if not due:
             return
-        try:  # one gather for all of them, not a round trip per task
-            gathered = self.client.gather([sub.future for sub in due], errors="skip")
+        try:  # one gather for all of them, not a round trip per task; outcomes only, the
+            # values stay on the workers (outcomes_of runs where they are)
+            tag = uuid.uuid4().hex[:8]
+            gathered = self.client.gather(self.client.map(
+                outcomes_of, [sub.future for sub in due], pure=False,
+                key=[f"nbpipe-outcomes-{tag}-{sub.dask_key}" for sub in due]), errors="skip")
         except Exception:
             gathered = []
         results = ({id(s): g for s, g in zip(due, gathered, strict=True)}
@@ -849,7 +1062,7 @@ class Runner:
         if self.sub_of.get(ref) is not sub:
             return False
         del self.sub_of[ref]
-        self.active[ref.func] -= 1
+        self.active[cap_identity(ref.func)] -= 1
         sub.remaining -= 1
         if sub.remaining <= 0:  # its last task: the future is no longer needed
             self.inflight.pop(sub.dask_key, None)
@@ -861,7 +1074,12 @@ class Runner:
     def _apply(self, sub: Submission, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
             ref = self.by_key.get(outcome.key)
-            if ref is not None and outcome.attempt == ref.attempts and self._detach(sub, ref):
+            if ref is None or outcome.attempt != ref.attempts:
+                continue
+            if ref in self.ahead:  # recorded once its upstream tasks' success is
+                if self.sub_of.get(ref) is sub:
+                    self.early[ref].append(("outcome", sub, outcome))
+            elif self._detach(sub, ref):
                 self._outcome(ref, outcome)
 
     def _failed_future(self, sub: Submission) -> None:
@@ -874,6 +1092,10 @@ class Runner:
         crash = (read_crash(self.store.path, sub.refs[0].key, sub.refs[0].attempts)
                  if died else None)
         for ref in list(sub.refs):
+            if ref in self.ahead:  # its upstream failed too (then it is taken back) or not
+                if self.sub_of.get(ref) is sub:
+                    self.early[ref].append(("failed", sub, None))
+                continue
             if not self._detach(sub, ref):
                 continue
             if ref in self.kill_requested:
@@ -942,6 +1164,8 @@ class Runner:
             if o.data is not None:  # downstream tasks may start before the batch is written
                 self.batch_inline[o.key] = o.data
             self._finish(ref, State.SUCCEEDED)
+        elif o.state == NOT_RUN:  # its upstream's value was lost with a worker after all
+            self._attempt_failed(ref, o.error, None, None)
         elif o.state == State.KILLED.value or ref in self.kill_requested:
             self._finish(ref, State.KILLED, o.error or f"task {ref.label!r} was killed on request")
         elif not (o.error or "").startswith("UpstreamCorrupt") or not self._upstream_corrupt(ref, o):
@@ -957,6 +1181,7 @@ class Runner:
         dep = next((d for d in self.pipe._deps(ref) if d.key == key), None)
         if dep is None or dep.state in BAD:
             return False
+        self._unhand_below(ref)
         if dep.state is State.SUCCEEDED:
             self.store.forget_result(dep.key)
             self.by_key[dep.key] = dep
@@ -985,6 +1210,7 @@ class Runner:
                         exception: bytes | None, kind: str = "exception") -> None:
         ref.error, ref.traceback, ref.exception = error, tb, exception
         if policy.should_retry(ref, kind):  # i20: retries and retry_on (nbpipe.policy)
+            self._unhand_below(ref)  # they wait for its next attempt
             ref.state = State.WAITING
             self.batch.state(
                 self.pid, ref.key, State.WAITING.value, attempts=ref.attempts, error=error,
@@ -1012,6 +1238,8 @@ class Runner:
     def _cmd_pause(self) -> str:
         self.paused = True
         self.store.set_paused(self.pid, True)
+        for ref in list(self.ahead):  # they wait, as if never sent
+            self._unhand(ref)
         requeue = []
         for sub in list(self.inflight.values()):
             if sub.started or any(r.state is not State.PENDING for r in sub.refs):
@@ -1027,6 +1255,27 @@ class Runner:
                 requeue.append(ref)
         self.ready.extendleft(reversed(requeue))
         return f"paused; {len(requeue)} queued task(s) held back"
+
+    def _stop_submitting(self, failed: TaskRef) -> None:
+        """``run(stop_on_failure=True)``: after the first failure, tasks not yet sent to a worker
+        are not started (they end KILLED, saying why; running ones finish). desipipe's
+        ``spawn(mode='stop_at_error')``."""
+        message = (f"not started: the run stopped at the failure of {failed.label!r} "
+                   "(stop_on_failure); fix it, then run again")
+        for ref in list(self.ahead):  # handed ahead: taken back first, as a pause does
+            self._unhand(ref)
+        for sub in list(self.inflight.values()):  # queued in Dask, not started: taken back
+            if sub.started or any(r.state is not State.PENDING for r in sub.refs):
+                continue
+            sub.cancelled = True
+            sub.future.cancel()
+            self._release(sub)
+            for ref in sub.refs:
+                ref.attempts -= 1
+                ref.state = State.WAITING
+        for ref in list(self.by_key.values()):
+            if ref.state is State.WAITING and ref not in self.sub_of:
+                self._finish(ref, State.KILLED, message)
 
     def _cmd_resume(self) -> str:
         self.paused = False
@@ -1127,6 +1376,22 @@ class Runner:
         for ref in reset:
             self._arm(ref)
         return f"retrying {len(reset)} task(s)"
+
+
+def cap_identity(func: Any) -> tuple[str, str]:
+    """What ``max_concurrent`` counts tasks by: the task function's kind and name, so copies
+    (``with_options``) and the functions revived in a detached runner share one cap."""
+    return (func.kind, func.name)
+
+
+def holds_collection(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` holds a Dask collection where nbpipe looks for task results (lists,
+    tuples, dicts): it is computed on the cluster as the task's input."""
+    if type(value) in (list, tuple):
+        return depth < 20 and any(holds_collection(v, depth + 1) for v in value)
+    if type(value) is dict:
+        return depth < 20 and any(holds_collection(v, depth + 1) for v in value.values())
+    return is_dask_collection(value)
 
 
 def holds_ref(value: Any, depth: int = 0) -> bool:

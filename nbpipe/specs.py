@@ -62,6 +62,7 @@ def write_specs(pipe: Pipeline, refs: list[TaskRef]) -> int:
             "in_files": [str(p) for p in ref.in_files], "out_files": [str(p) for p in ref.out_files],
             "group": ref.group, "chunksize": ref.chunksize, "components": ref.components,
             "reason": ref.reason, "late": ref.late,
+            "pipeline_max_concurrent": pipe.max_concurrent,  # a detached runner keeps the cap
         }
         write_private(_spec_path(pipe.store.path, ref.key), cloudpickle.dumps(spec))
         written += 1
@@ -113,6 +114,9 @@ def revive(pipe: Pipeline) -> list[TaskRef]:
             return {k: revived(v) for k, v in value.items()}
         return value
 
+    caps = [s["pipeline_max_concurrent"] for s in specs.values() if s.get("pipeline_max_concurrent")]
+    if caps and pipe.max_concurrent is None:
+        pipe.max_concurrent = min(caps)
     for key, spec in specs.items():
         func = TaskFunction(spec["fn"], spec["kind"], make_options(spec["name"], **spec["options"]), pipe)
         if spec["outputs"] is not None:

@@ -322,6 +322,95 @@ class TaskRef:
     def __repr__(self) -> str:
         return f"<TaskRef {self.label} {self.state.value}>"
 
+    # -- a Dask collection: dask.compute(ref), dask.delayed(f)(ref), ref.visualize() ----------
+
+    def _dask_name(self) -> str:
+        return f"nbpipe-{self.name}-{self.key}"
+
+    def __dask_graph__(self) -> dict[str, Any]:
+        """A graph of one Dask task that loads this task's value from its result.
+
+        Building it runs the task first if it has not run (as ``result()`` does, on nbpipe's
+        cluster, recorded in the store; a failed task raises its error here)."""
+        from .results import INLINE
+
+        if self.state is not State.SUCCEEDED or self.result_file is None:
+            self.result()
+        assert self.result_file is not None
+        path, checksum = self.result_file
+        data = self.pipeline.store.result_data(self.key) if path == INLINE else None
+        return {self._dask_name(): (_load_value, path, checksum, data)}
+
+    def __dask_keys__(self) -> list[str]:
+        return [self._dask_name()]
+
+    def __dask_layers__(self) -> tuple[str, ...]:
+        return (self._dask_name(),)
+
+    def __dask_tokenize__(self) -> tuple[str, str]:
+        return ("nbpipe-task", self.key)  # its content key: the same work, the same token
+
+    def __dask_postcompute__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return _first, ()
+
+    def __dask_postpersist__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return _persisted, (self._dask_name(),)
+
+    @staticmethod
+    def __dask_optimize__(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        return dsk
+
+    @staticmethod
+    def __dask_scheduler__(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        import dask.threaded
+
+        return dask.threaded.get(dsk, keys, **kwargs)
+
+    def visualize(self, filename: str | None = "nbpipe", format: str | None = None,
+                  **kwargs: Any) -> Any:
+        """Draw this task and everything upstream of it with graphviz (nothing runs), as
+        ``dask.visualize`` draws a Dask graph: ``ref.visualize("graph", format="svg")``."""
+        from dask.dot import dot_graph
+
+        graph: dict[str, Any] = {}
+        todo, seen = [self], set()
+        while todo:
+            ref = todo.pop()
+            if ref in seen:
+                continue
+            seen.add(ref)
+            ups = list(dict.fromkeys([*ref.upstream, *(ref.deps or ())]))
+            graph[f"{ref.name}-{ref.call_id[:12]}"] = (
+                _Step(ref.name), *[f"{u.name}-{u.call_id[:12]}" for u in ups])
+            todo.extend(ups)
+        return dot_graph(graph, filename=filename, format=format, **kwargs)
+
+
+def _load_value(path: str, checksum: str, data: bytes | None) -> Any:
+    from .results import read_result
+
+    return read_result(path, checksum, data)
+
+
+def _first(results: Any) -> Any:
+    return results[0]
+
+
+def _persisted(dsk: Any, name: str, rename: Any = None) -> Any:
+    from dask.delayed import Delayed
+
+    return Delayed(name, dsk)
+
+
+class _Step:
+    """A graph node standing for a task in ``TaskRef.visualize`` (named after it)."""
+
+    def __init__(self, name: str):
+        self.__name__ = name
+
+    def __call__(self, *args: Any) -> None:  # pragma: no cover - drawn, never run
+        raise NotImplementedError
+
 
 class TaskOutput:
     """``ref.output(name)``: the entry ``name`` of the dict a task returns, as a dependency."""

@@ -51,22 +51,83 @@ from .errors import (
 from .policy import TIMED_OUT, TIMEOUT_GRACE, timeout_error
 from .results import INLINE_SECONDS, read_result, write_result
 
-__all__ = ["Outcome", "Upstream", "WorkItem", "interrupt", "run_items"]
+__all__ = ["NOT_RUN", "Done", "Outcome", "Upstream", "WorkItem", "interrupt", "outcomes_of",
+           "run_items"]
 
 TAIL = 64 * 1024  # characters of stdout/stderr kept with an attempt
 EVENT_LIMIT = 16 * 1024  # outcomes larger than this are gathered, not pushed as events
 STREAM_SECONDS = 0.5  # a chunk's finished items are pushed to the runner at least this often
 
 
+NOT_RUN = "NOT_RUN"  # an outcome's state: a handed-ahead item whose upstream did not succeed
+
+
 @dataclass(frozen=True)
 class Upstream:
-    """Placeholder in an item's arguments for the value of an upstream task."""
+    """Placeholder in an item's arguments for the value of an upstream task.
+
+    ``ahead`` marks an upstream task that was still running when the item was submitted
+    (handed ahead): its value arrives in memory with the Dask task's inputs.
+    """
 
     key: str
     path: str
     checksum: str
     output: str | None = None  # one entry of a dict result (a cell's output)
     data: bytes | None = None  # an inline result's bytes, sent along with the item
+    ahead: bool = False
+
+
+class Done:
+    """What one Dask task of nbpipe returns: the outcomes of its items, and the values of those
+    that succeeded.
+
+    The values stay in the worker's memory while the runner holds the future (it releases it
+    once the outcomes are recorded) or while handed-ahead consumers still need them: Dask then
+    places those consumers next to the data and moves it worker to worker, and no consumer
+    reads back a result file that was just written. The runner itself only ever fetches the
+    outcomes (:func:`outcomes_of`).
+    """
+
+    __slots__ = ("outcomes", "values")
+
+    def __init__(self, outcomes: list[Outcome], values: dict[str, Any]):
+        self.outcomes = outcomes
+        self.values = values
+
+    def __reduce__(self) -> Any:
+        return Done, (self.outcomes, self.values)
+
+
+def _sizeof_done(done: Done) -> int:
+    from dask.sizeof import sizeof
+
+    return 64 + sizeof(done.values)
+
+
+def _register_sizeof() -> None:
+    # Dask places a consumer on the worker that holds the most bytes of its inputs: it must
+    # see the values' size, not the few bytes of the object that holds them.
+    from dask.sizeof import sizeof
+
+    sizeof.register(Done)(_sizeof_done)
+
+
+_register_sizeof()
+
+
+def as_done(key: str, value: Any) -> Done:
+    """A computed Dask collection, as the input of the task it is an argument of."""
+    return Done([], {key: value})
+
+
+def outcomes_of(done: Done | list[Outcome]) -> list[Outcome]:
+    """The outcomes of a finished Dask task, without its values (run where the task ran)."""
+    return done.outcomes if isinstance(done, Done) else done
+
+
+class _NotRun(Exception):
+    """A handed-ahead item's upstream value is not among its inputs: the upstream failed."""
 
 
 @dataclass
@@ -353,6 +414,8 @@ def _user_frames(tb: Any) -> Any:
 def _resolve(value: Any, cache: dict[str, Any]) -> Any:
     if isinstance(value, Upstream):
         if value.key not in cache:
+            if value.ahead:  # handed ahead, and its upstream did not succeed
+                raise _NotRun(value.key)
             try:
                 cache[value.key] = read_result(value.path, value.checksum, value.data)
             except ResultCorrupt as exc:  # the runner computes it again, then runs this again
@@ -457,6 +520,7 @@ def _run_one(
                 _running.pop(item.key, None)
                 if watchdog is not None:
                     watchdog.stop()
+            values[item.key] = value  # later items of the chunk and handed-ahead consumers
             missing = [p for p in item.outputs if not os.path.exists(p)]
             if missing:
                 raise FileNotFoundError(
@@ -480,6 +544,9 @@ def _run_one(
         except TaskKilled:
             outcome.state = "KILLED"
             outcome.error = f"task {item.label!r} was killed on request"
+        except _NotRun as exc:
+            outcome.state = NOT_RUN
+            outcome.error = f"task {item.label!r} did not run: upstream {exc.args[0][:12]} failed"
         except SystemExit as exc:  # sys.exit() in a worker thread ends the task, not the process
             code = exc.code
             outcome.exit_code = code if isinstance(code, int) else (0 if code is None else 1)
@@ -582,11 +649,14 @@ def _function(blob: bytes) -> Any:
 
 
 def run_items(
-    items: list[WorkItem] | bytes, fn: Any, store_dir: str, pipeline: str,
-    topic: str | None = None,
-) -> list[Outcome]:
+    items: list[WorkItem] | bytes, inputs: list[Done] | None = None, *, fn: Any,
+    store_dir: str, pipeline: str, topic: str | None = None,
+) -> Done:
     """Run ``items`` (or their pickle) one after another with ``fn``; return one
-    :class:`Outcome` per item.
+    :class:`Outcome` per item, and the values of those that succeeded (:class:`Done`).
+
+    ``inputs`` are the results of upstream Dask tasks the items were handed ahead of: their
+    values are used as they are, in memory (see :class:`Upstream`).
 
     Outcomes are pushed to the runner as they come, at least every :data:`STREAM_SECONDS`
     (not only when the whole chunk of a ``map`` ends): a runner killed in the middle of a long
@@ -598,8 +668,10 @@ def run_items(
     if isinstance(fn, bytes):
         fn = _function(fn)
     address = _worker_address()
-    _notify_start(topic, [item.key for item in items], address)
     values: dict[str, Any] = {}
+    for done in inputs or ():
+        values.update(done.values)
+    _notify_start(topic, [item.key for item in items], address)
     where = _Where(address, socket.gethostname(), os.getpid(), batch_job_id())
     first = items[0]
     # Dask runs a task again when the worker process running it died: the record that process
@@ -639,7 +711,8 @@ def run_items(
             recorder.close()
     if topic:  # pushed to the runner at once: no gather round trip per task
         _push(topic, outcomes[unsent:], partial=False)
-    return outcomes
+    own = {o.key for o in outcomes if o.state == "SUCCEEDED"}
+    return Done(outcomes, {k: v for k, v in values.items() if k in own})
 
 
 def _push(topic: str, outcomes: list[Outcome], *, partial: bool) -> bool:

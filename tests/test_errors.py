@@ -374,6 +374,10 @@ PYTHON = [
          "pipeline declares as an Out file; create the file, fix the path, or register the task "
          "that writes it", "raw.csv", "Create the file, fix the path, or register its producer.",
          _missing_input),
+    Case("Python API", "`Pipeline(max_concurrent=0)`", "TaskDefinitionError",
+         "pipeline 'p': max_concurrent=0 must be a whole number >= 1 (tasks running at once), or "
+         "None for no cap", "max_concurrent", "Give a number of tasks, or leave it out.",
+         lambda tmp: Pipeline("p", store=tmp / ".nbpipe", max_concurrent=0)),
     Case("Python API", '`Pipeline("")`', "TaskDefinitionError",
          "a pipeline needs a non-empty name, got ''", "name", "Name the pipeline.",
          lambda tmp: Pipeline("", store=tmp / ".nbpipe")),
@@ -672,8 +676,8 @@ CONFIG = [
          "not a list", "nbpipe.yaml", "Write `key: value` settings.", None, ("- slurm\n",)),
     Case("configuration", "A misspelt setting, `clsuter: slurm`", "ConfigError",
          "…/nbpipe.yaml: unknown setting 'clsuter' (did you mean 'cluster'?); nbpipe reads cluster, "
-         "idle-timeout, batch-seconds, inline-bytes, task, run", "'clsuter'", "Fix the setting's name.",
-         None, ("clsuter: slurm\n",)),
+         "idle-timeout, batch-seconds, inline-bytes, task, run, store-patience, max-concurrent",
+         "'clsuter'", "Fix the setting's name.", None, ("clsuter: slurm\n",)),
     Case("configuration", "`task: {retry_on: [exeption]}`: a misspelt kind of failure", "ConfigError",
          "…/nbpipe.yaml: task: retry_on has the unknown kind 'exeption' (did you mean 'exception'?); "
          "the kinds are exception, timeout, exit, lost", "retry_on", "Fix the kind's name.", None,
@@ -716,6 +720,14 @@ CONFIG = [
          "…/nbpipe.yaml: inline-bytes=inf must be a finite whole number of bytes >= 0 (results of "
          "quick tasks up to this size are kept in the store's database; 0: every result is a file)",
          "inline-bytes", "Give a number of bytes, e.g. `4096`.", None, ("inline-bytes: .inf\n",)),
+    Case("configuration", "`max-concurrent: 0`", "ConfigError",
+         "…/nbpipe.yaml: max-concurrent=0 must be a whole number >= 1 (tasks of a pipeline running "
+         "at once; unset: no cap)", "max-concurrent", "Give a number of tasks, or remove the line.",
+         None, ("max-concurrent: 0\n",)),
+    Case("configuration", "`store-patience: soon`", "ConfigError",
+         "…/nbpipe.yaml: store-patience='soon' must be a finite number of seconds >= 0 (how long a "
+         "runner retries a store that cannot be written before it stops and run() raises)",
+         "store-patience", "Give a number of seconds.", None, ("store-patience: soon\n",)),
     Case("configuration", "An `nbpipe.yaml` that is not UTF-8", "ConfigError",
          "…/nbpipe.yaml: the file is not UTF-8 text (byte 0xe9 at offset 20); save it as UTF-8",
          "nbpipe.yaml", "Save the file as UTF-8.", None, ("cluster: local\n# caf\xe9\n",)),

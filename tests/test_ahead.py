@@ -1,0 +1,208 @@
+"""Handing tasks to Dask ahead: a task's dependents go to Dask as soon as it is submitted, with
+its future as their input. They take its value from memory, and end exactly as before when it
+fails, is retried, killed or the pipeline pauses; the store records every transition in order."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from conftest import wait_for
+
+from nbpipe import Pipeline, State
+
+
+def _events(pipe: Pipeline, key: str) -> list[tuple[int, str]]:
+    return [(e["id"], e["state"]) for e in pipe.store.events(pipe.pipeline_id) if e["key"] == key]
+
+
+def _first(events: list[tuple[int, str]], state: str) -> int:
+    return next(i for i, s in events if s == state)
+
+
+def test_a_consumer_takes_its_upstream_value_from_memory_not_from_the_result_file(
+        pipe: Pipeline) -> None:
+    @pipe.task
+    def produce() -> bytearray:
+        import builtins
+
+        time.sleep(1.0)  # the consumer is submitted meanwhile
+        value = bytearray(20_000_000)  # large: Dask runs the consumer where it is
+        builtins._nbpipe_ahead_probe = value  # type: ignore[attr-defined]
+        return value
+
+    @pipe.task
+    def consume(value: bytearray) -> bool:
+        import builtins
+
+        return value is getattr(builtins, "_nbpipe_ahead_probe", None)
+
+    made = produce()
+    used = consume(made)
+    pipe.run(check=True)
+    assert used.result() is True  # the very object: not read back from the file
+    assert len(made.result()) == 20_000_000  # ... which was still written, for resume
+    assert pipe.store.results([made.key])[made.key]["size"] > 20_000_000
+
+
+def test_a_chain_records_each_transition_after_its_upstream_succeeded(pipe: Pipeline) -> None:
+    @pipe.task
+    def inc(x: int, i: int = 0) -> int:
+        return x + 1
+
+    refs = [inc(0)]
+    for i in range(30):
+        refs.append(inc(refs[-1], i))
+    pipe.run(check=True)
+    assert refs[-1].result() == 31
+    for up, down in zip(refs, refs[1:], strict=False):
+        ups, downs = _events(pipe, up.key), _events(pipe, down.key)
+        # (the store keeps one event of PENDING/RUNNING/SUCCEEDED written in one transaction)
+        moves = [(i, s) for i, s in downs if s != "WAITING"]
+        assert moves[-1][1] == "SUCCEEDED"
+        assert [s for _, s in moves] in (["SUCCEEDED"], ["PENDING", "SUCCEEDED"],
+                                         ["RUNNING", "SUCCEEDED"],
+                                         ["PENDING", "RUNNING", "SUCCEEDED"])
+        assert moves[0][0] > _first(ups, "SUCCEEDED")
+        assert down.attempts == 1 and len(pipe.store.attempts(pipe.pipeline_id, down.key)) == 1
+
+
+def test_dependents_of_a_failed_task_end_upstream_failed_without_an_attempt(
+        pipe: Pipeline) -> None:
+    @pipe.task
+    def broken() -> int:
+        time.sleep(0.5)
+        raise ValueError("no")
+
+    @pipe.task
+    def inc(x: int) -> int:
+        return x + 1
+
+    first = broken()
+    chain = [inc(first)]
+    chain.append(inc(chain[-1]))
+    pipe.run(check=False)
+    assert first.state is State.FAILED
+    for ref in chain:
+        assert ref.state is State.UPSTREAM_FAILED, ref
+        assert ref.attempts == 0
+        assert pipe.store.attempts(pipe.pipeline_id, ref.key) == []
+        assert {s for _, s in _events(pipe, ref.key)} <= {"WAITING", "UPSTREAM_FAILED"}
+    rows = pipe.store.task_rows(pipe.pipeline_id, [r.key for r in chain])
+    assert {rows[r.key]["state"] for r in chain} == {"UPSTREAM_FAILED"}
+
+
+def test_dependents_wait_for_the_retry_of_a_failed_attempt_and_run_once(
+        pipe: Pipeline, tmp_path: Path) -> None:
+    marker = str(tmp_path / "failed-once")
+
+    @pipe.task(retries=2)
+    def flaky(marker: str) -> int:
+        import os
+
+        time.sleep(0.3)
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError("first attempt fails")
+        return 1
+
+    @pipe.task
+    def inc(x: int) -> int:
+        return x + 1
+
+    first = flaky(marker)
+    second = inc(first)
+    third = inc(second)
+    pipe.run(check=True)
+    assert third.result() == 3
+    assert first.attempts == 2
+    for ref in (second, third):
+        assert ref.attempts == 1
+        assert [a["state"] for a in pipe.store.attempts(pipe.pipeline_id, ref.key)] == ["SUCCEEDED"]
+        moves = [i for i, s in _events(pipe, ref.key) if s != "WAITING"]
+        assert moves[0] > _first(_events(pipe, first.key), "SUCCEEDED")
+
+
+def test_killing_a_running_task_fails_its_handed_ahead_dependents(pipe: Pipeline) -> None:
+    @pipe.task
+    def spin() -> int:
+        while True:
+            pass
+
+    @pipe.task
+    def inc(x: int) -> int:
+        return x + 1
+
+    first = spin()
+    chain = [inc(first)]
+    chain.append(inc(chain[-1]))
+    pipe.run(wait=False)
+    wait_for(lambda: first.state is State.RUNNING, timeout=60)
+    pipe.kill(first)
+    wait_for(lambda: all(r.state.final for r in chain), timeout=60)
+    assert first.state is State.KILLED
+    for ref in chain:
+        assert ref.state is State.UPSTREAM_FAILED and ref.attempts == 0
+
+
+def test_killing_a_handed_ahead_task_leaves_its_upstream_running(
+        pipe: Pipeline, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+
+    @pipe.task
+    def held(gate: str) -> int:
+        import os
+
+        while not os.path.exists(gate):
+            time.sleep(0.05)
+        return 1
+
+    @pipe.task
+    def inc(x: int) -> int:
+        return x + 1
+
+    first = held(str(gate))
+    second = inc(first)
+    third = inc(second)
+    pipe.run(wait=False)
+    wait_for(lambda: first.state is State.RUNNING, timeout=60)
+    pipe.kill(second)
+    wait_for(lambda: second.state.final, timeout=60)
+    gate.touch()
+    pipe.wait(timeout=120)
+    assert first.state is State.SUCCEEDED
+    assert second.state is State.KILLED and second.attempts == 0
+    assert third.state is State.UPSTREAM_FAILED and third.attempts == 0
+    assert pipe.store.attempts(pipe.pipeline_id, second.key) == []
+
+
+def test_pausing_takes_handed_ahead_tasks_back_until_resume(
+        pipe: Pipeline, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+
+    @pipe.task
+    def held(gate: str) -> int:
+        import os
+
+        while not os.path.exists(gate):
+            time.sleep(0.05)
+        return 1
+
+    @pipe.task
+    def inc(x: int) -> int:
+        return x + 1
+
+    first = held(str(gate))
+    second = inc(first)
+    pipe.run(wait=False)
+    wait_for(lambda: first.state is State.RUNNING, timeout=60)
+    pipe.pause()
+    wait_for(lambda: pipe.paused, timeout=60)
+    gate.touch()
+    wait_for(lambda: first.state is State.SUCCEEDED, timeout=60)
+    time.sleep(1.0)  # (a dependent that was not taken back would run now)
+    assert second.state is State.WAITING and second.attempts == 0
+    assert {s for _, s in _events(pipe, second.key)} <= {"WAITING"}
+    pipe.resume()
+    pipe.run(check=True)
+    assert second.result() == 2 and second.attempts == 1
