@@ -297,7 +297,9 @@ def main() -> None:
         return
     if args.compare and not (args.compare / "package.json").exists():
         parser.error(f"--compare {args.compare}: not a built labextension (no package.json in it)")
+    load_before = os.getloadavg()[0]
     figures = measure(args.rounds, args.compare)
+    load = f"{min(load_before, os.getloadavg()[0]):.1f}-{max(load_before, os.getloadavg()[0]):.1f}"
     sums = {name: summary(f) for name, f in figures.items()}
     this = sums["this"]
     ok_render = max(this["mapped"], this["distinct"]) <= 1.5
@@ -335,7 +337,8 @@ drawing). *mapped*: 1,000 `load` -> 1,000 `process` -> `combine`, drawn as 3 gro
 *distinct*: 2,000 different functions in 40 chains, 2,000 nodes laid out. Then a writer
 recorded {this['rate']:.0f} state changes per second for 10 s with the distinct pipeline on
 screen: the delay from a change's commit to its node showing it (timed in the page, 8 nodes
-in view), and the page's frame gaps (99th percentile, maximum in brackets).
+in view), and the page's frame gaps (99th percentile, maximum in brackets). The machine's
+load average was {load} (on {os.cpu_count()} cores) during the run.
 
 | sidebar | mapped drawn | distinct drawn | change shown | frame gaps |
 | --- | --- | --- | --- | --- |
