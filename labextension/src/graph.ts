@@ -517,6 +517,15 @@ export function contains(outer: IRect, inner: IRect): boolean {
   );
 }
 
+/**
+ * Whether the drawn part must be drawn anew for a view: the view left it, or it is much bigger
+ * than the view needs (drawn for a bigger box, or before the box had its size).
+ */
+export function redraw(window: IRect, view: IRect, margin = 1): boolean {
+  const most = 1 + 2 * margin + 1; // one view's size of slack over what drawWindow gives
+  return !contains(window, view) || window.width > view.width * most || window.height > view.height * most;
+}
+
 function overlaps(a: IRect, x0: number, y0: number, x1: number, y1: number): boolean {
   return x1 >= a.x && x0 <= a.x + a.width && y1 >= a.y && y0 <= a.y + a.height;
 }

@@ -19,6 +19,7 @@ import {
   contains,
   drawWindow,
   layout,
+  redraw,
   layoutKey,
   nodeSize,
   parts,
@@ -354,6 +355,11 @@ describe('big graphs', () => {
     expect(window).toEqual({ x: -250, y: -500, width: 750, height: 1500 });
     expect(contains(window, { x: 200, y: 400, width: 250, height: 500 })).toBe(true);
     expect(contains(window, { x: 300, y: 0, width: 250, height: 500 })).toBe(false);
+    expect(redraw(window, { x: 200, y: 400, width: 250, height: 500 })).toBe(false);
+    expect(redraw(window, { x: 300, y: 0, width: 250, height: 500 })).toBe(true);
+    // drawn for a bigger box (or before the box had its size): drawn again for the real one
+    const big = drawWindow({ x: 0, y: 0, width: 1400, height: 900 });
+    expect(redraw(big, { x: 0, y: 0, width: 250, height: 500 })).toBe(true);
   });
 
   it('end edges on the border of a box', () => {

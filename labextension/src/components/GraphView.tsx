@@ -21,7 +21,6 @@ import {
   State,
   MIN_SCALE,
   collapse,
-  contains,
   countsLine,
   direction,
   drawWindow,
@@ -29,6 +28,7 @@ import {
   groupMembers,
   layout,
   layoutKey,
+  redraw,
   shortLabel,
   viewport,
   visible
@@ -186,7 +186,8 @@ export function GraphView(props: IGraphViewProps): JSX.Element {
   const height = Math.ceil(placed.height * scale);
   const scaleRef = React.useRef(scale);
   scaleRef.current = scale;
-  // Draw anew when the view leaves the drawn part (scrolled, resized, zoomed); within it, nothing.
+  // Draw anew when the view leaves the drawn part (scrolled, resized, zoomed) or needs far less
+  // of it; within it, nothing.
   function followView(): void {
     const box = boxRef.current;
     if (!box) {
@@ -200,7 +201,7 @@ export function GraphView(props: IGraphViewProps): JSX.Element {
       shown ? box.clientHeight : FALLBACK.height,
       scaleRef.current
     );
-    if (!contains(windowRef.current, now)) {
+    if (redraw(windowRef.current, now)) {
       setWindow(drawWindow(now));
     }
   }
