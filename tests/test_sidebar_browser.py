@@ -534,3 +534,99 @@ def test_runner_facts_follow_the_runner_across_a_kernel_restart(lab, page) -> No
     _run_all(page)
     page.wait_for_function("p => { const r = document.querySelector('#nbpipe-sidebar .nbpipe-runner');"
                            " return r && r.dataset.runnerPid && r.dataset.runnerPid !== p; }", arg=pid)
+
+
+def _big_pipeline(store: Path, chains: int = 40, length: int = 50) -> list[str]:
+    """A pipeline of chains x length different functions (nothing run); its keys in order."""
+    from nbpipe import Pipeline
+
+    pipe = Pipeline("big", store=store)
+    previous: dict[int, object] = {}
+    for i in range(chains * length):
+        def step(x: int | None, i: int) -> int:
+            return i
+
+        fn = pipe.task(name=f"step{i:04d}")(step)
+        previous[i % chains] = fn(previous.get(i % chains), i)
+    pipe._resolve()  # registered, not run (as benchmarks/sidebar.py does)
+    keys = [r.key for r in pipe._refs.values()]
+    pipe.close()
+    return keys
+
+
+# Every node the graph box can show, found by scrolling it view by view over the whole graph.
+SCROLL_ALL = """async box => {
+  const frame = () => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+  const seen = new Set();
+  let most = 0;
+  for (let top = 0; top < box.scrollHeight; top += box.clientHeight) {
+    for (let left = 0; left < box.scrollWidth; left += box.clientWidth) {
+      box.scrollTo(left, top);
+      await frame();
+      const drawn = box.querySelectorAll('g.nbpipe-node');
+      most = Math.max(most, drawn.length);
+      drawn.forEach(n => seen.add(n.dataset.task));
+    }
+  }
+  box.scrollTo(0, 0);
+  return { seen: [...seen], most };
+}"""
+
+
+# Scroll the box view by view until the node of task `key` is drawn; where it was found.
+FIND = """async (box, key) => {
+  const frame = () => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+  for (let top = 0; top < box.scrollHeight; top += box.clientHeight) {
+    for (let left = 0; left < box.scrollWidth; left += box.clientWidth) {
+      box.scrollTo(left, top);
+      await frame();
+      if (box.querySelector(`g.nbpipe-node[data-task='${key}']`)) { return [left, top]; }
+    }
+  }
+  return null;
+}"""
+
+
+def test_a_2000_node_graph_draws_what_is_in_view_and_every_node_when_scrolled_to(lab, page) -> None:
+    """Only the part of a big graph in and around the view is in the DOM, but scrolling reaches
+    every node, and a state change of a node off screen shows when it is scrolled to."""
+    from nbpipe.store import Batch, Store
+
+    url, root = lab
+    keys = _big_pipeline(root / ".nbpipe")
+    page.goto(f"{url}lab?token={TOKEN}")
+    sidebar = _open_sidebar(page)
+    svg = sidebar.locator("svg.nbpipe-graph-svg[data-nodes='2000']")
+    svg.wait_for(timeout=120_000)
+    box = sidebar.locator(".nbpipe-graph-box")
+    drawn = sidebar.locator("g.nbpipe-node")
+    assert 0 < drawn.count() < 500, drawn.count()  # culled: not 2,000 nodes in the DOM
+    assert str(drawn.count()) == svg.get_attribute("data-drawn")
+    # the scroll area is the whole graph's, not the drawn part's
+    assert box.evaluate("e => e.scrollHeight > 3 * e.clientHeight")
+    shown = set(drawn.evaluate_all("ns => ns.map(n => n.dataset.task)"))
+    far = next(k for k in reversed(keys) if k not in shown)  # the last chain's end: off screen
+
+    # a state change of the off-screen node, written as a runner writes it
+    store = Store(root / ".nbpipe")
+    batch = Batch()
+    batch.state(store.pipeline_id("big", create=False), far, "FAILED", attempts=1)
+    store.write(batch)
+    sidebar.locator(".nbpipe-counts [data-count-state='FAILED']").wait_for()  # the poll saw it
+    assert sidebar.locator(f"g.nbpipe-node[data-task='{far}']").count() == 0
+
+    found = box.evaluate(SCROLL_ALL)
+    assert set(found["seen"]) == set(keys), f"{len(set(keys) - set(found['seen']))} nodes never drawn"
+    assert found["most"] < 500
+
+    # scrolled to it, the node shows its new state, on screen inside the box
+    at = box.evaluate(FIND, far)
+    assert at is not None, "the changed node was never drawn"
+    node_far = sidebar.locator(f"g.nbpipe-node[data-task='{far}']")
+    assert node_far.get_attribute("data-state") == "FAILED"
+    node_far.scroll_into_view_if_needed()
+    inner, outer = node_far.bounding_box(), box.bounding_box()
+    assert outer["x"] - 1 <= inner["x"] and inner["x"] + inner["width"] <= outer["x"] + outer["width"] + 1
+    assert outer["y"] - 1 <= inner["y"] and inner["y"] + inner["height"] <= outer["y"] + outer["height"] + 1
+    # and the nodes of the far top-left corner have left the DOM
+    assert sidebar.locator(f"g.nbpipe-node[data-task='{keys[0]}']").count() == 0

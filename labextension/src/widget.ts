@@ -4,7 +4,10 @@
  * and layout (graph.ts) and draws with the DOM alone (no React, no JupyterLab packages).
  */
 import '../style/widget.css';
-import { IEdge, ITask, collapse, countsLine, groupMembers, layout, shortLabel } from './graph';
+import { IEdge, ITask, LayoutCache, collapse, countsLine, groupMembers, layout, shortLabel } from './graph';
+
+/** Each drawn graph's layout cache: a redraw for a state change lays nothing out again. */
+const caches = new WeakMap<HTMLElement, LayoutCache>();
 
 const SVG = 'http://www.w3.org/2000/svg';
 
@@ -66,7 +69,12 @@ export function draw(
   following = true
 ): void {
   const view = collapse(tasks, edges);
-  const placed = layout(view.nodes, view.edges);
+  let cache = caches.get(el);
+  if (!cache) {
+    cache = new Map();
+    caches.set(el, cache);
+  }
+  const placed = layout(view.nodes, view.edges, 'LR', cache);
   const root = svg('svg', {
     class: 'nbpipe-inline-svg',
     width: Math.max(placed.width, 100),

@@ -12,11 +12,21 @@ import {
   groupMembers,
   downstream,
   groupState,
+  IRect,
+  LayoutCache,
+  WRAP,
+  boxEdge,
+  contains,
+  drawWindow,
   layout,
+  redraw,
   layoutKey,
   nodeSize,
+  parts,
   shortLabel,
-  successor
+  successor,
+  viewport,
+  visible
 } from '../src/graph';
 
 function task(key: string, name: string, state: ITask['state'] = 'SUCCEEDED'): ITask {
@@ -74,7 +84,7 @@ describe('layout', () => {
     expect(placed.width).toBeGreaterThan(avg.x);
   });
 
-  it('lays out 2,000 tasks', () => {
+  it('lays out 2,000 tasks', { timeout: 120_000 }, () => {
     const many = Array.from({ length: 2000 }, (_, i) => task(`t${i}`, `fn${i % 50}`));
     const manyEdges = many.slice(1).map((t, i) => ({ parent: many[i].key, child: t.key, kind: 'data' }));
     const view = collapse(many, manyEdges);
@@ -215,5 +225,146 @@ describe('successor', () => {
 
   it('gives nothing when the task is gone', () => {
     expect(successor(tasks([task('z', 'zz')]), task('old', 'gone'))).toBeNull();
+  });
+});
+
+// the benchmark's worst case: 2,000 different functions in 40 chains of 50
+function chains(n = 2000, width = 40) {
+  const tasks = Array.from({ length: n }, (_, i) => task(`s${i}`, `step${i}`));
+  const links = tasks.slice(width).map((t, i) => ({ parent: tasks[i].key, child: t.key, kind: 'data' }));
+  return collapse(tasks, links);
+}
+
+function inside(r: IRect, n: { x: number; y: number; width: number; height: number }): boolean {
+  return n.x + n.width / 2 >= r.x && n.x - n.width / 2 <= r.x + r.width && n.y + n.height / 2 >= r.y && n.y - n.height / 2 <= r.y + r.height;
+}
+
+describe('big graphs', () => {
+  it('split into connected parts in graph order', () => {
+    const view = chains(200, 4);
+    const found = parts(view.nodes, view.edges);
+    expect(found).toHaveLength(4);
+    expect(found.map(p => p.nodes[0].id)).toEqual(['s0', 's1', 's2', 's3']);
+    expect(found.every(p => p.nodes.length === 50 && p.edges.length === 49)).toBe(true);
+    const lone = parts([view.nodes[0]], []);
+    expect(lone).toHaveLength(1);
+  });
+
+  it('lay out every node once, parents before children, parts apart, within a wrapped width', { timeout: 120_000 }, () => {
+    const view = chains();
+    for (const dir of ['TB', 'LR'] as const) {
+      const placed = layout(view.nodes, view.edges, dir);
+      expect(placed.nodes).toHaveLength(2000);
+      expect(new Set(placed.nodes.map(n => n.id)).size).toBe(2000);
+      expect(placed.edges).toHaveLength(1960);
+      const at = new Map(placed.nodes.map(n => [n.id, n]));
+      const wrong: string[] = [];
+      for (const e of placed.edges) {
+        const a = at.get(e.source)!;
+        const b = at.get(e.target)!;
+        if (!(dir === 'TB' ? a.y < b.y : a.x < b.x)) {
+          wrong.push(`${e.source} not before ${e.target}`);
+        }
+        // edges run from border to border: the arrowhead is not under the child's box
+        const end = e.points[e.points.length - 1];
+        if (!(Math.abs(end.x - b.x) <= b.width / 2 + 0.01 && Math.abs(end.y - b.y) <= b.height / 2 + 0.01)) {
+          wrong.push(`${e.source}>${e.target} ends off the border`);
+        }
+      }
+      for (const n of placed.nodes) {
+        if (n.x - n.width / 2 < 0 || n.y - n.height / 2 < 0 || n.x + n.width / 2 > placed.width || n.y + n.height / 2 > placed.height) {
+          wrong.push(`${n.id} outside the layout`);
+        }
+      }
+      // no two boxes overlap (sorted sweep along x)
+      const boxes = [...placed.nodes].sort((a, b) => a.x - a.width / 2 - (b.x - b.width / 2));
+      for (let i = 0; i < boxes.length; i++) {
+        for (let j = i + 1; j < boxes.length && boxes[j].x - boxes[j].width / 2 < boxes[i].x + boxes[i].width / 2; j++) {
+          if (Math.abs(boxes[i].y - boxes[j].y) < (boxes[i].height + boxes[j].height) / 2) {
+            wrong.push(`${boxes[i].id} overlaps ${boxes[j].id}`);
+          }
+        }
+      }
+      expect(wrong).toEqual([]);
+      // many parts wrap into rows (columns) instead of one endless line
+      expect(dir === 'TB' ? placed.width : placed.height).toBeLessThanOrEqual(WRAP + 100);
+    }
+  });
+
+  it('lay out again only the parts whose shape changed', { timeout: 120_000 }, () => {
+    const cache: LayoutCache = new Map();
+    const view = chains(400, 4);
+    const first = layout(view.nodes, view.edges, 'TB', cache);
+    expect(cache.size).toBe(4);
+    const kept = [...cache.values()];
+    // a state change: nothing is laid out again
+    const again = layout(view.nodes.map(n => ({ ...n, state: 'RUNNING' as const })), view.edges, 'TB', cache);
+    expect([...cache.values()]).toEqual(kept);
+    expect(again.nodes.map(n => [n.x, n.y])).toEqual(first.nodes.map(n => [n.x, n.y]));
+    expect(again.nodes[0].state).toBe('RUNNING'); // the nodes are the new ones, placed as before
+    // a task joins the first chain: only that part is new
+    const extra = task('new', 'newstep');
+    const grown = collapse(
+      [...view.nodes.map(n => task(n.id, n.name)), extra],
+      [...view.edges.map(e => ({ parent: e.source, child: e.target, kind: 'data' })), { parent: 's396', child: 'new', kind: 'data' }]
+    );
+    layout(grown.nodes, grown.edges, 'TB', cache);
+    const now = [...cache.values()];
+    expect(now.filter(p => kept.includes(p))).toHaveLength(3);
+    expect(cache.size).toBe(4); // the old first part is dropped, not kept for ever
+  });
+
+  it('draw only what is in and around the view, and all of it', { timeout: 120_000 }, () => {
+    const placed = layout(chains().nodes, chains().edges, 'TB');
+    const view = viewport(0, 0, 250, 500, 1);
+    const window = drawWindow(view);
+    const drawn = visible(placed, window);
+    expect(drawn.nodes.length).toBeGreaterThan(0);
+    expect(drawn.nodes.length).toBeLessThan(200); // not 2,000
+    // every node that touches the view is drawn, and nothing far away
+    const ids = new Set(drawn.nodes.map(n => n.id));
+    for (const n of placed.nodes) {
+      if (inside(view, n)) {
+        expect(ids.has(n.id)).toBe(true);
+      }
+      if (ids.has(n.id)) {
+        expect(inside(window, n)).toBe(true);
+      }
+    }
+    // scrolled to the last node laid out (the far end): the nodes there are drawn
+    const end = placed.nodes.reduce((a, b) => (b.y + b.x > a.y + a.x ? b : a));
+    const far = viewport(Math.max(0, end.x - 125), Math.max(0, end.y - 250), 250, 500, 1);
+    const there = new Set(visible(placed, drawWindow(far)).nodes.map(n => n.id));
+    const last = placed.nodes.filter(n => inside(far, n));
+    expect(last.length).toBeGreaterThan(0);
+    expect(last.every(n => there.has(n.id))).toBe(true);
+    // every edge touching the view is drawn
+    const edges = new Set(drawn.edges.map(e => `${e.source}>${e.target}`));
+    for (const e of placed.edges) {
+      if (e.points.some(p => p.x >= view.x && p.x <= view.x + view.width && p.y >= view.y && p.y <= view.y + view.height)) {
+        expect(edges.has(`${e.source}>${e.target}`)).toBe(true);
+      }
+    }
+    // the view at another scale covers the layout px the box shows
+    expect(viewport(100, 200, 250, 500, 2)).toEqual({ x: 50, y: 100, width: 125, height: 250 });
+    expect(viewport(0, 0, 250, 500, NaN).width).toBe(250);
+  });
+
+  it('draw anew only when the view leaves the drawn part', () => {
+    const window = drawWindow({ x: 0, y: 0, width: 250, height: 500 });
+    expect(window).toEqual({ x: -250, y: -500, width: 750, height: 1500 });
+    expect(contains(window, { x: 200, y: 400, width: 250, height: 500 })).toBe(true);
+    expect(contains(window, { x: 300, y: 0, width: 250, height: 500 })).toBe(false);
+    expect(redraw(window, { x: 200, y: 400, width: 250, height: 500 })).toBe(false);
+    expect(redraw(window, { x: 300, y: 0, width: 250, height: 500 })).toBe(true);
+    // drawn for a bigger box (or before the box had its size): drawn again for the real one
+    const big = drawWindow({ x: 0, y: 0, width: 1400, height: 900 });
+    expect(redraw(big, { x: 0, y: 0, width: 250, height: 500 })).toBe(true);
+  });
+
+  it('end edges on the border of a box', () => {
+    expect(boxEdge({ x: 0, y: 0 }, 100, 30, { x: 0, y: 100 })).toEqual({ x: 0, y: 15 });
+    expect(boxEdge({ x: 0, y: 0 }, 100, 30, { x: 200, y: 0 })).toEqual({ x: 50, y: 0 });
+    expect(boxEdge({ x: 0, y: 0 }, 100, 30, { x: 5, y: 5 })).toEqual({ x: 5, y: 5 }); // inside: unchanged
   });
 });

@@ -3,6 +3,11 @@
  * with counts by state (click it for its items as an ordered grid), laid out for the space the
  * box has (top to bottom when narrow) at a scale that keeps labels readable. Fit, zoom buttons,
  * and a ResizeObserver that refits when the panel is resized or shown after a reload.
+ *
+ * Only what the box shows, and a box's size around it, is drawn: the SVG keeps the whole
+ * graph's size (so the scroll bars are true) and scrolling past the drawn part draws the part
+ * now in view. A state change re-renders the drawn nodes it changed; the layout is computed
+ * again only when the graph's shape changes, and then only for the connected parts that changed.
  */
 import * as React from 'react';
 import {
@@ -10,17 +15,23 @@ import {
   IEdge,
   ILayout,
   IPlacedNode,
+  IRect,
   ITask,
+  LayoutCache,
   State,
   MIN_SCALE,
   collapse,
   countsLine,
   direction,
+  drawWindow,
   fitScale,
   groupMembers,
   layout,
   layoutKey,
-  shortLabel
+  redraw,
+  shortLabel,
+  viewport,
+  visible
 } from '../graph';
 
 export interface IGraphViewProps {
@@ -132,10 +143,18 @@ const GraphNode = React.memo(function GraphNode(props: {
   );
 });
 
+/** The view's size (px) assumed while the box is hidden and has none. */
+const FALLBACK = { width: 1400, height: 900 };
+
 export function GraphView(props: IGraphViewProps): JSX.Element {
   const [group, setGroup] = React.useState<string | null>(null);
   const boxRef = React.useRef<HTMLDivElement>(null);
   const [boxWidth, setBoxWidth] = React.useState(0);
+  // the part of the layout drawn (layout px): the view and a view's size around it
+  const [window_, setWindow] = React.useState<IRect>(() => drawWindow(viewport(0, 0, FALLBACK.width, FALLBACK.height, 1)));
+  const windowRef = React.useRef(window_);
+  windowRef.current = window_;
+  const cache = React.useRef<LayoutCache>(new Map());
   // null: fit to the box (and refit when it is resized); a number: the user's zoom
   const [zoom, setZoom] = React.useState<number | null>(null);
 
@@ -145,7 +164,10 @@ export function GraphView(props: IGraphViewProps): JSX.Element {
     if (!box) {
       return;
     }
-    const measure = () => setBoxWidth(Math.floor(box.clientWidth));
+    const measure = () => {
+      setBoxWidth(Math.floor(box.clientWidth));
+      followView();
+    };
     measure();
     const observer = new ResizeObserver(measure);
     observer.observe(box);
@@ -156,12 +178,35 @@ export function GraphView(props: IGraphViewProps): JSX.Element {
   // The layout depends on the shape of the graph, not on states: recompute only when it changes.
   const view = collapse(props.tasks, props.edges);
   const shape = layoutKey(view.nodes, view.edges, rankdir);
-  const placed: ILayout = React.useMemo(() => layout(view.nodes, view.edges, rankdir), [shape]);
+  const placed: ILayout = React.useMemo(() => layout(view.nodes, view.edges, rankdir, cache.current), [shape]);
   const stateOf = new Map(props.tasks.map(t => [t.key, t.state]));
   const liveById = new Map(view.nodes.map(n => [n.id, n]));
   const scale = zoom ?? fitScale(placed.width, boxWidth - 4);
   const width = Math.ceil(placed.width * scale);
   const height = Math.ceil(placed.height * scale);
+  const scaleRef = React.useRef(scale);
+  scaleRef.current = scale;
+  // Draw anew when the view leaves the drawn part (scrolled, resized, zoomed) or needs far less
+  // of it; within it, nothing.
+  function followView(): void {
+    const box = boxRef.current;
+    if (!box) {
+      return;
+    }
+    const shown = box.clientWidth > 0 && box.clientHeight > 0;
+    const now = viewport(
+      box.scrollLeft,
+      box.scrollTop,
+      shown ? box.clientWidth : FALLBACK.width,
+      shown ? box.clientHeight : FALLBACK.height,
+      scaleRef.current
+    );
+    if (redraw(windowRef.current, now)) {
+      setWindow(drawWindow(now));
+    }
+  }
+  React.useEffect(followView, [scale, placed]);
+  const drawn = React.useMemo(() => visible(placed, window_), [placed, window_]);
 
   React.useEffect(() => {
     if (group && !props.tasks.some(t => t.name === group)) {
@@ -201,11 +246,13 @@ export function GraphView(props: IGraphViewProps): JSX.Element {
           </button>
         )}
       </div>
-      <div className="nbpipe-graph-box" ref={boxRef}>
+      <div className="nbpipe-graph-box" ref={boxRef} onScroll={followView}>
         <svg
           className="nbpipe-graph-svg"
           role="img"
           aria-label="task graph"
+          data-nodes={placed.nodes.length}
+          data-drawn={drawn.nodes.length}
           width={Math.max(width, 1)}
           height={Math.max(height, 1)}
           viewBox={`0 0 ${Math.max(placed.width, 1)} ${Math.max(placed.height, 1)}`}
@@ -216,10 +263,10 @@ export function GraphView(props: IGraphViewProps): JSX.Element {
             </marker>
           </defs>
           <g>
-            {placed.edges.map(e => (
+            {drawn.edges.map(e => (
               <path key={`${e.source}-${e.target}`} d={path(e.points)} className="nbpipe-edge" markerEnd="url(#nbpipe-arrow)" />
             ))}
-            {placed.nodes.map(n => {
+            {drawn.nodes.map(n => {
               const now = liveById.get(n.id);
               const state = n.group ? now?.state ?? n.state : stateOf.get(n.id) ?? n.state;
               const chosen = !!((props.selected && n.keys.includes(props.selected)) || (n.group && group === n.name));

@@ -98,7 +98,37 @@ function Summary(props: { model: SidebarModel }): JSX.Element | null {
   );
 }
 
+/** One row of the task list. Memoised: a poll re-renders only the rows whose state changed. */
+const TaskRow = React.memo(function TaskRow(props: {
+  id: string;
+  label: string;
+  state: State;
+  chosen: boolean;
+  onSelect: (key: string) => void;
+}): JSX.Element {
+  return (
+    <li>
+      <button
+        className={`nbpipe-task-row${props.chosen ? ' nbpipe-selected' : ''}`}
+        data-task={props.id}
+        data-state={props.state}
+        onClick={() => props.onSelect(props.id)}
+      >
+        <span className={`nbpipe-dot nbpipe-state-${props.state}`} />
+        <span className="nbpipe-task-label" title={props.label}>
+          {props.label}
+        </span>
+        <span className="nbpipe-task-state">{props.state}</span>
+      </button>
+    </li>
+  );
+});
+
 function TaskList(props: { model: SidebarModel; onSelect: (key: string) => void }): JSX.Element {
+  // one stable callback for every row (so memoised rows stay memoised), calling the latest
+  const selectRef = React.useRef(props.onSelect);
+  selectRef.current = props.onSelect;
+  const onSelect = React.useCallback((key: string) => selectRef.current(key), []);
   const [state, setState] = React.useState<State | ''>('');
   const [name, setName] = React.useState('');
   const tasks = [...props.model.tasks.values()].filter(
@@ -119,20 +149,7 @@ function TaskList(props: { model: SidebarModel; onSelect: (key: string) => void 
       </div>
       <ul>
         {tasks.slice(0, 500).map(t => (
-          <li key={t.key}>
-            <button
-              className={`nbpipe-task-row${props.model.detail?.key === t.key ? ' nbpipe-selected' : ''}`}
-              data-task={t.key}
-              data-state={t.state}
-              onClick={() => props.onSelect(t.key)}
-            >
-              <span className={`nbpipe-dot nbpipe-state-${t.state}`} />
-              <span className="nbpipe-task-label" title={t.label}>
-                {t.label}
-              </span>
-              <span className="nbpipe-task-state">{t.state}</span>
-            </button>
-          </li>
+          <TaskRow key={t.key} id={t.key} label={t.label} state={t.state} chosen={props.model.detail?.key === t.key} onSelect={onSelect} />
         ))}
         {tasks.length > 500 && <li className="nbpipe-more">{tasks.length - 500} more: narrow the filter</li>}
       </ul>
