@@ -231,6 +231,70 @@ def test_doctor_finds_and_repairs_records_of_pipelines_that_are_gone(store: Path
     assert _query(db, "SELECT key FROM tasks") == [(f"k{kept}",)]
 
 
+SLEEPER = """
+import sys, time
+from nbpipe import Pipeline
+
+pipe = Pipeline("sleeper", store=sys.argv[1], cluster={"kind": "local", "workers": 2})
+
+
+@pipe.task
+def sleeps(i: int) -> int:
+    print("sleeping", i, flush=True)  # an output file beside the record
+    time.sleep(600)
+    return i
+
+
+if __name__ == "__main__":
+    refs = [sleeps(i) for i in range(2)]
+    pipe.run()
+"""
+
+
+def _records(store: Path) -> list[Path]:
+    """The records of running Dask tasks (not their output files) in ``<store>/running/``."""
+    folder = store / "running"
+    return sorted(p for p in folder.iterdir() if p.suffix not in (".out", ".err")) \
+        if folder.is_dir() else []
+
+
+def _header(record: Path) -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(record.read_text().partition("\n")[0])
+    return {}
+
+
+def test_doctor_cleans_records_of_silently_killed_workers_only_once_their_runner_is_gone(
+        tmp_path: Path) -> None:
+    store = tmp_path / ".nbpipe"
+    proc = _start(_write(tmp_path / "sleeper.py", SLEEPER), str(store))
+    try:
+        wait_for(lambda: len(_records(store)) == 2 and all(_header(r) for r in _records(store)),
+                 timeout=300)
+        # A worker killed without a word under a live runner: its record may still be read
+        # (Dask runs the task again; that worker turns the record into the attempt's outcome).
+        victim = _records(store)[0]
+        os.kill(int(_header(victim)["pid"]), signal.SIGKILL)
+        report = json.loads(_nbpipe(store, "doctor", "--repair", "--json").stdout)
+        assert report["worker_records"] == [], report
+        assert all(r.exists() for r in _records(store) if r != victim)
+        wait_for(lambda: len(_records(store)) == 2 and all(_header(r) for r in _records(store)),
+                 timeout=300)  # both tasks running again (or still)
+        left = _records(store)
+    finally:
+        _reap(proc)  # the runner and every worker, killed without a word
+    outputs = [p.with_name(p.name + ".out") for p in left]
+    assert all(p.exists() for p in [*left, *outputs]), sorted((store / "running").iterdir())
+    out = _nbpipe(store, "doctor")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "records of workers killed without a word (their runner is gone): 4" in out.stdout, \
+        out.stdout
+    assert _nbpipe(store, "doctor", "--repair").returncode == 0
+    assert sorted((store / "running").iterdir()) == []
+    report = json.loads(_nbpipe(store, "doctor", "--json").stdout)
+    assert report["ok"] and report["worker_records"] == [], report
+
+
 # -- 2. paths relative to the store ---------------------------------------------------------------
 
 
