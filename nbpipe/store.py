@@ -283,7 +283,7 @@ class Store:
             return exc
         if not is_damage(exc):
             return StoreError(f"the store {self.path} cannot be used: {exc}")
-        return DatabaseDamaged(
+        return SQLiteDamaged(
             f"the store {self.path} is damaged: SQLite cannot read {self.db_path.name} ({exc}); "
             f"copy the folder aside (cp -a {self.path} {self.path}.damaged), then recover what "
             f"SQLite can with `sqlite3 {self.path}.damaged/{self.db_path.name} .recover | "
@@ -657,10 +657,15 @@ class Store:
         return row[0] if row else "unknown"
 
 
-class DatabaseDamaged(StoreDamaged, sqlite3.DatabaseError):
+class SQLiteDamaged(StoreDamaged, sqlite3.DatabaseError):
     """:class:`StoreDamaged` as the SQLite connection raises it: still a
     ``sqlite3.DatabaseError``, so code that handles SQLite's errors (the runner keeps its writes
     while a store is busy or full, and stops on damage) goes on handling it unchanged."""
+
+
+# Users meet it as the public class: tracebacks and messages (``RunnerError``'s cause) say
+# StoreDamaged, as the docs and the error catalogue do.
+SQLiteDamaged.__name__ = SQLiteDamaged.__qualname__ = "StoreDamaged"
 
 
 def _damage(store: Store | None, exc: sqlite3.Error) -> sqlite3.Error:
@@ -669,7 +674,7 @@ def _damage(store: Store | None, exc: sqlite3.Error) -> sqlite3.Error:
     if store is None or isinstance(exc, StoreDamaged) or not is_damage(exc):
         return exc
     damaged = store.damaged(exc)
-    assert isinstance(damaged, DatabaseDamaged)
+    assert isinstance(damaged, SQLiteDamaged)
     return damaged
 
 

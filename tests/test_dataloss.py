@@ -444,9 +444,9 @@ if __name__ == "__main__":
           flush=True)
 """
 
-#: A kill loses at most this much finished work of a chunked map (0.5 s between pushes of
-#: outcomes, a runner tick to commit them, and slack for a loaded machine).
-CHUNK_BOUND = 1.5
+#: A kill loses at most this much finished work of a chunked map (0.25 s at most until an
+#: item's outcome is pushed, a runner tick to commit it, and slack for a loaded machine).
+CHUNK_BOUND = 1.0
 
 
 def _ledger(path: Path) -> list[tuple[str, float]]:
@@ -645,7 +645,7 @@ if __name__ == "__main__":
 
 #: Documented bound (docs/reliability.md): a kill loses at most about a second of finished work
 #: (inline results and chunk outcomes not yet committed); measured from a task's end to the kill.
-KILL_BOUND = 1.5
+KILL_BOUND = 1.0
 TORTURE_TASKS = 40 + 16 + 8 + 8 + 80 + 1
 
 
