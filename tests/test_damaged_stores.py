@@ -213,11 +213,11 @@ COMMANDS = [["pipelines"], ["pipelines", "--all"], ["tasks", "demo"],
             ["tasks", "demo", "--state", "FAILED"], ["show", "demo", "noisy(i=3)"],
             ["logs", "demo", "noisy(i=3)"], ["why", "demo", "noisy(i=3)"], ["graph", "demo"],
             ["retry", "demo", "--failed", "--no-spawn"], ["kill", "demo", "--all"],
-            ["pause", "demo"], ["resume", "demo"], ["gc", "--dry-run"], ["doctor"],
-            ["doctor", "--json"]]
-#: Then those that change the store, one after the other (a delete first would leave the
-#: others no pipeline to find).
-CHANGING = [["doctor", "--repair"], ["gc"], ["delete", "demo", "--force"]]
+            ["pause", "demo"], ["resume", "demo", "--no-spawn"]]
+#: Then those that look at runner locks (another command's look holds one for an instant) or
+#: change the store, one after the other (a delete first would leave the others no pipeline).
+CHANGING = [["gc", "--dry-run"], ["doctor"], ["doctor", "--json"], ["doctor", "--repair"],
+            ["gc"], ["delete", "demo", "--force"]]
 
 
 @pytest.mark.timeout(900)  # a couple of dozen command-line processes on a loaded machine

@@ -488,6 +488,51 @@ def test_a_killed_chunked_map_loses_at_most_about_a_second_of_work(tmp_path: Pat
     assert int(executed) == 80 - len(recorded)
 
 
+UNEVEN = """
+import os, sys, time
+from nbpipe import Pipeline
+
+pipe = Pipeline("uneven", store=sys.argv[1], cluster={"kind": "local", "workers": 2})
+LEDGER = sys.argv[2]
+
+
+@pipe.task
+def item(i: int) -> int:
+    # A worker process's first item is quick; the next one runs long (a chunk's order is
+    # nbpipe's to choose, so the item cannot tell by its number).
+    mark = f"{LEDGER}.{os.getpid()}"
+    if os.path.exists(mark):
+        time.sleep(600)
+    open(mark, "w").close()
+    with open(LEDGER, "a") as f:
+        f.write(f"{i} {time.time()}\\n")
+    return i
+
+
+if __name__ == "__main__":
+    item.map(range(8), chunksize=4)
+    pipe.run()
+"""
+
+
+def test_a_chunk_streams_its_finished_items_while_its_next_item_runs_long(tmp_path: Path) -> None:
+    # Pushed at the next item's end, the quick item would wait ten minutes for the long one.
+    store = tmp_path / ".nbpipe"
+    ledger = tmp_path / "ledger.txt"
+    proc = _start(_write(tmp_path / "uneven.py", UNEVEN), str(store), str(ledger))
+
+    def recorded() -> set[str]:
+        return {label for (label,) in _query(store / "nbpipe.sqlite",
+                                             "SELECT label FROM tasks WHERE state = 'SUCCEEDED'")}
+    try:
+        wait_for(lambda: _ledger(ledger), timeout=300)
+        quick = {f"item(i={i})" for i, _ in _ledger(ledger)}
+        wait_for(lambda: quick <= recorded())
+        assert len(_ledger(ledger)) <= 2  # each chunk's next item still runs
+    finally:
+        _reap(proc)
+
+
 # -- 5/6. a store of a newer nbpipe is left untouched ---------------------------------------------
 
 
