@@ -85,8 +85,8 @@ def _install() -> None:
 
 
 def _close(fd: int | None, path: Path, remove: bool) -> None:
-    """Close ``fd``, a file of a record, and with ``remove`` delete ``path`` too; returns the
-    new value of the descriptor (None). A file never opened was never created: nothing to do."""
+    """Close ``fd``, a file of a record, and with ``remove`` delete ``path`` too (the one way a
+    record and its output files end). A file never opened was never created: nothing to do."""
     if fd is not None:
         os.close(fd)
         if remove:
@@ -122,7 +122,8 @@ class _Spill:
             self.size = 0
 
     def close(self, remove: bool) -> None:
-        self.fd = _close(self.fd, self.path, remove)
+        _close(self.fd, self.path, remove)
+        self.fd = None
 
 
 class Recorder:
@@ -165,7 +166,8 @@ class Recorder:
             faulthandler.disable()
         self.stdout.close(remove)
         self.stderr.close(remove)
-        self.fd = _close(self.fd, self.path, remove)
+        _close(self.fd, self.path, remove)
+        self.fd = None
 
 
 # -- reading a record left behind --------------------------------------------------------------
