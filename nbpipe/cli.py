@@ -487,7 +487,8 @@ def _damaged_report(ctx: click.Context, message: str, as_json: bool) -> None:
 @_store_option
 @click.option("--repair", is_flag=True,
               help="forget damaged results (their tasks run again), remove left-over temporary "
-                   "files, orphan specs and records of deleted pipelines, release stale runners")
+                   "files, orphan specs, records of deleted pipelines and of workers killed "
+                   "under a runner that is gone, release stale runners")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_context
 def doctor(ctx: click.Context, repair: bool, as_json: bool) -> None:
@@ -520,6 +521,8 @@ def doctor(ctx: click.Context, repair: bool, as_json: bool) -> None:
         ("tasks a dead runner left PENDING/RUNNING", report["stale_tasks"],
          lambda t: f"{t['pipeline']}: {t['label']} ({t['state']})"),
         ("task specs of unknown tasks", report["orphan_specs"], str),
+        ("records of workers killed without a word (their runner is gone)",
+         report["worker_records"], str),
         ("records of deleted pipelines", list(report["orphan_records"].items()),
          lambda t: f"{t[1]} in {t[0]}"),
     ]

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Crash", "Recorder", "describe", "discard", "read_crash", "record_path"]
+__all__ = ["Crash", "Recorder", "alive_here", "describe", "discard", "read_crash", "record_path"]
 
 SPILL_LIMIT = 256 * 1024  # bytes of output kept on disk per stream before it is cut to its tail
 _SIGNALS = {signal.SIGSEGV: "a crash in C code (segmentation fault)",
@@ -84,6 +84,16 @@ def _install() -> None:
     _installed = True
 
 
+def _close(fd: int | None, path: Path, remove: bool) -> None:
+    """Close ``fd``, a file of a record, and with ``remove`` delete ``path`` too (the one way a
+    record and its output files end). A file never opened was never created: nothing to do."""
+    if fd is not None:
+        os.close(fd)
+        if remove:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 class _Spill:
     """One output stream of the running item, on disk as it is written (created on the first
     write: most tasks print nothing)."""
@@ -112,12 +122,8 @@ class _Spill:
             self.size = 0
 
     def close(self, remove: bool) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-            if remove:
-                with contextlib.suppress(OSError):
-                    self.path.unlink()
+        _close(self.fd, self.path, remove)
+        self.fd = None
 
 
 class Recorder:
@@ -160,12 +166,8 @@ class Recorder:
             faulthandler.disable()
         self.stdout.close(remove)
         self.stderr.close(remove)
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        if remove:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
+        _close(self.fd, self.path, remove)
+        self.fd = None
 
 
 # -- reading a record left behind --------------------------------------------------------------
@@ -193,7 +195,7 @@ class Crash:
     timeout: float | None = None  # the item's timeout, when its watchdog ended the process
 
 
-def _alive_here(header: dict[str, Any]) -> bool:
+def alive_here(header: dict[str, Any]) -> bool:
     """Whether the process that wrote a record still runs (on this host): not a crash."""
     if header.get("host") != socket.gethostname():
         return False
@@ -217,7 +219,7 @@ def read_crash(store_dir: str | os.PathLike[str], key: str, attempt: int, *,
         header = json.loads(lines[0])
     except (IndexError, ValueError):
         header = {}
-    if _alive_here(header):
+    if alive_here(header):
         return None
     running: tuple[str, int] | None = None
     exit_code: int | None = None

@@ -41,6 +41,14 @@ __all__ = ["LocalProcessCluster", "serve"]
 
 START_TIMEOUT = 120.0  # seconds for the child to report its scheduler (a loaded machine is slow)
 
+#: Dask's defaults that a starved machine (a shared login node, a laptop running a test suite)
+#: outlasts, and what nbpipe's own local cluster uses instead unless the user set them. Every
+#: process of the cluster is on this machine: a reply that takes longer than Dask's 30 s is the
+#: machine being busy, not a peer gone, and a worker that gives up on it logs a traceback
+#: (``Failed to communicate with scheduler during heartbeat``) or leaves.
+PATIENT = {"distributed": {"comm": {"timeouts": {"connect": "180s", "tcp": "180s"}},
+                           "scheduler": {"worker-ttl": "15 minutes"}}}
+
 
 def _inheritable_config() -> str:
     """Dask's configuration as ``DASK_INTERNAL_INHERIT_CONFIG`` carries it (Dask's own way of
@@ -145,6 +153,9 @@ def serve(options: dict[str, Any]) -> None:
 
     # Only the driver decides when the cluster ends: closing stdin, or dying.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Replaces Dask's defaults only: a value the user configured (inherited) stays. The
+    # workers' processes get this configuration from their nannies.
+    dask.config.update_defaults(PATIENT)
     cluster = LocalCluster(
         n_workers=options["n_workers"], threads_per_worker=1, processes=True,
         dashboard_address="127.0.0.1:0",  # the dashboard has no authentication: this machine only

@@ -45,6 +45,7 @@ from .errors import (
     NbpipeError,
     PipelineBusy,
     ResultCorrupt,
+    StoreDamaged,
     TaskDefinitionError,
     TaskFailed,
     TaskKilled,
@@ -170,6 +171,16 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+def _stopped(runner: Runner) -> NbpipeError:
+    """What waiting on a runner that stopped on an error raises: a damaged store's own
+    :class:`StoreDamaged` (every door tells a damaged store the same way), else the runner's
+    :class:`RunnerError` naming the cause."""
+    if isinstance(runner.error, StoreDamaged):
+        return runner.error
+    assert runner.fatal is not None
+    return runner.fatal
 
 
 def _default_name() -> str:
@@ -878,7 +889,7 @@ class Pipeline:
         if wait and live and not paused and any(not r.state.final for r in refs):
             self._wait(refs, timeout)
         if wait and todo and self._runner is not None and self._runner.fatal is not None:
-            raise self._runner.fatal  # it stopped before the wait began
+            raise _stopped(self._runner)  # it stopped before the wait began
         summary = self._summary(refs, report)
         if check and summary.failed:
             raise TaskFailed(
@@ -930,7 +941,7 @@ class Pipeline:
                 while cursor < len(refs) and refs[cursor].state.final:
                     cursor += 1
                 if runner.fatal is not None:
-                    raise runner.fatal
+                    raise _stopped(runner)
                 # (ended, but not yet recorded while the store fails: wait for it, or its end)
                 if (cursor == len(refs) and runner.error is None) or not runner.alive:
                     return

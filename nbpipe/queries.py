@@ -13,6 +13,7 @@ import fnmatch
 import json
 import os
 import re
+import socket
 import sqlite3
 from collections import Counter
 from collections.abc import Iterator
@@ -397,6 +398,49 @@ def gc(store: Store, *, dry_run: bool = False) -> list[str]:
 STALE_TEMP = 600.0
 
 
+def _left_worker_records(store: Store, conn: sqlite3.Connection, live: list[int],
+                         now: float) -> list[str]:
+    """Files in ``<store>/running/`` that nobody will read: records (and their output files) of
+    Dask tasks whose worker was killed without a word while their runner is gone too.
+
+    A record is kept while its worker process runs (on this host; one on another host is kept
+    until it is :data:`STALE_TEMP` old) and while a runner of a pipeline with its task is live:
+    that runner may have Dask run the task again, whose worker reads the record
+    (:mod:`nbpipe.crashes`)."""
+    from .crashes import alive_here
+
+    folder = store.path / "running"
+    if not folder.is_dir():
+        return []
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    records = {p.name for p in files if p.suffix not in (".out", ".err")}
+    busy = {k for (k,) in conn.execute(
+        f"SELECT DISTINCT key FROM tasks WHERE pipeline_id IN ({','.join('?' * len(live))})",
+        live)} if live else set()
+    left = []
+    for path in files:
+        record = folder / path.name.removesuffix(".out").removesuffix(".err")
+        key = record.name.rpartition("-")[0]
+        if key in busy:
+            continue
+        if record.name in records:
+            try:
+                age = now - record.stat().st_mtime
+                header = json.loads(record.read_text(errors="replace").partition("\n")[0])
+            except OSError:
+                continue  # gone meanwhile
+            except ValueError:  # not written yet (or cut): judged by its age alone
+                header = {}
+            if not isinstance(header, dict):
+                header = {}
+            if alive_here(header):
+                continue
+            if header.get("host") != socket.gethostname() and age <= STALE_TEMP:
+                continue  # its worker may still run there
+        left.append(str(path))
+    return left
+
+
 def doctor(store: Store, *, repair: bool = False) -> dict[str, Any]:
     """Check a store; with ``repair``, fix what can be fixed. Returns a report (a dict).
 
@@ -407,6 +451,9 @@ def doctor(store: Store, *, repair: bool = False) -> dict[str, Any]:
     attempts, ...) of pipelines that are gone. Result files the store does not list are reported
     too, but are no problem: the next run adopts them (``nbpipe gc`` removes them when no task
     wants them).
+
+    Records of running tasks in ``<store>/running/`` that no one will read (their worker was
+    killed without a word and their runner is gone too) are left-overs as well.
 
     ``repair`` forgets damaged results (their tasks show ``WAITING`` and run again the next
     time their pipeline runs), removes left-over temporary files, orphan specs and orphan
@@ -445,10 +492,11 @@ def doctor(store: Store, *, repair: bool = False) -> dict[str, Any]:
                     temp.append(str(p))
     known = {k for (k,) in conn.execute("SELECT DISTINCT key FROM tasks")}
     orphan_specs = [str(p) for p in (store.path / "specs").rglob("*.pkl") if p.stem not in known]
-    stale_runners, stale_tasks = [], []
+    stale_runners, stale_tasks, live = [], [], []
     for pid, name, runner in conn.execute("SELECT id, name, runner FROM pipelines").fetchall():
         lock = RunnerLock(store, name)
         if lock.busy():
+            live.append(pid)
             continue  # a live runner: its records are its own
         holder = lock.path.read_text().strip() if lock.path.exists() else ""
         if runner or holder:
@@ -464,7 +512,9 @@ def doctor(store: Store, *, repair: bool = False) -> dict[str, Any]:
                             "(SELECT id FROM pipelines)").fetchone()
         if n:
             orphan_records[table] = n
-    problems = bool(bad or temp or orphan_specs or stale_runners or stale_tasks or orphan_records)
+    worker_records = _left_worker_records(store, conn, live, now)
+    problems = bool(bad or temp or orphan_specs or stale_runners or stale_tasks or orphan_records
+                    or worker_records)
     if repair:
         from .store import Batch
 
@@ -491,6 +541,8 @@ def doctor(store: Store, *, repair: bool = False) -> dict[str, Any]:
             store.set_runner(ids[entry["pipeline"]], None)
         for path in (*temp, *orphan_specs):
             Path(path).unlink(missing_ok=True)
+        for path in worker_records:
+            Path(path).unlink(missing_ok=True)
         if orphan_records:
             with store.transaction() as tx:
                 for table in orphan_records:
@@ -500,6 +552,7 @@ def doctor(store: Store, *, repair: bool = False) -> dict[str, Any]:
     return {"integrity": integrity, "ok": ok, "bad_results": bad, "temp_files": temp,
             "stale_runners": stale_runners, "stale_tasks": stale_tasks,
             "orphan_specs": orphan_specs, "orphan_records": orphan_records,
+            "worker_records": worker_records,
             "unrecorded_results": unrecorded,
             "repaired": repair and problems}
 

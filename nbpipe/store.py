@@ -23,6 +23,7 @@ import socket
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -232,7 +233,9 @@ class Store:
                         os.close(os.open(self.db_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
                 for suffix in ("", "-wal", "-shm"):  # an older nbpipe's, or copied with 0644
                     make_private(Path(f"{self.db_path}{suffix}"), 0o600)
-                conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
+                conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None,
+                                       factory=_Connection)
+                conn.store = weakref.ref(self)
                 where = os.path.realpath(self.db_path)
                 _connected[where] = _connected.get(where, 0) + 1
             except (OSError, sqlite3.OperationalError) as exc:
@@ -245,7 +248,7 @@ class Store:
                 conn.execute("PRAGMA foreign_keys = OFF")
             except sqlite3.DatabaseError as exc:
                 conn.close()
-                raise self.damaged(exc) from None
+                raise _damage(self, exc) from None
             conn.row_factory = sqlite3.Row
             self._local.conn = conn
         return conn
@@ -276,9 +279,11 @@ class Store:
     def damaged(self, exc: BaseException) -> StoreError:
         """The error for ``exc`` raised by SQLite while using this store: :class:`StoreDamaged`
         saying what to do when the database file is damaged, else a :class:`StoreError`."""
+        if isinstance(exc, StoreError):  # converted already (see _Connection)
+            return exc
         if not is_damage(exc):
             return StoreError(f"the store {self.path} cannot be used: {exc}")
-        return StoreDamaged(
+        return SQLiteDamaged(
             f"the store {self.path} is damaged: SQLite cannot read {self.db_path.name} ({exc}); "
             f"copy the folder aside (cp -a {self.path} {self.path}.damaged), then recover what "
             f"SQLite can with `sqlite3 {self.path}.damaged/{self.db_path.name} .recover | "
@@ -665,6 +670,103 @@ class Store:
         return row[0] if row else "unknown"
 
 
+class SQLiteDamaged(StoreDamaged, sqlite3.DatabaseError):
+    """:class:`StoreDamaged` as the SQLite connection raises it: still a
+    ``sqlite3.DatabaseError``, so code that handles SQLite's errors (the runner keeps its writes
+    while a store is busy or full, and stops on damage) goes on handling it unchanged."""
+
+
+# Users meet it as the public class: tracebacks and messages (``RunnerError``'s cause) say
+# StoreDamaged, as the docs and the error catalogue do.
+SQLiteDamaged.__name__ = SQLiteDamaged.__qualname__ = "StoreDamaged"
+
+
+def _damage(store: Store | None, exc: sqlite3.Error) -> sqlite3.Error:
+    """``exc`` as the caller should see it: :class:`StoreDamaged` naming the store and what to
+    do when it says the database file is damaged, else unchanged."""
+    if store is None or isinstance(exc, StoreDamaged) or not is_damage(exc):
+        return exc
+    damaged = store.damaged(exc)
+    assert isinstance(damaged, SQLiteDamaged)
+    return damaged
+
+
+class _Cursor(sqlite3.Cursor):
+    """A cursor whose damage errors name the store (rows are read page by page as they are
+    fetched, so a damaged page can show at any fetch, not only at ``execute``)."""
+
+    connection: _Connection
+
+    def execute(self, *args: Any) -> _Cursor:  # type: ignore[override]
+        try:
+            return super().execute(*args)
+        except sqlite3.DatabaseError as exc:
+            raise _damage(self.connection.store(), exc) from None
+
+    def executemany(self, *args: Any) -> _Cursor:  # type: ignore[override]
+        try:
+            return super().executemany(*args)
+        except sqlite3.DatabaseError as exc:
+            raise _damage(self.connection.store(), exc) from None
+
+    def executescript(self, *args: Any) -> _Cursor:  # type: ignore[override]
+        try:
+            return super().executescript(*args)
+        except sqlite3.DatabaseError as exc:
+            raise _damage(self.connection.store(), exc) from None
+
+    def fetchone(self) -> Any:
+        try:
+            return super().fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise _damage(self.connection.store(), exc) from None
+
+    def fetchmany(self, *args: Any) -> list[Any]:
+        try:
+            return super().fetchmany(*args)
+        except sqlite3.DatabaseError as exc:
+            raise _damage(self.connection.store(), exc) from None
+
+    def fetchall(self) -> list[Any]:
+        try:
+            return super().fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise _damage(self.connection.store(), exc) from None
+
+    def __next__(self) -> Any:
+        try:
+            return super().__next__()
+        except sqlite3.DatabaseError as exc:
+            raise _damage(self.connection.store(), exc) from None
+
+
+class _Connection(sqlite3.Connection):
+    """The one place SQLite's errors become nbpipe's: every statement of every module runs
+    through its cursors, so a store that opens but is damaged deeper down (a page of random
+    bytes, a zeroed table, a broken index) gives :class:`StoreDamaged` at every door."""
+
+    store: weakref.ref[Store]  # set as soon as it is made (Store.connect)
+
+    def cursor(self, factory: Any = _Cursor) -> Any:  # type: ignore[override]
+        # Connection.execute() and friends make their cursor with this method.
+        return super().cursor(factory)
+
+    def execute(self, *args: Any) -> _Cursor:  # type: ignore[override]
+        return self.cursor().execute(*args)
+
+    def executemany(self, *args: Any) -> _Cursor:  # type: ignore[override]
+        return self.cursor().executemany(*args)
+
+    def executescript(self, *args: Any) -> _Cursor:  # type: ignore[override]
+        return self.cursor().executescript(*args)
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        except sqlite3.DatabaseError as exc:
+            raise _damage(self.store(), exc) from None
+
+
 _connected: dict[str, int] = {}  # database file -> SQLite connections this process has open
 
 
@@ -820,6 +922,10 @@ class RunnerLock:
 def is_damage(exc: sqlite3.Error) -> bool:
     """Whether SQLite's error means the file is damaged (not busy, not full, not read-only, not
     a closed connection)."""
+    if isinstance(exc, StoreDamaged):
+        return True
+    if "Could not decode to UTF-8" in str(exc):  # text with bytes SQLite never wrote
+        return True
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
         return code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)

@@ -56,7 +56,9 @@ __all__ = ["NOT_RUN", "Done", "Outcome", "Upstream", "WorkItem", "interrupt", "o
 
 TAIL = 64 * 1024  # characters of stdout/stderr kept with an attempt
 EVENT_LIMIT = 16 * 1024  # outcomes larger than this are gathered, not pushed as events
-STREAM_SECONDS = 0.5  # a chunk's finished items are pushed to the runner at least this often
+#: A chunk's finished item is pushed to the runner at most this long after it ends, whatever
+#: the next items take (what a runner killed mid-chunk can lose: docs/reliability.md).
+STREAM_SECONDS = 0.25
 
 
 NOT_RUN = "NOT_RUN"  # an outcome's state: a handed-ahead item whose upstream did not succeed
@@ -658,9 +660,10 @@ def run_items(
     ``inputs`` are the results of upstream Dask tasks the items were handed ahead of: their
     values are used as they are, in memory (see :class:`Upstream`).
 
-    Outcomes are pushed to the runner as they come, at least every :data:`STREAM_SECONDS`
-    (not only when the whole chunk of a ``map`` ends): a runner killed in the middle of a long
-    chunk has recorded all but the last second or so of it.
+    Outcomes are pushed to the runner as they come, each at most :data:`STREAM_SECONDS` after
+    its item ended (not only when the whole chunk of a ``map`` ends, and not only when the next
+    item ends): a runner killed in the middle of a long chunk has recorded all but the last
+    fraction of a second of it.
     """
     if isinstance(items, bytes):
         items = cloudpickle.loads(items)
@@ -689,8 +692,7 @@ def run_items(
     # taken before the first item ends, not between its end and the push of its outcome.
     environment()
     outcomes: list[Outcome] = []
-    unsent = 0  # outcomes[unsent:] have not been pushed yet
-    last_push = time.monotonic()
+    stream = _Stream.start(topic, outcomes) if topic and len(items) > 1 else None
     try:
         for number, item in enumerate(items, 1):
             if crash is not None and (item.key, item.attempt) == (crash.key, crash.attempt):
@@ -702,28 +704,83 @@ def run_items(
                                          recorder))
                 if recorder is not None:
                     recorder.end(item.key, item.attempt)
-            if topic and number < len(items) and time.monotonic() - last_push >= STREAM_SECONDS:
-                if _push(topic, outcomes[unsent:], partial=True):
-                    unsent = len(outcomes)
-                last_push = time.monotonic()
+            if stream is not None and number < len(items):
+                stream.item_done()
     finally:
         if recorder is not None:
             recorder.close()
     if topic:  # pushed to the runner at once: no gather round trip per task
-        _push(topic, outcomes[unsent:], partial=False)
+        _push(topic, stream.finish() if stream is not None else outcomes, partial=False)
     own = {o.key for o in outcomes if o.state == "SUCCEEDED"}
     return Done(outcomes, {k: v for k, v in values.items() if k in own})
 
 
-def _push(topic: str, outcomes: list[Outcome], *, partial: bool) -> bool:
-    """Send outcomes to the runner as an event; False when they were not sent (too large for an
-    event while the chunk goes on, or not on a Dask worker: the runner gathers the return value)."""
-    try:
-        from distributed import get_worker
+class _Stream:
+    """Pushes a chunk's finished outcomes to the runner from the worker's event loop while the
+    chunk goes on: each at most :data:`STREAM_SECONDS` after its item ended, also when the next
+    item runs long (the item's thread is busy then; the event loop is not).
 
-        worker = get_worker()
-    except Exception:
-        return False
+    Every push goes through the event loop, in order: partial ones from a timer, the last one
+    (``finish``) queued behind them by ``log_event`` from the item's thread."""
+
+    def __init__(self, worker: Any, topic: str, dask_key: Any, outcomes: list[Outcome]):
+        self.worker, self.topic, self.dask_key, self.outcomes = worker, topic, dask_key, outcomes
+        self.lock = threading.Lock()
+        self.sent = 0  # outcomes[:sent] were pushed
+        self.last = time.monotonic()  # of the last push
+        self.scheduled = self.closed = False
+
+    @classmethod
+    def start(cls, topic: str, outcomes: list[Outcome]) -> _Stream | None:
+        """A stream for the current Dask task, or None off a Dask worker (nothing to push to)."""
+        try:
+            from distributed import get_worker
+
+            worker = get_worker()
+            return cls(worker, topic, worker.get_current_task(), outcomes)
+        except Exception:
+            return None
+
+    def item_done(self) -> None:
+        """An item ended (the item's thread): push it, and any before it, within the bound."""
+        with self.lock:
+            if self.scheduled or self.closed:
+                return
+            self.scheduled = True
+            delay = max(0.0, self.last + STREAM_SECONDS - time.monotonic())
+        loop = self.worker.loop
+        loop.add_callback(loop.call_later, delay, self._flush)  # call_later: the loop's thread
+
+    def _flush(self) -> None:
+        with self.lock:
+            self.scheduled = False
+            if self.closed or self.sent == len(self.outcomes):
+                return
+            if _push(self.topic, self.outcomes[self.sent:], partial=True, worker=self.worker,
+                     dask_key=self.dask_key):
+                self.sent = len(self.outcomes)
+            self.last = time.monotonic()
+
+    def finish(self) -> list[Outcome]:
+        """The outcomes not pushed yet; no partial push follows."""
+        with self.lock:
+            self.closed = True
+            return self.outcomes[self.sent:]
+
+
+def _push(topic: str, outcomes: list[Outcome], *, partial: bool, worker: Any = None,
+          dask_key: Any = None) -> bool:
+    """Send outcomes to the runner as an event; False when they were not sent (too large for an
+    event while the chunk goes on, or not on a Dask worker: the runner gathers the return value).
+    ``worker`` and ``dask_key`` are given off the item's thread (the event loop's)."""
+    if worker is None:
+        try:
+            from distributed import get_worker
+
+            worker = get_worker()
+            dask_key = worker.get_current_task()
+        except Exception:
+            return False
     size = sum(len(o.stdout) + len(o.stderr) + len(o.traceback or "")
                + len(o.exception or b"") + len(o.data or b"") for o in outcomes)
     if size > EVENT_LIMIT and partial:
@@ -731,7 +788,7 @@ def _push(topic: str, outcomes: list[Outcome], *, partial: bool) -> bool:
     # Large outcomes are fetched by the runner (the scheduler keeps a log of events).
     payload = [o.fields() for o in outcomes] if size <= EVENT_LIMIT else None
     try:
-        worker.log_event(topic, {"dask_key": worker.get_current_task(), "outcomes": payload,
+        worker.log_event(topic, {"dask_key": dask_key, "outcomes": payload,
                                  "partial": partial})
     except Exception:
         return False

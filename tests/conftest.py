@@ -80,7 +80,7 @@ def pipe(request: pytest.FixtureRequest, store: Path, client: Client) -> Pipelin
     p.close()
 
 
-def wait_for(predicate, timeout: float = 20.0, step: float = 0.05) -> None:
+def wait_for(predicate, timeout: float = 120.0, step: float = 0.05) -> None:
     """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

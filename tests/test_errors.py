@@ -149,6 +149,27 @@ def _hidden_in_namedtuple(tmp: Path) -> None:
     pipe.task(takes_two)(point)
 
 
+def _deep_damaged_store(tmp: Path) -> None:
+    """A store whose header and schema are intact, its ``tasks`` table's pages zeroed."""
+    import sqlite3
+
+    pipe = _pipe(tmp)
+    for i in range(20):
+        pipe.task(takes_two)("x", i)
+    pipe._resolve()
+    pipe.close()
+    db = tmp / ".nbpipe" / "nbpipe.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = [n for (n,) in conn.execute("SELECT pageno FROM dbstat WHERE name = 'tasks'")]
+    with open(db, "r+b") as f:
+        for number in pages:
+            f.seek((number - 1) * size)
+            f.write(bytes(size))
+    _pipe(tmp).tasks()
+
+
 def _damaged_store(tmp: Path, data: bytes | None = None, cut: bool = False) -> None:
     store = tmp / ".nbpipe"
     if cut:  # a real store, cut in half
@@ -357,6 +378,15 @@ PYTHON = [
          "and the next run adopts them", ".nbpipe",
          "Follow the message: copy the store aside and `.recover` it, or start a new store.",
          lambda tmp: _damaged_store(tmp, bytes(range(256)) * 64)),
+    Case("Python API", "A store that opens but whose `tasks` table is damaged (its pages zeroed)",
+         "StoreDamaged",
+         "the store …/.nbpipe is damaged: SQLite cannot read nbpipe.sqlite (database disk image is "
+         "malformed); copy the folder aside (cp -a …/.nbpipe …/.nbpipe.damaged), then recover what "
+         "SQLite can with `sqlite3 …/.nbpipe.damaged/nbpipe.sqlite .recover | sqlite3 "
+         "…/.nbpipe/nbpipe.sqlite` after removing the damaged nbpipe.sqlite, or start a new store; "
+         "result files stay valid and the next run adopts them", ".nbpipe",
+         "Copy the store aside and `.recover` it, or start a new store (any method that meets the "
+         "damage says the same).", lambda tmp: _deep_damaged_store(tmp)),
     Case("Python API", "A store whose `nbpipe.sqlite` was cut short", "StoreDamaged",
          "the store …/.nbpipe is damaged: SQLite cannot read nbpipe.sqlite (…); copy the folder "
          "aside …", ".nbpipe",

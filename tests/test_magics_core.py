@@ -246,7 +246,7 @@ def test_use_is_refused_while_tasks_of_the_pipeline_run(shell, tmp_path: Path) -
         shell.run_line_magic("pipeline", "use other")
     assert session(shell).pipe is pipe
     flag.write_text("now")
-    wait_for(lambda: ref.state is State.SUCCEEDED, timeout=30)
+    wait_for(lambda: ref.state is State.SUCCEEDED)
     shell.run_line_magic("pipeline", "use other")
     assert session(shell).pipe.name == "other" and "spin" not in session(shell).outputs
 
@@ -258,11 +258,11 @@ def test_kill_and_retry_through_the_pipeline_magic(shell, tmp_path: Path) -> Non
     ref = session(shell).pipe._by_label["spin"]
     wait_for(lambda: ref.state is State.RUNNING)
     shell.run_line_magic("pipeline", "kill spin")
-    wait_for(lambda: ref.state.final, timeout=5)
+    wait_for(lambda: ref.state.final, timeout=120)
     assert ref.state is State.KILLED
     flag.write_text("now")
     shell.run_line_magic("pipeline", "retry --failed")
-    wait_for(lambda: ref.state is State.SUCCEEDED, timeout=30)
+    wait_for(lambda: ref.state is State.SUCCEEDED)
 
 
 def test_no_cache_and_version_options(shell) -> None:

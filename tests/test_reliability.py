@@ -735,5 +735,4 @@ def test_the_scheduler_keeps_only_a_short_history_of_a_runners_events(pipe) -> N
     pipe.close()
     # Closing drops the topic; an event published late (a worker's, in flight at the close)
     # may create it again, still bounded.
-    wait_for(lambda: (client.run_on_scheduler(_topic_history, runner.topic) or 0) <= 16,
-             timeout=30)
+    wait_for(lambda: (client.run_on_scheduler(_topic_history, runner.topic) or 0) <= 16)

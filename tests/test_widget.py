@@ -43,7 +43,7 @@ def test_the_widget_refreshes_itself_while_tasks_run(pipe) -> None:
     pipe._resolve()
     widget = GraphWidget(pipe, poll=0.1)
     pipe.run(wait=False)
-    wait_for(lambda: widget.tasks[0]["state"] == "SUCCEEDED", timeout=30)
+    wait_for(lambda: widget.tasks[0]["state"] == "SUCCEEDED")
     assert ref.result() == 0.5
 
 
@@ -55,14 +55,13 @@ def test_the_widget_keeps_following_after_every_task_finished(pipe) -> None:
 
     pipe.run([one(0)], check=True)
     widget = GraphWidget(pipe, poll=0.05)
-    wait_for(lambda: [t["state"] for t in widget.tasks] == ["SUCCEEDED"], timeout=30)
+    wait_for(lambda: [t["state"] for t in widget.tasks] == ["SUCCEEDED"])
     import time
 
     time.sleep(0.5)  # quiet for several polls: every task is final
     later = one(1)
     pipe.run([later], check=True)
-    wait_for(lambda: {t["label"]: t["state"] for t in widget.tasks}.get(later.label) == "SUCCEEDED",
-             timeout=30)
+    wait_for(lambda: {t["label"]: t["state"] for t in widget.tasks}.get(later.label) == "SUCCEEDED")
     assert widget.following
 
 
@@ -74,7 +73,7 @@ def test_the_widget_says_when_it_stopped_following(pipe) -> None:
     pipe.run([one(0)], check=True)
     widget = GraphWidget(pipe, poll=0.05)
     widget._pipe = None  # the pipeline is gone under it (closed, replaced)
-    wait_for(lambda: widget.following is False, timeout=30)
+    wait_for(lambda: widget.following is False)
 
 
 def test_the_cells_status_line_and_the_task_panel_give_the_same_duration(pipe) -> None:
