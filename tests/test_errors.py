@@ -464,8 +464,8 @@ PYTHON = [
          "task file …/tasks.yaml is not valid YAML: …", "tasks.yaml", "Fix the YAML.",
          lambda tmp: _task_file(tmp, "tasks.yaml", "- task_id: [a\n")),
     Case("Python API", "A task file with another extension", "TaskfileError",
-         "task file …/tasks.txt: use a .json, .yaml or .yml file", "tasks.txt",
-         "Rename it to .json, .yaml or .yml.", lambda tmp: _task_file(tmp, "tasks.txt", "[]")),
+         "task file …/tasks.txt: use a .json, .yaml, .yml or .jsonl file", "tasks.txt",
+         "Rename it to .json, .yaml, .yml or .jsonl.", lambda tmp: _task_file(tmp, "tasks.txt", "[]")),
     Case("Python API", "`pipe.run()` while another process runs the pipeline", "PipelineBusy",
          "pipeline 'demo' is already being run by pid …; wait for it to finish, watch it with "
          "`nbpipe tasks`, or stop it with `nbpipe pause` (only one process may run a pipeline at a "
@@ -690,8 +690,8 @@ CLI = [
          "frobnicate", "See `nbpipe --help`.", ["frobnicate"]),
     Case("command line", "`nbpipe --json why demo job`: `--json` on a command without a listing",
          "exit 2", "--json: `nbpipe why` has no machine-readable output; the commands that have "
-         "one are doctor, pipelines, show, tasks", "--json",
-         "Drop `--json`; it goes with `pipelines`, `tasks`, `show` and `doctor`, before or after "
+         "one are doctor, events, pipelines, show, tasks", "--json",
+         "Drop `--json`; it goes with `pipelines`, `tasks`, `show`, `events` and `doctor`, before or after "
          "the command name.", ["--json", "--store", "{store}", "why", "demo", "job"]),
 ]
 
