@@ -288,9 +288,11 @@ def why(ctx: click.Context, pipeline: str, task: str) -> None:
 
 
 def _pipeline(ctx: click.Context, name: str) -> Pipeline:
+    """An existing pipeline, to run it (steering needs only :class:`~nbpipe.control.Controller`)."""
     from .control import open_pipeline
 
-    return open_pipeline(_store(ctx), name)
+    store = open_pipeline(_store(ctx), name).store  # a wrong name is an error, not a new pipeline
+    return Pipeline(name, store=store)
 
 
 def _spawned(result: dict[str, Any], store: Store) -> None:

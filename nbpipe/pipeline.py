@@ -35,6 +35,7 @@ from .cells import CellRunner
 from .cluster import Connection, connect, validate
 from .config import check_configured
 from .content import content_key, pending_reason
+from .control import RETRY_REASON, Controller, local_runner_of
 from .errors import (
     ClusterError,
     CycleError,
@@ -52,7 +53,8 @@ from .errors import (
 )
 from .files import paths_in
 from .identity import IDENTITY_VERSION, CodeIdentity, Unencodable, is_immutable
-from .results import INLINE, append_private, locate, read_result
+from .naming import find_tasks, ref_fields
+from .results import INLINE, locate, read_result
 from .runner import Runner, holds_ref, record_jobs
 from .shipping import by_value
 from .states import BAD, State
@@ -249,6 +251,8 @@ class Pipeline:
         # finished yet: what `run()` counts as executed, also when a `ref.result()` ran them
         # before it. The runner adds what it submits on its own (retries, retry commands).
         self.ran: set[TaskRef] = set()
+        #: Pause, resume, kill, retry: the same steering as ``nbpipe`` and the sidebar use.
+        self.control = Controller(self.store, name, local=local_runner_of(self))
         _open.add(self)
 
     def __repr__(self) -> str:
@@ -609,10 +613,14 @@ class Pipeline:
             self.store.retire_keys(self.pipeline_id, retired)
             retired.clear()
         keys = [r.key for r in refs]
-        results = self.store.results(keys)
-        adopted = self._adopt_results([k for k in keys if k not in results])
-        results.update(adopted)
         rows = self.store.task_rows(self.pipeline_id, keys, active_only=False)
+        # A retry asked for (from any door) and not yet run: no result is taken for it, neither
+        # a recorded one nor a file on disk.
+        retrying = {k for k, row in rows.items()
+                    if row["state"] == State.WAITING.value and row["reason"] == RETRY_REASON}
+        results = {k: v for k, v in self.store.results(keys).items() if k not in retrying}
+        adopted = self._adopt_results([k for k in keys if k not in results and k not in retrying])
+        results.update(adopted)
         unexplained = []
         for r in refs:
             res = results.get(r.key_)
@@ -623,7 +631,9 @@ class Pipeline:
             row = rows.get(r.key_)
             if row is not None and not r.attempts:
                 r.attempts = r.budget = row["attempts"]
-            if r.func.opts.cache and intact and not missing_out:
+            if r.key_ in retrying:
+                r.state, r.result_file, r.reason = State.WAITING, None, RETRY_REASON
+            elif r.func.opts.cache and intact and not missing_out:
                 r.state = State.SUCCEEDED
                 r.result_file = (locate(self.store.path, res["path"]), res["checksum"])
                 r.reason = "found done"
@@ -1016,100 +1026,85 @@ class Pipeline:
 
     # -- control (works from any process, through the store's command table) ------------------
 
+    def refs(self) -> list[TaskRef]:
+        """The tasks registered in this process, in the order they were defined."""
+        with self._lock:
+            return list(self._refs.values())
+
+    @property
+    def runner(self) -> Runner | None:
+        """The runner of this process for this pipeline, when one was started."""
+        return self._runner
+
     def _keys(self, tasks: Any) -> list[str]:
+        """Keys of tasks given as refs, or named (tasks of this process first, else the store)."""
         if tasks is None:
             return []
         if isinstance(tasks, (TaskRef, str)):
             tasks = [tasks]
         keys = []
-        store_rows = None
         for t in tasks:
             if isinstance(t, TaskRef):
                 keys.append(t.key)
                 continue
-            matches = [r.key for r in self._refs.values() if t in (r.name, r.label)]
-            if not matches:
-                if store_rows is None:
-                    store_rows = list(self.store.task_rows(self.pipeline_id).values())
-                matches = [r["key"] for r in store_rows
-                           if t in (r["name"], r["label"]) or (t and r["key"].startswith(t))]
-            if not matches:
-                raise UnknownTask(f"no task {t!r} in pipeline {self.name!r}; see pipe.tasks()")
-            keys.extend(matches)
+            matches = [r.key for r in find_tasks(t, self._refs.values(), *ref_fields)]
+            keys.extend(matches or self.control.keys([t]))
         return keys
-
-    def _command(self, verb: str, **args: Any) -> str:
-        """Post a command; when this process runs the pipeline, wait until it is handled."""
-        command_id = self.store.post_command(self.pipeline_id, verb, **args)
-        runner = self._runner
-        if runner is not None and runner.alive:
-            runner.poke()
-            deadline = time.monotonic() + 30
-            while self.store.command_status(command_id) == "new" and time.monotonic() < deadline:
-                time.sleep(0.02)
-            return self.store.command_status(command_id)
-        return "posted"
 
     def _offline(self) -> bool:
         """True when no runner (here or in another process) will pick commands up."""
-        return ((self._runner is None or not self._runner.alive)
-                and not RunnerLock(self.store, self.name).busy())
+        return not self.control.attached()
 
     def retry(self, tasks: Any = None, *, failed: bool = False, wait: bool = False) -> None:
-        """Run tasks again, with everything they block; ``failed=True`` for every failed one."""
+        """Run tasks again, with everything they block; ``failed=True`` for every failed one.
+
+        The same rules hold from every door (here, ``nbpipe retry``, the sidebar): see
+        :class:`nbpipe.control.Controller`.
+        """
         if tasks is None and not failed:
             raise TaskDefinitionError("pipe.retry() needs tasks to retry, or failed=True")
         keys = self._keys(tasks)
-        if self._offline():
-            rows = self.store.task_rows(self.pipeline_id)
-            if failed:
-                keys += [k for k, r in rows.items() if r["state"] in (State.FAILED.value,
-                                                                     State.KILLED.value)]
-            for key in keys:
-                self.store.forget_result(key)
-            refs = [r for r in self._refs.values() if r.key_ in set(keys)]
-            self.store.set_states(self.pipeline_id, keys, State.WAITING.value, "retry requested")
-            if refs:
-                for r in refs:
-                    r.key_ = None  # found again: the result was forgotten, so it re-runs
-                    r.state = State.WAITING
-                self._resolve(refs)
-                targets = [r for r in self._refs.values()
-                           if r.state is not State.SUCCEEDED]
-                self._run(targets, wait=wait)
+        if self.control.attached():
+            self.control.command("retry", keys=keys, failed=failed)
             return
-        self._command("retry", keys=keys, failed=failed)
+        reset = set(self.control.reset_for_retry(keys, failed=failed))
+        refs = [r for r in self._refs.values() if r.key_ in reset]
+        for r in refs:  # as the runner resets them: the old result is not taken for them
+            r.state, r.result_file, r.queued = State.WAITING, None, False
+            r.budget = r.attempts
+            r.error = r.traceback = r.exception = None
+            r.reason = RETRY_REASON
+        if refs:
+            self._run([r for r in self._refs.values() if r.state is not State.SUCCEEDED], wait=wait)
 
     def kill(self, tasks: Any = None, *, all: bool = False) -> None:
-        """Stop tasks (running ones within seconds, CPU-bound Python loops included)."""
-        if all:
+        """Stop tasks (running ones within seconds, CPU-bound Python loops included).
+
+        Waiting tasks downstream of a killed one become UPSTREAM_FAILED; finished tasks are left
+        as they are (the same from every door: see :class:`nbpipe.control.Controller`).
+        """
+        if all and self._refs:
             keys = [r.key for r in self._refs.values() if not r.state.final]
-            if not self._refs:
-                keys = [k for k, r in self.store.task_rows(self.pipeline_id).items()
-                        if r["state"] in ("WAITING", "PENDING", "RUNNING")]
         else:
             keys = self._keys(tasks)
-        if self._offline():
-            self.store.set_states(self.pipeline_id, keys, State.KILLED.value, "killed")
-            for r in self._refs.values():
-                if r.key_ in set(keys):
-                    r.state = State.KILLED
+        if all and not self._refs:
+            self.control.kill(all=True)
             return
-        self._command("kill", keys=keys)
+        if self.control.attached():
+            self.control.command("kill", keys=keys)
+            return
+        changed = self.control.kill_offline(keys)
+        for r in self._refs.values():
+            if r.key_ in changed:
+                r.state, r.error = changed[r.key_]
 
     def pause(self) -> None:
         """Start no new task; running tasks finish."""
-        if self._offline():
-            self.store.set_paused(self.pipeline_id, True)
-            return
-        self._command("pause")
+        self.control.pause()
 
     def resume(self) -> None:
         """Start tasks again after :meth:`pause`."""
-        if self._offline():
-            self.store.set_paused(self.pipeline_id, False)
-            return
-        self._command("resume")
+        self.control.resume()
 
     def detach(self) -> int:
         """Hand the unfinished tasks to a detached runner (``nbpipe spawn``); return its pid.
@@ -1117,7 +1112,7 @@ class Pipeline:
         The runner survives this process (a kernel, a terminal) and exits when the pipeline is
         done or paused. Its output goes to ``<store>/logs/spawn-<pipeline>.log``.
         """
-        from .specs import write_specs
+        from .specs import spawn, write_specs
 
         if self._runner is not None and self._runner.alive:
             raise PipelineBusy(f"pipeline {self.name!r} is running in this process already; "
@@ -1176,21 +1171,6 @@ class Pipeline:
             if connection.pools is not None:
                 with contextlib.suppress(Exception):
                     record_jobs(self.store, self.pipeline_id, connection.pools)
-
-
-def spawn(store: Store, pipeline: str) -> int:
-    """Start ``nbpipe spawn`` for a pipeline in a new session (it outlives us); return its pid."""
-    import subprocess
-
-    logs = store.path / "logs"
-    logs.mkdir(mode=0o700, exist_ok=True)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in pipeline)
-    with append_private(logs / f"spawn-{safe}.log") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "nbpipe.cli", "--store", str(store.path), "spawn", pipeline],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-    return proc.pid
 
 
 def _absolute(value: Any) -> Any:

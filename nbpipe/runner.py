@@ -1026,17 +1026,19 @@ class Runner:
         return "resumed"
 
     def _cmd_kill(self, keys: list[str] | None = None) -> str:
+        from .control import killed_message
+
         killed = 0
         for ref in self._targets(keys):
             if ref.state is State.WAITING:
-                self._finish(ref, State.KILLED, f"task {ref.label!r} was killed before it started")
+                self._finish(ref, State.KILLED, killed_message(ref.label, started=False))
             elif ref.state is State.PENDING:
                 sub = self.sub_of[ref]
                 if len(sub.refs) == 1:
                     sub.cancelled = True
                     sub.future.cancel()
                     self._release(sub)
-                    self._finish(ref, State.KILLED, f"task {ref.label!r} was killed before it started")
+                    self._finish(ref, State.KILLED, killed_message(ref.label, started=False))
                 else:  # part of a chunk: every worker skips it when its turn comes
                     self.kill_requested.add(ref)
                     self._interrupt(ref.key, None)
@@ -1093,29 +1095,36 @@ class Runner:
         discard(self.store.path, key, attempt)  # what the restarted worker left: not a crash
 
     def _cmd_retry(self, keys: list[str] | None = None, failed: bool = False) -> str:
+        from .control import RETRY_REASON, forget_results, retry_set
+
+        unknown = [k for k in keys or () if k not in self.by_key]
+        if unknown:  # tasks never handed to the runner (found done): they run again too
+            runnable = {r.key_: r for r in self.pipe.refs() if r.key_ in set(unknown)
+                        and r.func is not None}
+            self._integrate(list(runnable.values()))
+            # (tasks this process cannot run: the next runner runs them)
+            lost = [k for k in unknown if k not in runnable]
+            rows = self.store.task_rows(self.pid, lost)
+            forget_results(self.store, lost)
+            for key, row in rows.items():
+                self.batch.state(self.pid, key, State.WAITING.value, attempts=row["attempts"],
+                                 reason=RETRY_REASON, message=RETRY_REASON)
         targets = self._targets(keys)
         if failed:
             targets += [r for r in self.by_key.values() if r.state in (State.FAILED, State.KILLED)]
-        reset: dict[TaskRef, None] = {}
-        for ref in targets:
-            if ref.state in (State.PENDING, State.RUNNING) or ref in self.sub_of:
-                continue
-            reset[ref] = None
-            todo = list(self.children.get(ref, ()))
-            while todo:
-                child = todo.pop()
-                if child.state in BAD and child not in reset:
-                    reset[child] = None
-                    todo.extend(self.children.get(child, ()))
+        # the same rules as without a runner (nbpipe.control): one retry behaviour
+        reset = retry_set(targets, lambda r: r.state, lambda r: self.children.get(r, ()),
+                          busy=lambda r: r in self.sub_of)
+        forget_results(self.store, [r.key for r in reset if r.state is State.SUCCEEDED])
         for ref in reset:
             if ref.state is State.SUCCEEDED:
                 ref.result_file = None
             ref.state = State.WAITING
             ref.budget = ref.attempts
             ref.error = ref.traceback = ref.exception = None
-            ref.reason = "retry requested"
+            ref.reason = RETRY_REASON
             self.batch.state(self.pid, ref.key, State.WAITING.value, attempts=ref.attempts,
-                             reason="retry requested", message="retry requested")
+                             reason=RETRY_REASON, message=RETRY_REASON)
         for ref in reset:
             self._arm(ref)
         return f"retrying {len(reset)} task(s)"

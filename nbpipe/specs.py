@@ -8,20 +8,22 @@ tasks replaced by their keys, options, dependencies). :func:`revive` rebuilds th
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
 from .errors import NbpipeError
-from .results import locate, write_private
+from .results import append_private, locate, write_private
 from .states import State
 from .task import TaskFunction, TaskOutput, TaskRef, make_options
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
+    from .store import Store
 
-__all__ = ["revive", "write_specs"]
+__all__ = ["revive", "spawn", "write_specs"]
 
 
 class _KeyRef:
@@ -140,3 +142,18 @@ def revive(pipe: Pipeline) -> list[TaskRef]:
             pipe._refs[ref.call_id] = ref
             pipe._by_label[ref.label] = ref
     return list(refs.values())
+
+
+def spawn(store: Store, pipeline: str) -> int:
+    """Start ``nbpipe spawn`` for a pipeline in a new session (it outlives us); return its pid."""
+    import subprocess
+
+    logs = store.path / "logs"
+    logs.mkdir(mode=0o700, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in pipeline)
+    with append_private(logs / f"spawn-{safe}.log") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nbpipe.cli", "--store", str(store.path), "spawn", pipeline],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    return proc.pid
