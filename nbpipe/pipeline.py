@@ -57,6 +57,7 @@ from .naming import find_tasks, ref_fields
 from .results import INLINE, locate, read_result
 from .runner import Runner, holds_ref, record_jobs
 from .shipping import by_value
+from .specs import spawn  # noqa: F401  (lives in nbpipe.specs; imported from here before)
 from .states import BAD, State
 from .store import Batch, RunnerLock, Store
 from .task import TaskFunction, TaskOutput, TaskRef, _label, bash_task, task
@@ -1112,7 +1113,7 @@ class Pipeline:
         The runner survives this process (a kernel, a terminal) and exits when the pipeline is
         done or paused. Its output goes to ``<store>/logs/spawn-<pipeline>.log``.
         """
-        from .specs import spawn, write_specs
+        from .specs import write_specs
 
         if self._runner is not None and self._runner.alive:
             raise PipelineBusy(f"pipeline {self.name!r} is running in this process already; "
