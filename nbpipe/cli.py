@@ -621,7 +621,8 @@ def cluster_command(words: tuple[str, ...]) -> None:
     them, e.g. `nbpipe cluster slurm cores=4 memory=16GB queue=short`.
     """
     from .cluster import parse_words, validate
-    from .pools import KINDS, PoolCluster, parse_pools
+    from .poolcluster import PoolCluster
+    from .pools import KINDS, parse_pools
 
     spec = validate(parse_words(words))
     if not isinstance(spec, dict) or spec.get("kind") not in KINDS:

@@ -643,7 +643,8 @@ CONFIG = [
          "not a list", "nbpipe.yaml", "Write `key: value` settings.", None, ("- slurm\n",)),
     Case("configuration", "A misspelt setting, `clsuter: slurm`", "ConfigError",
          "…/nbpipe.yaml: unknown setting 'clsuter' (did you mean 'cluster'?); nbpipe reads cluster, "
-         "idle-timeout, batch-seconds, inline-bytes", "'clsuter'", "Fix the setting's name.", None,
+         "idle-timeout, batch-seconds, inline-bytes, max-jobs, min-jobs", "'clsuter'",
+         "Fix the setting's name.", None,
          ("clsuter: slurm\n",)),
     Case("configuration", "`batch-seconds: soon`", "ConfigError",
          "…/nbpipe.yaml: batch-seconds='soon' must be a finite number of seconds >= 0 (0 turns batching "
@@ -675,6 +676,10 @@ CONFIG = [
          "…/nbpipe.yaml: inline-bytes=inf must be a finite whole number of bytes >= 0 (results of "
          "quick tasks up to this size are kept in the store's database; 0: every result is a file)",
          "inline-bytes", "Give a number of bytes, e.g. `4096`.", None, ("inline-bytes: .inf\n",)),
+    Case("configuration", "`max-jobs: 0`", "ConfigError",
+         "…/nbpipe.yaml: max-jobs=0 must be a whole number >= 1 (a batch pool's jobs at most, "
+         "unless its cluster spec says max_jobs)", "max-jobs", "Give a whole number of jobs, e.g. "
+         "`8`.", None, ("max-jobs: 0\n",)),
     Case("configuration", "An `nbpipe.yaml` that is not UTF-8", "ConfigError",
          "…/nbpipe.yaml: the file is not UTF-8 text (byte 0xe9 at offset 20); save it as UTF-8",
          "nbpipe.yaml", "Save the file as UTF-8.", None, ("cluster: local\n# caf\xe9\n",)),
