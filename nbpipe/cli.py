@@ -528,7 +528,7 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
     import dask
 
     from .cluster import parse_words, validate
-    from .pipeline import _open
+    from .pipeline import open_pipelines
 
     if script.endswith(".ipynb") and not detach:
         script = str(_notebook_script(Path(script)))
@@ -567,7 +567,7 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
             stop.set()
             monitor.join()
     failed = []
-    for pipe in list(_open):
+    for pipe in open_pipelines():
         pipe.wait()
         failed += [t.label for t in pipe.tasks() if t.state in ("FAILED", "UPSTREAM_FAILED", "KILLED")]
     elapsed = time.monotonic() - start
@@ -674,10 +674,10 @@ def _notebook_script(notebook: Path) -> Path:
 
 def _counts() -> tuple[int, int, int]:
     """(finished, failed, total) over the tasks of every pipeline open in this process."""
-    from .pipeline import _open
+    from .pipeline import open_pipelines
     from .states import BAD
 
-    refs = [r for pipe in list(_open) for r in list(pipe._refs.values())]
+    refs = [r for pipe in open_pipelines() for r in pipe.refs()]
     return (sum(r.state.final for r in refs), sum(r.state in BAD for r in refs), len(refs))
 
 

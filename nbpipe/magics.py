@@ -81,7 +81,7 @@ class NotebookSession:
         """One line: pipeline, store, cluster, dashboard."""
         cluster = self.pipe.cluster or "local"
         dashboard = ""
-        connection = self.pipe._connection
+        connection = self.pipe.started_connection
         if connection is not None:
             cluster = connection.description
             dashboard = f" · dashboard {connection.dashboard}"
@@ -102,7 +102,7 @@ class NotebookSession:
                 self.shell.user_ns[name] = producer.result()
                 continue
             # Ctrl-C interrupts this wait (the cell), not the task, which keeps running.
-            with Progress(self.pipe._closure([ref]), f"waiting for {ref.label}"):
+            with Progress(self.pipe.closure([ref]), f"waiting for {ref.label}"):
                 self.shell.user_ns[name] = producer.result()
 
     def check_readable(self, name: str, reader: str = "this cell") -> None:
@@ -215,7 +215,7 @@ class NbpipeMagics(Magics):
         func = CellTask(name, cell, outputs, options, session.pipe,
                         kind="bash" if args.bash else "python", cell_id=cell_id)
         self._check_cycle(name, inputs)
-        ref = session.pipe._add(func, (), inputs, label=name)
+        ref = session.pipe.add(func, (), inputs, label=name)
         session.cell_of[name] = cell_id
         session.override([*outputs, *transient, *imports])  # this cell binds them now
         for output in outputs:
@@ -233,7 +233,7 @@ class NbpipeMagics(Magics):
         if session.autorun:
             session.pipe.run([ref], wait=False)
         else:
-            session.pipe._resolve([ref])
+            session.pipe.resolve([ref])
         StatusLine(ref)
 
     task.__doc__ = usage()  # `%%task?` shows the option table's help
@@ -275,7 +275,7 @@ class NbpipeMagics(Magics):
         """Every ``--after`` name must be a task already defined: a typo must not leave a task
         behind that no later cell can resolve."""
         pipe = self.session.pipe
-        known = {r.label for r in pipe._refs.values()} | {r.name for r in pipe._refs.values()}
+        known = {r.label for r in pipe.refs()} | {r.name for r in pipe.refs()}
         for name in after:
             if name not in known:
                 listing = ", ".join(sorted(known)[:10]) or "none yet"
@@ -367,18 +367,18 @@ class NbpipeMagics(Magics):
     def _do_graph(self, args: Any) -> Any:
         """The live widget in a Jupyter kernel (shares the sidebar's layout), else Graphviz."""
         pipe = self.session.pipe
-        pipe._resolve()
+        pipe.resolve()
         if not args.static and widgets_enabled():
             from .widget import GraphWidget, available
 
             if available():
                 return GraphWidget(pipe)
-        refs = list(pipe._refs.values())
+        refs = pipe.refs()
         return task_graph(pipe.name, [(r.key, r.label, r.state.value, r.name) for r in refs],
                           [(dep.key, r.key) for r in refs for dep in r.deps])
 
     def _targets(self, names: list[str]) -> list[TaskRef]:
-        return self.session.pipe._as_refs(names) if names else []
+        return self.session.pipe.find(names) if names else []
 
     def _do_run(self, args: Any) -> None:
         if args.detach:
@@ -394,7 +394,7 @@ class NbpipeMagics(Magics):
         """Wait for the submitted tasks; say which are only registered, and how to run them."""
         pipe = self.session.pipe
         idle = set(pipe.unsubmitted())
-        with Progress([r for r in pipe._refs.values() if r not in idle], f"pipeline {pipe.name}"):
+        with Progress([r for r in pipe.refs() if r not in idle], f"pipeline {pipe.name}"):
             summary = pipe.wait(timeout=args.timeout)
         print(summary)
         idle_now = pipe.unsubmitted()
@@ -477,7 +477,8 @@ class NbpipeMagics(Magics):
         if args.spec:
             pipe.set_cluster(parse_words(args.spec))
             _ = pipe.client  # start it now: a mistake shows here, and the banner has the dashboard
-        pools = pipe._connection.pools if pipe._connection is not None else None
+        connection = pipe.started_connection
+        pools = connection.pools if connection is not None else None
         if pools is not None:  # jobs of the last seconds too
             pools.poll()
             record_jobs(pipe.store, pipe.pipeline_id, pools)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import graphlib
 import hashlib
 import json
 import os
@@ -38,7 +37,6 @@ from .content import content_key, pending_reason
 from .control import RETRY_REASON, Controller, local_runner_of
 from .errors import (
     ClusterError,
-    CycleError,
     InvalidArgument,
     MissingInputError,
     NbpipeError,
@@ -52,6 +50,7 @@ from .errors import (
     UpstreamFailed,
 )
 from .files import paths_in
+from .graph import order, reach
 from .identity import IDENTITY_VERSION, CodeIdentity, Unencodable, is_immutable
 from .naming import find_tasks, ref_fields
 from .results import INLINE, locate, read_result
@@ -63,7 +62,7 @@ from .store import Batch, RunnerLock, Store
 from .task import TaskFunction, TaskOutput, TaskRef, _label, bash_task, task
 from .why import explain
 
-__all__ = ["Pipeline", "RunSummary", "TaskInfo", "current_pipeline", "use"]
+__all__ = ["Pipeline", "RunSummary", "TaskInfo", "current_pipeline", "open_pipelines", "use"]
 
 _NONE: tuple[Any, ...] = ()  # shared by every task without upstream tasks or files
 _NONE_BY_NAME: dict[Any, Any] = {}  # shared by every task without keywords or dependencies
@@ -208,6 +207,11 @@ def use(pipeline: Pipeline) -> Pipeline:
 
 
 _open: weakref.WeakSet[Pipeline] = weakref.WeakSet()
+
+
+def open_pipelines() -> list[Pipeline]:
+    """The pipelines of this process not closed yet (what ``nbpipe run`` reports on)."""
+    return list(_open)
 
 
 @atexit.register
@@ -477,19 +481,13 @@ class Pipeline:
                     r.dynamic = True
                 r.deps = deps or _NONE_BY_NAME
             graph = {r: [d for d in r.deps if d in todo_set] for r in todo}
-            try:
-                order = list(graphlib.TopologicalSorter(graph).static_order())
-            except graphlib.CycleError as exc:
-                cycle = " -> ".join(r.label for r in exc.args[1])
-                raise CycleError(
-                    f"tasks form a cycle: {cycle}; remove one of these dependencies "
-                    "(an after= or an In/Out file)"
-                ) from None
+            ordered = order(graph, lambda r: r.label, fix="remove one of these dependencies "
+                            "(an after= or an In/Out file)")
             changed = []
             retired: dict[str, str] = {}  # provisional key -> the key that replaces it
             runner = self._runner
             held = runner.blockers if runner is not None and runner.alive else _NONE_BY_NAME
-            for r in order:
+            for r in ordered:
                 if any(d.dynamic for d in r.deps):
                     r.dynamic = True
                 if r.key_ is not None and (r.state in (State.PENDING, State.RUNNING)
@@ -731,15 +729,7 @@ class Pipeline:
     # -- running ------------------------------------------------------------------------------
 
     def _closure(self, targets: Iterable[TaskRef]) -> list[TaskRef]:
-        seen: dict[TaskRef, None] = {}
-        todo = list(targets)
-        while todo:
-            r = todo.pop()
-            if r in seen:
-                continue
-            seen[r] = None
-            todo.extend(r.deps)
-        return list(seen)
+        return reach(targets, lambda r: r.deps)
 
     def _as_refs(self, tasks: Any) -> list[TaskRef]:
         if isinstance(tasks, (TaskRef, str)):
@@ -1027,10 +1017,56 @@ class Pipeline:
 
     # -- control (works from any process, through the store's command table) ------------------
 
+    # -- the public core: what the notebook layer, the CLI, specs and the runner use ------------
+
     def refs(self) -> list[TaskRef]:
         """The tasks registered in this process, in the order they were defined."""
         with self._lock:
             return list(self._refs.values())
+
+    def add(self, func: TaskFunction, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+            *, label: str | None = None) -> TaskRef:
+        """Register a call of ``func`` (a task function, a ``%%task`` cell) and return its ref;
+        the same call again returns the same ref."""
+        return self._add(func, args, kwargs or {}, label=label)
+
+    def add_many(self, func: TaskFunction, items: Iterable[Any], chunksize: int | None = None
+                 ) -> list[TaskRef]:
+        """Register one call of ``func`` per item (``func.map``); ``chunksize`` groups them."""
+        return self._add_many(func, items, chunksize)
+
+    def adopt(self, refs: Iterable[TaskRef]) -> None:
+        """Register refs made elsewhere (revived from specs by a detached runner) as they are."""
+        with self._lock:
+            for ref in refs:
+                self._refs[ref.call_id] = ref
+                self._by_label[ref.label] = ref
+
+    def resolve(self, refs: Iterable[TaskRef] | None = None) -> None:
+        """Key new tasks (and ``refs``), find what is already done, record them in the store."""
+        self._resolve(refs)
+
+    def find(self, tasks: Any) -> list[TaskRef]:
+        """Refs of tasks given as refs or names (:mod:`nbpipe.naming`'s rule);
+        :class:`~nbpipe.UnknownTask` for a name no task has."""
+        return self._as_refs(tasks)
+
+    def closure(self, targets: Iterable[TaskRef]) -> list[TaskRef]:
+        """``targets`` and every task they need, transitively."""
+        return self._closure(targets)
+
+    def deps(self, ref: TaskRef) -> list[TaskRef]:
+        """The tasks ``ref`` waits for (data, ``after=`` and file dependencies)."""
+        return list(ref.deps)
+
+    def result_of(self, ref: TaskRef, timeout: float | None = None) -> Any:
+        """The value of ``ref`` (running what it needs first): what ``ref.result()`` returns."""
+        return self._result(ref, timeout)
+
+    @property
+    def started_connection(self) -> Connection | None:
+        """The cluster connection when one was started (None: nothing started it yet)."""
+        return self._connection
 
     @property
     def runner(self) -> Runner | None:

@@ -17,9 +17,9 @@ from dask.utils import format_bytes
 
 from .errors import ClusterError, ResourceError
 from .jobs import JobInfo, cancel_jobs, queue_states
-from .pools import DEFAULT_IDLE, Pool, _walltime_text
+from .pools import DEFAULT_IDLE, Pool
 from .results import make_private, private_dirs
-from .schedulers import ENDED, cluster_class
+from .schedulers import ENDED, SCHEDULERS, cluster_class
 
 __all__ = ["PoolCluster"]
 
@@ -145,12 +145,14 @@ class PoolCluster:
             if gpus:
                 need.append(f"gpus={gpus}")
             if walltime:
-                need.append(f"walltime={_walltime_text(walltime, candidates[0].kind)}")
+                need.append(f"walltime={SCHEDULERS[candidates[0].kind].walltime_text(walltime)}")
             largest = max(candidates, key=lambda p: (p.cores, p.memory, p.gpus, p.lifetime or math.inf))
+            lifetime = (SCHEDULERS[largest.kind].walltime_text(largest.lifetime)
+                        if largest.lifetime else "unlimited")
             raise ResourceError(
                 f"task {label!r} needs {', '.join(need)}, more than "
                 f"{'pool' if pool else 'the largest pool'} {largest.describe()} (worker lifetime "
-                f"{_walltime_text(largest.lifetime, largest.kind) if largest.lifetime else 'unlimited'}); "
+                f"{lifetime}); "
                 "ask for less, or give the cluster a pool that large"
             )
         return min(fitting, key=lambda p: (p.gpus, p.cores, p.memory, p.lifetime or math.inf))

@@ -401,7 +401,7 @@ class Runner:
         """Count what the task still waits for; queue it when nothing, fail it when upstream did."""
         waiting = 0
         failed_upstream = None
-        for dep in self.pipe._deps(ref):
+        for dep in self.pipe.deps(ref):
             self.children[dep].add(ref)
             if dep.state is State.SUCCEEDED:
                 continue
@@ -946,7 +946,7 @@ class Runner:
             key = cloudpickle.loads(o.exception).key if o.exception else None
         except Exception:
             key = None
-        dep = next((d for d in self.pipe._deps(ref) if d.key == key), None)
+        dep = next((d for d in self.pipe.deps(ref) if d.key == key), None)
         if dep is None or dep.state in BAD:
             return False
         if dep.state is State.SUCCEEDED:

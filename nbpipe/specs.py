@@ -137,10 +137,7 @@ def revive(pipe: Pipeline) -> list[TaskRef]:
         ref.args, ref.kwargs = revived(spec["args"]), revived(spec["kwargs"])
         ref.upstream = [refs[k] for k in spec["upstream"]]
         ref.deps = {refs[k]: kind for k, kind in spec["deps"].items()}
-    with pipe._lock:
-        for ref in refs.values():
-            pipe._refs[ref.call_id] = ref
-            pipe._by_label[ref.label] = ref
+    pipe.adopt(refs.values())
     return list(refs.values())
 
 
