@@ -45,10 +45,12 @@ def reach(starts: Iterable[N], step: Callable[[N], Iterable[N]],
 
 
 def order(graph: Mapping[N, Iterable[N]], label: Callable[[N], str] = str,
-          what: str = "tasks", fix: str = "remove one of these dependencies") -> list[N]:
+          what: str = "tasks", fix: str = "remove one of these dependencies",
+          start: N | None = None) -> list[N]:
     """The nodes of ``graph`` (node -> the nodes it depends on), dependencies first.
 
-    A cycle raises :class:`~nbpipe.CycleError` naming it with ``label``, and what to do.
+    A cycle raises :class:`~nbpipe.CycleError` naming it with ``label`` (from and back to
+    ``start`` when it is on the cycle), and what to do.
 
     >>> order({"a": ["b"], "b": ["a"]})
     Traceback (most recent call last):
@@ -57,5 +59,9 @@ def order(graph: Mapping[N, Iterable[N]], label: Callable[[N], str] = str,
     try:
         return list(graphlib.TopologicalSorter(graph).static_order())
     except graphlib.CycleError as exc:
-        cycle = " -> ".join(label(n) for n in exc.args[1])
+        nodes = list(exc.args[1][:-1])  # graphlib gives it closed: first == last
+        if start in nodes:
+            at = nodes.index(start)
+            nodes = nodes[at:] + nodes[:at]
+        cycle = " -> ".join(label(n) for n in [*nodes, nodes[0]])
         raise CycleError(f"{what} form a cycle: {cycle}; {fix}") from None

@@ -27,8 +27,10 @@ from .cells import HIDDEN, CellTask, placeholders
 from .cellscope import analyze, analyze_tree
 from .cluster import parse_words
 from .display import ClusterView, Progress, StatusLine, TaskTable, task_graph, widgets_enabled
-from .errors import CellInputError, CycleError, NbpipeError, OutputNotStored, UnknownTask
+from .errors import CellInputError, NbpipeError, OutputNotStored, UnknownTask
+from .graph import order, reach
 from .identity import is_stand_in, register_stand_ins
+from .naming import find_task, row_fields
 from .pipeline import Pipeline, use
 from .results import locate, read_result
 from .runner import record_jobs
@@ -286,27 +288,15 @@ class NbpipeMagics(Magics):
                 )
 
     def _check_cycle(self, name: str, inputs: dict[str, Any]) -> None:
-        todo: list[TaskRef] = []
-        for value in inputs.values():
-            if isinstance(value, TaskOutput):
-                todo.append(value.ref)
-        seen: set[int] = set()
-        path: dict[int, TaskRef | None] = {id(r): None for r in todo}
-        while todo:
-            ref = todo.pop()
-            if id(ref) in seen:
-                continue
-            seen.add(id(ref))
-            if ref.label == name:
-                chain, node = [name], ref
-                while node is not None:
-                    chain.append(node.label)
-                    node = path.get(id(node))
-                raise CycleError(f"cells form a cycle: {' -> '.join(dict.fromkeys(chain))} -> {name}; "
-                                 "a cell cannot read what a cell downstream of it produces")
-            for dep in ref.upstream:
-                path.setdefault(id(dep), ref)
-                todo.append(dep)
+        """Refuse a cell whose inputs come, through upstream cells, from its own earlier run."""
+        read = [v.ref for v in inputs.values() if isinstance(v, TaskOutput)]
+        # cells by label; this cell's earlier version gives way to the one being defined
+        graph = {name: [r.label for r in read]}
+        for ref in reach(read, lambda r: r.upstream, follow=lambda r: r.label != name):
+            if ref.label != name:
+                graph[ref.label] = [u.label for u in ref.upstream]
+        order(graph, what="cells", fix="a cell cannot read what a cell downstream of it produces",
+              start=name)
 
     # -- %pipeline ------------------------------------------------------------------------------
 
@@ -426,10 +416,10 @@ class NbpipeMagics(Magics):
     def _row(self, name: str) -> Any:
         pipe = self.session.pipe
         rows = pipe.store.task_rows(pipe.pipeline_id)
-        matches = [r for r in rows.values() if name in (r["name"], r["label"])]
-        if not matches:
+        found = find_task(name, sorted(rows.values(), key=lambda r: r["updated"]), *row_fields)
+        if found is None:
             raise UnknownTask(f"no task {name!r} in pipeline {pipe.name!r}; see %pipeline status")
-        return max(matches, key=lambda r: r["updated"])
+        return found
 
     def _do_logs(self, args: Any) -> None:
         pipe = self.session.pipe

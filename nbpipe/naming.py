@@ -4,16 +4,20 @@
 ``%pipeline logs fit`` and the sidebar all find tasks the same way:
 
 1. every task whose label (``fit(x=1)``) or function/cell name (``fit``) is the string;
-2. when none is, every task whose key starts with it (a key prefix, as ``nbpipe tasks`` shows).
+2. when none is, every task whose key starts with it: a key prefix of at least
+   :data:`MIN_KEY_PREFIX` characters (``nbpipe tasks`` shows 12), so that a short name such as
+   ``"add"`` never names a task by chance of its key.
 
 Where one task is meant (``why``, ``logs``, ``after=``), it is the newest of those, a label
 match before a name match.
 
->>> tasks = [("fit", "fit(x=1)", "ab12"), ("fit", "fit(x=2)", "cd34"), ("load", "load()", "ab99")]
+>>> tasks = [("fit", "fit(x=1)", "ab12ef"), ("fit", "fit(x=2)", "cd34ef"), ("load", "load()", "ab99ef")]
 >>> [t[1] for t in find_tasks("fit", tasks, *FIELDS)]
 ['fit(x=1)', 'fit(x=2)']
->>> [t[1] for t in find_tasks("ab", tasks, *FIELDS)]
-['fit(x=1)', 'load()']
+>>> [t[1] for t in find_tasks("ab12", tasks, *FIELDS)]
+['fit(x=1)']
+>>> find_tasks("ab", tasks, *FIELDS)
+[]
 >>> find_task("fit", tasks, *FIELDS)[1]
 'fit(x=2)'
 """
@@ -24,7 +28,10 @@ import operator
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-__all__ = ["find_task", "find_tasks", "ref_fields", "row_fields"]
+__all__ = ["MIN_KEY_PREFIX", "find_task", "find_tasks", "ref_fields", "row_fields"]
+
+#: The shortest key prefix that names a task.
+MIN_KEY_PREFIX = 4
 
 T = TypeVar("T")
 Field = Callable[[Any], Any]
@@ -44,7 +51,7 @@ def find_tasks(wanted: str, items: Iterable[T], name: Field, label: Field, key: 
     """Every item ``wanted`` names (see the module's rule), in the order of ``items``."""
     items = list(items)
     found = [i for i in items if wanted in (name(i), label(i))]
-    if found or not wanted:  # (an empty string is a prefix of every key: it names no task)
+    if found or len(wanted) < MIN_KEY_PREFIX:  # ("" is a prefix of every key: it names none)
         return found
     return [i for i in items if (k := key(i)) and str(k).startswith(wanted)]
 

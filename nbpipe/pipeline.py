@@ -52,14 +52,15 @@ from .errors import (
 from .files import paths_in
 from .graph import order, reach
 from .identity import IDENTITY_VERSION, CodeIdentity, Unencodable, is_immutable
-from .naming import find_tasks, ref_fields
+from .naming import find_task, find_tasks, ref_fields
 from .results import INLINE, locate, read_result
-from .runner import Runner, holds_ref, record_jobs
+from .runner import Runner, record_jobs
 from .shipping import by_value
 from .specs import spawn  # noqa: F401  (lives in nbpipe.specs; imported from here before)
 from .states import BAD, State
 from .store import Batch, RunnerLock, Store
 from .task import TaskFunction, TaskOutput, TaskRef, _label, bash_task, task
+from .walk import holds_ref, map_refs
 from .why import explain
 
 __all__ = ["Pipeline", "RunSummary", "TaskInfo", "current_pipeline", "open_pipelines", "use"]
@@ -286,31 +287,32 @@ class Pipeline:
                 _stack.remove(self)
 
     def _slot(self, value: Any, upstream: list[TaskRef], func: TaskFunction) -> Any:
-        kind = type(value)
-        if kind in (int, float, str, bool) or value is None:
+        """``value`` with each task result in it (see :mod:`nbpipe.walk`) replaced by a slot
+        numbering it in ``upstream``."""
+        if type(value) in _SCALARS:  # most arguments: no walk
             return value
-        if isinstance(value, (TaskRef, TaskOutput)):
-            ref = value if isinstance(value, TaskRef) else value.ref
+
+        def slot(found: Any) -> _Slot:
+            ref = found if isinstance(found, TaskRef) else found.ref
             if ref.pipeline is not self:
                 raise TaskDefinitionError(
-                    f"task {func.name!r} got {value!r} from pipeline {ref.pipeline.name!r}; "
+                    f"task {func.name!r} got {found!r} from pipeline {ref.pipeline.name!r}; "
                     f"tasks can only depend on tasks of the same pipeline ({self.name!r})"
                 )
             upstream.append(ref)
-            return _Slot(len(upstream) - 1, value.name if isinstance(value, TaskOutput) else None)
-        if kind is list:
-            return [self._slot(v, upstream, func) for v in value]
-        if kind is tuple:
-            return tuple(self._slot(v, upstream, func) for v in value)
-        if kind is dict:
-            return {k: self._slot(v, upstream, func) for k, v in value.items()}
-        if isinstance(value, (tuple, set, frozenset, dict)) and holds_ref(value):
-            raise TaskDefinitionError(
-                f"task {func.name!r}: an argument holds a task result inside a "
-                f"{type(value).__name__}; nbpipe finds task results only in lists, tuples and "
-                "dicts (the data dependencies): pass the result directly, or in one of those"
-            )
-        return value
+            return _Slot(len(upstream) - 1, found.name if isinstance(found, TaskOutput) else None)
+
+        def hidden(other: Any) -> Any:
+            if isinstance(other, (tuple, set, frozenset, dict)) and holds_ref(other):
+                raise TaskDefinitionError(
+                    f"task {func.name!r}: an argument holds a task result inside a "
+                    f"{type(other).__name__}; nbpipe finds task results only in lists, tuples "
+                    "and dicts (the data dependencies): pass the result directly, or in one of "
+                    "those"
+                )
+            return other
+
+        return map_refs(value, slot, hidden)
 
     def _check_after(self, func: TaskFunction, after: Sequence[Any]) -> None:
         """Refuse ``after=`` a task of another pipeline, as data dependencies are refused."""
@@ -430,9 +432,8 @@ class Pipeline:
     # -- resolution: keys, dependencies, what is already done ---------------------------------
 
     def _task_by_name(self, name: str, owner: TaskRef) -> TaskRef:
-        found = self._by_label.get(name)
-        if found is None:
-            found = next((r for r in reversed(self._refs.values()) if r.name == name), None)
+        # the naming rule (nbpipe.naming); the newest task of a label is at hand: no scan
+        found = self._by_label.get(name) or find_task(name, self._refs.values(), *ref_fields)
         if found is None:
             raise UnknownTask(
                 f"task {owner.label!r} has after={name!r}, but no task of pipeline "
@@ -739,8 +740,7 @@ class Pipeline:
             if isinstance(t, TaskRef):
                 refs.append(t)
                 continue
-            matches = [r for r in self._refs.values()
-                       if t in (r.name, r.label) or (t and r.key_ and r.key_.startswith(str(t)))]
+            matches = find_tasks(str(t), self._refs.values(), *ref_fields)
             if not matches:
                 raise UnknownTask(
                     f"no task {t!r} in pipeline {self.name!r}; see pipe.tasks() for names"

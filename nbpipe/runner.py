@@ -37,6 +37,7 @@ from .shipping import bundle
 from .specs import write_specs
 from .states import BAD, State
 from .store import Batch, RunnerLock, is_damage
+from .walk import holds_ref, map_refs
 from .worker import (
     TAIL,
     Outcome,
@@ -595,19 +596,10 @@ class Runner:
         return Upstream(ref.key, path, checksum, output, data)
 
     def _substitute(self, value: Any) -> Any:
-        from .task import TaskOutput, TaskRef
+        from .task import TaskRef
 
-        if isinstance(value, TaskRef):
-            return self._upstream_value(value)
-        if isinstance(value, TaskOutput):
-            return self._upstream_value(value.ref, value.name)
-        if type(value) is list:
-            return [self._substitute(v) for v in value]
-        if type(value) is tuple:
-            return tuple(self._substitute(v) for v in value)
-        if type(value) is dict:
-            return {k: self._substitute(v) for k, v in value.items()}
-        return value
+        return map_refs(value, lambda v: self._upstream_value(v) if isinstance(v, TaskRef)
+                        else self._upstream_value(v.ref, v.name))
 
     def inline_data(self, key: str) -> bytes | None:
         """An inline result's bytes: from this runner's next write (not yet in the store, e.g.
@@ -1128,22 +1120,6 @@ class Runner:
         for ref in reset:
             self._arm(ref)
         return f"retrying {len(reset)} task(s)"
-
-
-def holds_ref(value: Any, depth: int = 0) -> bool:
-    """Whether ``value`` holds a TaskRef somewhere nbpipe does not look for one."""
-    from .task import TaskOutput, TaskRef
-
-    if isinstance(value, (TaskRef, TaskOutput)):
-        return True
-    if depth > 20:
-        return False
-    if isinstance(value, dict):
-        return any(holds_ref(v, depth + 1) for v in value.values())
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return any(holds_ref(v, depth + 1) for v in value)
-    fields = getattr(value, "__dict__", None)
-    return isinstance(fields, dict) and any(holds_ref(v, depth + 1) for v in fields.values())
 
 
 def record_jobs(store: Any, pipeline_id: int, pools: Any) -> None:

@@ -17,7 +17,8 @@ import cloudpickle
 from .errors import NbpipeError
 from .results import append_private, locate, write_private
 from .states import State
-from .task import TaskFunction, TaskOutput, TaskRef, make_options
+from .task import TaskFunction, TaskRef, make_options
+from .walk import map_leaves, map_refs
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -39,15 +40,8 @@ def _spec_path(store_dir: Path, key: str) -> Path:
 
 
 def _keyed(value: Any) -> Any:
-    if isinstance(value, TaskRef):
-        return _KeyRef(value.key)
-    if isinstance(value, TaskOutput):
-        return _KeyRef(value.ref.key, value.name)
-    if type(value) in (list, tuple):
-        return type(value)(_keyed(v) for v in value)
-    if type(value) is dict:
-        return {k: _keyed(v) for k, v in value.items()}
-    return value
+    return map_refs(value, lambda v: _KeyRef(v.key) if isinstance(v, TaskRef)
+                    else _KeyRef(v.ref.key, v.name))
 
 
 def write_specs(pipe: Pipeline, refs: list[TaskRef]) -> int:
@@ -105,15 +99,12 @@ def revive(pipe: Pipeline) -> list[TaskRef]:
             )
         specs[key] = cloudpickle.loads(path.read_bytes())
 
+    def by_key(value: _KeyRef) -> Any:
+        ref = refs[value.key]
+        return ref.output(value.output) if value.output else ref
+
     def revived(value: Any) -> Any:
-        if isinstance(value, _KeyRef):
-            ref = refs[value.key]
-            return ref.output(value.output) if value.output else ref
-        if type(value) in (list, tuple):
-            return type(value)(revived(v) for v in value)
-        if type(value) is dict:
-            return {k: revived(v) for k, v in value.items()}
-        return value
+        return map_leaves(value, lambda v: isinstance(v, _KeyRef), by_key)
 
     for key, spec in specs.items():
         func = TaskFunction(spec["fn"], spec["kind"], make_options(spec["name"], **spec["options"]), pipe)
