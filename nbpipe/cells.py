@@ -211,7 +211,7 @@ class CellFunction(CellTask):
             raise TaskDefinitionError(f"task {self.name!r}: {exc}; its inputs are "
                                       f"{', '.join(self.parameters.parameters)}") from None
         bound.apply_defaults()
-        return self._target()._add(self, (), dict(bound.arguments), label=self.name)
+        return self._target().add(self, (), dict(bound.arguments), label=self.name)
 
 
 def cell_function(fn: Any, kind: str, options: TaskOptions, pipeline: Any,

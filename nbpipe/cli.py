@@ -370,9 +370,11 @@ def why(ctx: click.Context, pipeline: str, task: str) -> None:
 
 
 def _pipeline(ctx: click.Context, name: str) -> Pipeline:
+    """An existing pipeline, to run it (steering needs only :class:`~nbpipe.control.Controller`)."""
     from .control import open_pipeline
 
-    return open_pipeline(_store(ctx), name)
+    store = open_pipeline(_store(ctx), name).store  # a wrong name is an error, not a new pipeline
+    return Pipeline(name, store=store)
 
 
 def _spawned(result: dict[str, Any], store: Store) -> None:
@@ -619,7 +621,7 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
     import dask
 
     from .cluster import parse_words, validate
-    from .pipeline import _open
+    from .pipeline import open_pipelines
 
     if script.endswith(".ipynb") and not detach:
         script = str(_notebook_script(Path(script)))
@@ -666,7 +668,7 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
             stop.set()
             monitor.join()
     failed = []
-    for pipe in list(_open):
+    for pipe in open_pipelines():
         pipe.wait()
         failed += [t.label for t in pipe.tasks() if t.state in ("FAILED", "UPSTREAM_FAILED", "KILLED")]
     elapsed = time.monotonic() - start
@@ -720,7 +722,8 @@ def cluster_command(words: tuple[str, ...]) -> None:
     them, e.g. `nbpipe cluster slurm cores=4 memory=16GB queue=short`.
     """
     from .cluster import parse_words, validate
-    from .pools import KINDS, PoolCluster, parse_pools
+    from .poolcluster import PoolCluster
+    from .pools import KINDS, parse_pools
 
     spec = validate(parse_words(words))
     if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
@@ -772,10 +775,10 @@ def _notebook_script(notebook: Path) -> Path:
 
 def _counts() -> tuple[int, int, int]:
     """(finished, failed, total) over the tasks of every pipeline open in this process."""
-    from .pipeline import _open
+    from .pipeline import open_pipelines
     from .states import BAD
 
-    refs = [r for pipe in list(_open) for r in list(pipe._refs.values())]
+    refs = [r for pipe in open_pipelines() for r in pipe.refs()]
     return (sum(r.state.final for r in refs), sum(r.state in BAD for r in refs), len(refs))
 
 

@@ -26,7 +26,8 @@ from distributed import Client
 from .config import setting
 from .errors import ClusterError
 from .localcluster import LocalProcessCluster
-from .pools import DEFAULT_IDLE, KINDS, PoolCluster, parse_pools
+from .poolcluster import PoolCluster
+from .pools import DEFAULT_IDLE, KINDS, parse_pools
 
 __all__ = ["ClusterError", "Connection", "connect", "parse_words", "resolve_spec"]
 

@@ -13,7 +13,8 @@ directory), with the same keys as the ``nbpipe`` namespace of ``dask.config``::
 
 Precedence, strongest first: arguments (``Pipeline(cluster=...)``), ``dask.config.set``,
 ``DASK_NBPIPE__*`` environment variables, ``nbpipe.yaml``, Dask's own YAML files
-(``~/.config/dask/*.yaml``).
+(``~/.config/dask/*.yaml``), then nbpipe's defaults (the ``nbpipe.yaml`` inside the package,
+:data:`DEFAULTS_PATH`, given to ``dask.config.update_defaults`` as dask-jobqueue does).
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ from .errors import ConfigError
 __all__ = ["check_configured", "load_project_config", "project_config_path", "setting"]
 
 FILENAME = "nbpipe.yaml"
+
+#: nbpipe's defaults, in the package's own nbpipe.yaml: Dask's defaults for the namespace.
+DEFAULTS_PATH = Path(__file__).with_name(FILENAME)
+DEFAULTS: dict[str, Any] = yaml.safe_load(DEFAULTS_PATH.read_text(encoding="utf-8"))["nbpipe"]
+dask.config.update_defaults({"nbpipe": DEFAULTS})
 
 _loaded: set[Path] = set()
 
@@ -100,7 +106,14 @@ SETTINGS = {
     "store-patience": "a finite number of seconds >= 0 (how long a runner retries a store that "
                       "cannot be written before it stops and run() raises)",
     "max-concurrent": "a whole number >= 1 (tasks of a pipeline running at once; unset: no cap)",
+    "max-jobs": "a whole number >= 1 (a batch pool's jobs at most, unless its cluster spec says "
+                "max_jobs)",
+    "min-jobs": "a whole number >= 0 (a batch pool's jobs at least, unless its cluster spec says "
+                "min_jobs)",
 }
+
+#: Settings that are whole numbers, and the least each may be.
+_WHOLE = {"inline-bytes": 0, "max-concurrent": 1, "max-jobs": 1, "min-jobs": 0}
 
 
 def check_settings(data: Any, where: str) -> None:
@@ -145,8 +158,8 @@ def check_value(key: str, value: Any, where: str) -> Any:
         number = float(value)
         if not math.isfinite(number) or number < 0:
             raise ValueError
-        if key in ("inline-bytes", "max-concurrent"):
-            if number != int(number) or (key == "max-concurrent" and number < 1):
+        if key in _WHOLE:
+            if number != int(number) or number < _WHOLE[key]:
                 raise ValueError
             return int(number)
         return number

@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass, field
 
 from .errors import NotInTask
+from .schedulers import SCHEDULERS
 
 __all__ = ["TaskContext", "batch_job_id", "context", "stop_requested"]
 
@@ -46,8 +47,10 @@ class TaskContext:
         return _stop.is_set()
 
 
-#: Environment variables holding the batch job id, per scheduler.
-JOB_ID_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID", "CONDOR_JOB_ID")
+#: Environment variables holding the batch job id, per scheduler (see :mod:`nbpipe.schedulers`).
+JOB_ID_VARIABLES = tuple(s.job_id_variable for s in sorted(SCHEDULERS.values(),
+                                                           key=lambda s: s.job_id_generic)
+                         if s.job_id_variable)
 
 
 def batch_job_id() -> str | None:

@@ -27,8 +27,10 @@ from .cells import HIDDEN, CellTask, placeholders
 from .cellscope import analyze, analyze_tree
 from .cluster import parse_words
 from .display import ClusterView, Progress, StatusLine, TaskTable, task_graph, widgets_enabled
-from .errors import CellInputError, CycleError, NbpipeError, OutputNotStored, UnknownTask
+from .errors import CellInputError, NbpipeError, OutputNotStored, UnknownTask
+from .graph import order, reach
 from .identity import is_stand_in, register_stand_ins
+from .naming import find_task, row_fields
 from .pipeline import Pipeline, use
 from .results import locate, read_result
 from .runner import record_jobs
@@ -81,7 +83,7 @@ class NotebookSession:
         """One line: pipeline, store, cluster, dashboard."""
         cluster = self.pipe.cluster or "local"
         dashboard = ""
-        connection = self.pipe._connection
+        connection = self.pipe.started_connection
         if connection is not None:
             cluster = connection.description
             dashboard = f" · dashboard {connection.dashboard}"
@@ -102,7 +104,7 @@ class NotebookSession:
                 self.shell.user_ns[name] = producer.result()
                 continue
             # Ctrl-C interrupts this wait (the cell), not the task, which keeps running.
-            with Progress(self.pipe._closure([ref]), f"waiting for {ref.label}"):
+            with Progress(self.pipe.closure([ref]), f"waiting for {ref.label}"):
                 self.shell.user_ns[name] = producer.result()
 
     def check_readable(self, name: str, reader: str = "this cell") -> None:
@@ -215,7 +217,7 @@ class NbpipeMagics(Magics):
         func = CellTask(name, cell, outputs, options, session.pipe,
                         kind="bash" if args.bash else "python", cell_id=cell_id)
         self._check_cycle(name, inputs)
-        ref = session.pipe._add(func, (), inputs, label=name)
+        ref = session.pipe.add(func, (), inputs, label=name)
         session.cell_of[name] = cell_id
         session.override([*outputs, *transient, *imports])  # this cell binds them now
         for output in outputs:
@@ -233,7 +235,7 @@ class NbpipeMagics(Magics):
         if session.autorun:
             session.pipe.run([ref], wait=False)
         else:
-            session.pipe._resolve([ref])
+            session.pipe.resolve([ref])
         StatusLine(ref)
 
     task.__doc__ = usage()  # `%%task?` shows the option table's help
@@ -275,7 +277,7 @@ class NbpipeMagics(Magics):
         """Every ``--after`` name must be a task already defined: a typo must not leave a task
         behind that no later cell can resolve."""
         pipe = self.session.pipe
-        known = {r.label for r in pipe._refs.values()} | {r.name for r in pipe._refs.values()}
+        known = {r.label for r in pipe.refs()} | {r.name for r in pipe.refs()}
         for name in after:
             if name not in known:
                 listing = ", ".join(sorted(known)[:10]) or "none yet"
@@ -286,27 +288,15 @@ class NbpipeMagics(Magics):
                 )
 
     def _check_cycle(self, name: str, inputs: dict[str, Any]) -> None:
-        todo: list[TaskRef] = []
-        for value in inputs.values():
-            if isinstance(value, TaskOutput):
-                todo.append(value.ref)
-        seen: set[int] = set()
-        path: dict[int, TaskRef | None] = {id(r): None for r in todo}
-        while todo:
-            ref = todo.pop()
-            if id(ref) in seen:
-                continue
-            seen.add(id(ref))
-            if ref.label == name:
-                chain, node = [name], ref
-                while node is not None:
-                    chain.append(node.label)
-                    node = path.get(id(node))
-                raise CycleError(f"cells form a cycle: {' -> '.join(dict.fromkeys(chain))} -> {name}; "
-                                 "a cell cannot read what a cell downstream of it produces")
-            for dep in ref.upstream:
-                path.setdefault(id(dep), ref)
-                todo.append(dep)
+        """Refuse a cell whose inputs come, through upstream cells, from its own earlier run."""
+        read = [v.ref for v in inputs.values() if isinstance(v, TaskOutput)]
+        # cells by label; this cell's earlier version gives way to the one being defined
+        graph = {name: [r.label for r in read]}
+        for ref in reach(read, lambda r: r.upstream, follow=lambda r: r.label != name):
+            if ref.label != name:
+                graph[ref.label] = [u.label for u in ref.upstream]
+        order(graph, what="cells", fix="a cell cannot read what a cell downstream of it produces",
+              start=name)
 
     # -- %pipeline ------------------------------------------------------------------------------
 
@@ -367,18 +357,18 @@ class NbpipeMagics(Magics):
     def _do_graph(self, args: Any) -> Any:
         """The live widget in a Jupyter kernel (shares the sidebar's layout), else Graphviz."""
         pipe = self.session.pipe
-        pipe._resolve()
+        pipe.resolve()
         if not args.static and widgets_enabled():
             from .widget import GraphWidget, available
 
             if available():
                 return GraphWidget(pipe)
-        refs = list(pipe._refs.values())
+        refs = pipe.refs()
         return task_graph(pipe.name, [(r.key, r.label, r.state.value, r.name) for r in refs],
                           [(dep.key, r.key) for r in refs for dep in r.deps])
 
     def _targets(self, names: list[str]) -> list[TaskRef]:
-        return self.session.pipe._as_refs(names) if names else []
+        return self.session.pipe.find(names) if names else []
 
     def _do_run(self, args: Any) -> None:
         if args.detach:
@@ -394,7 +384,7 @@ class NbpipeMagics(Magics):
         """Wait for the submitted tasks; say which are only registered, and how to run them."""
         pipe = self.session.pipe
         idle = set(pipe.unsubmitted())
-        with Progress([r for r in pipe._refs.values() if r not in idle], f"pipeline {pipe.name}"):
+        with Progress([r for r in pipe.refs() if r not in idle], f"pipeline {pipe.name}"):
             summary = pipe.wait(timeout=args.timeout)
         print(summary)
         idle_now = pipe.unsubmitted()
@@ -426,10 +416,10 @@ class NbpipeMagics(Magics):
     def _row(self, name: str) -> Any:
         pipe = self.session.pipe
         rows = pipe.store.task_rows(pipe.pipeline_id)
-        matches = [r for r in rows.values() if name in (r["name"], r["label"])]
-        if not matches:
+        found = find_task(name, sorted(rows.values(), key=lambda r: r["updated"]), *row_fields)
+        if found is None:
             raise UnknownTask(f"no task {name!r} in pipeline {pipe.name!r}; see %pipeline status")
-        return max(matches, key=lambda r: r["updated"])
+        return found
 
     def _do_logs(self, args: Any) -> None:
         pipe = self.session.pipe
@@ -477,7 +467,8 @@ class NbpipeMagics(Magics):
         if args.spec:
             pipe.set_cluster(parse_words(args.spec))
             _ = pipe.client  # start it now: a mistake shows here, and the banner has the dashboard
-        pools = pipe._connection.pools if pipe._connection is not None else None
+        connection = pipe.started_connection
+        pools = connection.pools if connection is not None else None
         if pools is not None:  # jobs of the last seconds too
             pools.poll()
             record_jobs(pipe.store, pipe.pipeline_id, pools)

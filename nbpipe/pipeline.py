@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import graphlib
 import hashlib
 import json
 import os
@@ -37,9 +36,9 @@ from .cells import CellRunner
 from .cluster import Connection, connect, validate
 from .config import check_configured
 from .content import content_key, pending_reason
+from .control import RETRY_REASON, Controller, local_runner_of
 from .errors import (
     ClusterError,
-    CycleError,
     InvalidArgument,
     MissingInputError,
     NbpipeError,
@@ -54,17 +53,21 @@ from .errors import (
     UpstreamFailed,
 )
 from .files import paths_in
+from .graph import order, reach
 from .identity import IDENTITY_VERSION, CodeIdentity, Unencodable, is_immutable
+from .naming import find_task, find_tasks, ref_fields
 from .policy import check_defaults, run_mode
-from .results import INLINE, append_private, locate, read_result, result_path
-from .runner import Runner, holds_ref, record_jobs
+from .results import INLINE, locate, read_result
+from .runner import Runner, record_jobs
 from .shipping import by_value
+from .specs import spawn  # noqa: F401  (lives in nbpipe.specs; imported from here before)
 from .states import BAD, State
 from .store import Batch, RunnerLock, Store
 from .task import TaskFunction, TaskOutput, TaskRef, _label, bash_task, task
+from .walk import holds_ref, map_refs
 from .why import explain
 
-__all__ = ["Pipeline", "RunSummary", "TaskInfo", "current_pipeline", "use"]
+__all__ = ["Pipeline", "RunSummary", "TaskInfo", "current_pipeline", "open_pipelines", "use"]
 
 _NONE: tuple[Any, ...] = ()  # shared by every task without upstream tasks or files
 _NONE_BY_NAME: dict[Any, Any] = {}  # shared by every task without keywords or dependencies
@@ -224,6 +227,11 @@ def use(pipeline: Pipeline) -> Pipeline:
 _open: weakref.WeakSet[Pipeline] = weakref.WeakSet()
 
 
+def open_pipelines() -> list[Pipeline]:
+    """The pipelines of this process not closed yet (what ``nbpipe run`` reports on)."""
+    return list(_open)
+
+
 @atexit.register
 def _close_all() -> None:
     for pipe in list(_open):
@@ -277,6 +285,8 @@ class Pipeline:
         # finished yet: what `run()` counts as executed, also when a `ref.result()` ran them
         # before it. The runner adds what it submits on its own (retries, retry commands).
         self.ran: set[TaskRef] = set()
+        #: Pause, resume, kill, retry: the same steering as ``nbpipe`` and the sidebar use.
+        self.control = Controller(self.store, name, local=local_runner_of(self))
         _open.add(self)
 
     def __repr__(self) -> str:
@@ -305,31 +315,32 @@ class Pipeline:
                 _stack.remove(self)
 
     def _slot(self, value: Any, upstream: list[TaskRef], func: TaskFunction) -> Any:
-        kind = type(value)
-        if kind in (int, float, str, bool) or value is None:
+        """``value`` with each task result in it (see :mod:`nbpipe.walk`) replaced by a slot
+        numbering it in ``upstream``."""
+        if type(value) in _SCALARS:  # most arguments: no walk
             return value
-        if isinstance(value, (TaskRef, TaskOutput)):
-            ref = value if isinstance(value, TaskRef) else value.ref
+
+        def slot(found: Any) -> _Slot:
+            ref = found if isinstance(found, TaskRef) else found.ref
             if ref.pipeline is not self:
                 raise TaskDefinitionError(
-                    f"task {func.name!r} got {value!r} from pipeline {ref.pipeline.name!r}; "
+                    f"task {func.name!r} got {found!r} from pipeline {ref.pipeline.name!r}; "
                     f"tasks can only depend on tasks of the same pipeline ({self.name!r})"
                 )
             upstream.append(ref)
-            return _Slot(len(upstream) - 1, value.name if isinstance(value, TaskOutput) else None)
-        if kind is list:
-            return [self._slot(v, upstream, func) for v in value]
-        if kind is tuple:
-            return tuple(self._slot(v, upstream, func) for v in value)
-        if kind is dict:
-            return {k: self._slot(v, upstream, func) for k, v in value.items()}
-        if isinstance(value, (tuple, set, frozenset, dict)) and holds_ref(value):
-            raise TaskDefinitionError(
-                f"task {func.name!r}: an argument holds a task result inside a "
-                f"{type(value).__name__}; nbpipe finds task results only in lists, tuples and "
-                "dicts (the data dependencies): pass the result directly, or in one of those"
-            )
-        return value
+            return _Slot(len(upstream) - 1, found.name if isinstance(found, TaskOutput) else None)
+
+        def hidden(other: Any) -> Any:
+            if isinstance(other, (tuple, set, frozenset, dict)) and holds_ref(other):
+                raise TaskDefinitionError(
+                    f"task {func.name!r}: an argument holds a task result inside a "
+                    f"{type(other).__name__}; nbpipe finds task results only in lists, tuples "
+                    "and dicts (the data dependencies): pass the result directly, or in one of "
+                    "those"
+                )
+            return other
+
+        return map_refs(value, slot, hidden)
 
     def _check_after(self, func: TaskFunction, after: Sequence[Any]) -> None:
         """Refuse ``after=`` a task of another pipeline, as data dependencies are refused."""
@@ -452,9 +463,8 @@ class Pipeline:
     # -- resolution: keys, dependencies, what is already done ---------------------------------
 
     def _task_by_name(self, name: str, owner: TaskRef) -> TaskRef:
-        found = self._by_label.get(name)
-        if found is None:
-            found = next((r for r in reversed(self._refs.values()) if r.name == name), None)
+        # the naming rule (nbpipe.naming); the newest task of a label is at hand: no scan
+        found = self._by_label.get(name) or find_task(name, self._refs.values(), *ref_fields)
         if found is None:
             raise UnknownTask(
                 f"task {owner.label!r} has after={name!r}, but no task of pipeline "
@@ -503,19 +513,13 @@ class Pipeline:
                     r.dynamic = True
                 r.deps = deps or _NONE_BY_NAME
             graph = {r: [d for d in r.deps if d in todo_set] for r in todo}
-            try:
-                order = list(graphlib.TopologicalSorter(graph).static_order())
-            except graphlib.CycleError as exc:
-                cycle = " -> ".join(r.label for r in exc.args[1])
-                raise CycleError(
-                    f"tasks form a cycle: {cycle}; remove one of these dependencies "
-                    "(an after= or an In/Out file)"
-                ) from None
+            ordered = order(graph, lambda r: r.label, fix="remove one of these dependencies "
+                            "(an after= or an In/Out file)")
             changed = []
             retired: dict[str, str] = {}  # provisional key -> the key that replaces it
             runner = self._runner
             held = runner.blockers if runner is not None and runner.alive else _NONE_BY_NAME
-            for r in order:
+            for r in ordered:
                 if any(d.dynamic for d in r.deps):
                     r.dynamic = True
                 if r.key_ is not None and (r.state in (State.PENDING, State.RUNNING)
@@ -640,10 +644,14 @@ class Pipeline:
             self.store.retire_keys(self.pipeline_id, retired)
             retired.clear()
         keys = [r.key for r in refs]
-        results = self.store.results(keys)
-        adopted = self._adopt_results([k for k in keys if k not in results])
-        results.update(adopted)
         rows = self.store.task_rows(self.pipeline_id, keys, active_only=False)
+        # A retry asked for (from any door) and not yet run: no result is taken for it, neither
+        # a recorded one nor a file on disk.
+        retrying = {k for k, row in rows.items()
+                    if row["state"] == State.WAITING.value and row["reason"] == RETRY_REASON}
+        results = {k: v for k, v in self.store.results(keys).items() if k not in retrying}
+        adopted = self._adopt_results([k for k in keys if k not in results and k not in retrying])
+        results.update(adopted)
         unexplained = []
         for r in refs:
             res = results.get(r.key_)
@@ -654,7 +662,9 @@ class Pipeline:
             row = rows.get(r.key_)
             if row is not None and not r.attempts:
                 r.attempts = r.budget = row["attempts"]
-            if r.func.opts.cache and intact and not missing_out:
+            if r.key_ in retrying:
+                r.state, r.result_file, r.reason = State.WAITING, None, RETRY_REASON
+            elif r.func.opts.cache and intact and not missing_out:
                 r.state = State.SUCCEEDED
                 r.result_file = (locate(self.store.path, res["path"]), res["checksum"])
                 r.reason = "found done"
@@ -751,15 +761,7 @@ class Pipeline:
     # -- running ------------------------------------------------------------------------------
 
     def _closure(self, targets: Iterable[TaskRef]) -> list[TaskRef]:
-        seen: dict[TaskRef, None] = {}
-        todo = list(targets)
-        while todo:
-            r = todo.pop()
-            if r in seen:
-                continue
-            seen[r] = None
-            todo.extend(r.deps)
-        return list(seen)
+        return reach(targets, lambda r: r.deps)
 
     def _as_refs(self, tasks: Any) -> list[TaskRef]:
         if isinstance(tasks, (TaskRef, str)):
@@ -769,8 +771,7 @@ class Pipeline:
             if isinstance(t, TaskRef):
                 refs.append(t)
                 continue
-            matches = [r for r in self._refs.values()
-                       if t in (r.name, r.label) or (t and r.key_ and r.key_.startswith(str(t)))]
+            matches = find_tasks(str(t), self._refs.values(), *ref_fields)
             if not matches:
                 raise UnknownTask(
                     f"no task {t!r} in pipeline {self.name!r}; see pipe.tasks() for names"
@@ -1085,102 +1086,131 @@ class Pipeline:
 
     # -- control (works from any process, through the store's command table) ------------------
 
+    # -- the public core: what the notebook layer, the CLI, specs and the runner use ------------
+
+    def refs(self) -> list[TaskRef]:
+        """The tasks registered in this process, in the order they were defined."""
+        with self._lock:
+            return list(self._refs.values())
+
+    def add(self, func: TaskFunction, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+            *, label: str | None = None) -> TaskRef:
+        """Register a call of ``func`` (a task function, a ``%%task`` cell) and return its ref;
+        the same call again returns the same ref."""
+        return self._add(func, args, kwargs or {}, label=label)
+
+    def add_many(self, func: TaskFunction, items: Iterable[Any], chunksize: int | None = None
+                 ) -> list[TaskRef]:
+        """Register one call of ``func`` per item (``func.map``); ``chunksize`` groups them."""
+        return self._add_many(func, items, chunksize)
+
+    def adopt(self, refs: Iterable[TaskRef]) -> None:
+        """Register refs made elsewhere (revived from specs by a detached runner) as they are."""
+        with self._lock:
+            for ref in refs:
+                self._refs[ref.call_id] = ref
+                self._by_label[ref.label] = ref
+
+    def resolve(self, refs: Iterable[TaskRef] | None = None) -> None:
+        """Key new tasks (and ``refs``), find what is already done, record them in the store."""
+        self._resolve(refs)
+
+    def find(self, tasks: Any) -> list[TaskRef]:
+        """Refs of tasks given as refs or names (:mod:`nbpipe.naming`'s rule);
+        :class:`~nbpipe.UnknownTask` for a name no task has."""
+        return self._as_refs(tasks)
+
+    def closure(self, targets: Iterable[TaskRef]) -> list[TaskRef]:
+        """``targets`` and every task they need, transitively."""
+        return self._closure(targets)
+
+    def deps(self, ref: TaskRef) -> list[TaskRef]:
+        """The tasks ``ref`` waits for (data, ``after=`` and file dependencies)."""
+        return list(ref.deps)
+
+    def result_of(self, ref: TaskRef, timeout: float | None = None) -> Any:
+        """The value of ``ref`` (running what it needs first): what ``ref.result()`` returns."""
+        return self._result(ref, timeout)
+
+    @property
+    def started_connection(self) -> Connection | None:
+        """The cluster connection when one was started (None: nothing started it yet)."""
+        return self._connection
+
+    @property
+    def runner(self) -> Runner | None:
+        """The runner of this process for this pipeline, when one was started."""
+        return self._runner
+
     def _keys(self, tasks: Any) -> list[str]:
+        """Keys of tasks given as refs, or named (tasks of this process first, else the store)."""
         if tasks is None:
             return []
         if isinstance(tasks, (TaskRef, str)):
             tasks = [tasks]
         keys = []
-        store_rows = None
         for t in tasks:
             if isinstance(t, TaskRef):
                 keys.append(t.key)
                 continue
-            matches = [r.key for r in self._refs.values() if t in (r.name, r.label)]
-            if not matches:
-                if store_rows is None:
-                    store_rows = list(self.store.task_rows(self.pipeline_id).values())
-                matches = [r["key"] for r in store_rows
-                           if t in (r["name"], r["label"]) or (t and r["key"].startswith(t))]
-            if not matches:
-                raise UnknownTask(f"no task {t!r} in pipeline {self.name!r}; see pipe.tasks()")
-            keys.extend(matches)
+            matches = [r.key for r in find_tasks(t, self._refs.values(), *ref_fields)]
+            keys.extend(matches or self.control.keys([t]))
         return keys
-
-    def _command(self, verb: str, **args: Any) -> str:
-        """Post a command; when this process runs the pipeline, wait until it is handled."""
-        command_id = self.store.post_command(self.pipeline_id, verb, **args)
-        runner = self._runner
-        if runner is not None and runner.alive:
-            runner.poke()
-            deadline = time.monotonic() + 30
-            while self.store.command_status(command_id) == "new" and time.monotonic() < deadline:
-                time.sleep(0.02)
-            return self.store.command_status(command_id)
-        return "posted"
 
     def _offline(self) -> bool:
         """True when no runner (here or in another process) will pick commands up."""
-        return ((self._runner is None or not self._runner.alive)
-                and not RunnerLock(self.store, self.name).busy())
+        return not self.control.attached()
 
     def retry(self, tasks: Any = None, *, failed: bool = False, wait: bool = False) -> None:
-        """Run tasks again, with everything they block; ``failed=True`` for every failed one."""
+        """Run tasks again, with everything they block; ``failed=True`` for every failed one.
+
+        The same rules hold from every door (here, ``nbpipe retry``, the sidebar): see
+        :class:`nbpipe.control.Controller`.
+        """
         if tasks is None and not failed:
             raise TaskDefinitionError("pipe.retry() needs tasks to retry, or failed=True")
         keys = self._keys(tasks)
-        if self._offline():
-            rows = self.store.task_rows(self.pipeline_id)
-            if failed:
-                keys += [k for k, r in rows.items() if r["state"] in (State.FAILED.value,
-                                                                     State.KILLED.value)]
-            for key in keys:
-                self.store.forget_result(key)
-                # (else its file is adopted again at once: an accepted result would stay)
-                result_path(self.store.path, key).unlink(missing_ok=True)
-            refs = [r for r in self._refs.values() if r.key_ in set(keys)]
-            self.store.set_states(self.pipeline_id, keys, State.WAITING.value, "retry requested")
-            if refs:
-                for r in refs:
-                    r.key_ = None  # found again: the result was forgotten, so it re-runs
-                    r.state = State.WAITING
-                self._resolve(refs)
-                targets = [r for r in self._refs.values()
-                           if r.state is not State.SUCCEEDED]
-                self._run(targets, wait=wait)
+        if self.control.attached():
+            self.control.command("retry", keys=keys, failed=failed)
             return
-        self._command("retry", keys=keys, failed=failed)
+        reset = set(self.control.reset_for_retry(keys, failed=failed))
+        refs = [r for r in self._refs.values() if r.key_ in reset]
+        for r in refs:  # as the runner resets them: the old result is not taken for them
+            r.state, r.result_file, r.queued = State.WAITING, None, False
+            r.budget = r.attempts
+            r.error = r.traceback = r.exception = None
+            r.reason = RETRY_REASON
+        if refs:
+            self._run([r for r in self._refs.values() if r.state is not State.SUCCEEDED], wait=wait)
 
     def kill(self, tasks: Any = None, *, all: bool = False) -> None:
-        """Stop tasks (running ones within seconds, CPU-bound Python loops included)."""
-        if all:
+        """Stop tasks (running ones within seconds, CPU-bound Python loops included).
+
+        Waiting tasks downstream of a killed one become UPSTREAM_FAILED; finished tasks are left
+        as they are (the same from every door: see :class:`nbpipe.control.Controller`).
+        """
+        if all and self._refs:
             keys = [r.key for r in self._refs.values() if not r.state.final]
-            if not self._refs:
-                keys = [k for k, r in self.store.task_rows(self.pipeline_id).items()
-                        if r["state"] in ("WAITING", "PENDING", "RUNNING")]
         else:
             keys = self._keys(tasks)
-        if self._offline():
-            self.store.set_states(self.pipeline_id, keys, State.KILLED.value, "killed")
-            for r in self._refs.values():
-                if r.key_ in set(keys):
-                    r.state = State.KILLED
+        if all and not self._refs:
+            self.control.kill(all=True)
             return
-        self._command("kill", keys=keys)
+        if self.control.attached():
+            self.control.command("kill", keys=keys)
+            return
+        changed = self.control.kill_offline(keys)
+        for r in self._refs.values():
+            if r.key_ in changed:
+                r.state, r.error = changed[r.key_]
 
     def pause(self) -> None:
         """Start no new task; running tasks finish."""
-        if self._offline():
-            self.store.set_paused(self.pipeline_id, True)
-            return
-        self._command("pause")
+        self.control.pause()
 
     def resume(self) -> None:
         """Start tasks again after :meth:`pause`."""
-        if self._offline():
-            self.store.set_paused(self.pipeline_id, False)
-            return
-        self._command("resume")
+        self.control.resume()
 
     def detach(self) -> int:
         """Hand the unfinished tasks to a detached runner (``nbpipe spawn``); return its pid.
@@ -1247,21 +1277,6 @@ class Pipeline:
             if connection.pools is not None:
                 with contextlib.suppress(Exception):
                     record_jobs(self.store, self.pipeline_id, connection.pools)
-
-
-def spawn(store: Store, pipeline: str) -> int:
-    """Start ``nbpipe spawn`` for a pipeline in a new session (it outlives us); return its pid."""
-    import subprocess
-
-    logs = store.path / "logs"
-    logs.mkdir(mode=0o700, exist_ok=True)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in pipeline)
-    with append_private(logs / f"spawn-{safe}.log") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "nbpipe.cli", "--store", str(store.path), "spawn", pipeline],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-    return proc.pid
 
 
 def _absolute(value: Any) -> Any:

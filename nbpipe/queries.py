@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PipelineBusy, UnknownTask
+from .naming import find_task, row_fields
 from .policy import outcome
 from .results import INLINE, checksum_of, locate, unpack
 from .store import RunnerLock, Store
@@ -230,11 +231,9 @@ def _task_row(store: Store, pipeline_id: int, task: str) -> Any:
     rows = store.task_rows(pipeline_id, active_only=False).values()
     active = [r for r in rows if r["active"]]
     for pool in (active, list(rows)):
-        # (an empty name is a prefix of every key: it names no task)
-        matches = [r for r in pool if task in (r["label"], r["name"])
-                   or (task and r["key"].startswith(task))]
-        if matches:
-            return max(matches, key=lambda r: r["updated"])
+        found = find_task(task, sorted(pool, key=lambda r: r["updated"]), *row_fields)
+        if found is not None:
+            return found
     name = store.connect().execute("SELECT name FROM pipelines WHERE id = ?", (pipeline_id,)).fetchone()
     pipeline = name[0] if name else "?"
     raise UnknownTask(f"no task {task!r} in pipeline {pipeline!r}; `nbpipe tasks {pipeline}` "

@@ -30,6 +30,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 import cloudpickle
 
+from .config import DEFAULTS
 from .errors import ResultCorrupt
 
 __all__ = ["INLINE", "INLINE_BYTES", "INLINE_SECONDS", "MAGIC", "ResultFile", "append_private",
@@ -37,7 +38,7 @@ __all__ = ["INLINE", "INLINE_BYTES", "INLINE_SECONDS", "MAGIC", "ResultFile", "a
            "unpack", "write_result"]
 
 INLINE = ""  # the path recorded for a result kept in the store's database
-INLINE_BYTES = 4096  # default of the nbpipe.inline-bytes setting
+INLINE_BYTES: int = DEFAULTS["inline-bytes"]  # default of the nbpipe.inline-bytes setting (nbpipe.yaml)
 INLINE_SECONDS = 1.0
 MAGIC = b"nbpipe-result 1 "  # then the blake2b-128 hex checksum of the pickle, then a newline
 _HEADER = len(MAGIC) + 32 + 1

@@ -39,6 +39,7 @@ from .shipping import bundle
 from .specs import write_specs
 from .states import BAD, State
 from .store import Batch, RunnerLock, is_damage
+from .walk import holds_ref, map_refs
 from .worker import (
     NOT_RUN,
     TAIL,
@@ -454,7 +455,7 @@ class Runner:
         """Count what the task still waits for; queue it when nothing, fail it when upstream did."""
         waiting = 0
         failed_upstream = None
-        for dep in self.pipe._deps(ref):
+        for dep in self.pipe.deps(ref):
             self.children[dep].add(ref)
             if dep.state is State.SUCCEEDED:
                 continue
@@ -752,25 +753,22 @@ class Runner:
         return Upstream(ref.key, path, checksum, output, data)
 
     def _substitute(self, value: Any) -> Any:
-        from .task import TaskOutput, TaskRef
+        from .task import TaskRef
 
-        if isinstance(value, TaskRef):
-            return self._upstream_value(value)
-        if isinstance(value, TaskOutput):
-            return self._upstream_value(value.ref, value.name)
-        if type(value) is list:
-            return [self._substitute(v) for v in value]
-        if type(value) is tuple:
-            return tuple(self._substitute(v) for v in value)
-        if type(value) is dict:
-            return {k: self._substitute(v) for k, v in value.items()}
-        if is_dask_collection(value):  # computed on the cluster, an input of the Dask task
-            from dask.base import tokenize
+        # (task results first: a TaskRef is a Dask collection too)
+        return map_refs(value, lambda v: self._upstream_value(v) if isinstance(v, TaskRef)
+                        else self._upstream_value(v.ref, v.name), other=self._substitute_other)
 
-            key = f"dask-{tokenize(value)}"
-            self._collections.append((key, value))
-            return Upstream(key, "", "", None, ahead=True)
-        return value
+    def _substitute_other(self, value: Any) -> Any:
+        """A Dask collection (not a task result) among the arguments: computed on the cluster,
+        an input of the Dask task."""
+        if not is_dask_collection(value):
+            return value
+        from dask.base import tokenize
+
+        key = f"dask-{tokenize(value)}"
+        self._collections.append((key, value))
+        return Upstream(key, "", "", None, ahead=True)
 
     def inline_data(self, key: str) -> bytes | None:
         """An inline result's bytes: from this runner's next write (not yet in the store, e.g.
@@ -1178,7 +1176,7 @@ class Runner:
             key = cloudpickle.loads(o.exception).key if o.exception else None
         except Exception:
             key = None
-        dep = next((d for d in self.pipe._deps(ref) if d.key == key), None)
+        dep = next((d for d in self.pipe.deps(ref) if d.key == key), None)
         if dep is None or dep.state in BAD:
             return False
         self._unhand_below(ref)
@@ -1283,17 +1281,19 @@ class Runner:
         return "resumed"
 
     def _cmd_kill(self, keys: list[str] | None = None) -> str:
+        from .control import killed_message
+
         killed = 0
         for ref in self._targets(keys):
             if ref.state is State.WAITING:
-                self._finish(ref, State.KILLED, f"task {ref.label!r} was killed before it started")
+                self._finish(ref, State.KILLED, killed_message(ref.label, started=False))
             elif ref.state is State.PENDING:
                 sub = self.sub_of[ref]
                 if len(sub.refs) == 1:
                     sub.cancelled = True
                     sub.future.cancel()
                     self._release(sub)
-                    self._finish(ref, State.KILLED, f"task {ref.label!r} was killed before it started")
+                    self._finish(ref, State.KILLED, killed_message(ref.label, started=False))
                 else:  # part of a chunk: every worker skips it when its turn comes
                     self.kill_requested.add(ref)
                     self._interrupt(ref.key, None)
@@ -1350,29 +1350,36 @@ class Runner:
         discard(self.store.path, key, attempt)  # what the restarted worker left: not a crash
 
     def _cmd_retry(self, keys: list[str] | None = None, failed: bool = False) -> str:
+        from .control import RETRY_REASON, forget_results, retry_set
+
+        unknown = [k for k in keys or () if k not in self.by_key]
+        if unknown:  # tasks never handed to the runner (found done): they run again too
+            runnable = {r.key_: r for r in self.pipe.refs() if r.key_ in set(unknown)
+                        and r.func is not None}
+            self._integrate(list(runnable.values()))
+            # (tasks this process cannot run: the next runner runs them)
+            lost = [k for k in unknown if k not in runnable]
+            rows = self.store.task_rows(self.pid, lost)
+            forget_results(self.store, lost)
+            for key, row in rows.items():
+                self.batch.state(self.pid, key, State.WAITING.value, attempts=row["attempts"],
+                                 reason=RETRY_REASON, message=RETRY_REASON)
         targets = self._targets(keys)
         if failed:
             targets += [r for r in self.by_key.values() if r.state in (State.FAILED, State.KILLED)]
-        reset: dict[TaskRef, None] = {}
-        for ref in targets:
-            if ref.state in (State.PENDING, State.RUNNING) or ref in self.sub_of:
-                continue
-            reset[ref] = None
-            todo = list(self.children.get(ref, ()))
-            while todo:
-                child = todo.pop()
-                if child.state in BAD and child not in reset:
-                    reset[child] = None
-                    todo.extend(self.children.get(child, ()))
+        # the same rules as without a runner (nbpipe.control): one retry behaviour
+        reset = retry_set(targets, lambda r: r.state, lambda r: self.children.get(r, ()),
+                          busy=lambda r: r in self.sub_of)
+        forget_results(self.store, [r.key for r in reset if r.state is State.SUCCEEDED])
         for ref in reset:
             if ref.state is State.SUCCEEDED:
                 ref.result_file = None
             ref.state = State.WAITING
             ref.budget = ref.attempts
             ref.error = ref.traceback = ref.exception = None
-            ref.reason = "retry requested"
+            ref.reason = RETRY_REASON
             self.batch.state(self.pid, ref.key, State.WAITING.value, attempts=ref.attempts,
-                             reason="retry requested", message="retry requested")
+                             reason=RETRY_REASON, message=RETRY_REASON)
         for ref in reset:
             self._arm(ref)
         return f"retrying {len(reset)} task(s)"
@@ -1392,22 +1399,6 @@ def holds_collection(value: Any, depth: int = 0) -> bool:
     if type(value) is dict:
         return depth < 20 and any(holds_collection(v, depth + 1) for v in value.values())
     return is_dask_collection(value)
-
-
-def holds_ref(value: Any, depth: int = 0) -> bool:
-    """Whether ``value`` holds a TaskRef somewhere nbpipe does not look for one."""
-    from .task import TaskOutput, TaskRef
-
-    if isinstance(value, (TaskRef, TaskOutput)):
-        return True
-    if depth > 20:
-        return False
-    if isinstance(value, dict):
-        return any(holds_ref(v, depth + 1) for v in value.values())
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return any(holds_ref(v, depth + 1) for v in value)
-    fields = getattr(value, "__dict__", None)
-    return isinstance(fields, dict) and any(holds_ref(v, depth + 1) for v in fields.values())
 
 
 def record_jobs(store: Any, pipeline_id: int, pools: Any) -> None:

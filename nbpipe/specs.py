@@ -8,20 +8,23 @@ tasks replaced by their keys, options, dependencies). :func:`revive` rebuilds th
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
 from .errors import NbpipeError
-from .results import locate, write_private
+from .results import append_private, locate, write_private
 from .states import State
-from .task import TaskFunction, TaskOutput, TaskRef, make_options
+from .task import TaskFunction, TaskRef, make_options
+from .walk import map_leaves, map_refs
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
+    from .store import Store
 
-__all__ = ["revive", "write_specs"]
+__all__ = ["revive", "spawn", "write_specs"]
 
 
 class _KeyRef:
@@ -37,15 +40,8 @@ def _spec_path(store_dir: Path, key: str) -> Path:
 
 
 def _keyed(value: Any) -> Any:
-    if isinstance(value, TaskRef):
-        return _KeyRef(value.key)
-    if isinstance(value, TaskOutput):
-        return _KeyRef(value.ref.key, value.name)
-    if type(value) in (list, tuple):
-        return type(value)(_keyed(v) for v in value)
-    if type(value) is dict:
-        return {k: _keyed(v) for k, v in value.items()}
-    return value
+    return map_refs(value, lambda v: _KeyRef(v.key) if isinstance(v, TaskRef)
+                    else _KeyRef(v.ref.key, v.name))
 
 
 def write_specs(pipe: Pipeline, refs: list[TaskRef]) -> int:
@@ -104,15 +100,12 @@ def revive(pipe: Pipeline) -> list[TaskRef]:
             )
         specs[key] = cloudpickle.loads(path.read_bytes())
 
+    def by_key(value: _KeyRef) -> Any:
+        ref = refs[value.key]
+        return ref.output(value.output) if value.output else ref
+
     def revived(value: Any) -> Any:
-        if isinstance(value, _KeyRef):
-            ref = refs[value.key]
-            return ref.output(value.output) if value.output else ref
-        if type(value) in (list, tuple):
-            return type(value)(revived(v) for v in value)
-        if type(value) is dict:
-            return {k: revived(v) for k, v in value.items()}
-        return value
+        return map_leaves(value, lambda v: isinstance(v, _KeyRef), by_key)
 
     caps = [s["pipeline_max_concurrent"] for s in specs.values() if s.get("pipeline_max_concurrent")]
     if caps and pipe.max_concurrent is None:
@@ -139,8 +132,20 @@ def revive(pipe: Pipeline) -> list[TaskRef]:
         ref.args, ref.kwargs = revived(spec["args"]), revived(spec["kwargs"])
         ref.upstream = [refs[k] for k in spec["upstream"]]
         ref.deps = {refs[k]: kind for k, kind in spec["deps"].items()}
-    with pipe._lock:
-        for ref in refs.values():
-            pipe._refs[ref.call_id] = ref
-            pipe._by_label[ref.label] = ref
+    pipe.adopt(refs.values())
     return list(refs.values())
+
+
+def spawn(store: Store, pipeline: str) -> int:
+    """Start ``nbpipe spawn`` for a pipeline in a new session (it outlives us); return its pid."""
+    import subprocess
+
+    logs = store.path / "logs"
+    logs.mkdir(mode=0o700, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in pipeline)
+    with append_private(logs / f"spawn-{safe}.log") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nbpipe.cli", "--store", str(store.path), "spawn", pipeline],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    return proc.pid

@@ -276,7 +276,7 @@ class TaskRef:
     def key(self) -> str:
         """The task's content key (computed when the graph is resolved)."""
         if self.key_ is None:
-            self.pipeline._resolve([self])
+            self.pipeline.resolve([self])
         assert self.key_ is not None
         return self.key_
 
@@ -313,7 +313,7 @@ class TaskRef:
 
         Re-raises the task's own exception, with its remote traceback attached, if it failed.
         """
-        return self.pipeline._result(self, timeout)
+        return self.pipeline.result_of(self, timeout)
 
     def output(self, name: str) -> TaskOutput:
         """One entry of a task whose value is a dict (a ``%%task`` cell's outputs)."""
@@ -581,7 +581,7 @@ class TaskFunction:
         return current_pipeline()
 
     def __call__(self, *args: Any, **kwargs: Any) -> TaskRef:
-        return self._target()._add(self, args, kwargs)
+        return self._target().add(self, args, kwargs)
 
     def map(self, items: Iterable[Any], chunksize: int | None = None) -> list[TaskRef]:
         """Register one task per item (``fn(item)``); return their refs in order.
@@ -596,7 +596,7 @@ class TaskFunction:
                 f"task {self.name!r}: map() takes an iterable of items (a list, a range, ...), "
                 f"not {type(items).__name__} {items!r:.40}; e.g. {self.name}.map(range(5))"
             )
-        return self._target()._add_many(self, items, chunksize)
+        return self._target().add_many(self, items, chunksize)
 
     def __repr__(self) -> str:
         return f"<{self.kind} task {self.name}>"

@@ -55,7 +55,7 @@ class GraphWidget(anywidget.AnyWidget):
 
     def refresh(self) -> None:
         """Take the tasks' current states (and any new tasks) from the pipeline."""
-        refs = list(self._pipe._refs.values())
+        refs = self._pipe.refs()
         tasks = [{"key": r.key, "name": r.name, "label": r.label, "kind": r.func.kind,
                   "state": r.state.value, "attempts": r.attempts, "reason": r.reason,
                   "error": r.error, "cell": getattr(r.func, "cell_id", None)} for r in refs]

@@ -50,6 +50,7 @@ from .errors import (
 )
 from .policy import TIMED_OUT, TIMEOUT_GRACE, timeout_error
 from .results import INLINE_SECONDS, read_result, write_result
+from .walk import map_leaves
 
 __all__ = ["NOT_RUN", "Done", "Outcome", "Upstream", "WorkItem", "interrupt", "outcomes_of",
            "run_items"]
@@ -414,22 +415,18 @@ def _user_frames(tb: Any) -> Any:
 
 
 def _resolve(value: Any, cache: dict[str, Any]) -> Any:
-    if isinstance(value, Upstream):
-        if value.key not in cache:
-            if value.ahead:  # handed ahead, and its upstream did not succeed
-                raise _NotRun(value.key)
+    def read(up: Upstream) -> Any:
+        if up.key not in cache:
+            if up.ahead:  # handed ahead, and its upstream did not succeed
+                raise _NotRun(up.key)
             try:
-                cache[value.key] = read_result(value.path, value.checksum, value.data)
+                cache[up.key] = read_result(up.path, up.checksum, up.data)
             except ResultCorrupt as exc:  # the runner computes it again, then runs this again
-                raise UpstreamCorrupt(value.key, f"upstream task {value.key[:12]}: {exc}") from None
-        return cache[value.key] if value.output is None else cell_output(cache[value.key], value.output)
-    if type(value) is list:
-        return [_resolve(v, cache) for v in value]
-    if type(value) is tuple:
-        return tuple(_resolve(v, cache) for v in value)
-    if type(value) is dict:
-        return {k: _resolve(v, cache) for k, v in value.items()}
-    return value
+                raise UpstreamCorrupt(up.key, f"upstream task {up.key[:12]}: {exc}") from None
+        return cache[up.key] if up.output is None else cell_output(cache[up.key], up.output)
+
+    # upstream values sit where the task results were (the one walk of nbpipe.walk)
+    return map_leaves(value, lambda v: isinstance(v, Upstream), read)
 
 
 def _call(fn: Any, item: WorkItem, values: dict[str, Any]) -> Any:

@@ -706,7 +706,8 @@ CONFIG = [
          "not a list", "nbpipe.yaml", "Write `key: value` settings.", None, ("- slurm\n",)),
     Case("configuration", "A misspelt setting, `clsuter: slurm`", "ConfigError",
          "…/nbpipe.yaml: unknown setting 'clsuter' (did you mean 'cluster'?); nbpipe reads cluster, "
-         "idle-timeout, batch-seconds, inline-bytes, task, run, store-patience, max-concurrent",
+         "idle-timeout, batch-seconds, inline-bytes, task, run, store-patience, max-concurrent, "
+         "max-jobs, min-jobs",
          "'clsuter'", "Fix the setting's name.", None, ("clsuter: slurm\n",)),
     Case("configuration", "`task: {retry_on: [exeption]}`: a misspelt kind of failure", "ConfigError",
          "…/nbpipe.yaml: task: retry_on has the unknown kind 'exeption' (did you mean 'exception'?); "
@@ -758,6 +759,10 @@ CONFIG = [
          "…/nbpipe.yaml: store-patience='soon' must be a finite number of seconds >= 0 (how long a "
          "runner retries a store that cannot be written before it stops and run() raises)",
          "store-patience", "Give a number of seconds.", None, ("store-patience: soon\n",)),
+    Case("configuration", "`max-jobs: 0`", "ConfigError",
+         "…/nbpipe.yaml: max-jobs=0 must be a whole number >= 1 (a batch pool's jobs at most, "
+         "unless its cluster spec says max_jobs)", "max-jobs", "Give a whole number of jobs, e.g. "
+         "`8`.", None, ("max-jobs: 0\n",)),
     Case("configuration", "An `nbpipe.yaml` that is not UTF-8", "ConfigError",
          "…/nbpipe.yaml: the file is not UTF-8 text (byte 0xe9 at offset 20); save it as UTF-8",
          "nbpipe.yaml", "Save the file as UTF-8.", None, ("cluster: local\n# caf\xe9\n",)),

@@ -23,10 +23,9 @@ import pytest
 from tornado.httpclient import HTTPClientError
 
 from nbpipe import Pipeline
-from nbpipe.pipeline import spawn
 from nbpipe.pools import PoolCluster, parse_pools
 from nbpipe.server.handlers import HANDLERS
-from nbpipe.specs import write_specs
+from nbpipe.specs import spawn, write_specs
 
 PACKAGE = Path(__file__).resolve().parent.parent / "nbpipe"
 STORE = "analysis/.nbpipe"
