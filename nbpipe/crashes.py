@@ -53,7 +53,7 @@ def record_path(store_dir: str | os.PathLike[str], key: str, attempt: int) -> Pa
 
 _live: dict[int, Recorder] = {}  # open records of this process, by id
 _live_lock = threading.Lock()
-_real_exit = os._exit
+real_exit = os._exit
 _installed = False
 
 
@@ -62,7 +62,7 @@ def _exit_recording(code: int) -> None:
     for recorder in list(_live.values()):
         if recorder.pid == os.getpid():  # not in a child forked by the task (multiprocessing)
             recorder.line(f"exit {int(code)}")
-    _real_exit(code)
+    real_exit(code)
 
 
 def _clean_exit() -> None:

@@ -1081,7 +1081,7 @@ class Pipeline:
             self._resolve(refs)
             reasons = accept_keys(self.store, self.pipeline_id, [r.key for r in refs],
                                   pipeline=self.name)
-            runmodes._mark_done(self, [r for r in refs if r.key in reasons], reasons)
+            runmodes.mark_done(self, [r for r in refs if r.key in reasons], reasons)
         return {r.label: reasons[r.key] for r in refs if r.key in reasons}
 
     # -- control (works from any process, through the store's command table) ------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PipelineBusy, UnknownTask
-from .naming import find_task, row_fields
+from .naming import find_task, find_tasks, row_fields
 from .policy import outcome
 from .results import INLINE, checksum_of, locate, unpack
 from .store import RunnerLock, Store
@@ -209,7 +209,7 @@ def related(store: Store, pipeline: str, task: str, direction: str) -> set[str]:
     rows = store.task_rows(pid)
     active = set(rows)
     # a name matches every task of it (fraction: its 20 calls); else one label or key prefix
-    starts = [k for k, r in rows.items() if task in (r["name"], r["label"])] or \
+    starts = [r["key"] for r in find_tasks(task, rows.values(), *row_fields)] or \
         [_task_row(store, pid, task)["key"]]
     links: dict[str, list[str]] = {}
     for parent, child in store.connect().execute(

@@ -64,7 +64,7 @@ def keep_succeeded(pipe: Pipeline, refs: Iterable[TaskRef]) -> list[TaskRef]:
         return []
     reasons = accept_keys(store, pipe.pipeline_id, [r.key for r in chosen], pipeline=pipe.name,
                           how="accepted by hand (keep_succeeded)")
-    _mark_done(pipe, chosen, reasons)
+    mark_done(pipe, chosen, reasons)
     return chosen
 
 
@@ -95,11 +95,11 @@ def adopt_existing(pipe: Pipeline, refs: Iterable[TaskRef], whole_run: bool) -> 
         batch.state(pipe.pipeline_id, r.key, State.SUCCEEDED.value, attempts=r.attempts,
                     reason=reason, message=reason)
     pipe.store.write(batch)
-    _mark_done(pipe, chosen, reasons)
+    mark_done(pipe, chosen, reasons)
     return chosen
 
 
-def _mark_done(pipe: Pipeline, refs: list[TaskRef], reasons: dict[str, str]) -> None:
+def mark_done(pipe: Pipeline, refs: list[TaskRef], reasons: dict[str, str]) -> None:
     results = pipe.store.results([r.key for r in refs])
     for r in refs:
         res = results[r.key]

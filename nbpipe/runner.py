@@ -39,7 +39,7 @@ from .shipping import bundle
 from .specs import write_specs
 from .states import BAD, State
 from .store import Batch, RunnerLock, is_damage
-from .walk import holds_ref, map_refs
+from .walk import any_leaf, holds_ref, is_ref, map_refs
 from .worker import (
     NOT_RUN,
     TAIL,
@@ -524,7 +524,7 @@ class Runner:
             return False  # (capped functions wait for a free slot, the runner's business)
         if self.max_concurrent is not None:
             return False
-        for dep in self.pipe._deps(ref):
+        for dep in self.pipe.deps(ref):
             if dep.state is not State.SUCCEEDED and (
                     dep not in self.sub_of or dep in self.kill_requested):
                 return False
@@ -845,7 +845,7 @@ class Runner:
             sub.pool = resources[0][0].removeprefix("pool-")
         if ahead:
             sub.inputs = list(dict.fromkeys(
-                self.sub_of[d] for d in self.pipe._deps(first) if d.state is not State.SUCCEEDED))
+                self.sub_of[d] for d in self.pipe.deps(first) if d.state is not State.SUCCEEDED))
             self._ahead_subs.append((sub, items, first.func, resources))
         else:
             self._to_submit[(first.func, resources)].append((sub, items))
@@ -1391,14 +1391,10 @@ def cap_identity(func: Any) -> tuple[str, str]:
     return (func.kind, func.name)
 
 
-def holds_collection(value: Any, depth: int = 0) -> bool:
-    """Whether ``value`` holds a Dask collection where nbpipe looks for task results (lists,
-    tuples, dicts): it is computed on the cluster as the task's input."""
-    if type(value) in (list, tuple):
-        return depth < 20 and any(holds_collection(v, depth + 1) for v in value)
-    if type(value) is dict:
-        return depth < 20 and any(holds_collection(v, depth + 1) for v in value.values())
-    return is_dask_collection(value)
+def holds_collection(value: Any) -> bool:
+    """Whether ``value`` holds a Dask collection (not a task result) where nbpipe looks for task
+    results: it is computed on the cluster as the task's input."""
+    return any_leaf(value, lambda v: is_dask_collection(v) and not is_ref(v))
 
 
 def record_jobs(store: Any, pipeline_id: int, pools: Any) -> None:

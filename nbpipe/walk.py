@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["holds_ref", "is_ref", "map_leaves", "map_refs"]
+__all__ = ["any_leaf", "holds_ref", "is_ref", "map_leaves", "map_refs"]
 
 
 def is_ref(value: Any) -> bool:
@@ -41,6 +41,18 @@ def map_leaves(value: Any, is_leaf: Callable[[Any], bool], fn: Callable[[Any], A
     if kind is dict:
         return {k: map_leaves(v, is_leaf, fn, other) for k, v in value.items()}
     return value if other is None else other(value)
+
+
+def any_leaf(value: Any, is_leaf: Callable[[Any], bool], depth: int = 0) -> bool:
+    """Whether a leaf (``is_leaf``) sits where :func:`map_leaves` looks (lists, tuples and dicts
+    of exactly those types, at most 20 deep)."""
+    if is_leaf(value):
+        return True
+    kind = type(value)
+    if depth >= 20 or kind not in (list, tuple, dict):
+        return False
+    items = value.values() if kind is dict else value
+    return any(any_leaf(v, is_leaf, depth + 1) for v in items)
 
 
 def map_refs(value: Any, fn: Callable[[Any], Any], other: Callable[[Any], Any] | None = None) -> Any:

@@ -351,9 +351,9 @@ class _Watchdog:
             if self.recorder is not None:  # only this record says why: the rest is lost work
                 self.recorder.line(f"timeout {self.item.key} {self.item.attempt} "
                                    f"{self.item.timeout!r}")
-            from .crashes import _real_exit
+            from .crashes import real_exit
 
-            _real_exit(124)  # (the code `timeout` uses) the only way to stop C code in a thread
+            real_exit(124)  # (the code `timeout` uses) the only way to stop C code in a thread
 
     def stop(self) -> None:
         with self.lock:
