@@ -470,7 +470,7 @@ def graph(ctx: click.Context, pipeline: str, output: str | None) -> None:
     store = _store(ctx)
     pid = store.pipeline_id(pipeline, create=False)
     rows = store.task_rows(pid)
-    edges = store.connect().execute("SELECT parent, child FROM edges WHERE pipeline_id = ?", (pid,))
+    edges = [(p, c) for p, c, _ in store.edges(pid)]
     dot = task_graph(pipeline, [(k, r["label"], r["state"], r["name"]) for k, r in rows.items()],
                      [(p, c) for p, c in edges if p in rows and c in rows])
     if output is None or output.endswith(".dot"):

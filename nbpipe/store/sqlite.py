@@ -1,25 +1,12 @@
-"""The pipeline store: one SQLite file that is the source of truth for pipelines and tasks.
-
-Layout of a store directory (default ``./.nbpipe``, created private to the user)::
-
-    .nbpipe/
-      nbpipe.sqlite        pipelines, tasks, edges, attempts, results, events, commands
-      results/ab/<key>.pkl result files, written atomically by the workers (small results of
-                           quick tasks are kept in the results table instead)
-      locks/<pipeline>-<digest>.lock  held by the one process running a pipeline
-
-The schema is documented in ``docs/store.md``; query it with ``sqlite3``. Writes from a runner
-are batched: one transaction per tick, however many tasks changed state.
+"""The store on SQLite: one database file, one connection per thread, WAL, migrations, and
+the runner's writes in one :class:`Batch` per tick (see :mod:`nbpipe.store`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
 import os
-import socket
 import sqlite3
 import threading
 import time
@@ -27,120 +14,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import (
+from ..errors import (
     InvalidArgument,
-    PipelineBusy,
     StoreDamaged,
     StoreError,
     StoreNotWritable,
     StoreVersionError,
 )
-from .results import make_private
+from ..results import make_private
+from .registry import remember
+from .schema import SCHEMA, SCHEMA_VERSION
 
-__all__ = ["SCHEMA_VERSION", "Batch", "RunnerLock", "Store", "file_stem", "known_stores",
-           "remember"]
-
-SCHEMA_VERSION = 4
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS pipelines (
-    id        INTEGER PRIMARY KEY,
-    name      TEXT NOT NULL UNIQUE,
-    created   REAL NOT NULL,
-    paused    INTEGER NOT NULL DEFAULT 0,
-    runner    TEXT,              -- JSON: pid, host, started, cluster, dashboard of the runner
-    source    TEXT               -- the script or notebook that defines the pipeline
-);
-CREATE TABLE IF NOT EXISTS tasks (
-    pipeline_id INTEGER NOT NULL REFERENCES pipelines(id),
-    key         TEXT NOT NULL,   -- content identity (see docs/identity.md)
-    name        TEXT NOT NULL,   -- function or cell name
-    label       TEXT NOT NULL,   -- name plus distinguishing arguments, e.g. fraction(seed=3)
-    kind        TEXT NOT NULL,   -- python | bash
-    state       TEXT NOT NULL,
-    active      INTEGER NOT NULL DEFAULT 1,  -- 0 once a newer task took its label
-    attempts    INTEGER NOT NULL DEFAULT 0,
-    components  TEXT NOT NULL,   -- JSON: the parts of the key
-    reason      TEXT,            -- why it (re-)ran
-    resources   TEXT,            -- JSON: cores, memory, walltime, gpus, pool, retries, ...
-    error       TEXT,
-    created     REAL NOT NULL,
-    updated     REAL NOT NULL,
-    cell        TEXT,            -- id of the notebook cell that defines it (%%task cells)
-    PRIMARY KEY (pipeline_id, key)
-);
-CREATE INDEX IF NOT EXISTS tasks_label ON tasks (pipeline_id, label);
-CREATE INDEX IF NOT EXISTS tasks_state ON tasks (pipeline_id, state);
-CREATE TABLE IF NOT EXISTS edges (
-    pipeline_id INTEGER NOT NULL,
-    parent      TEXT NOT NULL,
-    child       TEXT NOT NULL,
-    kind        TEXT NOT NULL,   -- data | after | file
-    PRIMARY KEY (pipeline_id, parent, child)
-);
-CREATE TABLE IF NOT EXISTS results (
-    key      TEXT PRIMARY KEY,   -- results are shared by every pipeline of the store
-    path     TEXT NOT NULL,      -- relative to the store root (results/ab/<key>.pkl); '' inline
-    checksum TEXT NOT NULL,
-    size     INTEGER NOT NULL,
-    created  REAL NOT NULL,
-    data     BLOB                -- an inline result's bytes (see nbpipe.results)
-);
-CREATE TABLE IF NOT EXISTS environments (
-    id       TEXT PRIMARY KEY,
-    snapshot TEXT NOT NULL       -- JSON: python, packages, hostname, git_commit, ...
-);
-CREATE TABLE IF NOT EXISTS attempts (
-    id          INTEGER PRIMARY KEY,
-    pipeline_id INTEGER NOT NULL,
-    key         TEXT NOT NULL,
-    number      INTEGER NOT NULL,
-    state       TEXT NOT NULL,
-    start       REAL,
-    end         REAL,
-    worker      TEXT,
-    hostname    TEXT,
-    pid         INTEGER,
-    job_id      TEXT,            -- batch job (Slurm, PBS, ...) of the worker, if any
-    exit_code   INTEGER,
-    error       TEXT,
-    traceback   TEXT,
-    stdout      TEXT,
-    stderr      TEXT,
-    env_id      TEXT
-);
-CREATE INDEX IF NOT EXISTS attempts_key ON attempts (pipeline_id, key);
-CREATE TABLE IF NOT EXISTS events (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    pipeline_id INTEGER NOT NULL,
-    time        REAL NOT NULL,
-    key         TEXT,
-    state       TEXT,
-    message     TEXT
-);
-CREATE INDEX IF NOT EXISTS events_pipeline ON events (pipeline_id, id);
-CREATE TABLE IF NOT EXISTS commands (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    pipeline_id INTEGER NOT NULL,
-    time        REAL NOT NULL,
-    verb        TEXT NOT NULL,   -- retry | kill | pause | resume
-    args        TEXT NOT NULL,   -- JSON
-    status      TEXT NOT NULL DEFAULT 'new',  -- new | done | failed
-    done_time   REAL,
-    message     TEXT
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    pipeline_id INTEGER NOT NULL,
-    kind        TEXT NOT NULL,   -- slurm | pbs | sge | lsf | htcondor
-    job_id      TEXT NOT NULL,   -- the batch scheduler's id
-    pool        TEXT NOT NULL,
-    name        TEXT NOT NULL,   -- the Dask worker's name
-    submitted   REAL NOT NULL,
-    ended       REAL,            -- NULL while the runner believes the job is queued or running
-    state       TEXT,            -- last state seen in the batch queue
-    PRIMARY KEY (pipeline_id, kind, job_id)
-);
-"""
+__all__ = ["Batch", "Store", "is_damage"]
 
 
 class Batch:
@@ -323,7 +208,7 @@ class Store:
                 for statement in statements:
                     with contextlib.suppress(sqlite3.OperationalError):  # another opener did it
                         conn.execute(statement)
-                conn.executescript(_SCHEMA)
+                conn.executescript(SCHEMA)
                 if 1 <= version <= 3:  # v4: result paths relative to the store root
                     # A recorded path ends in results/<key[:2]>/<key>.pkl whatever spelling of
                     # the store (or its old place, for a moved project) it was written under.
@@ -347,7 +232,7 @@ class Store:
         if row is not None:
             return int(row[0])
         if not create:
-            from .errors import UnknownTask
+            from ..errors import UnknownTask
 
             raise UnknownTask(f"no pipeline named {name!r} in the store {self.path}; "
                               "`nbpipe pipelines` lists the pipelines of a store")
@@ -402,6 +287,11 @@ class Store:
                 "UPDATE jobs SET ended = ?, state = ? WHERE pipeline_id = ? AND kind = ? AND job_id = ?",
                 [(now, state, pipeline_id, kind, job_id) for job_id, state in jobs],
             )
+
+    def edges(self, pipeline_id: int) -> list[tuple[str, str, str]]:
+        """Every edge of a pipeline: (parent key, child key, kind), in the order recorded."""
+        return [tuple(r) for r in self.connect().execute(
+            "SELECT parent, child, kind FROM edges WHERE pipeline_id = ? ORDER BY rowid", (pipeline_id,))]
 
     def jobs(self, pipeline_id: int, *, open_only: bool = False) -> list[sqlite3.Row]:
         """Batch jobs recorded for a pipeline (only those not known to have ended)."""
@@ -689,119 +579,6 @@ def _refuse_newer(path: Path, db_path: Path) -> None:
                 conn.close()
     if version > SCHEMA_VERSION:
         raise _newer(path, version)
-
-
-def registry_path() -> Path:
-    """The file listing every store this user opened (for ``nbpipe pipelines --all``)."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "nbpipe" / "stores.txt"
-
-
-def remember(path: Path) -> None:
-    """Add a store to the registry of known stores (best effort: never fails the caller)."""
-    registry = registry_path()
-    try:
-        known = registry.read_text().splitlines() if registry.exists() else []
-        if str(path) in known:
-            return
-        registry.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(registry, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # private: where
-        with os.fdopen(fd, "a") as f:                                        # the user works
-            f.write(f"{path}\n")
-    except OSError:
-        pass
-
-
-def known_stores() -> list[Path]:
-    """Registered stores that still exist."""
-    registry = registry_path()
-    if not registry.exists():
-        return []
-    paths = dict.fromkeys(Path(p) for p in registry.read_text().splitlines() if p.strip())
-    return [p for p in paths if (p / "nbpipe.sqlite").exists()]
-
-
-LOCK_TRIES = 6  # attempts 50 ms apart before a runner lock counts as held by another process
-
-
-def file_stem(pipeline: str) -> str:
-    """A pipeline's name as part of a file name: readable, one per name, and short enough for
-    any file system (locks, logs).
-
-    The readable part alone is not enough (``a/b`` and ``a_b`` both read ``a_b``; a long name
-    exceeds NAME_MAX): a digest of the exact name follows it.
-
-    >>> file_stem("a/b") != file_stem("a_b")
-    True
-    >>> len(file_stem("x" * 300))
-    77
-    """
-    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in pipeline)
-    tag = hashlib.blake2b(pipeline.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
-    return f"{safe[:60]}-{tag}"
-
-
-def lock_name(pipeline: str) -> str:
-    """The lock file name of a pipeline (see :func:`file_stem`)."""
-    return f"{file_stem(pipeline)}.lock"
-
-
-class RunnerLock:
-    """An exclusive lock (``flock``) that makes one process the runner of a pipeline."""
-
-    def __init__(self, store: Store, pipeline: str):
-        self.path = store.path / "locks" / lock_name(pipeline)
-        self.pipeline = pipeline
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        """Take the lock or raise :class:`PipelineBusy` naming the process that holds it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            # A few tries: ``busy()`` in another process (the command line asking whether a
-            # runner is attached, `nbpipe doctor`) holds the lock for an instant.
-            for _ in range(LOCK_TRIES - 1):
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    time.sleep(0.05)
-            else:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = Path(self.path).read_text().strip() or "another process"
-            os.close(fd)
-            raise PipelineBusy(
-                f"pipeline {self.pipeline!r} is already being run by {holder}; wait for it to "
-                "finish, watch it with `nbpipe tasks`, or stop it with `nbpipe pause` "
-                "(only one process may run a pipeline at a time)"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        """Give the lock back."""
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def busy(self) -> bool:
-        """Whether another process (or another lock object) holds the lock right now."""
-        try:
-            self.acquire()
-        except PipelineBusy:
-            return True
-        self.release()
-        return False
-
-    @property
-    def held(self) -> bool:
-        """Whether this object holds the lock."""
-        return self._fd is not None
 
 
 def is_damage(exc: sqlite3.Error) -> bool:
