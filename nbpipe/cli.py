@@ -33,7 +33,7 @@ from . import queries
 from .errors import NbpipeError, StoreDamaged
 from .pipeline import Pipeline
 from .states import State
-from .store import Store
+from .store import Store, is_store
 
 console = Console()
 
@@ -81,7 +81,7 @@ def _store(ctx: click.Context) -> Store:
                 "no .nbpipe store here or in any parent directory; give one with --store DIR"
             )
         path = found
-    elif not (Path(path) / "nbpipe.sqlite").exists():
+    elif not is_store(path):
         raise click.UsageError(f"{path} is not an nbpipe store (no nbpipe.sqlite in it)")
     store = ctx.obj["opened"] = Store(path)
     return store

@@ -30,9 +30,10 @@ from __future__ import annotations
 from .lock import LOCK_TRIES, RunnerLock, file_stem, lock_name
 from .registry import known_stores, registry_path, remember
 from .schema import SCHEMA, SCHEMA_VERSION
-from .sqlite import Batch, Store, is_damage
+from .sqlite import DATABASE_FILE, DATABASE_POINTER, Batch, Store, is_damage, is_store
 
 __all__ = [
-    "LOCK_TRIES", "SCHEMA", "SCHEMA_VERSION", "Batch", "RunnerLock", "Store", "file_stem",
-    "is_damage", "known_stores", "lock_name", "registry_path", "remember",
+    "DATABASE_FILE", "DATABASE_POINTER", "LOCK_TRIES", "SCHEMA", "SCHEMA_VERSION", "Batch",
+    "RunnerLock", "Store", "file_stem", "is_damage", "is_store", "known_stores", "lock_name",
+    "registry_path", "remember",
 ]

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MOUNTS", "NETWORK_TYPES", "Mount", "mount_of", "network_mount", "parse_mounts"]
+__all__ = ["MOUNTS", "NETWORK_TYPES", "Mount", "mount_of", "network_mount", "parse_mounts", "read_mounts"]
 
 #: The kernel's table of the mounts this process sees (``/proc/mounts`` is a link to it).
 MOUNTS = "/proc/self/mounts"
@@ -72,28 +72,21 @@ def parse_mounts(text: str) -> list[Mount]:
     return mounts
 
 
-def read_mounts(table: str | os.PathLike[str] = MOUNTS) -> list[Mount]:
-    """The mounts this process sees (none where there is no ``/proc``, e.g. macOS)."""
+def read_mounts(table: str | os.PathLike[str] | None = None) -> list[Mount]:
+    """The mounts this process sees, from :data:`MOUNTS` (none where there is no ``/proc``,
+    e.g. macOS: every path counts as local there)."""
     try:
-        return parse_mounts(Path(table).read_text(errors="replace"))
+        return parse_mounts(Path(table or MOUNTS).read_text(errors="replace"))
     except OSError:
         return []
-
-
-def _existing(path: str | os.PathLike[str]) -> str:
-    """The canonical path of ``path``, or of its nearest existing ancestor (a store about to be
-    created lives on the file system of the folder it is created in)."""
-    here = Path(os.path.abspath(path))
-    for folder in (here, *here.parents):
-        if folder.exists():
-            return os.path.realpath(folder)
-    return "/"
 
 
 def mount_of(path: str | os.PathLike[str], mounts: list[Mount] | None = None) -> Mount | None:
     """The mount that holds ``path``: the deepest mount point above it (the last such line
     when several were mounted on one point: the one on top)."""
-    where = _existing(path)
+    # Canonical (symlinks of the parts that exist resolved): a store about to be created lives
+    # on the file system of the folder it is created in.
+    where = os.path.realpath(os.path.abspath(path))
     best: Mount | None = None
     for mount in read_mounts() if mounts is None else mounts:
         point = mount.point.rstrip("/") or "/"

@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import UnknownTask
 from ..results import INLINE, locate
 from .lock import RunnerLock
-from .sqlite import Store
+from .sqlite import Store, is_store
 
 __all__ = [
     "cell_changed", "cluster_detail", "events", "find_store", "graph", "pipelines", "runner",
@@ -34,7 +34,7 @@ def find_store(start: str | os.PathLike[str] | None = None) -> Path | None:
     here = Path(start or Path.cwd()).absolute()
     for folder in (here, *here.parents):
         candidate = folder / ".nbpipe"
-        if (candidate / "nbpipe.sqlite").exists():
+        if is_store(candidate):
             return candidate
     return None
 

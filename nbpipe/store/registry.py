@@ -35,4 +35,6 @@ def known_stores() -> list[Path]:
     if not registry.exists():
         return []
     paths = dict.fromkeys(Path(p) for p in registry.read_text().splitlines() if p.strip())
-    return [p for p in paths if (p / "nbpipe.sqlite").exists()]
+    from .sqlite import is_store  # (the registry is imported by the store itself)
+
+    return [p for p in paths if is_store(p)]

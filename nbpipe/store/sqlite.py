@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -19,13 +20,19 @@ from ..errors import (
     StoreDamaged,
     StoreError,
     StoreNotWritable,
+    StoreOnNetworkFS,
     StoreVersionError,
 )
-from ..results import make_private
+from ..results import make_private, write_private
+from .mounts import network_mount
 from .registry import remember
 from .schema import SCHEMA, SCHEMA_VERSION
 
-__all__ = ["Batch", "Store", "is_damage"]
+__all__ = ["DATABASE_FILE", "DATABASE_POINTER", "Batch", "Store", "is_damage", "is_store"]
+
+#: The database file in a store folder, and the record of a database kept elsewhere.
+DATABASE_FILE = "nbpipe.sqlite"
+DATABASE_POINTER = "database.json"
 
 
 class Batch:
@@ -72,20 +79,34 @@ class Batch:
 class Store:
     """A store directory and its SQLite database (one connection per thread)."""
 
-    def __init__(self, path: str | os.PathLike[str] | None = None):
+    def __init__(self, path: str | os.PathLike[str] | None = None, *,
+                 database: str | os.PathLike[str] | None = None):
+        """Open (or create) the store in folder ``path`` (default ``$NBPIPE_STORE``, else
+        ``./.nbpipe``).
+
+        ``database`` places the SQLite file elsewhere than ``<path>/nbpipe.sqlite`` -- on a
+        local disk when the folder is on a network file system, where SQLite's write-ahead log
+        does not work (:mod:`nbpipe.store.mounts`); result files stay in the folder. Default:
+        the ``database`` setting (``NBPIPE_DATABASE``, ``nbpipe.yaml``), else what the store
+        recorded when it was created so (``database.json``), else in the folder.
+        """
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise InvalidArgument(
                 f"store={path!r} is not a folder: pass a path (a str or pathlib.Path) such as "
                 "store='.nbpipe', or leave it out for ./.nbpipe"
             )
         self.path = Path(path or os.environ.get("NBPIPE_STORE") or ".nbpipe").absolute()
-        self.db_path = self.path / "nbpipe.sqlite"
+        self.db_path, pointer = _database_path(self.path, database)
+        _refuse_network(self.path, self.db_path)
         _refuse_newer(self.path, self.db_path)  # before anything is created or switched
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
             (self.path / "results").mkdir(mode=0o700, exist_ok=True)
             (self.path / "locks").mkdir(mode=0o700, exist_ok=True)
             make_private(self.path, 0o700)  # made by an older nbpipe, or by hand, with 0755
+            if pointer is not None:
+                self.db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                write_private(self.path / DATABASE_POINTER, pointer)
         except OSError as exc:
             raise StoreNotWritable(
                 f"cannot create the nbpipe store at {self.path}: {exc.strerror}; choose a "
@@ -543,6 +564,83 @@ class Store:
 
 
 _connected: dict[str, int] = {}  # database file -> SQLite connections this process has open
+
+
+def is_store(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` is a store: it holds its database, or records where that is."""
+    return (Path(folder) / DATABASE_FILE).is_file() or (Path(folder) / DATABASE_POINTER).is_file()
+
+
+def _database_setting() -> str | None:
+    """The ``database`` setting: ``NBPIPE_DATABASE``, else ``nbpipe.yaml``/``dask.config``."""
+    if os.environ.get("NBPIPE_DATABASE"):
+        return os.environ["NBPIPE_DATABASE"]
+    from ..config import setting
+
+    return setting("database")
+
+
+def _database_path(folder: Path, database: str | os.PathLike[str] | None
+                   ) -> tuple[Path, bytes | None]:
+    """Where the database of the store in ``folder`` is, and the record to write when the store
+    starts keeping it elsewhere (None when nothing is to be recorded).
+
+    A database outside the folder lies on one host's disk: the store records which host
+    (``database.json``), so a process on another host is told so instead of silently opening
+    an empty database of the same name on its own disk.
+    """
+    pointer = folder / DATABASE_POINTER
+    recorded = None
+    with contextlib.suppress(OSError, ValueError):
+        recorded = json.loads(pointer.read_text())
+    host = socket.gethostname()
+    if database is None:
+        database = _database_setting()
+    if database is None and recorded is None:
+        return folder / DATABASE_FILE, None
+    if recorded is not None:
+        where = Path(recorded["path"])
+        if recorded.get("host") != host:
+            raise StoreError(
+                f"the store {folder} keeps its database on the local disk of host "
+                f"{recorded.get('host')!r} ({where}), and this is host {host!r}: run nbpipe on "
+                f"{recorded.get('host')!r}, or move the database back into the store folder "
+                f"(`mv {where} {folder / DATABASE_FILE}` there, then remove "
+                f"{pointer}) -- see docs/store.md, 'A store on a cluster'"
+            )
+        wanted = Path(os.path.abspath(os.path.expanduser(os.fspath(database)))) if database else where
+        if wanted != where:
+            raise StoreError(
+                f"the store {folder} keeps its database at {where}, not at {wanted} (the "
+                "database setting): unset the setting, or move the database there and remove "
+                f"{pointer}"
+            )
+        return where, None
+    where = Path(os.path.abspath(os.path.expanduser(os.fspath(database))))
+    if where.parent == folder and where.name == DATABASE_FILE:
+        return where, None
+    return where, json.dumps({"path": str(where), "host": host}, indent=1).encode() + b"\n"
+
+
+def _refuse_network(folder: Path, db_path: Path) -> None:
+    """Refuse a database on a network file system (:class:`StoreOnNetworkFS`), before anything
+    is created: SQLite's write-ahead log keeps its index in memory shared by the processes of
+    one host, so processes on two hosts can corrupt the database."""
+    mount = network_mount(db_path.parent)
+    if mount is None:
+        return
+    existing = (f" (move the existing {db_path.name} there first: "
+                f"`mv {db_path} /tmp/$USER/{folder.parent.name or 'nbpipe'}.sqlite`)"
+                if db_path.exists() else "")
+    raise StoreOnNetworkFS(
+        f"the store's database {db_path} would lie on a network file system ({mount.fstype} "
+        f"{mount.device} mounted on {mount.point}), where SQLite's write-ahead log does not work "
+        "across hosts (each host keeps its own index of it: the database can be corrupted); "
+        "keep the database on a local disk of the host that runs the pipeline and the result "
+        f"files in {folder}: set NBPIPE_DATABASE=/tmp/$USER/"
+        f"{folder.parent.name or 'nbpipe'}.sqlite (or `database:` in nbpipe.yaml, or "
+        f"Store(..., database=...)){existing}; see docs/store.md, 'A store on a cluster'"
+    )
 
 
 def _newer(path: Path, version: int) -> StoreVersionError:
