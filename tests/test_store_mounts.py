@@ -196,3 +196,17 @@ def test_result_files_on_a_network_file_system_are_fsynced_with_their_folder(
     assert Path(synced[0]).name.endswith(".tmp") and Path(synced[1]) == folder
     assert not list(folder.glob(".*.tmp"))
     assert (local / "results" / "cd").is_dir()  # written, with no fsync on a local disk
+
+
+def test_a_damaged_database_kept_elsewhere_is_named_with_its_own_path(tmp_path: Path) -> None:
+    from nbpipe import StoreDamaged
+
+    local = tmp_path / "local" / "survey.sqlite"
+    Store(tmp_path / ".nbpipe", database=local).close()
+    local.write_bytes(b"not a database, just bytes" * 200)
+    with pytest.raises(StoreDamaged) as caught:
+        Store(tmp_path / ".nbpipe")
+    message = str(caught.value)
+    assert f"cannot read its database {local}" in message
+    assert f"cp -a {local} {local}.damaged" in message
+    assert f"sqlite3 {local}.damaged .recover | sqlite3 {local}" in message

@@ -184,6 +184,14 @@ class Store:
         saying what to do when the database file is damaged, else a :class:`StoreError`."""
         if not is_damage(exc):
             return StoreError(f"the store {self.path} cannot be used: {exc}")
+        if self.db_path.parent != self.path:  # kept elsewhere (database=): copy the file aside
+            return StoreDamaged(
+                f"the store {self.path} is damaged: SQLite cannot read its database {self.db_path} "
+                f"({exc}); copy it aside (cp -a {self.db_path} {self.db_path}.damaged), then "
+                f"recover what SQLite can with `sqlite3 {self.db_path}.damaged .recover | sqlite3 "
+                f"{self.db_path}` after removing the damaged {self.db_path.name}, or start a new "
+                "store; result files stay valid and the next run adopts them"
+            )
         return StoreDamaged(
             f"the store {self.path} is damaged: SQLite cannot read {self.db_path.name} ({exc}); "
             f"copy the folder aside (cp -a {self.path} {self.path}.damaged), then recover what "
