@@ -103,7 +103,8 @@ def test_an_existing_database_on_nfs_is_told_how_to_move(nfs_home: Path, monkeyp
     Store(nfs_home / ".nbpipe").pipeline_id("kept")
     monkeypatch.undo()
     monkeypatch.setattr(mounts, "MOUNTS", str(nfs_home.parent / "mounts"))
-    with pytest.raises(StoreOnNetworkFS, match=r"move the existing nbpipe.sqlite there first: `mv "):
+    with pytest.raises(StoreOnNetworkFS, match=r"move the existing nbpipe.sqlite there first, with no nbpipe "
+                                                r"process using the store: `mv "):
         Store(nfs_home / ".nbpipe")
     assert (nfs_home / ".nbpipe" / "nbpipe.sqlite").exists()  # untouched
 
@@ -210,3 +211,31 @@ def test_a_damaged_database_kept_elsewhere_is_named_with_its_own_path(tmp_path: 
     assert f"cannot read its database {local}" in message
     assert f"cp -a {local} {local}.damaged" in message
     assert f"sqlite3 {local}.damaged .recover | sqlite3 {local}" in message
+
+
+def test_two_stores_cannot_share_one_database_through_one_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = tmp_path / "local" / "db.sqlite"
+    monkeypatch.setenv("NBPIPE_DATABASE", str(shared))  # in a shell profile, for every project
+    Store(tmp_path / "first" / ".nbpipe").pipeline_id("one")
+    with pytest.raises(StoreError, match=r"belongs to the store .*first/\.nbpipe; give the store "
+                                         r".*second/\.nbpipe a database of its own"):
+        Store(tmp_path / "second" / ".nbpipe")
+    monkeypatch.delenv("NBPIPE_DATABASE")
+    assert [p["name"] for p in Store(tmp_path / "first" / ".nbpipe").pipelines()] == ["one"]
+
+
+def test_a_database_moved_out_of_its_folder_by_hand_is_taken_up(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "project" / ".nbpipe"
+    store = Store(folder)
+    store.pipeline_id("kept")
+    store.close()  # the last connection: SQLite folds the write-ahead log into the file
+    local = tmp_path / "local" / "project.sqlite"
+    local.parent.mkdir()
+    (folder / "nbpipe.sqlite").rename(local)  # as the refusal on NFS says to do
+    monkeypatch.setenv("NBPIPE_DATABASE", str(local))
+    assert Store(folder).pipeline_id("kept", create=False)
+    monkeypatch.delenv("NBPIPE_DATABASE")
+    assert Store(folder).db_path == local  # remembered

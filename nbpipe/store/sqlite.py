@@ -106,6 +106,7 @@ class Store:
             make_private(self.path, 0o700)  # made by an older nbpipe, or by hand, with 0755
             if pointer is not None:
                 self.db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                write_private(_owner_file(self.db_path), f"{self.path}\n".encode())
                 write_private(self.path / DATABASE_POINTER, pointer)
         except OSError as exc:
             raise StoreNotWritable(
@@ -627,7 +628,22 @@ def _database_path(folder: Path, database: str | os.PathLike[str] | None
     where = Path(os.path.abspath(os.path.expanduser(os.fspath(database))))
     if where.parent == folder and where.name == DATABASE_FILE:
         return where, None
+    # One setting (NBPIPE_DATABASE in a shell's profile) must not make two projects share one
+    # database: their records would mix, and each would find the other's results missing.
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        owner = Path(_owner_file(where).read_text().strip())
+        if owner != folder and json.loads((owner / DATABASE_POINTER).read_text())["path"] == str(where):
+            raise StoreError(
+                f"the database {where} belongs to the store {owner}; give the store {folder} a "
+                f"database of its own (e.g. NBPIPE_DATABASE=/tmp/$USER/"
+                f"{folder.parent.name or 'nbpipe'}.sqlite, a name per project)"
+            )
     return where, json.dumps({"path": str(where), "host": host}, indent=1).encode() + b"\n"
+
+
+def _owner_file(database: Path) -> Path:
+    """The file beside a database kept outside its store that names the store's folder."""
+    return Path(f"{database}.store")
 
 
 def _refuse_network(folder: Path, db_path: Path) -> None:
@@ -637,7 +653,8 @@ def _refuse_network(folder: Path, db_path: Path) -> None:
     mount = network_mount(db_path.parent)
     if mount is None:
         return
-    existing = (f" (move the existing {db_path.name} there first: "
+    existing = (f" (move the existing {db_path.name} there first, with no nbpipe process using "
+                "the store: "
                 f"`mv {db_path} /tmp/$USER/{folder.parent.name or 'nbpipe'}.sqlite`)"
                 if db_path.exists() else "")
     raise StoreOnNetworkFS(
