@@ -239,3 +239,26 @@ def test_a_database_moved_out_of_its_folder_by_hand_is_taken_up(tmp_path: Path,
     assert Store(folder).pipeline_id("kept", create=False)
     monkeypatch.delenv("NBPIPE_DATABASE")
     assert Store(folder).db_path == local  # remembered
+
+
+def test_a_store_reached_through_a_symlink_into_nfs_is_refused(nfs_home: Path, tmp_path: Path) -> None:
+    (nfs_home / "project").mkdir()
+    link = tmp_path / "project-link"  # on the local disk, pointing into the NFS mount
+    link.symlink_to(nfs_home / "project")
+    with pytest.raises(StoreOnNetworkFS, match=r"nfs4 10\.10\.0\.5:/export/home"):
+        Store(link / ".nbpipe")
+
+
+def test_the_command_line_on_nfs_prints_the_refusal_and_exits_2(nfs_home: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from nbpipe.cli import main
+
+    monkeypatch.setattr(mounts, "MOUNTS", "/proc/self/mounts")
+    Store(nfs_home / ".nbpipe").close()  # made before the folder was NFS
+    monkeypatch.setattr(mounts, "MOUNTS", str(nfs_home.parent / "mounts"))
+    result = CliRunner().invoke(main, ["--store", str(nfs_home / ".nbpipe"), "pipelines"])
+    assert result.exit_code == 2
+    assert "would lie on a network file system (nfs4" in result.output
+    assert "NBPIPE_DATABASE=" in result.output and "Traceback" not in result.output
