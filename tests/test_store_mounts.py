@@ -39,6 +39,7 @@ REAL_LINES = (Path(__file__).parent / "data" / "proc-mounts.txt").read_text()
     ("/var/lib/docker/overlay2/abc/merged/app/.nbpipe", "overlay", False),
     ("/opt/project/.nbpipe", "ext4", False),
     ("/homework/.nbpipe", "ext4", False),  # /home is not a prefix of /homework
+    ("/data2/ada/.nbpipe", "nfs4", True),  # automounted: the NFS mount on top of autofs's
 ])
 def test_network_file_systems_are_found_in_a_real_mount_table(path: str, fstype: str, network: bool
                                                               ) -> None:
@@ -262,3 +263,8 @@ def test_the_command_line_on_nfs_prints_the_refusal_and_exits_2(nfs_home: Path,
     assert result.exit_code == 2
     assert "would lie on a network file system (nfs4" in result.output
     assert "NBPIPE_DATABASE=" in result.output and "Traceback" not in result.output
+
+
+def test_a_database_setting_that_points_into_nfs_too_is_refused(nfs_home: Path) -> None:
+    with pytest.raises(StoreOnNetworkFS, match=r"database .*/home/db\.sqlite would lie on a network"):
+        Store(nfs_home.parent / "local" / ".nbpipe", database=nfs_home / "db.sqlite")
