@@ -17,6 +17,7 @@ The package, one idea per module:
 - :mod:`~nbpipe.store.mounts` -- on which file system the store lives (network ones refuse WAL);
 - :mod:`~nbpipe.store.queries` -- read-only views for the command line and the sidebar;
 - :mod:`~nbpipe.store.maintenance` -- ``doctor``, ``gc`` and deleting a pipeline;
+- :mod:`~nbpipe.store.copy` -- a store copied elsewhere, verified (``nbpipe store copy``);
 - :mod:`~nbpipe.store.registry` -- the stores this user opened.
 
 >>> from nbpipe.store import Store
