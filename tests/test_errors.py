@@ -406,6 +406,12 @@ PYTHON = [
          "database back into the store folder (`mv /tmp/ada/survey.sqlite …/.nbpipe/nbpipe.sqlite` "
          "there, then remove …/.nbpipe/database.json) -- see docs/store.md, 'A store on a cluster'",
          "node-a", "Run nbpipe on that host, or move the database back.", _database_on_another_host),
+    Case("Python API", '`Pipeline(store="postgresql://db.example.org/survey")`', "InvalidArgument",
+         "store='postgresql://db.example.org/survey' is a URL; this nbpipe keeps a store in a "
+         "folder (an SQLite database and result files): pass a path such as store='.nbpipe' -- on "
+         "a cluster see docs/store.md, 'A store on a cluster'", "URL",
+         "Pass a folder; on a cluster, keep the database on a local disk (docs/store.md).",
+         lambda tmp: Pipeline("survey", store="postgresql://ada:pw@db.example.org/survey")),
     Case("Python API", '`Pipeline(cluster="lots")`', "ClusterError",
          "cluster='lots' is not something nbpipe can run on; use 'local', a batch scheduler kind "
          "(slurm, pbs, sge, lsf, htcondor), a scheduler address like 'tcp://host:8786', a dict like "

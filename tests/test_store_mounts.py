@@ -268,3 +268,17 @@ def test_the_command_line_on_nfs_prints_the_refusal_and_exits_2(nfs_home: Path,
 def test_a_database_setting_that_points_into_nfs_too_is_refused(nfs_home: Path) -> None:
     with pytest.raises(StoreOnNetworkFS, match=r"database .*/home/db\.sqlite would lie on a network"):
         Store(nfs_home.parent / "local" / ".nbpipe", database=nfs_home / "db.sqlite")
+
+
+@pytest.mark.parametrize("name", ["postgresql://ada:secret@db.example.org/survey", "sqlite:///x.db"])
+def test_a_url_for_a_store_is_refused_not_made_a_folder(tmp_path: Path, monkeypatch, name: str) -> None:
+    from nbpipe import InvalidArgument
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidArgument, match=r"is a URL; this nbpipe keeps a store in a folder") as caught:
+        Pipeline("survey", store=name)
+    assert "secret" not in str(caught.value)  # a password in the URL is not repeated
+    monkeypatch.setenv("NBPIPE_STORE", name)
+    with pytest.raises(InvalidArgument, match="is a URL"):
+        Store()
+    assert list(tmp_path.iterdir()) == []

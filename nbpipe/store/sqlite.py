@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -95,7 +96,14 @@ class Store:
                 f"store={path!r} is not a folder: pass a path (a str or pathlib.Path) such as "
                 "store='.nbpipe', or leave it out for ./.nbpipe"
             )
-        self.path = Path(path or os.environ.get("NBPIPE_STORE") or ".nbpipe").absolute()
+        named = os.fspath(path or os.environ.get("NBPIPE_STORE") or ".nbpipe")
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", named):  # not a folder named 'postgresql:'
+            raise InvalidArgument(
+                f"store={re.sub(r'//[^/@]*@', '//', named)!r} is a URL; this nbpipe "
+                "keeps a store in a folder (an SQLite database and result files): pass a path "
+                "such as store='.nbpipe' -- on a cluster see docs/store.md, 'A store on a cluster'"
+            )
+        self.path = Path(named).absolute()
         self.db_path, pointer = _database_path(self.path, database)
         _refuse_network(self.path, self.db_path)
         _refuse_newer(self.path, self.db_path)  # before anything is created or switched
