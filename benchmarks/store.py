@@ -55,8 +55,8 @@ def main() -> None:
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=":0") as cluster, tempfile.TemporaryDirectory() as tmp:
         folders = {}
-        for name, elsewhere in PLACEMENTS.items():  # one first run each, then resumes
-            folders[name] = Path(tmp) / name[:8].replace(" ", "-")
+        for number, (name, elsewhere) in enumerate(PLACEMENTS.items()):  # a first run each
+            folders[name] = Path(tmp) / f"placement-{number}"
             folders[name].mkdir()
             _placed(elsewhere, folders[name])
             first = child(folders[name], cluster.scheduler_address, "run", args.tasks)
