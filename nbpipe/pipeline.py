@@ -33,7 +33,7 @@ import cloudpickle
 
 from .cells import CellRunner
 from .cluster import Connection, connect, validate
-from .config import check_configured
+from .config import check_configured, setting
 from .content import content_key, pending_reason
 from .errors import (
     ClusterError,
@@ -230,7 +230,8 @@ class Pipeline:
         if not isinstance(name, str) or not name.strip():
             raise TaskDefinitionError(f"a pipeline needs a non-empty name, got {name!r}")
         self.name = name
-        self.store = store if isinstance(store, Store) else Store(store)
+        # (the database setting: a store folder on a network file system keeps it on a local disk)
+        self.store = store if isinstance(store, Store) else Store(store, database=setting("database"))
         self.pipeline_id = self.store.pipeline_id(name, source=_default_name())
         # A mistake (in the argument or the configured nbpipe.cluster) shows now, not when
         # tasks first run.

@@ -282,3 +282,15 @@ def test_a_url_for_a_store_is_refused_not_made_a_folder(tmp_path: Path, monkeypa
     with pytest.raises(InvalidArgument, match="is a URL"):
         Store()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_database_setting_of_nbpipe_yaml_places_a_pipelines_database(
+    nfs_home: Path, tmp_path: Path
+) -> None:
+    import dask
+
+    local = tmp_path / "node-disk" / "survey.sqlite"
+    with dask.config.set({"nbpipe.database": str(local)}):  # as `database:` in nbpipe.yaml sets it
+        Pipeline("survey", store=nfs_home / ".nbpipe").close()
+    assert local.is_file() and not (nfs_home / ".nbpipe" / "nbpipe.sqlite").exists()
+    assert Store(nfs_home / ".nbpipe").db_path == local  # then found without the setting

@@ -88,8 +88,9 @@ class Store:
         ``database`` places the SQLite file elsewhere than ``<path>/nbpipe.sqlite`` -- on a
         local disk when the folder is on a network file system, where SQLite's write-ahead log
         does not work (:mod:`nbpipe.store.mounts`); result files stay in the folder. Default:
-        the ``database`` setting (``NBPIPE_DATABASE``, ``nbpipe.yaml``), else what the store
-        recorded when it was created so (``database.json``), else in the folder.
+        ``$NBPIPE_DATABASE`` (a :class:`~nbpipe.Pipeline` passes the ``database`` setting of
+        ``nbpipe.yaml``), else what the store recorded when its database was placed elsewhere
+        (``database.json``), else in the folder.
         """
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise InvalidArgument(
@@ -588,15 +589,6 @@ def is_store(folder: str | os.PathLike[str]) -> bool:
     return (Path(folder) / DATABASE_FILE).is_file() or (Path(folder) / DATABASE_POINTER).is_file()
 
 
-def _database_setting() -> str | None:
-    """The ``database`` setting: ``NBPIPE_DATABASE``, else ``nbpipe.yaml``/``dask.config``."""
-    if os.environ.get("NBPIPE_DATABASE"):
-        return os.environ["NBPIPE_DATABASE"]
-    from ..config import setting
-
-    return setting("database")
-
-
 def _database_path(folder: Path, database: str | os.PathLike[str] | None
                    ) -> tuple[Path, bytes | None]:
     """Where the database of the store in ``folder`` is, and the record to write when the store
@@ -611,8 +603,8 @@ def _database_path(folder: Path, database: str | os.PathLike[str] | None
     with contextlib.suppress(OSError, ValueError):
         recorded = json.loads(pointer.read_text())
     host = socket.gethostname()
-    if database is None:
-        database = _database_setting()
+    if database is None:  # (a Pipeline passes the `database` setting of nbpipe.yaml)
+        database = os.environ.get("NBPIPE_DATABASE") or None
     if database is None and recorded is None:
         return folder / DATABASE_FILE, None
     if recorded is not None:
