@@ -412,6 +412,15 @@ PYTHON = [
          "a cluster see docs/store.md, 'A store on a cluster'", "URL",
          "Pass a folder; on a cluster, keep the database on a local disk (docs/store.md).",
          lambda tmp: Pipeline("survey", store="postgresql://ada:pw@db.example.org/survey")),
+    Case("Python API", "`NBPIPE_DATABASE` set for a store that keeps its database in its folder",
+         "StoreError",
+         "the store …/.nbpipe keeps its database in its folder (nbpipe.sqlite), and the database "
+         "setting names …/elsewhere.sqlite: unset the setting (NBPIPE_DATABASE, database:) for "
+         "this store, or move …/.nbpipe/nbpipe.sqlite to …/elsewhere.sqlite first, with no nbpipe "
+         "process using the store", "nbpipe.sqlite",
+         "Unset the setting for this store, or move its database there first.",
+         lambda tmp: (Store(tmp / ".nbpipe").close(),
+                      Store(tmp / ".nbpipe", database=tmp / "elsewhere.sqlite"))),
     Case("Python API", '`Pipeline(cluster="lots")`', "ClusterError",
          "cluster='lots' is not something nbpipe can run on; use 'local', a batch scheduler kind "
          "(slurm, pbs, sge, lsf, htcondor), a scheduler address like 'tcp://host:8786', a dict like "

@@ -294,3 +294,12 @@ def test_the_database_setting_of_nbpipe_yaml_places_a_pipelines_database(
         Pipeline("survey", store=nfs_home / ".nbpipe").close()
     assert local.is_file() and not (nfs_home / ".nbpipe" / "nbpipe.sqlite").exists()
     assert Store(nfs_home / ".nbpipe").db_path == local  # then found without the setting
+
+
+def test_a_database_setting_never_hides_the_records_of_a_store_in_its_folder(tmp_path: Path) -> None:
+    folder = tmp_path / ".nbpipe"
+    Store(folder).pipeline_id("kept")
+    with pytest.raises(StoreError, match=r"keeps its database in its folder \(nbpipe.sqlite\)"):
+        Store(folder, database=tmp_path / "elsewhere.sqlite")
+    assert not (tmp_path / "elsewhere.sqlite").exists() and not (folder / "database.json").exists()
+    assert Store(folder).pipeline_id("kept", create=False)

@@ -628,6 +628,13 @@ def _database_path(folder: Path, database: str | os.PathLike[str] | None
     where = Path(os.path.abspath(os.path.expanduser(os.fspath(database))))
     if where.parent == folder and where.name == DATABASE_FILE:
         return where, None
+    if (folder / DATABASE_FILE).exists():  # its records are there: a new database would hide them
+        raise StoreError(
+            f"the store {folder} keeps its database in its folder ({DATABASE_FILE}), and the "
+            f"database setting names {where}: unset the setting (NBPIPE_DATABASE, database:) for "
+            f"this store, or move {folder / DATABASE_FILE} to {where} first, with no nbpipe "
+            "process using the store"
+        )
     # One setting (NBPIPE_DATABASE in a shell's profile) must not make two projects share one
     # database: their records would mix, and each would find the other's results missing.
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
