@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/responsiveness.py
 	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/store.py
 	$(PY) benchmarks/peer.py
 	$(PY) benchmarks/slurm_latency.py
 	$(PY) benchmarks/sidebar.py

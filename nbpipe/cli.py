@@ -33,7 +33,7 @@ from . import queries
 from .errors import NbpipeError, StoreDamaged
 from .pipeline import Pipeline
 from .states import State
-from .store import Store
+from .store import Store, is_store
 
 console = Console()
 
@@ -82,7 +82,7 @@ def _store(ctx: click.Context) -> Store:
                 "no .nbpipe store here or in any parent directory; give one with --store DIR"
             )
         path = found
-    elif not (Path(path) / "nbpipe.sqlite").exists():
+    elif not is_store(path):
         raise click.UsageError(f"{path} is not an nbpipe store (no nbpipe.sqlite in it)")
     store = ctx.obj["opened"] = Store(path)
     return store
@@ -476,6 +476,36 @@ def gc(ctx: click.Context, dry_run: bool) -> None:
     click.echo(f"{'would remove' if dry_run else 'removed'} {len(removed)} result(s)")
 
 
+@main.group("store")
+def store_group() -> None:
+    """Work on a store as a whole (copy it elsewhere)."""
+
+
+@store_group.command("copy")
+@click.argument("source", type=click.Path(file_okay=False, exists=True))
+@click.argument("target", type=click.Path(file_okay=False))
+@click.option("--database", type=click.Path(dir_okay=False),
+              help="where the copy keeps its SQLite file (a local disk, when TARGET is on a "
+                   "network file system); default: in TARGET")
+def store_copy(source: str, target: str, database: str | None) -> None:
+    """Copy the store SOURCE (its database and result files) into the new folder TARGET, and
+    verify the copy (every row, every result's checksum). Nothing runs again from the copy.
+
+    Refused while a runner of SOURCE is live, and when TARGET holds a store already.
+    """
+    from .store.copy import copy_store
+
+    if not is_store(source):
+        raise click.UsageError(f"{source} is not an nbpipe store (no nbpipe.sqlite in it)")
+    report = copy_store(Store(source), target, database=database)
+    rows = sum(report["tables"].values())
+    if not report["ok"]:
+        raise click.ClickException(f"the copy in {report['target']} differs from {source}: "
+                                   f"{json.dumps(report['problems'], default=str)}")
+    click.echo(f"copied {report['source']} to {report['target']} (database {report['database']}): "
+               f"{rows} rows, {report['files']} files; verified")
+
+
 def _damaged_report(ctx: click.Context, message: str, as_json: bool) -> None:
     """``nbpipe doctor`` on a store whose database cannot be read: the finding, exit 1."""
     if as_json:
@@ -557,7 +587,7 @@ def graph(ctx: click.Context, pipeline: str, output: str | None) -> None:
     store = _store(ctx)
     pid = store.pipeline_id(pipeline, create=False)
     rows = store.task_rows(pid)
-    edges = store.connect().execute("SELECT parent, child FROM edges WHERE pipeline_id = ?", (pid,))
+    edges = [(p, c) for p, c, _ in store.edges(pid)]
     dot = task_graph(pipeline, [(k, r["label"], r["state"], r["name"]) for k, r in rows.items()],
                      [(p, c) for p, c in edges if p in rows and c in rows])
     if output is None or output.endswith(".dot"):
@@ -819,6 +849,11 @@ def reference() -> str:
         sub = click.Context(command, info_name=name, parent=ctx, terminal_width=100,
                             max_content_width=100)
         parts += [f"## nbpipe {name}", "", "```", command.get_help(sub), "```", ""]
+        for word in sorted(getattr(command, "commands", {})):  # a group's own commands
+            inner = command.commands[word]
+            deeper = click.Context(inner, info_name=word, parent=sub, terminal_width=100,
+                                   max_content_width=100)
+            parts += [f"## nbpipe {name} {word}", "", "```", inner.get_help(deeper), "```", ""]
     return "\n".join(parts)
 
 

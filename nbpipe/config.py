@@ -97,6 +97,8 @@ SETTINGS = {
     "idle-timeout": "a finite duration such as '60s' (how long a batch pool keeps jobs it no "
                     "longer needs)",
     "batch-seconds": "a finite number of seconds >= 0 (0 turns batching of tiny tasks off)",
+    "database": "a path to the store's SQLite file on a local disk (for a store folder on a network "
+                "file system; result files stay in the folder)",
     "inline-bytes": "a finite whole number of bytes >= 0 (results of quick tasks up to this size are kept in "
                     "the store's database; 0: every result is a file)",
     "task": "task defaults: a mapping of retries, timeout, retry_on, trust_existing "
@@ -147,6 +149,10 @@ def check_value(key: str, value: Any, where: str) -> Any:
             return (check_defaults if key == "task" else check_run_modes)(value, f"{where}: {key}")
         except TaskDefinitionError as exc:
             raise ConfigError(str(exc)) from None
+    if key == "database":
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{where}: {key}={value!r} must be {SETTINGS[key]}")
+        return os.path.expandvars(value)
     try:
         if key == "idle-timeout":
             seconds = dask.utils.parse_timedelta(value)

@@ -100,6 +100,12 @@ class StoreNotWritable(StoreError, PermissionError):
     """The store directory cannot be created or written."""
 
 
+class StoreOnNetworkFS(StoreError):
+    """The store's SQLite database would lie on a network file system (NFS, Lustre, GPFS, ...),
+    where SQLite's write-ahead log does not work across hosts; the message names the mount and
+    how to place the database on a local disk."""
+
+
 class StoreDamaged(StoreError):
     """The store's database file is damaged (not SQLite, truncated, malformed); the message
     says how to recover it."""

@@ -34,7 +34,7 @@ from . import runmodes
 from .accept import accept_keys
 from .cells import CellRunner
 from .cluster import Connection, connect, validate
-from .config import check_configured
+from .config import check_configured, setting
 from .content import content_key, pending_reason
 from .control import RETRY_REASON, Controller, local_runner_of
 from .errors import (
@@ -266,7 +266,8 @@ class Pipeline:
         self.max_concurrent = max_concurrent
         self.name = name
         self.defaults = check_defaults(defaults, f"Pipeline({name!r}, defaults=...)")
-        self.store = store if isinstance(store, Store) else Store(store)
+        # (the database setting: a store folder on a network file system keeps it on a local disk)
+        self.store = store if isinstance(store, Store) else Store(store, database=setting("database"))
         self.pipeline_id = self.store.pipeline_id(name, source=_default_name())
         # A mistake (in the argument or the configured nbpipe.cluster) shows now, not when
         # tasks first run.

@@ -22,6 +22,7 @@ adopted by the next runner.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import pickle
@@ -147,10 +148,38 @@ def write_private(path: Path, *parts: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             for part in parts:  # (not joined: a large result is not copied once more)
                 f.write(part)
+            if _shared(path.parent):
+                # Another host may read it the moment the rename shows: the bytes reach the
+                # server first, then the rename (same directory) and the directory entry.
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+        if _shared(path.parent):
+            _fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@functools.lru_cache(maxsize=1024)
+def _shared(folder: Path) -> bool:
+    """Whether ``folder`` lies on a network file system (results written there are fsynced:
+    workers on other hosts and the runner read them; a local disk needs no fsync for that, and
+    a file cut by a crash is caught by its checksum header)."""
+    from .store.mounts import network_mount
+
+    return network_mount(folder) is not None
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (and visible to other NFS clients at once)."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory: the rename stands anyway
+        pass
+    finally:
+        os.close(fd)
 
 
 def append_private(path: str | os.PathLike[str]) -> BinaryIO:

@@ -206,6 +206,29 @@ def _pipe_on_newer_store(tmp: Path) -> None:
     _pipe(tmp)
 
 
+def _store_on_nfs(tmp: Path) -> None:
+    """A store in a folder the mount table lists as NFS (the line as the kernel writes it)."""
+    from nbpipe.store import mounts
+
+    home = tmp / "home"
+    home.mkdir()
+    table = tmp / "mounts"
+    table.write_text(f"10.10.0.5:/export/home {home} nfs4 rw,relatime,vers=4.2 0 0\n")
+    before, mounts.MOUNTS = mounts.MOUNTS, str(table)
+    try:
+        _pipe(home)
+    finally:
+        mounts.MOUNTS = before
+
+
+def _database_on_another_host(tmp: Path) -> None:
+    """A store whose database another host keeps on its local disk."""
+    (tmp / ".nbpipe").mkdir()
+    (tmp / ".nbpipe" / "database.json").write_text(json.dumps(
+        {"path": "/tmp/ada/survey.sqlite", "host": "node-a"}))
+    _pipe(tmp)
+
+
 def _busy(tmp: Path, **run: Any) -> None:
     """Run a pipeline that another process runs (its runner lock is held, as by that process)."""
     from nbpipe.store import RunnerLock
@@ -420,6 +443,36 @@ PYTHON = [
          "the store … was written by a newer nbpipe (schema …; this nbpipe knows …); upgrade nbpipe "
          "(pip install -U nbpipe) or use another store; the store was left untouched",
          "newer nbpipe", "Upgrade nbpipe, or use another store.", lambda tmp: _pipe_on_newer_store(tmp)),
+    Case("Python API", "A store on a network file system (NFS, Lustre, GPFS, ...)", "StoreOnNetworkFS",
+         "the store's database …/home/.nbpipe/nbpipe.sqlite would lie on a network file system (nfs4 "
+         "10.10.0.5:/export/home mounted on …/home), where SQLite's write-ahead log does not work "
+         "across hosts (each host keeps its own index of it: the database can be corrupted); keep "
+         "the database on a local disk of the host that runs the pipeline and the result files in "
+         "…/home/.nbpipe: set NBPIPE_DATABASE=/tmp/$USER/home.sqlite (or `database:` in nbpipe.yaml, "
+         "or Store(..., database=...)); see docs/store.md, 'A store on a cluster'", "nfs4",
+         "Keep the database on a local disk (`NBPIPE_DATABASE`); results stay on the shared "
+         "folder.", _store_on_nfs),
+    Case("Python API", "A store whose database another host keeps on its local disk", "StoreError",
+         "the store …/.nbpipe keeps its database on the local disk of host 'node-a' "
+         "(/tmp/ada/survey.sqlite), and this is host '…': run nbpipe on 'node-a', or move the "
+         "database back into the store folder (`mv /tmp/ada/survey.sqlite …/.nbpipe/nbpipe.sqlite` "
+         "there, then remove …/.nbpipe/database.json) -- see docs/store.md, 'A store on a cluster'",
+         "node-a", "Run nbpipe on that host, or move the database back.", _database_on_another_host),
+    Case("Python API", '`Pipeline(store="postgresql://db.example.org/survey")`', "InvalidArgument",
+         "store='postgresql://db.example.org/survey' is a URL; this nbpipe keeps a store in a "
+         "folder (an SQLite database and result files): pass a path such as store='.nbpipe' -- on "
+         "a cluster see docs/store.md, 'A store on a cluster'", "URL",
+         "Pass a folder; on a cluster, keep the database on a local disk (docs/store.md).",
+         lambda tmp: Pipeline("survey", store="postgresql://ada:pw@db.example.org/survey")),
+    Case("Python API", "`NBPIPE_DATABASE` set for a store that keeps its database in its folder",
+         "StoreError",
+         "the store …/.nbpipe keeps its database in its folder (nbpipe.sqlite), and the database "
+         "setting names …/elsewhere.sqlite: unset the setting (NBPIPE_DATABASE, database:) for "
+         "this store, or move …/.nbpipe/nbpipe.sqlite to …/elsewhere.sqlite first, with no nbpipe "
+         "process using the store", "nbpipe.sqlite",
+         "Unset the setting for this store, or move its database there first.",
+         lambda tmp: (Store(tmp / ".nbpipe").close(),
+                      Store(tmp / ".nbpipe", database=tmp / "elsewhere.sqlite"))),
     Case("Python API", '`Pipeline(cluster="lots")`', "ClusterError",
          "cluster='lots' is not something nbpipe can run on; use 'local', a batch scheduler kind "
          "(slurm, pbs, sge, lsf, htcondor), a scheduler address like 'tcp://host:8786', a dict like "
@@ -706,7 +759,7 @@ CONFIG = [
          "not a list", "nbpipe.yaml", "Write `key: value` settings.", None, ("- slurm\n",)),
     Case("configuration", "A misspelt setting, `clsuter: slurm`", "ConfigError",
          "…/nbpipe.yaml: unknown setting 'clsuter' (did you mean 'cluster'?); nbpipe reads cluster, "
-         "idle-timeout, batch-seconds, inline-bytes, task, run, store-patience, max-concurrent, "
+         "idle-timeout, batch-seconds, database, inline-bytes, task, run, store-patience, max-concurrent, "
          "max-jobs, min-jobs",
          "'clsuter'", "Fix the setting's name.", None, ("clsuter: slurm\n",)),
     Case("configuration", "`task: {retry_on: [exeption]}`: a misspelt kind of failure", "ConfigError",
@@ -721,6 +774,10 @@ CONFIG = [
     Case("configuration", "`run: {stop-on-failure: maybe}`", "ConfigError",
          "…/nbpipe.yaml: run: stop-on-failure='maybe' must be true or false", "stop-on-failure",
          "Write `true` or `false`.", None, ("run: {stop-on-failure: maybe}\n",)),
+    Case("configuration", "`database: 3`", "ConfigError",
+         "…/nbpipe.yaml: database=3 must be a path to the store's SQLite file on a local disk (for a "
+         "store folder on a network file system; result files stay in the folder)", "database",
+         "Give a path such as `/tmp/$USER/project.sqlite`.", None, ("database: 3\n",)),
     Case("configuration", "`batch-seconds: soon`", "ConfigError",
          "…/nbpipe.yaml: batch-seconds='soon' must be a finite number of seconds >= 0 (0 turns batching "
          "of tiny tasks off)", "batch-seconds", "Give a number of seconds.", None,

@@ -375,3 +375,18 @@ async def test_the_task_panel_says_when_its_cell_has_changed(jp_fetch, jp_root_d
     assert await changed("listing", "%%task listing --bash\nls -la") is True
     # a function task has no cell to compare with
     assert await changed("double", "anything") is None
+
+
+async def test_the_sidebar_finds_a_store_whose_database_is_kept_elsewhere(
+    jp_fetch, jp_root_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A store folder on a network file system keeps its database on a local disk
+    (``database=``, docs/store.md): the sidebar finds it by the folder alone."""
+    local = tmp_path / "local-disk" / "map.sqlite"
+    monkeypatch.setenv("NBPIPE_DATABASE", str(local))
+    _registered(jp_root_dir / ".nbpipe", 3).close()
+    monkeypatch.delenv("NBPIPE_DATABASE")
+    assert local.is_file() and not (jp_root_dir / ".nbpipe" / "nbpipe.sqlite").exists()
+    assert [p["name"] for p in await get(jp_fetch, "pipelines")] == ["map"]
+    graph = await get(jp_fetch, "graph", store=".nbpipe", pipeline="map")
+    assert len(graph["nodes"]) == 4

@@ -34,7 +34,7 @@ from tornado.ioloop import IOLoop
 from .. import queries
 from ..control import VERBS, steer
 from ..errors import NbpipeError, StoreError, UnknownTask
-from ..store import Store, known_stores
+from ..store import Store, is_store, known_stores
 
 __all__ = ["HANDLERS", "setup_handlers"]
 
@@ -67,7 +67,7 @@ class NbpipeHandler(APIHandler):
         """The store named by the ``store`` argument (a folder holding nbpipe.sqlite)."""
         relative = relative if relative is not None else self.get_argument("store")
         path = self.inside_root(relative, "store")
-        if not (path / "nbpipe.sqlite").is_file():
+        if not is_store(path):
             raise tornado.web.HTTPError(404, f"{relative!r} is not an nbpipe store")
         with _stores_lock:
             if path not in _stores:
@@ -160,7 +160,7 @@ def _stores_for(target: Path, root: Path) -> list[Path]:
     """Stores for a notebook (the nearest ``.nbpipe`` up to the root) or under a folder."""
     if target.suffix == ".ipynb" or target.is_file():
         for folder in (target.parent, *target.parent.parents):
-            if (folder / STORE_DIR / "nbpipe.sqlite").is_file():
+            if is_store(folder / STORE_DIR):
                 return [folder / STORE_DIR]
             if folder == root:
                 break
@@ -169,7 +169,7 @@ def _stores_for(target: Path, root: Path) -> list[Path]:
     base_depth = len(target.parts)
     for folder, dirs, _files in os.walk(target):
         here = Path(folder)
-        if (here / STORE_DIR / "nbpipe.sqlite").is_file():
+        if is_store(here / STORE_DIR):
             found.append(here / STORE_DIR)
         dirs[:] = [d for d in dirs if d not in SKIP and not d.startswith(".")
                    and len(here.parts) - base_depth < SCAN_DEPTH]

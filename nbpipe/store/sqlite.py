@@ -1,24 +1,13 @@
-"""The pipeline store: one SQLite file that is the source of truth for pipelines and tasks.
-
-Layout of a store directory (default ``./.nbpipe``, created private to the user)::
-
-    .nbpipe/
-      nbpipe.sqlite        pipelines, tasks, edges, attempts, results, events, commands
-      results/ab/<key>.pkl result files, written atomically by the workers (small results of
-                           quick tasks are kept in the results table instead)
-      locks/<pipeline>-<digest>.lock  held by the one process running a pipeline
-
-The schema is documented in ``docs/store.md``; query it with ``sqlite3``. Writes from a runner
-are batched: one transaction per tick, however many tasks changed state.
+"""The store on SQLite: one database file, one connection per thread, WAL, migrations, and
+the runner's writes in one :class:`Batch` per tick (see :mod:`nbpipe.store`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -28,120 +17,24 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import (
+from ..errors import (
     InvalidArgument,
-    PipelineBusy,
     StoreDamaged,
     StoreError,
     StoreNotWritable,
+    StoreOnNetworkFS,
     StoreVersionError,
 )
-from .results import make_private
+from ..results import make_private, write_private
+from .mounts import network_mount
+from .registry import remember
+from .schema import SCHEMA, SCHEMA_VERSION
 
-__all__ = ["SCHEMA_VERSION", "Batch", "RunnerLock", "Store", "file_stem", "known_stores",
-           "remember"]
+__all__ = ["DATABASE_FILE", "DATABASE_POINTER", "Batch", "Store", "is_damage", "is_store"]
 
-SCHEMA_VERSION = 4
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS pipelines (
-    id        INTEGER PRIMARY KEY,
-    name      TEXT NOT NULL UNIQUE,
-    created   REAL NOT NULL,
-    paused    INTEGER NOT NULL DEFAULT 0,
-    runner    TEXT,              -- JSON: pid, host, started, cluster, dashboard of the runner
-    source    TEXT               -- the script or notebook that defines the pipeline
-);
-CREATE TABLE IF NOT EXISTS tasks (
-    pipeline_id INTEGER NOT NULL REFERENCES pipelines(id),
-    key         TEXT NOT NULL,   -- content identity (see docs/identity.md)
-    name        TEXT NOT NULL,   -- function or cell name
-    label       TEXT NOT NULL,   -- name plus distinguishing arguments, e.g. fraction(seed=3)
-    kind        TEXT NOT NULL,   -- python | bash
-    state       TEXT NOT NULL,
-    active      INTEGER NOT NULL DEFAULT 1,  -- 0 once a newer task took its label
-    attempts    INTEGER NOT NULL DEFAULT 0,
-    components  TEXT NOT NULL,   -- JSON: the parts of the key
-    reason      TEXT,            -- why it (re-)ran
-    resources   TEXT,            -- JSON: cores, memory, walltime, gpus, pool, retries, ...
-    error       TEXT,
-    created     REAL NOT NULL,
-    updated     REAL NOT NULL,
-    cell        TEXT,            -- id of the notebook cell that defines it (%%task cells)
-    PRIMARY KEY (pipeline_id, key)
-);
-CREATE INDEX IF NOT EXISTS tasks_label ON tasks (pipeline_id, label);
-CREATE INDEX IF NOT EXISTS tasks_state ON tasks (pipeline_id, state);
-CREATE TABLE IF NOT EXISTS edges (
-    pipeline_id INTEGER NOT NULL,
-    parent      TEXT NOT NULL,
-    child       TEXT NOT NULL,
-    kind        TEXT NOT NULL,   -- data | after | file
-    PRIMARY KEY (pipeline_id, parent, child)
-);
-CREATE TABLE IF NOT EXISTS results (
-    key      TEXT PRIMARY KEY,   -- results are shared by every pipeline of the store
-    path     TEXT NOT NULL,      -- relative to the store root (results/ab/<key>.pkl); '' inline
-    checksum TEXT NOT NULL,
-    size     INTEGER NOT NULL,
-    created  REAL NOT NULL,
-    data     BLOB                -- an inline result's bytes (see nbpipe.results)
-);
-CREATE TABLE IF NOT EXISTS environments (
-    id       TEXT PRIMARY KEY,
-    snapshot TEXT NOT NULL       -- JSON: python, packages, hostname, git_commit, ...
-);
-CREATE TABLE IF NOT EXISTS attempts (
-    id          INTEGER PRIMARY KEY,
-    pipeline_id INTEGER NOT NULL,
-    key         TEXT NOT NULL,
-    number      INTEGER NOT NULL,
-    state       TEXT NOT NULL,
-    start       REAL,
-    end         REAL,
-    worker      TEXT,
-    hostname    TEXT,
-    pid         INTEGER,
-    job_id      TEXT,            -- batch job (Slurm, PBS, ...) of the worker, if any
-    exit_code   INTEGER,
-    error       TEXT,
-    traceback   TEXT,
-    stdout      TEXT,
-    stderr      TEXT,
-    env_id      TEXT
-);
-CREATE INDEX IF NOT EXISTS attempts_key ON attempts (pipeline_id, key);
-CREATE TABLE IF NOT EXISTS events (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    pipeline_id INTEGER NOT NULL,
-    time        REAL NOT NULL,
-    key         TEXT,
-    state       TEXT,
-    message     TEXT
-);
-CREATE INDEX IF NOT EXISTS events_pipeline ON events (pipeline_id, id);
-CREATE TABLE IF NOT EXISTS commands (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    pipeline_id INTEGER NOT NULL,
-    time        REAL NOT NULL,
-    verb        TEXT NOT NULL,   -- retry | kill | pause | resume
-    args        TEXT NOT NULL,   -- JSON
-    status      TEXT NOT NULL DEFAULT 'new',  -- new | done | failed
-    done_time   REAL,
-    message     TEXT
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    pipeline_id INTEGER NOT NULL,
-    kind        TEXT NOT NULL,   -- slurm | pbs | sge | lsf | htcondor
-    job_id      TEXT NOT NULL,   -- the batch scheduler's id
-    pool        TEXT NOT NULL,
-    name        TEXT NOT NULL,   -- the Dask worker's name
-    submitted   REAL NOT NULL,
-    ended       REAL,            -- NULL while the runner believes the job is queued or running
-    state       TEXT,            -- last state seen in the batch queue
-    PRIMARY KEY (pipeline_id, kind, job_id)
-);
-"""
+#: The database file in a store folder, and the record of a database kept elsewhere.
+DATABASE_FILE = "nbpipe.sqlite"
+DATABASE_POINTER = "database.json"
 
 
 class Batch:
@@ -188,20 +81,43 @@ class Batch:
 class Store:
     """A store directory and its SQLite database (one connection per thread)."""
 
-    def __init__(self, path: str | os.PathLike[str] | None = None):
+    def __init__(self, path: str | os.PathLike[str] | None = None, *,
+                 database: str | os.PathLike[str] | None = None):
+        """Open (or create) the store in folder ``path`` (default ``$NBPIPE_STORE``, else
+        ``./.nbpipe``).
+
+        ``database`` places the SQLite file elsewhere than ``<path>/nbpipe.sqlite`` -- on a
+        local disk when the folder is on a network file system, where SQLite's write-ahead log
+        does not work (:mod:`nbpipe.store.mounts`); result files stay in the folder. Default:
+        ``$NBPIPE_DATABASE`` (a :class:`~nbpipe.Pipeline` passes the ``database`` setting of
+        ``nbpipe.yaml``), else what the store recorded when its database was placed elsewhere
+        (``database.json``), else in the folder.
+        """
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise InvalidArgument(
                 f"store={path!r} is not a folder: pass a path (a str or pathlib.Path) such as "
                 "store='.nbpipe', or leave it out for ./.nbpipe"
             )
-        self.path = Path(path or os.environ.get("NBPIPE_STORE") or ".nbpipe").absolute()
-        self.db_path = self.path / "nbpipe.sqlite"
+        named = os.fspath(path or os.environ.get("NBPIPE_STORE") or ".nbpipe")
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", named):  # not a folder named 'postgresql:'
+            raise InvalidArgument(
+                f"store={re.sub(r'//[^/@]*@', '//', named)!r} is a URL; this nbpipe "
+                "keeps a store in a folder (an SQLite database and result files): pass a path "
+                "such as store='.nbpipe' -- on a cluster see docs/store.md, 'A store on a cluster'"
+            )
+        self.path = Path(named).absolute()
+        self.db_path, pointer = _database_path(self.path, database)
+        _refuse_network(self.path, self.db_path)
         _refuse_newer(self.path, self.db_path)  # before anything is created or switched
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
             (self.path / "results").mkdir(mode=0o700, exist_ok=True)
             (self.path / "locks").mkdir(mode=0o700, exist_ok=True)
             make_private(self.path, 0o700)  # made by an older nbpipe, or by hand, with 0755
+            if pointer is not None:
+                self.db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                write_private(_owner_file(self.db_path), f"{self.path}\n".encode())
+                write_private(self.path / DATABASE_POINTER, pointer)
         except OSError as exc:
             raise StoreNotWritable(
                 f"cannot create the nbpipe store at {self.path}: {exc.strerror}; choose a "
@@ -283,6 +199,14 @@ class Store:
             return exc
         if not is_damage(exc):
             return StoreError(f"the store {self.path} cannot be used: {exc}")
+        if self.db_path.parent != self.path:  # kept elsewhere (database=): copy the file aside
+            return SQLiteDamaged(
+                f"the store {self.path} is damaged: SQLite cannot read its database {self.db_path} "
+                f"({exc}); copy it aside (cp -a {self.db_path} {self.db_path}.damaged), then "
+                f"recover what SQLite can with `sqlite3 {self.db_path}.damaged .recover | sqlite3 "
+                f"{self.db_path}` after removing the damaged {self.db_path.name}, or start a new "
+                "store; result files stay valid and the next run adopts them"
+            )
         return SQLiteDamaged(
             f"the store {self.path} is damaged: SQLite cannot read {self.db_path.name} ({exc}); "
             f"copy the folder aside (cp -a {self.path} {self.path}.damaged), then recover what "
@@ -328,7 +252,7 @@ class Store:
                 for statement in statements:
                     with contextlib.suppress(sqlite3.OperationalError):  # another opener did it
                         conn.execute(statement)
-                conn.executescript(_SCHEMA)
+                conn.executescript(SCHEMA)
                 if 1 <= version <= 3:  # v4: result paths relative to the store root
                     # A recorded path ends in results/<key[:2]>/<key>.pkl whatever spelling of
                     # the store (or its old place, for a moved project) it was written under.
@@ -352,7 +276,7 @@ class Store:
         if row is not None:
             return int(row[0])
         if not create:
-            from .errors import UnknownTask
+            from ..errors import UnknownTask
 
             raise UnknownTask(f"no pipeline named {name!r} in the store {self.path}; "
                               "`nbpipe pipelines` lists the pipelines of a store")
@@ -407,6 +331,11 @@ class Store:
                 "UPDATE jobs SET ended = ?, state = ? WHERE pipeline_id = ? AND kind = ? AND job_id = ?",
                 [(now, state, pipeline_id, kind, job_id) for job_id, state in jobs],
             )
+
+    def edges(self, pipeline_id: int) -> list[tuple[str, str, str]]:
+        """Every edge of a pipeline: (parent key, child key, kind), in the order recorded."""
+        return [tuple(r) for r in self.connect().execute(
+            "SELECT parent, child, kind FROM edges WHERE pipeline_id = ? ORDER BY rowid", (pipeline_id,))]
 
     def jobs(self, pipeline_id: int, *, open_only: bool = False) -> list[sqlite3.Row]:
         """Batch jobs recorded for a pipeline (only those not known to have ended)."""
@@ -770,6 +699,97 @@ class _Connection(sqlite3.Connection):
 _connected: dict[str, int] = {}  # database file -> SQLite connections this process has open
 
 
+def is_store(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` is a store: it holds its database, or records where that is."""
+    return (Path(folder) / DATABASE_FILE).is_file() or (Path(folder) / DATABASE_POINTER).is_file()
+
+
+def _database_path(folder: Path, database: str | os.PathLike[str] | None
+                   ) -> tuple[Path, bytes | None]:
+    """Where the database of the store in ``folder`` is, and the record to write when the store
+    starts keeping it elsewhere (None when nothing is to be recorded).
+
+    A database outside the folder lies on one host's disk: the store records which host
+    (``database.json``), so a process on another host is told so instead of silently opening
+    an empty database of the same name on its own disk.
+    """
+    pointer = folder / DATABASE_POINTER
+    recorded = None
+    with contextlib.suppress(OSError, ValueError):
+        recorded = json.loads(pointer.read_text())
+    host = socket.gethostname()
+    if database is None:  # (a Pipeline passes the `database` setting of nbpipe.yaml)
+        database = os.environ.get("NBPIPE_DATABASE") or None
+    if database is None and recorded is None:
+        return folder / DATABASE_FILE, None
+    if recorded is not None:
+        where = Path(recorded["path"])
+        if recorded.get("host") != host:
+            raise StoreError(
+                f"the store {folder} keeps its database on the local disk of host "
+                f"{recorded.get('host')!r} ({where}), and this is host {host!r}: run nbpipe on "
+                f"{recorded.get('host')!r}, or move the database back into the store folder "
+                f"(`mv {where} {folder / DATABASE_FILE}` there, then remove "
+                f"{pointer}) -- see docs/store.md, 'A store on a cluster'"
+            )
+        wanted = Path(os.path.abspath(os.path.expanduser(os.fspath(database)))) if database else where
+        if wanted != where:
+            raise StoreError(
+                f"the store {folder} keeps its database at {where}, not at {wanted} (the "
+                "database setting): unset the setting, or move the database there and remove "
+                f"{pointer}"
+            )
+        return where, None
+    where = Path(os.path.abspath(os.path.expanduser(os.fspath(database))))
+    if where.parent == folder and where.name == DATABASE_FILE:
+        return where, None
+    if (folder / DATABASE_FILE).exists():  # its records are there: a new database would hide them
+        raise StoreError(
+            f"the store {folder} keeps its database in its folder ({DATABASE_FILE}), and the "
+            f"database setting names {where}: unset the setting (NBPIPE_DATABASE, database:) for "
+            f"this store, or move {folder / DATABASE_FILE} to {where} first, with no nbpipe "
+            "process using the store"
+        )
+    # One setting (NBPIPE_DATABASE in a shell's profile) must not make two projects share one
+    # database: their records would mix, and each would find the other's results missing.
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        owner = Path(_owner_file(where).read_text().strip())
+        if owner != folder and json.loads((owner / DATABASE_POINTER).read_text())["path"] == str(where):
+            raise StoreError(
+                f"the database {where} belongs to the store {owner}; give the store {folder} a "
+                f"database of its own (e.g. NBPIPE_DATABASE=/tmp/$USER/"
+                f"{folder.parent.name or 'nbpipe'}.sqlite, a name per project)"
+            )
+    return where, json.dumps({"path": str(where), "host": host}, indent=1).encode() + b"\n"
+
+
+def _owner_file(database: Path) -> Path:
+    """The file beside a database kept outside its store that names the store's folder."""
+    return Path(f"{database}.store")
+
+
+def _refuse_network(folder: Path, db_path: Path) -> None:
+    """Refuse a database on a network file system (:class:`StoreOnNetworkFS`), before anything
+    is created: SQLite's write-ahead log keeps its index in memory shared by the processes of
+    one host, so processes on two hosts can corrupt the database."""
+    mount = network_mount(db_path.parent)
+    if mount is None:
+        return
+    existing = (f" (move the existing {db_path.name} there first, with no nbpipe process using "
+                "the store: "
+                f"`mv {db_path} /tmp/$USER/{folder.parent.name or 'nbpipe'}.sqlite`)"
+                if db_path.exists() else "")
+    raise StoreOnNetworkFS(
+        f"the store's database {db_path} would lie on a network file system ({mount.fstype} "
+        f"{mount.device} mounted on {mount.point}), where SQLite's write-ahead log does not work "
+        "across hosts (each host keeps its own index of it: the database can be corrupted); "
+        "keep the database on a local disk of the host that runs the pipeline and the result "
+        f"files in {folder}: set NBPIPE_DATABASE=/tmp/$USER/"
+        f"{folder.parent.name or 'nbpipe'}.sqlite (or `database:` in nbpipe.yaml, or "
+        f"Store(..., database=...)){existing}; see docs/store.md, 'A store on a cluster'"
+    )
+
+
 def _newer(path: Path, version: int) -> StoreVersionError:
     return StoreVersionError(
         f"the store {path} was written by a newer nbpipe (schema {version}; this nbpipe knows "
@@ -804,119 +824,6 @@ def _refuse_newer(path: Path, db_path: Path) -> None:
                 conn.close()
     if version > SCHEMA_VERSION:
         raise _newer(path, version)
-
-
-def registry_path() -> Path:
-    """The file listing every store this user opened (for ``nbpipe pipelines --all``)."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "nbpipe" / "stores.txt"
-
-
-def remember(path: Path) -> None:
-    """Add a store to the registry of known stores (best effort: never fails the caller)."""
-    registry = registry_path()
-    try:
-        known = registry.read_text().splitlines() if registry.exists() else []
-        if str(path) in known:
-            return
-        registry.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(registry, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # private: where
-        with os.fdopen(fd, "a") as f:                                        # the user works
-            f.write(f"{path}\n")
-    except OSError:
-        pass
-
-
-def known_stores() -> list[Path]:
-    """Registered stores that still exist."""
-    registry = registry_path()
-    if not registry.exists():
-        return []
-    paths = dict.fromkeys(Path(p) for p in registry.read_text().splitlines() if p.strip())
-    return [p for p in paths if (p / "nbpipe.sqlite").exists()]
-
-
-LOCK_TRIES = 6  # attempts 50 ms apart before a runner lock counts as held by another process
-
-
-def file_stem(pipeline: str) -> str:
-    """A pipeline's name as part of a file name: readable, one per name, and short enough for
-    any file system (locks, logs).
-
-    The readable part alone is not enough (``a/b`` and ``a_b`` both read ``a_b``; a long name
-    exceeds NAME_MAX): a digest of the exact name follows it.
-
-    >>> file_stem("a/b") != file_stem("a_b")
-    True
-    >>> len(file_stem("x" * 300))
-    77
-    """
-    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in pipeline)
-    tag = hashlib.blake2b(pipeline.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
-    return f"{safe[:60]}-{tag}"
-
-
-def lock_name(pipeline: str) -> str:
-    """The lock file name of a pipeline (see :func:`file_stem`)."""
-    return f"{file_stem(pipeline)}.lock"
-
-
-class RunnerLock:
-    """An exclusive lock (``flock``) that makes one process the runner of a pipeline."""
-
-    def __init__(self, store: Store, pipeline: str):
-        self.path = store.path / "locks" / lock_name(pipeline)
-        self.pipeline = pipeline
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        """Take the lock or raise :class:`PipelineBusy` naming the process that holds it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            # A few tries: ``busy()`` in another process (the command line asking whether a
-            # runner is attached, `nbpipe doctor`) holds the lock for an instant.
-            for _ in range(LOCK_TRIES - 1):
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    time.sleep(0.05)
-            else:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = Path(self.path).read_text().strip() or "another process"
-            os.close(fd)
-            raise PipelineBusy(
-                f"pipeline {self.pipeline!r} is already being run by {holder}; wait for it to "
-                "finish, watch it with `nbpipe tasks`, or stop it with `nbpipe pause` "
-                "(only one process may run a pipeline at a time)"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        """Give the lock back."""
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def busy(self) -> bool:
-        """Whether another process (or another lock object) holds the lock right now."""
-        try:
-            self.acquire()
-        except PipelineBusy:
-            return True
-        self.release()
-        return False
-
-    @property
-    def held(self) -> bool:
-        """Whether this object holds the lock."""
-        return self._fd is not None
 
 
 def is_damage(exc: sqlite3.Error) -> bool:

@@ -1,0 +1,127 @@
+"""`nbpipe store copy SRC DST`: a store moved with its database and result files, verified, and
+nothing computed again from the copy."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from nbpipe.store import RunnerLock, Store
+
+NBPIPE = [sys.executable, "-m", "nbpipe.cli"]
+
+# Inline results (`small`: quick and small) and file results (`big`), both copied.
+SCRIPT = """
+import sys
+from nbpipe import Pipeline
+
+pipe = Pipeline("survey", store=sys.argv[1], cluster={"kind": "local", "workers": 2})
+
+
+@pipe.task
+def small(i: int) -> int:
+    return i * 3
+
+
+@pipe.task
+def big(i: int) -> bytes:
+    return bytes([i]) * 20_000
+
+
+if __name__ == "__main__":  # worker processes import this file too
+    smalls = [small(i) for i in range(4)]
+    bigs = [big(i) for i in range(4)]
+    summary = pipe.run()
+    right = all(r.result() == i * 3 for i, r in enumerate(smalls))
+    right &= all(r.result() == bytes([i]) * 20_000 for i, r in enumerate(bigs))
+    print("SUMMARY", summary.executed, summary.cached, right, flush=True)
+"""
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("NBPIPE_", "DASK_"))}
+
+
+def _run(script: Path, store: Path) -> tuple[int, int]:
+    """Run the pipeline script on ``store``: (tasks executed, tasks found done)."""
+    proc = subprocess.run([sys.executable, str(script), str(store)], cwd=script.parent, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    executed, cached, right = proc.stdout.split("SUMMARY")[1].split()
+    assert right == "True", proc.stdout
+    return int(executed), int(cached)
+
+
+def _nbpipe(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*NBPIPE, *args], capture_output=True, text=True, timeout=180, env=_env())
+
+
+def _rows(db: Path, sql: str) -> list[tuple]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def test_a_copied_store_has_every_record_and_result_and_runs_nothing_again(tmp_path: Path) -> None:
+    script = tmp_path / "survey.py"
+    script.write_text(SCRIPT)
+    source, target = tmp_path / "project" / ".nbpipe", tmp_path / "elsewhere" / ".nbpipe"
+    assert _run(script, source) == (8, 0)
+    out = _nbpipe("store", "copy", str(source), str(target))
+    assert out.returncode == 0, out.stderr
+    assert "files; verified" in out.stdout
+    for sql in ("SELECT key, state, label FROM tasks ORDER BY key",
+                "SELECT key, path, checksum, size, data FROM results ORDER BY key",
+                "SELECT id, key, state, message FROM events ORDER BY id"):
+        assert _rows(target / "nbpipe.sqlite", sql) == _rows(source / "nbpipe.sqlite", sql)
+    files = sorted(p.relative_to(source) for p in (source / "results").rglob("*.pkl"))
+    assert len(files) == 4 and files == sorted(p.relative_to(target) for p in
+                                                (target / "results").rglob("*.pkl"))
+    assert all((target / f).read_bytes() == (source / f).read_bytes() for f in files)
+    assert _run(script, target) == (0, 8)  # switching stores computes nothing again
+
+
+def test_the_copy_can_keep_its_database_elsewhere(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    Store(source).pipeline_id("kept")
+    local = tmp_path / "local" / "copy.sqlite"
+    out = _nbpipe("store", "copy", str(source), str(tmp_path / "shared"), "--database", str(local))
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "shared" / "database.json").read_text())["path"] == str(local)
+    assert _rows(local, "SELECT name FROM pipelines") == [("kept",)]
+    listing = _nbpipe("--store", str(tmp_path / "shared"), "pipelines")
+    assert listing.returncode == 0 and "kept" in listing.stdout
+
+
+def test_a_damaged_result_fails_the_verification(tmp_path: Path) -> None:
+    script = tmp_path / "survey.py"
+    script.write_text(SCRIPT)
+    source = tmp_path / "project" / ".nbpipe"
+    _run(script, source)
+    victim = next((source / "results").rglob("*.pkl"))
+    victim.write_bytes(victim.read_bytes()[:-10] + b"0123456789")  # same size, other bytes
+    out = _nbpipe("store", "copy", str(source), str(tmp_path / "copy"))
+    assert out.returncode != 0
+    assert "differs from" in out.stderr and "checksum mismatch" in out.stderr
+    assert victim.stem in out.stderr
+
+
+def test_copy_is_refused_into_a_store_and_while_a_runner_is_live(tmp_path: Path) -> None:
+    source, other = Store(tmp_path / "a"), Store(tmp_path / "b")
+    source.pipeline_id("p")
+    other.pipeline_id("q")
+    out = _nbpipe("store", "copy", str(source.path), str(other.path))
+    assert out.returncode != 0 and "holds a store already" in out.stderr
+    assert _rows(other.db_path, "SELECT name FROM pipelines") == [("q",)]  # untouched
+    lock = RunnerLock(source, "p")
+    lock.acquire()
+    try:
+        out = _nbpipe("store", "copy", str(source.path), str(tmp_path / "c"))
+    finally:
+        lock.release()
+    assert out.returncode != 0 and "while a runner is live" in out.stderr
+    assert f"pid {os.getpid()}" in out.stderr
+    assert not (tmp_path / "c").exists()
