@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 __all__ = ["Crash", "Recorder", "alive_here", "describe", "discard", "read_crash", "record_path"]
 
 SPILL_LIMIT = 256 * 1024  # bytes of output kept on disk per stream before it is cut to its tail
@@ -196,14 +198,26 @@ class Crash:
 
 
 def alive_here(header: dict[str, Any]) -> bool:
-    """Whether the process that wrote a record still runs (on this host): not a crash."""
+    """Whether the process that wrote a record still runs (on this host): not a crash.
+
+    A killed process whose parent died too can stay a zombie for a while (re-parented to an init
+    that reaps late): it runs no more. A process started after the record is another one that
+    got the same pid."""
     if header.get("host") != socket.gethostname():
         return False
     try:
-        os.kill(int(header.get("pid", 0)), 0)
-    except (OSError, ValueError):
+        pid = int(header.get("pid", 0))
+        if pid <= 0:
+            return False
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        start = header.get("start")
+        return not (isinstance(start, (int, float)) and proc.create_time() > start + 1)
+    except (psutil.NoSuchProcess, ValueError, TypeError):
         return False
-    return True
+    except psutil.AccessDenied:  # another user's process: it runs
+        return True
 
 
 def read_crash(store_dir: str | os.PathLike[str], key: str, attempt: int, *,
