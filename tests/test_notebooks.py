@@ -102,8 +102,12 @@ def _text(nb: nbformat.NotebookNode) -> str:
     for cell in nb.cells:
         for out in cell.get("outputs", []):
             assert out.output_type != "error", f"{out.get('ename')}: {out.get('evalue')}"
-            parts.append(out.get("text") or out.get("data", {}).get("text/plain", ""))
-    return ANSI.sub("", "\n".join(parts))  # `!nbpipe ...` colours its tables
+            if out.output_type == "stream":  # one print can arrive in several pieces: as written
+                parts.append(out.get("text", ""))
+            else:
+                parts.append("\n" + out.get("data", {}).get("text/plain", "") + "\n")
+        parts.append("\n")
+    return ANSI.sub("", "".join(parts))  # `!nbpipe ...` colours its tables
 
 
 @pytest.fixture
