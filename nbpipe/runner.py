@@ -1236,9 +1236,20 @@ class Runner:
     def _cmd_pause(self) -> str:
         self.paused = True
         self.store.set_paused(self.pid, True)
-        for ref in list(self.ahead):  # they wait, as if never sent
+        requeue = self._take_back_queued()
+        for ref in requeue:
+            self.batch.state(self.pid, ref.key, State.WAITING.value, attempts=ref.attempts,
+                             message="paused before it started")
+        self.ready.extendleft(reversed(requeue))
+        return f"paused; {len(requeue)} queued task(s) held back"
+
+    def _take_back_queued(self) -> list[TaskRef]:
+        """Take back what Dask holds but has not started: handed-ahead tasks (they wait, as if
+        never sent) and queued submissions (WAITING again, their attempt not counted); return
+        the latter, in queue order."""
+        for ref in list(self.ahead):
             self._unhand(ref)
-        requeue = []
+        taken = []
         for sub in list(self.inflight.values()):
             if sub.started or any(r.state is not State.PENDING for r in sub.refs):
                 continue
@@ -1248,11 +1259,8 @@ class Runner:
             for ref in sub.refs:
                 ref.attempts -= 1
                 ref.state = State.WAITING
-                self.batch.state(self.pid, ref.key, State.WAITING.value, attempts=ref.attempts,
-                                 message="paused before it started")
-                requeue.append(ref)
-        self.ready.extendleft(reversed(requeue))
-        return f"paused; {len(requeue)} queued task(s) held back"
+                taken.append(ref)
+        return taken
 
     def _stop_submitting(self, failed: TaskRef) -> None:
         """``run(stop_on_failure=True)``: after the first failure, tasks not yet sent to a worker
@@ -1260,17 +1268,7 @@ class Runner:
         ``spawn(mode='stop_at_error')``."""
         message = (f"not started: the run stopped at the failure of {failed.label!r} "
                    "(stop_on_failure); fix it, then run again")
-        for ref in list(self.ahead):  # handed ahead: taken back first, as a pause does
-            self._unhand(ref)
-        for sub in list(self.inflight.values()):  # queued in Dask, not started: taken back
-            if sub.started or any(r.state is not State.PENDING for r in sub.refs):
-                continue
-            sub.cancelled = True
-            sub.future.cancel()
-            self._release(sub)
-            for ref in sub.refs:
-                ref.attempts -= 1
-                ref.state = State.WAITING
+        self._take_back_queued()
         for ref in list(self.by_key.values()):
             if ref.state is State.WAITING and ref not in self.sub_of:
                 self._finish(ref, State.KILLED, message)
