@@ -630,3 +630,26 @@ def test_a_2000_node_graph_draws_what_is_in_view_and_every_node_when_scrolled_to
     assert outer["y"] - 1 <= inner["y"] and inner["y"] + inner["height"] <= outer["y"] + outer["height"] + 1
     # and the nodes of the far top-left corner have left the DOM
     assert sidebar.locator(f"g.nbpipe-node[data-task='{keys[0]}']").count() == 0
+
+
+def test_a_graph_that_fails_to_load_still_shows(lab, page) -> None:
+    """The graph request is the sidebar's one big read. When it fails (a server busy or
+    restarting), the sidebar must still end up showing the graph: never the pipeline's name
+    over an empty panel for good."""
+    url, root = lab
+    keys = _big_pipeline(root / ".nbpipe", chains=3, length=4)
+    calls = {"graph": 0}
+
+    def answer(route) -> None:
+        calls["graph"] += 1
+        if calls["graph"] <= 3:  # the first ones fail, as a server under load can
+            route.fulfill(status=503, body='{"message": "busy"}', content_type="application/json")
+        else:
+            route.continue_()
+
+    page.route("**/nbpipe/api/graph?**", answer)
+    page.goto(f"{url}lab?token={TOKEN}")
+    sidebar = _open_sidebar(page)
+    # nobody presses anything: the sidebar asks again by itself
+    sidebar.locator(f"svg.nbpipe-graph-svg[data-nodes='{len(keys)}']").wait_for(timeout=60_000)
+    assert calls["graph"] >= 4, calls

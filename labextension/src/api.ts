@@ -78,6 +78,12 @@ export interface ITaskDetail {
 
 export type Verb = 'retry' | 'kill' | 'pause' | 'resume';
 
+/**
+ * How long a read may take before it is given up (and asked again by the next poll), in ms: a
+ * request lost on its way (a proxy, a server restart) must not leave the sidebar waiting for ever.
+ */
+export const READ_TIMEOUT_MS = 30_000;
+
 /** GET or POST an endpoint; a failed request throws with the server's message. */
 export async function requestAPI<T>(
   endpoint: string,
@@ -87,6 +93,9 @@ export async function requestAPI<T>(
   const settings = ServerConnection.makeSettings();
   const query = new URLSearchParams(params).toString();
   const url = URLExt.join(settings.baseUrl, 'nbpipe', 'api', endpoint) + (query ? `?${query}` : '');
+  if (!init.method || init.method === 'GET') {
+    init = { ...init, signal: init.signal ?? AbortSignal.timeout(READ_TIMEOUT_MS) };
+  }
   const response = await ServerConnection.makeRequest(url, init, settings);
   let data: any = null;
   try {

@@ -18,6 +18,11 @@ function sameRunner(a: IRunner | null | undefined, b: IRunner | null | undefined
   return JSON.stringify(a ?? null) === JSON.stringify(b ?? null);
 }
 
+/** Whether two listings name the same pipeline (a new listing gives new objects for it). */
+function samePipeline(a: IPipeline | null, b: IPipeline | null): boolean {
+  return !!a && !!b && a.store === b.store && a.name === b.name;
+}
+
 export class SidebarModel {
   pipelines: IPipeline[] = [];
   selected: IPipeline | null = null;
@@ -37,6 +42,7 @@ export class SidebarModel {
   private _lastEvent = 0;
   private _timer: number | null = null;
   private _busy = false;
+  private _loading: { pipeline: IPipeline; done: Promise<void> } | null = null;
   private _lastScan = 0;
   private _checkedSource: string | null = null;
   private _changed = new Signal<this, void>(this);
@@ -102,12 +108,17 @@ export class SidebarModel {
       this._emit();
       return;
     }
-    const same = this.selected && choice.store === this.selected.store && choice.name === this.selected.name;
-    if (!same || !this.graph) {
+    if (!samePipeline(choice, this.selected)) {
       await this.select(choice, this.pinned);
     } else {
+      // the same pipeline, listed again: a graph still loading is not started over (a big graph
+      // that takes longer to load than the listings come would never show)
       this.selected = choice;
-      this._emit();
+      if (!this.graph) {
+        await this.loadGraph();
+      } else {
+        this._emit();
+      }
     }
   }
 
@@ -127,14 +138,28 @@ export class SidebarModel {
     await this.refreshPipelines(true);
   }
 
-  async loadGraph(): Promise<void> {
+  /** Load the selected pipeline's graph; one request at a time per pipeline (a big graph is slow). */
+  loadGraph(): Promise<void> {
     const p = this.selected;
     if (!p) {
-      return;
+      return Promise.resolve();
     }
+    if (this._loading && samePipeline(this._loading.pipeline, p)) {
+      return this._loading.done;
+    }
+    const done = this._fetchGraph(p).finally(() => {
+      if (this._loading?.done === done) {
+        this._loading = null;
+      }
+    });
+    this._loading = { pipeline: p, done };
+    return done;
+  }
+
+  private async _fetchGraph(p: IPipeline): Promise<void> {
     try {
       const graph = await requestAPI<IGraph>('graph', { store: p.store, pipeline: p.name });
-      if (this.selected !== p) {
+      if (!samePipeline(this.selected, p)) {
         return; // another pipeline was chosen meanwhile
       }
       this.graph = graph;
@@ -191,13 +216,23 @@ export class SidebarModel {
       return;
     }
     this._busy = true;
+    if (!this.graph) {
+      // the graph has not come (its request failed, or another listing replaced it): ask again,
+      // or the sidebar would show the pipeline's name over nothing for good
+      try {
+        await this.loadGraph();
+      } finally {
+        this._busy = false;
+      }
+      return;
+    }
     try {
       const update = await requestAPI<IEvents>('events', {
         store: p.store,
         pipeline: p.name,
         since: String(this._lastEvent)
       });
-      if (this.selected !== p) {
+      if (!samePipeline(this.selected, p)) {
         return;
       }
       const cellMoved = this._cellMoved();
