@@ -28,18 +28,15 @@ the worker wrapper (``nbpipe.worker``) enforces the timeout.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import math
-import re
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dask.utils import parse_timedelta
-
 from .errors import TaskDefinitionError
+from .task import seconds_of
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -70,17 +67,7 @@ def parse_timeout(value: Any, task: str, option: str = "timeout") -> float | Non
     """Seconds from ``"10m"``, ``"1h"``, ``"HH:MM:SS"``, ``"D-HH:MM:SS"`` or a number."""
     if value is None:
         return None
-    seconds: float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str):
-        m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", value.strip())
-        if m:
-            days, hours, minutes, seconds_ = (int(g) if g else 0 for g in m.groups())
-            seconds = float(((days * 24 + hours) * 60 + minutes) * 60 + seconds_)
-        else:
-            with contextlib.suppress(ValueError, KeyError, TypeError, OverflowError):
-                seconds = float(parse_timedelta(value))
+    seconds = seconds_of(value)
     if seconds is not None and math.isfinite(seconds) and seconds > 0:
         return seconds
     raise TaskDefinitionError(

@@ -80,21 +80,27 @@ class TaskOptions:
 _OPTION_NAMES = {f for f in TaskOptions.__dataclass_fields__}
 
 
+def seconds_of(value: Any) -> float | None:
+    """Seconds from a duration as schedulers and people write it: ``"HH:MM:SS"``,
+    ``"D-HH:MM:SS"``, ``"2h"``/``"30min"`` (Dask's ``parse_timedelta``) or a number; None when
+    ``value`` is none of these (the caller says what it expected)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", value.strip())
+        if m:
+            days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
+            return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+        with contextlib.suppress(ValueError, KeyError, TypeError, OverflowError):
+            return float(parse_timedelta(value))
+    return None
+
+
 def parse_walltime(value: Any, task: str) -> float | None:
     """Seconds from ``"HH:MM:SS"``, ``"D-HH:MM:SS"``, ``"2h"``/``"30min"`` or a number."""
     if value is None:
         return None
-    seconds: float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str):
-        m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", value.strip())
-        if m:
-            days, hours, minutes, seconds_ = (int(g) if g else 0 for g in m.groups())
-            seconds = float(((days * 24 + hours) * 60 + minutes) * 60 + seconds_)
-        else:
-            with contextlib.suppress(ValueError, KeyError, TypeError, OverflowError):
-                seconds = float(parse_timedelta(value))
+    seconds = seconds_of(value)
     # Zero, negative, infinite or NaN: no scheduler can give that (Slurm reads 0 as no limit).
     if seconds is not None and math.isfinite(seconds) and seconds > 0:
         return seconds
