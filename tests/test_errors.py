@@ -926,12 +926,16 @@ CASES: list[Case] = [*PYTHON, *MAGICS, *CLI, *CONFIG, *REST]
 
 @pytest.fixture
 def clean_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A fresh working directory, and dask.config as it was afterwards (nbpipe.yaml merges in)."""
+    """A fresh working directory with nbpipe's packaged settings only; dask.config as it was
+    afterwards (nbpipe.yaml merges in)."""
     saved = copy.deepcopy(dask.config.config.get("nbpipe"))  # the only key nbpipe.yaml sets
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("NBPIPE_STORE", raising=False)
     monkeypatch.delenv("DASK_NBPIPE__CLUSTER", raising=False)
-    dask.config.config.pop("nbpipe", None)
+    # nbpipe's packaged defaults stay, as a user has them; only what earlier tests merged goes
+    from nbpipe.config import DEFAULTS
+
+    dask.config.config["nbpipe"] = copy.deepcopy(DEFAULTS)
     yield tmp_path
     dask.config.config.pop("nbpipe", None)
     if saved is not None:
