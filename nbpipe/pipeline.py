@@ -15,13 +15,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
-import json
 import os
 import sys
 import threading
 import time
 import uuid
-import warnings
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -35,7 +33,7 @@ from .accept import accept_keys
 from .cells import CellRunner
 from .cluster import Connection, connect, validate
 from .config import check_configured, setting
-from .content import content_key, pending_reason
+from .content import content_key
 from .control import RETRY_REASON, Controller, local_runner_of
 from .errors import (
     ClusterError,
@@ -53,19 +51,19 @@ from .errors import (
     UpstreamFailed,
 )
 from .files import paths_in
+from .freshness import Freshness
 from .graph import order, reach
-from .identity import IDENTITY_VERSION, CodeIdentity, Unencodable, is_immutable
+from .identity import CodeIdentity, Unencodable, is_immutable
 from .naming import find_task, find_tasks, ref_fields
 from .policy import check_defaults, run_mode
-from .results import INLINE, locate, read_result
+from .results import INLINE, read_result
 from .runner import Runner, record_jobs
 from .shipping import by_value
 from .specs import spawn  # noqa: F401  (lives in nbpipe.specs; imported from here before)
 from .states import BAD, State
-from .store import Batch, RunnerLock, Store
+from .store import RunnerLock, Store
 from .task import TaskFunction, TaskOutput, TaskRef, _label, bash_task, task
 from .walk import holds_ref, map_refs
-from .why import explain
 
 __all__ = ["Pipeline", "RunSummary", "TaskInfo", "current_pipeline", "open_pipelines", "use"]
 
@@ -149,24 +147,6 @@ def _redefines(old: TaskFunction, new: TaskFunction) -> bool:
         return False
     bound = getattr(old_fn, "__globals__", {}).get(old_fn.__name__)
     return bound is not old and bound is not old_fn
-
-
-_told_identity: set[str] = set()  # pipelines told that their keys came from older rules
-
-
-def _closest(ref: TaskRef, rows: list[Any]) -> Any:
-    """The earlier call (a store row) most like ``ref``: most arguments alike, then newest."""
-    best, best_score = None, -1
-    args = ref.arg_digests
-    for row in rows[:200]:
-        try:
-            old_args = json.loads(row["components"]).get("args") or {}
-        except ValueError:
-            continue
-        score = sum(1 for k, v in args.items() if old_args.get(k) == v)
-        if score > best_score:
-            best, best_score = row, score
-    return best
 
 
 class RemoteTraceback(Exception):
@@ -269,6 +249,7 @@ class Pipeline:
         # (the database setting: a store folder on a network file system keeps it on a local disk)
         self.store = store if isinstance(store, Store) else Store(store, database=setting("database"))
         self.pipeline_id = self.store.pipeline_id(name, source=_default_name())
+        self._fresh = Freshness(self.store, self.pipeline_id, name, lambda: self._by_label)
         # A mistake (in the argument or the configured nbpipe.cluster) shows now, not when
         # tasks first run.
         check_configured()
@@ -538,7 +519,7 @@ class Pipeline:
                 r.state, r.result_file = State.WAITING, None  # not final for readers until found
                 changed.append(r)
             if changed:
-                self._find_done(changed, retired)
+                self._fresh.find_done(changed, retired)
 
     def _rekey_changed(self) -> None:
         """Keys are made with the values a task runs with. A task not yet handed to a runner
@@ -587,180 +568,15 @@ class Pipeline:
         return changed
 
     def _settle_late(self, refs: list[TaskRef]) -> list[tuple[TaskRef, str]] | None:
-        """Final keys for late tasks the runner found ready (every upstream task succeeded, so
-        the content they read is there): each is found done (SUCCEEDED) or stays WAITING to run
-        under its final key. Returns (task, provisional key) pairs; None when this pipeline is
-        busy resolving in another thread (the runner tries again at its next tick)."""
+        """Final keys for late tasks the runner found ready (see :meth:`Freshness.settle`);
+        None when this pipeline is busy resolving in another thread (the runner tries again at
+        its next tick)."""
         if not self._lock.acquire(timeout=0.05):
             return None
         try:
-            retired, settled = {}, []
-            for r in refs:
-                old = r.key_
-                assert old is not None
-                key = content_key(r)
-                if key != old:
-                    retired[old] = r.key_ = key
-                    settled.append((r, old))
-            if settled:
-                self._find_done([r for r, _ in settled], retired)
-            return settled
+            return self._fresh.settle(refs)
         finally:
             self._lock.release()
-
-    def _find_done(self, refs: list[TaskRef], retired: dict[str, str] | None = None) -> None:
-        """Find which of ``refs`` (just keyed) are done, and record them all in the store.
-
-        A late task whose upstream content became known because its upstream tasks were found
-        done here is keyed again first (one store lookup per level of such tasks); ``retired``
-        provisional keys give way to the keys that replace them.
-        """
-        retired = dict(retired or {})
-        rows = self._decide(refs, retired)
-        followers: dict[TaskRef, list[TaskRef]] = {}
-        for r in refs:
-            if r.late:
-                for d in r.deps:
-                    followers.setdefault(d, []).append(r)
-        found = [r for r in refs if r.state is State.SUCCEEDED]
-        while followers and found:
-            again = []
-            for r in dict.fromkeys(c for d in found for c in followers.get(d, ()) if c.late):
-                old = r.key_
-                assert old is not None
-                key = content_key(r)
-                if key != old:
-                    retired[old] = r.key_ = key
-                    again.append(r)
-            if not again:
-                break
-            rows.update(self._decide(again, retired))
-            found = [r for r in again if r.state is State.SUCCEEDED]
-        self._record(refs, rows)
-
-    def _decide(self, refs: list[TaskRef], retired: dict[str, str]) -> dict[str, Any]:
-        """Set each task's state: SUCCEEDED when its result is recorded and intact, else
-        WAITING with the reason it runs. Returns the store rows of their keys."""
-        if retired:  # before anything is explained by the latest row of a label
-            self.store.retire_keys(self.pipeline_id, retired)
-            retired.clear()
-        keys = [r.key for r in refs]
-        rows = self.store.task_rows(self.pipeline_id, keys, active_only=False)
-        # A retry asked for (from any door) and not yet run: no result is taken for it, neither
-        # a recorded one nor a file on disk.
-        retrying = {k for k, row in rows.items()
-                    if row["state"] == State.WAITING.value and row["reason"] == RETRY_REASON}
-        results = {k: v for k, v in self.store.results(keys).items() if k not in retrying}
-        adopted = self._adopt_results([k for k in keys if k not in results and k not in retrying])
-        results.update(adopted)
-        unexplained = []
-        for r in refs:
-            res = results.get(r.key_)
-            intact = res is not None and _intact(res, self.store.path)
-            if res is not None and not intact:
-                self.store.forget_result(r.key)
-            missing_out = [p for p in r.out_files if not p.exists()]
-            row = rows.get(r.key_)
-            if row is not None and not r.attempts:
-                r.attempts = r.budget = row["attempts"]
-            if r.key_ in retrying:
-                r.state, r.result_file, r.reason = State.WAITING, None, RETRY_REASON
-            elif r.func.opts.cache and intact and not missing_out:
-                r.state = State.SUCCEEDED
-                r.result_file = (locate(self.store.path, res["path"]), res["checksum"])
-                r.reason = "found done"
-            else:
-                r.state, r.result_file = State.WAITING, None
-                if r.late:
-                    r.reason = pending_reason(r)
-                elif not r.func.opts.cache:
-                    r.reason = "cache=False: runs every time"
-                elif row is not None and row["state"] == State.SUCCEEDED.value:
-                    r.reason = (f"output file {missing_out[0]} is missing" if missing_out
-                                else "its result file is missing or damaged")
-                elif row is not None and row["state"] in {s.value for s in BAD}:
-                    r.reason = f"the previous run was {row['state']}" + (
-                        f" ({row['error']})" if row["error"] else "")
-                elif row is not None:
-                    r.reason = "the previous run did not finish"
-                else:
-                    unexplained.append(r)
-        if unexplained:
-            self._explain(unexplained)
-        return rows
-
-    def _record(self, refs: list[TaskRef], rows: dict[str, Any]) -> None:
-        """Write the rows and edges of ``refs`` (those recorded exactly so already are kept)."""
-        resources: dict[TaskFunction, str] = {}  # one JSON text per function, not per task
-        register, edges = [], []
-        for r in refs:
-            text = resources.get(r.func)
-            if text is None:
-                text = resources[r.func] = json.dumps(r.func.opts.resources(), sort_keys=True)
-            cell = getattr(r.func, "cell_id", None)
-            row = rows.get(r.key_)
-            if (row is not None and r.state is State.SUCCEEDED and row["active"]
-                    and row["state"] == State.SUCCEEDED.value and row["label"] == r.label
-                    and row["name"] == r.name and row["resources"] == text
-                    and (cell is None or row["cell"] == cell)):
-                continue  # recorded exactly so already (a resumed run): nothing to write
-            register.append({
-                "key": r.key_, "name": r.name, "label": r.label, "kind": r.func.kind,
-                "state": r.state.value, "components": r.components,
-                "reason": None if r.state is State.SUCCEEDED else r.reason,  # keep why it ran
-                "resources": text, "cell": cell,
-            })
-            edges += [(d.key_, r.key_, kind) for d, kind in r.deps.items()]
-        self.store.register(self.pipeline_id, register, edges)
-
-    def _explain(self, refs: list[TaskRef]) -> None:
-        """Say what changed since the previous run of each new task: the last task with the same
-        label, else the previous call of the same function or cell whose label no task of this
-        run has (an argument changed: ``f(x=5)`` became ``f(x=6)``)."""
-        latest = self.store.latest_by_label(self.pipeline_id, [r.label for r in refs])
-        orphans = [r for r in refs if r.label not in latest]
-        by_name = self.store.latest_by_name(self.pipeline_id, [r.name for r in orphans]) \
-            if orphans else {}
-        taken = set(self._by_label)
-        old_version = False
-        for r in refs:
-            prev = latest.get(r.label)
-            if prev is None:
-                prev = _closest(r, [row for row in by_name.get(r.name, ())
-                                    if row["label"] not in taken])
-            old = json.loads(prev["components"]) if prev is not None else None
-            r.reason = explain(r.components, old, r.name)
-            old_version = old_version or (old is not None and old.get("identity")
-                                          != r.components.get("identity"))
-        if old_version and self.name not in _told_identity:
-            _told_identity.add(self.name)
-            warnings.warn(
-                f"pipeline {self.name!r}: this store's tasks were keyed by an older nbpipe "
-                f"(identity rules version < {IDENTITY_VERSION}); their results are kept, and "
-                "tasks run once under the new rules, which follow more of your code and data "
-                "(see 'Identity' in docs/concepts.md)", stacklevel=4)
-
-    def _adopt_results(self, keys: list[str]) -> dict[str, dict[str, Any]]:
-        """Result files on disk that the store does not list: written by a worker whose runner
-        died before recording them. Files are renamed into place whole, and each carries the
-        checksum of its contents: a file that verifies is recorded instead of computing the task
-        again; one that does not (altered, or written before files carried checksums) is not."""
-        from .results import read_verified, relative_path, result_path
-
-        found: dict[str, dict[str, Any]] = {}
-        batch = Batch()
-        for key in keys:
-            verified = read_verified(result_path(self.store.path, key))
-            if verified is None:
-                continue
-            checksum, size = verified
-            found[key] = {"path": relative_path(key), "checksum": checksum, "size": size}
-            batch.results.append((key, relative_path(key), checksum, size, time.time(), None))
-        self.store.write(batch)
-        return found
-
-    # -- running ------------------------------------------------------------------------------
-
     def _closure(self, targets: Iterable[TaskRef]) -> list[TaskRef]:
         return reach(targets, lambda r: r.deps)
 
@@ -868,7 +684,7 @@ class Pipeline:
                 and not all(p.exists() for p in r.out_files)]
         if gone:  # an output file was deleted since the task ran here: it runs again, saying so
             with self._lock:
-                self._find_done(gone)
+                self._fresh.find_done(gone)
         with self._lock:
             if run_mode("keep-succeeded", modes.get("keep_succeeded")):
                 runmodes.keep_succeeded(self, refs)
@@ -879,7 +695,7 @@ class Pipeline:
         if todo and (live or not paused):  # a paused pipeline starts no cluster for nothing
             runner = self._ensure_runner(wait_for_runner, timeout)
             if not live:  # a new runner: another process may have run some since they resolved
-                todo = self._found_since(todo)
+                todo = self._fresh.found_since(todo)
             runner.check(todo)  # a task no worker pool can hold fails here, before any runs
             runner.stop_on_failure = run_mode("stop-on-failure", modes.get("stop_on_failure"))
             for r in todo:
@@ -901,18 +717,6 @@ class Pipeline:
                 summary.failed,
             )
         return summary
-
-    def _found_since(self, todo: list[TaskRef]) -> list[TaskRef]:
-        """``todo`` without the tasks whose results were recorded since they were resolved (by
-        another process that ran the pipeline meanwhile: this one was refused with
-        PipelineBusy, then ran again); one lookup, and more work only for those found."""
-        found = self.store.results([r.key for r in todo])
-        done = [r for r in todo if r.key in found and r.func.opts.cache
-                and _intact(found[r.key], self.store.path)
-                and all(p.exists() for p in r.out_files)]
-        if done:  # (only those: the others keep the reason they were given)
-            self._find_done(done)
-        return [r for r in todo if r.state is State.WAITING]
 
     def _summary(self, refs: list[TaskRef], report: bool = True) -> RunSummary:
         """Counts of ``refs``; *executed* are those this process ran since a summary last
@@ -1289,13 +1093,3 @@ def _absolute(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_absolute(v) for v in value)
     return value
-
-
-def _intact(result: Any, store_dir: Path) -> bool:
-    """Whether a recorded result is there with its size (checksums are verified on reading)."""
-    if result["path"] == INLINE:
-        return result["data"] is not None and len(result["data"]) == result["size"]
-    try:
-        return os.stat(locate(store_dir, result["path"])).st_size == result["size"]
-    except OSError:
-        return False
