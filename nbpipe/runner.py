@@ -555,6 +555,8 @@ class Runner:
             return []
         count, total = self.durations.get(func, (0, 0.0))
         if count < PROBE_COUNT // 4:
+            if self.pools is not None:  # (a batch job's walltime may end a long fused run)
+                return []
             limit = FUSE_UNKNOWN
         else:  # about BATCH_SECONDS of work per Dask task, as batches of independent tasks
             limit = min(MAX_BATCH, int(self.batch_seconds / max(total / count, 1e-4)))
