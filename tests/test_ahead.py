@@ -382,3 +382,31 @@ def test_pausing_takes_a_fused_chain_back_and_resume_runs_each_task_once(
     pipe.run(check=True)
     assert refs[-1].result() == 6
     assert [r.attempts for r in refs] == [1] * 6
+
+
+def test_a_task_added_later_reads_a_value_from_inside_a_fused_chain(
+        pipe: Pipeline, tmp_path: Path) -> None:
+    # The fused chain drops a task's value from memory once the next task read it: a task that
+    # reads it and is added while the chain runs waits for its result instead of being handed
+    # to Dask ahead with the chain's Dask task as its input.
+    gate, ran = tmp_path / "gate", tmp_path / "ran"
+    ran.mkdir()
+    refs = _gated_chain(pipe, gate, ran, 6)
+    pipe.run(wait=False)
+    wait_for(lambda: refs[0].state is State.RUNNING, timeout=60)
+
+    @pipe.task
+    def fresh() -> int:
+        return 100
+
+    @pipe.task
+    def combine(a: int, b: int) -> int:
+        return a + b
+
+    late = combine(refs[2], fresh())  # (fresh goes to Dask at once: combine is a candidate)
+    pipe.run(wait=False)
+    gate.touch()
+    pipe.run(check=True)
+    assert late.result() == 103
+    assert late.attempts == 1
+    assert refs[-1].result() == 6
