@@ -10,7 +10,7 @@ are noise, ratios measured side by side are not.
 - nbpipe, one Dask task per task: the same with adaptive batching off
   (``nbpipe.batch-seconds: 0``), to show the per-task cost.
 
-Graph shapes (``--shapes``, run by default after the no-ops), each side by side with the same
+Graph shapes (``--shape``, all by default, after the no-ops), each side by side with the same
 graph as raw ``client.submit`` futures (futures as arguments), on the same cluster:
 
 - a chain of 200 quick tasks; 40 chains of depth 15; a binary reduce of 512 leaves;
@@ -22,6 +22,7 @@ graph as raw ``client.submit`` futures (futures as arguments), on the same clust
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -33,6 +34,7 @@ import dask
 from distributed import Client, LocalCluster
 
 from nbpipe import Pipeline
+from nbpipe.runner import BATCH_SECONDS, FUSE_UNKNOWN, MAX_BATCH
 
 try:
     from benchmarks.report import machine, write_section
@@ -135,18 +137,22 @@ def nbpipe_shape(client: Client, name: str, round_: int) -> float:
     return elapsed
 
 
-def shapes(client: Client, names: list[str], rounds: int) -> dict[str, tuple[float, float]]:
-    """Median seconds (raw, nbpipe) per shape, alternating the sides round by round."""
+def shapes(client: Client, names: list[str], rounds: int
+           ) -> dict[str, tuple[float, float, float, float]]:
+    """Per shape: median seconds (raw, nbpipe), alternating the sides round by round, and the
+    machine's lowest and highest 1-minute load average seen during its rounds."""
     out = {}
     for name in names:
         raw_shape(client, name)  # warm up: the functions' imports on every worker
-        raw, ours = [], []
+        nbpipe_shape(client, name, -1)  # ... and nbpipe's own, on every worker
+        raw, ours, load = [], [], [os.getloadavg()[0]]
         for r in range(rounds):
             raw.append(raw_shape(client, name))
             ours.append(nbpipe_shape(client, name, r))
-            print(f"{name}, round {r + 1}: raw {raw[-1]:.2f} s, nbpipe {ours[-1]:.2f} s",
-                  flush=True)
-        out[name] = (statistics.median(raw), statistics.median(ours))
+            load.append(os.getloadavg()[0])
+            print(f"{name}, round {r + 1}: raw {raw[-1]:.2f} s, nbpipe {ours[-1]:.2f} s, "
+                  f"ratio {ours[-1] / raw[-1]:.2f}, load {load[-1]:.1f}", flush=True)
+        out[name] = (statistics.median(raw), statistics.median(ours), min(load), max(load))
     return out
 
 
@@ -201,7 +207,7 @@ def main() -> None:
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
                   flush=True)
         shaped = shapes(client, names, args.rounds)
-    for name, (raw, ours) in shaped.items():
+    for name, (raw, ours, _, _) in shaped.items():
         target = SHAPES[name][2]
         print(f"{name}: raw {raw:.2f} s, nbpipe {ours:.2f} s, ratio {ours / raw:.2f} "
               f"(target <= {target}: {'PASS' if ours / raw <= target else 'MISS'})")
@@ -211,30 +217,39 @@ def main() -> None:
         write_shapes(args, shaped, workers)
 
 
-def write_shapes(args: argparse.Namespace, shaped: dict[str, tuple[float, float]],
-                 workers: int) -> None:
+def write_shapes(args: argparse.Namespace,
+                 shaped: dict[str, tuple[float, float, float, float]], workers: int) -> None:
     """The "Graph shapes" section of docs/performance.md."""
     rows = "\n".join(
         f"| {name} | {raw:.2f} s | {ours:.2f} s | **{ours / raw:.2f}** | <= {SHAPES[name][2]} "
-        f"{'PASS' if ours / raw <= SHAPES[name][2] else 'MISS'} |"
-        for name, (raw, ours) in shaped.items())
+        f"{'PASS' if ours / raw <= SHAPES[name][2] else 'MISS'} | {low:.1f}-{high:.1f} |"
+        for name, (raw, ours, low, high) in shaped.items())
     body = f"""Deep and data-heavy graphs, each built twice on one LocalCluster ({workers} worker
 processes x 1 thread): as raw `client.submit` futures with futures as arguments, and as nbpipe
 tasks in a fresh store (`Pipeline(...)`, registration, `run()`, `.result()` of the end tasks,
-all timed); {args.rounds} rounds alternating the sides; medians.
+all timed); one warm-up round of each side, then {args.rounds} rounds alternating the sides;
+medians. The last column is the machine's 1-minute load average during the rounds (on 2 cores,
+shared with other work): the absolute times move with it, the side-by-side ratios much less.
 
-| graph | raw Dask | nbpipe | ratio | target |
-| --- | --- | --- | --- | --- |
+| graph | raw Dask | nbpipe | ratio | target | load |
+| --- | --- | --- | --- | --- | --- |
 {rows}
 
 How: the runner hands Dask a task's dependents as soon as the task is submitted, with its
-future as their input (a whole chain goes to Dask in one tick), so Dask starts each level
+future as their input (a whole graph goes to Dask in one tick), so Dask starts each level
 the moment the previous one ends, on the worker that holds its value, without a round trip
-through the runner. A task's Dask result holds its value in the worker's memory besides its
-outcome; the runner fetches only the outcomes, and consumers take the values from their
-inputs (moved worker to worker by Dask) instead of reading back result files. Results are
-still written to the store for resume, and every transition is recorded in order: a
-handed-ahead task stays WAITING until the runner has recorded its upstream tasks' success.
+through the runner. A chain of tasks of one function, each the only dependent of the one
+before, goes further: up to {FUSE_UNKNOWN} of them (while their durations are unknown; about
+{BATCH_SECONDS} s of work once known, at most {MAX_BATCH}) run as one Dask task, one after
+the other on one worker, so Dask's per-task cost (scheduling, a message each way, the
+worker's bookkeeping) is paid once per run instead of once per level; the worker streams
+each task's outcome back as it ends and drops a task's value once the next one read it. A
+task's Dask result holds its value in the worker's memory besides its outcome; the runner
+fetches only the outcomes, and consumers take the values from their inputs (moved worker to
+worker by Dask) instead of reading back result files. Every task keeps its own key, state,
+attempt record and result file (written for resume), and every transition is recorded in
+order: a handed-ahead or fused task stays WAITING until the runner has recorded its upstream
+task's success.
 """
     write_section(Path(__file__).resolve().parent.parent / "docs" / "performance.md",
                   "Graph shapes against raw Dask", body, machine())

@@ -210,7 +210,9 @@ bookkeeping (recording each task's state, attempt and result) is the bound. Widt
 a level of independent tasks goes to Dask in one `client.map`. Depth is cheap too now: a task
 goes to Dask as soon as its upstream tasks have been sent, with their futures as its inputs,
 so a whole chain is handed to Dask in one tick and Dask starts each level when the previous
-one ends, without a round trip through the runner (see "Graph shapes against raw Dask").
+one ends, without a round trip through the runner (see "Graph shapes against raw Dask"); a
+chain of quick tasks of one function runs as one Dask task (see "Chains: where the time went,
+and fusion").
 
 What bounded resume before (cProfile of 10,000 tasks, 3.0 s then): the content identity --
 four canonical encodings per task, the function's code identity re-encoded for every call --

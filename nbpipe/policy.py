@@ -200,6 +200,7 @@ def _configured() -> dict[str, Any]:
 
 # func -> (config snapshot, pipeline defaults, policy): computed once per function and settings.
 _memo: weakref.WeakKeyDictionary[Any, tuple[Any, Any, Policy]] = weakref.WeakKeyDictionary()
+_NO_DEFAULTS: dict[str, Any] = {}
 
 
 def effective(func: TaskFunction, pipeline: Pipeline | None) -> Policy:
@@ -209,7 +210,9 @@ def effective(func: TaskFunction, pipeline: Pipeline | None) -> Policy:
 
     # (by value: dask.config.set may change the configuration's dicts in place)
     raw = repr(dask.config.get("nbpipe.task", None))
-    defaults = getattr(pipeline, "defaults", None) or {}
+    # (one empty mapping for every pipeline without defaults: a new `{}` per call missed the memo,
+    # and each miss looked for nbpipe.yaml from the working directory up: ms per task submitted)
+    defaults = getattr(pipeline, "defaults", None) or _NO_DEFAULTS
     memo = _memo.get(func)
     if memo is not None and memo[0] == raw and memo[1] is defaults:
         return memo[2]

@@ -51,6 +51,7 @@ from .worker import (
     interrupt,
     outcomes_of,
     run_items,
+    skip_attempts,
 )
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ PROBE_MIN = 64  # fewer ready tasks of a function than this are never held back
 PROBE_COUNT = 16  # tasks run first to learn how long a function's tasks take
 PROBE_TIME = 0.5  # seconds the other tasks wait for more probes once the first one finished
 PROBE_START = 30.0  # seconds at most they wait for a first probe to finish (workers starting)
+FUSE_UNKNOWN = 16  # tasks of a chain fused into one Dask task while their durations are unknown
 
 
 TOPIC_HISTORY = 16  # events of a runner's topic the scheduler keeps (it delivers them all)
@@ -120,6 +122,7 @@ class Submission:
     remaining: int = -1  # its refs not yet detached (outcome, failure or release)
     inputs: list[Submission] = field(default_factory=list)  # upstream submissions (handed ahead)
     extra: list[Any] = field(default_factory=list)  # futures of Dask collections in its arguments
+    fused: bool = False  # a chain: refs[1:] each read only the value of the one before (ahead)
 
     def __post_init__(self) -> None:
         self.remaining = len(self.refs)
@@ -163,6 +166,7 @@ class Runner:
         self._released: deque[TaskRef] = deque()  # went from ahead to PENDING with reports kept
         self._sent = 0  # submissions so far: handed-ahead Dask keys are never reused
         self._collections: list[tuple[str, Any]] = []  # Dask collections in the items being built
+        self._skip: list[tuple[str, str]] = []  # (task, Dask key) taken back from fused chains
         self.kill_deadline: dict[TaskRef, float] = {}
         self.paused = self.store.is_paused(self.pid)
         self.stop_on_failure = False  # i20: set by run(stop_on_failure=True) (nbpipe.policy)
@@ -432,6 +436,9 @@ class Runner:
             if self._write_error is not None:
                 log.warning("nbpipe: the store %s is writable again", self.store.path)
                 self._write_error = None
+        if self._skip:
+            self._interrupt_attempts(self._skip)
+            self._skip = []
         if self.failed_since_tick:  # so `nbpipe retry` can run them from another process
             refs, self.failed_since_tick = list(self.failed_since_tick), {}
             try:
@@ -526,15 +533,56 @@ class Runner:
             return False
         for dep in self.pipe.deps(ref):
             if dep.state is not State.SUCCEEDED and (
-                    dep not in self.sub_of or dep in self.kill_requested):
-                return False
+                    dep not in self.sub_of or dep in self.kill_requested
+                    or (self.sub_of[dep].fused and self.sub_of[dep].refs[-1] is not dep)):
+                return False  # (inside a fused chain, a value is dropped once the next read it)
         return True
+
+    def _chain_below(self, ref: TaskRef) -> list[TaskRef]:
+        """The tasks to fuse with ``ref`` into its Dask task: the chain below it in which each
+        task is the only dependent of the one before and has no other upstream task, with the
+        same function (so the same options), while their durations are unknown or short.
+
+        A chain runs one task after another whatever Dask does; as one Dask task it pays Dask's
+        per-task cost (scheduling, a message each way, the worker's bookkeeping) once instead
+        of once per level. Each task keeps its own key, state, attempt record and result file,
+        and the worker streams the outcomes back as they come (nbpipe.worker).
+        """
+        func = ref.func
+        if (self.paused or func is None or self.batch_seconds <= 0 or ref.late
+                or func.opts.max_concurrent is not None or self.max_concurrent is not None
+                or (ref.chunksize and ref.group) or ref in self.memory_boost):
+            return []
+        count, total = self.durations.get(func, (0, 0.0))
+        if count < PROBE_COUNT // 4:
+            if self.pools is not None:  # (a batch job's walltime may end a long fused run)
+                return []
+            limit = FUSE_UNKNOWN
+        else:  # about BATCH_SECONDS of work per Dask task, as batches of independent tasks
+            limit = min(MAX_BATCH, int(self.batch_seconds / max(total / count, 1e-4)))
+        chain: list[TaskRef] = []
+        last = ref
+        while len(chain) + 1 < limit:
+            below = self.children.get(last, ())
+            if len(below) != 1:
+                break
+            (child,) = below
+            if (child.func is not func or child.state is not State.WAITING or child.late
+                    or child in self.sub_of or self.blockers.get(child, 0) != 1
+                    or child in self.memory_boost or child in self.kill_requested
+                    or (child.chunksize and child.group)
+                    or len(self.pipe.deps(child)) != 1):
+                break
+            chain.append(child)
+            last = child
+        return chain
 
     def _hand_ahead(self, submitted: list[TaskRef]) -> None:
         """Submit the dependents of ``submitted`` that may go ahead, level after level."""
         frontier = submitted
         while frontier:
-            candidates = dict.fromkeys(c for r in frontier for c in self.children.get(r, ()))
+            ends = [self.sub_of[r].refs[-1] if r in self.sub_of else r for r in frontier]
+            candidates = dict.fromkeys(c for r in ends for c in self.children.get(r, ()))
             frontier = [c for c in candidates if self._may_hand(c) and self._submit([c], ahead=True)]
 
     def _unhand(self, ref: TaskRef) -> None:
@@ -542,14 +590,17 @@ class Runner:
         self.ahead.discard(ref)
         self.early.pop(ref, None)
         sub = self.sub_of.pop(ref, None)
-        if sub is not None:  # (handed-ahead submissions hold one task each)
-            sub.cancelled = True
-            sub.remaining = 0
-            self.inflight.pop(sub.dask_key, None)
-            self.awaiting.pop(sub, None)
+        if sub is not None:
             self.active[cap_identity(ref.func)] -= 1
-            if sub.future is not None:
-                sub.future.cancel()
+            sub.remaining -= 1
+            if sub.remaining <= 0:  # nothing of it is wanted any more
+                sub.cancelled = True
+                self.inflight.pop(sub.dask_key, None)
+                self.awaiting.pop(sub, None)
+                if sub.future is not None:
+                    sub.future.cancel()
+            else:  # a fused chain whose first tasks stay: its worker skips this attempt
+                self._skip.append((ref.key, sub.dask_key))
             ref.attempts -= 1
         ref.worker = None
 
@@ -581,7 +632,7 @@ class Runner:
                 if self.sub_of.get(ref) is not sub:
                     break
                 if kind == "start":
-                    self._started(payload)
+                    self._started({**payload, "keys": [ref.key]})
                 elif kind == "outcome":
                     self._apply(sub, [payload])
                 else:
@@ -805,11 +856,14 @@ class Runner:
         items = []
         if not ahead:
             self.pipe.ran.update(refs)  # what run() reports as executed (retries included)
-        for ref in refs:
+        chain = self._chain_below(refs[0]) if len(refs) == 1 else []
+        for ref in chain:  # handed ahead inside the same Dask task (counted as _hand_ahead does)
+            self.active[cap_identity(ref.func)] += 1
+        for ref in [*refs, *chain]:
             needs = bool(ref.upstream) or holds_collection((ref.args, ref.kwargs))
             ref.attempts += 1
             ref.worker = None
-            if ahead:
+            if ahead or ref in chain:
                 self.ahead.add(ref)
             else:
                 ref.state = State.PENDING
@@ -820,26 +874,29 @@ class Runner:
                 kind=ref.func.kind, env=ref.func.run_env(ref.shape),
                 outputs=tuple(str(p) for p in ref.out_files), inline=self.inline_bytes,
                 timeout=policy.timeout_of(ref),  # i20: enforced by the worker (nbpipe.policy)
+                fused=bool(chain) and ref is not chain[-1],
             ))
-            if not ahead:
+            if not (ahead or ref in chain):
                 self.batch.state(self.pid, ref.key, State.PENDING.value, attempts=ref.attempts,
                                  reason=ref.reason)
         first = refs[0]
         dask_key = f"{first.name}-{first.key[:16]}-{first.attempts}"
         if len(refs) > 1:
             dask_key += f"-x{len(refs)}"
+        if chain:
+            dask_key += f"-chain{len(chain) + 1}"
         self._sent += 1
-        if ahead:  # (taken back and sent again, it must not meet its cancelled key)
+        if ahead or chain:  # (taken back and sent again, it must not meet its cancelled key)
             dask_key += f"-a{self._sent}"
-        sub = Submission(dask_key, refs)
+        sub = Submission(dask_key, [*refs, *chain], fused=bool(chain))
         if self._collections:
             sub.extra = [self.client.submit(as_done, key, self.client.compute(value), pure=False)
                          for key, value in dict(self._collections).items()]
             self._collections.clear()
         self.inflight[dask_key] = sub
-        for ref in refs:
+        for ref in sub.refs:
             self.sub_of[ref] = sub
-        self.counters.submitted += len(refs)
+        self.counters.submitted += len(sub.refs)
         self._demand_grew = True
         if self.pools is not None:
             sub.pool = resources[0][0].removeprefix("pool-")
@@ -1251,12 +1308,13 @@ class Runner:
             self._unhand(ref)
         taken = []
         for sub in list(self.inflight.values()):
-            if sub.started or any(r.state is not State.PENDING for r in sub.refs):
+            live = [r for r in sub.refs if self.sub_of.get(r) is sub]
+            if sub.started or any(r.state is not State.PENDING for r in live):
                 continue
             sub.cancelled = True
             sub.future.cancel()
             self._release(sub)
-            for ref in sub.refs:
+            for ref in live:
                 ref.attempts -= 1
                 ref.state = State.WAITING
                 taken.append(ref)
@@ -1316,6 +1374,18 @@ class Runner:
 
         threading.Thread(target=send, daemon=True).start()
 
+    def _interrupt_attempts(self, attempts: list[tuple[str, str]]) -> None:
+        """Tell every worker to skip (or stop) these task attempts: taken back from a fused
+        chain whose Dask task goes on (from a thread: never block the loop)."""
+
+        def send() -> None:
+            try:
+                self.client.run(skip_attempts, attempts, on_error="ignore")
+            except Exception:  # a worker gone: its Dask task is gone too
+                log.debug("could not skip %d attempt(s)", len(attempts), exc_info=True)
+
+        threading.Thread(target=send, daemon=True).start()
+
     def _kill_fallbacks(self, now: float) -> None:
         """Restart the worker of a killed task that did not stop (blocked in C code)."""
         for ref, deadline in list(self.kill_deadline.items()):
@@ -1325,13 +1395,14 @@ class Runner:
             sub = self.sub_of.get(ref)
             if sub is None or ref.state is not State.RUNNING:
                 continue
+            live = [r for r in sub.refs if self.sub_of.get(r) is sub and r not in self.ahead]
             sub.cancelled = True
             sub.future.cancel()
-            self._release(sub)
+            self._release(sub)  # (a fused chain's handed-ahead tasks are taken back with it)
             if ref.worker:
                 threading.Thread(target=self._restart_worker, daemon=True,
                                  args=(ref.worker, sub.refs[0].key, sub.refs[0].attempts)).start()
-            for other in sub.refs:
+            for other in live:
                 if other is ref or other in self.kill_requested:
                     self._finish(other, State.KILLED,
                                  f"task {other.label!r} was killed on request (worker restarted)")

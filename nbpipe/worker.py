@@ -148,6 +148,9 @@ class WorkItem:
     outputs: tuple[str, ...] = ()
     inline: int = 0  # the largest result kept inline, if the task is quick (nbpipe.results)
     timeout: float | None = None  # seconds it may run (nbpipe.policy); enforced here
+    # Fused into a chain with the next item of its Dask task, which alone reads its value: the
+    # value leaves the worker's memory once that item ran (its result file stays).
+    fused: bool = False
 
 
 @dataclass
@@ -305,9 +308,13 @@ _env_lock = threading.Lock()
 _sent_envs: set[tuple[str, str]] = set()
 
 
-def interrupt(key: str) -> bool:
-    """Stop task ``key`` on this worker: raise TaskKilled in its thread. True if it was running."""
-    _killed.add(key)
+def interrupt(key: str, within: str | None = None) -> bool:
+    """Stop task ``key`` on this worker: raise TaskKilled in its thread. True if it was running.
+
+    With ``within`` (a Dask key), only its run inside that Dask task is stopped or skipped: the
+    task sent again later (in another Dask task) runs.
+    """
+    _killed.add(key if within is None else f"{key}@{within}")
     thread_id = _running.get(key)
     if thread_id is None:
         return False
@@ -315,6 +322,12 @@ def interrupt(key: str) -> bool:
         ctypes.c_ulong(thread_id), ctypes.py_object(TaskKilled)
     )
     return True
+
+
+def skip_attempts(attempts: list[tuple[str, str]]) -> None:
+    """Skip (or stop, when running) these (task key, Dask key) on this worker (:func:`interrupt`)."""
+    for key, within in attempts:
+        interrupt(key, within)
 
 
 class _Watchdog:
@@ -383,6 +396,16 @@ def _worker_address() -> str | None:
 
         return get_worker().address
     except Exception:
+        return None
+
+
+def _dask_key() -> str | None:
+    try:
+        from distributed import get_worker
+
+        key = get_worker().get_current_task()
+        return key if isinstance(key, str) else str(key)
+    except Exception:  # not on a Dask worker
         return None
 
 
@@ -463,6 +486,7 @@ class _Where(NamedTuple):
     hostname: str
     pid: int
     job_id: str | None
+    task: str | None = None  # the Dask key (an item taken back from it is skipped: interrupt)
 
 
 _DISK_FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
@@ -507,7 +531,7 @@ def _run_one(
     _set_context(ctx)
     try:
         try:
-            if item.key in _killed:
+            if item.key in _killed or f"{item.key}@{where.task}" in _killed:
                 raise TaskKilled(f"task {item.label!r} was killed")
             before = _stats(item.outputs)  # outputs there already: each must be rewritten
             _running[item.key] = threading.get_ident()
@@ -577,6 +601,7 @@ def _run_one(
         out_router.capture(None)
         err_router.capture(None)
         _killed.discard(item.key)
+        _killed.discard(f"{item.key}@{where.task}")
     outcome.end = time.time()
     # After the task: the packages it imported itself are part of what ran.
     outcome.env_id, env = environment()
@@ -672,7 +697,7 @@ def run_items(
     for done in inputs or ():
         values.update(done.values)
     _notify_start(topic, [item.key for item in items], address)
-    where = _Where(address, socket.gethostname(), os.getpid(), batch_job_id())
+    where = _Where(address, socket.gethostname(), os.getpid(), batch_job_id(), _dask_key())
     first = items[0]
     # Dask runs a task again when the worker process running it died: the record that process
     # left tells which item ended it, and that item becomes a failed attempt instead of
@@ -701,6 +726,8 @@ def run_items(
                                          recorder))
                 if recorder is not None:
                     recorder.end(item.key, item.attempt)
+            if number > 1 and items[number - 2].fused:  # read by this item only: let it go
+                values.pop(items[number - 2].key, None)
             if stream is not None and number < len(items):
                 stream.item_done()
     finally:

@@ -206,3 +206,207 @@ def test_pausing_takes_handed_ahead_tasks_back_until_resume(
     pipe.resume()
     pipe.run(check=True)
     assert second.result() == 2 and second.attempts == 1
+
+
+# -- chains fused into one Dask task -----------------------------------------------------------
+#
+# A chain of tasks of one function, each the only dependent of the one before, runs as one Dask
+# task (Dask's per-task cost paid once, not per level); each task still has its own key, state,
+# attempt record and result file, recorded in order.
+
+
+
+
+
+def test_a_chain_of_one_function_runs_in_fewer_dask_tasks_each_task_recorded_in_order(
+        pipe: Pipeline) -> None:
+    @pipe.task
+    def step(seen: list[str] | None, i: int) -> list[str]:
+        from distributed import get_worker
+
+        return [*(seen or []), str(get_worker().get_current_task())]
+
+    refs = [step(None, 0)]
+    for i in range(1, 40):
+        refs.append(step(refs[-1], i))
+    pipe.run(check=True)
+    seen = refs[-1].result()
+    assert len(seen) == 40
+    assert len(set(seen)) < 20  # fused: many tasks per Dask task (not one Dask task per task)
+    results = pipe.store.results([r.key for r in refs])
+    for number, (up, down) in enumerate(zip(refs, refs[1:], strict=False), 2):
+        assert down.result() == seen[:number]  # its own result, read back from the store
+        assert down.key in results
+        assert down.attempts == 1
+        assert [a["state"] for a in pipe.store.attempts(pipe.pipeline_id, down.key)] == \
+            ["SUCCEEDED"]
+        moves = [(i, s) for i, s in _events(pipe, down.key) if s != "WAITING"]
+        assert moves[0][0] > _first(_events(pipe, up.key), "SUCCEEDED")
+
+
+def test_a_chain_is_not_fused_with_batching_off_nor_across_functions(pipe: Pipeline) -> None:
+    import dask
+
+    def where(seen: list[str] | None) -> list[str]:
+        from distributed import get_worker
+
+        return [*(seen or []), str(get_worker().get_current_task())]
+
+    one, two = pipe.task(where, name="one"), pipe.task(where, name="two")
+    alternating = [one(None)]
+    for i in range(1, 8):
+        alternating.append((two if i % 2 else one)(alternating[-1]))
+    pipe.run(check=True)
+    assert len(set(alternating[-1].result())) == 8
+
+    with dask.config.set({"nbpipe.batch-seconds": 0}):
+        other = Pipeline(pipe.name + "-unbatched", store=pipe.store.path, cluster=pipe.client)
+        try:
+            step = other.task(where, name="step")
+            chain = [step(None)]
+            for _ in range(7):
+                chain.append(step(chain[-1]))
+            other.run(check=True)
+            assert len(set(chain[-1].result())) == 8
+        finally:
+            other.close()
+
+
+def test_a_failure_inside_a_fused_chain_is_retried_and_what_follows_runs_once(
+        pipe: Pipeline, tmp_path: Path) -> None:
+    @pipe.task(retries=1)
+    def step(x: int, fail_at: int, marker: str) -> int:
+        import os
+
+        if x == fail_at and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError("first attempt fails")
+        return x + 1
+
+    marker = str(tmp_path / "failed-once")
+    refs = [step(0, 5, marker)]
+    for _ in range(11):
+        refs.append(step(refs[-1], 5, marker))
+    pipe.run(check=True)
+    assert refs[-1].result() == 12
+    assert [r.attempts for r in refs] == [1] * 5 + [2] + [1] * 6
+    failed = refs[5]
+    for ref in refs[6:]:
+        assert [a["state"] for a in pipe.store.attempts(pipe.pipeline_id, ref.key)] == \
+            ["SUCCEEDED"]
+        moves = [i for i, s in _events(pipe, ref.key) if s != "WAITING"]
+        assert moves[0] > _first(_events(pipe, failed.key), "SUCCEEDED")
+
+
+def test_a_failure_inside_a_fused_chain_fails_what_follows_without_an_attempt(
+        pipe: Pipeline) -> None:
+    @pipe.task
+    def step(x: int) -> int:
+        if x == 4:
+            raise ValueError("no")
+        return x + 1
+
+    refs = [step(0)]
+    for _ in range(9):
+        refs.append(step(refs[-1]))
+    pipe.run(check=False)
+    assert [r.state for r in refs[:4]] == [State.SUCCEEDED] * 4
+    assert refs[4].state is State.FAILED
+    for ref in refs[5:]:
+        assert ref.state is State.UPSTREAM_FAILED and ref.attempts == 0
+        assert pipe.store.attempts(pipe.pipeline_id, ref.key) == []
+        assert {s for _, s in _events(pipe, ref.key)} <= {"WAITING", "UPSTREAM_FAILED"}
+
+
+def _skips(dask_worker: object = None) -> list[str]:
+    from nbpipe import worker
+
+    return sorted(worker._killed)
+
+
+def _gated_chain(pipe: Pipeline, gate: Path, ran: Path, length: int) -> list[object]:
+    @pipe.task
+    def step(x: int, gate: str, ran: str) -> int:
+        import os
+
+        while x == 0 and not os.path.exists(gate):
+            time.sleep(0.05)
+        open(os.path.join(ran, str(x)), "w").close()
+        return x + 1
+
+    refs = [step(0, str(gate), str(ran))]
+    for _ in range(length - 1):
+        refs.append(step(refs[-1], str(gate), str(ran)))
+    return refs
+
+
+def test_killing_a_task_inside_a_fused_chain_skips_it_and_fails_what_follows(
+        pipe: Pipeline, tmp_path: Path) -> None:
+    gate, ran = tmp_path / "gate", tmp_path / "ran"
+    ran.mkdir()
+    refs = _gated_chain(pipe, gate, ran, 6)
+    pipe.run(wait=False)
+    wait_for(lambda: refs[0].state is State.RUNNING, timeout=60)
+    pipe.kill(refs[3])
+    wait_for(lambda: refs[3].state.final, timeout=60)
+    # the workers were told to skip it before the chain goes on (the gate opens)
+    wait_for(lambda: any(m.startswith(refs[3].key + "@")
+                         for ms in pipe.client.run(_skips).values() for m in ms), timeout=60)
+    gate.touch()
+    pipe.wait(timeout=120)
+    assert [r.state for r in refs[:3]] == [State.SUCCEEDED] * 3
+    assert refs[3].state is State.KILLED and refs[3].attempts == 0
+    assert pipe.store.attempts(pipe.pipeline_id, refs[3].key) == []
+    for ref in refs[4:]:
+        assert ref.state is State.UPSTREAM_FAILED and ref.attempts == 0
+    assert sorted(p.name for p in ran.iterdir()) == ["0", "1", "2"]  # the killed one never ran
+
+
+def test_pausing_takes_a_fused_chain_back_and_resume_runs_each_task_once(
+        pipe: Pipeline, tmp_path: Path) -> None:
+    gate, ran = tmp_path / "gate", tmp_path / "ran"
+    ran.mkdir()
+    refs = _gated_chain(pipe, gate, ran, 6)
+    pipe.run(wait=False)
+    wait_for(lambda: refs[0].state is State.RUNNING, timeout=60)
+    pipe.pause()
+    wait_for(lambda: pipe.paused, timeout=60)
+    wait_for(lambda: any(m.startswith(refs[1].key + "@")
+                         for ms in pipe.client.run(_skips).values() for m in ms), timeout=60)
+    gate.touch()
+    wait_for(lambda: refs[0].state is State.SUCCEEDED, timeout=60)
+    for ref in refs[1:]:
+        assert ref.state is State.WAITING and ref.attempts == 0
+        assert {s for _, s in _events(pipe, ref.key)} <= {"WAITING"}
+    pipe.resume()
+    pipe.run(check=True)
+    assert refs[-1].result() == 6
+    assert [r.attempts for r in refs] == [1] * 6
+
+
+def test_a_task_added_later_reads_a_value_from_inside_a_fused_chain(
+        pipe: Pipeline, tmp_path: Path) -> None:
+    # The fused chain drops a task's value from memory once the next task read it: a task that
+    # reads it and is added while the chain runs waits for its result instead of being handed
+    # to Dask ahead with the chain's Dask task as its input.
+    gate, ran = tmp_path / "gate", tmp_path / "ran"
+    ran.mkdir()
+    refs = _gated_chain(pipe, gate, ran, 6)
+    pipe.run(wait=False)
+    wait_for(lambda: refs[0].state is State.RUNNING, timeout=60)
+
+    @pipe.task
+    def fresh() -> int:
+        return 100
+
+    @pipe.task
+    def combine(a: int, b: int) -> int:
+        return a + b
+
+    late = combine(refs[2], fresh())  # (fresh goes to Dask at once: combine is a candidate)
+    pipe.run(wait=False)
+    gate.touch()
+    pipe.run(check=True)
+    assert late.result() == 103
+    assert late.attempts == 1
+    assert refs[-1].result() == 6
