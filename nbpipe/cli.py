@@ -34,6 +34,7 @@ from .errors import NbpipeError, StoreDamaged
 from .pipeline import Pipeline
 from .states import State
 from .store import Store, is_store
+from .store.postgres import is_url
 
 console = Console()
 
@@ -82,7 +83,7 @@ def _store(ctx: click.Context) -> Store:
                 "no .nbpipe store here or in any parent directory; give one with --store DIR"
             )
         path = found
-    elif not is_store(path):
+    elif not is_url(path) and not is_store(path):
         raise click.UsageError(f"{path} is not an nbpipe store (no nbpipe.sqlite in it)")
     store = ctx.obj["opened"] = Store(path)
     return store
@@ -482,22 +483,26 @@ def store_group() -> None:
 
 
 @store_group.command("copy")
-@click.argument("source", type=click.Path(file_okay=False, exists=True))
-@click.argument("target", type=click.Path(file_okay=False))
+@click.argument("source")
+@click.argument("target")
 @click.option("--database", type=click.Path(dir_okay=False),
               help="where the copy keeps its SQLite file (a local disk, when TARGET is on a "
                    "network file system); default: in TARGET")
-def store_copy(source: str, target: str, database: str | None) -> None:
-    """Copy the store SOURCE (its database and result files) into the new folder TARGET, and
-    verify the copy (every row, every result's checksum). Nothing runs again from the copy.
+@click.option("--results", type=click.Path(file_okay=False),
+              help="the folder for the result files when TARGET is a PostgreSQL URL (mounted by "
+                   "every host); default: $NBPIPE_RESULTS")
+def store_copy(source: str, target: str, database: str | None, results: str | None) -> None:
+    """Copy the store SOURCE (its database and result files) to TARGET -- a new folder, or a
+    PostgreSQL URL with no pipelines yet -- and verify the copy (every row, every result's
+    checksum). Either may be a folder or a postgresql:// URL. Nothing runs again from the copy.
 
     Refused while a runner of SOURCE is live, and when TARGET holds a store already.
     """
     from .store.copy import copy_store
 
-    if not is_store(source):
+    if not is_url(source) and not is_store(source):
         raise click.UsageError(f"{source} is not an nbpipe store (no nbpipe.sqlite in it)")
-    report = copy_store(Store(source), target, database=database)
+    report = copy_store(Store(source), target, database=database, results=results)
     rows = sum(report["tables"].values())
     if not report["ok"]:
         raise click.ClickException(f"the copy in {report['target']} differs from {source}: "
