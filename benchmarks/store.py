@@ -14,7 +14,7 @@ The placements alternate, three rounds each, and the medians are reported. The P
 needs a server: ``NBPIPE_BENCH_POSTGRES`` or ``NBPIPE_TEST_POSTGRES`` (``bash .ci/postgres-up``
 prints one); each measurement gets a schema of its own, dropped afterwards.
 
-    python benchmarks/store.py [--tasks 10000] [--rounds 3] [--no-write]
+    python benchmarks/store.py [--tasks 10000] [--rounds 3] [--no-write]   # -> docs/store.md
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _resume(folder: Path, store: str | None, address: str, tasks: int) -> dict:
 
 
 def main() -> None:
-    """Measure, print, and write the "Store placement" section of docs/performance.md."""
+    """Measure, print, and write the "Store placement" section of docs/store.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
@@ -139,8 +139,10 @@ which is not measured here. Medians of {args.rounds} alternating rounds.
 """
     print(body)
     if not args.no_write:
-        write_section(Path(__file__).resolve().parent.parent / "docs" / "performance.md",
-                      "Store placement", body, machine())
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        write_section(Path(__file__).resolve().parent.parent / "docs" / "store.md",
+                      "Store placement", body,
+                      f"{machine()}, load average {load} (1, 5, 15 min) when it ended")
 
 
 if __name__ == "__main__":

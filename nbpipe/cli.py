@@ -71,7 +71,7 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:
 def _store_option(command: Any) -> Any:
     """``--store`` after the command name too: people put it where they think of it."""
     return click.option("--store", type=click.Path(file_okay=False), expose_value=False,
-                        callback=_remember, help="the store directory")(command)
+                        callback=_remember, help="the store: a folder or a postgresql:// URL")(command)
 
 
 def _store(ctx: click.Context) -> Store:
@@ -116,7 +116,8 @@ def _state(state: str) -> str:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--store", type=click.Path(file_okay=False),
-              help="the store directory (also accepted after the command name)")
+              help="the store: a folder, or a postgresql:// URL (its results folder: recorded, "
+                   "or NBPIPE_RESULTS); also accepted after the command name")
 @click.option("--json", "as_json", is_flag=True,
               help="machine-readable output of a listing (also accepted after the command name)")
 @click.version_option(package_name="nbpipe")

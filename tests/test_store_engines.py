@@ -144,12 +144,12 @@ import sys, time
 from nbpipe import Pipeline
 
 pipe = Pipeline("many", cluster={"kind": "local", "workers": 2})
-count = int(sys.argv[1])
+count, PAUSE = int(sys.argv[1]), float(sys.argv[2])
 
 
 @pipe.task
 def step(i: int) -> int:
-    time.sleep(float(sys.argv[2]))
+    time.sleep(PAUSE)
     return i * i
 
 
@@ -218,12 +218,13 @@ import sys, time
 from nbpipe import Pipeline
 
 pipe = Pipeline("shared")
+GATE = sys.argv[1]
 
 
 @pipe.task
 def slow() -> int:
     import os, time
-    while not os.path.exists(sys.argv[1]):
+    while not os.path.exists(GATE):
         time.sleep(0.05)
     return 6
 
@@ -279,12 +280,13 @@ import os, sys, time
 from nbpipe import Pipeline
 
 pipe = Pipeline("long")
+GATE = sys.argv[1]  # (a global: the task takes its value along to the worker)
 
 
 @pipe.task
 def spin(n: int) -> int:
-    while not os.path.exists(sys.argv[1]):
-        pass
+    while not os.path.exists(GATE):
+        time.sleep(0.02)
     return n
 
 
