@@ -86,7 +86,8 @@ if __name__ == "__main__":
             pipe.run()
         except Exception as exc:
             print("REFUSED", type(exc).__name__, exc, flush=True)
-        print("SEEN", {t.label: t.state for t in pipe.tasks()}, flush=True)
+        watching = Pipeline("survey")  # as a second notebook that only looks at the pipeline
+        print("SEEN", {t.label: t.state for t in watching.tasks()}, flush=True)
         sys.exit(0)
     summary = pipe.run()
     print("SUMMARY", summary.executed, ref.result(), flush=True)
@@ -128,9 +129,8 @@ def test_a_runner_on_one_host_and_the_cli_and_a_script_on_another_share_one_pipe
             assert f"REFUSED PipelineBusy pipeline 'survey' is already being run by pid " \
                    f"{runner.pid} on {host}" in second.stdout, second.stdout + second.stderr[-2000:]
             assert "'gated(x=<first>)': 'RUNNING'" in second.stdout  # the same states there
-            last = json.loads(b.nbpipe("events", "survey", "--json").stdout)
-            since = max(e["id"] for e in last["events"]) if isinstance(last, dict) else \
-                max(e["id"] for e in last)
+            events = b.nbpipe("events", "survey", "--json").stdout  # one JSON line per event
+            since = max(json.loads(line)["id"] for line in events.splitlines())
             watcher = b.start(sys.executable, "-c", WATCH, str(since))
             (results / "gate").write_text("open")
             out, err = runner.communicate(timeout=300)
