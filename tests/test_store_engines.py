@@ -392,3 +392,24 @@ def test_gc_removes_only_results_no_task_wants_and_refuses_while_a_runner_is_liv
     left = set(engine.results.glob("results/*/*.pkl"))
     assert kept <= left and len(left - kept) == 2  # `many`'s kept, and the two `long` wrote
     assert summary(start(script, engine, "4", "0", **extra)) == (0, True, 0)
+
+
+@pytest.mark.ci_required
+def test_a_postgresql_store_opened_first_without_a_results_folder_is_refused_saying_how(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbpipe import Pipeline, StoreError
+
+    monkeypatch.delenv("NBPIPE_RESULTS", raising=False)
+    with fresh_schema(postgres_url()) as url:
+        with pytest.raises(StoreError) as refused:
+            Pipeline("survey", store=url)
+        message = str(refused.value)
+        assert "has no results folder" in message
+        assert all(way in message for way in ("results=DIR", "NBPIPE_RESULTS", "results-dir:"))
+        assert ":nbpipe@" not in message and "postgresql://nbpipe@" in message  # no password
+        Pipeline("survey", store=url, results=tmp_path / "results").close()
+        assert Store(url).path == tmp_path / "results"  # recorded: later openers need not say
+        sqlite_store = Store(tmp_path / ".nbpipe")
+        with pytest.raises(StoreError, match="holds an SQLite store"):
+            Store(url, results=sqlite_store.path)
+        assert Store(tmp_path / ".nbpipe").engine == "sqlite"  # and it stays one
