@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import urllib.parse
 import uuid
 from pathlib import Path
@@ -32,6 +33,15 @@ def blocks(kind: str) -> list[str]:
     start = text.index(SECTION)
     end = text.index("\n## ", start + 1)
     return re.findall(rf"^```{kind}\n(.*?)^```", text[start:end], re.S | re.M)
+
+
+def cluster_yaml() -> str:
+    """The nbpipe.yaml of docs/clusters.md for a store shared by several hosts (in a list item)."""
+    found = [textwrap.dedent(block) for block in re.findall(
+        r"^( *)```yaml\n(.*?)^\1```", (ROOT / "docs" / "clusters.md").read_text(), re.S | re.M)
+        for block in [block[1]] if "postgresql://" in block]
+    assert len(found) == 1
+    return found[0]
 
 
 def test_the_section_shows_one_shell_session_one_config_and_one_script() -> None:
@@ -90,6 +100,11 @@ def test_the_documented_shell_config_and_script_move_a_store_into_postgresql_and
                                capture_output=True, text=True, timeout=600)
         assert again.stdout.strip() == "0 [0, 1, 4, 9]", again.stderr[-3000:]
         assert not (project / ".nbpipe").exists()
+        # docs/clusters.md's nbpipe.yaml for several hosts names the same store
+        (project / "nbpipe.yaml").write_text(cluster_yaml())
+        third = subprocess.run([sys.executable, "script.py"], cwd=project, env=env,
+                               capture_output=True, text=True, timeout=600)
+        assert third.stdout.strip() == "0 [0, 1, 4, 9]", third.stderr[-3000:]
     finally:
         with psycopg.connect(postgres_url(), autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
