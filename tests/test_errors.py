@@ -771,8 +771,8 @@ CONFIG = [
          "not a list", "nbpipe.yaml", "Write `key: value` settings.", None, ("- slurm\n",)),
     Case("configuration", "A misspelt setting, `clsuter: slurm`", "ConfigError",
          "…/nbpipe.yaml: unknown setting 'clsuter' (did you mean 'cluster'?); nbpipe reads cluster, "
-         "idle-timeout, batch-seconds, database, inline-bytes, task, run, store-patience, max-concurrent, "
-         "max-jobs, min-jobs",
+         "idle-timeout, batch-seconds, database, store, results-dir, inline-bytes, task, run, "
+         "store-patience, max-concurrent, max-jobs, min-jobs",
          "'clsuter'", "Fix the setting's name.", None, ("clsuter: slurm\n",)),
     Case("configuration", "`task: {retry_on: [exeption]}`: a misspelt kind of failure", "ConfigError",
          "…/nbpipe.yaml: task: retry_on has the unknown kind 'exeption' (did you mean 'exception'?); "
