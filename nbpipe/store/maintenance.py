@@ -98,6 +98,8 @@ def gc(store: Store, *, dry_run: bool = False) -> list[str]:
     """
     results_dir = os.path.realpath(store.path / "results")
     with store.transaction() as tx:
+        if store.engine == "postgresql":  # its writers do not queue as SQLite's do: make them
+            tx.execute("LOCK TABLE tasks, results IN SHARE ROW EXCLUSIVE MODE")
         live = live_runners(store)
         if live:
             raise PipelineBusy(
