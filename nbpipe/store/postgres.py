@@ -228,7 +228,11 @@ class _Connection:
         import psycopg
 
         rows = [tuple(r) for r in rows]
-        cur = self._cursor()
+        # Server-side binding where every parameter's type comes from a column (UPDATE SET,
+        # INSERT VALUES): psycopg prepares a statement run again and again, a batch's
+        # thousands of rows go through it. A SELECT list gives its parameters no type, so
+        # those statements bind client-side (see _cursor).
+        cur = self.raw.cursor(row_factory=_row_factory) if "SELECT" not in sql else self._cursor()
         if rows:
             try:
                 cur.executemany(translate(sql, True), rows)
