@@ -76,6 +76,10 @@ def _store_option(command: Any) -> Any:
 
 def _store(ctx: click.Context) -> Store:
     path = ctx.obj.get("store") or os.environ.get("NBPIPE_STORE")
+    if not path:
+        from .config import setting
+
+        path = setting("store")  # the project's nbpipe.yaml (a PostgreSQL URL, a folder)
     if path is None:
         found = queries.find_store()
         if found is None:

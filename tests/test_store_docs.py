@@ -105,6 +105,11 @@ def test_the_documented_shell_config_and_script_move_a_store_into_postgresql_and
         third = subprocess.run([sys.executable, "script.py"], cwd=project, env=env,
                                capture_output=True, text=True, timeout=600)
         assert third.stdout.strip() == "0 [0, 1, 4, 9]", third.stderr[-3000:]
+        # the command line in the project folder finds the store through nbpipe.yaml too
+        listing = subprocess.run([sys.executable, "-m", "nbpipe.cli", "tasks", "survey", "--json"],
+                                 cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        assert listing.returncode == 0, listing.stderr[-3000:]
+        assert listing.stdout.count('"SUCCEEDED"') == 4
     finally:
         with psycopg.connect(postgres_url(), autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
