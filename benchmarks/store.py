@@ -131,7 +131,7 @@ def main() -> None:
 this machine's local disk and the PostgreSQL server runs on this host (over TCP on localhost):
 the figures show what each engine costs nbpipe itself. A network file system under the result
 files, or a server on another host, adds its own latency (per result file, per transaction),
-which is not measured here. Medians of {args.rounds} alternating rounds.
+which is not measured here. Medians of {args.rounds} alternating round(s) (`--rounds`).
 {missing}
 | placement | transitions/s (batches of 1,000) | resume of {args.tasks:,} done tasks |
 | --- | --- | --- |
