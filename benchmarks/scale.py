@@ -111,10 +111,11 @@ def memory(n: int) -> float:
         return child(Path(tmp), "", "memory", n)["per_task"]
 
 
-def store_rate(total: int = 200_000, batch_size: int = 1000) -> float:
-    """Transitions per second written through the runner's batches."""
+def store_rate(total: int = 200_000, batch_size: int = 1000, store: str | None = None) -> float:
+    """Transitions per second written through the runner's batches (in a new store folder, or
+    in ``store``: a PostgreSQL URL, its result files in ``$NBPIPE_RESULTS``)."""
     with tempfile.TemporaryDirectory() as tmp:
-        pipe = Pipeline("store-rate", store=tmp)
+        pipe = Pipeline("store-rate", store=store or tmp)
 
         @pipe.task
         def noop(i: int) -> int:

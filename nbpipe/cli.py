@@ -34,6 +34,7 @@ from .errors import NbpipeError, StoreDamaged
 from .pipeline import Pipeline
 from .states import State
 from .store import Store, is_store
+from .store.postgres import is_url
 
 console = Console()
 
@@ -70,11 +71,15 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:
 def _store_option(command: Any) -> Any:
     """``--store`` after the command name too: people put it where they think of it."""
     return click.option("--store", type=click.Path(file_okay=False), expose_value=False,
-                        callback=_remember, help="the store directory")(command)
+                        callback=_remember, help="the store: a folder or a postgresql:// URL")(command)
 
 
 def _store(ctx: click.Context) -> Store:
     path = ctx.obj.get("store") or os.environ.get("NBPIPE_STORE")
+    if not path:
+        from .config import setting
+
+        path = setting("store")  # the project's nbpipe.yaml (a PostgreSQL URL, a folder)
     if path is None:
         found = queries.find_store()
         if found is None:
@@ -82,7 +87,7 @@ def _store(ctx: click.Context) -> Store:
                 "no .nbpipe store here or in any parent directory; give one with --store DIR"
             )
         path = found
-    elif not is_store(path):
+    elif not is_url(path) and not is_store(path):
         raise click.UsageError(f"{path} is not an nbpipe store (no nbpipe.sqlite in it)")
     store = ctx.obj["opened"] = Store(path)
     return store
@@ -115,7 +120,8 @@ def _state(state: str) -> str:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--store", type=click.Path(file_okay=False),
-              help="the store directory (also accepted after the command name)")
+              help="the store: a folder, or a postgresql:// URL (its results folder: recorded, "
+                   "or NBPIPE_RESULTS); also accepted after the command name")
 @click.option("--json", "as_json", is_flag=True,
               help="machine-readable output of a listing (also accepted after the command name)")
 @click.version_option(package_name="nbpipe")
@@ -482,22 +488,26 @@ def store_group() -> None:
 
 
 @store_group.command("copy")
-@click.argument("source", type=click.Path(file_okay=False, exists=True))
-@click.argument("target", type=click.Path(file_okay=False))
+@click.argument("source")
+@click.argument("target")
 @click.option("--database", type=click.Path(dir_okay=False),
               help="where the copy keeps its SQLite file (a local disk, when TARGET is on a "
                    "network file system); default: in TARGET")
-def store_copy(source: str, target: str, database: str | None) -> None:
-    """Copy the store SOURCE (its database and result files) into the new folder TARGET, and
-    verify the copy (every row, every result's checksum). Nothing runs again from the copy.
+@click.option("--results", type=click.Path(file_okay=False),
+              help="the folder for the result files when TARGET is a PostgreSQL URL (mounted by "
+                   "every host); default: $NBPIPE_RESULTS")
+def store_copy(source: str, target: str, database: str | None, results: str | None) -> None:
+    """Copy the store SOURCE (its database and result files) to TARGET -- a new folder, or a
+    PostgreSQL URL with no pipelines yet -- and verify the copy (every row, every result's
+    checksum). Either may be a folder or a postgresql:// URL. Nothing runs again from the copy.
 
     Refused while a runner of SOURCE is live, and when TARGET holds a store already.
     """
     from .store.copy import copy_store
 
-    if not is_store(source):
+    if not is_url(source) and not is_store(source):
         raise click.UsageError(f"{source} is not an nbpipe store (no nbpipe.sqlite in it)")
-    report = copy_store(Store(source), target, database=database)
+    report = copy_store(Store(source), target, database=database, results=results)
     rows = sum(report["tables"].values())
     if not report["ok"]:
         raise click.ClickException(f"the copy in {report['target']} differs from {source}: "

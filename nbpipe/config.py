@@ -99,6 +99,10 @@ SETTINGS = {
     "batch-seconds": "a finite number of seconds >= 0 (0 turns batching of tiny tasks off)",
     "database": "a path to the store's SQLite file on a local disk (for a store folder on a network "
                 "file system; result files stay in the folder)",
+    "store": "the store: a folder (default .nbpipe) or a PostgreSQL URL postgresql://user@host/db "
+             "(NBPIPE_STORE wins over it)",
+    "results-dir": "the folder of a PostgreSQL store's result files, mounted by every host "
+                   "(NBPIPE_RESULTS wins over it)",
     "inline-bytes": "a finite whole number of bytes >= 0 (results of quick tasks up to this size are kept in "
                     "the store's database; 0: every result is a file)",
     "task": "task defaults: a mapping of retries, timeout, retry_on, trust_existing "
@@ -149,7 +153,7 @@ def check_value(key: str, value: Any, where: str) -> Any:
             return (check_defaults if key == "task" else check_run_modes)(value, f"{where}: {key}")
         except TaskDefinitionError as exc:
             raise ConfigError(str(exc)) from None
-    if key == "database":
+    if key in ("database", "store", "results-dir"):
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"{where}: {key}={value!r} must be {SETTINGS[key]}")
         return os.path.expandvars(value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 
 class NbpipeError(Exception):
     """Base class of every error nbpipe raises on purpose."""
@@ -109,6 +111,12 @@ class StoreOnNetworkFS(StoreError):
 class StoreDamaged(StoreError):
     """The store's database file is damaged (not SQLite, truncated, malformed); the message
     says how to recover it."""
+
+
+class StoreUnreachable(StoreError, sqlite3.OperationalError):
+    """A PostgreSQL store's server cannot be reached or refused a statement (the message names
+    the store's URL, never its password). Also a ``sqlite3.OperationalError``: code that keeps
+    its writes while a store cannot be written (the runner) handles it as a busy SQLite store."""
 
 
 class StoreVersionError(StoreError):

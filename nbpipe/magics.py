@@ -87,7 +87,7 @@ class NotebookSession:
         if connection is not None:
             cluster = connection.description
             dashboard = f" · dashboard {connection.dashboard}"
-        return (f"nbpipe: pipeline {self.pipe.name!r} · store {self.pipe.store.path} · "
+        return (f"nbpipe: pipeline {self.pipe.name!r} · store {self.pipe.store.name} · "
                 f"cluster {cluster}{dashboard}")
 
     # -- plain cells ----------------------------------------------------------------------------

@@ -219,10 +219,19 @@ def _close_all() -> None:
             pipe.close()
 
 
+def _is_url(store: Any) -> bool:
+    from .store.postgres import is_url
+
+    return isinstance(store, str) and is_url(store)
+
+
 class Pipeline:
     """A named pipeline of tasks in a store, run on a Dask cluster.
 
-    ``store`` is a directory (default ``./.nbpipe`` or ``$NBPIPE_STORE``); ``cluster`` is
+    ``store`` is a directory (default ``$NBPIPE_STORE``, the ``store`` setting, else
+    ``./.nbpipe``) or a PostgreSQL URL (``postgresql://user@host/db``, a store shared across
+    hosts) with its result files in the folder ``results`` (default ``$NBPIPE_RESULTS``, the
+    ``results-dir`` setting, else the folder the database recorded; see docs/store.md); ``cluster`` is
     ``None`` (the ``nbpipe.cluster`` setting, else local), ``"local"``, a batch scheduler kind
     (``"slurm"``, ``"pbs"``, ``"sge"``, ``"lsf"``, ``"htcondor"``) or a dict of its job options,
     a scheduler address, a dask Cluster or a Client (see :mod:`nbpipe.cluster`). The cluster
@@ -234,7 +243,8 @@ class Pipeline:
 
     def __init__(self, name: str | None = None, store: str | os.PathLike[str] | Store | None = None,
                  cluster: Any = None, defaults: dict[str, Any] | None = None,
-                 max_concurrent: int | None = None):
+                 max_concurrent: int | None = None,
+                 results: str | os.PathLike[str] | None = None):
         name = _default_name() if name is None else name
         if not isinstance(name, str) or not name.strip():
             raise TaskDefinitionError(f"a pipeline needs a non-empty name, got {name!r}")
@@ -247,7 +257,12 @@ class Pipeline:
         self.name = name
         self.defaults = check_defaults(defaults, f"Pipeline({name!r}, defaults=...)")
         # (the database setting: a store folder on a network file system keeps it on a local disk)
-        self.store = store if isinstance(store, Store) else Store(store, database=setting("database"))
+        if not isinstance(store, Store):
+            store = store or os.environ.get("NBPIPE_STORE") or setting("store")
+            if _is_url(store):  # a PostgreSQL store: results-dir names its result files' folder
+                results = results or os.environ.get("NBPIPE_RESULTS") or setting("results-dir")
+            store = Store(store, database=setting("database"), results=results)
+        self.store = store
         self.pipeline_id = self.store.pipeline_id(name, source=_default_name())
         self._fresh = Freshness(self.store, self.pipeline_id, name, lambda: self._by_label)
         # A mistake (in the argument or the configured nbpipe.cluster) shows now, not when

@@ -458,12 +458,24 @@ PYTHON = [
          "database back into the store folder (`mv /tmp/ada/survey.sqlite …/.nbpipe/nbpipe.sqlite` "
          "there, then remove …/.nbpipe/database.json) -- see docs/store.md, 'A store on a cluster'",
          "node-a", "Run nbpipe on that host, or move the database back.", _database_on_another_host),
-    Case("Python API", '`Pipeline(store="postgresql://db.example.org/survey")`', "InvalidArgument",
-         "store='postgresql://db.example.org/survey' is a URL; this nbpipe keeps a store in a "
-         "folder (an SQLite database and result files): pass a path such as store='.nbpipe' -- on "
-         "a cluster see docs/store.md, 'A store on a cluster'", "URL",
-         "Pass a folder; on a cluster, keep the database on a local disk (docs/store.md).",
-         lambda tmp: Pipeline("survey", store="postgresql://ada:pw@db.example.org/survey")),
+    Case("Python API", '`Pipeline(store="mysql://db.example.org/survey")`', "InvalidArgument",
+         "store='mysql://db.example.org/survey' is a URL nbpipe cannot open: a store is a folder "
+         "(store='.nbpipe') or a PostgreSQL database (store='postgresql://user@host/db', with "
+         "results=DIR); see docs/store.md", "URL",
+         "Pass a folder, or a `postgresql://` URL with `results=` (docs/store.md).",
+         lambda tmp: Pipeline("survey", store="mysql://ada:pw@db.example.org/survey")),
+    Case("Python API", "A PostgreSQL store whose server cannot be reached", "StoreUnreachable",
+         "the store postgresql://ada@127.0.0.1:9/survey cannot be used: …; check that the "
+         "PostgreSQL server runs and the URL (host, port, user, database, password or ~/.pgpass) "
+         "is right", "127.0.0.1:9",
+         "Start the server, or correct the URL (the message never shows the password).",
+         lambda tmp: Pipeline("survey", store="postgresql://ada:pw@127.0.0.1:9/survey",
+                              results=tmp / "results")),
+    Case("Python API", "`results=` given with a store folder", "InvalidArgument",
+         "results='…/elsewhere': the store …/.nbpipe keeps its result files in its own folder; "
+         "results= goes with a PostgreSQL store (store='postgresql://...')", "results=",
+         "Leave `results=` out for a folder store.",
+         lambda tmp: Pipeline("survey", store=tmp / ".nbpipe", results=str(tmp / "elsewhere"))),
     Case("Python API", "`NBPIPE_DATABASE` set for a store that keeps its database in its folder",
          "StoreError",
          "the store …/.nbpipe keeps its database in its folder (nbpipe.sqlite), and the database "
@@ -759,8 +771,8 @@ CONFIG = [
          "not a list", "nbpipe.yaml", "Write `key: value` settings.", None, ("- slurm\n",)),
     Case("configuration", "A misspelt setting, `clsuter: slurm`", "ConfigError",
          "…/nbpipe.yaml: unknown setting 'clsuter' (did you mean 'cluster'?); nbpipe reads cluster, "
-         "idle-timeout, batch-seconds, database, inline-bytes, task, run, store-patience, max-concurrent, "
-         "max-jobs, min-jobs",
+         "idle-timeout, batch-seconds, database, store, results-dir, inline-bytes, task, run, "
+         "store-patience, max-concurrent, max-jobs, min-jobs",
          "'clsuter'", "Fix the setting's name.", None, ("clsuter: slurm\n",)),
     Case("configuration", "`task: {retry_on: [exeption]}`: a misspelt kind of failure", "ConfigError",
          "…/nbpipe.yaml: task: retry_on has the unknown kind 'exeption' (did you mean 'exception'?); "

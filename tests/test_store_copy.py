@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from nbpipe.store import RunnerLock, Store
 
 NBPIPE = [sys.executable, "-m", "nbpipe.cli"]
@@ -125,3 +127,65 @@ def test_copy_is_refused_into_a_store_and_while_a_runner_is_live(tmp_path: Path)
     assert out.returncode != 0 and "while a runner is live" in out.stderr
     assert f"pid {os.getpid()}" in out.stderr
     assert not (tmp_path / "c").exists()
+
+
+# -- between engines: SQLite <-> PostgreSQL ------------------------------------------------------
+
+ROWS = ("SELECT key, state, label, attempts FROM tasks ORDER BY key",
+        "SELECT key, path, checksum, size, data FROM results ORDER BY key",
+        "SELECT id, key, state, message FROM events ORDER BY id",
+        "SELECT parent, child, kind FROM edges ORDER BY rowid",
+        "SELECT id, name, paused FROM pipelines ORDER BY id")
+
+
+def _same_rows(a: Store, b: Store) -> None:
+    for sql in ROWS:
+        left = [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)
+                for r in a.connect().execute(sql).fetchall()]
+        right = [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)
+                 for r in b.connect().execute(sql).fetchall()]
+        assert left == right, sql
+
+
+@pytest.mark.ci_required
+def test_a_store_copied_to_postgresql_and_back_runs_nothing_again(tmp_path: Path) -> None:
+    from test_store_engines import fresh_schema, postgres_url
+
+    script = tmp_path / "survey.py"
+    script.write_text(SCRIPT)
+    source = tmp_path / "project" / ".nbpipe"
+    assert _run(script, source) == (8, 0)
+    with fresh_schema(postgres_url()) as url:
+        results = tmp_path / "shared" / "results"
+        out = _nbpipe("store", "copy", str(source), url, "--results", str(results))
+        assert out.returncode == 0, out.stderr
+        assert "files; verified" in out.stdout and "nbpipe:" not in out.stdout  # no password shown
+        pg = Store(url)  # the database recorded its results folder
+        assert pg.engine == "postgresql" and pg.path == results
+        _same_rows(Store(source), pg)
+        files = sorted(p.relative_to(source) for p in (source / "results").rglob("*.pkl"))
+        assert len(files) == 4
+        assert all((results / f).read_bytes() == (source / f).read_bytes() for f in files)
+        assert _run(script, url) == (0, 8)  # switching engines computes nothing again
+        # ...and back into a new folder: the records the PostgreSQL run added come along
+        back = tmp_path / "back" / ".nbpipe"
+        out = _nbpipe("store", "copy", url, str(back))
+        assert out.returncode == 0, out.stderr
+        _same_rows(pg, Store(back))
+        assert _run(script, back) == (0, 8)
+        # a copy into a database that holds pipelines already is refused, naming it
+        again = _nbpipe("store", "copy", str(source), url, "--results", str(tmp_path / "r2"))
+        assert again.returncode != 0 and "holds pipelines already" in again.stderr
+
+
+@pytest.mark.ci_required
+def test_copy_to_postgresql_needs_a_results_folder_other_than_the_source(tmp_path: Path) -> None:
+    from test_store_engines import fresh_schema, postgres_url
+
+    source = tmp_path / ".nbpipe"
+    Store(source).pipeline_id("kept")
+    with fresh_schema(postgres_url()) as url:
+        missing = _nbpipe("store", "copy", str(source), url)
+        assert missing.returncode != 0 and "--results DIR" in missing.stderr
+        same = _nbpipe("store", "copy", str(source), url, "--results", str(source))
+        assert same.returncode != 0 and "holds an SQLite store" in same.stderr

@@ -270,18 +270,35 @@ def test_a_database_setting_that_points_into_nfs_too_is_refused(nfs_home: Path) 
         Store(nfs_home.parent / "local" / ".nbpipe", database=nfs_home / "db.sqlite")
 
 
-@pytest.mark.parametrize("name", ["postgresql://ada:secret@db.example.org/survey", "sqlite:///x.db"])
-def test_a_url_for_a_store_is_refused_not_made_a_folder(tmp_path: Path, monkeypatch, name: str) -> None:
+@pytest.mark.parametrize("name", ["mysql://ada:secret@db.example.org/survey", "sqlite:///x.db"])
+def test_a_url_nbpipe_cannot_open_is_refused_not_made_a_folder(tmp_path: Path, monkeypatch,
+                                                              name: str) -> None:
     from nbpipe import InvalidArgument
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(InvalidArgument, match=r"is a URL; this nbpipe keeps a store in a folder") as caught:
+    with pytest.raises(InvalidArgument, match=r"is a URL nbpipe cannot open: a store is a folder "
+                       r"\(store='.nbpipe'\) or a PostgreSQL database") as caught:
         Pipeline("survey", store=name)
     assert "secret" not in str(caught.value)  # a password in the URL is not repeated
     monkeypatch.setenv("NBPIPE_STORE", name)
     with pytest.raises(InvalidArgument, match="is a URL"):
         Store()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_postgresql_url_opens_a_database_not_a_folder(tmp_path: Path, monkeypatch) -> None:
+    from nbpipe import StoreUnreachable
+
+    monkeypatch.chdir(tmp_path)
+    name = "postgresql://ada:secret@127.0.0.1:9/survey"  # nothing listens on port 9
+    with pytest.raises(StoreUnreachable, match=r"postgresql://ada@127\.0\.0\.1:9/survey cannot be "
+                       "used") as caught:
+        Pipeline("survey", store=name, results=tmp_path / "results")
+    assert "secret" not in str(caught.value)
+    monkeypatch.setenv("NBPIPE_STORE", name)
+    with pytest.raises(StoreUnreachable):
+        Store()
+    assert list(tmp_path.iterdir()) == []  # no folder named after the URL, no results folder
 
 
 def test_the_database_setting_of_nbpipe_yaml_places_a_pipelines_database(

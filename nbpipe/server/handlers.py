@@ -8,7 +8,8 @@ cookie. Stores are named by their path relative to the server root and must lie 
 =====================================  ==============================================
 ``GET  pipelines?path=NB_OR_DIR``      pipelines of the stores for a notebook or a folder
 ``GET  graph?store=S&pipeline=P``      tasks, edges, counts, the last event id
-``GET  events?store=S&pipeline=P&since=N``  state changes after event N, paused, the runner
+``GET  events?store=S&pipeline=P&since=N``  state changes after event N, paused, the runner;
+                                       ``&wait=SECONDS``: wait up to that long for one
 ``GET  task?store=S&pipeline=P&task=T[&source=CELL]``  attempts, logs, traceback, resources,
                                        versions; with the cell's text, whether it changed
 ``GET  cluster?store=S&pipeline=P``    worker pools, job scripts, batch jobs
@@ -200,7 +201,23 @@ class EventsHandler(NbpipeHandler):
         except ValueError:
             raise tornado.web.HTTPError(
                 400, "since must be an event id (an integer from 0 to 2**63 - 1)") from None
-        await self.answer(queries.events, self.store(), self.get_argument("pipeline"), since)
+        try:
+            wait = float(self.get_argument("wait", "0"))
+            if not 0 <= wait <= 60:
+                raise ValueError
+        except ValueError:
+            raise tornado.web.HTTPError(
+                400, "wait must be a number of seconds from 0 to 60 (how long to wait for an "
+                "event after since)") from None
+        await self.answer(self._events, self.store(), self.get_argument("pipeline"), since, wait)
+
+    @staticmethod
+    def _events(store: Store, pipeline: str, since: int, wait: float) -> dict[str, Any]:
+        # A long poll: PostgreSQL's store wakes on NOTIFY at the runner's commit, SQLite's looks
+        # every 0.2 s; either way the answer comes as soon as there is something to say.
+        if wait:
+            store.wait_for_events(store.pipeline_id(pipeline, create=False), since, wait)
+        return queries.events(store, pipeline, since)
 
 
 class TaskHandler(NbpipeHandler):

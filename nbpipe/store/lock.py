@@ -46,6 +46,14 @@ def lock_name(pipeline: str) -> str:
 class RunnerLock:
     """An exclusive lock (``flock``) that makes one process the runner of a pipeline."""
 
+    def __new__(cls, store: Store, pipeline: str) -> RunnerLock:
+        """A PostgreSQL store's lock is the server's (:class:`~nbpipe.store.postgres.AdvisoryLock`)."""
+        if cls is RunnerLock and store.engine == "postgresql":
+            from .postgres import AdvisoryLock
+
+            return super().__new__(AdvisoryLock)
+        return super().__new__(cls)
+
     def __init__(self, store: Store, pipeline: str):
         self.path = store.path / "locks" / lock_name(pipeline)
         self.pipeline = pipeline
@@ -66,7 +74,7 @@ class RunnerLock:
             else:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = Path(self.path).read_text().strip() or "another process"
+            holder = self.holder() or "another process"
             os.close(fd)
             raise PipelineBusy(
                 f"pipeline {self.pipeline!r} is already being run by {holder}; wait for it to "
@@ -76,6 +84,18 @@ class RunnerLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         self._fd = fd
+
+    def holder(self) -> str:
+        """``pid N on HOST`` as the last holder wrote it ('' when none is recorded)."""
+        try:
+            return Path(self.path).read_text(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def forget(self) -> None:
+        """Clear the record of a holder that died (``nbpipe doctor --repair``)."""
+        with contextlib.suppress(OSError):
+            self.path.write_text("")
 
     def release(self) -> None:
         """Give the lock back."""

@@ -41,7 +41,7 @@ def delete_pipeline(store: Store, pipeline: str, *, force: bool = False) -> dict
         try:
             lock.acquire()  # no runner can start while its records go
         except PipelineBusy:
-            holder = lock.path.read_text(errors="replace").strip() or "another process"
+            holder = lock.holder() or "another process"
             raise PipelineBusy(
                 f"cannot delete pipeline {pipeline!r}: it is being run by {holder}; wait for the "
                 f"run to finish, or stop it (`nbpipe kill {pipeline} --all`, or end that "
@@ -60,6 +60,8 @@ def delete_pipeline(store: Store, pipeline: str, *, force: bool = False) -> dict
 def live_runners(store: Store) -> list[str]:
     """Who holds a runner lock of the store right now (``pid ... on host``), whatever pipeline
     (even one whose records are gone): every lock file is tried, not only known pipelines'."""
+    if store.engine == "postgresql":  # advisory locks: the server lists them
+        return store.live_runners()  # type: ignore[attr-defined, no-any-return]
     holders = []
     for path in sorted((store.path / "locks").glob("*.lock")):
         try:
@@ -96,6 +98,8 @@ def gc(store: Store, *, dry_run: bool = False) -> list[str]:
     """
     results_dir = os.path.realpath(store.path / "results")
     with store.transaction() as tx:
+        if store.engine == "postgresql":  # its writers do not queue as SQLite's do: make them
+            tx.execute("LOCK TABLE tasks, results IN SHARE ROW EXCLUSIVE MODE")
         live = live_runners(store)
         if live:
             raise PipelineBusy(
@@ -186,7 +190,7 @@ def doctor(store: Store, *, repair: bool = False) -> dict[str, Any]:
     database cannot be repaired here: ``ok`` stays false (see ``docs/reliability.md``).
     """
     conn = store.connect()
-    integrity = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+    integrity = store.integrity()
     bad, listed = [], set()
     for row in conn.execute("SELECT * FROM results").fetchall():
         key, path, checksum, size = row["key"], row["path"], row["checksum"], row["size"]
@@ -220,12 +224,12 @@ def doctor(store: Store, *, repair: bool = False) -> dict[str, Any]:
         if lock.busy():
             live.append(pid)
             continue  # a live runner: its records are its own
-        holder = lock.path.read_text().strip() if lock.path.exists() else ""
+        holder = lock.holder()
         if runner or holder:
             stale_runners.append({"pipeline": name, "runner": json.loads(runner) if runner else holder})
         stale_tasks += [{"pipeline": name, "key": k, "label": label, "state": state}
                         for k, label, state in conn.execute(
-                            "SELECT key, label, state FROM tasks WHERE pipeline_id = ? AND active "
+                            "SELECT key, label, state FROM tasks WHERE pipeline_id = ? AND active = 1 "
                             "AND state IN ('PENDING', 'RUNNING')", (pid,))]
     # Rows of pipelines that are gone (a delete racing a runner's last writes, a crash).
     orphan_records = {}
@@ -257,7 +261,7 @@ def doctor(store: Store, *, repair: bool = False) -> dict[str, Any]:
                         message="nbpipe doctor: its runner died before it finished")
         store.write(batch)
         for entry in stale_runners:
-            RunnerLock(store, entry["pipeline"]).path.write_text("")
+            RunnerLock(store, entry["pipeline"]).forget()
             store.set_runner(ids[entry["pipeline"]], None)
         for path in (*temp, *orphan_specs):
             Path(path).unlink(missing_ok=True)

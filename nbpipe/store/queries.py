@@ -27,7 +27,7 @@ from .sqlite import Store, is_store
 
 __all__ = [
     "cell_changed", "cluster_detail", "events", "find_store", "graph", "pipelines", "related",
-    "runner", "task_detail", "taskfile_entries", "tasks",
+    "runner", "snapshot", "task_detail", "taskfile_entries", "tasks",
 ]
 
 
@@ -46,7 +46,7 @@ def pipelines(store: Store) -> list[dict[str, Any]]:
     conn = store.connect()
     counts: dict[int, Counter[str]] = {}
     for pid, state, n in conn.execute(
-        "SELECT pipeline_id, state, COUNT(*) FROM tasks WHERE active GROUP BY pipeline_id, state"
+        "SELECT pipeline_id, state, COUNT(*) FROM tasks WHERE active = 1 GROUP BY pipeline_id, state"
     ):
         counts.setdefault(pid, Counter())[state] = n
     out = []
@@ -79,7 +79,7 @@ def _pipeline_id(store: Store, pipeline: str) -> int:
 
 
 @contextlib.contextmanager
-def _snapshot(store: Store) -> Iterator[sqlite3.Connection]:
+def snapshot(store: Store) -> Iterator[sqlite3.Connection]:
     """One read transaction: every SELECT inside sees the same committed state of the store.
 
     A view that takes a snapshot and then follows the events after its cursor must read both
@@ -105,7 +105,7 @@ def graph(store: Store, pipeline: str) -> dict[str, Any]:
     after the snapshot has an event after ``last_event``, and none before it is missing.
     Nodes are in graph order: the order the tasks were defined.
     """
-    with _snapshot(store) as conn:
+    with snapshot(store) as conn:
         # the cursor first: inside the snapshot the order does not matter, but the cursor is
         # read first on its own too, so nothing can fall between it and the rows
         last = conn.execute("SELECT MAX(id) FROM events WHERE pipeline_id = "
@@ -134,7 +134,7 @@ def events(store: Store, pipeline: str, since: int = 0, limit: int = 5_000) -> d
     With them: whether the pipeline is paused and its live runner (None once it died), so a
     view that follows the events also follows the runner.
     """
-    with _snapshot(store) as conn:
+    with snapshot(store) as conn:
         pid = _pipeline_id(store, pipeline)
         rows = store.events(pid, since, limit)
         info = conn.execute("SELECT paused, runner FROM pipelines WHERE id = ?", (pid,)).fetchone()

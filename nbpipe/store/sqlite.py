@@ -81,8 +81,29 @@ class Batch:
 class Store:
     """A store directory and its SQLite database (one connection per thread)."""
 
+    #: The database engine (``postgresql`` for :class:`~nbpipe.store.postgres.PostgresStore`).
+    engine = "sqlite"
+
+    def __new__(cls, path: str | os.PathLike[str] | None = None, *,
+                database: str | os.PathLike[str] | None = None,
+                results: str | os.PathLike[str] | None = None) -> Store:
+        """A URL (``postgresql://...``), or a folder whose ``database.json`` names one, opens a
+        :class:`~nbpipe.store.postgres.PostgresStore`; anything else the store in a folder."""
+        if cls is Store and (path is None or isinstance(path, (str, os.PathLike))):
+            named = os.fspath(path or os.environ.get("NBPIPE_STORE") or ".nbpipe")
+            pointer = {}
+            with contextlib.suppress(OSError, ValueError):
+                pointer = json.loads((Path(named) / DATABASE_POINTER).read_text())
+            if re.match(r"postgres(ql)?://", named, re.IGNORECASE) or (
+                    isinstance(pointer, dict) and "url" in pointer):
+                from .postgres import PostgresStore
+
+                return super().__new__(PostgresStore)
+        return super().__new__(cls)
+
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
-                 database: str | os.PathLike[str] | None = None):
+                 database: str | os.PathLike[str] | None = None,
+                 results: str | os.PathLike[str] | None = None):
         """Open (or create) the store in folder ``path`` (default ``$NBPIPE_STORE``, else
         ``./.nbpipe``).
 
@@ -92,6 +113,10 @@ class Store:
         ``$NBPIPE_DATABASE`` (a :class:`~nbpipe.Pipeline` passes the ``database`` setting of
         ``nbpipe.yaml``), else what the store recorded when its database was placed elsewhere
         (``database.json``), else in the folder.
+
+        A PostgreSQL URL instead of a folder opens a store shared across hosts
+        (:class:`~nbpipe.store.postgres.PostgresStore`), with its result files in the folder
+        ``results``; for a folder, ``results`` must be left out (they are in the folder).
         """
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise InvalidArgument(
@@ -99,11 +124,16 @@ class Store:
                 "store='.nbpipe', or leave it out for ./.nbpipe"
             )
         named = os.fspath(path or os.environ.get("NBPIPE_STORE") or ".nbpipe")
-        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", named):  # not a folder named 'postgresql:'
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", named):  # not a folder named 'mysql:'
             raise InvalidArgument(
-                f"store={re.sub(r'//[^/@]*@', '//', named)!r} is a URL; this nbpipe "
-                "keeps a store in a folder (an SQLite database and result files): pass a path "
-                "such as store='.nbpipe' -- on a cluster see docs/store.md, 'A store on a cluster'"
+                f"store={re.sub(r'//[^/@]*@', '//', named)!r} is a URL nbpipe cannot open: a "
+                "store is a folder (store='.nbpipe') or a PostgreSQL database "
+                "(store='postgresql://user@host/db', with results=DIR); see docs/store.md"
+            )
+        if results is not None and os.path.abspath(os.fspath(results)) != os.path.abspath(named):
+            raise InvalidArgument(
+                f"results={os.fspath(results)!r}: the store {named} keeps its result files in its "
+                "own folder; results= goes with a PostgreSQL store (store='postgresql://...')"
             )
         self.path = Path(named).absolute()
         self.db_path, pointer = _database_path(self.path, database)
@@ -214,6 +244,32 @@ class Store:
             f"sqlite3 {self.db_path}` after removing the damaged {self.db_path.name}, or start a "
             "new store; result files stay valid and the next run adopts them"
         )
+
+    def integrity(self) -> list[str]:
+        """The database's own check (``["ok"]`` when whole), as ``nbpipe doctor`` reports it."""
+        return [r[0] for r in self.connect().execute("PRAGMA integrity_check")]
+
+    def runner_lock(self, pipeline: str) -> Any:
+        """The lock that makes one process the runner of ``pipeline`` (a lock file)."""
+        from .lock import RunnerLock
+
+        return RunnerLock(self, pipeline)
+
+    def wait_for_events(self, pipeline_id: int, since: int, timeout: float) -> bool:
+        """Wait until pipeline ``pipeline_id`` has an event after ``since`` (True) or
+        ``timeout`` seconds passed (False). SQLite cannot tell a reader about a commit: it
+        looks every 0.2 s (PostgreSQL's store listens instead)."""
+        deadline = time.monotonic() + timeout
+        while not self.events(pipeline_id, since, 1):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        return True
+
+    @property
+    def name(self) -> str:
+        """How messages name the store (its folder; a PostgreSQL store's URL without password)."""
+        return str(self.path)
 
     def _check_length(self, conn: sqlite3.Connection) -> None:
         """A database file shorter than its header says was cut (a copy that stopped half-way,
@@ -400,10 +456,15 @@ class Store:
             tx.execute("DELETE FROM temp.retired")
             tx.executemany("INSERT OR REPLACE INTO temp.retired VALUES (?, ?)", list(keys.items()))
             old = "(SELECT old FROM temp.retired)"
-            for column in ("parent", "child"):
+            for column, other in (("parent", "child"), ("child", "parent")):
+                # (an edge the final key has already stays as it is: NOT EXISTS, where SQLite
+                # would also ignore it, and PostgreSQL has no UPDATE OR IGNORE)
+                new = f"(SELECT new FROM temp.retired WHERE old = edges.{column})"
                 tx.execute(
-                    f"UPDATE OR IGNORE edges SET {column} = (SELECT new FROM temp.retired "
-                    f"WHERE old = edges.{column}) WHERE pipeline_id = ? AND {column} IN {old}", pid)
+                    f"UPDATE OR IGNORE edges SET {column} = {new} WHERE pipeline_id = ? AND "
+                    f"{column} IN {old} AND NOT EXISTS (SELECT 1 FROM edges AS e WHERE "
+                    f"e.pipeline_id = edges.pipeline_id AND e.{column} = {new} AND "
+                    f"e.{other} = edges.{other})", pid)
             tx.execute(f"DELETE FROM edges WHERE pipeline_id = ? AND (parent IN {old} "
                        f"OR child IN {old})", pid)
             tx.execute("UPDATE events SET key = (SELECT new FROM temp.retired WHERE old = events.key)"
@@ -549,7 +610,8 @@ class Store:
                            stderr, env_id)
                        SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
                        WHERE NOT EXISTS (SELECT 1 FROM attempts WHERE pipeline_id = ?
-                                         AND key = ? AND number = ? AND start IS ?)""",
+                                         AND key = ? AND number = ?
+                                         AND start IS NOT DISTINCT FROM ?)""",
                     [(*a, a[0], a[1], a[2], a[4]) for a in batch.attempts],
                 )
             if batch.states:
@@ -570,11 +632,12 @@ class Store:
     def post_command(self, pipeline_id: int, verb: str, **args: Any) -> int:
         """Queue a command for the pipeline's runner; returns its id."""
         with self.transaction() as tx:
-            cur = tx.execute(
-                "INSERT INTO commands (pipeline_id, time, verb, args) VALUES (?, ?, ?, ?)",
+            row = tx.execute(
+                "INSERT INTO commands (pipeline_id, time, verb, args) VALUES (?, ?, ?, ?) "
+                "RETURNING id",
                 (pipeline_id, time.time(), verb, json.dumps(args)),
-            )
-            return int(cur.lastrowid or 0)
+            ).fetchone()
+            return int(row[0])
 
     def new_commands(self, pipeline_id: int) -> list[sqlite3.Row]:
         """Commands not yet handled, oldest first."""
