@@ -39,7 +39,7 @@ def _counts(conn: Any) -> dict[str, int]:
 
 def _version(store: Store) -> int:
     if store.engine == "postgresql":
-        return int(store._info()["schema"])  # type: ignore[attr-defined]
+        return int(store.info()["schema"])  # type: ignore[attr-defined]
     return int(store.connect().execute("PRAGMA user_version").fetchone()[0])
 
 

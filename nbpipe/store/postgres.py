@@ -284,7 +284,7 @@ class PostgresStore(Store):
         self._all: list[Any] = []
         self._guard = threading.Lock()
         self._migrate()
-        recorded = self._info().get("results")
+        recorded = self.info().get("results")
         chosen = results or os.environ.get("NBPIPE_RESULTS") or recorded
         if not chosen:
             raise StoreError(
@@ -330,7 +330,8 @@ class PostgresStore(Store):
 
     # -- connections ------------------------------------------------------------------------
 
-    def _open(self, **kwargs: Any) -> Any:
+    def open_connection(self, **kwargs: Any) -> Any:
+        """A new autocommit connection to the server (``kwargs`` go to ``psycopg.connect``)."""
         import psycopg
 
         try:
@@ -343,7 +344,7 @@ class PostgresStore(Store):
         :meth:`transaction`, so reads always see the latest commits)."""
         conn = getattr(self._local, "conn", None)
         if conn is None or conn.raw.closed:
-            conn = _Connection(self, self._open())
+            conn = _Connection(self, self.open_connection())
             self._local.conn = conn
             with self._guard:
                 self._all.append(conn.raw)
@@ -385,7 +386,8 @@ class PostgresStore(Store):
         """PostgreSQL keeps its own files whole: an error is the server's or the network's."""
         return exc if isinstance(exc, StoreError) else _error(self, exc)  # type: ignore[arg-type]
 
-    def _info(self) -> dict[str, str]:
+    def info(self) -> dict[str, str]:
+        """The store's own facts (schema version, results folder), as recorded in its table."""
         return {r[0]: r[1] for r in self.connect().execute("SELECT name, value FROM nbpipe_store")}
 
     def _migrate(self) -> None:
@@ -429,7 +431,7 @@ class PostgresStore(Store):
         if self.events(pipeline_id, since, 1):
             return True
         deadline = time.monotonic() + timeout
-        listener = self._open()
+        listener = self.open_connection()
         try:
             listener.execute(f"LISTEN {self.channel}")
             if self.events(pipeline_id, since, 1):  # committed before LISTEN took effect
@@ -489,7 +491,7 @@ class AdvisoryLock(RunnerLock):
         me = f"pid {os.getpid()} on {socket.gethostname()}"
         # application_name holds 63 bytes: the store's tag and who we are come first
         name = f"nbpipe {_store_tag(self.store)} {me} @ {self.pipeline}"[:63]
-        conn = self.store._open(application_name=name)
+        conn = self.store.open_connection(application_name=name)
         try:
             got = conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()[0]
         except Exception:
