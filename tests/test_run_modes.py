@@ -227,6 +227,63 @@ def test_skip_leaves_tasks_out_by_state_and_by_label(pipe: Pipeline) -> None:
     assert other.state is State.WAITING
 
 
+SKIP_SCRIPT = """
+    import sys
+    from nbpipe import Pipeline
+    pipe = Pipeline("flow", cluster={"kind": "local", "workers": 1})
+
+    @pipe.task
+    def part(i: int) -> int:
+        if i == 1:
+            raise RuntimeError("broken input")
+        return i
+
+    @pipe.task
+    def combine(x: int) -> int:
+        return x + 100
+
+    @pipe.task
+    def extra(i: int) -> int:
+        return -i
+
+    parts = [part(i) for i in range(3)]
+    total = combine(parts[1])
+    more = [extra(i) for i in range(2)] if "more" in sys.argv else []
+    summary = pipe.run()
+    print("executed", summary.executed)
+    print("states", *[f"{r.label}={r.state.value}" for r in [*parts, total, *more]])
+"""
+
+
+def test_skip_from_the_command_line_by_state_glob_and_label(tmp_path: Path) -> None:
+    (tmp_path / "flow.py").write_text(textwrap.dedent(SKIP_SCRIPT))
+
+    def nbpipe_run(*args: str) -> tuple[int, dict[str, str], str]:
+        result = subprocess.run([sys.executable, "-m", "nbpipe.cli", "run", *args], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=TIMEOUT)
+        lines = result.stdout.splitlines()
+        states = dict(w.split("=", 1) for w in next(x for x in lines if x.startswith("states")).split()[1:])
+        executed = next(x for x in lines if x.startswith("executed")).split()[1]
+        return result.returncode, states, executed
+
+    code, states, executed = nbpipe_run("flow.py")
+    assert code == 1 and states["part(i=1)"] == "FAILED" and executed == "4"
+    # what failed is not tried again, nor what waits on it; new tasks named by a glob wait too
+    code, states, executed = nbpipe_run("--skip", "FAILED", "--skip", "extra*", "flow.py", "more")
+    assert code == 0 and executed == "0", states
+    assert states["part(i=1)"] == "FAILED" and states["extra(i=0)"] == "WAITING"
+    assert states["combine(x=<part(i=1)>)"] in ("UPSTREAM_FAILED", "WAITING")
+    listing = _nbpipe(tmp_path / ".nbpipe", "show", "flow", "part(i=1)", "--json")
+    assert len(json.loads(listing.stdout)["attempts"]) == 1
+    # by exact label: the other new task runs, the skipped one waits
+    code, states, executed = nbpipe_run("--skip", "extra(i=1)", "--skip", "FAILED", "flow.py", "more")
+    assert code == 0 and executed == "1", states
+    assert states["extra(i=0)"] == "SUCCEEDED" and states["extra(i=1)"] == "WAITING"
+    # without --skip the failure counts again: it is retried, fails, and the exit says so
+    code, states, _ = nbpipe_run("flow.py", "more")
+    assert code == 1 and states["extra(i=1)"] == "SUCCEEDED"
+
+
 def test_trust_existing_adopts_existing_products_with_their_checksums(pipe: Pipeline, tmp_path: Path
                                                                      ) -> None:
     # depio IF_MISSING: a product made before nbpipe (or by hand) is not made again.
