@@ -838,10 +838,11 @@ class Pipeline:
             pipe.run(wait_for_runner=True)   # 0 executed when the other runner did it all
 
         Run modes (each also set for a whole script by ``nbpipe run --stop-on-failure``,
-        ``--keep-succeeded``, ``--trust-existing``, ``--skip PATTERN``): ``stop_on_failure=True`` starts nothing new
-        after the first failure; ``skip=["FAILED", "fit*"]`` leaves tasks out by state, name or
-        label glob (and what depends on them); ``keep_succeeded=True`` keeps the last successful
-        result of tasks whose key changed (recorded as accepted, see :meth:`accept`);
+        ``--keep-succeeded``, ``--trust-existing``, ``--skip PATTERN``): ``stop_on_failure=True``
+        starts nothing new after the first failure; ``skip=["FAILED", "fit*"]`` leaves tasks
+        out by state, name or label glob (and what depends on them); ``keep_succeeded=True``
+        keeps the last successful result of tasks whose key changed (recorded as accepted, see
+        :meth:`accept`);
         ``trust_existing=True`` adopts tasks whose declared ``Out`` files exist.
         """
         return self._run(targets, wait=wait, check=check, timeout=timeout,

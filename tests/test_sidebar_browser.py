@@ -638,7 +638,8 @@ def test_the_task_list_and_panel_show_how_a_task_ended_timed_out_accepted_adopte
     _notebook(root / "outcomes.ipynb", [
         "%load_ext nbpipe",
         "%%task slowpoke --timeout 2\nimport time\ntime.sleep(120)\nslowpoke = 1",
-        "from pathlib import Path\nfrom typing import Annotated\nfrom nbpipe import Out, current_pipeline, task\n\n"
+        "from pathlib import Path\nfrom typing import Annotated\n"
+        "from nbpipe import Out, current_pipeline, task\n\n"
         "@task(trust_existing=True)\ndef make(out: Annotated[Path, Out]) -> None:\n"
         "    Path(out).write_text('made')\n\nmade = make(Path('{root}/made.txt'))\n"
         "@task\ndef scale(x: int) -> int:\n    return x * 10\n\n"

@@ -246,14 +246,27 @@ def test_iter_tasks_names_the_file_and_the_entry_of_a_mistake(
     assert str(path) in str(info.value) and fragment in str(info.value), str(info.value)
 
 
-@pytest.mark.parametrize("suffix", [".json", ".yaml", ".jsonl"])
-def test_empty_task_files_stream_no_entries(tmp_path: Path, suffix: str) -> None:
+@pytest.mark.parametrize(("suffix", "text"), [
+    (".json", "[]"), (".json", " [ ]\n"), (".json", "null"), (".yaml", ""), (".yaml", "[]\n"),
+    (".yaml", "# nothing yet\n"), (".jsonl", ""), (".jsonl", "\n\n"),
+])
+def test_empty_task_files_stream_no_entries_as_load_tasks_reads_none(
+        tmp_path: Path, suffix: str, text: str) -> None:
     from nbpipe import iter_tasks
 
-    for text in ("", "[]" if suffix != ".yaml" else "[]\n"):
-        path = tmp_path / f"tasks{suffix}"
-        path.write_text(text)
-        assert list(iter_tasks(path)) == []
+    path = tmp_path / f"tasks{suffix}"
+    path.write_text(text)
+    assert list(iter_tasks(path)) == load_tasks(path) == []
+
+
+def test_an_empty_json_file_is_invalid_json_streamed_or_not(tmp_path: Path) -> None:
+    from nbpipe import iter_tasks
+
+    path = tmp_path / "tasks.json"
+    path.write_text("")
+    for read in (load_tasks, lambda p: list(iter_tasks(p))):
+        with pytest.raises(TaskfileError, match="is not valid JSON"):
+            read(path)
 
 
 STREAM_SCRIPT = """
