@@ -262,17 +262,17 @@ def test_skip_from_the_command_line_by_state_glob_and_label(tmp_path: Path) -> N
         result = subprocess.run([sys.executable, "-m", "nbpipe.cli", "run", *args], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=TIMEOUT)
         lines = result.stdout.splitlines()
-        states = dict(w.split("=", 1) for w in next(x for x in lines if x.startswith("states")).split()[1:])
+        states = dict(w.rsplit("=", 1) for w in next(x for x in lines if x.startswith("states")).split()[1:])
         executed = next(x for x in lines if x.startswith("executed")).split()[1]
         return result.returncode, states, executed
 
     code, states, executed = nbpipe_run("flow.py")
-    assert code == 1 and states["part(i=1)"] == "FAILED" and executed == "4"
+    assert code == 1 and states.get("part(i=1)") == "FAILED" and executed == "4", states
     # what failed is not tried again, nor what waits on it; new tasks named by a glob wait too
     code, states, executed = nbpipe_run("--skip", "FAILED", "--skip", "extra*", "flow.py", "more")
     assert code == 0 and executed == "0", states
     assert states["part(i=1)"] == "FAILED" and states["extra(i=0)"] == "WAITING"
-    assert states["combine(x=<part(i=1)>)"] in ("UPSTREAM_FAILED", "WAITING")
+    assert states["combine(x=<part>)"] in ("UPSTREAM_FAILED", "WAITING")
     listing = _nbpipe(tmp_path / ".nbpipe", "show", "flow", "part(i=1)", "--json")
     assert len(json.loads(listing.stdout)["attempts"]) == 1
     # by exact label: the other new task runs, the skipped one waits
