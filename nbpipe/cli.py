@@ -712,7 +712,9 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
             stop.set()
             monitor.join()
     failed = []
+    left_out = 0
     for pipe in open_pipelines():
+        left_out += len(pipe.skipped)
         pipe.wait()
         failed += [t.label for t in pipe.tasks() if t.state in ("FAILED", "UPSTREAM_FAILED", "KILLED")
                    and t.label not in pipe.skipped]  # what --skip left out is not this run's
@@ -723,7 +725,8 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
         sys.exit(1)
     if code:
         sys.exit(code)
-    click.echo(f"all tasks succeeded ({elapsed:.1f} s)")
+    click.echo(f"all tasks succeeded ({elapsed:.1f} s)"
+               + (f"; {left_out} left out by --skip" if left_out else ""))
 
 
 @main.command("export")

@@ -682,7 +682,7 @@ class Pipeline:
                     r.reason = (f"output file {missing_out[0]} is missing" if missing_out
                                 else "its result file is missing or damaged")
                 elif row is not None and row["state"] in {s.value for s in BAD}:
-                    r.reason = f"the previous run was {row['state']}" + (
+                    r.reason = f"{runmodes.PREVIOUS_RUN}{row['state']}" + (
                         f" ({row['error']})" if row["error"] else "")
                 elif row is not None:
                     r.reason = "the previous run did not finish"
