@@ -684,6 +684,9 @@ class Pipeline:
                 elif row is not None and row["state"] in {s.value for s in BAD}:
                     r.reason = f"{runmodes.PREVIOUS_RUN}{row['state']}" + (
                         f" ({row['error']})" if row["error"] else "")
+                elif row is not None and row["state"] == State.WAITING.value and \
+                        (row["reason"] or "").startswith(runmodes.PREVIOUS_RUN):
+                    r.reason = row["reason"]  # registered again since, never run: still so
                 elif row is not None:
                     r.reason = "the previous run did not finish"
                 else:
