@@ -362,3 +362,28 @@ def test_an_output_folder_whose_files_are_rewritten_is_not_stale(pipe: Pipeline,
     ref = refill(folder)
     pipe.run(check=True, timeout=TIMEOUT)
     assert ref.state is State.SUCCEEDED and (folder / "a.txt").read_text() == "new"
+
+
+def test_events_carry_how_a_task_ended_while_it_is_still_so(pipe: Pipeline, tmp_path: Path) -> None:
+    # what the sidebar's task list follows live (accepted by hand: the browser test)
+    product = tmp_path / "made-by-hand.txt"
+    product.write_text("precious\n")
+
+    @pipe.task(trust_existing=True)
+    def make(out: Annotated[Path, Out]) -> None:
+        Path(out).write_text("remade\n")
+
+    @pipe.task
+    def plain() -> int:
+        return 1
+
+    adopted, ordinary = make(product), plain()
+    pipe.run(timeout=TIMEOUT)
+
+    def outcomes(key: str) -> list:
+        return [e["outcome"] for e in queries.events(pipe.store, pipe.name)["events"]
+                if e["key"] == key and e["state"] == "SUCCEEDED"]
+
+    assert outcomes(adopted.key) == ["adopted"]
+    assert outcomes(ordinary.key) == [None]
+
