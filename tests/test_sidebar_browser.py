@@ -645,7 +645,7 @@ def test_the_task_list_and_panel_show_how_a_task_ended_timed_out_accepted_adopte
         "@task\ndef scale(x: int) -> int:\n    return x * 10\n\n"
         "first = scale(4)\n_ = current_pipeline().run([made, first])",
         # an edit called cosmetic: the new definition adopts the last result by hand
-        "@task\ndef scale(x: int) -> int:\n    return x * 10  # (cosmetic)\n\n"
+        "@task\ndef scale(x: int) -> int:\n    return 10 * x\n\n"
         "second = scale(4)\nprint(current_pipeline().accept(second))",
         "%%task plain\nplain = 2",
     ])
