@@ -244,14 +244,14 @@ def run_tasks(func: TaskFunction, tasks: str | os.PathLike[str] | Iterable[TaskI
     >>> summary.executed                                                              # doctest: +SKIP
     1000000
     """
-    from .pipeline import RunSummary
+    from .pipeline import RunSummary, current_pipeline
 
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise TaskfileError(f"run_tasks({func.name}, ...): window={window!r} must be a whole "
                             "number >= 1 (entries registered and run together), e.g. 10_000")
     name = str(tasks) if isinstance(tasks, (str, os.PathLike)) else "the entries"
     items = iter_tasks(tasks) if isinstance(tasks, (str, os.PathLike)) else iter(tasks)
-    pipe = func._target()
+    pipe = func.pipeline if func.pipeline is not None else current_pipeline()  # as map() does
     counts: Counter[str] = Counter()
     failed: list[str] = []
     executed = cached = done = 0
