@@ -49,7 +49,7 @@ from .files import In, Out
 from .pipeline import Pipeline, RunSummary, TaskInfo, current_pipeline, use
 from .states import State
 from .task import TaskFunction, TaskRef, bash_task, task
-from .taskfile import TaskItem, dump_tasks, iter_tasks, load_tasks
+from .taskfile import TaskItem, dump_tasks, iter_tasks, load_tasks, run_tasks
 
 __version__ = "0.1.0"
 
@@ -73,7 +73,8 @@ __all__ = [
     "TaskContext", "TaskDefinitionError", "TaskFailed", "TaskFunction", "TaskInfo", "TaskItem",
     "TaskKilled", "TaskRef", "TaskTimedOut", "TaskfileError", "UnhashableValue", "UnknownTask",
     "UpstreamCorrupt", "UpstreamFailed",
-    "bash_task", "context", "current_pipeline", "dump_tasks", "iter_tasks", "load_tasks", "task", "use",
+    "bash_task", "context", "current_pipeline", "dump_tasks", "iter_tasks", "load_tasks", "run_tasks", "task",
+    "use",
 ]
 
 

@@ -648,12 +648,16 @@ def spawn(ctx: click.Context, pipeline: str) -> None:
                    "accepted); only failed and new tasks run")
 @click.option("--trust-existing", is_flag=True,
               help="adopt tasks whose declared Out files all exist instead of running them")
+@click.option("--skip", "skip", multiple=True, metavar="PATTERN",
+              help="leave out of every run() the unfinished tasks matching PATTERN -- a state "
+                   "(FAILED), a name, a label or a glob of either (fit*) -- and what depends on "
+                   "them (repeatable); their old failures do not count in the exit status")
 @click.option("--inside-allocation", is_flag=True,
               help="under `srun` in a Slurm job: rank 0 is the scheduler, rank 1 runs the script, "
                    "the other ranks are its workers (dask-jobqueue's SLURMRunner)")
 def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[str, ...],
         detach: bool, stop_on_failure: bool, keep_succeeded: bool, trust_existing: bool,
-        inside_allocation: bool) -> None:
+        skip: tuple[str, ...], inside_allocation: bool) -> None:
     """Run a pipeline script, or a notebook's pipeline headless (SCRIPT.ipynb, no Jupyter);
     exit 0 when every task succeeded, 1 when one failed."""
     import subprocess
@@ -661,8 +665,14 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
     import dask
 
     from .cluster import parse_words, validate
+    from .errors import TaskDefinitionError
     from .pipeline import open_pipelines
+    from .policy import check_skip
 
+    try:
+        patterns = check_skip(list(skip), "nbpipe run --skip") if skip else []
+    except TaskDefinitionError as exc:
+        raise click.BadParameter(str(exc), param_hint="--skip") from None
     if script.endswith(".ipynb") and not detach:
         script = str(_notebook_script(Path(script)))
 
@@ -678,6 +688,8 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
                          ("--keep-succeeded", keep_succeeded), ("--trust-existing", trust_existing)):
             if on:
                 command.insert(4, flag)
+        for pattern in patterns:
+            command[4:4] = ["--skip", pattern]
         from .results import append_private
 
         with append_private("nbpipe-run.log") as log:
@@ -696,8 +708,10 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
         if inside_allocation:  # only rank 1 gets past this line; the others serve, then exit
             spec = stack.enter_context(_allocation_client())
         stack.enter_context(dask.config.set({"nbpipe.cluster": spec} if spec is not None else {}))
-        modes = {name: True for name, on in (("stop-on-failure", stop_on_failure),
+        modes: dict[str, Any] = {name: True for name, on in (("stop-on-failure", stop_on_failure),
                  ("keep-succeeded", keep_succeeded), ("trust-existing", trust_existing)) if on}
+        if patterns:  # read by Pipeline.run (nbpipe.policy.run_skip)
+            modes["skip"] = patterns
         if modes:  # read by Pipeline.run (nbpipe.policy.run_mode)
             stack.enter_context(dask.config.set({"nbpipe.run": modes}))
         try:
@@ -708,9 +722,12 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
             stop.set()
             monitor.join()
     failed = []
+    left_out = 0
     for pipe in open_pipelines():
+        left_out += len(pipe.skipped)
         pipe.wait()
-        failed += [t.label for t in pipe.tasks() if t.state in ("FAILED", "UPSTREAM_FAILED", "KILLED")]
+        failed += [t.label for t in pipe.tasks() if t.state in ("FAILED", "UPSTREAM_FAILED", "KILLED")
+                   and t.label not in pipe.skipped]  # what --skip left out is not this run's
     elapsed = time.monotonic() - start
     if failed:
         click.echo(f"{len(failed)} task(s) failed after {elapsed:.1f} s: {', '.join(failed[:10])}",
@@ -718,7 +735,8 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
         sys.exit(1)
     if code:
         sys.exit(code)
-    click.echo(f"all tasks succeeded ({elapsed:.1f} s)")
+    click.echo(f"all tasks succeeded ({elapsed:.1f} s)"
+               + (f"; {left_out} left out by --skip" if left_out else ""))
 
 
 @main.command("export")

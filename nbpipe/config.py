@@ -108,7 +108,8 @@ SETTINGS = {
     "task": "task defaults: a mapping of retries, timeout, retry_on, trust_existing "
             "(see nbpipe.policy)",
     "run": "run modes: a mapping of stop-on-failure, keep-succeeded, trust-existing (true/false; "
-           "what `nbpipe run --stop-on-failure` sets)",
+           "what `nbpipe run --stop-on-failure` sets) and skip (a list of names, labels, globs "
+           "or states; what `nbpipe run --skip` sets)",
     "store-patience": "a finite number of seconds >= 0 (how long a runner retries a store that "
                       "cannot be written before it stops and run() raises)",
     "max-concurrent": "a whole number >= 1 (tasks of a pipeline running at once; unset: no cap)",

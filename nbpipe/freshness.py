@@ -22,6 +22,7 @@ from .content import content_key, pending_reason
 from .control import RETRY_REASON
 from .identity import IDENTITY_VERSION
 from .results import INLINE, locate
+from .runmodes import PREVIOUS_RUN
 from .states import BAD, State
 from .store import Batch
 from .why import explain
@@ -153,8 +154,11 @@ class Freshness:
                     r.reason = (f"output file {missing_out[0]} is missing" if missing_out
                                 else "its result file is missing or damaged")
                 elif row is not None and row["state"] in {s.value for s in BAD}:
-                    r.reason = f"the previous run was {row['state']}" + (
+                    r.reason = f"{PREVIOUS_RUN}{row['state']}" + (
                         f" ({row['error']})" if row["error"] else "")
+                elif row is not None and row["state"] == State.WAITING.value and \
+                        (row["reason"] or "").startswith(PREVIOUS_RUN):
+                    r.reason = row["reason"]  # registered again since, never run: still so
                 elif row is not None:
                     r.reason = "the previous run did not finish"
                 else:

@@ -55,7 +55,7 @@ from .freshness import Freshness
 from .graph import order, reach
 from .identity import CodeIdentity, Unencodable, is_immutable
 from .naming import find_task, find_tasks, ref_fields
-from .policy import check_defaults, run_mode
+from .policy import check_defaults, run_mode, run_skip
 from .results import INLINE, read_result
 from .runner import Runner, record_jobs
 from .shipping import by_value
@@ -282,6 +282,9 @@ class Pipeline:
         # finished yet: what `run()` counts as executed, also when a `ref.result()` ran them
         # before it. The runner adds what it submits on its own (retries, retry commands).
         self.ran: set[TaskRef] = set()
+        #: Labels of the tasks the last ``run(skip=...)`` left out (``nbpipe run --skip``
+        #: does not count their old failures in its exit status).
+        self.skipped: set[str] = set()
         #: Pause, resume, kill, retry: the same steering as ``nbpipe`` and the sidebar use.
         self.control = Controller(self.store, name, local=local_runner_of(self))
         _open.add(self)
@@ -666,15 +669,16 @@ class Pipeline:
             pipe.run(wait_for_runner=True)   # 0 executed when the other runner did it all
 
         Run modes (each also set for a whole script by ``nbpipe run --stop-on-failure``,
-        ``--keep-succeeded``, ``--trust-existing``): ``stop_on_failure=True`` starts nothing new
-        after the first failure; ``skip=["FAILED", "fit*"]`` leaves tasks out by state, name or
-        label glob (and what depends on them); ``keep_succeeded=True`` keeps the last successful
-        result of tasks whose key changed (recorded as accepted, see :meth:`accept`);
+        ``--keep-succeeded``, ``--trust-existing``, ``--skip PATTERN``): ``stop_on_failure=True``
+        starts nothing new after the first failure; ``skip=["FAILED", "fit*"]`` leaves tasks
+        out by state, name or label glob (and what depends on them); ``keep_succeeded=True``
+        keeps the last successful result of tasks whose key changed (recorded as accepted, see
+        :meth:`accept`);
         ``trust_existing=True`` adopts tasks whose declared ``Out`` files exist.
         """
         return self._run(targets, wait=wait, check=check, timeout=timeout,
                          wait_for_runner=wait_for_runner, report=True,
-                         modes={"stop_on_failure": stop_on_failure, "skip": skip,
+                         modes={"stop_on_failure": stop_on_failure, "skip": run_skip(skip),
                                 "keep_succeeded": keep_succeeded, "trust_existing": trust_existing})
 
     def _run(self, targets: Iterable[TaskRef] | TaskRef | None, *, wait: bool, check: bool = False,
@@ -691,6 +695,8 @@ class Pipeline:
         left_out = runmodes.skipped(refs, modes.get("skip"))  # i20: run modes (nbpipe.runmodes)
         if left_out:
             refs = [r for r in refs if r not in left_out]
+        if report:
+            self.skipped = {r.label for r in left_out}
         for r in refs:  # what failed or was killed before runs again
             if r.state in BAD:
                 r.queued = False
@@ -923,6 +929,22 @@ class Pipeline:
                  ) -> list[TaskRef]:
         """Register one call of ``func`` per item (``func.map``); ``chunksize`` groups them."""
         return self._add_many(func, items, chunksize)
+
+    def forget(self, refs: Iterable[TaskRef]) -> None:
+        """Drop finished tasks from this process (their refs, arguments and the runner's
+        bookkeeping); the store keeps their identity and results, so a later run finds them
+        done. What :func:`nbpipe.run_tasks` does after each window of a large task file."""
+        refs = [r for r in refs if r.state.final]
+        with self._lock:
+            for r in refs:
+                if self._refs.get(r.call_id) is r:
+                    del self._refs[r.call_id]
+                if self._by_label.get(r.label) is r:
+                    del self._by_label[r.label]
+                self._mutable_args.discard(r)
+            self.ran.difference_update(refs)
+        if self._runner is not None:
+            self._runner.forget(refs)
 
     def adopt(self, refs: Iterable[TaskRef]) -> None:
         """Register refs made elsewhere (revived from specs by a detached runner) as they are."""

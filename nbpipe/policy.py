@@ -143,22 +143,53 @@ def check_defaults(data: Any, where: str) -> dict[str, Any]:
     return out
 
 
-#: What ``nbpipe run --stop-on-failure/--keep-succeeded/--trust-existing`` set (``nbpipe.run``).
-RUN_MODES = ("stop-on-failure", "keep-succeeded", "trust-existing")
+#: What ``nbpipe run --stop-on-failure/--keep-succeeded/--trust-existing/--skip`` set
+#: (``nbpipe.run``): the flags are true or false, ``skip`` a list of patterns.
+RUN_MODES = ("stop-on-failure", "keep-succeeded", "trust-existing", "skip")
 
 
-def check_run_modes(data: Any, where: str) -> dict[str, bool]:
-    """Validated run modes (``dask.config`` ``nbpipe.run``): each true or false."""
+def check_skip(value: Any, where: str) -> list[str]:
+    """Validated ``skip`` patterns: a string or a list of strings (a name, a label, a glob of
+    either, or a state such as ``FAILED``), each non-empty."""
+    patterns = [value] if isinstance(value, str) else value
+    if not isinstance(patterns, (list, tuple)):
+        raise TaskDefinitionError(
+            f"{where}: skip={value!r} must be a task name, label, glob or state (e.g. 'FAILED', "
+            "'fit*'), or a list of them")
+    for p in patterns:
+        if not isinstance(p, str) or not p.strip():
+            raise TaskDefinitionError(
+                f"{where}: skip pattern {p!r} matches no task; give a task name, label, glob or "
+                "state (e.g. 'FAILED', 'fit*')")
+    return [p.strip() for p in patterns]
+
+
+def run_skip(given: Any) -> list[str] | None:
+    """The ``skip`` patterns of a run: ``run(skip=...)`` if given, else the configured ones
+    (``nbpipe run --skip PATTERN`` sets them for the script it runs)."""
+    if given is not None:
+        return check_skip(given, "run(skip=...)")
+    from .config import setting
+
+    return (setting("run") or {}).get("skip") or None
+
+
+def check_run_modes(data: Any, where: str) -> dict[str, Any]:
+    """Validated run modes (``dask.config`` ``nbpipe.run``): each flag true or false, ``skip``
+    a list of patterns."""
     if data is None:
         return {}
     if not isinstance(data, Mapping):
         raise TaskDefinitionError(f"{where}: run modes must be a mapping such as "
                                   f"{{'stop-on-failure': true}}, not {type(data).__name__}")
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in data.items():
         if key not in RUN_MODES:
             raise TaskDefinitionError(f"{where}: unknown run mode {key!r}; the modes are "
                                       f"{', '.join(RUN_MODES)}")
+        if key == "skip":
+            out[key] = check_skip(value, where)
+            continue
         if isinstance(value, str) and value.lower() in ("true", "false"):
             value = value.lower() == "true"
         if not isinstance(value, bool):

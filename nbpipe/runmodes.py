@@ -32,8 +32,15 @@ if TYPE_CHECKING:
 __all__ = ["adopt_existing", "keep_succeeded", "skipped"]
 
 
+#: How the reason of a task that failed (or was killed) in an earlier process starts, followed
+#: by that state: such a task is WAITING to run again, and ``skip="FAILED"`` still names it.
+PREVIOUS_RUN = "the previous run was "
+
+
 def _matches(ref: TaskRef, patterns: list[str]) -> bool:
-    return any(p == ref.state.value or fnmatch.fnmatchcase(ref.label, p)
+    before = ref.reason[len(PREVIOUS_RUN):].split(" ")[0] \
+        if ref.state is State.WAITING and (ref.reason or "").startswith(PREVIOUS_RUN) else None
+    return any(p in (ref.state.value, before) or fnmatch.fnmatchcase(ref.label, p)
                or fnmatch.fnmatchcase(ref.name, p) for p in patterns)
 
 

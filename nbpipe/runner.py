@@ -232,6 +232,21 @@ class Runner:
         self.inbox.put(("add", refs))
         self.wake.set()
 
+    def forget(self, refs: list[TaskRef]) -> None:
+        """Drop finished tasks from the runner's bookkeeping (``Pipeline.forget``: a large
+        task file run window by window); done in the loop, which owns these tables."""
+        self.inbox.put(("forget", refs))
+        self.wake.set()
+
+    def _forget(self, refs: list[TaskRef]) -> None:
+        for ref in refs:
+            if self.by_key.get(ref.key) is ref:
+                del self.by_key[ref.key]
+            self.handed.discard(ref)
+            for table in (self.children, self.blockers, self.memory_boost, self.kill_deadline,
+                          self.early):
+                table.pop(ref, None)  # type: ignore[attr-defined]
+
     def was_handed(self, ref: TaskRef) -> bool:
         """Whether ``ref`` was handed to this runner (it runs, or waits for what it needs)."""
         return ref in self.handed
@@ -395,6 +410,8 @@ class Runner:
                 break
             if kind == "add":
                 self._integrate(payload)
+            elif kind == "forget":  # nbpipe.Pipeline.forget
+                self._forget(payload)
             elif kind == "start":
                 self._started(payload)
             elif kind == "outcomes":

@@ -699,6 +699,10 @@ CLI = [
     Case("command line", "`nbpipe graph demo -o graph.pdf`", "exit 2",
          "-o takes a .svg, .png or .dot file", "-o", "Write .svg, .png or .dot.",
          ["--store", "{store}", "graph", "demo", "-o", "{tmp}/graph.pdf"]),
+    Case("command line", "`nbpipe run job.py --skip ''`: an empty pattern", "exit 2",
+         "Invalid value for --skip: nbpipe run --skip: skip pattern '' matches no task; give a task "
+         "name, label, glob or state (e.g. 'FAILED', 'fit*')", "--skip",
+         "Give a state, a name, a label or a glob.", ["run", "{script}", "--skip", ""]),
     Case("command line", "`nbpipe run missing.py`", "exit 2",
          "Invalid value for 'SCRIPT': File '…missing.py' does not exist.", "missing.py", "Fix the path.",
          ["run", "{tmp}/missing.py"]),
@@ -783,6 +787,10 @@ CONFIG = [
          "retry_on, trust_existing (resources stay per task)", "'cores'",
          "Set resources on each task (`@task(cores=4)`) or on the cluster.", None,
          ("task: {cores: 4}\n",)),
+    Case("configuration", "`run: {skip: 3}`", "ConfigError",
+         "…/nbpipe.yaml: run: skip=3 must be a task name, label, glob or state (e.g. 'FAILED', "
+         "'fit*'), or a list of them", "skip", "Write a pattern or a list: `skip: [FAILED, fit*]`.",
+         None, ("run: {skip: 3}\n",)),
     Case("configuration", "`run: {stop-on-failure: maybe}`", "ConfigError",
          "…/nbpipe.yaml: run: stop-on-failure='maybe' must be true or false", "stop-on-failure",
          "Write `true` or `false`.", None, ("run: {stop-on-failure: maybe}\n",)),

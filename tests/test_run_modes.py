@@ -227,6 +227,62 @@ def test_skip_leaves_tasks_out_by_state_and_by_label(pipe: Pipeline) -> None:
     assert other.state is State.WAITING
 
 
+SKIP_SCRIPT = """
+    import sys
+    from nbpipe import Pipeline
+    pipe = Pipeline("flow", cluster={"kind": "local", "workers": 1})
+
+    @pipe.task
+    def part(i: int) -> int:
+        if i == 1:
+            raise RuntimeError("broken input")
+        return i
+
+    @pipe.task
+    def combine(x: int) -> int:
+        return x + 100
+
+    @pipe.task
+    def extra(i: int) -> int:
+        return -i
+
+    parts = [part(i) for i in range(3)]
+    total = combine(parts[1])
+    more = [extra(i) for i in range(2)] if "more" in sys.argv else []
+    summary = pipe.run()
+    print("executed", summary.executed)
+    print("states", *[f"{r.label}={r.state.value}" for r in [*parts, total, *more]])
+"""
+
+
+def test_skip_from_the_command_line_by_state_glob_and_label(tmp_path: Path) -> None:
+    (tmp_path / "flow.py").write_text(textwrap.dedent(SKIP_SCRIPT))
+
+    def nbpipe_run(*args: str) -> tuple[int, dict[str, str], str]:
+        result = subprocess.run([sys.executable, "-m", "nbpipe.cli", "run", *args], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=TIMEOUT)
+        lines = result.stdout.splitlines()
+        states = dict(w.rsplit("=", 1) for w in next(x for x in lines if x.startswith("states")).split()[1:])
+        executed = next(x for x in lines if x.startswith("executed")).split()[1]
+        return result.returncode, states, executed
+
+    code, states, executed = nbpipe_run("flow.py")
+    assert code == 1 and states.get("part(i=1)") == "FAILED" and executed == "4", states
+    # what failed is not tried again, nor what waits on it; new tasks named by a glob wait too
+    code, states, executed = nbpipe_run("--skip", "FAILED", "--skip", "extra*", "flow.py", "more")
+    assert code == 0 and executed == "0", states
+    assert states["extra(i=0)"] == states["extra(i=1)"] == "WAITING"
+    failed = json.loads(_nbpipe(tmp_path / ".nbpipe", "show", "flow", "part(i=1)", "--json").stdout)
+    assert len(failed["attempts"]) == 1 and "the previous run was FAILED" in failed["reason"]
+    # by exact label: the other new task runs, the skipped one waits
+    code, states, executed = nbpipe_run("--skip", "extra(i=1)", "--skip", "FAILED", "flow.py", "more")
+    assert code == 0 and executed == "1", states
+    assert states["extra(i=0)"] == "SUCCEEDED" and states["extra(i=1)"] == "WAITING"
+    # without --skip the failure counts again: it is retried, fails, and the exit says so
+    code, states, _ = nbpipe_run("flow.py", "more")
+    assert code == 1 and states["extra(i=1)"] == "SUCCEEDED"
+
+
 def test_trust_existing_adopts_existing_products_with_their_checksums(pipe: Pipeline, tmp_path: Path
                                                                      ) -> None:
     # depio IF_MISSING: a product made before nbpipe (or by hand) is not made again.
@@ -306,3 +362,28 @@ def test_an_output_folder_whose_files_are_rewritten_is_not_stale(pipe: Pipeline,
     ref = refill(folder)
     pipe.run(check=True, timeout=TIMEOUT)
     assert ref.state is State.SUCCEEDED and (folder / "a.txt").read_text() == "new"
+
+
+def test_events_carry_how_a_task_ended_while_it_is_still_so(pipe: Pipeline, tmp_path: Path) -> None:
+    # what the sidebar's task list follows live (accepted by hand: the browser test)
+    product = tmp_path / "made-by-hand.txt"
+    product.write_text("precious\n")
+
+    @pipe.task(trust_existing=True)
+    def make(out: Annotated[Path, Out]) -> None:
+        Path(out).write_text("remade\n")
+
+    @pipe.task
+    def plain() -> int:
+        return 1
+
+    adopted, ordinary = make(product), plain()
+    pipe.run(timeout=TIMEOUT)
+
+    def outcomes(key: str) -> list:
+        return [e["outcome"] for e in queries.events(pipe.store, pipe.name)["events"]
+                if e["key"] == key and e["state"] == "SUCCEEDED"]
+
+    assert outcomes(adopted.key) == ["adopted"]
+    assert outcomes(ordinary.key) == [None]
+

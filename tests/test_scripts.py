@@ -68,7 +68,7 @@ def doc_scripts() -> list[pytest.param]:
             notebook, code = match.groups()
             if re.search(r"^\s*[%!]", code, re.M) or OTHER_SYSTEMS.search(code):
                 continue  # notebook cells, and the code of the systems being migrated from
-            if not re.search(r"\.(run|result)\(", code):
+            if not re.search(r"\.(run|result)\(|\brun_tasks\(", code):
                 continue  # a fragment, not a script
             if notebook and code.strip() not in [
                     text.strip() for name, text in _notebook_files(notebook).items()

@@ -653,3 +653,50 @@ def test_a_graph_that_fails_to_load_still_shows(lab, page) -> None:
     # nobody presses anything: the sidebar asks again by itself
     sidebar.locator(f"svg.nbpipe-graph-svg[data-nodes='{len(keys)}']").wait_for(timeout=60_000)
     assert calls["graph"] >= 4, calls
+
+
+def test_the_task_list_and_panel_show_how_a_task_ended_timed_out_accepted_adopted(lab, page) -> None:
+    url, root = lab
+    (root / "made.txt").write_text("by hand")
+    _notebook(root / "outcomes.ipynb", [
+        "%load_ext nbpipe",
+        "%%task slowpoke --timeout 2\nimport time\ntime.sleep(120)\nslowpoke = 1",
+        "from pathlib import Path\nfrom typing import Annotated\n"
+        "from nbpipe import Out, current_pipeline, task\n\n"
+        "@task(trust_existing=True)\ndef make(out: Annotated[Path, Out]) -> None:\n"
+        "    Path(out).write_text('made')\n\nmade = make(Path('{root}/made.txt'))\n"
+        "@task\ndef scale(x: int) -> int:\n    return x * 10\n\n"
+        "first = scale(4)\n_ = current_pipeline().run([made, first])",
+        # an edit called cosmetic: the new definition adopts the last result by hand
+        "@task\ndef scale(x: int) -> int:\n    return 10 * x\n\n"
+        "second = scale(4)\nprint(current_pipeline().accept(second))",
+        "%%task plain\nplain = 2",
+    ])
+    _start(page, url, "outcomes.ipynb")
+    sidebar = _open_sidebar(page)
+    _run_all(page)
+
+    def row(label: str):
+        return sidebar.locator(f".nbpipe-task-row:has(.nbpipe-task-label:text-is('{label}'))")
+
+    expected = {"slowpoke": ("FAILED", "timed out"), "scale(x=4)": ("SUCCEEDED", "accepted"),
+                "make(out=made.txt)": ("SUCCEEDED", "adopted")}
+    sidebar.locator(".nbpipe-task-row[data-outcome='timed out']").wait_for(timeout=120_000)
+    sidebar.locator(".nbpipe-task-row[data-outcome='accepted']").wait_for(timeout=120_000)
+    sidebar.locator(".nbpipe-task-row[data-outcome='adopted']").wait_for(timeout=120_000)
+    sidebar.locator(".nbpipe-task-row[data-state='SUCCEEDED']:has-text('plain')").wait_for(timeout=120_000)
+    for outcome in ("timed out", "accepted", "adopted"):
+        shown = sidebar.locator(f".nbpipe-task-row[data-outcome='{outcome}']")
+        label = shown.locator(".nbpipe-task-label").inner_text()
+        state, _ = next(v for k, v in expected.items() if label.startswith(k.split("(")[0]))
+        assert shown.get_attribute("data-state") == state
+        assert shown.locator(".nbpipe-task-state").inner_text() == f"{state} ({outcome})"
+        assert shown.locator(".nbpipe-task-state").get_attribute("title")
+        # the task panel says it too, with what it means
+        shown.click()
+        panel = sidebar.locator(f".nbpipe-panel[data-panel-label='{label}']")
+        panel.locator(f".nbpipe-panel-state:text-is('{state} ({outcome})')").wait_for()
+        assert panel.locator(".nbpipe-panel-state").get_attribute("data-outcome") == outcome
+    # a plain ending shows the state alone
+    assert row("plain").locator(".nbpipe-task-state").inner_text() == "SUCCEEDED"
+    assert row("plain").get_attribute("data-outcome") is None

@@ -69,6 +69,8 @@ export interface ITaskDetail {
   state: State;
   reason: string | null;
   error: string | null;
+  /** How it ended where the state does not say it all: 'timed out', 'accepted', 'adopted'. */
+  outcome?: string | null;
   resources: Record<string, unknown>;
   attempts: IAttempt[];
   cell: string | null;

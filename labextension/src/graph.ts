@@ -39,6 +39,8 @@ export interface ITask {
   reason: string | null;
   error: string | null;
   cell: string | null;
+  /** How it ended where the state does not say it all: 'timed out', 'accepted', 'adopted'. */
+  outcome?: string | null;
 }
 
 /** An edge between two task keys. */
@@ -55,6 +57,8 @@ export interface IEvent {
   key: string | null;
   state: string | null;
   message: string | null;
+  /** The task's outcome when it ended in this state (timed out, accepted, adopted). */
+  outcome?: string | null;
 }
 
 /** A node of the drawn graph: one task, or a group of a function's mapped tasks. */
@@ -602,9 +606,33 @@ export function applyEvents(tasks: Map<string, ITask>, events: IEvent[]): string
     }
     if ((STATES as string[]).includes(e.state)) {
       task.state = e.state as State;
+      // a new state ends the old outcome (a timed-out task retried is no longer timed out)
+      task.outcome = e.outcome ?? null;
     }
   }
   return unknown;
+}
+
+/**
+ * A task's state as the list and the panel write it: the state, and how it ended where the
+ * state alone would mislead ('FAILED (timed out)', 'SUCCEEDED (accepted)').
+ */
+export function stateText(state: State, outcome?: string | null): string {
+  return outcome ? `${state} (${outcome})` : state;
+}
+
+/** What a task's outcome means, for a tooltip; '' for none. */
+export function outcomeTitle(outcome?: string | null): string {
+  switch (outcome) {
+    case 'timed out':
+      return 'stopped: it ran longer than its timeout';
+    case 'accepted':
+      return 'accepted by hand: its last successful result is kept (retry to run it again)';
+    case 'adopted':
+      return 'adopted: its declared output files existed and were trusted, not made';
+    default:
+      return outcome ?? '';
+  }
 }
 
 /** Counts of tasks by state. */

@@ -22,8 +22,10 @@ import {
   redraw,
   layoutKey,
   nodeSize,
+  outcomeTitle,
   parts,
   shortLabel,
+  stateText,
   successor,
   viewport,
   visible
@@ -104,6 +106,39 @@ describe('applyEvents', () => {
     expect(tasks.get('avg')?.state).toBe('RUNNING');
     expect(unknown).toEqual(['new']);
     expect(countStates(tasks.values())).toEqual({ RUNNING: 1 });
+  });
+
+  it('carries the outcome a task ended with, and drops it when the state moves on', () => {
+    const tasks = new Map([average].map(t => [t.key, { ...t }]));
+    applyEvents(tasks, [{ id: 1, time: 0, key: 'avg', state: 'FAILED', message: null, outcome: 'timed out' }]);
+    expect(tasks.get('avg')?.outcome).toBe('timed out');
+    // retried: pending again, no longer timed out; then accepted by hand
+    applyEvents(tasks, [{ id: 2, time: 0, key: 'avg', state: 'PENDING', message: null }]);
+    expect(tasks.get('avg')?.outcome).toBeNull();
+    applyEvents(tasks, [{ id: 3, time: 0, key: 'avg', state: 'SUCCEEDED', message: 'accepted by hand', outcome: 'accepted' }]);
+    expect(stateText(tasks.get('avg')!.state, tasks.get('avg')!.outcome)).toBe('SUCCEEDED (accepted)');
+  });
+});
+
+describe('stateText and outcomeTitle', () => {
+  it('writes the state alone when the outcome is plain', () => {
+    expect(stateText('SUCCEEDED')).toBe('SUCCEEDED');
+    expect(stateText('FAILED', null)).toBe('FAILED');
+    expect(outcomeTitle(null)).toBe('');
+  });
+
+  it.each([
+    ['FAILED', 'timed out', 'FAILED (timed out)', 'timeout'],
+    ['SUCCEEDED', 'accepted', 'SUCCEEDED (accepted)', 'by hand'],
+    ['SUCCEEDED', 'adopted', 'SUCCEEDED (adopted)', 'existed']
+  ] as const)('writes %s with outcome %s', (state, outcome, text, hint) => {
+    expect(stateText(state, outcome)).toBe(text);
+    expect(outcomeTitle(outcome)).toContain(hint);
+  });
+
+  it('shows an outcome it does not know as it is', () => {
+    expect(stateText('FAILED', 'lost')).toBe('FAILED (lost)');
+    expect(outcomeTitle('lost')).toBe('lost');
   });
 });
 

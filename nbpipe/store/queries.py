@@ -138,8 +138,19 @@ def events(store: Store, pipeline: str, since: int = 0, limit: int = 5_000) -> d
         pid = _pipeline_id(store, pipeline)
         rows = store.events(pid, since, limit)
         info = conn.execute("SELECT paused, runner FROM pipelines WHERE id = ?", (pid,)).fetchone()
+        # How a task that ended in these events ended beyond its state (timed out, accepted,
+        # adopted): its row now says, when it is still in that state (a view shows it live).
+        ended = sorted({r["key"] for r in rows if r["key"] and r["state"] in ("FAILED", "SUCCEEDED")})
+        now: dict[str, tuple[str, str | None]] = {}
+        for i in range(0, len(ended), 500):
+            part = ended[i:i + 500]
+            for t in conn.execute(f"SELECT key, state, error, reason FROM tasks WHERE pipeline_id = ? "
+                                  f"AND key IN ({', '.join('?' * len(part))})", (pid, *part)):
+                now[t["key"]] = (t["state"], outcome(t["state"], t["error"], t["reason"]))
     out = [{"id": r["id"], "time": r["time"], "key": r["key"], "state": r["state"],
-            "message": r["message"]} for r in rows]
+            "message": r["message"],
+            "outcome": now[r["key"]][1] if now.get(r["key"], ("",))[0] == r["state"] else None}
+           for r in rows]
     return {"events": out, "last_event": out[-1]["id"] if out else since,
             "paused": bool(info["paused"]), "runner": _live_runner(store, pipeline, info["runner"])}
 

@@ -4,7 +4,7 @@
 import { Dialog, showDialog } from '@jupyterlab/apputils';
 import * as React from 'react';
 import { IAttempt, ITaskDetail } from '../api';
-import { ITask, STATES, State, downstream } from '../graph';
+import { ITask, STATES, State, downstream, outcomeTitle, stateText } from '../graph';
 import { SidebarModel } from '../model';
 import { GraphView } from './GraphView';
 
@@ -103,6 +103,7 @@ const TaskRow = React.memo(function TaskRow(props: {
   id: string;
   label: string;
   state: State;
+  outcome?: string | null;
   chosen: boolean;
   onSelect: (key: string) => void;
 }): JSX.Element {
@@ -112,13 +113,16 @@ const TaskRow = React.memo(function TaskRow(props: {
         className={`nbpipe-task-row${props.chosen ? ' nbpipe-selected' : ''}`}
         data-task={props.id}
         data-state={props.state}
+        data-outcome={props.outcome ?? undefined}
         onClick={() => props.onSelect(props.id)}
       >
         <span className={`nbpipe-dot nbpipe-state-${props.state}`} />
         <span className="nbpipe-task-label" title={props.label}>
           {props.label}
         </span>
-        <span className="nbpipe-task-state">{props.state}</span>
+        <span className="nbpipe-task-state" title={outcomeTitle(props.outcome)}>
+          {stateText(props.state, props.outcome)}
+        </span>
       </button>
     </li>
   );
@@ -149,7 +153,7 @@ function TaskList(props: { model: SidebarModel; onSelect: (key: string) => void 
       </div>
       <ul>
         {tasks.slice(0, 500).map(t => (
-          <TaskRow key={t.key} id={t.key} label={t.label} state={t.state} chosen={props.model.detail?.key === t.key} onSelect={onSelect} />
+          <TaskRow key={t.key} id={t.key} label={t.label} state={t.state} outcome={t.outcome} chosen={props.model.detail?.key === t.key} onSelect={onSelect} />
         ))}
         {tasks.length > 500 && <li className="nbpipe-more">{tasks.length - 500} more: narrow the filter</li>}
       </ul>
@@ -231,7 +235,9 @@ function TaskPanel(props: { model: SidebarModel; detail: ITaskDetail; onShowCell
         <b className="nbpipe-panel-label" title={detail.label}>
           {detail.label}
         </b>{' '}
-        <span className="nbpipe-panel-state">{detail.state}</span>
+        <span className="nbpipe-panel-state" data-outcome={detail.outcome ?? undefined} title={outcomeTitle(detail.outcome)}>
+          {stateText(detail.state, detail.outcome)}
+        </span>
         <button className="jp-Button nbpipe-small nbpipe-close" title="Close the task panel" aria-label="close" onClick={() => void model.showTask(null)}>
           ×
         </button>
