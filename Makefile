@@ -29,10 +29,13 @@ $(STAMP): pyproject.toml $(LABEXT) | $(PY)
 demo: $(STAMP)
 	cd nb && ../$(PY) pi.py
 
+# The suite on TEST_WORKERS pytest-xdist workers (0: in one process); tests/conftest.py says which
+# tests share a worker. The 30 slowest tests close the output: where CI's time goes.
+TEST_WORKERS ?= 2
 test: $(STAMP) docs
 	$(PY) -m ruff check nbpipe tests benchmarks nb
 	cd labextension && npx tsc --noEmit && npx vitest run
-	$(PY) -m pytest; rc=$$?; \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=30; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 
 bench: $(STAMP)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_for
+from helpers import nbpipe
 
 SCRIPT = '''
 import os, sys, time
@@ -65,8 +66,7 @@ def _overlap(log: Path) -> int:
 
 
 def _nbpipe(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "nbpipe.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+    return nbpipe(*args, cwd=cwd, timeout=300)
 
 
 def _states(cwd: Path) -> set[str]:

@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
+from helpers import execute_notebook, new_notebook, notebook_text
 
 from nbpipe import In, Out, Pipeline
 from nbpipe.content import PENDING
@@ -338,25 +337,11 @@ NOTEBOOK = [
 
 def _notebook_run(path: Path) -> str:
     """Run the notebook on a fresh kernel; its outputs' text."""
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in NOTEBOOK])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
-    text = []
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            assert out.output_type != "error", f"{out.get('ename')}: {out.get('evalue')}"
-            text.append(out.get("text") or out.get("data", {}).get("text/plain", ""))
-    return "\n".join(text)
+    return notebook_text(execute_notebook(path, new_notebook(path, NOTEBOOK)))
 
 
-def test_notebook_cell_reading_a_no_cache_cell_follows_its_value(tmp_path: Path, cluster,
-                                                                  monkeypatch) -> None:
-    monkeypatch.setenv("DASK_NBPIPE__CLUSTER", cluster.scheduler_address)
-    monkeypatch.setenv("NBPIPE_WIDGETS", "0")
-    monkeypatch.setenv("JPY_SESSION_NAME", str(tmp_path / "content.ipynb"))
-    monkeypatch.delenv("NBPIPE_STORE", raising=False)
-    monkeypatch.delenv("NBPIPE_PIPELINE", raising=False)
+def test_notebook_cell_reading_a_no_cache_cell_follows_its_value(tmp_path: Path,
+                                                                  kernel_env: dict[str, str]) -> None:
     path = tmp_path / "content.ipynb"
     (tmp_path / "source.txt").write_text("1")
     assert "doubled 2" in _notebook_run(path)

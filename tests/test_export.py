@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
+from helpers import execute_notebook, new_notebook, notebook_text
 
 from nbpipe.export import ExportError, export_notebook
 from nbpipe.store import Store
@@ -40,33 +38,19 @@ MIXED = [
 
 
 def _notebook(path: Path, cells: list[str]) -> Path:
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, path)
+    new_notebook(path, cells)
     return path
 
 
 @pytest.fixture
-def env(cluster, monkeypatch) -> dict[str, str]:
+def env(kernel_env: dict[str, str]) -> dict[str, str]:
     """Kernels and scripts use the shared test cluster; no widgets in kernels."""
-    monkeypatch.setenv("DASK_NBPIPE__CLUSTER", cluster.scheduler_address)
-    monkeypatch.setenv("NBPIPE_WIDGETS", "0")
-    monkeypatch.delenv("NBPIPE_STORE", raising=False)
-    monkeypatch.delenv("NBPIPE_PIPELINE", raising=False)
-    return dict(os.environ)
+    return kernel_env
 
 
 def execute(path: Path, monkeypatch) -> str:
     monkeypatch.setenv("JPY_SESSION_NAME", str(path))
-    nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
-    text = []
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            assert out.output_type != "error", f"{out.get('ename')}: {out.get('evalue')}"
-            text.append(out.get("text") or out.get("data", {}).get("text/plain", ""))
-    return "\n".join(text)
+    return notebook_text(execute_notebook(path))
 
 
 def export(path: Path, env: dict[str, str]) -> tuple[Path, str]:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import pytest
 import yaml
 from conftest import run_script
@@ -60,8 +61,7 @@ def dag(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def nbpipe(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "nbpipe.cli", *args, "--store", str(store)],
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    return helpers.nbpipe(*args, "--store", str(store), timeout=TIMEOUT)
 
 
 def labels(store: Path, *args: str) -> set[str]:

@@ -8,7 +8,6 @@ with the kernel, the test exports the notebook and runs the script in a fresh pr
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -16,45 +15,17 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
+from helpers import cell_results, execute_notebook, new_notebook
 
 from nbpipe.cellscope import analyze
 from nbpipe.taskline import OPTIONS, TaskLineError, markdown_table, parse_task_line, synopsis
 
 ROOT = Path(__file__).resolve().parent.parent
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-@pytest.fixture
-def kernel_env(cluster, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Kernels and scripts use the session's cluster, no widgets, a store beside the notebook."""
-    monkeypatch.setenv("NBPIPE_WIDGETS", "0")
-    monkeypatch.setenv("DASK_NBPIPE__CLUSTER", cluster.scheduler_address)
-    monkeypatch.delenv("NBPIPE_STORE", raising=False)
-    monkeypatch.delenv("NBPIPE_PIPELINE", raising=False)
-    return dict(os.environ)
-
-
 def execute(path: Path, cells: list[str], monkeypatch: pytest.MonkeyPatch) -> list[dict[str, str]]:
     """Run ``cells`` as a notebook at ``path``; per cell its text and its error (if any)."""
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, path)
+    nb = new_notebook(path, cells)
     monkeypatch.setenv("JPY_SESSION_NAME", str(path))
-    NotebookClient(nb, timeout=300, kernel_name="python3", allow_errors=True,
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
-    results = []
-    for cell in nb.cells:
-        text, error, traceback = [], "", []
-        for out in cell.get("outputs", []):
-            if out.output_type == "error":
-                error = f"{out.ename}: {out.evalue}"
-                traceback = [ANSI.sub("", line) for line in out.traceback]
-            else:
-                text.append(out.get("text") or out.get("data", {}).get("text/plain", ""))
-        results.append({"text": ANSI.sub("", "".join(text)), "error": error,
-                        "traceback": "\n".join(traceback)})
-    return results
+    return cell_results(execute_notebook(path, nb, allow_errors=True))
 
 
 def last(result: dict[str, str]) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
+from helpers import execute_notebook, notebook_text
 
 NB_DIR = Path(__file__).resolve().parent.parent / "nb"
 OWN_TESTS = {
@@ -87,37 +87,11 @@ def _check_resume(text: str) -> None:
 CHECKS = {"workflow.ipynb": _check_resume}
 
 
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _execute(path: Path) -> nbformat.NotebookNode:
-    nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
-    return nb
-
-
-def _text(nb: nbformat.NotebookNode) -> str:
-    parts = []
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            assert out.output_type != "error", f"{out.get('ename')}: {out.get('evalue')}"
-            if out.output_type == "stream":  # one print can arrive in several pieces: as written
-                parts.append(out.get("text", ""))
-            else:
-                parts.append("\n" + out.get("data", {}).get("text/plain", "") + "\n")
-        parts.append("\n")
-    return ANSI.sub("", "".join(parts))  # `!nbpipe ...` colours its tables
-
-
 @pytest.fixture
-def kernel_env(cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kernel uses the session's cluster, no widgets, and finds `nbpipe` on its PATH."""
-    monkeypatch.setenv("NBPIPE_WIDGETS", "0")
-    monkeypatch.setenv("DASK_NBPIPE__CLUSTER", cluster.scheduler_address)
+def kernel_env(kernel_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """conftest's kernel environment, and `nbpipe` on the kernel's PATH (`!nbpipe ...` cells)."""
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.delenv("NBPIPE_STORE", raising=False)
-    monkeypatch.delenv("NBPIPE_PIPELINE", raising=False)
+    return dict(os.environ)
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -127,7 +101,7 @@ def test_notebook_runs_top_to_bottom(name: str, tmp_path: Path, kernel_env: None
     shutil.copy(NB_DIR / name, path)
     monkeypatch.setenv("JPY_SESSION_NAME", str(path))
     before = sorted(p.name for p in NB_DIR.iterdir())
-    text = _text(_execute(path))
+    text = notebook_text(execute_notebook(path))
     for pattern in EXPECTED.get(name, []):
         assert re.search(pattern, text, re.M), f"{name}: no match for {pattern!r} in\n{text}"
     if name in CHECKS:

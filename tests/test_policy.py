@@ -5,13 +5,15 @@ max_runtime_seconds, max_attempts and fatal errors): ``timeout=``, ``retry_on=``
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
-from conftest import run_script
+from conftest import run_script, wait_for
 
 from nbpipe import ConfigError, Permanent, Pipeline, State, TaskDefinitionError, TaskTimedOut, queries
 from nbpipe.policy import parse_retry_on
@@ -62,18 +64,32 @@ def test_a_task_sleeping_in_c_past_its_timeout_is_stopped_by_ending_its_worker(p
     assert "timed out after 2 s" in ref.error and "worker process was ended" in ref.error
 
 
+def _group_alive(group: int) -> bool:
+    """Whether a process of process group ``group`` still runs (a zombie has ended)."""
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == group and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
+
+
 def test_a_bash_task_past_its_timeout_is_stopped_with_its_command(pipe: Pipeline, tmp_path: Path) -> None:
-    marker = tmp_path / "finished"
+    marker, group = tmp_path / "finished", tmp_path / "group"
 
     @pipe.bash_task(timeout=2)
     def slow() -> str:
-        return f"sleep 20 && touch {marker}"
+        # $$: the shell, the leader of the command's own process group
+        return f"echo $$ > {group}; sleep 20 && touch {marker}"
 
     ref = slow()
     pipe.run(timeout=TIMEOUT)
     assert ref.state is State.FAILED and _attempt_states(pipe, ref) == ["TIMED_OUT"]
-    time.sleep(20)
-    assert not marker.exists()  # the command's process group was stopped too
+    # the command's whole process group is stopped (the sleep too), not only the shell: waited
+    # for as an event, not by sleeping out the 20 s the command would have taken
+    wait_for(lambda: not _group_alive(int(group.read_text())), timeout=60)
+    assert not marker.exists()
 
 
 def test_a_task_within_its_timeout_succeeds(pipe: Pipeline) -> None:

@@ -8,28 +8,11 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
+from helpers import execute_notebook, notebook_text
 
 from nbpipe.store import Store
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "nb" / "quickstart.ipynb"
-
-
-def _execute(path: Path) -> nbformat.NotebookNode:
-    nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
-    nbformat.write(nb, path)
-    return nb
-
-
-def _text(nb: nbformat.NotebookNode) -> str:
-    parts = []
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            assert out.output_type != "error", f"{out.get('ename')}: {out.get('evalue')}"
-            parts.append(out.get("text") or out.get("data", {}).get("text/plain", ""))
-    return "\n".join(parts)
 
 
 def _attempts(store: Path) -> dict[str, tuple[str, int]]:
@@ -39,19 +22,18 @@ def _attempts(store: Path) -> dict[str, tuple[str, int]]:
 
 
 @pytest.fixture
-def notebook(tmp_path: Path, cluster, monkeypatch: pytest.MonkeyPatch) -> Path:
+def notebook(tmp_path: Path, kernel_env: dict[str, str]) -> Path:
     path = tmp_path / "quickstart.ipynb"
     shutil.copy(NOTEBOOK, path)
-    monkeypatch.setenv("JPY_SESSION_NAME", str(path))
-    monkeypatch.setenv("NBPIPE_WIDGETS", "0")
-    monkeypatch.setenv("DASK_NBPIPE__CLUSTER", cluster.scheduler_address)
-    monkeypatch.delenv("NBPIPE_STORE", raising=False)
-    monkeypatch.delenv("NBPIPE_PIPELINE", raising=False)
     return path
 
 
+def _execute(path: Path) -> nbformat.NotebookNode:
+    return execute_notebook(path, save=True)  # saved, as JupyterLab saves it after a run
+
+
 def test_quickstart_runs_top_to_bottom_and_resumes_after_a_restart(notebook: Path) -> None:
-    text = _text(_execute(notebook))
+    text = notebook_text(_execute(notebook))
     assert "pipeline 'quickstart'" in text
     mean, pi = map(float, re.search(r"^(-?[\d.e-]+) ([\d.]+)$", text, re.M).groups())
     assert abs(pi - 3.14) < 0.01 and abs(mean) < 0.01
@@ -59,7 +41,7 @@ def test_quickstart_runs_top_to_bottom_and_resumes_after_a_restart(notebook: Pat
     first = _attempts(store)
     assert len(first) == 23 and {a for _, a in first.values()} == {1}
 
-    text = _text(_execute(notebook))  # a new kernel: the restart
+    text = notebook_text(_execute(notebook))  # a new kernel: the restart
     assert _attempts(store) == first  # nothing executed again
     assert "found done" in text
 

@@ -1,7 +1,10 @@
 """Deciding by hand and run modes, ported from the seeds: accepting a result after a cosmetic
 edit (jobmon's update_task_status -s D), keeping SUCCEEDED results and re-running only FAILED
 ones (desipipe), stopping at the first error (desipipe's stop_at_error), skipping by state or
-label, adopting existing products (depio's IF_MISSING) and failing stale products (depio)."""
+label, adopting existing products (depio's IF_MISSING) and failing stale products (depio).
+
+The scripts run on the session's cluster (kernel_env): what they check is the store's and the
+runner's, not a cluster's, and a cluster of their own would cost a start per run."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Annotated
 
 import pytest
 from conftest import run_script
+from helpers import nbpipe
 
 from nbpipe import In, Out, Pipeline, State, queries
 
@@ -22,14 +26,13 @@ TIMEOUT = 180
 
 
 def _nbpipe(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "nbpipe.cli", *args, "--store", str(store)],
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    return nbpipe(*args, "--store", str(store), timeout=TIMEOUT)
 
 
 ACCEPT_SCRIPT = """
     import sys
     from nbpipe import Pipeline, queries
-    pipe = Pipeline("flow", cluster={"kind": "local", "workers": 1})
+    pipe = Pipeline("flow")  # on the session's cluster: kernel_env
     MESSAGE = sys.argv[1]
 
     @pipe.task
@@ -54,7 +57,8 @@ ACCEPT_SCRIPT = """
 """
 
 
-def test_accept_keeps_the_last_successful_result_after_a_cosmetic_edit(tmp_path: Path) -> None:
+def test_accept_keeps_the_last_successful_result_after_a_cosmetic_edit(tmp_path: Path,
+                                                                      kernel_env: dict) -> None:
     script = tmp_path / "flow.py"
     first = run_script(script, ACCEPT_SCRIPT, "v1", "run", timeout=TIMEOUT)
     assert "executed 1 value 40" in first.stdout, first.stderr
@@ -85,11 +89,11 @@ def test_accept_without_an_earlier_success_is_an_error_naming_the_task(pipe: Pip
 
 
 def test_nbpipe_accept_from_the_command_line_then_why_and_a_rerun_that_executes_nothing(
-        tmp_path: Path) -> None:
+        tmp_path: Path, kernel_env: dict) -> None:
     script = """
         import sys
         from nbpipe import Pipeline
-        pipe = Pipeline("flow", cluster="local")
+        pipe = Pipeline("flow")
         MESSAGE = sys.argv[1]
 
         @pipe.task
@@ -126,7 +130,7 @@ def test_nbpipe_accept_from_the_command_line_then_why_and_a_rerun_that_executes_
 KEEP_SCRIPT = """
     import sys
     from nbpipe import Pipeline
-    pipe = Pipeline("batch", cluster={"kind": "local", "workers": 1})
+    pipe = Pipeline("batch")  # on the session's cluster: kernel_env
     FIXED = sys.argv[1] == "fixed"
 
     @pipe.task
@@ -145,7 +149,7 @@ KEEP_SCRIPT = """
 """
 
 
-def test_keep_succeeded_reruns_only_failed_and_new_tasks(tmp_path: Path) -> None:
+def test_keep_succeeded_reruns_only_failed_and_new_tasks(tmp_path: Path, kernel_env: dict) -> None:
     # desipipe: after fixing code, re-run only the FAILED tasks and keep the SUCCEEDED results.
     script = tmp_path / "batch.py"
     first = run_script(script, KEEP_SCRIPT, "broken", timeout=TIMEOUT)
@@ -187,10 +191,10 @@ def test_stop_on_failure_starts_nothing_new_after_the_first_failure(pipe: Pipeli
     assert [r.state for r in later] == [State.SUCCEEDED] * 5
 
 
-def test_stop_on_failure_from_the_command_line(tmp_path: Path) -> None:
+def test_stop_on_failure_from_the_command_line(tmp_path: Path, kernel_env: dict) -> None:
     (tmp_path / "flow.py").write_text(
         "import time\nfrom nbpipe import Pipeline\n"
-        "pipe = Pipeline('flow', cluster={'kind': 'local', 'workers': 1})\n"
+        "pipe = Pipeline('flow')\n"
         "@pipe.task\ndef gate():\n    time.sleep(3)\n    return 1\n"
         "@pipe.task\ndef step(i, g):\n    return i\n"
         "@pipe.task\ndef boom():\n    raise RuntimeError('boom')\n"
@@ -335,11 +339,11 @@ def test_without_trust_existing_an_existing_product_that_is_not_rewritten_fails(
     assert fresh.state is State.SUCCEEDED
 
 
-def test_trust_existing_for_a_whole_run_from_the_command_line(tmp_path: Path) -> None:
+def test_trust_existing_for_a_whole_run_from_the_command_line(tmp_path: Path, kernel_env: dict) -> None:
     (tmp_path / "a.txt").write_text("by hand\n")
     (tmp_path / "flow.py").write_text(
         "from pathlib import Path\nfrom typing import Annotated\nfrom nbpipe import Out, Pipeline\n"
-        "pipe = Pipeline('flow', cluster={'kind': 'local', 'workers': 1})\n"
+        "pipe = Pipeline('flow')\n"
         "@pipe.task\ndef make(out: Annotated[Path, Out]) -> None:\n    Path('ran').write_text('yes')\n"
         "    Path(out).write_text('made')\n"
         "make(Path('a.txt').absolute())\npipe.run()\n")

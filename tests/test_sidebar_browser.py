@@ -118,11 +118,16 @@ def page(tmp_path: Path, request: pytest.FixtureRequest):
         pg = context.new_page()
         pg.set_default_timeout(60_000)
         pg.console_messages = []  # what the page logged: a NaN transform shows up here
-        pg.on("console", lambda m: pg.console_messages.append(m.text))
+        pg.on("console", lambda m: pg.console_messages.append(f"{m.type}: {m.text}"))
+        # an uncaught exception is no console message: keep it too for the failure dump
+        pg.on("pageerror", lambda e: pg.console_messages.append(f"pageerror: {e}"))
         yield pg
         if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
             pg.screenshot(path=str(tmp_path / "failure.png"))
             print(f"screenshot: {tmp_path / 'failure.png'}")
+            # the page's own log (first: the dumps below can time out on a stuck page): a failed
+            # request or an exception in the sidebar's model shows here
+            print("console:", *pg.console_messages[-60:], sep="\n  ")
             print(pg.locator("#nbpipe-sidebar").inner_text(timeout=2000)[:3000])
             outputs = pg.locator(".jp-OutputArea-output")
             if outputs.count():

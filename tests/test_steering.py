@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 from conftest import wait_for
 
@@ -83,7 +84,7 @@ if __name__ == "__main__":
 
 
 def nbpipe(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*NBPIPE, *args], cwd=cwd, capture_output=True, text=True, timeout=180)
+    return helpers.nbpipe(*args, cwd=cwd)
 
 
 @pytest.fixture
