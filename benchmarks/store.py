@@ -90,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true", help="do not update docs/performance.md")
+    parser.add_argument("--no-write", action="store_true", help="do not update docs/store.md")
     args = parser.parse_args()
     server = _server()
     placements = [SQLITE_HERE, SQLITE_ELSEWHERE, *([POSTGRES] if server else [])]

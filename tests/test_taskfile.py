@@ -322,10 +322,10 @@ def _stream(folder: Path, path: Path, window: int) -> tuple[dict, str]:
 def test_run_tasks_memory_stays_flat_as_the_file_grows_and_a_rerun_runs_nothing(tmp_path: Path) -> None:
     """The driver's live memory at the start of each window does not grow with the entries
     run before it (they are dropped, the store keeps them): from the second window to the last
-    of a 6,000-entry file it grows by less than an eighth of what holding each task would
+    of a 3,000-entry file it grows by less than an eighth of what holding each task would
     cost (the ids seen so far, to refuse duplicates, are what is left). Then the same file
     again runs nothing, window by window."""
-    window, n = 500, 6_000
+    window, n = 250, 3_000
     path = tmp_path / "tasks.jsonl"
     _write(path, [{"task_id": f"t{i}", "data": {"x": i}} for i in range(n)])
     out, err = _stream(tmp_path, path, window)
