@@ -30,7 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import queries
-from .errors import NbpipeError, StoreDamaged
+from .errors import ConfigError, NbpipeError, StoreDamaged
 from .pipeline import Pipeline
 from .states import State
 from .store import Store, is_store
@@ -79,7 +79,14 @@ def _store(ctx: click.Context) -> Store:
     if not path:
         from .config import setting
 
-        path = setting("store")  # the project's nbpipe.yaml (a PostgreSQL URL, a folder)
+        try:
+            path = setting("store")  # the project's nbpipe.yaml (a PostgreSQL URL, a folder)
+        except ConfigError as exc:
+            # Steering needs only the store: a broken nbpipe.yaml must not stop pause, kill or
+            # retry (running needs it, and says so). Said, never silent: the store may be named
+            # in the file that could not be read.
+            click.echo(f"nbpipe: {exc}\nnbpipe: looking for a .nbpipe store instead", err=True)
+            path = None
     if path is None:
         found = queries.find_store()
         if found is None:

@@ -177,5 +177,12 @@ def serve(options: dict[str, Any]) -> None:
 
     threading.Thread(target=wait_for_eof, daemon=True).start()
     stop.wait()
+    # The workers go first, then the scheduler: closed together, a worker's heartbeat in
+    # flight meets a closed scheduler and Dask logs a traceback at the end of a good run.
+    with contextlib.suppress(Exception):
+        cluster.scale(0)
+        deadline = time.monotonic() + 10
+        while cluster.workers and time.monotonic() < deadline:
+            time.sleep(0.05)
     with contextlib.suppress(Exception):
         cluster.close(timeout=20)
