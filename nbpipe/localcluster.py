@@ -159,7 +159,9 @@ def serve(options: dict[str, Any]) -> None:
     cluster = LocalCluster(
         n_workers=options["n_workers"], threads_per_worker=1, processes=True,
         dashboard_address="127.0.0.1:0",  # the dashboard has no authentication: this machine only
-        silence_logs=logging.ERROR,
+        # Dask's ERROR records of a local cluster are its shutdown races (a heartbeat meeting a
+        # closed scheduler): task errors reach the user through nbpipe, never through these.
+        silence_logs=logging.CRITICAL,
     )
     report = {"address": cluster.scheduler_address, "dashboard": cluster.dashboard_link,
               "workers": len(cluster.workers)}
