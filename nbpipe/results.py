@@ -5,9 +5,17 @@ file in the same directory and renames it into place, so a reader sees the whole
 The store records its path *relative to the store root* (``results/ab/<key>.pkl``: a moved or
 renamed project keeps its results), its size and checksum.
 
-A result file starts with a one-line header that carries the checksum of the pickle after it
-(:data:`MAGIC`, the checksum, a newline). A file the worker wrote after its runner died is
-therefore verified before the next run adopts it: a flipped bit is found, not served.
+A result file starts with a one-line header that carries the checksum of the bytes after it
+(:data:`MAGIC`, the checksum, the layout, a newline). A file the worker wrote after its runner
+died is therefore verified before the next run adopts it: a flipped bit is found, not served.
+
+Large values are written without a copy: the pickle (protocol 5) keeps the raw buffers of
+arrays out of band (``buffer_callback``), and the file holds the pickle, then each buffer
+written straight from the array's memory; the checksum is XXH3-128 (``xxhash``), computed
+over those parts as they are written. Reading fills one writable buffer from the file and
+unpickles the arrays over it (no second copy). Files of earlier nbpipe versions (header
+``nbpipe-result 1``: one in-band pickle, a BLAKE2b-128 checksum) are still read and verified;
+a recorded checksum names its algorithm by its form (:func:`checksum_of`).
 
 Small results of quick tasks -- at most :data:`INLINE_BYTES` pickled (the setting
 ``nbpipe.inline-bytes``; 0 turns this off), from a task that ran under :data:`INLINE_SECONDS`
@@ -30,19 +38,29 @@ from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
 import cloudpickle
+import xxhash
 
 from .config import DEFAULTS
 from .errors import ResultCorrupt
 
-__all__ = ["INLINE", "INLINE_BYTES", "INLINE_SECONDS", "MAGIC", "ResultFile", "append_private",
+__all__ = ["INLINE", "INLINE_BYTES", "INLINE_SECONDS", "MAGIC", "MAGIC_1", "ResultFile",
+           "append_private",
            "checksum_of", "locate", "read_result", "read_verified", "relative_path", "result_path",
            "unpack", "write_result"]
 
 INLINE = ""  # the path recorded for a result kept in the store's database
 INLINE_BYTES: int = DEFAULTS["inline-bytes"]  # default of the nbpipe.inline-bytes setting (nbpipe.yaml)
 INLINE_SECONDS = 1.0
-MAGIC = b"nbpipe-result 1 "  # then the blake2b-128 hex checksum of the pickle, then a newline
-_HEADER = len(MAGIC) + 32 + 1
+#: The header of a result file: then the XXH3-128 hex checksum of everything after it, a space,
+#: the layout (the pickle's length, then each out-of-band buffer's, comma-separated), spaces, a
+#: newline. The pickle and each buffer start at a multiple of :data:`ALIGN` bytes.
+MAGIC = b"nbpipe-result 2 "
+#: The header nbpipe wrote before: then the BLAKE2b-128 hex checksum of the pickle, a newline.
+MAGIC_1 = b"nbpipe-result 1 "
+_HEADER_1 = len(MAGIC_1) + 32 + 1
+ALIGN = 64  # (arrays read back from a file stay aligned for vectorised code)
+_DIGITS = 32  # hex digits of a checksum in a header
+XXH3 = "xxh3:"  # the prefix of a recorded XXH3-128 checksum; BLAKE2b-128 ones are bare hex
 
 
 class ResultFile(NamedTuple):
@@ -78,43 +96,137 @@ def locate(store_dir: str | os.PathLike[str], path: str) -> str:
     return path if path == INLINE else os.path.join(store_dir, path)
 
 
-def checksum_of(data: bytes) -> str:
-    """The checksum recorded for a result file's bytes."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+def checksum_of(data: Any, like: str | None = None) -> str:
+    """The checksum recorded for ``data`` (bytes, or any buffer): XXH3-128, written
+    ``xxh3:<hex>``; with ``like``, in the algorithm of that recorded checksum (a bare hex one
+    is BLAKE2b-128, what nbpipe recorded before), so old records still verify.
+
+    >>> checksum_of(b"abc")
+    'xxh3:06b05ab6733a618578af5f94892f3950'
+    >>> checksum_of(b"abc", like="00" * 16)
+    'cf4ab791c62b8d2b2109c90275287816'
+    """
+    if like is not None and not like.startswith(XXH3):
+        return hashlib.blake2b(data, digest_size=16).hexdigest()
+    return XXH3 + xxhash.xxh3_128_hexdigest(data)
+
+
+def _pad(offset: int) -> int:
+    return -offset % ALIGN
+
+
+def _paddings(pickled: int, sizes: Any) -> list[int]:
+    """The zero bytes before each out-of-band buffer in the payload (after a pickle of
+    ``pickled`` bytes), so each starts at a multiple of :data:`ALIGN` (the payload does)."""
+    pads, offset = [], pickled
+    for n in sizes:
+        pads.append(_pad(offset))
+        offset += pads[-1] + n
+    return pads
 
 
 def write_result(store_dir: str | os.PathLike[str], key: str, value: Any, *,
                  inline: int = 0) -> tuple[ResultFile, bytes | None]:
     """Serialise ``value`` with cloudpickle; write it atomically to its file, or, when it takes
     at most ``inline`` bytes, return the bytes instead (the path is then :data:`INLINE`).
+
+    Arrays and other objects that offer their buffers (pickle protocol 5) are written from
+    their own memory, not copied into the pickle first.
     """
-    data = cloudpickle.dumps(value, protocol=5)
-    if len(data) <= inline:
+    buffers: list[pickle.PickleBuffer] = []
+    data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    views = [b.raw() for b in buffers]  # (flat byte views: contiguous, as protocol 5 gives them)
+    size = len(data) + sum(v.nbytes for v in views)
+    if size <= inline:
+        if views:  # small: one self-contained pickle, as the store's database keeps it
+            data = cloudpickle.dumps(value, protocol=5)
         return ResultFile(INLINE, checksum_of(data), len(data)), data
-    checksum = checksum_of(data)
-    write_private(result_path(store_dir, key), MAGIC + checksum.encode() + b"\n", data)
-    return ResultFile(relative_path(key), checksum, _HEADER + len(data)), None
+    layout = ",".join(str(n) for n in (len(data), *(v.nbytes for v in views))).encode()
+    # The header's line is padded so that the pickle, and with it each buffer, starts at a
+    # multiple of ALIGN from the file's start.
+    line = len(MAGIC) + _DIGITS + 1 + len(layout) + 1
+    tail = b" " + layout + b" " * _pad(line) + b"\n"  # what follows the checksum in the header
+    parts: list[Any] = [tail, data]
+    offset = len(data)
+    for view, pad in zip(views, _paddings(len(data), [v.nbytes for v in views]), strict=True):
+        parts += [bytes(pad), view]
+        offset += pad + view.nbytes
+    # The checksum covers everything after itself (the layout too): hashed first (XXH3 runs at
+    # memory speed), then written from where the parts are, none copied.
+    digest = xxhash.xxh3_128()
+    for part in parts:
+        digest.update(part)
+    checksum = digest.hexdigest()
+    write_private(result_path(store_dir, key), MAGIC + checksum.encode(), *parts)
+    return (ResultFile(relative_path(key), XXH3 + checksum, len(MAGIC) + _DIGITS + len(tail) + offset),
+            None)
+
+
+class _Layout(NamedTuple):
+    """What a result file's header says."""
+
+    covered: int  # where the bytes its checksum covers start
+    start: int  # where the pickle starts
+    checksum: str | None  # as recorded (None: a file of nbpipe before headers, unverifiable)
+    lengths: tuple[int, ...] = ()  # the pickle's length, then each out-of-band buffer's
+
+
+def _layout(raw: bytes | bytearray) -> _Layout:
+    """The header of a result file's bytes; a file without a recognised header is all pickle."""
+    if raw[: len(MAGIC)] == MAGIC:
+        end = raw.find(b"\n")  # (a layout names every buffer: no bound on its length)
+        fields = bytes(raw[len(MAGIC) : max(end, 0)]).split()
+        if len(fields) == 2 and len(fields[0]) == _DIGITS:
+            try:
+                lengths = tuple(int(n) for n in fields[1].split(b","))
+                checksum = XXH3 + fields[0].decode("ascii")
+            except (ValueError, UnicodeDecodeError):
+                pass
+            else:
+                return _Layout(len(MAGIC) + _DIGITS, end + 1, checksum, lengths)
+    if raw[: len(MAGIC_1)] == MAGIC_1 and raw[_HEADER_1 - 1 : _HEADER_1] == b"\n":
+        checksum = bytes(raw[len(MAGIC_1) : _HEADER_1 - 1]).decode("ascii", "replace")
+        return _Layout(_HEADER_1, _HEADER_1, checksum)
+    return _Layout(0, 0, None)
 
 
 def unpack(raw: bytes) -> tuple[bytes, str | None]:
-    """A result file's bytes split into (the pickle, the checksum its header carries); files of
-    nbpipe before the header have none."""
-    if raw.startswith(MAGIC) and raw[_HEADER - 1 : _HEADER] == b"\n":
-        return raw[_HEADER:], raw[len(MAGIC) : _HEADER - 1].decode("ascii", "replace")
-    return raw, None
+    """A result file's bytes split into (the bytes its checksum covers, the checksum its header
+    carries, as recorded); files of nbpipe before the header have none."""
+    layout = _layout(raw)
+    return raw[layout.covered :], layout.checksum
+
+
+def _read_whole(path: str | os.PathLike[str]) -> bytearray:
+    """A file's bytes in one writable buffer (arrays unpickled over it can be written to)."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        done = 0
+        while done < size:
+            n = f.readinto(view[done:])
+            if not n:  # shrank while being read
+                del view
+                return buffer[:done]
+            done += n
+        return buffer
 
 
 def read_verified(path: str | os.PathLike[str]) -> tuple[str, int] | None:
     """(checksum, size) of a result file that verifies against the checksum in its own header;
     None when it is missing, carries no header (nothing to verify against) or was altered."""
     try:
-        raw = Path(path).read_bytes()
+        raw = _read_whole(path)
     except OSError:
         return None
-    data, written = unpack(raw)
-    if written is None or checksum_of(data) != written:
+    layout = _layout(raw)
+    if layout.checksum is None:
         return None
-    return written, len(raw)
+    with memoryview(raw) as view:
+        if checksum_of(view[layout.covered :], like=layout.checksum) != layout.checksum:
+            return None
+    return layout.checksum, len(raw)
 
 
 def private_dirs(directory: Path) -> None:
@@ -193,20 +305,41 @@ def read_result(path: str | os.PathLike[str], checksum: str | None = None,
     when it is missing or altered."""
     if data is None and path == INLINE:
         raise ResultCorrupt("an inline result is missing from the store; the task will run again")
+    lengths: tuple[int, ...] = ()
     if data is not None:
         path = "(inline in the store)"
+        covered = payload = data
     else:
         try:
-            data, written = unpack(Path(path).read_bytes())
+            raw = _read_whole(path)
         except FileNotFoundError:
             raise ResultCorrupt(f"result file {path} is missing; the task will run again") from None
-        checksum = checksum or written
-    if checksum is not None and checksum_of(data) != checksum:
+        layout = _layout(raw)
+        covered, payload = memoryview(raw)[layout.covered :], memoryview(raw)[layout.start :]
+        if checksum and layout.checksum and layout.checksum != checksum:
+            covered = b""  # its header names other bytes than were recorded: altered
+        checksum, lengths = checksum or layout.checksum, layout.lengths
+    if checksum is not None and checksum_of(covered, like=checksum) != checksum:
         raise ResultCorrupt(
             f"result file {path} does not match its checksum (truncated or altered); "
             "the task will run again"
         )
     try:
-        return cloudpickle.loads(data)
-    except (pickle.UnpicklingError, EOFError) as exc:  # not a pickle: damaged before it was recorded
+        if not lengths:
+            return cloudpickle.loads(payload)
+        pads = _paddings(lengths[0], lengths[1:])
+        if len(payload) != sum(lengths) + sum(pads):
+            raise EOFError("its parts do not add up to its length")
+        return cloudpickle.loads(payload[: lengths[0]], buffers=_buffers(payload, lengths, pads))
+    except (pickle.UnpicklingError, EOFError) as exc:  # damaged before it was recorded
         raise ResultCorrupt(f"result file {path} cannot be read ({exc}); the task will run again") from None
+
+
+def _buffers(payload: memoryview, lengths: tuple[int, ...], pads: list[int]) -> list[memoryview]:
+    """The out-of-band buffers of a payload, as views (no copy)."""
+    out, offset = [], lengths[0]
+    for n, pad in zip(lengths[1:], pads, strict=True):
+        offset += pad
+        out.append(payload[offset : offset + n])
+        offset += n
+    return out

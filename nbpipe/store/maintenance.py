@@ -203,7 +203,8 @@ def doctor(store: Store, *, repair: bool = False) -> dict[str, Any]:
         elif "data" in row.keys():  # noqa: SIM118 (a Row: `in` looks at values) inline result
             raw = row["data"]
         problem = ("missing" if raw is None else "wrong size" if len(raw) != size
-                   else "checksum mismatch" if checksum_of(unpack(raw)[0] if path else raw) != checksum
+                   else "checksum mismatch"
+                   if checksum_of(unpack(raw)[0] if path else raw, like=checksum) != checksum
                    else None)
         if problem:
             bad.append({"key": key, "path": path, "problem": problem})
