@@ -44,9 +44,9 @@ from .config import DEFAULTS
 from .errors import ResultCorrupt
 
 __all__ = ["INLINE", "INLINE_BYTES", "INLINE_SECONDS", "MAGIC", "MAGIC_1", "ResultFile",
-           "append_private",
-           "checksum_of", "locate", "read_result", "read_verified", "relative_path", "result_path",
-           "unpack", "write_result"]
+           "Unwritten", "append_private",
+           "checksum_of", "locate", "prepare_result", "read_result", "read_verified",
+           "relative_path", "result_path", "unpack", "write_result"]
 
 INLINE = ""  # the path recorded for a result kept in the store's database
 INLINE_BYTES: int = DEFAULTS["inline-bytes"]  # default of the nbpipe.inline-bytes setting (nbpipe.yaml)
@@ -125,10 +125,27 @@ def _paddings(pickled: int, sizes: Any) -> list[int]:
     return pads
 
 
-def write_result(store_dir: str | os.PathLike[str], key: str, value: Any, *,
-                 inline: int = 0) -> tuple[ResultFile, bytes | None]:
-    """Serialise ``value`` with cloudpickle; write it atomically to its file, or, when it takes
-    at most ``inline`` bytes, return the bytes instead (the path is then :data:`INLINE`).
+class Unwritten(NamedTuple):
+    """A result pickled and checksummed whose file is not written yet (:func:`prepare_result`).
+
+    Its parts are views of the value's own memory: a value changed in place before
+    :meth:`write` ends no longer matches the checksum taken here, and reading the file says so.
+    """
+
+    result: ResultFile
+    path: Path
+    parts: list[Any]
+
+    def write(self) -> ResultFile:
+        """Write the file atomically; what the store records."""
+        write_private(self.path, *self.parts)
+        return self.result
+
+
+def prepare_result(store_dir: str | os.PathLike[str], key: str, value: Any, *,
+                   inline: int = 0) -> tuple[ResultFile, bytes] | Unwritten:
+    """Serialise ``value`` with cloudpickle: when it takes at most ``inline`` bytes, (the
+    record, the bytes: the path is then :data:`INLINE`); otherwise what to write to its file.
 
     Arrays and other objects that offer their buffers (pickle protocol 5) are written from
     their own memory, not copied into the pickle first.
@@ -157,9 +174,20 @@ def write_result(store_dir: str | os.PathLike[str], key: str, value: Any, *,
     for part in parts:
         digest.update(part)
     checksum = digest.hexdigest()
-    write_private(result_path(store_dir, key), MAGIC + checksum.encode(), *parts)
-    return (ResultFile(relative_path(key), XXH3 + checksum, len(MAGIC) + _DIGITS + len(tail) + offset),
-            None)
+    record = ResultFile(relative_path(key), XXH3 + checksum,
+                        len(MAGIC) + _DIGITS + len(tail) + offset)
+    return Unwritten(record, result_path(store_dir, key), [MAGIC + checksum.encode(), *parts])
+
+
+def write_result(store_dir: str | os.PathLike[str], key: str, value: Any, *,
+                 inline: int = 0) -> tuple[ResultFile, bytes | None]:
+    """Serialise ``value`` with cloudpickle; write it atomically to its file, or, when it takes
+    at most ``inline`` bytes, return the bytes instead (the path is then :data:`INLINE`).
+    """
+    prepared = prepare_result(store_dir, key, value, inline=inline)
+    if isinstance(prepared, Unwritten):
+        return prepared.write(), None
+    return prepared
 
 
 class _Layout(NamedTuple):

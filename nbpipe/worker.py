@@ -20,6 +20,7 @@ import functools
 import io
 import os
 import pickle
+import queue
 import signal
 import socket
 import stat
@@ -49,7 +50,7 @@ from .errors import (
     UpstreamCorrupt,
 )
 from .policy import TIMED_OUT, TIMEOUT_GRACE, timeout_error
-from .results import INLINE_SECONDS, read_result, write_result
+from .results import INLINE_SECONDS, Unwritten, prepare_result, read_result
 from .walk import map_leaves
 
 __all__ = ["NOT_RUN", "Done", "Outcome", "Upstream", "WorkItem", "interrupt", "outcomes_of",
@@ -60,6 +61,10 @@ EVENT_LIMIT = 16 * 1024  # outcomes larger than this are gathered, not pushed as
 #: A chunk's finished item is pushed to the runner at most this long after it ends, whatever
 #: the next items take (what a runner killed mid-chunk can lose: docs/reliability.md).
 STREAM_SECONDS = 0.25
+#: A Dask task of one item whose result file takes at least this many bytes returns its value
+#: before the file is written: consumers start at once, and the item's outcome (success only
+#: once the file is written) follows from this process's writer thread (:class:`_Writer`).
+DEFER_BYTES = 1 << 20
 
 
 NOT_RUN = "NOT_RUN"  # an outcome's state: a handed-ahead item whose upstream did not succeed
@@ -92,13 +97,23 @@ class Done:
     outcomes (:func:`outcomes_of`).
     """
 
-    __slots__ = ("outcomes", "values")
+    __slots__ = ("outcomes", "pending", "values")
 
-    def __init__(self, outcomes: list[Outcome], values: dict[str, Any]):
+    def __init__(self, outcomes: list[Outcome], values: dict[str, Any],
+                 pending: threading.Event | None = None):
         self.outcomes = outcomes
         self.values = values
+        self.pending = pending  # set once a deferred result file is written (outcomes final)
+
+    def wait(self) -> None:
+        """Wait until the outcomes are final (a deferred result file written)."""
+        if self.pending is not None:
+            self.pending.wait()
 
     def __reduce__(self) -> Any:
+        # A copy (a consumer's input on another worker) carries final outcomes: whichever
+        # copy outcomes_of runs on, it reads the truth.
+        self.wait()
         return Done, (self.outcomes, self.values)
 
 
@@ -125,8 +140,12 @@ def as_done(key: str, value: Any) -> Done:
 
 
 def outcomes_of(done: Done | list[Outcome]) -> list[Outcome]:
-    """The outcomes of a finished Dask task, without its values (run where the task ran)."""
-    return done.outcomes if isinstance(done, Done) else done
+    """The outcomes of a finished Dask task, without its values (run where the task ran);
+    waits for a result file still being written."""
+    if isinstance(done, Done):
+        done.wait()
+        return done.outcomes
+    return done
 
 
 class _NotRun(Exception):
@@ -493,29 +512,43 @@ _DISK_FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is
               errno.EFBIG: "the file-size limit (ulimit -f) is exceeded"}
 
 
-def _write(store_dir: str, item: WorkItem, value: Any, inline: int) -> Any:
+def _write(store_dir: str, item: WorkItem, value: Any, inline: int,
+           defer: list[Unwritten] | None = None) -> Any:
     """Write a task's result (file or inline bytes); a full disk fails the task with a message
-    that says so."""
+    that says so. With ``defer``, a file of at least :data:`DEFER_BYTES` is not written but
+    appended to it, and the record is None (the caller writes it: :class:`_Writer`)."""
     try:
-        return write_result(store_dir, item.key, value, inline=inline)
+        prepared = prepare_result(store_dir, item.key, value, inline=inline)
     except (TypeError, AttributeError, pickle.PicklingError, RecursionError) as exc:
         raise TypeError(
             f"the return value of task {item.label!r} (a {type(value).__name__}) cannot be "
             f"pickled ({exc}); return plain data (numbers, strings, lists, dicts, arrays) and "
             "build such objects where they are used"
         ) from None
+    if not isinstance(prepared, Unwritten):
+        return prepared
+    if defer is not None and prepared.result.size >= DEFER_BYTES:
+        defer.append(prepared)
+        return None, None
+    try:
+        return prepared.write(), None
     except OSError as exc:
-        why = _DISK_FULL.get(exc.errno or 0, exc.strerror or str(exc))
-        raise ResultWriteError(
-            f"task {item.label!r} finished but its result could not be written to "
-            f"{store_dir}/results: {why} ([Errno {exc.errno}] {exc.strerror}); free space (or "
-            "raise the limit), then retry the task; the store is unchanged"
-        ) from None
+        raise _write_failed(store_dir, item, exc) from None
+
+
+def _write_failed(store_dir: str, item: WorkItem, exc: OSError) -> ResultWriteError:
+    why = _DISK_FULL.get(exc.errno or 0, exc.strerror or str(exc))
+    return ResultWriteError(
+        f"task {item.label!r} finished but its result could not be written to "
+        f"{store_dir}/results: {why} ([Errno {exc.errno}] {exc.strerror}); free space (or "
+        "raise the limit), then retry the task; the store is unchanged"
+    )
 
 
 def _run_one(
     fn: Any, item: WorkItem, store_dir: str, pipeline: str, topic: str | None,
     where: _Where, values: dict[str, Any], recorder: Recorder | None = None,
+    defer: list[Unwritten] | None = None,
 ) -> Outcome:
     out_router, err_router = _routers()
     out, err = _Capture(), _Capture()
@@ -559,9 +592,10 @@ def _run_one(
                     "files instead of running"
                 )
             quick = time.time() - outcome.start < INLINE_SECONDS
-            result, outcome.data = _write(store_dir, item, value, item.inline if quick else 0)
-            outcome.result = tuple(result)  # type: ignore[assignment]
-            outcome.state = "SUCCEEDED"
+            result, outcome.data = _write(store_dir, item, value, item.inline if quick else 0,
+                                          defer)
+            outcome.result = None if result is None else tuple(result)  # type: ignore[assignment]
+            outcome.state = "SUCCEEDED"  # (a deferred file: once written, see _Writer)
         except TaskTimedOut:
             _timed_out(outcome, item)
         except TaskKilled:
@@ -579,18 +613,7 @@ def _run_one(
             outcome.traceback = "".join(
                 traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
         except BaseException as exc:  # noqa: BLE001 - every failure becomes an outcome
-            outcome.error = f"{type(exc).__name__}: {exc}"
-            outcome.traceback = "".join(
-                traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__))
-            )
-            outcome.failure = "permanent" if isinstance(exc, Permanent) else "exception"
-            if isinstance(exc, BashTaskError):
-                outcome.exit_code = exc.exit_code
-                outcome.failure = "exit"
-            try:
-                outcome.exception = cloudpickle.dumps(exc)
-            except Exception:
-                outcome.exception = None
+            _failed(outcome, exc)
     except TaskTimedOut:  # the async exception arrived just after the task returned
         _timed_out(outcome, item)
     except TaskKilled:  # the async exception arrived just after the task returned
@@ -614,6 +637,23 @@ def _run_one(
     # outcome could not travel to the runner nor be stored.
     outcome.error, outcome.traceback = safe_text(outcome.error), safe_text(outcome.traceback)
     return outcome
+
+
+def _failed(outcome: Outcome, exc: BaseException) -> None:
+    """Make ``outcome`` the failure ``exc``."""
+    outcome.state = "FAILED"
+    outcome.error = f"{type(exc).__name__}: {exc}"
+    outcome.traceback = "".join(
+        traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__))
+    )
+    outcome.failure = "permanent" if isinstance(exc, Permanent) else "exception"
+    if isinstance(exc, BashTaskError):
+        outcome.exit_code = exc.exit_code
+        outcome.failure = "exit"
+    try:
+        outcome.exception = cloudpickle.dumps(exc)
+    except Exception:
+        outcome.exception = None
 
 
 def _stats(paths: Any) -> dict[str, tuple[int, int, int]]:
@@ -715,6 +755,9 @@ def run_items(
     environment()
     outcomes: list[Outcome] = []
     stream = _Stream.start(topic, outcomes) if topic and len(items) > 1 else None
+    # One item on a Dask worker: a large result file is written after the value is returned
+    # (its consumers need not wait for the disk); a chunk or a fused chain writes in turn.
+    defer: list[Unwritten] | None = [] if len(items) == 1 and where.task is not None else None
     try:
         for number, item in enumerate(items, 1):
             if crash is not None and (item.key, item.attempt) == (crash.key, crash.attempt):
@@ -723,7 +766,7 @@ def run_items(
                 if recorder is not None:
                     recorder.start(item.key, item.attempt)
                 outcomes.append(_run_one(fn, item, store_dir, pipeline, topic, where, values,
-                                         recorder))
+                                         recorder, defer))
                 if recorder is not None:
                     recorder.end(item.key, item.attempt)
             if number > 1 and items[number - 2].fused:  # read by this item only: let it go
@@ -733,10 +776,88 @@ def run_items(
     finally:
         if recorder is not None:
             recorder.close()
-    if topic:  # pushed to the runner at once: no gather round trip per task
-        _push(topic, stream.finish() if stream is not None else outcomes, partial=False)
     own = {o.key for o in outcomes if o.state == "SUCCEEDED"}
-    return Done(outcomes, {k: v for k, v in values.items() if k in own})
+    done = Done(outcomes, {k: v for k, v in values.items() if k in own})
+    if defer and outcomes[0].state == "SUCCEEDED":
+        done.pending = threading.Event()
+        _Writer.queue(_Deferred(defer[0], items[0], outcomes[0], store_dir, topic, done.pending,
+                                _current_worker() if topic else None, where.task))
+    elif topic:  # pushed to the runner at once: no gather round trip per task
+        _push(topic, stream.finish() if stream is not None else outcomes, partial=False)
+    return done
+
+
+class _Deferred(NamedTuple):
+    """A result file to write after its Dask task returned the value, and whom to tell."""
+
+    file: Unwritten
+    item: WorkItem
+    outcome: Outcome
+    store_dir: str
+    topic: str | None
+    written: threading.Event
+    worker: Any  # the Dask worker (its event loop pushes the outcome), None: no push
+    dask_key: str | None
+
+
+class _Writer:
+    """The thread of a worker process that writes deferred result files, one after another (one
+    stream to the disk), then completes each outcome and pushes it to the runner.
+
+    The task counts as done only when its outcome arrives, after the file is written: a worker
+    that dies in between loses the attempt (it runs again); a runner that dies in between
+    finds the file on its next run and adopts it once its checksum verifies."""
+
+    _jobs: queue.SimpleQueue[_Deferred] | None = None
+    _lock = threading.Lock()
+
+    @classmethod
+    def queue(cls, job: _Deferred) -> None:
+        """Write ``job``'s file in the writer thread (started on first use)."""
+        with cls._lock:
+            if cls._jobs is None:
+                cls._jobs = queue.SimpleQueue()
+                threading.Thread(target=cls._run, args=(cls._jobs,), daemon=True,
+                                 name="nbpipe-result-writer").start()
+        cls._jobs.put(job)
+
+    @staticmethod
+    def _run(jobs: queue.SimpleQueue[_Deferred]) -> None:
+        while True:
+            job = jobs.get()
+            with contextlib.suppress(Exception):  # (the outcome says what failed; go on)
+                _write_deferred(job)
+
+
+def _write_deferred(job: _Deferred) -> None:
+    """Write a deferred result file; complete its outcome (FAILED when the write fails); tell
+    the waiters and the runner."""
+    outcome = job.outcome
+    try:
+        try:
+            outcome.result = tuple(job.file.write())  # type: ignore[assignment]
+        except OSError as exc:
+            raise _write_failed(job.store_dir, job.item, exc) from None
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes an outcome
+        _failed(outcome, exc)
+        outcome.error, outcome.traceback = safe_text(outcome.error), safe_text(outcome.traceback)
+    finally:
+        outcome.end = time.time()
+        job.written.set()  # (whatever happened: nothing waits forever)
+    if job.topic and job.worker is not None:  # through the worker's event loop, as _Stream does
+        with contextlib.suppress(Exception):  # (a closed worker: the task is lost, runs again)
+            job.worker.loop.add_callback(_push, job.topic, [outcome], partial=False,
+                                         worker=job.worker, dask_key=job.dask_key)
+
+
+def _current_worker() -> Any:
+    """The Dask worker running this task (None off a worker)."""
+    try:
+        from distributed import get_worker
+
+        return get_worker()
+    except Exception:
+        return None
 
 
 class _Stream:
