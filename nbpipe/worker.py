@@ -64,7 +64,9 @@ STREAM_SECONDS = 0.25
 #: A Dask task of one item whose result file takes at least this many bytes returns its value
 #: before the file is written: consumers start at once, and the item's outcome (success only
 #: once the file is written) follows from this process's writer thread (:class:`_Writer`).
-DEFER_BYTES = 1 << 20
+#: (Above Dask's offload threshold, 10 MiB by default: a copy of such a value sent to another
+#: worker waits for its file in an offload thread, never in the worker's event loop.)
+DEFER_BYTES = 16 << 20
 
 
 NOT_RUN = "NOT_RUN"  # an outcome's state: a handed-ahead item whose upstream did not succeed
@@ -527,13 +529,24 @@ def _write(store_dir: str, item: WorkItem, value: Any, inline: int,
         ) from None
     if not isinstance(prepared, Unwritten):
         return prepared
-    if defer is not None and prepared.result.size >= DEFER_BYTES:
+    if defer is not None and prepared.result.size >= max(DEFER_BYTES, _offload_bytes()):
         defer.append(prepared)
         return None, None
     try:
         return prepared.write(), None
     except OSError as exc:
         raise _write_failed(store_dir, item, exc) from None
+
+
+@functools.lru_cache(maxsize=1)
+def _offload_bytes() -> float:
+    """Dask's threshold above which messages are serialised off the event loop (infinite when
+    offloading is off: then nothing is deferred)."""
+    import dask
+    from dask.utils import parse_bytes
+
+    offload = dask.config.get("distributed.comm.offload", "10MiB")
+    return float("inf") if not offload else parse_bytes(offload) + 1
 
 
 def _write_failed(store_dir: str, item: WorkItem, exc: OSError) -> ResultWriteError:

@@ -26,6 +26,12 @@ BIG = {
 }
 
 
+def _threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate()]
+
+
 def _total(value: object) -> float:
     if isinstance(value, bytes):
         return float(sum(value[:10]))
@@ -100,6 +106,8 @@ def test_a_large_result_that_cannot_be_written_fails_its_task_and_its_consumer_w
             assert ref.error.startswith("ResultWriteError: task 'produce(i=3)' finished but its "
                                         "result could not be written"), ref.error
             assert "the file-size limit (ulimit -f) is exceeded" in ref.error
+            # (this worker's files were written after their values were handed on)
+            assert "nbpipe-result-writer" in next(iter(client.run(_threads).values()))
             db = store / "nbpipe.sqlite"
             assert not _query(db, "SELECT 1 FROM results")  # neither counts as done
             assert not list((store / "results").rglob("*.tmp"))  # no half-written file left
