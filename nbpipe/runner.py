@@ -15,7 +15,8 @@ in ``Runner.__init__``, which this loop alone changes):
 - :mod:`nbpipe.ahead`: handing dependents to Dask ahead of their inputs' outcomes, fused chains;
 - :mod:`nbpipe.outcomes`: what workers report, failed futures, retries;
 - :mod:`nbpipe.commands`: pause, resume, kill, retry and kill fallbacks;
-- :mod:`nbpipe.jobs`: worker pools, scaling and batch jobs.
+- :mod:`nbpipe.jobs`: worker pools, scaling and batch jobs;
+- :mod:`nbpipe.events`: the topic workers report through.
 
 The runner knows the pipeline only through a :class:`RunnerHost` (what it asks of the pipeline).
 """
@@ -30,14 +31,12 @@ import socket
 import sqlite3
 import threading
 import time
-import uuid
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from distributed import as_completed
-from distributed.diagnostics.plugin import WorkerPlugin
 
 from .ahead import HandingAhead
 from .batching import BATCH_SECONDS, FUSE_UNKNOWN, MAX_BATCH, BatchPolicy
@@ -45,6 +44,7 @@ from .cluster import Connection
 from .commands import KILL_GRACE, Commands
 from .config import setting
 from .errors import RunnerError
+from .events import Topic
 from .jobs import PoolScaling, record_jobs
 from .outcomes import OUTCOME_GRACE, Outcomes
 from .readiness import count_blockers
@@ -52,7 +52,7 @@ from .results import INLINE_BYTES
 from .states import State
 from .store import Batch, RunnerLock, Store, is_damage
 from .submission import SUBMIT_BYTES, Submission, Submitting
-from .worker import Outcome, WorkItem, install_termination_notice
+from .worker import Outcome, WorkItem
 
 if TYPE_CHECKING:
     from .task import TaskRef
@@ -67,36 +67,6 @@ COMMAND_POLL = 0.2  # seconds between looks at the command table
 RESULT_POLL = 0.02  # seconds between looks at the futures while tasks are in flight
 JOB_POLL = 3.0  # seconds between looks at the batch queue (jobs started or ended)
 STORE_PATIENCE = 300.0  # seconds the store may keep failing before the runner stops
-
-
-TOPIC_HISTORY = 16  # events of a runner's topic the scheduler keeps (it delivers them all)
-
-
-def _bound_topic(topic: str, keep: int, dask_scheduler: Any = None) -> None:
-    """On the scheduler: keep only the last ``keep`` events of ``topic`` (0: forget the topic).
-
-    The scheduler keeps a history of every topic (``distributed.admin.low-level-log-length``,
-    1,000 events); a runner's events carry the outcomes of whole batches of tasks, so that
-    history held every outcome of the last 1,000 batches (for a local cluster, in the driver:
-    about 18 MB over 20,000 tasks) and outlived the runner. Nobody reads it: the runner gets
-    each event as it is published.
-    """
-    from collections import deque
-
-    topics = dask_scheduler._broker._topics  # no public API bounds one topic's history
-    if keep == 0:
-        topics.pop(topic, None)
-    else:
-        topics[topic].events = deque(topics[topic].events, maxlen=keep)
-
-
-class TerminationNoticePlugin(WorkerPlugin):
-    """Installs the SIGTERM notice behind ``context().should_stop()`` on every worker."""
-
-    name = "nbpipe-termination-notice"
-
-    def setup(self, worker: Any) -> None:
-        install_termination_notice()
 
 
 @dataclass(frozen=True)
@@ -137,7 +107,6 @@ class Runner(HandingAhead, Submitting, Outcomes, Commands, PoolScaling):
         self.connection = connection
         self.client = connection.client
         self.lock = lock
-        self.topic = f"nbpipe-{uuid.uuid4().hex[:12]}"
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.wake = threading.Event()
         self.changed = threading.Condition()
@@ -187,13 +156,8 @@ class Runner(HandingAhead, Submitting, Outcomes, Commands, PoolScaling):
         self._stop = False
         self._write_error: sqlite3.Error | None = None  # the store could not be written
         self._last_poll = 0.0
-        self.client.subscribe_topic(self.topic, self._on_event)
-        with contextlib.suppress(Exception):  # memory only: never worth failing a run for
-            self.client.run_on_scheduler(_bound_topic, self.topic, TOPIC_HISTORY)
-        try:
-            self.client.register_plugin(TerminationNoticePlugin())
-        except Exception:  # pragma: no cover - old schedulers without plugin support
-            log.debug("could not register the termination notice plugin", exc_info=True)
+        self.events = Topic(self.client, self._on_event)  # what the workers report
+        self.topic = self.events.name
         self.pools = connection.pools
         self.placement: dict[tuple[Any, ...], str] = {}  # (cores, memory, gpus, walltime, pool) -> pool
         self.memory_boost: dict[TaskRef, int] = {}  # tasks whose memory grew after worker deaths
@@ -279,20 +243,10 @@ class Runner(HandingAhead, Submitting, Outcomes, Commands, PoolScaling):
             self.store.set_runner(self.pid, None)
         except Exception:  # pragma: no cover - closing at interpreter exit
             log.debug("could not record the runner's end", exc_info=True)
-        with contextlib.suppress(Exception):
-            self.client.unsubscribe_topic(self.topic)
-        # Before the client closes (else the scheduler keeps the topic), but a scheduler that is
-        # gone delays closing by 5 s at most.
-        dropping = threading.Thread(target=self._drop_topic, daemon=True)
-        dropping.start()
-        dropping.join(timeout=5)
+        self.events.close()
         self.lock.release()
         with self.changed:
             self.changed.notify_all()
-
-    def _drop_topic(self) -> None:
-        with contextlib.suppress(Exception):  # a closed client or a scheduler gone: nothing kept
-            self.client.run_on_scheduler(_bound_topic, self.topic, 0)
 
     # -- callbacks from the Dask client's thread ----------------------------------------------
 
