@@ -224,25 +224,28 @@ class Runner(HandingAhead, Submitting, Outcomes, Commands, PoolScaling):
         self._stop = True
         self.wake.set()
         self.thread.join(timeout=30)
-        for ref in list(self.ahead):
-            self._unhand(ref)
-        for sub in list(self.inflight.values()):
-            for ref in sub.refs:
-                if ref.state in (State.PENDING, State.RUNNING):
-                    ref.state = State.WAITING
-                    self.batch.state(self.pid, ref.key, State.WAITING.value, attempts=ref.attempts,
-                                     message="runner closed before the task finished")
-            if sub.future is not None:
-                sub.future.cancel()
-        self.inflight.clear()
-        try:
-            self.store.write(self.batch)
-            if self._write_error is not None:  # what failed to be written is written now
-                log.warning("nbpipe: the store %s is writable again", self.store.path)
-                self._write_error = None
-            self.store.set_runner(self.pid, None)
-        except Exception:  # pragma: no cover - closing at interpreter exit
-            log.debug("could not record the runner's end", exc_info=True)
+        # Under the waiters' lock, as the loop's own changes: a thread looking at the states
+        # never sees tasks half taken back.
+        with self.changed:
+            for ref in list(self.ahead):
+                self._unhand(ref)
+            for sub in list(self.inflight.values()):
+                for ref in sub.refs:
+                    if ref.state in (State.PENDING, State.RUNNING):
+                        ref.state = State.WAITING
+                        self.batch.state(self.pid, ref.key, State.WAITING.value, attempts=ref.attempts,
+                                         message="runner closed before the task finished")
+                if sub.future is not None:
+                    sub.future.cancel()
+            self.inflight.clear()
+            try:
+                self.store.write(self.batch)
+                if self._write_error is not None:  # what failed to be written is written now
+                    log.warning("nbpipe: the store %s is writable again", self.store.path)
+                    self._write_error = None
+                self.store.set_runner(self.pid, None)
+            except Exception:  # pragma: no cover - closing at interpreter exit
+                log.debug("could not record the runner's end", exc_info=True)
         self.events.close()
         self.lock.release()
         with self.changed:

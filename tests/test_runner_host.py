@@ -57,3 +57,37 @@ def test_a_runner_runs_the_graph_of_any_host_and_reports_to_it(tmp_path: Path) -
         assert [rows[r.key]["state"] for r in refs] == [r.state.value for r in refs]
         assert c.result() == 4
         pipe.close()
+
+
+def test_closing_the_runner_while_tasks_run_puts_them_back_to_waiting(tmp_path: Path) -> None:
+    """What was running or handed ahead when the runner closed waits again, in memory and in the
+    store, saying why; the next run runs it."""
+    import time
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        store = tmp_path / ".nbpipe"
+        pipe = Pipeline("closed", store=store, cluster=client)
+
+        @pipe.task
+        def slow(x: int) -> int:
+            import time
+
+            time.sleep(x)
+            return x
+
+        first = slow(30)
+        second = slow(first)  # handed ahead while the first runs
+        pipe.run(wait=False)
+        deadline = time.monotonic() + 120
+        while first.state is not State.RUNNING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.state is State.RUNNING
+        pipe.close()
+        assert (first.state, second.state) == (State.WAITING, State.WAITING)
+        rows = pipe.store.task_rows(pipe.pipeline_id, [first.key, second.key])
+        assert [rows[r.key]["state"] for r in (first, second)] == ["WAITING", "WAITING"]
+        messages = [e["message"] for e in pipe.store.events(pipe.pipeline_id)
+                    if e["key"] == first.key]
+        assert messages[-1] == "runner closed before the task finished"
+        assert second.attempts == 0  # taken back: its attempt is not counted
