@@ -1,4 +1,6 @@
-"""Batch jobs of worker pools: what nbpipe records of each, the queue's view, cancelling.
+"""Batch jobs of worker pools: what nbpipe records of each, the queue's view, cancelling, and
+the runner's side of them (placing tasks in pools, scaling pools to the work, reaping the jobs an
+earlier runner left, recording jobs in the store).
 
 >>> queue_states("pbs", ["42"]) is None        # no queue query for PBS: the Dask scheduler tells
 True
@@ -11,13 +13,21 @@ import getpass
 import logging
 import shlex
 import subprocess
+from collections import Counter, defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from .errors import ResourceError
 from .schedulers import SCHEDULERS, cluster_class
 
-__all__ = ["JobInfo", "cancel_jobs", "queue_states"]
+if TYPE_CHECKING:
+    from .task import TaskRef
+
+__all__ = ["JobInfo", "PoolScaling", "cancel_jobs", "queue_states", "record_jobs"]
 
 log = logging.getLogger("nbpipe")
+
+SCALE_POLL = 1.0  # seconds between scaling decisions for worker pools
 
 
 @dataclass
@@ -67,3 +77,70 @@ def cancel_jobs(kind: str, job_ids: list[str]) -> None:
     command = shlex.split(cluster_class(kind).job_cls.cancel_command)
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         subprocess.run([*command, *job_ids], capture_output=True, timeout=60)
+
+
+def record_jobs(store: Any, pipeline_id: int, pools: Any) -> None:
+    """Write the batch jobs a pool cluster submitted or saw end since the last call."""
+    new, ended = pools.take_new(), pools.take_ended()
+    if new:
+        store.add_jobs(pipeline_id, pools.kind, [(j.job_id, j.pool, j.name) for j in new])
+    if ended:
+        store.end_jobs(pipeline_id, pools.kind, [(j.job_id, j.state) for j in ended if j.job_id])
+
+
+class PoolScaling:
+    """The runner's worker pools (mixed into :class:`nbpipe.runner.Runner`): which pool a task
+    runs in, how many jobs each pool needs, and the batch jobs recorded in the store."""
+
+    def check(self, refs: list[TaskRef]) -> None:
+        """Raise :class:`~nbpipe.ResourceError` for the first task no worker pool can hold."""
+        if self.pools is not None:
+            for ref in refs:
+                self._place(ref)
+
+    def _memory(self, ref: TaskRef) -> int | None:
+        return self.memory_boost.get(ref, ref.func.opts.memory)
+
+    def _place(self, ref: TaskRef) -> str:
+        """The pool ``ref`` runs in (one lookup per distinct set of options)."""
+        assert self.pools is not None
+        opts = ref.func.opts
+        need = (opts.cores, self._memory(ref), opts.gpus, opts.walltime, opts.pool)
+        pool = self.placement.get(need)
+        if pool is None:
+            pool = self.pools.place(ref.label, *need).name
+            self.placement[need] = pool
+        return pool
+
+    def _scale_pools(self, now: float) -> None:
+        """Ask each pool for as many jobs as its queued and running work needs; record jobs."""
+        assert self.pools is not None
+        if self._demand_grew or now - self._last_scale >= SCALE_POLL:
+            self._last_scale, self._demand_grew = now, False
+            demand: Counter[str] = Counter()
+            for sub in self.inflight.values():
+                if sub.pool is not None and not sub.cancelled and sub.refs[0] not in self.ahead:
+                    demand[sub.pool] += sub.refs[0].func.opts.cores
+            if not self.paused:
+                for ref in self.ready:
+                    with contextlib.suppress(ResourceError):  # fails when it is submitted
+                        demand[self._place(ref)] += ref.func.opts.cores
+            self.pools.adapt(demand)
+        if now - self._last_jobs >= self.job_poll:
+            self._last_jobs = now
+            self.pools.poll()
+            record_jobs(self.store, self.pid, self.pools)
+
+    def _reap_jobs(self) -> None:
+        """Cancel batch jobs an earlier runner of this pipeline left behind (a dead kernel's)."""
+        assert self.pools is not None
+        mine = {info.job_id for info in self.pools.jobs()}
+        leftover: dict[str, list[str]] = defaultdict(list)
+        for row in self.store.jobs(self.pid, open_only=True):
+            if row["job_id"] not in mine:
+                leftover[row["kind"]].append(row["job_id"])
+        for kind, job_ids in leftover.items():
+            log.warning("nbpipe: cancelling %d %s job(s) an earlier runner left: %s",
+                        len(job_ids), kind, " ".join(job_ids))
+            cancel_jobs(kind, job_ids)
+            self.store.end_jobs(self.pid, kind, [(job_id, "CANCELLED") for job_id in job_ids])

@@ -620,7 +620,14 @@ class Pipeline:
         lock = RunnerLock(self.store, self.name)
         self._take(lock, wait_for_runner, timeout)  # before starting a cluster: fails fast
         try:
-            self._runner = Runner(self, self.connection, lock)
+            from .runner import RunnerHost
+            from .specs import write_specs
+
+            host = RunnerHost(deps=self.deps, refs=self.refs, executed=self.ran.update,
+                              settle_late=self._settle_late,
+                              write_specs=lambda refs: write_specs(self, refs))
+            self._runner = Runner(self.store, self.pipeline_id, self.name, host, self.connection,
+                                  lock, max_concurrent=self.max_concurrent)
         except BaseException:
             lock.release()
             raise
