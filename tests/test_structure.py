@@ -28,7 +28,7 @@ ALLOWED = {
     # Not another module's objects: the same class's other instance, our own attribute on the
     # IPython shell, and protocols or names of Python itself.
     ("pipeline.py", "new._connection"),
-    ("pipeline.py", "from .task import _label"),  # a task's label, made where its options are
+    ("resolution.py", "from .task import _label"),  # a task's label, made where its options are
     ("magics.py", "shell._nbpipe_session"),
     ("crashes.py", "os._exit"),
     ("shipping.py", "functools._lru_cache_wrapper"),
