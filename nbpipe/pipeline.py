@@ -12,42 +12,41 @@ Running the same script again executes nothing that already succeeded.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import sys
-import threading
 import time
-import weakref
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import cloudpickle
-
-from . import runmodes
+from . import current, runmodes
 from .accept import accept_keys
 from .cluster import Connection, connect, validate
 from .config import check_configured, setting
 from .control import RETRY_REASON, Controller, local_runner_of
+from .current import current_pipeline, default_name, open_pipelines, use
 from .errors import (
     ClusterError,
     InvalidArgument,
-    NbpipeError,
     PipelineBusy,
     ResultCorrupt,
-    StoreDamaged,
     TaskDefinitionError,
     TaskFailed,
-    TaskKilled,
-    UpstreamFailed,
 )
 from .freshness import Freshness
 from .naming import find_tasks, ref_fields
+from .outcomes import (
+    RemoteTraceback,  # noqa: F401  (lives in nbpipe.outcomes; imported from here before)
+    RunSummary,
+    TaskInfo,
+    load,
+    raise_outcome,
+    stopped,
+    summarize,
+    wait_for,
+)
 from .policy import check_defaults, run_mode, run_skip
 from .resolution import TaskGraph
-from .results import INLINE, read_result
 from .runner import Runner, record_jobs
 from .specs import spawn  # noqa: F401  (lives in nbpipe.specs; imported from here before)
 from .states import BAD, State
@@ -55,118 +54,6 @@ from .store import RunnerLock, Store
 from .task import TaskFunction, TaskRef, bash_task, task
 
 __all__ = ["Pipeline", "RunSummary", "TaskInfo", "current_pipeline", "open_pipelines", "use"]
-
-
-class TaskInfo(NamedTuple):
-    """One row of ``pipe.tasks()``."""
-
-    name: str
-    key: str
-    label: str
-    state: str
-    attempts: int
-    error: str | None
-    reason: str | None = None
-
-
-class RunSummary(NamedTuple):
-    """What ``pipe.run()`` did: counts by state, failed task labels, how many ran.
-
-    ``executed`` counts the tasks this process ran for the call -- also those a ``ref.result()``
-    ran before it -- and ``cached`` the ones found done; a task is reported executed once.
-    """
-
-    counts: dict[str, int]
-    failed: list[str]
-    executed: int
-    cached: int
-    paused: bool = False
-
-    @property
-    def ok(self) -> bool:
-        """True when every task of the run succeeded."""
-        return not self.failed and set(self.counts) <= {State.SUCCEEDED.value}
-
-    def __str__(self) -> str:
-        counts = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items()))
-        text = f"{self.executed} executed, {self.cached} already done ({counts or 'no tasks'})"
-        if self.failed:
-            text += f"; failed: {', '.join(self.failed[:10])}"
-            if len(self.failed) > 10:
-                text += f" and {len(self.failed) - 10} more"
-        if self.paused:
-            text += "; the pipeline is paused (pipe.resume() to continue)"
-        return text
-
-
-class RemoteTraceback(Exception):
-    """The traceback of a task's exception on its worker (set as the exception's cause)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-
-def _stopped(runner: Runner) -> NbpipeError:
-    """What waiting on a runner that stopped on an error raises: a damaged store's own
-    :class:`StoreDamaged` (every door tells a damaged store the same way), else the runner's
-    :class:`RunnerError` naming the cause."""
-    if isinstance(runner.error, StoreDamaged):
-        return runner.error
-    assert runner.fatal is not None
-    return runner.fatal
-
-
-def _default_name() -> str:
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None) or (sys.argv[0] if sys.argv else "")
-    stem = Path(path).stem if path else ""
-    if not stem or stem in ("-c", "ipykernel_launcher", "pytest", "__main__"):
-        return "default"
-    return stem
-
-
-_stack: list[Pipeline] = []
-_default: Pipeline | None = None
-_stack_lock = threading.Lock()
-
-
-def current_pipeline() -> Pipeline:
-    """The pipeline that module-level ``@task`` functions register into.
-
-    ``with pipe:`` or ``nbpipe.use(pipe)`` choose it; otherwise a default pipeline named after
-    the script, in ``./.nbpipe``.
-    """
-    global _default
-    with _stack_lock:
-        if _stack:
-            return _stack[-1]
-        if _default is None:
-            _default = Pipeline(_default_name())
-        return _default
-
-
-def use(pipeline: Pipeline) -> Pipeline:
-    """Make ``pipeline`` the current pipeline for module-level ``@task`` functions."""
-    global _default
-    with _stack_lock:
-        _default = pipeline
-        _stack.clear()
-    return pipeline
-
-
-_open: weakref.WeakSet[Pipeline] = weakref.WeakSet()
-
-
-def open_pipelines() -> list[Pipeline]:
-    """The pipelines of this process not closed yet (what ``nbpipe run`` reports on)."""
-    return list(_open)
-
-
-@atexit.register
-def _close_all() -> None:
-    for pipe in list(_open):
-        with contextlib.suppress(Exception):
-            pipe.close()
 
 
 def _is_url(store: Any) -> bool:
@@ -195,7 +82,7 @@ class Pipeline:
                  cluster: Any = None, defaults: dict[str, Any] | None = None,
                  max_concurrent: int | None = None,
                  results: str | os.PathLike[str] | None = None):
-        name = _default_name() if name is None else name
+        name = default_name() if name is None else name
         if not isinstance(name, str) or not name.strip():
             raise TaskDefinitionError(f"a pipeline needs a non-empty name, got {name!r}")
         if max_concurrent is not None and (isinstance(max_concurrent, bool) or not isinstance(
@@ -213,7 +100,7 @@ class Pipeline:
                 results = results or os.environ.get("NBPIPE_RESULTS") or setting("results-dir")
             store = Store(store, database=setting("database"), results=results)
         self.store = store
-        self.pipeline_id = self.store.pipeline_id(name, source=_default_name())
+        self.pipeline_id = self.store.pipeline_id(name, source=default_name())
         self._fresh = Freshness(self.store, self.pipeline_id, name, lambda: self.graph.by_label)
         # A mistake (in the argument or the configured nbpipe.cluster) shows now, not when
         # tasks first run.
@@ -235,7 +122,7 @@ class Pipeline:
         self.skipped: set[str] = set()
         #: Pause, resume, kill, retry: the same steering as ``nbpipe`` and the sidebar use.
         self.control = Controller(self.store, name, local=local_runner_of(self))
-        _open.add(self)
+        current.opened(self)
 
     def __repr__(self) -> str:
         return f"<Pipeline {self.name!r} store={str(self.store.path)!r} tasks={len(self._refs)}>"
@@ -253,14 +140,11 @@ class Pipeline:
         return decorate(fn) if fn is not None else decorate
 
     def __enter__(self) -> Pipeline:
-        with _stack_lock:
-            _stack.append(self)
+        current.enter(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        with _stack_lock:
-            if self in _stack:
-                _stack.remove(self)
+        current.leave(self)
 
     # -- resolution (nbpipe.resolution) and freshness (nbpipe.freshness) -----------------------
 
@@ -399,7 +283,7 @@ class Pipeline:
         if wait and live and not paused and any(not r.state.final for r in refs):
             self._wait(refs, timeout)
         if wait and todo and self._runner is not None and self._runner.fatal is not None:
-            raise _stopped(self._runner)  # it stopped before the wait began
+            raise stopped(self._runner)  # it stopped before the wait began
         summary = self._summary(refs, report)
         if check and summary.failed:
             raise TaskFailed(
@@ -411,49 +295,28 @@ class Pipeline:
         return summary
 
     def _summary(self, refs: list[TaskRef], report: bool = True) -> RunSummary:
-        """Counts of ``refs``; *executed* are those this process ran since a summary last
-        reported them finished (a task run by ``ref.result()`` before ``run()`` included),
-        *already done* the others that succeeded."""
-        counts = Counter(r.state.value for r in refs)
-        failed = [r.label for r in refs if r.state in (State.FAILED, State.KILLED)]
         runner = self._runner
         paused = runner.paused if runner is not None else self.store.is_paused(self.pipeline_id)
-        ran = self.ran
-        # (held back by a pause before it started, or a late task found done once its upstream
-        # content was known: it did not run)
-        executed = [r for r in refs if r in ran and not (paused and r.state is State.WAITING)
-                    and r.reason != "found done"]
-        cached = sum(r.state is State.SUCCEEDED for r in refs) - sum(
-            r.state is State.SUCCEEDED for r in executed)
-        if report:  # each execution is reported once
-            ran.difference_update([r for r in executed if r.state.final])
-        return RunSummary(dict(counts), failed, len(executed), cached, paused)
+        return summarize(refs, self.ran, paused, report)
 
     def _wait(self, refs: list[TaskRef], timeout: float | None) -> None:
-        runner = self._runner
-        assert runner is not None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        cursor = 0  # tasks end roughly in order: skip what ended, look at the rest later
-        with runner.changed:
-            while True:
-                while cursor < len(refs) and refs[cursor].state.final:
-                    cursor += 1
-                if runner.fatal is not None:
-                    raise _stopped(runner)
-                # (ended, but not yet recorded while the store fails: wait for it, or its end)
-                if (cursor == len(refs) and runner.error is None) or not runner.alive:
-                    return
-                if runner.paused and not any(r.state in (State.PENDING, State.RUNNING)
-                                             for r in refs[cursor:]):
-                    return
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    unfinished = sum(not r.state.final for r in refs)
-                    raise TimeoutError(
-                        f"{unfinished} task(s) of pipeline {self.name!r} not finished after "
-                        f"{timeout} s (e.g. {refs[cursor].label}); they keep running"
-                    )
-                runner.changed.wait(0.5 if left is None else min(0.5, left))
+        assert self._runner is not None
+        wait_for(self._runner, refs, timeout, self.name)
+
+    def _result(self, ref: TaskRef, timeout: float | None) -> Any:
+        if not ref.state.final or ref.state in BAD and ref.exception is None and ref.error is None:
+            self._run([ref], wait=True, timeout=timeout)
+        if ref.state is State.SUCCEEDED:
+            try:
+                return load(ref, self._runner, self.store)
+            except ResultCorrupt:  # computed again, once
+                self.store.forget_result(ref.key)
+                ref.state, ref.result_file, ref.key_ = State.WAITING, None, None
+                self._resolve([ref])
+                self._run([ref], wait=True, timeout=timeout)
+                if ref.state is State.SUCCEEDED and ref.result_file is not None:
+                    return load(ref, self._runner, self.store)
+        raise_outcome(ref)
 
     def wait(self, timeout: float | None = None) -> RunSummary:
         """Wait until every task handed to the runner reached a final state.
@@ -494,48 +357,6 @@ class Pipeline:
         self.close()  # the runner (its lock given back); the cluster now belongs to `new`
         new._connection = connection
         return new
-
-    def _load(self, ref: TaskRef) -> Any:
-        assert ref.result_file is not None
-        path, checksum = ref.result_file
-        data = None
-        if path == INLINE:
-            data = (self._runner.inline_data(ref.key) if self._runner is not None
-                    else self.store.result_data(ref.key))
-        return read_result(path, checksum, data)
-
-    def _result(self, ref: TaskRef, timeout: float | None) -> Any:
-        if not ref.state.final or ref.state in BAD and ref.exception is None and ref.error is None:
-            self._run([ref], wait=True, timeout=timeout)
-        if ref.state is State.SUCCEEDED:
-            assert ref.result_file is not None
-            try:
-                return self._load(ref)
-            except ResultCorrupt:
-                self.store.forget_result(ref.key)
-                ref.state, ref.result_file, ref.key_ = State.WAITING, None, None
-                self._resolve([ref])
-                self._run([ref], wait=True, timeout=timeout)
-                if ref.state is State.SUCCEEDED and ref.result_file is not None:
-                    return self._load(ref)
-        if ref.state is State.FAILED:
-            if ref.exception is not None:
-                try:
-                    exc = cloudpickle.loads(ref.exception)
-                except Exception:
-                    exc = None
-                if isinstance(exc, BaseException):
-                    if ref.traceback:
-                        exc.__cause__ = RemoteTraceback(
-                            f"\nTraceback of task {ref.label!r} on its worker:\n{ref.traceback}")
-                    raise exc
-            raise TaskFailed(f"task {ref.label!r} failed: {ref.error}\n{ref.traceback or ''}",
-                             [ref.label])
-        if ref.state is State.UPSTREAM_FAILED:
-            raise UpstreamFailed(f"task {ref.label!r} did not run: {ref.error}", [ref.label])
-        if ref.state is State.KILLED:
-            raise TaskKilled(f"task {ref.label!r} was killed")
-        raise NbpipeError(f"task {ref.label!r} is {ref.state.value} (the pipeline is paused?)")
 
     # -- inspection ---------------------------------------------------------------------------
 
@@ -769,7 +590,7 @@ class Pipeline:
     def close(self) -> None:
         """Stop the runner and close the cluster nbpipe started."""
         self._stop()
-        _open.discard(self)
+        current.closed(self)
 
     def _stop(self) -> None:
         """Close the runner, then the cluster nbpipe started (recording the jobs it cancelled)."""
