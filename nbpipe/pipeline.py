@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from . import current, runmodes
+from . import current, ownership, runmodes
 from .accept import accept_keys
 from .cluster import Connection, connect, validate
 from .config import check_configured, setting
@@ -34,7 +32,6 @@ from .errors import (
     TaskFailed,
 )
 from .freshness import Freshness
-from .naming import find_tasks, ref_fields
 from .outcomes import (
     RemoteTraceback,  # noqa: F401  (lives in nbpipe.outcomes; imported from here before)
     RunSummary,
@@ -158,7 +155,7 @@ class Pipeline:
                 self._fresh.find_done(changed, retired)
 
 
-    def _settle_late(self, refs: list[TaskRef]) -> list[tuple[TaskRef, str]] | None:
+    def settle_late(self, refs: list[TaskRef]) -> list[tuple[TaskRef, str]] | None:
         """Final keys for late tasks the runner found ready (see :meth:`Freshness.settle`);
         None when this pipeline is busy resolving in another thread (the runner tries again at
         its next tick)."""
@@ -168,6 +165,8 @@ class Pipeline:
             return self._fresh.settle(refs)
         finally:
             self._lock.release()
+
+    _settle_late = settle_late  # (the name runner.py calls until it takes the public one)
 
     def _ensure_runner(self, wait_for_runner: bool = False, timeout: float | None = None) -> Runner:
         if self._runner is not None and self._runner.alive:
@@ -182,29 +181,7 @@ class Pipeline:
         return self._runner
 
     def _take(self, lock: RunnerLock, wait_for_runner: bool, timeout: float | None) -> None:
-        """Take the pipeline's runner lock; with ``wait_for_runner``, wait while another
-        process (a script, `nbpipe spawn` started by `nbpipe retry`) runs the pipeline."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        told = False
-        while True:
-            try:
-                lock.acquire()
-                return
-            except PipelineBusy as exc:
-                if not wait_for_runner:
-                    raise PipelineBusy(
-                        f"{exc}; to wait for that runner and then run what it left, use "
-                        "pipe.run(wait_for_runner=True)"
-                    ) from None
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise PipelineBusy(
-                        f"{exc}; still so after waiting {timeout} s (wait_for_runner=True)"
-                    ) from None
-                if not told:  # a script that seems to hang says why
-                    print(f"nbpipe: {str(exc).split(';')[0]}; waiting for it to finish "
-                          "(wait_for_runner=True)", file=sys.stderr, flush=True)
-                    told = True
-                time.sleep(0.5)
+        ownership.take(lock, wait_for_runner, timeout)
 
     def run(self, targets: Iterable[TaskRef] | TaskRef | None = None, *, wait: bool = True,
             check: bool = False, timeout: float | None = None,
@@ -468,25 +445,6 @@ class Pipeline:
         """The runner of this process for this pipeline, when one was started."""
         return self._runner
 
-    def _keys(self, tasks: Any) -> list[str]:
-        """Keys of tasks given as refs, or named (tasks of this process first, else the store)."""
-        if tasks is None:
-            return []
-        if isinstance(tasks, (TaskRef, str)):
-            tasks = [tasks]
-        keys = []
-        for t in tasks:
-            if isinstance(t, TaskRef):
-                keys.append(t.key)
-                continue
-            matches = [r.key for r in find_tasks(t, self._refs.values(), *ref_fields)]
-            keys.extend(matches or self.control.keys([t]))
-        return keys
-
-    def _offline(self) -> bool:
-        """True when no runner (here or in another process) will pick commands up."""
-        return not self.control.attached()
-
     def retry(self, tasks: Any = None, *, failed: bool = False, wait: bool = False) -> None:
         """Run tasks again, with everything they block; ``failed=True`` for every failed one.
 
@@ -495,7 +453,7 @@ class Pipeline:
         """
         if tasks is None and not failed:
             raise TaskDefinitionError("pipe.retry() needs tasks to retry, or failed=True")
-        keys = self._keys(tasks)
+        keys = self.graph.keys(tasks, self.control.keys)
         if self.control.attached():
             self.control.command("retry", keys=keys, failed=failed)
             return
@@ -518,7 +476,7 @@ class Pipeline:
         if all and self._refs:
             keys = [r.key for r in self._refs.values() if not r.state.final]
         else:
-            keys = self._keys(tasks)
+            keys = self.graph.keys(tasks, self.control.keys)
         if all and not self._refs:
             self.control.kill(all=True)
             return
@@ -544,15 +502,12 @@ class Pipeline:
         The runner survives this process (a kernel, a terminal) and exits when the pipeline is
         done or paused. Its output goes to ``<store>/logs/spawn-<pipeline>.log``.
         """
-        from .specs import write_specs
-
         if self._runner is not None and self._runner.alive:
             raise PipelineBusy(f"pipeline {self.name!r} is running in this process already; "
                                "wait for it (or pause it) before detaching")
         self._resolve()
         todo = [r for r in self.graph.closure(list(self._refs.values())) if r.state is not State.SUCCEEDED]
-        write_specs(self, todo)
-        return spawn(self.store, self.name)
+        return ownership.hand_over(self, todo)
 
     @property
     def paused(self) -> bool:

@@ -22,7 +22,7 @@ import sys
 import threading
 import uuid
 import weakref
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -317,6 +317,22 @@ class TaskGraph:
                 )
             refs.extend(matches)
         return refs
+
+    def keys(self, tasks: Any, elsewhere: Callable[[list[str]], list[str]]) -> list[str]:
+        """Keys of tasks given as refs or names; a name none of these tasks has is looked up
+        by ``elsewhere`` (the store's tasks, through the same naming rule)."""
+        if tasks is None:
+            return []
+        if isinstance(tasks, (TaskRef, str)):
+            tasks = [tasks]
+        keys = []
+        for t in tasks:
+            if isinstance(t, TaskRef):
+                keys.append(t.key)
+                continue
+            matches = [r.key for r in find_tasks(t, self.refs.values(), *ref_fields)]
+            keys.extend(matches or elsewhere([t]))
+        return keys
 
     @staticmethod
     def closure(targets: Iterable[TaskRef]) -> list[TaskRef]:
