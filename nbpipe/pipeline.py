@@ -154,7 +154,6 @@ class Pipeline:
             if changed:
                 self._fresh.find_done(changed, retired)
 
-
     def settle_late(self, refs: list[TaskRef]) -> list[tuple[TaskRef, str]] | None:
         """Final keys for late tasks the runner found ready (see :meth:`Freshness.settle`);
         None when this pipeline is busy resolving in another thread (the runner tries again at
