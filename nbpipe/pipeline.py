@@ -378,8 +378,6 @@ class Pipeline:
             runmodes.mark_done(self, [r for r in refs if r.key in reasons], reasons)
         return {r.label: reasons[r.key] for r in refs if r.key in reasons}
 
-    # -- control (works from any process, through the store's command table) ------------------
-
     # -- the public core: what the notebook layer, the CLI, specs and the runner use ------------
 
     def refs(self) -> list[TaskRef]:
@@ -443,6 +441,8 @@ class Pipeline:
     def runner(self) -> Runner | None:
         """The runner of this process for this pipeline, when one was started."""
         return self._runner
+
+    # -- control (works from any process, through the store's command table) ------------------
 
     def retry(self, tasks: Any = None, *, failed: bool = False, wait: bool = False) -> None:
         """Run tasks again, with everything they block; ``failed=True`` for every failed one.

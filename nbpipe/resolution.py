@@ -55,6 +55,11 @@ class Slot:
     """
 
     __slots__ = ("index", "output")
+    # Keys encode the class's qualified name with its token: the slot was
+    # nbpipe.pipeline._Slot when the keys of existing stores were made, and keeps that name
+    # so that they stay the same (else every task with an upstream task would run again).
+    __module__ = "nbpipe.pipeline"
+    __qualname__ = "_Slot"
 
     def __init__(self, index: int, output: str | None = None):
         self.index = index

@@ -239,3 +239,22 @@ def test_tasks_are_found_by_label_name_or_key_prefix(graph: TaskGraph) -> None:
         graph.find("nope")
     graph.forget([a])
     assert graph.find("double") == [b]
+
+
+def test_upstream_slots_keep_the_encoding_that_existing_keys_were_made_with() -> None:
+    """A task's key encodes the upstream slot's class by name: the name it had when stores
+    were made (nbpipe.pipeline._Slot) stays, or every task with an upstream task would run
+    again after an upgrade."""
+    from nbpipe.identity import digest
+    from nbpipe.resolution import Slot
+
+    class _Slot:  # the slot as it was defined before it moved
+        def __init__(self, index: int, output: str | None = None):
+            self.index, self.output = index, output
+
+        def __nbpipe_token__(self) -> tuple[str, int, str | None]:
+            return ("upstream", self.index, self.output)
+
+    _Slot.__module__, _Slot.__qualname__ = "nbpipe.pipeline", "_Slot"
+    for slot in ((0, None), (3, "mean")):
+        assert digest(Slot(*slot)) == digest(_Slot(*slot))
