@@ -114,7 +114,9 @@ class TaskGraph:
     """
 
     def __init__(self, owner: Any, name: str):
-        self.owner = owner
+        # (weakly: the pipeline holds its graph, and a pipeline without tasks is freed as soon
+        # as it is dropped, as before the graph was its own object; its refs hold it strongly)
+        self._owner = weakref.ref(owner) if owner is not None else lambda: None
         self.name = name
         self.refs: dict[str, TaskRef] = {}  # call id -> ref, the active tasks of this process
         self.by_label: dict[str, TaskRef] = {}
@@ -122,6 +124,11 @@ class TaskGraph:
         # digests are checked again when they are handed to a runner.
         self.mutable_args: weakref.WeakSet[TaskRef] = weakref.WeakSet()
         self.lock = threading.RLock()
+
+    @property
+    def owner(self) -> Any:
+        """The pipeline these tasks belong to."""
+        return self._owner()
 
     # -- registration -------------------------------------------------------------------------
 

@@ -19,10 +19,20 @@ from nbpipe.task import TaskFunction, make_options
 
 
 class Owner:
-    """Stands for the pipeline the refs belong to (the graph only compares it)."""
+    """Stands for the pipeline the refs belong to (the graph only compares it); as a
+    pipeline, it holds its graph (which holds it weakly)."""
 
     def __init__(self, name: str = "pure"):
         self.name = name
+        self.graph = TaskGraph(self, name)
+
+
+_owners: list[Owner] = []  # (what a user's variables do for a pipeline: keep it alive)
+
+
+def new_graph(name: str = "pure") -> TaskGraph:
+    _owners.append(Owner(name))
+    return _owners[-1].graph
 
 
 def as_task(fn: Any, **options: Any) -> TaskFunction:
@@ -58,7 +68,7 @@ def first(pair: Any) -> Any:
 
 @pytest.fixture()
 def graph() -> TaskGraph:
-    return TaskGraph(Owner(), "pure")
+    return new_graph("pure")
 
 
 def test_the_same_call_is_one_task_and_another_call_another(graph: TaskGraph) -> None:
@@ -85,7 +95,7 @@ def test_a_task_result_hidden_in_a_set_or_from_another_pipeline_is_refused(graph
     a = graph.add(f, (1,), {})
     with pytest.raises(TaskDefinitionError, match=r"inside a frozenset"):
         graph.add(t, (frozenset([a]),), {})
-    other = TaskGraph(Owner("other"), "other")
+    other = new_graph("other")
     with pytest.raises(TaskDefinitionError, match=r"from pipeline 'pure'.*same pipeline \('other'\)"):
         other.add(t, ([a],), {})
     with pytest.raises(TaskDefinitionError, match=r"after='double\(x=1\)' from pipeline 'pure'"):
@@ -98,7 +108,7 @@ def test_a_key_follows_the_keys_of_its_upstream_tasks(graph: TaskGraph) -> None:
     s2 = graph.add(t, ([graph.add(f, (2,), {})],), {})
     graph.resolve()
     assert s1.key_ != s2.key_
-    again = TaskGraph(Owner(), "pure")  # another process: the same calls give the same keys
+    again = new_graph("pure")  # another process: the same calls give the same keys
     s1_again = again.add(t, ([again.add(f, (1,), {})],), {})
     again.resolve()
     assert s1_again.key_ == s1.key_
@@ -109,7 +119,7 @@ def test_after_names_a_task_and_an_unknown_name_says_so(graph: TaskGraph) -> Non
     b = graph.add(as_task(total, after=["double"]), ([],), {})
     graph.resolve()
     assert b.deps == {a: "after"}
-    lost = TaskGraph(Owner(), "pure")
+    lost = new_graph("pure")
     lost.add(as_task(total, after=["nope"]), ([],), {})
     with pytest.raises(UnknownTask, match=r"after='nope'.*register it first or fix the name"):
         lost.resolve()
@@ -147,11 +157,11 @@ def test_files_make_dependencies_and_a_missing_input_is_named(graph: TaskGraph, 
     user = graph.add(as_task(ns["use"]), (str(target),), {})
     graph.resolve()
     assert user.deps == {maker: "file"} and user.dynamic
-    alone = TaskGraph(Owner(), "pure")
+    alone = new_graph("pure")
     alone.add(as_task(ns["use"]), (str(tmp_path / "absent.txt"),), {})
     with pytest.raises(MissingInputError, match=r"absent.txt, which does not exist"):
         alone.resolve()
-    twice = TaskGraph(Owner(), "pure")
+    twice = new_graph("pure")
     twice.add(as_task(ns["make"]), (str(target),), {})
     twice.add(as_task(ns["make"], version="2"), (str(target),), {})
     with pytest.raises(TaskDefinitionError, match=r"both declare .*made.txt as their output"):
