@@ -672,8 +672,8 @@ def run(script: str, args: tuple[str, ...], cluster: str | None, options: tuple[
     import dask
 
     from .cluster import parse_words, validate
+    from .current import open_pipelines
     from .errors import TaskDefinitionError
-    from .pipeline import open_pipelines
     from .policy import check_skip
 
     try:
@@ -840,7 +840,7 @@ def _notebook_script(notebook: Path) -> Path:
 
 def _counts() -> tuple[int, int, int]:
     """(finished, failed, total) over the tasks of every pipeline open in this process."""
-    from .pipeline import open_pipelines
+    from .current import open_pipelines
     from .states import BAD
 
     refs = [r for pipe in open_pipelines() for r in pipe.refs()]

@@ -1,260 +1,173 @@
-"""Outcomes: what the workers report (a task started, an attempt ended), what a failed future
-means (a lost worker, a crash record, a cancelled key), and retries.
+"""Outcomes: what a run reports, waiting for tasks, and a finished task's value or error.
 
-Part of :class:`nbpipe.runner.Runner` (a mixin over its tables, see ``Runner.__init__``). Workers
-push outcomes as events (no request per task); a finished future whose outcomes did not arrive
-within OUTCOME_GRACE is gathered instead. Each attempt is recorded; whether a failed one runs
-again is :mod:`nbpipe.policy`'s decision (retries, retry_on, memory grown after worker deaths).
+Given the task records a runner keeps up to date, these say what ``pipe.run()`` did
+(:class:`RunSummary`), wait until tasks end (:func:`wait_for`, raising what stopped a runner),
+read a result (:func:`load`) and turn a task that did not succeed into the exception its
+reader gets (:func:`raise_outcome`: the task's own exception, with its worker's traceback as
+the cause). Nothing here starts or steers a runner.
+
+>>> str(RunSummary({"SUCCEEDED": 2}, [], 1, 1))
+'1 executed, 1 already done (2 SUCCEEDED)'
 """
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
-from typing import TYPE_CHECKING, Any
+from collections import Counter
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 import cloudpickle
-from dask.utils import format_bytes
-from distributed.scheduler import KilledWorker
 
-from . import policy  # i20: retry_on, timeouts (nbpipe.policy)
-from .crashes import Crash, describe, read_crash
-from .jobs import record_jobs
-from .results import locate
-from .states import BAD, State
-from .submission import Submission, cap_identity
-from .worker import NOT_RUN, TAIL, Outcome, outcomes_of
+from .errors import NbpipeError, StoreDamaged, TaskFailed, TaskKilled, UpstreamFailed
+from .results import INLINE, read_result
+from .states import State
 
 if TYPE_CHECKING:
+    from .runner import Runner
+    from .store import Store
     from .task import TaskRef
 
-__all__ = ["OUTCOME_GRACE", "Outcomes"]
+__all__ = ["RemoteTraceback", "RunSummary", "TaskInfo", "load", "raise_outcome", "stopped",
+           "summarize", "wait_for"]
 
-OUTCOME_GRACE = 2.0  # seconds a finished future waits for its outcome event before a gather
+
+class TaskInfo(NamedTuple):
+    """One row of ``pipe.tasks()``."""
+
+    name: str
+    key: str
+    label: str
+    state: str
+    attempts: int
+    error: str | None
+    reason: str | None = None
 
 
-class Outcomes:
-    """The runner's outcomes and retries (mixed into :class:`nbpipe.runner.Runner`)."""
+class RunSummary(NamedTuple):
+    """What ``pipe.run()`` did: counts by state, failed task labels, how many ran.
 
-    def _started(self, msg: dict[str, Any]) -> None:
-        for key in msg.get("keys", ()):
-            ref = self.by_key.get(key)
-            if ref in self.ahead:  # recorded once its upstream tasks' success is
-                self.early[ref].append(("start", self.sub_of[ref], msg))
-                continue
-            if ref is None or ref.state is not State.PENDING:
-                continue
-            sub = self.sub_of.get(ref)
-            if sub is not None:
-                sub.started = True
-            ref.state = State.RUNNING
-            ref.worker = msg.get("worker")
-            job = f" (job {msg['job_id']})" if msg.get("job_id") else ""
-            self.batch.state(self.pid, key, State.RUNNING.value, attempts=ref.attempts,
-                             message=f"{ref.worker}{job}")
-        if msg.get("worker") and msg.get("memory_limit"):
-            self.worker_memory[msg["worker"]] = int(msg["memory_limit"])
-        # A job seen running a task is recorded now, before the task's transitions are written:
-        # the periodic poll alone could miss a job whose tasks all end between two polls, and
-        # run() would return with the job unrecorded (a crash then could not reap it).
-        if self.pools is not None and msg.get("job_id") and \
-                self.pools.saw_job(str(msg["job_id"]), msg.get("name")):
-            record_jobs(self.store, self.pid, self.pools)
+    ``executed`` counts the tasks this process ran for the call -- also those a ``ref.result()``
+    ran before it -- and ``cached`` the ones found done; a task is reported executed once.
+    """
 
-    def _done(self, dask_keys: list[str]) -> None:
-        """Futures that ended. Outcomes normally arrived first, pushed by the workers as events
-        (no request per task); a finished future whose outcomes did not arrive in time is
-        gathered instead, and a failed one (a lost worker, a cancelled key) fails its tasks."""
-        now = time.monotonic()
-        for key in dict.fromkeys(dask_keys):
-            sub = self.inflight.get(key)
-            if sub is None or sub.cancelled:
-                continue
-            if sub.future.status == "finished":
-                self.awaiting.setdefault(sub, now + OUTCOME_GRACE)
-            else:
-                self._failed_future(sub)
-        due = [sub for sub, deadline in self.awaiting.items()
-               if now >= deadline or self.inflight.get(sub.dask_key) is not sub]
-        for sub in due:
-            del self.awaiting[sub]
-        due = [sub for sub in due if self.inflight.get(sub.dask_key) is sub]
-        if not due:
-            return
-        try:  # one gather for all of them, not a round trip per task; outcomes only, the
-            # values stay on the workers (outcomes_of runs where they are)
-            tag = uuid.uuid4().hex[:8]
-            gathered = self.client.gather(self.client.map(
-                outcomes_of, [sub.future for sub in due], pure=False,
-                key=[f"nbpipe-outcomes-{tag}-{sub.dask_key}" for sub in due]), errors="skip")
-        except Exception:
-            gathered = []
-        results = ({id(s): g for s, g in zip(due, gathered, strict=True)}
-                   if len(gathered) == len(due) else {})
-        for sub in due:
-            if id(sub) in results:
-                self._apply(sub, results[id(sub)])
-            else:
-                self._failed_future(sub)
+    counts: dict[str, int]
+    failed: list[str]
+    executed: int
+    cached: int
+    paused: bool = False
 
-    def _detach(self, sub: Submission, ref: TaskRef) -> bool:
-        """Take ``ref`` out of ``sub``; False when it was no longer part of it."""
-        if self.sub_of.get(ref) is not sub:
-            return False
-        del self.sub_of[ref]
-        self.active[cap_identity(ref.func)] -= 1
-        sub.remaining -= 1
-        if sub.remaining <= 0:  # its last task: the future is no longer needed
-            self.inflight.pop(sub.dask_key, None)
-            self.awaiting.pop(sub, None)
-            if sub.future is not None:
-                sub.future.release()
-        return True
+    @property
+    def ok(self) -> bool:
+        """True when every task of the run succeeded."""
+        return not self.failed and set(self.counts) <= {State.SUCCEEDED.value}
 
-    def _apply(self, sub: Submission, outcomes: list[Outcome]) -> None:
-        for outcome in outcomes:
-            ref = self.by_key.get(outcome.key)
-            if ref is None or outcome.attempt != ref.attempts:
-                continue
-            if ref in self.ahead:  # recorded once its upstream tasks' success is
-                if self.sub_of.get(ref) is sub:
-                    self.early[ref].append(("outcome", sub, outcome))
-            elif self._detach(sub, ref):
-                self._outcome(ref, outcome)
+    def __str__(self) -> str:
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items()))
+        text = f"{self.executed} executed, {self.cached} already done ({counts or 'no tasks'})"
+        if self.failed:
+            text += f"; failed: {', '.join(self.failed[:10])}"
+            if len(self.failed) > 10:
+                text += f" and {len(self.failed) - 10} more"
+        if self.paused:
+            text += "; the pipeline is paused (pipe.resume() to continue)"
+        return text
 
-    def _failed_future(self, sub: Submission) -> None:
-        future = sub.future
-        exc = future.exception() if future.status == "error" else None
-        message = (f"{type(exc).__name__}: {exc}" if exc is not None
-                   else f"the Dask future was {future.status}")
-        died = isinstance(exc, KilledWorker)
-        # The record the dead process left says which item ended it, how, and what it printed.
-        crash = (read_crash(self.store.path, sub.refs[0].key, sub.refs[0].attempts)
-                 if died else None)
-        for ref in list(sub.refs):
-            if ref in self.ahead:  # its upstream failed too (then it is taken back) or not
-                if self.sub_of.get(ref) is sub:
-                    self.early[ref].append(("failed", sub, None))
-                continue
-            if not self._detach(sub, ref):
-                continue
-            if ref in self.kill_requested:
-                self._finish(ref, State.KILLED, f"task {ref.label!r} was killed on request")
-            elif died and crash is not None and crash.key == ref.key:
-                self._crash_attempt(ref, crash)
-            elif died:
-                self._attempt_failed(ref, self._worker_died(ref, exc), None, None, "lost")
-            else:
-                self._attempt_failed(ref, message, None, None, "lost")
 
-    def _crash_attempt(self, ref: TaskRef, crash: Crash) -> None:
-        """Record the attempt that ended its worker process (Dask gave up: ``KilledWorker``)."""
-        header = crash.header
-        error = describe(ref.label, crash) if crash.timeout is None else \
-            policy.timeout_error(ref.label, crash.timeout)  # i20: its watchdog ended the process
-        self.batch.attempts.append((
-            self.pid, ref.key, ref.attempts,
-            State.FAILED.value if crash.timeout is None else policy.TIMED_OUT, header.get("start", 0.0),
-            time.time(), header.get("worker"), header.get("host"), header.get("pid"), None,
-            crash.exit_code, error, crash.fault or None, crash.stdout[-TAIL:],
-            crash.stderr[-TAIL:], None,
-        ))
-        self._attempt_failed(ref, error, crash.fault or None, None,
-                             "exit" if crash.timeout is None else "timeout")
+class RemoteTraceback(Exception):
+    """The traceback of a task's exception on its worker (set as the exception's cause)."""
 
-    def _worker_died(self, ref: TaskRef, exc: Any) -> str:
-        """Explain a task whose workers kept dying; grow its memory when it asks for that."""
-        last = getattr(exc, "last_worker", None)
-        address = getattr(last, "address", None) or ref.worker
-        limit = getattr(last, "memory_limit", None) or self.worker_memory.get(address or "")
-        had = f"a memory limit of {format_bytes(limit)}" if limit else "no memory limit"
-        tries = getattr(exc, "allowed_failures", 0) + 1
-        message = (
-            f"task {ref.label!r}: the worker running it died ({tries} time{'s' if tries > 1 else ''}; "
-            f"the last one, {address}, had {had}); a task that kills its worker usually runs out of "
-            "memory: ask for more with memory=, or set retry_memory_factor= to grow it on each retry"
-        )
-        return message + self._grow_memory(ref, limit)
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
-    def _grow_memory(self, ref: TaskRef, limit: int | None) -> str:
-        """After a worker death: grow the task's memory for its retry (retry_memory_factor)."""
-        factor = ref.func.opts.retry_memory_factor
-        if factor and self._retries_left(ref):
-            current = self._memory(ref) or limit
-            if current:
-                grown = int(current * factor)
-                self.memory_boost[ref] = grown
-                return f"; retrying with memory={format_bytes(grown)}"
-        return ""
 
-    def _outcome(self, ref: TaskRef, o: Outcome) -> None:
-        self.policy.record(ref.func, o.end - o.start, time.monotonic())
-        self.batch.attempts.append((
-            self.pid, o.key, o.attempt, o.state, o.start, o.end, o.worker, o.hostname, o.pid,
-            o.job_id, o.exit_code, o.error, o.traceback, o.stdout, o.stderr, o.env_id,
-        ))
-        if o.env is not None:
-            self.batch.envs.append((o.env_id, json.dumps(o.env, sort_keys=True)))
-        if o.state == State.SUCCEEDED.value and o.result is not None:
-            path, checksum, size = o.result  # path relative to the store root
-            ref.result_file = (locate(self.store.path, path), checksum)
-            self.batch.results.append((o.key, path, checksum, size, time.time(), o.data))
-            if o.data is not None:  # downstream tasks may start before the batch is written
-                self.batch_inline[o.key] = o.data
-            self._finish(ref, State.SUCCEEDED)
-        elif o.state == NOT_RUN:  # its upstream's value was lost with a worker after all
-            self._attempt_failed(ref, o.error, None, None)
-        elif o.state == State.KILLED.value or ref in self.kill_requested:
-            self._finish(ref, State.KILLED, o.error or f"task {ref.label!r} was killed on request")
-        elif not (o.error or "").startswith("UpstreamCorrupt") or not self._upstream_corrupt(ref, o):
-            self._attempt_failed(ref, o.error, o.traceback, o.exception, o.failure or "exception")
+def stopped(runner: Runner) -> NbpipeError:
+    """What waiting on a runner that stopped on an error raises: a damaged store's own
+    :class:`StoreDamaged` (every door tells a damaged store the same way), else the runner's
+    :class:`RunnerError` naming the cause."""
+    if isinstance(runner.error, StoreDamaged):
+        return runner.error
+    assert runner.fatal is not None
+    return runner.fatal
 
-    def _upstream_corrupt(self, ref: TaskRef, o: Outcome) -> bool:
-        """An upstream result read by ``ref`` was damaged: compute that task again, then run
-        ``ref`` after it, its attempt not counted against its retries. False when that cannot be."""
-        try:
-            key = cloudpickle.loads(o.exception).key if o.exception else None
-        except Exception:
-            key = None
-        dep = next((d for d in self.host.deps(ref) if d.key == key), None)
-        if dep is None or dep.state in BAD:
-            return False
-        self._unhand_below(ref)
-        if dep.state is State.SUCCEEDED:
-            self.store.forget_result(dep.key)
-            self.by_key[dep.key] = dep
-            dep.state, dep.result_file, dep.budget = State.WAITING, None, dep.attempts
-            dep.reason = "its result file was damaged"
-            self.batch.state(self.pid, dep.key, State.WAITING.value, attempts=dep.attempts,
-                             reason=dep.reason,
-                             message=f"result file damaged (read by {ref.label!r}); running it again")
-            for child in self.children.get(dep, ()):  # those not yet sent wait for it again
-                if child.state is State.WAITING and child in self.blockers:
-                    self.blockers[child] += 1
-            self._arm(dep)
-        ref.state, ref.budget = State.WAITING, ref.budget + 1
-        self.batch.state(self.pid, ref.key, State.WAITING.value, attempts=ref.attempts,
-                         error=o.error, message=f"waiting for {dep.label!r} to run again")
-        self.blockers.pop(ref, None)
-        self._arm(ref)
-        return True
 
-    @staticmethod
-    def _retries_left(ref: TaskRef) -> bool:
-        """Whether a lost worker's attempt of ``ref`` is followed by another (its ``retries``)."""
-        return policy.should_retry(ref, "lost")
+def summarize(refs: list[TaskRef], ran: set[TaskRef], paused: bool, report: bool = True
+              ) -> RunSummary:
+    """Counts of ``refs``; *executed* are those in ``ran`` (this process ran them since a
+    summary last reported them finished, a task run by ``ref.result()`` before ``run()``
+    included), *already done* the others that succeeded. With ``report``, the finished ones
+    leave ``ran``: each execution is reported once."""
+    counts = Counter(r.state.value for r in refs)
+    failed = [r.label for r in refs if r.state in (State.FAILED, State.KILLED)]
+    # (held back by a pause before it started, or a late task found done once its upstream
+    # content was known: it did not run)
+    executed = [r for r in refs if r in ran and not (paused and r.state is State.WAITING)
+                and r.reason != "found done"]
+    cached = sum(r.state is State.SUCCEEDED for r in refs) - sum(
+        r.state is State.SUCCEEDED for r in executed)
+    if report:
+        ran.difference_update([r for r in executed if r.state.final])
+    return RunSummary(dict(counts), failed, len(executed), cached, paused)
 
-    def _attempt_failed(self, ref: TaskRef, error: str | None, tb: str | None,
-                        exception: bytes | None, kind: str = "exception") -> None:
-        ref.error, ref.traceback, ref.exception = error, tb, exception
-        if policy.should_retry(ref, kind):  # i20: retries and retry_on (nbpipe.policy)
-            self._unhand_below(ref)  # they wait for its next attempt
-            ref.state = State.WAITING
-            self.batch.state(
-                self.pid, ref.key, State.WAITING.value, attempts=ref.attempts, error=error,
-                message=f"attempt {ref.attempts} failed ({error}); retrying",
-            )
-            self.ready.append(ref)
-        else:
-            self._finish(ref, State.FAILED, error)
+
+def wait_for(runner: Runner, refs: list[TaskRef], timeout: float | None, pipeline: str) -> None:
+    """Wait until every one of ``refs`` ended, the runner stopped, or a pause leaves none of
+    them running; :class:`TimeoutError` after ``timeout`` seconds (the tasks keep running), and
+    what stopped the runner (:func:`stopped`) when it stopped on an error."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    cursor = 0  # tasks end roughly in order: skip what ended, look at the rest later
+    with runner.changed:
+        while True:
+            while cursor < len(refs) and refs[cursor].state.final:
+                cursor += 1
+            if runner.fatal is not None:
+                raise stopped(runner)
+            # (ended, but not yet recorded while the store fails: wait for it, or its end)
+            if (cursor == len(refs) and runner.error is None) or not runner.alive:
+                return
+            if runner.paused and not any(r.state in (State.PENDING, State.RUNNING)
+                                         for r in refs[cursor:]):
+                return
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                unfinished = sum(not r.state.final for r in refs)
+                raise TimeoutError(
+                    f"{unfinished} task(s) of pipeline {pipeline!r} not finished after "
+                    f"{timeout} s (e.g. {refs[cursor].label}); they keep running"
+                )
+            runner.changed.wait(0.5 if left is None else min(0.5, left))
+
+
+def load(ref: TaskRef, runner: Runner | None, store: Store) -> Any:
+    """The value of a SUCCEEDED task, read from its result file (checked against its
+    checksum), or, for a small inline result, from ``runner``'s memory or the store."""
+    assert ref.result_file is not None
+    path, checksum = ref.result_file
+    data = None
+    if path == INLINE:
+        data = runner.inline_data(ref.key) if runner is not None else store.result_data(ref.key)
+    return read_result(path, checksum, data)
+
+
+def raise_outcome(ref: TaskRef) -> NoReturn:
+    """Raise what reading a task that did not succeed raises: a failed task's own exception
+    (its worker's traceback as the cause) or :class:`~nbpipe.TaskFailed`,
+    :class:`~nbpipe.UpstreamFailed`, :class:`~nbpipe.TaskKilled`, else an error saying the task
+    has not ended (the pipeline is paused)."""
+    if ref.state is State.FAILED:
+        if ref.exception is not None:
+            try:
+                exc = cloudpickle.loads(ref.exception)
+            except Exception:
+                exc = None
+            if isinstance(exc, BaseException):
+                if ref.traceback:
+                    exc.__cause__ = RemoteTraceback(
+                        f"\nTraceback of task {ref.label!r} on its worker:\n{ref.traceback}")
+                raise exc
+        raise TaskFailed(f"task {ref.label!r} failed: {ref.error}\n{ref.traceback or ''}",
+                         [ref.label])
+    if ref.state is State.UPSTREAM_FAILED:
+        raise UpstreamFailed(f"task {ref.label!r} did not run: {ref.error}", [ref.label])
+    if ref.state is State.KILLED:
+        raise TaskKilled(f"task {ref.label!r} was killed")
+    raise NbpipeError(f"task {ref.label!r} is {ref.state.value} (the pipeline is paused?)")

@@ -12,211 +12,45 @@ Running the same script again executes nothing that already succeeded.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import hashlib
 import os
-import sys
-import threading
-import time
-import uuid
-import weakref
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import cloudpickle
-
-from . import runmodes
+from . import current, ownership, runmodes
 from .accept import accept_keys
-from .cells import CellRunner
 from .cluster import Connection, connect, validate
 from .config import check_configured, setting
-from .content import content_key
 from .control import RETRY_REASON, Controller, local_runner_of
+from .current import current_pipeline, default_name, open_pipelines, use
 from .errors import (
     ClusterError,
     InvalidArgument,
-    MissingInputError,
-    NbpipeError,
     PipelineBusy,
     ResultCorrupt,
-    StoreDamaged,
     TaskDefinitionError,
     TaskFailed,
-    TaskKilled,
-    UnhashableValue,
-    UnknownTask,
-    UpstreamFailed,
 )
-from .files import paths_in
 from .freshness import Freshness
-from .graph import order, reach
-from .identity import CodeIdentity, Unencodable, is_immutable
-from .naming import find_task, find_tasks, ref_fields
+from .outcomes import (
+    RemoteTraceback,  # noqa: F401  (lives in nbpipe.outcomes; imported from here before)
+    RunSummary,
+    TaskInfo,
+    load,
+    raise_outcome,
+    stopped,
+    summarize,
+    wait_for,
+)
 from .policy import check_defaults, run_mode, run_skip
-from .results import INLINE, read_result
+from .resolution import TaskGraph
 from .runner import Runner, record_jobs
-from .shipping import by_value
 from .specs import spawn  # noqa: F401  (lives in nbpipe.specs; imported from here before)
 from .states import BAD, State
 from .store import RunnerLock, Store
-from .task import TaskFunction, TaskOutput, TaskRef, _label, bash_task, task
-from .walk import holds_ref, map_refs
+from .task import TaskFunction, TaskRef, bash_task, task
 
 __all__ = ["Pipeline", "RunSummary", "TaskInfo", "current_pipeline", "open_pipelines", "use"]
-
-_NONE: tuple[Any, ...] = ()  # shared by every task without upstream tasks or files
-_NONE_BY_NAME: dict[Any, Any] = {}  # shared by every task without keywords or dependencies
-_SCALARS = frozenset({int, float, str, bool, type(None), bytes})
-
-
-PROGRESS_EVERY = 100_000  # map() over more entries than this reports its progress on stderr
-
-
-class TaskInfo(NamedTuple):
-    """One row of ``pipe.tasks()``."""
-
-    name: str
-    key: str
-    label: str
-    state: str
-    attempts: int
-    error: str | None
-    reason: str | None = None
-
-
-class RunSummary(NamedTuple):
-    """What ``pipe.run()`` did: counts by state, failed task labels, how many ran.
-
-    ``executed`` counts the tasks this process ran for the call -- also those a ``ref.result()``
-    ran before it -- and ``cached`` the ones found done; a task is reported executed once.
-    """
-
-    counts: dict[str, int]
-    failed: list[str]
-    executed: int
-    cached: int
-    paused: bool = False
-
-    @property
-    def ok(self) -> bool:
-        """True when every task of the run succeeded."""
-        return not self.failed and set(self.counts) <= {State.SUCCEEDED.value}
-
-    def __str__(self) -> str:
-        counts = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items()))
-        text = f"{self.executed} executed, {self.cached} already done ({counts or 'no tasks'})"
-        if self.failed:
-            text += f"; failed: {', '.join(self.failed[:10])}"
-            if len(self.failed) > 10:
-                text += f" and {len(self.failed) - 10} more"
-        if self.paused:
-            text += "; the pipeline is paused (pipe.resume() to continue)"
-        return text
-
-
-class _Slot:
-    """Stands for the i-th upstream TaskRef (or one output of it) inside encoded arguments."""
-
-    __slots__ = ("index", "output")
-
-    def __init__(self, index: int, output: str | None = None):
-        self.index = index
-        self.output = output
-
-    def __nbpipe_token__(self) -> tuple[str, int, str | None]:
-        return ("upstream", self.index, self.output)
-
-
-def _redefines(old: TaskFunction, new: TaskFunction) -> bool:
-    """Whether ``new`` is ``old`` defined again, as a notebook does when a cell runs again: the
-    same ``%%task`` cell name, or a ``def`` of the same name compiled anew that took the old
-    one's place. In a script, for ``with_options`` copies and for functions made in a loop, two
-    calls are always two tasks."""
-    if old is new or old.name != new.name:
-        return False
-    old_fn, new_fn = getattr(old, "function", old.fn), getattr(new, "function", new.fn)
-    if isinstance(old_fn, CellRunner) or isinstance(new_fn, CellRunner):
-        return isinstance(old_fn, CellRunner) and isinstance(new_fn, CellRunner)
-    old_code, new_code = getattr(old_fn, "__code__", None), getattr(new_fn, "__code__", None)
-    if old_code is None or new_code is None or old_code is new_code:
-        return False
-    if getattr(old_fn, "__qualname__", None) != getattr(new_fn, "__qualname__", None):
-        return False
-    bound = getattr(old_fn, "__globals__", {}).get(old_fn.__name__)
-    return bound is not old and bound is not old_fn
-
-
-class RemoteTraceback(Exception):
-    """The traceback of a task's exception on its worker (set as the exception's cause)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-
-def _stopped(runner: Runner) -> NbpipeError:
-    """What waiting on a runner that stopped on an error raises: a damaged store's own
-    :class:`StoreDamaged` (every door tells a damaged store the same way), else the runner's
-    :class:`RunnerError` naming the cause."""
-    if isinstance(runner.error, StoreDamaged):
-        return runner.error
-    assert runner.fatal is not None
-    return runner.fatal
-
-
-def _default_name() -> str:
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None) or (sys.argv[0] if sys.argv else "")
-    stem = Path(path).stem if path else ""
-    if not stem or stem in ("-c", "ipykernel_launcher", "pytest", "__main__"):
-        return "default"
-    return stem
-
-
-_stack: list[Pipeline] = []
-_default: Pipeline | None = None
-_stack_lock = threading.Lock()
-
-
-def current_pipeline() -> Pipeline:
-    """The pipeline that module-level ``@task`` functions register into.
-
-    ``with pipe:`` or ``nbpipe.use(pipe)`` choose it; otherwise a default pipeline named after
-    the script, in ``./.nbpipe``.
-    """
-    global _default
-    with _stack_lock:
-        if _stack:
-            return _stack[-1]
-        if _default is None:
-            _default = Pipeline(_default_name())
-        return _default
-
-
-def use(pipeline: Pipeline) -> Pipeline:
-    """Make ``pipeline`` the current pipeline for module-level ``@task`` functions."""
-    global _default
-    with _stack_lock:
-        _default = pipeline
-        _stack.clear()
-    return pipeline
-
-
-_open: weakref.WeakSet[Pipeline] = weakref.WeakSet()
-
-
-def open_pipelines() -> list[Pipeline]:
-    """The pipelines of this process not closed yet (what ``nbpipe run`` reports on)."""
-    return list(_open)
-
-
-@atexit.register
-def _close_all() -> None:
-    for pipe in list(_open):
-        with contextlib.suppress(Exception):
-            pipe.close()
 
 
 def _is_url(store: Any) -> bool:
@@ -245,7 +79,7 @@ class Pipeline:
                  cluster: Any = None, defaults: dict[str, Any] | None = None,
                  max_concurrent: int | None = None,
                  results: str | os.PathLike[str] | None = None):
-        name = _default_name() if name is None else name
+        name = default_name() if name is None else name
         if not isinstance(name, str) or not name.strip():
             raise TaskDefinitionError(f"a pipeline needs a non-empty name, got {name!r}")
         if max_concurrent is not None and (isinstance(max_concurrent, bool) or not isinstance(
@@ -263,19 +97,17 @@ class Pipeline:
                 results = results or os.environ.get("NBPIPE_RESULTS") or setting("results-dir")
             store = Store(store, database=setting("database"), results=results)
         self.store = store
-        self.pipeline_id = self.store.pipeline_id(name, source=_default_name())
-        self._fresh = Freshness(self.store, self.pipeline_id, name, lambda: self._by_label)
+        self.pipeline_id = self.store.pipeline_id(name, source=default_name())
+        self._fresh = Freshness(self.store, self.pipeline_id, name, lambda: self.graph.by_label)
         # A mistake (in the argument or the configured nbpipe.cluster) shows now, not when
         # tasks first run.
         check_configured()
         validate(cluster, self.store.path)
         self.cluster = cluster
-        self._refs: dict[str, TaskRef] = {}  # call id -> ref, the active tasks of this process
-        self._by_label: dict[str, TaskRef] = {}
-        # Tasks with an argument that can change in place (a list, a dict, an object): their
-        # digests are checked again when they are handed to a runner.
-        self._mutable_args: weakref.WeakSet[TaskRef] = weakref.WeakSet()
-        self._lock = threading.RLock()
+        #: The tasks registered in this process: their dependencies and keys.
+        self.graph = TaskGraph(self, name)
+        # (the graph's own containers and lock, under the names the rest of this class uses)
+        self._refs, self._by_label, self._lock = self.graph.refs, self.graph.by_label, self.graph.lock
         self._runner: Runner | None = None
         self._connection: Connection | None = None
         # Tasks this process ran (or handed to its runner) that no summary has reported as
@@ -287,7 +119,7 @@ class Pipeline:
         self.skipped: set[str] = set()
         #: Pause, resume, kill, retry: the same steering as ``nbpipe`` and the sidebar use.
         self.control = Controller(self.store, name, local=local_runner_of(self))
-        _open.add(self)
+        current.opened(self)
 
     def __repr__(self) -> str:
         return f"<Pipeline {self.name!r} store={str(self.store.path)!r} tasks={len(self._refs)}>"
@@ -305,287 +137,24 @@ class Pipeline:
         return decorate(fn) if fn is not None else decorate
 
     def __enter__(self) -> Pipeline:
-        with _stack_lock:
-            _stack.append(self)
+        current.enter(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        with _stack_lock:
-            if self in _stack:
-                _stack.remove(self)
+        current.leave(self)
 
-    def _slot(self, value: Any, upstream: list[TaskRef], func: TaskFunction) -> Any:
-        """``value`` with each task result in it (see :mod:`nbpipe.walk`) replaced by a slot
-        numbering it in ``upstream``."""
-        if type(value) in _SCALARS:  # most arguments: no walk
-            return value
-
-        def slot(found: Any) -> _Slot:
-            ref = found if isinstance(found, TaskRef) else found.ref
-            if ref.pipeline is not self:
-                raise TaskDefinitionError(
-                    f"task {func.name!r} got {found!r} from pipeline {ref.pipeline.name!r}; "
-                    f"tasks can only depend on tasks of the same pipeline ({self.name!r})"
-                )
-            upstream.append(ref)
-            return _Slot(len(upstream) - 1, found.name if isinstance(found, TaskOutput) else None)
-
-        def hidden(other: Any) -> Any:
-            if isinstance(other, (tuple, set, frozenset, dict)) and holds_ref(other):
-                raise TaskDefinitionError(
-                    f"task {func.name!r}: an argument holds a task result inside a "
-                    f"{type(other).__name__}; nbpipe finds task results only in lists, tuples "
-                    "and dicts (the data dependencies): pass the result directly, or in one of "
-                    "those"
-                )
-            return other
-
-        return map_refs(value, slot, hidden)
-
-    def _check_after(self, func: TaskFunction, after: Sequence[Any]) -> None:
-        """Refuse ``after=`` a task of another pipeline, as data dependencies are refused."""
-        for a in after:
-            ref = a.ref if isinstance(a, TaskOutput) else a
-            if isinstance(ref, TaskRef) and ref.pipeline is not self:
-                raise TaskDefinitionError(
-                    f"task {func.name!r} has after={ref.label!r} from pipeline "
-                    f"{ref.pipeline.name!r}; tasks can only wait for tasks of the same pipeline "
-                    f"({self.name!r}): run the other pipeline first, or define that task in "
-                    "this one"
-                )
-
-    def _add(self, func: TaskFunction, args: Sequence[Any], kwargs: dict[str, Any], *,
-             identity: CodeIdentity | None = None, label: str | None = None,
-             group: str | None = None, chunksize: int | None = None) -> TaskRef:
-        try:
-            bound = func.bind(args, kwargs)
-        except TypeError as exc:
-            raise TaskDefinitionError(
-                f"task {func.name!r}: {exc}; its signature is {func.name}{func.signature}"
-            ) from None
-        upstream: list[TaskRef] = []
-        slotted = {p: self._slot(v, upstream, func) for p, v in bound.arguments.items()}
-        identity = identity or func.identity(bound.arguments)
-        if identity.user_modules:
-            by_value(identity.user_modules)
-        arg_digests = {}
-        named: list[tuple[str, Any]] = []
-        for param, value in slotted.items():
-            if param == func.var_keyword:
-                named += list(value.items())  # **kwargs: each keyword is an argument of its own
-            else:
-                named.append((param, value))
-        argument_digest = func.argument_digest
-        mutable = False
-        for param, value in named:
-            if not mutable and type(value) not in _SCALARS and type(value) is not _Slot \
-                    and not is_immutable(value):
-                mutable = True
-            try:
-                arg_digests[param] = argument_digest(value)
-            except Unencodable as exc:
-                raise UnhashableValue(
-                    f"task {func.name!r}: argument {param!r}{exc.path} is a {exc.typename}, "
-                    "which nbpipe cannot hash deterministically; pass a value of a type nbpipe "
-                    "can hash (numbers, strings, paths, lists, dicts, numpy arrays, "
-                    "dataclasses), give its class a __nbpipe_token__() method, or build the "
-                    "object inside the task"
-                ) from None
-        label = label or _label(func.name, bound, func.signature)  # before paths turn absolute
-        in_files: list[Path] = []
-        out_files: list[Path] = []
-        for param, role in func.file_roles.items():
-            try:
-                paths = [Path(os.path.abspath(p)) for p in paths_in(bound.arguments.get(param))]
-            except TypeError as exc:
-                raise TaskDefinitionError(
-                    f"task {func.name!r}: argument {param!r} is declared "
-                    f"{'In' if role == 'in' else 'Out'} file(s) but {exc}"
-                ) from None
-            (in_files if role == "in" else out_files).extend(paths)
-            # Workers may run elsewhere (another cwd, another node): they get absolute paths.
-            bound.arguments[param] = _absolute(bound.arguments.get(param))
-        shape = func.key_shape(identity)
-        after = func.opts.after
-        self._check_after(func, after)
-        # The call's identity in this process, before upstream keys are known: a digest of
-        # the repr of strings (unambiguous, and much cheaper than the canonical encoding).
-        call_id = hashlib.blake2b(repr((
-            shape.fixed_digest, tuple(arg_digests.items()), tuple(u.call_id for u in upstream),
-            tuple(a if isinstance(a, str) else a.call_id for a in after),
-            tuple(str(p) for p in in_files),
-        )).encode(), digest_size=16).hexdigest()
-        with self._lock:
-            existing = self._refs.get(call_id)
-            if existing is not None:
-                return existing
-            previous = self._by_label.get(label)
-            if previous is not None:
-                if _redefines(previous.func, func):  # an edited cell run again replaces it
-                    self._refs.pop(previous.call_id, None)
-                else:  # another call whose label prints alike: a task of its own
-                    n = 2
-                    while f"{label}~{n}" in self._by_label:
-                        n += 1
-                    label = f"{label}~{n}"
-            ref = TaskRef(self, func, func.name, label)
-            # Most tasks have no keywords, upstream tasks or files: they share empty
-            # containers (never changed in place) instead of holding ~300 bytes of their own.
-            ref.args, ref.kwargs = bound.args, bound.kwargs or _NONE_BY_NAME
-            ref.call_id = call_id
-            ref.upstream = upstream or _NONE
-            ref.after = after
-            ref.in_files, ref.out_files = in_files or _NONE, out_files or _NONE
-            ref.shape, ref.arg_digests = shape, arg_digests
-            ref.group, ref.chunksize = group, chunksize
-            self._refs[call_id] = ref
-            self._by_label[label] = ref
-            if mutable:
-                self._mutable_args.add(ref)
-        return ref
-
-    def _add_many(self, func: TaskFunction, items: Iterable[Any], chunksize: int | None
-                  ) -> list[TaskRef]:
-        from .taskfile import TaskItem
-
-        identity = func.identity()  # once for the whole map
-        group = f"{func.name}-{uuid.uuid4().hex[:8]}"
-        refs = []
-        for item in items:
-            label = f"{func.name}[{item.task_id}]" if isinstance(item, TaskItem) else None
-            refs.append(self._add(func, (item,), {}, identity=identity, label=label,
-                                  group=group if chunksize else None, chunksize=chunksize))
-            if len(refs) % PROGRESS_EVERY == 0:  # a large task file: say how far it got
-                print(f"nbpipe: registered {len(refs):,} tasks of {func.name!r}", file=sys.stderr,
-                      flush=True)
-        return refs
-
-    # -- resolution: keys, dependencies, what is already done ---------------------------------
-
-    def _task_by_name(self, name: str, owner: TaskRef) -> TaskRef:
-        # the naming rule (nbpipe.naming); the newest task of a label is at hand: no scan
-        found = self._by_label.get(name) or find_task(name, self._refs.values(), *ref_fields)
-        if found is None:
-            raise UnknownTask(
-                f"task {owner.label!r} has after={name!r}, but no task of pipeline "
-                f"{self.name!r} has that name; register it first or fix the name"
-            )
-        return found
-
-    def _deps(self, ref: TaskRef) -> list[TaskRef]:
-        return list(ref.deps)
+    # -- resolution (nbpipe.resolution) and freshness (nbpipe.freshness) -----------------------
 
     def _resolve(self, refs: Iterable[TaskRef] | None = None) -> None:
         """Compute keys and dependencies of new (and content-dependent) tasks; find what is done."""
         with self._lock:
-            todo = [r for r in self._refs.values() if r.key_ is None or r.dynamic or r.late]
-            if refs is not None:
-                todo += [r for r in refs if r.key_ is None and r.call_id not in self._refs]
-            if not todo:
-                return
-            producers: dict[Path, TaskRef] = {}
-            for r in self._refs.values():
-                for p in r.out_files:
-                    other = producers.get(p)
-                    if other is not None and other is not r:
-                        raise TaskDefinitionError(
-                            f"tasks {other.label!r} and {r.label!r} both declare {p} as their "
-                            "output; give each task its own output path"
-                        )
-                    producers[p] = r
-            todo_set = set(todo)
-            for r in todo:
-                deps: dict[TaskRef, str] = dict.fromkeys(r.upstream, "data")
-                for a in r.after:
-                    deps.setdefault(self._task_by_name(a, r) if isinstance(a, str) else a, "after")
-                for p in r.in_files:
-                    producer = producers.get(p)
-                    if producer is not None and producer is not r:
-                        deps.setdefault(producer, "file")
-                    elif not p.exists():
-                        raise MissingInputError(
-                            f"task {r.label!r} reads {p}, which does not exist and which no "
-                            "task of the pipeline declares as an Out file; create the file, "
-                            "fix the path, or register the task that writes it"
-                        )
-                    # Read by content every run: an external file, or one its producer wrote
-                    # and a hand may have changed since.
-                    r.dynamic = True
-                r.deps = deps or _NONE_BY_NAME
-            graph = {r: [d for d in r.deps if d in todo_set] for r in todo}
-            ordered = order(graph, lambda r: r.label, fix="remove one of these dependencies "
-                            "(an after= or an In/Out file)")
-            changed = []
-            retired: dict[str, str] = {}  # provisional key -> the key that replaces it
             runner = self._runner
-            held = runner.blockers if runner is not None and runner.alive else _NONE_BY_NAME
-            for r in ordered:
-                if any(d.dynamic for d in r.deps):
-                    r.dynamic = True
-                if r.key_ is not None and (r.state in (State.PENDING, State.RUNNING)
-                                           or r in held):
-                    # In the runner's hands (it settles a late key itself): its key stays until
-                    # it ends, or the runner would not know the task by it.
-                    continue
-                late, old = r.late, r.key_
-                key = content_key(r)
-                if key == old and not (r.late and r.state is State.WAITING):
-                    continue
-                if late and old is not None and key != old:
-                    retired[old] = key
-                r.key_ = key  # (a late task is looked at again: its upstream may be found done)
-                r.state, r.result_file = State.WAITING, None  # not final for readers until found
-                changed.append(r)
+            held = runner.blockers if runner is not None and runner.alive else ()
+            changed, retired = self.graph.resolve(refs, held)
             if changed:
                 self._fresh.find_done(changed, retired)
 
-    def _rekey_changed(self) -> None:
-        """Keys are made with the values a task runs with. A task not yet handed to a runner
-        whose function now reads a changed global (``CFG["k"] = 2`` after the call), or whose
-        argument changed in place, is keyed again now, with its dependents, and says why."""
-        with self._lock:
-            identities: dict[TaskFunction, Any] = {}
-            stale = False
-            for r in self._refs.values():
-                if r.state is not State.WAITING or r.queued or r.shape is None:
-                    continue
-                func = r.func
-                if getattr(func, "source", None) is None:  # a cell's code cannot change
-                    shape = identities.get(func)
-                    if shape is None:
-                        shape = identities[func] = func.key_shape(func.identity())
-                    if shape is not r.shape:
-                        r.shape = shape
-                        stale = True
-                if r in self._mutable_args and self._arguments_changed(r):
-                    stale = True
-            if stale:  # their dependents' keys change too: make every waiting key again
-                for r in self._refs.values():
-                    if r.state is State.WAITING and not r.queued:
-                        r.key_ = None
-
-    def _arguments_changed(self, ref: TaskRef) -> bool:
-        """Whether an argument of ``ref`` (a list, a dict, an object) changed since the call;
-        its digest is made again then."""
-        named = list(zip(ref.func.signature.parameters, ref.args, strict=False)) + list(ref.kwargs.items())
-        changed = False
-        for param, value in named:
-            if param == ref.func.var_keyword or is_immutable(value) or isinstance(value, TaskRef):
-                continue
-            old = ref.arg_digests.get(param)
-            if old is None:
-                continue
-            try:
-                new = ref.func.argument_digest(self._slot(value, [], ref.func))
-            except Unencodable:
-                continue
-            if new != old:
-                if ref.arg_digests is not _NONE_BY_NAME:
-                    ref.arg_digests = {**ref.arg_digests, param: new}
-                changed = True
-        return changed
-
-    def _settle_late(self, refs: list[TaskRef]) -> list[tuple[TaskRef, str]] | None:
+    def settle_late(self, refs: list[TaskRef]) -> list[tuple[TaskRef, str]] | None:
         """Final keys for late tasks the runner found ready (see :meth:`Freshness.settle`);
         None when this pipeline is busy resolving in another thread (the runner tries again at
         its next tick)."""
@@ -595,24 +164,7 @@ class Pipeline:
             return self._fresh.settle(refs)
         finally:
             self._lock.release()
-    def _closure(self, targets: Iterable[TaskRef]) -> list[TaskRef]:
-        return reach(targets, lambda r: r.deps)
 
-    def _as_refs(self, tasks: Any) -> list[TaskRef]:
-        if isinstance(tasks, (TaskRef, str)):
-            tasks = [tasks]
-        refs = []
-        for t in tasks:
-            if isinstance(t, TaskRef):
-                refs.append(t)
-                continue
-            matches = find_tasks(str(t), self._refs.values(), *ref_fields)
-            if not matches:
-                raise UnknownTask(
-                    f"no task {t!r} in pipeline {self.name!r}; see pipe.tasks() for names"
-                )
-            refs.extend(matches)
-        return refs
 
     def _ensure_runner(self, wait_for_runner: bool = False, timeout: float | None = None) -> Runner:
         if self._runner is not None and self._runner.alive:
@@ -624,7 +176,7 @@ class Pipeline:
             from .specs import write_specs
 
             host = RunnerHost(deps=self.deps, refs=self.refs, executed=self.ran.update,
-                              settle_late=self._settle_late,
+                              settle_late=self.settle_late,
                               write_specs=lambda refs: write_specs(self, refs))
             self._runner = Runner(self.store, self.pipeline_id, self.name, host, self.connection,
                                   lock, max_concurrent=self.max_concurrent)
@@ -634,29 +186,7 @@ class Pipeline:
         return self._runner
 
     def _take(self, lock: RunnerLock, wait_for_runner: bool, timeout: float | None) -> None:
-        """Take the pipeline's runner lock; with ``wait_for_runner``, wait while another
-        process (a script, `nbpipe spawn` started by `nbpipe retry`) runs the pipeline."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        told = False
-        while True:
-            try:
-                lock.acquire()
-                return
-            except PipelineBusy as exc:
-                if not wait_for_runner:
-                    raise PipelineBusy(
-                        f"{exc}; to wait for that runner and then run what it left, use "
-                        "pipe.run(wait_for_runner=True)"
-                    ) from None
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise PipelineBusy(
-                        f"{exc}; still so after waiting {timeout} s (wait_for_runner=True)"
-                    ) from None
-                if not told:  # a script that seems to hang says why
-                    print(f"nbpipe: {str(exc).split(';')[0]}; waiting for it to finish "
-                          "(wait_for_runner=True)", file=sys.stderr, flush=True)
-                    told = True
-                time.sleep(0.5)
+        ownership.take(lock, wait_for_runner, timeout)
 
     def run(self, targets: Iterable[TaskRef] | TaskRef | None = None, *, wait: bool = True,
             check: bool = False, timeout: float | None = None,
@@ -695,9 +225,9 @@ class Pipeline:
         ``retry()``): what they execute is counted by the user's next ``run()``."""
         if isinstance(targets, TaskRef):
             targets = [targets]
-        self._rekey_changed()
+        self.graph.rekey_changed()
         self._resolve(targets)
-        refs = self._closure(targets if targets is not None else list(self._refs.values()))
+        refs = self.graph.closure(targets if targets is not None else list(self._refs.values()))
         modes = modes or {}
         left_out = runmodes.skipped(refs, modes.get("skip"))  # i20: run modes (nbpipe.runmodes)
         if left_out:
@@ -735,7 +265,7 @@ class Pipeline:
         if wait and live and not paused and any(not r.state.final for r in refs):
             self._wait(refs, timeout)
         if wait and todo and self._runner is not None and self._runner.fatal is not None:
-            raise _stopped(self._runner)  # it stopped before the wait began
+            raise stopped(self._runner)  # it stopped before the wait began
         summary = self._summary(refs, report)
         if check and summary.failed:
             raise TaskFailed(
@@ -747,49 +277,28 @@ class Pipeline:
         return summary
 
     def _summary(self, refs: list[TaskRef], report: bool = True) -> RunSummary:
-        """Counts of ``refs``; *executed* are those this process ran since a summary last
-        reported them finished (a task run by ``ref.result()`` before ``run()`` included),
-        *already done* the others that succeeded."""
-        counts = Counter(r.state.value for r in refs)
-        failed = [r.label for r in refs if r.state in (State.FAILED, State.KILLED)]
         runner = self._runner
         paused = runner.paused if runner is not None else self.store.is_paused(self.pipeline_id)
-        ran = self.ran
-        # (held back by a pause before it started, or a late task found done once its upstream
-        # content was known: it did not run)
-        executed = [r for r in refs if r in ran and not (paused and r.state is State.WAITING)
-                    and r.reason != "found done"]
-        cached = sum(r.state is State.SUCCEEDED for r in refs) - sum(
-            r.state is State.SUCCEEDED for r in executed)
-        if report:  # each execution is reported once
-            ran.difference_update([r for r in executed if r.state.final])
-        return RunSummary(dict(counts), failed, len(executed), cached, paused)
+        return summarize(refs, self.ran, paused, report)
 
     def _wait(self, refs: list[TaskRef], timeout: float | None) -> None:
-        runner = self._runner
-        assert runner is not None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        cursor = 0  # tasks end roughly in order: skip what ended, look at the rest later
-        with runner.changed:
-            while True:
-                while cursor < len(refs) and refs[cursor].state.final:
-                    cursor += 1
-                if runner.fatal is not None:
-                    raise _stopped(runner)
-                # (ended, but not yet recorded while the store fails: wait for it, or its end)
-                if (cursor == len(refs) and runner.error is None) or not runner.alive:
-                    return
-                if runner.paused and not any(r.state in (State.PENDING, State.RUNNING)
-                                             for r in refs[cursor:]):
-                    return
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    unfinished = sum(not r.state.final for r in refs)
-                    raise TimeoutError(
-                        f"{unfinished} task(s) of pipeline {self.name!r} not finished after "
-                        f"{timeout} s (e.g. {refs[cursor].label}); they keep running"
-                    )
-                runner.changed.wait(0.5 if left is None else min(0.5, left))
+        assert self._runner is not None
+        wait_for(self._runner, refs, timeout, self.name)
+
+    def _result(self, ref: TaskRef, timeout: float | None) -> Any:
+        if not ref.state.final or ref.state in BAD and ref.exception is None and ref.error is None:
+            self._run([ref], wait=True, timeout=timeout)
+        if ref.state is State.SUCCEEDED:
+            try:
+                return load(ref, self._runner, self.store)
+            except ResultCorrupt:  # computed again, once
+                self.store.forget_result(ref.key)
+                ref.state, ref.result_file, ref.key_ = State.WAITING, None, None
+                self._resolve([ref])
+                self._run([ref], wait=True, timeout=timeout)
+                if ref.state is State.SUCCEEDED and ref.result_file is not None:
+                    return load(ref, self._runner, self.store)
+        raise_outcome(ref)
 
     def wait(self, timeout: float | None = None) -> RunSummary:
         """Wait until every task handed to the runner reached a final state.
@@ -831,48 +340,6 @@ class Pipeline:
         new._connection = connection
         return new
 
-    def _load(self, ref: TaskRef) -> Any:
-        assert ref.result_file is not None
-        path, checksum = ref.result_file
-        data = None
-        if path == INLINE:
-            data = (self._runner.inline_data(ref.key) if self._runner is not None
-                    else self.store.result_data(ref.key))
-        return read_result(path, checksum, data)
-
-    def _result(self, ref: TaskRef, timeout: float | None) -> Any:
-        if not ref.state.final or ref.state in BAD and ref.exception is None and ref.error is None:
-            self._run([ref], wait=True, timeout=timeout)
-        if ref.state is State.SUCCEEDED:
-            assert ref.result_file is not None
-            try:
-                return self._load(ref)
-            except ResultCorrupt:
-                self.store.forget_result(ref.key)
-                ref.state, ref.result_file, ref.key_ = State.WAITING, None, None
-                self._resolve([ref])
-                self._run([ref], wait=True, timeout=timeout)
-                if ref.state is State.SUCCEEDED and ref.result_file is not None:
-                    return self._load(ref)
-        if ref.state is State.FAILED:
-            if ref.exception is not None:
-                try:
-                    exc = cloudpickle.loads(ref.exception)
-                except Exception:
-                    exc = None
-                if isinstance(exc, BaseException):
-                    if ref.traceback:
-                        exc.__cause__ = RemoteTraceback(
-                            f"\nTraceback of task {ref.label!r} on its worker:\n{ref.traceback}")
-                    raise exc
-            raise TaskFailed(f"task {ref.label!r} failed: {ref.error}\n{ref.traceback or ''}",
-                             [ref.label])
-        if ref.state is State.UPSTREAM_FAILED:
-            raise UpstreamFailed(f"task {ref.label!r} did not run: {ref.error}", [ref.label])
-        if ref.state is State.KILLED:
-            raise TaskKilled(f"task {ref.label!r} was killed")
-        raise NbpipeError(f"task {ref.label!r} is {ref.state.value} (the pipeline is paused?)")
-
     # -- inspection ---------------------------------------------------------------------------
 
     def tasks(self, state: str | State | None = None) -> list[TaskInfo]:
@@ -896,7 +363,7 @@ class Pipeline:
 
     def why(self, task: TaskRef | str) -> str:
         """Why the task ran (or will run) in this pipeline's latest run."""
-        ref = self._as_refs(task)[0]
+        ref = self.graph.find(task)[0]
         self._resolve([ref])
         if ref.reason == "found done":  # accepted or adopted earlier: the store says so
             row = self.store.task_rows(self.pipeline_id, [ref.key]).get(ref.key)
@@ -909,15 +376,13 @@ class Pipeline:
         their last successful run, without running them (an edit you call cosmetic): they
         become SUCCEEDED and ``why`` says "accepted by hand on DATE". Undo with :meth:`retry`.
         Returns ``{label: reason}``."""
-        refs = self._as_refs(tasks)
+        refs = self.graph.find(tasks)
         with self._lock:
             self._resolve(refs)
             reasons = accept_keys(self.store, self.pipeline_id, [r.key for r in refs],
                                   pipeline=self.name)
             runmodes.mark_done(self, [r for r in refs if r.key in reasons], reasons)
         return {r.label: reasons[r.key] for r in refs if r.key in reasons}
-
-    # -- control (works from any process, through the store's command table) ------------------
 
     # -- the public core: what the notebook layer, the CLI, specs and the runner use ------------
 
@@ -930,12 +395,12 @@ class Pipeline:
             *, label: str | None = None) -> TaskRef:
         """Register a call of ``func`` (a task function, a ``%%task`` cell) and return its ref;
         the same call again returns the same ref."""
-        return self._add(func, args, kwargs or {}, label=label)
+        return self.graph.add(func, args, kwargs or {}, label=label)
 
     def add_many(self, func: TaskFunction, items: Iterable[Any], chunksize: int | None = None
                  ) -> list[TaskRef]:
         """Register one call of ``func`` per item (``func.map``); ``chunksize`` groups them."""
-        return self._add_many(func, items, chunksize)
+        return self.graph.add_many(func, items, chunksize)
 
     def forget(self, refs: Iterable[TaskRef]) -> None:
         """Drop finished tasks from this process (their refs, arguments and the runner's
@@ -943,22 +408,14 @@ class Pipeline:
         done. What :func:`nbpipe.run_tasks` does after each window of a large task file."""
         refs = [r for r in refs if r.state.final]
         with self._lock:
-            for r in refs:
-                if self._refs.get(r.call_id) is r:
-                    del self._refs[r.call_id]
-                if self._by_label.get(r.label) is r:
-                    del self._by_label[r.label]
-                self._mutable_args.discard(r)
+            self.graph.forget(refs)
             self.ran.difference_update(refs)
         if self._runner is not None:
             self._runner.forget(refs)
 
     def adopt(self, refs: Iterable[TaskRef]) -> None:
         """Register refs made elsewhere (revived from specs by a detached runner) as they are."""
-        with self._lock:
-            for ref in refs:
-                self._refs[ref.call_id] = ref
-                self._by_label[ref.label] = ref
+        self.graph.adopt(refs)
 
     def resolve(self, refs: Iterable[TaskRef] | None = None) -> None:
         """Key new tasks (and ``refs``), find what is already done, record them in the store."""
@@ -967,11 +424,11 @@ class Pipeline:
     def find(self, tasks: Any) -> list[TaskRef]:
         """Refs of tasks given as refs or names (:mod:`nbpipe.naming`'s rule);
         :class:`~nbpipe.UnknownTask` for a name no task has."""
-        return self._as_refs(tasks)
+        return self.graph.find(tasks)
 
     def closure(self, targets: Iterable[TaskRef]) -> list[TaskRef]:
         """``targets`` and every task they need, transitively."""
-        return self._closure(targets)
+        return self.graph.closure(targets)
 
     def deps(self, ref: TaskRef) -> list[TaskRef]:
         """The tasks ``ref`` waits for (data, ``after=`` and file dependencies)."""
@@ -991,24 +448,7 @@ class Pipeline:
         """The runner of this process for this pipeline, when one was started."""
         return self._runner
 
-    def _keys(self, tasks: Any) -> list[str]:
-        """Keys of tasks given as refs, or named (tasks of this process first, else the store)."""
-        if tasks is None:
-            return []
-        if isinstance(tasks, (TaskRef, str)):
-            tasks = [tasks]
-        keys = []
-        for t in tasks:
-            if isinstance(t, TaskRef):
-                keys.append(t.key)
-                continue
-            matches = [r.key for r in find_tasks(t, self._refs.values(), *ref_fields)]
-            keys.extend(matches or self.control.keys([t]))
-        return keys
-
-    def _offline(self) -> bool:
-        """True when no runner (here or in another process) will pick commands up."""
-        return not self.control.attached()
+    # -- control (works from any process, through the store's command table) ------------------
 
     def retry(self, tasks: Any = None, *, failed: bool = False, wait: bool = False) -> None:
         """Run tasks again, with everything they block; ``failed=True`` for every failed one.
@@ -1018,7 +458,7 @@ class Pipeline:
         """
         if tasks is None and not failed:
             raise TaskDefinitionError("pipe.retry() needs tasks to retry, or failed=True")
-        keys = self._keys(tasks)
+        keys = self.graph.keys(tasks, self.control.keys)
         if self.control.attached():
             self.control.command("retry", keys=keys, failed=failed)
             return
@@ -1041,7 +481,7 @@ class Pipeline:
         if all and self._refs:
             keys = [r.key for r in self._refs.values() if not r.state.final]
         else:
-            keys = self._keys(tasks)
+            keys = self.graph.keys(tasks, self.control.keys)
         if all and not self._refs:
             self.control.kill(all=True)
             return
@@ -1067,15 +507,12 @@ class Pipeline:
         The runner survives this process (a kernel, a terminal) and exits when the pipeline is
         done or paused. Its output goes to ``<store>/logs/spawn-<pipeline>.log``.
         """
-        from .specs import write_specs
-
         if self._runner is not None and self._runner.alive:
             raise PipelineBusy(f"pipeline {self.name!r} is running in this process already; "
                                "wait for it (or pause it) before detaching")
         self._resolve()
-        todo = [r for r in self._closure(list(self._refs.values())) if r.state is not State.SUCCEEDED]
-        write_specs(self, todo)
-        return spawn(self.store, self.name)
+        todo = [r for r in self.graph.closure(list(self._refs.values())) if r.state is not State.SUCCEEDED]
+        return ownership.hand_over(self, todo)
 
     @property
     def paused(self) -> bool:
@@ -1113,7 +550,7 @@ class Pipeline:
     def close(self) -> None:
         """Stop the runner and close the cluster nbpipe started."""
         self._stop()
-        _open.discard(self)
+        current.closed(self)
 
     def _stop(self) -> None:
         """Close the runner, then the cluster nbpipe started (recording the jobs it cancelled)."""
@@ -1126,14 +563,3 @@ class Pipeline:
             if connection.pools is not None:
                 with contextlib.suppress(Exception):
                     record_jobs(self.store, self.pipeline_id, connection.pools)
-
-
-def _absolute(value: Any) -> Any:
-    """Paths made absolute against the current directory, keeping str/Path and list shapes."""
-    if isinstance(value, Path):
-        return Path(os.path.abspath(value))
-    if isinstance(value, str):
-        return os.path.abspath(value)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_absolute(v) for v in value)
-    return value

@@ -13,7 +13,7 @@ in ``Runner.__init__``, which this loop alone changes):
   which chains fuse; how many tasks go into one Dask task), unit-tested without Dask;
 - :mod:`nbpipe.submission`: WorkItems built and sent to Dask;
 - :mod:`nbpipe.ahead`: handing dependents to Dask ahead of their inputs' outcomes, fused chains;
-- :mod:`nbpipe.outcomes`: what workers report, failed futures, retries;
+- :mod:`nbpipe.reports`: what workers report, failed futures, retries;
 - :mod:`nbpipe.commands`: pause, resume, kill, retry and kill fallbacks;
 - :mod:`nbpipe.jobs`: worker pools, scaling and batch jobs;
 - :mod:`nbpipe.events`: the topic workers report through.
@@ -46,8 +46,8 @@ from .config import setting
 from .errors import RunnerError
 from .events import Topic
 from .jobs import PoolScaling, record_jobs
-from .outcomes import OUTCOME_GRACE, Outcomes
 from .readiness import count_blockers
+from .reports import OUTCOME_GRACE, Reports
 from .results import INLINE_BYTES
 from .states import State
 from .store import Batch, RunnerLock, Store, is_damage
@@ -95,7 +95,7 @@ class _Counters:
     finished: Counter[str] = field(default_factory=Counter)
 
 
-class Runner(HandingAhead, Submitting, Outcomes, Commands, PoolScaling):
+class Runner(HandingAhead, Submitting, Reports, Commands, PoolScaling):
     """Runs the tasks of one pipeline on one Dask client (see the module docstring)."""
 
     def __init__(self, store: Store, pipeline_id: int, name: str, host: RunnerHost,

@@ -221,10 +221,10 @@ def test_jsonl_task_files_are_read_one_entry_at_a_time_with_errors_naming_the_li
 def test_mapping_a_large_task_file_reports_progress_while_registering(tmp_path: Path) -> None:
     dump_tasks(tmp_path / "many.jsonl", [TaskItem(f"e{i}", i) for i in range(5)])
     result = run_script(tmp_path / "register.py", """
-        import nbpipe.pipeline
+        import nbpipe.resolution
         from nbpipe import Pipeline, TaskItem, iter_tasks
 
-        nbpipe.pipeline.PROGRESS_EVERY = 2  # (100,000 entries by default)
+        nbpipe.resolution.PROGRESS_EVERY = 2  # (100,000 entries by default)
         pipe = Pipeline("many")
 
         @pipe.task

@@ -1,0 +1,60 @@
+"""Runner ownership: which process runs a pipeline, and handing it to another.
+
+One runner per pipeline writes to the store at a time: it holds the pipeline's
+:class:`~nbpipe.store.RunnerLock`. :func:`take` takes it, or waits while another process (a
+script, the detached runner ``nbpipe retry`` started) runs the pipeline; :func:`hand_over`
+gives unfinished tasks to a detached runner (their specs written by :mod:`nbpipe.specs`, then
+``nbpipe spawn``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from .errors import PipelineBusy
+from .specs import spawn, write_specs
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+    from .store import RunnerLock
+    from .task import TaskRef
+
+__all__ = ["hand_over", "take"]
+
+WAIT_STEP = 0.5  # seconds between two tries at a lock another runner holds
+
+
+def take(lock: RunnerLock, wait_for_runner: bool, timeout: float | None) -> None:
+    """Take the pipeline's runner lock; with ``wait_for_runner``, wait while another process
+    runs the pipeline (up to ``timeout`` seconds). :class:`~nbpipe.PipelineBusy` says which
+    process holds it and how to wait for it."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    told = False
+    while True:
+        try:
+            lock.acquire()
+            return
+        except PipelineBusy as exc:
+            if not wait_for_runner:
+                raise PipelineBusy(
+                    f"{exc}; to wait for that runner and then run what it left, use "
+                    "pipe.run(wait_for_runner=True)"
+                ) from None
+            if deadline is not None and time.monotonic() >= deadline:
+                raise PipelineBusy(
+                    f"{exc}; still so after waiting {timeout} s (wait_for_runner=True)"
+                ) from None
+            if not told:  # a script that seems to hang says why
+                print(f"nbpipe: {str(exc).split(';')[0]}; waiting for it to finish "
+                      "(wait_for_runner=True)", file=sys.stderr, flush=True)
+                told = True
+            time.sleep(WAIT_STEP)
+
+
+def hand_over(pipe: Pipeline, todo: list[TaskRef]) -> int:
+    """Write the specs of ``todo`` and start a detached runner (``nbpipe spawn``) for
+    ``pipe``; return its pid."""
+    write_specs(pipe, todo)
+    return spawn(pipe.store, pipe.name)
