@@ -17,55 +17,17 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import threading
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
+import helpers
 import pytest
 from conftest import ROOT, wait_for
+from helpers import LONG, fresh_schema, postgres_url, reap, write
 
 from nbpipe.store import Store
-
-NBPIPE = [sys.executable, "-m", "nbpipe.cli"]
-
-
-def postgres_url() -> str:
-    """The test server's URL, or a skip saying why there is none (a failure in CI)."""
-    url = os.environ.get("NBPIPE_TEST_POSTGRES")
-    if not url:
-        pytest.skip("NBPIPE_TEST_POSTGRES is not set: start a server with `bash .ci/postgres-up` "
-                    "and export the URL it prints")
-    import psycopg
-
-    try:
-        psycopg.connect(url, connect_timeout=10).close()
-    except psycopg.Error as exc:
-        pytest.skip(f"the PostgreSQL server of NBPIPE_TEST_POSTGRES is unreachable: {exc}")
-    return url
-
-
-def with_schema(url: str, schema: str) -> str:
-    """``url`` whose connections use ``schema`` (libpq's ``options``)."""
-    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
-
-
-@contextlib.contextmanager
-def fresh_schema(url: str) -> Iterator[str]:
-    """A schema of the test's own in the test database, dropped afterwards."""
-    import psycopg
-
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield with_schema(url, schema)
-    finally:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @dataclass
@@ -102,30 +64,13 @@ def env(where: Where, **extra: str) -> dict[str, str]:
 
 
 def start(script: Path, where: Where, *args: str, **extra: str) -> subprocess.Popen[str]:
-    """Start ``script`` in its own session (so its whole process tree can be cleaned up)."""
-    return subprocess.Popen([sys.executable, str(script), *args], cwd=script.parent,
-                            env=env(where, **extra), text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
-
-
-def reap(proc: subprocess.Popen[str]) -> None:
-    """Kill what is left of a process tree the test started."""
-    try:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    for p in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    """Start ``script`` on the store in its own session (so its tree can be reaped)."""
+    return helpers.start(script, *args, env=env(where, **extra))
 
 
 def nbpipe(where: Where, *args: str) -> subprocess.CompletedProcess[str]:
     """The command line, told the store by ``--store`` (results by the variable)."""
-    return subprocess.run([*NBPIPE, "--store", where.store, *args], capture_output=True,
-                          text=True, timeout=180, env=env(where))
+    return helpers.nbpipe("--store", where.store, *args, env=env(where))
 
 
 def states(where: Where, pipeline: str) -> dict[str, str]:
@@ -134,11 +79,6 @@ def states(where: Where, pipeline: str) -> dict[str, str]:
     if out.returncode:
         return {}
     return {r["label"]: r["state"] for r in json.loads(out.stdout)}
-
-
-def write(path: Path, source: str) -> Path:
-    path.write_text(textwrap.dedent(source))
-    return path
 
 
 MANY = """
@@ -277,46 +217,24 @@ def test_a_second_runner_is_refused_with_the_holders_host_and_pid(
     assert "RESULT 6" in out, err[-3000:]
 
 
-LONG = """
-import os, sys, time
-from nbpipe import Pipeline
-
-pipe = Pipeline("long")
-GATE = sys.argv[1]  # (a global: the task takes its value along to the worker)
-
-
-@pipe.task
-def spin(n: int) -> int:
-    while not os.path.exists(GATE):
-        time.sleep(0.02)
-    return n
-
-
-@pipe.task
-def later(x: int) -> int:
-    return x + 1
-
-
-if __name__ == "__main__":
-    later(spin(1))
-    pipe.run(wait=False)
-    print("STARTED", flush=True)
-    while True:
-        time.sleep(0.1)
-        if all(t.state == "SUCCEEDED" for t in pipe.tasks()):
-            print("DONE", flush=True)
-            break
-"""
-
-
-def test_pause_kill_and_retry_through_the_store_reach_a_running_pipeline(
-        engine: Where, tmp_path: Path, cluster) -> None:
+@contextlib.contextmanager
+def spinning(engine: Where, tmp_path: Path, cluster) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """LONG's driver on the store, its first task running until the gate file (yielded with the
+    driver) exists; the driver's tree is reaped afterwards."""
     gate = tmp_path / "gate"
     driver = start(write(tmp_path / "long.py", LONG), engine, str(gate),
                    DASK_NBPIPE__CLUSTER=cluster.scheduler_address)
     try:
         assert driver.stdout.readline().strip() == "STARTED", driver.stderr.read()[-3000:]
         wait_for(lambda: states(engine, "long").get("spin(n=1)") == "RUNNING", timeout=300)
+        yield driver, gate
+    finally:
+        reap(driver)
+
+
+def test_pause_kill_and_retry_through_the_store_reach_a_running_pipeline(
+        engine: Where, tmp_path: Path, cluster) -> None:
+    with spinning(engine, tmp_path, cluster) as (driver, gate):
         assert nbpipe(engine, "pause", "long").returncode == 0
         assert json.loads(nbpipe(engine, "pipelines", "--json").stdout)[0]["paused"]
         assert nbpipe(engine, "kill", "long", "spin(n=1)").returncode == 0
@@ -327,8 +245,6 @@ def test_pause_kill_and_retry_through_the_store_reach_a_running_pipeline(
         assert nbpipe(engine, "retry", "long", "--failed").returncode == 0
         out, err = driver.communicate(timeout=300)
         assert "DONE" in out, err[-3000:]
-    finally:
-        reap(driver)
     store = engine.open()
     done = {c["verb"]: c["status"] for c in store.connect().execute("SELECT * FROM commands")}
     assert done == {"pause": "done", "kill": "done", "resume": "done", "retry": "done"}
@@ -336,16 +252,9 @@ def test_pause_kill_and_retry_through_the_store_reach_a_running_pipeline(
 
 def test_doctor_finds_what_a_killed_runner_left_and_repair_makes_the_next_run_whole(
         engine: Where, tmp_path: Path, cluster) -> None:
-    gate = tmp_path / "gate"
-    driver = start(write(tmp_path / "long.py", LONG), engine, str(gate),
-                   DASK_NBPIPE__CLUSTER=cluster.scheduler_address)
-    try:
-        assert driver.stdout.readline().strip() == "STARTED", driver.stderr.read()[-3000:]
-        wait_for(lambda: states(engine, "long").get("spin(n=1)") == "RUNNING", timeout=300)
+    with spinning(engine, tmp_path, cluster) as (driver, gate):
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(timeout=60)
-    finally:
-        reap(driver)
     found = nbpipe(engine, "doctor", "--json")
     report = json.loads(found.stdout)
     assert not report["ok"]
@@ -613,12 +522,11 @@ def test_a_command_waits_for_a_held_write_only_as_long_as_the_setting_says(tmp_p
     holder.execute("BEGIN IMMEDIATE")  # another process's write, in progress
     try:
         # (60 s, the default, would outlast the subprocess's timeout of 45 s)
-        out = subprocess.run([*NBPIPE, "pause", "flow"], cwd=project, capture_output=True,
-                             text=True, timeout=45, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        out = helpers.nbpipe("pause", "flow", cwd=project, timeout=45,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     finally:
         holder.execute("ROLLBACK")
         holder.close()
     assert out.returncode != 0 and "locked" in out.stderr, out.stderr[-3000:]
-    again = subprocess.run([*NBPIPE, "pause", "flow"], cwd=project, capture_output=True,
-                           text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    again = helpers.nbpipe("pause", "flow", cwd=project, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert again.returncode == 0, again.stderr[-3000:]

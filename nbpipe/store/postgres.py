@@ -45,8 +45,9 @@ from .registry import remember
 from .schema import SCHEMA, SCHEMA_VERSION
 from .sqlite import DATABASE_FILE, DATABASE_POINTER, Batch, Store
 
-__all__ = ["AdvisoryLock", "PostgresStore", "StoreUnreachable", "holds_records", "is_url",
-           "pg_schema", "refuse_results_folder", "safe_url", "translate"]
+__all__ = ["AdvisoryLock", "PostgresStore", "StoreUnreachable", "holds_records",
+           "in_schema", "is_url", "pg_schema", "refuse_results_folder", "safe_url",
+           "scratch_schema", "translate"]
 
 _URL = re.compile(r"(postgres|postgresql)://", re.IGNORECASE)
 
@@ -111,6 +112,39 @@ def refuse_results_folder(folder: Path, name: str) -> None:
             f"another folder for the result files of {name} (to move that store into "
             f"PostgreSQL: nbpipe store copy {folder} URL --results NEW_FOLDER)"
         )
+
+
+def in_schema(url: str, schema: str) -> str:
+    """``url`` whose connections use ``schema`` (libpq's ``options``): stores of their own in
+    one database.
+
+    >>> in_schema("postgresql://nbpipe@db/nbpipe", "ada")
+    'postgresql://nbpipe@db/nbpipe?options=-csearch_path%3Dada'
+    """
+    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+
+
+@contextlib.contextmanager
+def scratch_schema(url: str, prefix: str = "scratch") -> Iterator[str]:
+    """A new schema in the database at ``url``, dropped with everything in it afterwards: the
+    URL of an empty store for a trial, a test or a benchmark (:func:`in_schema`).
+
+    >>> with scratch_schema("postgresql://nbpipe@db/nbpipe") as trial:  # doctest: +SKIP
+    ...     Store(trial, results="/tmp/trial").pipelines()
+    []
+    """
+    import uuid
+
+    import psycopg
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield in_schema(url, schema)
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def pg_schema() -> str:
