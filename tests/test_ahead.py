@@ -26,6 +26,23 @@ def _run_until_running(pipe: Pipeline, ref: object) -> None:
     wait_for(lambda: ref.state is State.RUNNING, timeout=60)
 
 
+def _inc(pipe: Pipeline) -> object:
+    """The task ``inc(x)`` of ``pipe``: x + 1."""
+    @pipe.task
+    def inc(x: int) -> int:
+        return x + 1
+
+    return inc
+
+
+def _two_dependents(pipe: Pipeline, first: object) -> list[object]:
+    """``inc(first)`` and ``inc`` of that: a chain of two behind ``first``."""
+    inc = _inc(pipe)
+    chain = [inc(first)]
+    chain.append(inc(chain[-1]))
+    return chain
+
+
 def _held_and_inc(pipe: Pipeline) -> tuple[object, object]:
     """Two tasks of ``pipe``: ``held(gate)`` runs until the file ``gate`` exists and gives 1;
     ``inc(x)`` gives x + 1."""
@@ -37,11 +54,7 @@ def _held_and_inc(pipe: Pipeline) -> tuple[object, object]:
             time.sleep(0.05)
         return 1
 
-    @pipe.task
-    def inc(x: int) -> int:
-        return x + 1
-
-    return held, inc
+    return held, _inc(pipe)
 
 
 def test_a_consumer_takes_its_upstream_value_from_memory_not_from_the_result_file(
@@ -98,13 +111,8 @@ def test_dependents_of_a_failed_task_end_upstream_failed_without_an_attempt(
         time.sleep(0.5)
         raise ValueError("no")
 
-    @pipe.task
-    def inc(x: int) -> int:
-        return x + 1
-
     first = broken()
-    chain = [inc(first)]
-    chain.append(inc(chain[-1]))
+    chain = _two_dependents(pipe, first)
     pipe.run(check=False)
     assert first.state is State.FAILED
     for ref in chain:
@@ -153,13 +161,8 @@ def test_killing_a_running_task_fails_its_handed_ahead_dependents(pipe: Pipeline
         while True:
             pass
 
-    @pipe.task
-    def inc(x: int) -> int:
-        return x + 1
-
     first = spin()
-    chain = [inc(first)]
-    chain.append(inc(chain[-1]))
+    chain = _two_dependents(pipe, first)
     _run_until_running(pipe, first)
     pipe.kill(first)
     wait_for(lambda: all(r.state.final for r in chain), timeout=60)
