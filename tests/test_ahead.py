@@ -43,9 +43,13 @@ def _two_dependents(pipe: Pipeline, first: object) -> list[object]:
     return chain
 
 
-def _held_and_inc(pipe: Pipeline) -> tuple[object, object]:
-    """Two tasks of ``pipe``: ``held(gate)`` runs until the file ``gate`` exists and gives 1;
-    ``inc(x)`` gives x + 1."""
+def _running_held_chain(pipe: Pipeline, tmp_path: Path, dependents: int
+                        ) -> tuple[Path, list[object]]:
+    """``held(gate)``, which runs until the file ``gate`` exists and gives 1, then a chain of
+    ``dependents`` ``inc`` tasks; run until ``held`` runs. The gate and the chain, ``held``
+    first."""
+    gate = tmp_path / "gate"
+
     @pipe.task
     def held(gate: str) -> int:
         import os
@@ -54,7 +58,12 @@ def _held_and_inc(pipe: Pipeline) -> tuple[object, object]:
             time.sleep(0.05)
         return 1
 
-    return held, _inc(pipe)
+    inc = _inc(pipe)
+    chain = [held(str(gate))]
+    for _ in range(dependents):
+        chain.append(inc(chain[-1]))
+    _run_until_running(pipe, chain[0])
+    return gate, chain
 
 
 def test_a_consumer_takes_its_upstream_value_from_memory_not_from_the_result_file(
@@ -173,12 +182,7 @@ def test_killing_a_running_task_fails_its_handed_ahead_dependents(pipe: Pipeline
 
 def test_killing_a_handed_ahead_task_leaves_its_upstream_running(
         pipe: Pipeline, tmp_path: Path) -> None:
-    gate = tmp_path / "gate"
-    held, inc = _held_and_inc(pipe)
-    first = held(str(gate))
-    second = inc(first)
-    third = inc(second)
-    _run_until_running(pipe, first)
+    gate, (first, second, third) = _running_held_chain(pipe, tmp_path, 2)
     pipe.kill(second)
     wait_for(lambda: second.state.final, timeout=60)
     gate.touch()
@@ -191,11 +195,7 @@ def test_killing_a_handed_ahead_task_leaves_its_upstream_running(
 
 def test_pausing_takes_handed_ahead_tasks_back_until_resume(
         pipe: Pipeline, tmp_path: Path) -> None:
-    gate = tmp_path / "gate"
-    held, inc = _held_and_inc(pipe)
-    first = held(str(gate))
-    second = inc(first)
-    _run_until_running(pipe, first)
+    gate, (first, second) = _running_held_chain(pipe, tmp_path, 1)
     pipe.pause()
     wait_for(lambda: pipe.paused, timeout=60)
     gate.touch()
