@@ -10,6 +10,7 @@ Each test gets a schema of its own, so tests never see each other's pipelines or
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -366,6 +367,13 @@ def test_each_thread_has_a_connection_of_its_own_and_close_closes_only_the_calle
     again = store.connect()  # the next use opens a new one
     assert again is not mine and again.execute("SELECT 1").fetchone()[0] == 1
     store.close()
+    # a thread that ends without closing (a status display's) leaves no connection open
+    for _ in range(5):
+        thread = threading.Thread(target=lambda: store.connect().execute("SELECT 1").fetchone())
+        thread.start()
+        thread.join(timeout=120)
+    gc.collect()
+    assert open_count(where) == 0
 
 
 @pytest.mark.ci_required

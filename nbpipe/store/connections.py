@@ -11,7 +11,9 @@ holder also keeps what both engines need to know about the connections they open
   closes them all, not only the calling thread's.
 
 >>> import sqlite3
->>> held = ThreadConnections(lambda: sqlite3.connect(":memory:"), where="demo")
+>>> class Connection(sqlite3.Connection):  # (a subclass: weak references, as the store's)
+...     pass
+>>> held = ThreadConnections(lambda: sqlite3.connect(":memory:", factory=Connection), where="demo")
 >>> held.get() is held.get(), open_count("demo")
 (True, 1)
 >>> held.close(); open_count("demo")
@@ -20,7 +22,9 @@ holder also keeps what both engines need to know about the connections they open
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
@@ -53,16 +57,26 @@ class ThreadConnections(Generic[C]):
 
     ``is_closed`` tells a connection that went away under its thread (a PostgreSQL server that
     closed it): the next :meth:`get` opens a new one. ``where`` names the database for
-    :func:`open_count`.
+    :func:`open_count`. ``resource`` gives what must be closed when a connection is dropped
+    unclosed (its thread ended) -- a wrapper's inner connection; a connection that closes
+    itself when collected (SQLite's) needs none.
+
+    Connections must take weak references (the store's own classes do; ``sqlite3.Connection``
+    itself does not, a subclass does). The holder keeps no connection alive: a thread that
+    ends without :meth:`close` (a status display's, a server request's) drops its connection,
+    which is then closed and uncounted.
     """
 
     def __init__(self, opener: Callable[[], C], *, where: str,
-                 is_closed: Callable[[C], bool] = lambda conn: False) -> None:
+                 is_closed: Callable[[C], bool] = lambda conn: False,
+                 resource: Callable[[C], _Closable | None] = lambda conn: None) -> None:
         self._opener = opener
         self._is_closed = is_closed
+        self._resource = resource
         self.where = where
         self._local = threading.local()
-        self._all: list[C] = []
+        # every open connection -> what closes and uncounts it once (when closed, or dropped)
+        self._all: weakref.WeakKeyDictionary[C, weakref.finalize] = weakref.WeakKeyDictionary()
         self._guard = threading.Lock()
 
     def get(self) -> C:
@@ -73,15 +87,11 @@ class ThreadConnections(Generic[C]):
         if conn is not None:  # closed under us: no longer counted
             self._forget(conn)
         conn = self._opener()
-        self._local.conn = conn
-        with self._guard:
-            self._all.append(conn)
         _count(self.where, +1)
+        with self._guard:
+            self._all[conn] = weakref.finalize(conn, _release, self.where, self._resource(conn))
+        self._local.conn = conn
         return conn
-
-    def current(self) -> C | None:
-        """This thread's connection if it has one open (no connection is opened)."""
-        return getattr(self._local, "conn", None)
 
     def close(self) -> None:
         """Close this thread's connection (the next :meth:`get` opens a new one)."""
@@ -89,28 +99,33 @@ class ThreadConnections(Generic[C]):
         if conn is None:
             return
         self._local.conn = None
-        self._forget(conn)
         conn.close()
+        self._forget(conn)
 
     def close_all(self) -> None:
-        """Close the connections of every thread (a store dropped for good). Threads that use
-        the store again get new ones."""
+        """Close the connections of every thread (a store dropped for good) that can be closed
+        from this one; threads that use the store again get new ones. (An SQLite connection
+        closes only in its own thread: it stays open, counted, until that thread ends.)"""
         with self._guard:
-            conns, self._all = self._all, []
-        for conn in conns:
+            held = list(self._all.keys())
+        for conn in held:
             try:
                 conn.close()
-            except Exception:  # noqa: BLE001 (SQLite's of another thread: it stays open, counted)
-                with self._guard:
-                    self._all.append(conn)
-            else:
-                _count(self.where, -1)
+            except Exception:  # noqa: BLE001,S112 (SQLite's of another thread, see above)
+                continue
+            self._forget(conn)
         self._local = threading.local()
 
     def _forget(self, conn: C) -> None:
         with self._guard:
-            for i, held in enumerate(self._all):
-                if held is conn:
-                    del self._all[i]
-                    _count(self.where, -1)
-                    return
+            done = self._all.pop(conn, None)
+        if done is not None:
+            done()  # (once: a finalizer that ran does nothing again)
+
+
+def _release(where: str, resource: _Closable | None) -> None:
+    """A connection closed or dropped: uncount it and close what it left open."""
+    _count(where, -1)
+    if resource is not None:
+        with contextlib.suppress(Exception):  # closed already
+            resource.close()

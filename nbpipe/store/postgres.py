@@ -371,7 +371,8 @@ class PostgresStore(Store):
                                   self.name)
         self._connections = ThreadConnections(
             lambda: _Connection(self, self.open_connection()), where=self.url,
-            is_closed=lambda conn: conn.raw.closed)  # (a server that went away closed it)
+            is_closed=lambda conn: conn.raw.closed,  # (a server that went away closed it)
+            resource=lambda conn: conn.raw)  # (a thread that ended leaves it open)
         self._migrate()
         recorded = self.info().get("results")
         chosen = results or os.environ.get("NBPIPE_RESULTS") or recorded
