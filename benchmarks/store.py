@@ -25,11 +25,11 @@ import os
 import statistics
 import sys
 import tempfile
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 from distributed import LocalCluster
+
+from nbpipe.store.postgres import scratch_schema
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, write_section  # noqa: E402
@@ -44,19 +44,9 @@ def _server() -> str | None:
     return os.environ.get("NBPIPE_BENCH_POSTGRES") or os.environ.get("NBPIPE_TEST_POSTGRES")
 
 
-@contextlib.contextmanager
-def _schema(url: str) -> Iterator[str]:
-    """A schema of its own in the server's database, dropped afterwards."""
-    import psycopg
-
-    name = f"bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {name}")
-    try:
-        yield f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{name}"
-    finally:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {name} CASCADE")
+def _schema(server: str) -> contextlib.AbstractContextManager[str]:
+    """A schema of the measurement's own on the server, dropped afterwards."""
+    return scratch_schema(server, prefix="bench")
 
 
 def _placed(name: str, where: Path) -> None:

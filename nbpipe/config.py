@@ -19,6 +19,7 @@ Precedence, strongest first: arguments (``Pipeline(cluster=...)``), ``dask.confi
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import os
@@ -112,6 +113,8 @@ SETTINGS = {
            "or states; what `nbpipe run --skip` sets)",
     "store-patience": "a finite number of seconds >= 0 (how long a runner retries a store that "
                       "cannot be written before it stops and run() raises)",
+    "store-busy-timeout": "a finite number of seconds > 0 (how long a process waits for another "
+                          "one's write to an SQLite store before it gives up)",
     "max-concurrent": "a whole number >= 1 (tasks of a pipeline running at once; unset: no cap)",
     "max-jobs": "a whole number >= 1 (a batch pool's jobs at most, unless its cluster spec says "
                 "max_jobs)",
@@ -121,6 +124,10 @@ SETTINGS = {
 
 #: Settings that are whole numbers, and the least each may be.
 _WHOLE = {"inline-bytes": 0, "max-concurrent": 1, "max-jobs": 1, "min-jobs": 0}
+
+#: Settings that must be more than 0 (SQLite with no busy timeout fails at once on any
+#: concurrent write instead of waiting its turn).
+_POSITIVE = {"store-busy-timeout"}
 
 
 def check_settings(data: Any, where: str) -> None:
@@ -169,6 +176,8 @@ def check_value(key: str, value: Any, where: str) -> Any:
         number = float(value)
         if not math.isfinite(number) or number < 0:
             raise ValueError
+        if key in _POSITIVE and number <= 0:
+            raise ValueError
         if key in _WHOLE:
             if number != int(number) or number < _WHOLE[key]:
                 raise ValueError
@@ -188,10 +197,32 @@ def _source(key: str, value: Any) -> str:
     return f"dask.config 'nbpipe.{key}'"
 
 
-def setting(key: str, default: Any = None) -> Any:
+def setting(key: str, default: Any = None, *, despite_file: bool = False) -> Any:
     """``dask.config.get("nbpipe.<key>")`` after loading the project's ``nbpipe.yaml``, checked
-    wherever it came from (the file, ``dask.config.set``, a ``DASK_NBPIPE__*`` variable)."""
-    load_project_config()
+    wherever it came from (the file, ``dask.config.set``, a ``DASK_NBPIPE__*`` variable).
+
+    ``despite_file``: a mistake elsewhere in ``nbpipe.yaml`` (a YAML error, another setting's
+    bad value) does not stop reading this one; only this setting's own bad value raises. For
+    what opens a store: steering a pipeline (pause, kill, retry) must work with a broken file,
+    and whoever needs the rest of the file says what is wrong with it.
+    """
+    try:
+        load_project_config()
+    except ConfigError:
+        if not despite_file:
+            raise
+        path = project_config_path()
+        data: Any = None
+        with contextlib.suppress(OSError, UnicodeDecodeError, yaml.YAMLError):
+            data = yaml.safe_load(path.read_bytes().decode("utf-8")) if path else None
+        if isinstance(data, dict) and "nbpipe" in data and len(data) == 1:
+            data = data["nbpipe"]
+        if isinstance(data, dict) and data.get(key) is not None:
+            value = data[key]
+            variable = "DASK_NBPIPE__" + key.upper().replace("-", "_")
+            if variable not in os.environ and dask.config.get(f"nbpipe.{key}", None) in (
+                    None, DEFAULTS.get(key)):  # (dask.config.set and variables win over the file)
+                return check_value(key, value, str(path))
     value = dask.config.get(f"nbpipe.{key}", None)
     if value is None:
         return default

@@ -1,5 +1,6 @@
 """What many test modules do the same way: run a notebook on a real kernel and read what it
-printed, and run the `nbpipe` command in a fresh process.
+printed, run the `nbpipe` command in a fresh process, start a script as a process tree of its
+own and clean it up, and give a test a PostgreSQL schema of its own.
 
 One copy of each, so a fix reaches every test (a print that reached the kernel's stream in two
 pieces was once joined with a newline in the middle in one module and not in the others).
@@ -7,15 +8,22 @@ pieces was once joined with a newline in the middle in one module and not in the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import textwrap
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import nbformat
+import psutil
+import pytest
 from nbclient import NotebookClient
+
+from nbpipe.store.postgres import scratch_schema
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # `!nbpipe ...` and tracebacks colour their text
 KERNEL_TIMEOUT = 300  # seconds one cell may take on a loaded 2-core CI machine
@@ -97,3 +105,90 @@ def nbpipe(*args: str, cwd: Path | None = None, env: Mapping[str, str] | None = 
     """
     return subprocess.run([*NBPIPE, *args], cwd=cwd, env=None if env is None else dict(env),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def write(path: Path, source: str) -> Path:
+    """Write ``source`` (dedented) to ``path``; return ``path``."""
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def start(script: Path, *args: str, env: Mapping[str, str]) -> subprocess.Popen[str]:
+    """Start ``python script ARGS`` in ``script``'s folder, in a session of its own (so its
+    whole process tree -- workers, a detached runner -- can be cleaned up by :func:`reap`);
+    its output as text pipes."""
+    return subprocess.Popen([sys.executable, str(script), *args], cwd=script.parent,
+                            env=dict(env), text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+def reap(proc: subprocess.Popen[str], timeout: float = 60) -> None:
+    """Kill what is left of a process tree a test started (its workers, a detached runner's)."""
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # orphans re-parented away from the tree
+    proc.wait(timeout=timeout)
+
+
+#: A pipeline whose first task spins until the file ``sys.argv[1]`` exists, then a dependent:
+#: a driver that stays live while a test pauses, kills, retries or kills the driver itself.
+#: Prints STARTED once the run is under way and DONE when both tasks succeeded.
+LONG = """
+import os, sys, time
+from nbpipe import Pipeline
+
+pipe = Pipeline("long")
+GATE = sys.argv[1]  # (a global: the task takes its value along to the worker)
+
+
+@pipe.task
+def spin(n: int) -> int:
+    while not os.path.exists(GATE):
+        time.sleep(0.02)
+    return n
+
+
+@pipe.task
+def later(x: int) -> int:
+    return x + 1
+
+
+if __name__ == "__main__":
+    later(spin(1))
+    pipe.run(wait=False)
+    print("STARTED", flush=True)
+    while True:
+        time.sleep(0.1)
+        if all(t.state == "SUCCEEDED" for t in pipe.tasks()):
+            print("DONE", flush=True)
+            break
+"""
+
+
+def postgres_url() -> str:
+    """The test server's URL, or a skip saying why there is none (a failure in CI)."""
+    url = os.environ.get("NBPIPE_TEST_POSTGRES")
+    if not url:
+        pytest.skip("NBPIPE_TEST_POSTGRES is not set: start a server with `bash .ci/postgres-up` "
+                    "and export the URL it prints")
+    import psycopg
+
+    try:
+        psycopg.connect(url, connect_timeout=10).close()
+    except psycopg.Error as exc:
+        pytest.skip(f"the PostgreSQL server of NBPIPE_TEST_POSTGRES is unreachable: {exc}")
+    return url
+
+
+@contextlib.contextmanager
+def fresh_schema(url: str) -> Iterator[str]:
+    """A schema of the test's own in the test database (its URL), dropped afterwards: tests
+    never see each other's pipelines or locks."""
+    with scratch_schema(url, prefix="t") as scoped:
+        yield scoped

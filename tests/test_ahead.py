@@ -20,6 +20,52 @@ def _first(events: list[tuple[int, str]], state: str) -> int:
     return next(i for i, s in events if s == state)
 
 
+def _run_until_running(pipe: Pipeline, ref: object) -> None:
+    """Start the pipeline's run in the background and wait until ``ref``'s task runs."""
+    pipe.run(wait=False)
+    wait_for(lambda: ref.state is State.RUNNING, timeout=60)
+
+
+def _inc(pipe: Pipeline) -> object:
+    """The task ``inc(x)`` of ``pipe``: x + 1."""
+    @pipe.task
+    def inc(x: int) -> int:
+        return x + 1
+
+    return inc
+
+
+def _two_dependents(pipe: Pipeline, first: object) -> list[object]:
+    """``inc(first)`` and ``inc`` of that: a chain of two behind ``first``."""
+    inc = _inc(pipe)
+    chain = [inc(first)]
+    chain.append(inc(chain[-1]))
+    return chain
+
+
+def _running_held_chain(pipe: Pipeline, tmp_path: Path, dependents: int
+                        ) -> tuple[Path, list[object]]:
+    """``held(gate)``, which runs until the file ``gate`` exists and gives 1, then a chain of
+    ``dependents`` ``inc`` tasks; run until ``held`` runs. The gate and the chain, ``held``
+    first."""
+    gate = tmp_path / "gate"
+
+    @pipe.task
+    def held(gate: str) -> int:
+        import os
+
+        while not os.path.exists(gate):
+            time.sleep(0.05)
+        return 1
+
+    inc = _inc(pipe)
+    chain = [held(str(gate))]
+    for _ in range(dependents):
+        chain.append(inc(chain[-1]))
+    _run_until_running(pipe, chain[0])
+    return gate, chain
+
+
 def test_a_consumer_takes_its_upstream_value_from_memory_not_from_the_result_file(
         pipe: Pipeline) -> None:
     @pipe.task
@@ -74,13 +120,8 @@ def test_dependents_of_a_failed_task_end_upstream_failed_without_an_attempt(
         time.sleep(0.5)
         raise ValueError("no")
 
-    @pipe.task
-    def inc(x: int) -> int:
-        return x + 1
-
     first = broken()
-    chain = [inc(first)]
-    chain.append(inc(chain[-1]))
+    chain = _two_dependents(pipe, first)
     pipe.run(check=False)
     assert first.state is State.FAILED
     for ref in chain:
@@ -129,15 +170,9 @@ def test_killing_a_running_task_fails_its_handed_ahead_dependents(pipe: Pipeline
         while True:
             pass
 
-    @pipe.task
-    def inc(x: int) -> int:
-        return x + 1
-
     first = spin()
-    chain = [inc(first)]
-    chain.append(inc(chain[-1]))
-    pipe.run(wait=False)
-    wait_for(lambda: first.state is State.RUNNING, timeout=60)
+    chain = _two_dependents(pipe, first)
+    _run_until_running(pipe, first)
     pipe.kill(first)
     wait_for(lambda: all(r.state.final for r in chain), timeout=60)
     assert first.state is State.KILLED
@@ -147,25 +182,7 @@ def test_killing_a_running_task_fails_its_handed_ahead_dependents(pipe: Pipeline
 
 def test_killing_a_handed_ahead_task_leaves_its_upstream_running(
         pipe: Pipeline, tmp_path: Path) -> None:
-    gate = tmp_path / "gate"
-
-    @pipe.task
-    def held(gate: str) -> int:
-        import os
-
-        while not os.path.exists(gate):
-            time.sleep(0.05)
-        return 1
-
-    @pipe.task
-    def inc(x: int) -> int:
-        return x + 1
-
-    first = held(str(gate))
-    second = inc(first)
-    third = inc(second)
-    pipe.run(wait=False)
-    wait_for(lambda: first.state is State.RUNNING, timeout=60)
+    gate, (first, second, third) = _running_held_chain(pipe, tmp_path, 2)
     pipe.kill(second)
     wait_for(lambda: second.state.final, timeout=60)
     gate.touch()
@@ -178,24 +195,7 @@ def test_killing_a_handed_ahead_task_leaves_its_upstream_running(
 
 def test_pausing_takes_handed_ahead_tasks_back_until_resume(
         pipe: Pipeline, tmp_path: Path) -> None:
-    gate = tmp_path / "gate"
-
-    @pipe.task
-    def held(gate: str) -> int:
-        import os
-
-        while not os.path.exists(gate):
-            time.sleep(0.05)
-        return 1
-
-    @pipe.task
-    def inc(x: int) -> int:
-        return x + 1
-
-    first = held(str(gate))
-    second = inc(first)
-    pipe.run(wait=False)
-    wait_for(lambda: first.state is State.RUNNING, timeout=60)
+    gate, (first, second) = _running_held_chain(pipe, tmp_path, 1)
     pipe.pause()
     wait_for(lambda: pipe.paused, timeout=60)
     gate.touch()
@@ -324,6 +324,17 @@ def _skips(dask_worker: object = None) -> list[str]:
     return sorted(worker._killed)
 
 
+def _running_gated_chain(pipe: Pipeline, tmp_path: Path, length: int
+                         ) -> tuple[list[object], Path, Path]:
+    """A gated chain of ``length`` (:func:`_gated_chain`) run until its first task runs: the
+    refs, the gate file that lets it go on, and the folder where each task marks it ran."""
+    gate, ran = tmp_path / "gate", tmp_path / "ran"
+    ran.mkdir()
+    refs = _gated_chain(pipe, gate, ran, length)
+    _run_until_running(pipe, refs[0])
+    return refs, gate, ran
+
+
 def _gated_chain(pipe: Pipeline, gate: Path, ran: Path, length: int) -> list[object]:
     @pipe.task
     def step(x: int, gate: str, ran: str) -> int:
@@ -342,11 +353,7 @@ def _gated_chain(pipe: Pipeline, gate: Path, ran: Path, length: int) -> list[obj
 
 def test_killing_a_task_inside_a_fused_chain_skips_it_and_fails_what_follows(
         pipe: Pipeline, tmp_path: Path) -> None:
-    gate, ran = tmp_path / "gate", tmp_path / "ran"
-    ran.mkdir()
-    refs = _gated_chain(pipe, gate, ran, 6)
-    pipe.run(wait=False)
-    wait_for(lambda: refs[0].state is State.RUNNING, timeout=60)
+    refs, gate, ran = _running_gated_chain(pipe, tmp_path, 6)
     pipe.kill(refs[3])
     wait_for(lambda: refs[3].state.final, timeout=60)
     # the workers were told to skip it before the chain goes on (the gate opens)
@@ -364,11 +371,7 @@ def test_killing_a_task_inside_a_fused_chain_skips_it_and_fails_what_follows(
 
 def test_pausing_takes_a_fused_chain_back_and_resume_runs_each_task_once(
         pipe: Pipeline, tmp_path: Path) -> None:
-    gate, ran = tmp_path / "gate", tmp_path / "ran"
-    ran.mkdir()
-    refs = _gated_chain(pipe, gate, ran, 6)
-    pipe.run(wait=False)
-    wait_for(lambda: refs[0].state is State.RUNNING, timeout=60)
+    refs, gate, ran = _running_gated_chain(pipe, tmp_path, 6)
     pipe.pause()
     wait_for(lambda: pipe.paused, timeout=60)
     wait_for(lambda: any(m.startswith(refs[1].key + "@")
@@ -389,11 +392,7 @@ def test_a_task_added_later_reads_a_value_from_inside_a_fused_chain(
     # The fused chain drops a task's value from memory once the next task read it: a task that
     # reads it and is added while the chain runs waits for its result instead of being handed
     # to Dask ahead with the chain's Dask task as its input.
-    gate, ran = tmp_path / "gate", tmp_path / "ran"
-    ran.mkdir()
-    refs = _gated_chain(pipe, gate, ran, 6)
-    pipe.run(wait=False)
-    wait_for(lambda: refs[0].state is State.RUNNING, timeout=60)
+    refs, gate, ran = _running_gated_chain(pipe, tmp_path, 6)
 
     @pipe.task
     def fresh() -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_for
+from helpers import LONG, write
 
 NBPIPE = [sys.executable, "-m", "nbpipe.cli"]
 
@@ -139,34 +140,8 @@ def test_pause_kill_and_retry_from_another_process_reach_a_running_pipeline(
 ) -> None:
     monkeypatch.setenv("DASK_NBPIPE__CLUSTER", cluster.scheduler_address)
     gate = tmp_path / "gate"
-    (tmp_path / "long.py").write_text(f'''
-import os, time
-from nbpipe import Pipeline
-pipe = Pipeline("long")
-
-@pipe.task
-def spin(n: int) -> int:
-    while not os.path.exists({str(gate)!r}):
-        pass
-    return n
-
-@pipe.task
-def later(x: int) -> int:
-    return x + 1
-
-if __name__ == "__main__":
-    later(spin(1))
-    pipe.run(wait=False)
-    print("STARTED", flush=True)
-    while True:
-        time.sleep(0.1)
-        states = {{t.label: t.state for t in pipe.tasks()}}
-        if all(s in ("SUCCEEDED",) for s in states.values()):
-            print("DONE", flush=True)
-            break
-''')
-    driver = subprocess.Popen([sys.executable, "long.py"], cwd=tmp_path, stdout=subprocess.PIPE,
-                              text=True)
+    driver = subprocess.Popen([sys.executable, str(write(tmp_path / "long.py", LONG)), str(gate)],
+                              cwd=tmp_path, stdout=subprocess.PIPE, text=True)
     try:
         assert driver.stdout.readline().strip() == "STARTED"
 

@@ -776,7 +776,7 @@ CONFIG = [
     Case("configuration", "A misspelt setting, `clsuter: slurm`", "ConfigError",
          "…/nbpipe.yaml: unknown setting 'clsuter' (did you mean 'cluster'?); nbpipe reads cluster, "
          "idle-timeout, batch-seconds, database, store, results-dir, inline-bytes, task, run, "
-         "store-patience, max-concurrent, max-jobs, min-jobs",
+         "store-patience, store-busy-timeout, max-concurrent, max-jobs, min-jobs",
          "'clsuter'", "Fix the setting's name.", None, ("clsuter: slurm\n",)),
     Case("configuration", "`task: {retry_on: [exeption]}`: a misspelt kind of failure", "ConfigError",
          "…/nbpipe.yaml: task: retry_on has the unknown kind 'exeption' (did you mean 'exception'?); "
@@ -836,6 +836,11 @@ CONFIG = [
          "…/nbpipe.yaml: store-patience='soon' must be a finite number of seconds >= 0 (how long a "
          "runner retries a store that cannot be written before it stops and run() raises)",
          "store-patience", "Give a number of seconds.", None, ("store-patience: soon\n",)),
+    Case("configuration", "`store-busy-timeout: 0`", "ConfigError",
+         "…/nbpipe.yaml: store-busy-timeout=0 must be a finite number of seconds > 0 (how long a "
+         "process waits for another one's write to an SQLite store before it gives up)",
+         "store-busy-timeout", "Give a number of seconds, e.g. `120` on a slow disk.", None,
+         ("store-busy-timeout: 0\n",)),
     Case("configuration", "`max-jobs: 0`", "ConfigError",
          "…/nbpipe.yaml: max-jobs=0 must be a whole number >= 1 (a batch pool's jobs at most, "
          "unless its cluster spec says max_jobs)", "max-jobs", "Give a whole number of jobs, e.g. "

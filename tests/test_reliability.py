@@ -19,14 +19,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from conftest import ROOT, wait_for
+from helpers import reap, start, write
 
 from nbpipe.results import locate, read_result
 
@@ -40,31 +39,9 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _write(path: Path, source: str) -> Path:
-    path.write_text(textwrap.dedent(source))
-    return path
-
-
 def _start(script: Path, *args: str, **env: str) -> subprocess.Popen[str]:
     """Start ``script`` in its own session (so that its whole process tree can be cleaned up)."""
-    return subprocess.Popen(
-        [sys.executable, str(script), *args], cwd=script.parent, env=_env(**env), text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-    )
-
-
-def _reap(proc: subprocess.Popen[str]) -> None:
-    """Kill what is left of a process tree we started (its workers, a detached runner's)."""
-    try:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    for p in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # orphans re-parented away from the tree
-    proc.wait(timeout=30)
+    return start(script, *args, env=_env(**env))
 
 
 def _query(db: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -136,7 +113,7 @@ def test_a_driver_killed_mid_run_loses_nothing_and_a_rerun_completes_without_rec
     tmp_path: Path, driver: str,
 ) -> None:
     count = 1000
-    script = _write(tmp_path / "many.py", MANY)
+    script = write(tmp_path / "many.py", MANY)
     store = tmp_path / ".nbpipe"
     db = store / "nbpipe.sqlite"
     starter = _start(script, str(store), str(count), *(["detach"] if driver != "script" else []))
@@ -151,7 +128,7 @@ def test_a_driver_killed_mid_run_loses_nothing_and_a_rerun_completes_without_rec
         if driver == "script":
             starter.wait(timeout=30)
     finally:
-        _reap(starter)
+        reap(starter)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(victim, signal.SIGKILL)  # a detached runner's session: its workers
     # The store was cut off mid-write: SQLite's WAL must have kept it whole.
@@ -163,7 +140,7 @@ def test_a_driver_killed_mid_run_loses_nothing_and_a_rerun_completes_without_rec
     try:
         out, err = rerun.communicate(timeout=240)
     finally:
-        _reap(rerun)
+        reap(rerun)
     assert rerun.returncode == 0, err[-3000:]
     executed, ok, wrong = out.split("SUMMARY")[1].split()
     assert ok == "True" and wrong == "0", out
@@ -275,7 +252,7 @@ def _attempts_by_label(db: Path) -> dict[str, int]:
 @pytest.fixture
 def torn(tmp_path: Path, cluster) -> tuple[Path, Path, str]:
     """The torn-files pipeline run once: (script, store, scheduler address)."""
-    script = _write(tmp_path / "torn.py", TORN)
+    script = write(tmp_path / "torn.py", TORN)
     store = tmp_path / ".nbpipe"
     assert _run_torn(script, store, cluster.scheduler_address, salt=0) == 7
     return script, store, cluster.scheduler_address
@@ -336,13 +313,13 @@ def test_doctor_reports_what_crashes_leave_and_repair_makes_the_next_run_whole(t
     orphan_spec.parent.mkdir(parents=True)
     orphan_spec.write_bytes(b"spec of a deleted task")
     # a runner killed while its task runs: its lock, runner record and RUNNING task stay behind
-    stuck = _start(_write(tmp_path / "stuck.py", STUCK), str(store), address)
+    stuck = _start(write(tmp_path / "stuck.py", STUCK), str(store), address)
     try:
         assert stuck.stdout is not None and stuck.stdout.readline().strip() == "RUNNING"
         os.kill(stuck.pid, signal.SIGKILL)
         stuck.wait(timeout=30)
     finally:
-        _reap(stuck)
+        reap(stuck)
 
     check = _nbpipe(store, "doctor", "--json")
     assert check.returncode == 1, check.stderr
@@ -394,14 +371,14 @@ def test_a_store_cut_off_mid_transaction_opens_intact_with_whole_transactions_on
     from nbpipe.store import Store
 
     store = tmp_path / ".nbpipe"
-    writer = _start(_write(tmp_path / "burst.py", BURST), str(store))
+    writer = _start(write(tmp_path / "burst.py", BURST), str(store))
     try:
         assert writer.stdout is not None and writer.stdout.readline().strip() == "WRITING"
         time.sleep(0.3)
         os.kill(writer.pid, signal.SIGKILL)  # in the middle of a transaction, most likely
         writer.wait(timeout=30)
     finally:
-        _reap(writer)
+        reap(writer)
     wal = store / "nbpipe.sqlite-wal"
     assert wal.exists() and wal.stat().st_size > 0  # the recovery path is really taken
     opened = Store(store)  # recovers the write-ahead log
@@ -461,7 +438,7 @@ def test_two_kernels_and_the_command_line_share_a_store_with_one_runner_per_pipe
 ) -> None:
     store = tmp_path / ".nbpipe"
     db = store / "nbpipe.sqlite"
-    script = _write(tmp_path / "kernel.py", KERNEL)
+    script = write(tmp_path / "kernel.py", KERNEL)
     gate = tmp_path / "gate"
     address = cluster.scheduler_address
     alpha = _start(script, str(store), address, "alpha", "300", str(gate))
@@ -490,7 +467,7 @@ def test_two_kernels_and_the_command_line_share_a_store_with_one_runner_per_pipe
     finally:
         for p in (alpha, beta, twin):
             if p is not None:
-                _reap(p)
+                reap(p)
     for (out, err), proc in zip(results, (alpha, beta, twin), strict=True):
         outputs += [out, err]
         assert proc.returncode == 0, err[-3000:]
@@ -615,7 +592,7 @@ def test_a_store_whose_disk_fills_under_the_runner_keeps_every_transition(
     store = tmp_path / ".nbpipe"
     db = store / "nbpipe.sqlite"
     done = subprocess.run(
-        [sys.executable, str(_write(tmp_path / "full.py", DRIVER_FULL)), str(store),
+        [sys.executable, str(write(tmp_path / "full.py", DRIVER_FULL)), str(store),
          cluster.scheduler_address], cwd=tmp_path, env=_env(), capture_output=True, text=True,
         timeout=180,
     )
@@ -690,7 +667,7 @@ def test_soak_thousands_of_tasks_with_random_failures_completes_with_exact_count
     store = tmp_path / ".nbpipe"
     db = store / "nbpipe.sqlite"
     done = subprocess.run(
-        [sys.executable, str(_write(tmp_path / "soak.py", SOAK)), str(store), str(count),
+        [sys.executable, str(write(tmp_path / "soak.py", SOAK)), str(store), str(count),
          cluster.scheduler_address],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=3600,
     )

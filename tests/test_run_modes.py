@@ -8,9 +8,9 @@ runner's, not a cluster's, and a cluster of their own would cost a start per run
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -20,13 +20,18 @@ import pytest
 from conftest import run_script
 from helpers import nbpipe
 
-from nbpipe import In, Out, Pipeline, State, queries
+from nbpipe import In, Out, Pipeline, State, TaskFunction, queries
 
 TIMEOUT = 180
 
 
 def _nbpipe(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return nbpipe(*args, "--store", str(store), timeout=TIMEOUT)
+
+
+def _nbpipe_run(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``nbpipe run ARGS`` in ``folder`` (the script's), as a user types it there."""
+    return nbpipe("run", *args, cwd=folder, timeout=TIMEOUT)
 
 
 ACCEPT_SCRIPT = """
@@ -155,8 +160,7 @@ def test_keep_succeeded_reruns_only_failed_and_new_tasks(tmp_path: Path, kernel_
     first = run_script(script, KEEP_SCRIPT, "broken", timeout=TIMEOUT)
     assert "executed 5 failed ['process(i=3)']" in first.stdout, first.stderr
     script.write_text(textwrap.dedent(KEEP_SCRIPT))
-    fixed = subprocess.run([sys.executable, "-m", "nbpipe.cli", "run", "--keep-succeeded", "batch.py",
-                            "fixed"], cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    fixed = _nbpipe_run(tmp_path, "--keep-succeeded", "batch.py", "fixed")
     assert fixed.returncode == 0, fixed.stderr
     assert "executed 1 failed []" in fixed.stdout  # only the one that failed ran
     assert "values [0, 1, 4, 9, 16]" in fixed.stdout
@@ -199,15 +203,16 @@ def test_stop_on_failure_from_the_command_line(tmp_path: Path, kernel_env: dict)
         "@pipe.task\ndef step(i, g):\n    return i\n"
         "@pipe.task\ndef boom():\n    raise RuntimeError('boom')\n"
         "g = gate()\nrefs = [step(i, g) for i in range(4)]\nboom()\npipe.run()\n")
-    result = subprocess.run([sys.executable, "-m", "nbpipe.cli", "run", "--stop-on-failure", "flow.py"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    result = _nbpipe_run(tmp_path, "--stop-on-failure", "flow.py")
     assert result.returncode == 1, result.stderr
     listing = _nbpipe(tmp_path / ".nbpipe", "tasks", "flow", "--state", "KILLED", "--json")
     killed = json.loads(listing.stdout)
     assert killed and all("stop_on_failure" in t["error"] for t in killed)
 
 
-def test_skip_leaves_tasks_out_by_state_and_by_label(pipe: Pipeline) -> None:
+def skip_tasks(pipe: Pipeline) -> tuple[TaskFunction, TaskFunction]:
+    """The tasks of both skip tests (the command line's runs this very source in its script): a
+    part that fails for i == 1, and what combines a part."""
     @pipe.task
     def part(i: int) -> int:
         if i == 1:
@@ -218,6 +223,11 @@ def test_skip_leaves_tasks_out_by_state_and_by_label(pipe: Pipeline) -> None:
     def combine(x: int) -> int:
         return x + 100
 
+    return part, combine
+
+
+def test_skip_leaves_tasks_out_by_state_and_by_label(pipe: Pipeline) -> None:
+    part, combine = skip_tasks(pipe)
     parts = [part(i) for i in range(3)]
     pipe.run(timeout=TIMEOUT)
     assert parts[1].state is State.FAILED
@@ -232,39 +242,34 @@ def test_skip_leaves_tasks_out_by_state_and_by_label(pipe: Pipeline) -> None:
 
 
 SKIP_SCRIPT = """
-    import sys
-    from nbpipe import Pipeline
-    pipe = Pipeline("flow", cluster={"kind": "local", "workers": 1})
+import sys
+from nbpipe import Pipeline, TaskFunction
+pipe = Pipeline("flow", cluster={"kind": "local", "workers": 1})
 
-    @pipe.task
-    def part(i: int) -> int:
-        if i == 1:
-            raise RuntimeError("broken input")
-        return i
+""" + inspect.getsource(skip_tasks) + """
 
-    @pipe.task
-    def combine(x: int) -> int:
-        return x + 100
+part, combine = skip_tasks(pipe)
 
-    @pipe.task
-    def extra(i: int) -> int:
-        return -i
 
-    parts = [part(i) for i in range(3)]
-    total = combine(parts[1])
-    more = [extra(i) for i in range(2)] if "more" in sys.argv else []
-    summary = pipe.run()
-    print("executed", summary.executed)
-    print("states", *[f"{r.label}={r.state.value}" for r in [*parts, total, *more]])
+@pipe.task
+def extra(i: int) -> int:
+    return -i
+
+
+parts = [part(i) for i in range(3)]
+total = combine(parts[1])
+more = [extra(i) for i in range(2)] if "more" in sys.argv else []
+summary = pipe.run()
+print("executed", summary.executed)
+print("states", *[f"{r.label}={r.state.value}" for r in [*parts, total, *more]])
 """
 
 
 def test_skip_from_the_command_line_by_state_glob_and_label(tmp_path: Path) -> None:
-    (tmp_path / "flow.py").write_text(textwrap.dedent(SKIP_SCRIPT))
+    (tmp_path / "flow.py").write_text(SKIP_SCRIPT)
 
     def nbpipe_run(*args: str) -> tuple[int, dict[str, str], str]:
-        result = subprocess.run([sys.executable, "-m", "nbpipe.cli", "run", *args], cwd=tmp_path,
-                                capture_output=True, text=True, timeout=TIMEOUT)
+        result = _nbpipe_run(tmp_path, *args)
         lines = result.stdout.splitlines()
         states = dict(w.rsplit("=", 1) for w in next(x for x in lines if x.startswith("states")).split()[1:])
         executed = next(x for x in lines if x.startswith("executed")).split()[1]
@@ -347,8 +352,7 @@ def test_trust_existing_for_a_whole_run_from_the_command_line(tmp_path: Path, ke
         "@pipe.task\ndef make(out: Annotated[Path, Out]) -> None:\n    Path('ran').write_text('yes')\n"
         "    Path(out).write_text('made')\n"
         "make(Path('a.txt').absolute())\npipe.run()\n")
-    result = subprocess.run([sys.executable, "-m", "nbpipe.cli", "run", "--trust-existing", "flow.py"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    result = _nbpipe_run(tmp_path, "--trust-existing", "flow.py")
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "ran").exists()
     assert (tmp_path / "a.txt").read_text() == "by hand\n"

@@ -173,9 +173,12 @@ def test_a_store_copied_to_postgresql_and_back_runs_nothing_again(tmp_path: Path
         assert out.returncode == 0, out.stderr
         _same_rows(pg, Store(back))
         assert _run(script, back) == (0, 8)
-        # a copy into a database that holds pipelines already is refused, naming it
+        # a copy into a database that holds pipelines already is refused, naming it, having
+        # made nothing: no results folder, no record of one in the database
         again = _nbpipe("store", "copy", str(source), url, "--results", str(tmp_path / "r2"))
         assert again.returncode != 0 and "holds pipelines already" in again.stderr
+        assert not (tmp_path / "r2").exists()
+        assert Store(url).path == results
 
 
 @pytest.mark.ci_required
@@ -189,3 +192,10 @@ def test_copy_to_postgresql_needs_a_results_folder_other_than_the_source(tmp_pat
         assert missing.returncode != 0 and "--results DIR" in missing.stderr
         same = _nbpipe("store", "copy", str(source), url, "--results", str(source))
         assert same.returncode != 0 and "holds an SQLite store" in same.stderr
+        # refused before anything was made: no tables in the database, no pointer to it
+        import psycopg
+
+        with psycopg.connect(url) as conn:
+            tables = conn.execute("SELECT COUNT(*) FROM information_schema.tables WHERE "
+                                  "table_schema = current_schema()").fetchone()[0]
+        assert tables == 0 and not (source / "database.json").exists()

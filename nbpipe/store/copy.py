@@ -58,7 +58,7 @@ def copy_store(source: Store, target: str | os.PathLike[str], *,
     checked as ``nbpipe doctor`` does (every recorded result present with its checksum) and
     row for row against the source. Returns the row counts, the number of files and ``ok``.
     """
-    from .postgres import is_url, safe_url
+    from .postgres import holds_records, is_url, refuse_results_folder, safe_url
 
     named = os.fspath(target)
     to_url = is_url(named)
@@ -76,23 +76,27 @@ def copy_store(source: Store, target: str | os.PathLike[str], *,
             "workers write results the copy would miss; copy it once the run has finished"
         )
     if to_url:
-        if results is None and not os.environ.get("NBPIPE_RESULTS"):
+        # Every refusal before anything is made: no tables, no results folder, no record of
+        # one in the database (which later openers would take as the store's).
+        chosen = results or os.environ.get("NBPIPE_RESULTS")
+        if not chosen:
             raise StoreError(f"copying to the PostgreSQL store {safe_url(named)} needs a folder for "
                              "its result files, mounted by every host: --results DIR (or "
                              "NBPIPE_RESULTS)")
-        copy = Store(named, results=results)
-        if copy.path == source.path:
-            raise StoreError(f"{copy.path} holds the result files of the store being copied; "
+        folder = Path(os.path.expanduser(os.fspath(chosen))).absolute()
+        refuse_results_folder(folder, safe_url(named))
+        if folder == source.path:
+            raise StoreError(f"{folder} holds the result files of the store being copied; "
                              "name another results folder")
-        if copy.connect().execute("SELECT COUNT(*) FROM pipelines").fetchone()[0] or \
-                copy.connect().execute("SELECT COUNT(*) FROM results").fetchone()[0]:
-            raise StoreError(f"the PostgreSQL store {copy.name} holds pipelines already; copy into "
-                             "an empty database or schema (the copy does not merge stores)")
+        if holds_records(named):
+            raise StoreError(f"the PostgreSQL store {safe_url(named)} holds pipelines already; copy "
+                             "into an empty database or schema (the copy does not merge stores)")
+        copy = Store(named, results=results)
         _copy_rows(source, copy)
     elif source.engine == "sqlite":
         copy = Store(target, database=database)  # the checks of any new store (file system, rights)
         copy.close()
-        with sqlite3.connect(copy.db_path) as into:
+        with sqlite3.connect(copy.db_path, timeout=copy.busy_timeout) as into:
             source.connect().backup(into)  # a consistent snapshot, whatever writes go on
         copy = Store(target, database=database)
     else:

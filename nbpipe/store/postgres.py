@@ -25,7 +25,6 @@ import json
 import os
 import re
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,15 +39,20 @@ from ..errors import (
     StoreVersionError,
 )
 from ..results import make_private, write_private
+from .connections import ThreadConnections
 from .lock import RunnerLock
 from .registry import remember
 from .schema import SCHEMA, SCHEMA_VERSION
 from .sqlite import DATABASE_FILE, DATABASE_POINTER, Batch, Store
 
-__all__ = ["AdvisoryLock", "PostgresStore", "StoreUnreachable", "is_url", "pg_schema",
-           "safe_url", "translate"]
+__all__ = ["AdvisoryLock", "PostgresStore", "StoreUnreachable", "holds_records",
+           "in_schema", "is_url", "pg_schema", "refuse_results_folder", "safe_url",
+           "scratch_schema", "translate"]
 
 _URL = re.compile(r"(postgres|postgresql)://", re.IGNORECASE)
+
+#: A SELECT whose list holds a parameter without a cast (``SELECT ?, ...``, not ``?::text``).
+_UNTYPED_SELECT = re.compile(r"\bSELECT\b[^;]*?\?(?!::)")
 
 #: Columns that make a row unique, for ``INSERT OR REPLACE`` (``ON CONFLICT ... DO UPDATE``).
 _KEYS = {"results": ("key",), "environments": ("id",), "pg_temp.retired": ("old",),
@@ -75,6 +79,72 @@ def safe_url(url: str) -> str:
     'postgresql://ada@db:5432/nbpipe'
     """
     return re.sub(r"//([^/@:]*)(:[^/@]*)?@", r"//\1@", url)
+
+
+def holds_records(url: str) -> bool:
+    """Whether the database at ``url`` holds an nbpipe store's records (a pipeline or a
+    result), found by looking only: no table, row or results folder is created.
+
+    >>> holds_records("postgresql://nbpipe@db/empty")  # doctest: +SKIP
+    False
+    """
+    import psycopg
+
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=30) as conn:
+            for table in ("pipelines", "results"):
+                # (to_regclass: the table as the URL's search_path finds it, or NULL)
+                if conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0] \
+                        and conn.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone()[0]:
+                    return True
+    except psycopg.Error as exc:
+        raise _error(safe_url(url), exc) from None
+    return False
+
+
+def refuse_results_folder(folder: Path, name: str) -> None:
+    """Raise :class:`~nbpipe.errors.StoreError` when ``folder`` cannot hold the result files of
+    the PostgreSQL store ``name``: it is an SQLite store's folder, whose records a
+    ``database.json`` naming the database would hide."""
+    if (folder / DATABASE_FILE).exists():
+        raise StoreError(
+            f"the results folder {folder} holds an SQLite store ({DATABASE_FILE}); name "
+            f"another folder for the result files of {name} (to move that store into "
+            f"PostgreSQL: nbpipe store copy {folder} URL --results NEW_FOLDER)"
+        )
+
+
+def in_schema(url: str, schema: str) -> str:
+    """``url`` whose connections use ``schema`` (libpq's ``options``): stores of their own in
+    one database.
+
+    >>> in_schema("postgresql://nbpipe@db/nbpipe", "ada")
+    'postgresql://nbpipe@db/nbpipe?options=-csearch_path%3Dada'
+    """
+    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+
+
+@contextlib.contextmanager
+def scratch_schema(url: str, prefix: str = "scratch") -> Iterator[str]:
+    """A new schema in the database at ``url``, dropped with everything in it afterwards: the
+    URL of an empty store for a trial, a test or a benchmark (:func:`in_schema`).
+
+    >>> with scratch_schema("postgresql://nbpipe@db/nbpipe") as trial:  # doctest: +SKIP
+    ...     Store(trial, results="/tmp/trial").pipelines()
+    []
+    """
+    import uuid
+
+    import psycopg
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield in_schema(url, schema)
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def pg_schema() -> str:
@@ -128,15 +198,16 @@ def translate(sql: str, with_params: bool = True) -> str:
     return s
 
 
-def _error(store: PostgresStore, exc: Exception) -> StoreError:
+def _error(name: str, exc: Exception) -> StoreError:
+    """:class:`StoreUnreachable` for psycopg's ``exc``, naming the store ``name`` (a safe URL)."""
     import psycopg
 
     if isinstance(exc, psycopg.errors.UndefinedTable):
-        return StoreUnreachable(f"the store {store.name} has no nbpipe tables ({exc}); open it "
+        return StoreUnreachable(f"the store {name} has no nbpipe tables ({exc}); open it "
                                 "with this nbpipe once to create them")
     if not isinstance(exc, psycopg.OperationalError):  # the server refused a statement
-        return StoreUnreachable(f"the store {store.name} refused a statement: {str(exc).strip()}")
-    return StoreUnreachable(f"the store {store.name} cannot be used: {str(exc).strip()}; check "
+        return StoreUnreachable(f"the store {name} refused a statement: {str(exc).strip()}")
+    return StoreUnreachable(f"the store {name} cannot be used: {str(exc).strip()}; check "
                             "that the PostgreSQL server runs and the URL (host, port, user, "
                             "database, password or ~/.pgpass) is right")
 
@@ -182,7 +253,7 @@ class _Cursor:
         try:
             return fn(*args)
         except psycopg.Error as exc:
-            raise _error(self._store, exc) from None
+            raise _error(self._store.name, exc) from None
 
     def fetchone(self) -> Any:
         return self._run(self._raw.fetchone) if self._raw.description else None
@@ -221,23 +292,24 @@ class _Connection:
         try:
             cur.execute(translate(sql, bool(params)), tuple(params) if params else None)
         except psycopg.Error as exc:
-            raise _error(self._store, exc) from None
+            raise _error(self._store.name, exc) from None
         return _Cursor(self._store, cur)
 
     def executemany(self, sql: str, rows: Any) -> _Cursor:
         import psycopg
 
         rows = [tuple(r) for r in rows]
-        # Server-side binding where every parameter's type comes from a column (UPDATE SET,
-        # INSERT VALUES): psycopg prepares a statement run again and again, a batch's
-        # thousands of rows go through it. A SELECT list gives its parameters no type, so
-        # those statements bind client-side (see _cursor).
-        cur = self.raw.cursor(row_factory=_row_factory) if "SELECT" not in sql else self._cursor()
+        # Server-side binding where every parameter's type is known (from a column: UPDATE
+        # SET, INSERT VALUES; or from a cast, ?::bigint): psycopg prepares the statement once
+        # and pipelines a batch's thousands of rows through it. An untyped parameter in a
+        # SELECT list has no type, so such statements bind client-side (see _cursor).
+        cur = (self._cursor() if _UNTYPED_SELECT.search(sql)
+               else self.raw.cursor(row_factory=_row_factory))
         if rows:
             try:
                 cur.executemany(translate(sql, True), rows)
             except psycopg.Error as exc:
-                raise _error(self._store, exc) from None
+                raise _error(self._store.name, exc) from None
         return _Cursor(self._store, cur)
 
     def executescript(self, script: str) -> None:
@@ -260,6 +332,19 @@ class PostgresStore(Store):
 
     engine = "postgresql"
 
+    # The same statement with every parameter typed (by its column's type): a SELECT list
+    # gives an untyped parameter no type, which binds client-side, as new text per row. Typed,
+    # it binds server-side: executemany prepares it once and sends a batch's rows in one
+    # pipeline (see _Connection.executemany).
+    _INSERT_ATTEMPT = """INSERT INTO attempts (pipeline_id, key, number, state, start, end,
+            worker, hostname, pid, job_id, exit_code, error, traceback, stdout, stderr, env_id)
+        SELECT ?::bigint, ?::text, ?::bigint, ?::text, ?::double precision,
+               ?::double precision, ?::text, ?::text, ?::bigint, ?::text, ?::bigint, ?::text,
+               ?::text, ?::text, ?::text, ?::text
+        WHERE NOT EXISTS (SELECT 1 FROM attempts WHERE pipeline_id = ?::bigint AND key = ?::text
+                          AND number = ?::bigint
+                          AND start IS NOT DISTINCT FROM ?::double precision)"""
+
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  database: str | os.PathLike[str] | None = None,
                  results: str | os.PathLike[str] | None = None):
@@ -280,9 +365,14 @@ class PostgresStore(Store):
                                   f"{safe_url(named)} is a PostgreSQL database: leave it out")
         self.url = named
         self.db_path = None  # type: ignore[assignment]
-        self._local = threading.local()
-        self._all: list[Any] = []
-        self._guard = threading.Lock()
+        named_results = results or os.environ.get("NBPIPE_RESULTS")
+        if named_results:  # refused before the database is touched
+            refuse_results_folder(Path(os.path.expanduser(os.fspath(named_results))).absolute(),
+                                  self.name)
+        self._connections = ThreadConnections(
+            lambda: _Connection(self, self.open_connection()), where=self.url,
+            is_closed=lambda conn: conn.raw.closed,  # (a server that went away closed it)
+            resource=lambda conn: conn.raw)  # (a thread that ended leaves it open)
         self._migrate()
         recorded = self.info().get("results")
         chosen = results or os.environ.get("NBPIPE_RESULTS") or recorded
@@ -294,12 +384,7 @@ class PostgresStore(Store):
                 "records it, so later openers need not name it again"
             )
         self.path = Path(os.path.expanduser(os.fspath(chosen))).absolute()
-        if (self.path / DATABASE_FILE).exists():  # its database.json would hide that store
-            raise StoreError(
-                f"the results folder {self.path} holds an SQLite store ({DATABASE_FILE}); name "
-                f"another folder for the result files of {self.name} (to move that store into "
-                f"PostgreSQL: nbpipe store copy {self.path} URL --results NEW_FOLDER)"
-            )
+        refuse_results_folder(self.path, self.name)
         try:
             for folder in (self.path, self.path / "results", self.path / "locks"):
                 folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -337,18 +422,12 @@ class PostgresStore(Store):
         try:
             return psycopg.connect(self.url, autocommit=True, connect_timeout=30, **kwargs)
         except psycopg.Error as exc:
-            raise _error(self, exc) from None
+            raise _error(self.name, exc) from None
 
     def connect(self) -> _Connection:  # type: ignore[override]
         """This thread's connection (created on first use; autocommit outside
         :meth:`transaction`, so reads always see the latest commits)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None or conn.raw.closed:
-            conn = _Connection(self, self.open_connection())
-            self._local.conn = conn
-            with self._guard:
-                self._all.append(conn.raw)
-        return conn
+        return self._connections.get()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[_Connection]:  # type: ignore[override]
@@ -367,24 +446,9 @@ class PostgresStore(Store):
                     conn.raw.execute("ROLLBACK")
             raise
 
-    def close(self) -> None:
-        """Close this thread's connection."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-
-    def close_all(self) -> None:
-        """Close the connections of every thread (a store object dropped for good)."""
-        with self._guard:
-            for raw in self._all:
-                with contextlib.suppress(Exception):
-                    raw.close()
-            self._all.clear()
-
     def damaged(self, exc: BaseException) -> StoreError:
         """PostgreSQL keeps its own files whole: an error is the server's or the network's."""
-        return exc if isinstance(exc, StoreError) else _error(self, exc)  # type: ignore[arg-type]
+        return exc if isinstance(exc, StoreError) else _error(self.name, exc)  # type: ignore[arg-type]
 
     def info(self) -> dict[str, str]:
         """The store's own facts (schema version, results folder), as recorded in its table."""

@@ -288,7 +288,7 @@ def cell_changed(store: Store, pipeline: str, task: str, source: str) -> bool | 
     retry runs the task as it was defined, so the sidebar says when the cell has changed since.
     None for a task that no ``%%task`` cell defines (its code is not in one cell).
 
-    >>> cell_changed(store, "pi", "stats", "%%task stats\nmean = data.mean()")  # doctest: +SKIP
+    >>> cell_changed(store, "pi", "stats", "%%task stats\\nmean = data.mean()")  # doctest: +SKIP
     False
     """
     from ..cells import code_digest

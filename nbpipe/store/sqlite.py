@@ -10,13 +10,13 @@ import os
 import re
 import socket
 import sqlite3
-import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config import DEFAULTS, setting
 from ..errors import (
     InvalidArgument,
     StoreDamaged,
@@ -26,6 +26,7 @@ from ..errors import (
     StoreVersionError,
 )
 from ..results import make_private, write_private
+from .connections import ThreadConnections, open_count
 from .mounts import network_mount
 from .registry import remember
 from .schema import SCHEMA, SCHEMA_VERSION
@@ -35,6 +36,9 @@ __all__ = ["DATABASE_FILE", "DATABASE_POINTER", "Batch", "Store", "is_damage", "
 #: The database file in a store folder, and the record of a database kept elsewhere.
 DATABASE_FILE = "nbpipe.sqlite"
 DATABASE_POINTER = "database.json"
+
+#: Default seconds a connection waits for another process's write (``store-busy-timeout``).
+BUSY_TIMEOUT: float = DEFAULTS["store-busy-timeout"]
 
 
 class Batch:
@@ -83,6 +87,14 @@ class Store:
 
     #: The database engine (``postgresql`` for :class:`~nbpipe.store.postgres.PostgresStore`).
     engine = "sqlite"
+
+    #: A batch's attempt rows. Idempotent: a batch whose commit raised although SQLite kept it
+    #: (a full disk at the WAL checkpoint) is written again, without a second row.
+    _INSERT_ATTEMPT = """INSERT INTO attempts (pipeline_id, key, number, state, start, end,
+            worker, hostname, pid, job_id, exit_code, error, traceback, stdout, stderr, env_id)
+        SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
+        WHERE NOT EXISTS (SELECT 1 FROM attempts WHERE pipeline_id = ? AND key = ?
+                          AND number = ? AND start IS NOT DISTINCT FROM ?)"""
 
     def __new__(cls, path: str | os.PathLike[str] | None = None, *,
                 database: str | os.PathLike[str] | None = None,
@@ -137,8 +149,12 @@ class Store:
             )
         self.path = Path(named).absolute()
         self.db_path, pointer = _database_path(self.path, database)
+        #: Seconds a connection waits for another process's write before it gives up (the
+        #: ``store-busy-timeout`` setting): a runner writes each tick, and the command line,
+        #: the sidebar and workers write between its ticks.
+        self.busy_timeout: float = setting("store-busy-timeout", BUSY_TIMEOUT, despite_file=True)
         _refuse_network(self.path, self.db_path)
-        _refuse_newer(self.path, self.db_path)  # before anything is created or switched
+        _refuse_newer(self.path, self.db_path, self.busy_timeout)  # before anything is created
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
             (self.path / "results").mkdir(mode=0o700, exist_ok=True)
@@ -158,7 +174,7 @@ class Store:
                 f"the nbpipe store {self.path} is not writable by this user; fix its "
                 "permissions or choose another with Pipeline(store=...) or NBPIPE_STORE"
             )
-        self._local = threading.local()
+        self._connections = ThreadConnections(self._open, where=os.path.realpath(self.db_path))
         self._init_schema()
         remember(self.path)
 
@@ -166,37 +182,36 @@ class Store:
 
     def connect(self) -> sqlite3.Connection:
         """This thread's connection (created on first use)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            try:
-                # Private from its first byte (SQLite gives its -wal and -shm files the same
-                # mode): a kill between creating and a chmod cannot leave it readable by all.
-                # Only when it does not exist: closing any descriptor of a database file drops
-                # every POSIX lock this process's SQLite connections hold on it (then another
-                # process may delete the write-ahead log under them).
-                if not self.db_path.exists():
-                    with contextlib.suppress(FileExistsError):
-                        os.close(os.open(self.db_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
-                for suffix in ("", "-wal", "-shm"):  # an older nbpipe's, or copied with 0644
-                    make_private(Path(f"{self.db_path}{suffix}"), 0o600)
-                conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None,
-                                       factory=_Connection)
-                conn.store = weakref.ref(self)
-                where = os.path.realpath(self.db_path)
-                _connected[where] = _connected.get(where, 0) + 1
-            except (OSError, sqlite3.OperationalError) as exc:
-                raise StoreNotWritable(f"cannot open {self.db_path}: {exc}") from None
-            try:
-                conn.execute("PRAGMA busy_timeout = 60000")
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = NORMAL")
-                conn.execute("PRAGMA cache_size = -16384")  # 16 MiB (default 2): fewer reads
-                conn.execute("PRAGMA foreign_keys = OFF")
-            except sqlite3.DatabaseError as exc:
-                conn.close()
-                raise _damage(self, exc) from None
-            conn.row_factory = sqlite3.Row
-            self._local.conn = conn
+        return self._connections.get()
+
+    def _open(self) -> sqlite3.Connection:
+        """A new connection to the database, set up as the store uses it."""
+        try:
+            # Private from its first byte (SQLite gives its -wal and -shm files the same
+            # mode): a kill between creating and a chmod cannot leave it readable by all.
+            # Only when it does not exist: closing any descriptor of a database file drops
+            # every POSIX lock this process's SQLite connections hold on it (then another
+            # process may delete the write-ahead log under them).
+            if not self.db_path.exists():
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(self.db_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            for suffix in ("", "-wal", "-shm"):  # an older nbpipe's, or copied with 0644
+                make_private(Path(f"{self.db_path}{suffix}"), 0o600)
+            conn = sqlite3.connect(self.db_path, timeout=self.busy_timeout, isolation_level=None,
+                                   factory=_Connection)
+            conn.store = weakref.ref(self)
+        except (OSError, sqlite3.OperationalError) as exc:
+            raise StoreNotWritable(f"cannot open {self.db_path}: {exc}") from None
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA cache_size = -16384")  # 16 MiB (default 2): fewer reads
+            conn.execute("PRAGMA foreign_keys = OFF")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise _damage(self, exc) from None
+        conn.row_factory = sqlite3.Row
         return conn
 
     @contextlib.contextmanager
@@ -215,12 +230,12 @@ class Store:
 
     def close(self) -> None:
         """Close this thread's connection."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-            where = os.path.realpath(self.db_path)
-            _connected[where] = max(0, _connected.get(where, 0) - 1)
+        self._connections.close()
+
+    def close_all(self) -> None:
+        """Close the connections of every thread that can be closed from here (a store
+        dropped for good; SQLite closes a connection only in the thread that made it)."""
+        self._connections.close_all()
 
     def damaged(self, exc: BaseException) -> StoreError:
         """The error for ``exc`` raised by SQLite while using this store: :class:`StoreDamaged`
@@ -457,14 +472,21 @@ class Store:
             tx.executemany("INSERT OR REPLACE INTO temp.retired VALUES (?, ?)", list(keys.items()))
             old = "(SELECT old FROM temp.retired)"
             for column, other in (("parent", "child"), ("child", "parent")):
-                # (an edge the final key has already stays as it is: NOT EXISTS, where SQLite
-                # would also ignore it, and PostgreSQL has no UPDATE OR IGNORE)
+                # An edge moves to its final key unless that edge would clash: the final key
+                # has it already, or an earlier edge of another provisional key of the same
+                # final key moves there in this statement (two provisional keys that turn out
+                # one task). The guard is the statement's own: PostgreSQL has no UPDATE OR
+                # IGNORE (it raises on the clash) and checks NOT EXISTS against the rows as
+                # they were before the statement. Moved edges keep their place (rowid).
                 new = f"(SELECT new FROM temp.retired WHERE old = edges.{column})"
                 tx.execute(
                     f"UPDATE OR IGNORE edges SET {column} = {new} WHERE pipeline_id = ? AND "
                     f"{column} IN {old} AND NOT EXISTS (SELECT 1 FROM edges AS e WHERE "
                     f"e.pipeline_id = edges.pipeline_id AND e.{column} = {new} AND "
-                    f"e.{other} = edges.{other})", pid)
+                    f"e.{other} = edges.{other}) AND NOT EXISTS (SELECT 1 FROM edges AS e "
+                    f"JOIN temp.retired AS r ON r.old = e.{column} WHERE e.pipeline_id = "
+                    f"edges.pipeline_id AND e.{other} = edges.{other} AND r.new = {new} AND "
+                    f"e.rowid < edges.rowid)", pid)
             tx.execute(f"DELETE FROM edges WHERE pipeline_id = ? AND (parent IN {old} "
                        f"OR child IN {old})", pid)
             tx.execute("UPDATE events SET key = (SELECT new FROM temp.retired WHERE old = events.key)"
@@ -602,18 +624,8 @@ class Store:
                     batch.results,
                 )
             if batch.attempts:
-                tx.executemany(
-                    # Idempotent: a batch whose commit raised although SQLite kept it (a full
-                    # disk at the WAL checkpoint) is written again, without a second row.
-                    """INSERT INTO attempts (pipeline_id, key, number, state, start, end, worker,
-                           hostname, pid, job_id, exit_code, error, traceback, stdout,
-                           stderr, env_id)
-                       SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
-                       WHERE NOT EXISTS (SELECT 1 FROM attempts WHERE pipeline_id = ?
-                                         AND key = ? AND number = ?
-                                         AND start IS NOT DISTINCT FROM ?)""",
-                    [(*a, a[0], a[1], a[2], a[4]) for a in batch.attempts],
-                )
+                tx.executemany(self._INSERT_ATTEMPT,
+                               [(*a, a[0], a[1], a[2], a[4]) for a in batch.attempts])
             if batch.states:
                 tx.executemany(
                     """UPDATE tasks SET state = ?, attempts = ?, error = ?,
@@ -759,9 +771,6 @@ class _Connection(sqlite3.Connection):
             raise _damage(self.store(), exc) from None
 
 
-_connected: dict[str, int] = {}  # database file -> SQLite connections this process has open
-
-
 def is_store(folder: str | os.PathLike[str]) -> bool:
     """Whether ``folder`` is a store: it holds its database, or records where that is."""
     return (Path(folder) / DATABASE_FILE).is_file() or (Path(folder) / DATABASE_POINTER).is_file()
@@ -861,13 +870,13 @@ def _newer(path: Path, version: int) -> StoreVersionError:
     )
 
 
-def _refuse_newer(path: Path, db_path: Path) -> None:
+def _refuse_newer(path: Path, db_path: Path, busy_timeout: float) -> None:
     """Raise :class:`StoreVersionError` for a store of a newer schema, having changed nothing:
     no folder created, no journal mode switched, no file written (not even SQLite's ``-shm``).
 
     Not for a database this process has SQLite connections open to (it was checked then):
     closing the descriptor read here would drop the POSIX locks those connections hold."""
-    if _connected.get(os.path.realpath(db_path)):
+    if open_count(os.path.realpath(db_path)):
         return
     try:
         with open(db_path, "rb") as f:
@@ -880,7 +889,7 @@ def _refuse_newer(path: Path, db_path: Path) -> None:
     if version <= SCHEMA_VERSION and Path(f"{db_path}-wal").exists():
         # A write-ahead log may hold a newer first page: ask SQLite (its files exist already).
         with contextlib.suppress(sqlite3.Error):
-            conn = sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True, timeout=60)
+            conn = sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True, timeout=busy_timeout)
             try:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
             finally:
