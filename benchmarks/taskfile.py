@@ -95,7 +95,9 @@ def main() -> None:
             "the same store (`python benchmarks/taskfile.py`). Peak RSS is the driver's "
             "(`ru_maxrss`, with its in-process scheduler; the workers are other processes). "
             "Entries are read one at a time and each window is dropped from the driver once it "
-            "has run, so the peak follows the window, not the file.\n\n" + "\n".join(rows))
+            "has run, so the peak follows the window, not the file. The last column is the "
+            "machine's 1-minute load average when the first run began and ended (2 cores shared "
+            "with other work: the times move with it).\n\n" + "\n".join(rows))
     (n1, p1), (n2, p2) = (peaks[-2], peaks[-1]) if len(peaks) > 1 else ((0, 0.0), (0, 0.0))
     if n2 < 1_000_000 and n2 > n1:  # what still grows with the file, carried on to a million
         million = p2 + (p2 - p1) / (n2 - n1) * (1_000_000 - n2)
