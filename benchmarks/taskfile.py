@@ -106,8 +106,8 @@ def main() -> None:
                  "a duplicate, some 90 bytes each; the rest is not traced yet: the driver's live "
                  "Python memory stays flat, see tests/test_taskfile.py); carried on to 1,000,000 "
                  f"entries that is about **{million:,.0f} MB** (target <= 500 MB). The 1,000,000-entry "
-                 "run itself was not measured here: at these rates it takes hours on 2 shared cores "
-                 "(`--sizes 1000000`).")
+                 "run itself was not part of this measurement (`--sizes 1000000`: some 35 minutes on "
+                 "2 shared cores).")
     if not args.no_write:
         write_section(Path(__file__).resolve().parent.parent / "docs" / "performance.md",
                       "Task files at scale", body, machine())
