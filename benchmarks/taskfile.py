@@ -44,21 +44,24 @@ def warm() -> int:
     return 0
 
 warm().result()  # the cluster is up: what follows is what the task file costs
+load = [os.getloadavg()[0]]
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 summary = run_tasks(process, path, window=window, chunksize=1000)
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+load.append(os.getloadavg()[0])
 pipe.close()
 print(json.dumps({"n": n, "seconds": seconds, "peak_mb": peak / 1024, "base_mb": base / 1024,
                   "executed": summary.executed, "cached": summary.cached,
-                  "failed": len(summary.failed)}))
+                  "failed": len(summary.failed), "load": load}))
 """
 
 
 def measure(n: int, folder: str, window: int) -> dict[str, float]:
+    # (the driver's progress lines, one per window, go to this process's stderr)
     out = subprocess.run([sys.executable, "-c", CHILD, str(n), folder, str(window)],
-                         capture_output=True, text=True, check=True)
+                         stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -69,8 +72,8 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print, do not update docs/")
     args = parser.parse_args()
     rows = ["| entries | first run | peak driver RSS | of which the file (above the warm driver) "
-            "| rerun (resume) | target <= 500 MB |",
-            "| --- | --- | --- | --- | --- | --- |"]
+            "| rerun (resume) | target <= 500 MB | load (1 min, start-end) |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
     peaks: list[tuple[int, float]] = []
     for n in args.sizes:
         with tempfile.TemporaryDirectory() as folder:
@@ -84,7 +87,7 @@ def main() -> None:
             f"| {max(first['peak_mb'], again['peak_mb']):.0f} MB "
             f"| {first['peak_mb'] - first['base_mb']:.0f} MB "
             f"| {again['seconds']:.0f} s, {again['executed']} executed, {again['cached']:,} done "
-            f"| {verdict} |")
+            f"| {verdict} | {first['load'][0]:.1f}-{first['load'][1]:.1f} |")
         print(rows[-1], flush=True)
     body = ("A `.jsonl` task file of N small entries, run with a no-op task by "
             f"`nbpipe.run_tasks(process, path, window={args.window:_}, chunksize=1000)` on a "
@@ -92,7 +95,9 @@ def main() -> None:
             "the same store (`python benchmarks/taskfile.py`). Peak RSS is the driver's "
             "(`ru_maxrss`, with its in-process scheduler; the workers are other processes). "
             "Entries are read one at a time and each window is dropped from the driver once it "
-            "has run, so the peak follows the window, not the file.\n\n" + "\n".join(rows))
+            "has run, so the peak follows the window, not the file. The last column is the "
+            "machine's 1-minute load average when the first run began and ended (2 cores shared "
+            "with other work: the times move with it).\n\n" + "\n".join(rows))
     (n1, p1), (n2, p2) = (peaks[-2], peaks[-1]) if len(peaks) > 1 else ((0, 0.0), (0, 0.0))
     if n2 < 1_000_000 and n2 > n1:  # what still grows with the file, carried on to a million
         million = p2 + (p2 - p1) / (n2 - n1) * (1_000_000 - n2)
@@ -101,8 +106,8 @@ def main() -> None:
                  "a duplicate, some 90 bytes each; the rest is not traced yet: the driver's live "
                  "Python memory stays flat, see tests/test_taskfile.py); carried on to 1,000,000 "
                  f"entries that is about **{million:,.0f} MB** (target <= 500 MB). The 1,000,000-entry "
-                 "run itself was not measured here: at these rates it takes hours on 2 shared cores "
-                 "(`--sizes 1000000`).")
+                 "run itself was not part of this measurement (`--sizes 1000000`: some 35 minutes on "
+                 "2 shared cores).")
     if not args.no_write:
         write_section(Path(__file__).resolve().parent.parent / "docs" / "performance.md",
                       "Task files at scale", body, machine())

@@ -52,6 +52,12 @@ EXPECTED: dict[str, list[str]] = {
         r"^1 executed, 6 already done",                    # the JSON file: only the new entry
         r"failed: process\[frame-bad\]",
         r"KeyError: 'threshold'",                          # %pipeline logs
+        r"^nbpipe: 100 entries of frames\.jsonl run \(100 executed",  # run_tasks: progress
+        r"^300 executed, 0 already done \(300 SUCCEEDED\)",  # ... window by window
+        r"^tasks held in the kernel: 0",                    # each window dropped once run
+        r"^squares done in the store: 300",
+        r"^0 executed, 300 already done \(300 SUCCEEDED\)",  # the same file again: nothing
+        r"^square\[f0012\] 144",                            # a result read back, found done
     ],
     "policy.ipynb": [
         r"^stuck\(seconds=60\) FAILED attempts: 1",       # stopped by its timeout, not retried

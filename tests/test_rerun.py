@@ -245,3 +245,26 @@ def test_deleted_output_file_reruns_its_writer_in_the_same_process(tmp_path: Pat
     assert "out.txt is missing" in (ref.reason or "")
     assert (tmp_path / "out.txt").read_text() == "hello"
     pipe.close()
+
+
+@pytest.mark.timeout(600)
+def test_a_new_call_is_explained_against_the_earlier_call_with_most_arguments_alike(
+        pipe: Pipeline) -> None:
+    """A call with a label never seen is compared with the earlier call of its function that
+    has the most arguments alike (then the newest), however many earlier calls there are."""
+
+    @pipe.task
+    def g(a: int, b: int, c: int) -> int:
+        return a + b + c
+
+    for i in range(1, 4):  # g(1,1,1), g(2,2,2), then g(3,3,3), the newest
+        g(i, i, i)
+    pipe.run(timeout=300)
+    pipe.forget(pipe.refs())  # their labels free: earlier calls, as for a new process
+
+    closest = g(1, 1, 9)  # two arguments as g(1,1,1)
+    tie = g(2, 3, 9)  # one as g(2,2,2), one as g(3,3,3): the newest
+    none_alike = g(7, 8, 9)
+    assert pipe.why(closest) == "argument `c` changed"
+    assert pipe.why(tie) == "argument `a` changed; argument `c` changed"
+    assert pipe.why(none_alike) == "argument `a` changed; argument `b` changed; argument `c` changed"
