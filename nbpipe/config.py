@@ -97,7 +97,8 @@ SETTINGS = {
     "cluster": "a cluster: local, a batch scheduler kind, an address or a mapping with a kind",
     "idle-timeout": "a finite duration such as '60s' (how long a batch pool keeps jobs it no "
                     "longer needs)",
-    "batch-seconds": "a finite number of seconds >= 0 (0 turns batching of tiny tasks off)",
+    "batch-seconds": "a finite number of seconds >= 0 (0 turns off batching tiny tasks and "
+                     "fusing chains of them)",
     "database": "a path to the store's SQLite file on a local disk (for a store folder on a network "
                 "file system; result files stay in the folder)",
     "store": "the store: a folder (default .nbpipe) or a PostgreSQL URL postgresql://user@host/db "

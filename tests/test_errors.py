@@ -799,8 +799,8 @@ CONFIG = [
          "store folder on a network file system; result files stay in the folder)", "database",
          "Give a path such as `/tmp/$USER/project.sqlite`.", None, ("database: 3\n",)),
     Case("configuration", "`batch-seconds: soon`", "ConfigError",
-         "…/nbpipe.yaml: batch-seconds='soon' must be a finite number of seconds >= 0 (0 turns batching "
-         "of tiny tasks off)", "batch-seconds", "Give a number of seconds.", None,
+         "…/nbpipe.yaml: batch-seconds='soon' must be a finite number of seconds >= 0 (0 turns off "
+         "batching tiny tasks and fusing chains of them)", "batch-seconds", "Give a number of seconds.", None,
          ("batch-seconds: soon\n",)),
     Case("configuration", "`idle-timeout: forever`", "ConfigError",
          "…/nbpipe.yaml: idle-timeout='forever' must be a finite duration such as '60s' (how long a batch "
@@ -822,7 +822,8 @@ CONFIG = [
          ("cluster: {kind: slurm, cores: 1, memory: 1GB, pools: {big: {cores: lots}}}\n",)),
     Case("configuration", "`batch-seconds: .inf`", "ConfigError",
          "…/nbpipe.yaml: batch-seconds=inf must be a finite number of seconds >= 0 (0 turns "
-         "batching of tiny tasks off)", "batch-seconds", "Give a finite number of seconds.", None,
+         "off batching tiny tasks and fusing chains of them)", "batch-seconds",
+         "Give a finite number of seconds.", None,
          ("batch-seconds: .inf\n",)),
     Case("configuration", "`inline-bytes: .inf`", "ConfigError",
          "…/nbpipe.yaml: inline-bytes=inf must be a finite whole number of bytes >= 0 (results of "
@@ -855,7 +856,7 @@ CONFIG = [
          "Set a number of bytes, or unset the variable.", {"env": ("DASK_NBPIPE__INLINE_BYTES", "lots")}, ()),
     Case("configuration", '`dask.config.set({"nbpipe.batch-seconds": "soon"})`', "ConfigError",
          "dask.config 'nbpipe.batch-seconds': batch-seconds='soon' must be a finite number of "
-         "seconds >= 0 (0 turns batching of tiny tasks off)", "nbpipe.batch-seconds",
+         "seconds >= 0 (0 turns off batching tiny tasks and fusing chains of them)", "nbpipe.batch-seconds",
          "Set a number of seconds.", {"nbpipe.batch-seconds": "soon"}, ()),
     Case("configuration", '`dask.config.set({"nbpipe.cluster": "warp"})`', "ClusterError",
          "cluster='warp' is not something nbpipe can run on; …", "'warp'",
