@@ -27,7 +27,8 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, wait_for
-from test_reliability import _count, _env, _query, _reap, _start, _write
+from helpers import reap, write
+from test_reliability import _count, _env, _query, _start
 
 from nbpipe.results import MAGIC, locate, read_result
 from nbpipe.store import SCHEMA_VERSION, Batch, Store
@@ -99,7 +100,7 @@ def _result_files(db: Path, label_like: str) -> list[tuple[str, Path]]:
 def test_gc_through_any_spelling_of_the_store_keeps_every_result(tmp_path: Path) -> None:
     project = tmp_path / "project"
     (project / "sub").mkdir(parents=True)
-    script = _write(project / "mixed.py", MIXED)
+    script = write(project / "mixed.py", MIXED)
     assert _run(script, str(project / ".nbpipe")) == (24, 0)
     files = _files(project / ".nbpipe")
     assert len(files) == 12  # the big results; the small ones are inline
@@ -123,7 +124,7 @@ def test_gc_through_any_spelling_of_the_store_keeps_every_result(tmp_path: Path)
 
 
 def test_gc_keeps_the_unrecorded_results_registered_tasks_would_adopt(tmp_path: Path) -> None:
-    script = _write(tmp_path / "mixed.py", MIXED)
+    script = write(tmp_path / "mixed.py", MIXED)
     store = tmp_path / ".nbpipe"
     db = store / "nbpipe.sqlite"
     assert _run(script, str(store)) == (24, 0)
@@ -177,7 +178,7 @@ if __name__ == "__main__":
 
 
 def test_gc_and_delete_are_refused_while_a_runner_is_live(tmp_path: Path) -> None:
-    script = _write(tmp_path / "slow.py", SLOW)
+    script = write(tmp_path / "slow.py", SLOW)
     store = tmp_path / ".nbpipe"
     db = store / "nbpipe.sqlite"
     release = tmp_path / "release"
@@ -195,7 +196,7 @@ def test_gc_and_delete_are_refused_while_a_runner_is_live(tmp_path: Path) -> Non
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err[-3000:]
     finally:
-        _reap(proc)
+        reap(proc)
     assert _query(db, "SELECT COUNT(*) FROM tasks WHERE state = 'SUCCEEDED'") == [(16,)]
     # Once the run is over both work, and leave nothing behind that doctor would find.
     assert "removed 0 result(s)" in _nbpipe(store, "gc").stdout
@@ -274,7 +275,7 @@ def _header(record: Path) -> dict[str, Any]:
 def test_doctor_cleans_records_of_silently_killed_workers_only_once_their_runner_is_gone(
         tmp_path: Path) -> None:
     store = tmp_path / ".nbpipe"
-    proc = _start(_write(tmp_path / "sleeper.py", SLEEPER), str(store))
+    proc = _start(write(tmp_path / "sleeper.py", SLEEPER), str(store))
     try:
         # both items running (each record says so, and each has printed into its output file)
         wait_for(lambda: len(_records(store)) == 2 and all(_running(r) for r in _records(store)),
@@ -298,7 +299,7 @@ def test_doctor_cleans_records_of_silently_killed_workers_only_once_their_runner
         wait_for(settled, timeout=300)
         left = _records(store)
     finally:
-        _reap(proc)  # the runner and every worker, killed without a word
+        reap(proc)  # the runner and every worker, killed without a word
     outputs = [p.with_name(p.name + ".out") for p in left]
     assert all(p.exists() for p in [*left, *outputs]), sorted((store / "running").iterdir())
     expected = f"records of workers killed without a word (their runner is gone): {2 * len(left)}"
@@ -318,7 +319,7 @@ def test_doctor_cleans_records_of_silently_killed_workers_only_once_their_runner
 def test_a_moved_or_renamed_project_keeps_all_its_results(tmp_path: Path) -> None:
     first = tmp_path / "first"
     first.mkdir()
-    _write(first / "mixed.py", MIXED)
+    write(first / "mixed.py", MIXED)
     assert _run(first / "mixed.py", "-") == (24, 0)  # the default store: ./.nbpipe
     recorded = _query(first / ".nbpipe" / "nbpipe.sqlite", "SELECT path FROM results WHERE path != ''")
     assert recorded and all(p.startswith("results/") for (p,) in recorded)
@@ -360,7 +361,7 @@ def test_a_store_of_the_previous_nbpipe_is_migrated_and_keeps_its_results_after_
     old = _previous_nbpipe(tmp_path / "old-nbpipe")
     project = tmp_path / "project"
     project.mkdir()
-    script = _write(project / "mixed.py", MIXED)
+    script = write(project / "mixed.py", MIXED)
     proc = subprocess.run([sys.executable, str(script), "-"], cwd=project, capture_output=True,
                           text=True, timeout=240, env={**_env(), "PYTHONPATH": str(old)})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -404,7 +405,7 @@ def _truncate(path: Path) -> None:
 def test_an_unrecorded_result_file_is_adopted_only_when_its_own_checksum_verifies(
     tmp_path: Path,
 ) -> None:
-    script = _write(tmp_path / "mixed.py", MIXED)
+    script = write(tmp_path / "mixed.py", MIXED)
     store = tmp_path / ".nbpipe"
     db = store / "nbpipe.sqlite"
     assert _run(script, str(store)) == (24, 0)
@@ -425,7 +426,7 @@ def test_an_unrecorded_result_file_is_adopted_only_when_its_own_checksum_verifie
 def test_a_result_file_damaged_after_it_was_recorded_is_found_by_its_header_too(
     tmp_path: Path,
 ) -> None:
-    script = _write(tmp_path / "mixed.py", MIXED)
+    script = write(tmp_path / "mixed.py", MIXED)
     store = tmp_path / ".nbpipe"
     assert _run(script, str(store)) == (24, 0)
     (_, path), *_ = _result_files(store / "nbpipe.sqlite", "big(%")
@@ -474,7 +475,7 @@ def _ledger(path: Path) -> list[tuple[str, float]]:
 
 
 def test_a_killed_chunked_map_loses_at_most_about_a_second_of_work(tmp_path: Path) -> None:
-    script = _write(tmp_path / "chunked.py", CHUNKED)
+    script = write(tmp_path / "chunked.py", CHUNKED)
     store = tmp_path / ".nbpipe"
     ledger = tmp_path / "ledger.txt"
     proc = _start(script, str(store), str(ledger))
@@ -484,7 +485,7 @@ def test_a_killed_chunked_map_loses_at_most_about_a_second_of_work(tmp_path: Pat
         killed_at = time.time()
         proc.wait(timeout=30)
     finally:
-        _reap(proc)
+        reap(proc)
     before = _ledger(ledger)
     db = store / "nbpipe.sqlite"
     recorded = {label for (label,) in _query(db, "SELECT label FROM tasks WHERE state = 'SUCCEEDED'")}
@@ -496,7 +497,7 @@ def test_a_killed_chunked_map_loses_at_most_about_a_second_of_work(tmp_path: Pat
     try:
         out, err = proc.communicate(timeout=240)
     finally:
-        _reap(proc)
+        reap(proc)
     assert proc.returncode == 0, err[-3000:]
     executed, ok, wrong = out.split("SUMMARY")[1].split()
     assert (ok, wrong) == ("True", "0")
@@ -536,7 +537,7 @@ def test_a_chunk_streams_its_finished_items_while_its_next_item_runs_long(tmp_pa
     # Pushed at the next item's end, the quick item would wait ten minutes for the long one.
     store = tmp_path / ".nbpipe"
     ledger = tmp_path / "ledger.txt"
-    proc = _start(_write(tmp_path / "uneven.py", UNEVEN), str(store), str(ledger))
+    proc = _start(write(tmp_path / "uneven.py", UNEVEN), str(store), str(ledger))
 
     def recorded() -> set[str]:
         return {label for (label,) in _query(store / "nbpipe.sqlite",
@@ -547,7 +548,7 @@ def test_a_chunk_streams_its_finished_items_while_its_next_item_runs_long(tmp_pa
         wait_for(lambda: quick <= recorded())
         assert len(_ledger(ledger)) <= 2  # each chunk's next item still runs
     finally:
-        _reap(proc)
+        reap(proc)
 
 
 # -- 5/6. a store of a newer nbpipe is left untouched ---------------------------------------------
@@ -739,7 +740,7 @@ def torture(base: Path, kills: int, seed: int = 17, log: Any = print) -> dict[st
         figures["rounds"] += 1
         project = base / f"round{figures['rounds']}"
         project.mkdir(parents=True)
-        script = _write(project / "torture.py", TORTURE)
+        script = write(project / "torture.py", TORTURE)
         db = project / ".nbpipe" / "nbpipe.sqlite"
         ledger = project / "ledger.txt"
         kill_times: dict[int, float] = {}
@@ -778,7 +779,7 @@ def torture(base: Path, kills: int, seed: int = 17, log: Any = print) -> dict[st
                     continue
                 out, err = proc.communicate(timeout=300)
             finally:
-                _reap(proc)
+                reap(proc)
             assert proc.returncode == 0, err[-3000:]
             executed, ok, wrong = out.split("SUMMARY")[1].split()
             assert ok == "True", out

@@ -23,8 +23,9 @@ import cloudpickle
 import numpy as np
 import pytest
 from conftest import ROOT
+from helpers import write
 from test_dataloss import _nbpipe, _result_files
-from test_reliability import _env, _query, _write
+from test_reliability import _env, _query
 
 from nbpipe.errors import ResultCorrupt
 from nbpipe.results import (
@@ -245,7 +246,7 @@ def _run_arrays(script: Path, store: Path, pythonpath: Path | None = None) -> in
 
 
 def test_a_pipeline_of_arrays_writes_the_new_format_and_resumes_from_it(tmp_path: Path) -> None:
-    script = _write(tmp_path / "arrays.py", ARRAYS)
+    script = write(tmp_path / "arrays.py", ARRAYS)
     store = tmp_path / ".nbpipe"
     assert _run_arrays(script, store) == 7
     files = _result_files(store / "nbpipe.sqlite", "make(%")
@@ -279,7 +280,7 @@ def test_a_store_written_by_the_previous_format_resumes_adopts_and_checks_clean(
     tmp_path: Path,
 ) -> None:
     old = _nbpipe_of_the_previous_format(tmp_path / "old-nbpipe")
-    script = _write(tmp_path / "arrays.py", ARRAYS)
+    script = write(tmp_path / "arrays.py", ARRAYS)
     store = tmp_path / ".nbpipe"
     db = store / "nbpipe.sqlite"
     assert _run_arrays(script, store, pythonpath=old) == 7
