@@ -107,23 +107,29 @@ class Commands:
                     self._finish(ref, State.KILLED, killed_message(ref.label, started=False))
                 else:  # part of a chunk: every worker skips it when its turn comes
                     self.kill_requested.add(ref)
-                    self._interrupt(ref.key, None)
+                    self._interrupt(ref.key, None, within=sub.dask_key)
             elif ref.state is State.RUNNING:
                 self.kill_requested.add(ref)
                 self.kill_deadline[ref] = time.monotonic() + KILL_GRACE
                 workers = [ref.worker] if ref.worker else None
-                self._interrupt(ref.key, workers)
+                sub = self.sub_of.get(ref)
+                self._interrupt(ref.key, workers, within=sub.dask_key if sub else None)
             else:
                 continue
             killed += 1
         return f"killing {killed} task(s)"
 
-    def _interrupt(self, key: str, workers: list[str] | None) -> None:
-        """Raise TaskKilled in the thread running ``key`` (from a thread: never block the loop)."""
+    def _interrupt(self, key: str, workers: list[str] | None, within: str | None = None) -> None:
+        """Raise TaskKilled in the thread running ``key`` (from a thread: never block the loop).
+
+        ``within`` names the Dask task the attempt was sent in: the mark left on a worker that
+        did not run it (or that it had already left) then matches that Dask task only, never
+        the task's next attempt, which goes to Dask under another key.
+        """
 
         def send() -> None:
             try:
-                self.client.run(interrupt, key, workers=workers, on_error="ignore")
+                self.client.run(interrupt, key, within, workers=workers, on_error="ignore")
             except Exception:  # the worker is gone: the restart fallback still applies
                 log.debug("could not interrupt %s", key, exc_info=True)
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import wait_for
@@ -183,3 +184,64 @@ def test_pause_without_a_runner_is_kept_in_the_store(tmp_path: Path) -> None:
     fresh.resume()
     assert not Pipeline("offline", store=store).paused
     fresh.close()
+
+
+def _marks(dask_worker=None) -> list[str]:
+    """The kill marks a worker holds (what makes it skip or stop a task when its turn comes)."""
+    from nbpipe import worker
+    return sorted(worker._killed)
+
+
+def _hold(started: str, gate: str) -> None:
+    """Keep a worker's one thread busy until ``gate`` exists."""
+    Path(started).touch()
+    while not Path(gate).exists():
+        time.sleep(0.05)
+
+
+def test_a_task_killed_inside_a_queued_chunk_runs_when_retried_on_the_other_worker(
+    pipe: Pipeline, client, tmp_path: Path,
+) -> None:
+    """A kill of an item of a chunk not yet started reaches every worker (the chunk may run on
+    any); the mark it leaves on the worker that did not run the chunk must not kill the item's
+    next attempt there."""
+    workers = sorted(client.scheduler_info()["workers"])
+    assert len(workers) == 2
+
+    def hold(worker: str, name: str) -> tuple[Any, Path]:
+        started, free = tmp_path / f"{name}.started", tmp_path / f"{name}.free"
+        future = client.submit(_hold, str(started), str(free), workers=[worker], pure=False)
+        wait_for(started.exists)
+        return future, free
+
+    @pipe.task
+    def step(i: int) -> int:
+        return i
+
+    holds = [hold(w, f"first-{n}") for n, w in enumerate(workers)]  # the chunk waits
+    refs = step.map(range(3), chunksize=3)
+    pipe.run(wait=False)
+    wait_for(lambda: all(r.state is State.PENDING for r in refs))
+    pipe.kill(refs[1])
+    # the kill is sent to both workers from a thread of the runner: wait until both hold it
+    wait_for(lambda: all(any(refs[1].key in m for m in marks)
+                         for marks in client.run(_marks).values()))
+    for future, free in holds:
+        free.touch()
+        future.result()
+    wait_for(lambda: all(r.state.final for r in refs))
+    assert [r.state for r in refs] == [State.SUCCEEDED, State.KILLED, State.SUCCEEDED]
+
+    # the worker that ran the chunk is kept busy: the retry goes to the other one
+    chunk_worker = refs[0].worker
+    (other,) = [w for w in workers if w != chunk_worker]
+    future, free = hold(chunk_worker, "again")
+    try:
+        pipe.retry(refs[1])
+        wait_for(lambda: refs[1].state.final)
+        assert refs[1].state is State.SUCCEEDED, refs[1].error
+        assert refs[1].worker == other
+        assert refs[1].result() == 1
+    finally:
+        free.touch()
+        future.result()
