@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import textwrap
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -192,3 +193,27 @@ def fresh_schema(url: str) -> Iterator[str]:
     never see each other's pipelines or locks."""
     with scratch_schema(url, prefix="t") as scoped:
         yield scoped
+
+
+def nbpipe_as_of(into: Path, path: str, marker: str, commits: int, missing: str) -> Path:
+    """Extract into ``into`` the ``nbpipe`` package of the newest of the last ``commits``
+    commits touching ``path`` whose ``path`` contains ``marker`` (an older nbpipe, from git,
+    for tests of what a store made by it becomes); skip the test with ``missing`` when none."""
+    root = Path(__file__).resolve().parent.parent
+    git = ["git", "-C", str(root)]
+    try:
+        log = subprocess.run([*git, "log", "--format=%H", "-n", str(commits), "--", path],
+                             capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("needs the git history of nbpipe")
+    for commit in log.stdout.split():
+        source = subprocess.run([*git, "show", f"{commit}:{path}"], capture_output=True,
+                                text=True).stdout
+        if marker in source:
+            into.mkdir(parents=True, exist_ok=True)
+            archive = into / "old.tar"
+            subprocess.run([*git, "archive", "-o", str(archive), commit, "nbpipe"], check=True)
+            with tarfile.open(archive) as tar:
+                tar.extractall(into, filter="data")
+            return into
+    pytest.skip(missing)

@@ -20,14 +20,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, wait_for
-from helpers import reap, write
+from conftest import wait_for
+from helpers import nbpipe_as_of, reap, write
 from test_reliability import _count, _env, _query, _start
 
 from nbpipe.results import MAGIC, locate, read_result
@@ -336,23 +335,8 @@ def test_a_moved_or_renamed_project_keeps_all_its_results(tmp_path: Path) -> Non
 
 def _previous_nbpipe(into: Path) -> Path:
     """The nbpipe of the last commit with store schema 3 (absolute result paths), from git."""
-    try:
-        commits = subprocess.run(["git", "-C", str(ROOT), "log", "--format=%H", "-n", "200", "--",
-                                  "nbpipe/store.py"], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip("needs the git history of nbpipe")
-    for commit in commits.stdout.split():
-        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:nbpipe/store.py"],
-                                capture_output=True, text=True).stdout
-        if "SCHEMA_VERSION = 3\n" in source:
-            into.mkdir(parents=True, exist_ok=True)
-            archive = into / "old.tar"
-            subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), commit, "nbpipe"],
-                           check=True)
-            with tarfile.open(archive) as tar:
-                tar.extractall(into, filter="data")
-            return into
-    pytest.skip("no commit with store schema 3 in the history at hand (a shallow clone)")
+    return nbpipe_as_of(into, "nbpipe/store.py", "SCHEMA_VERSION = 3\n", 200,
+                        "no commit with store schema 3 in the history at hand (a shallow clone)")
 
 
 def test_a_store_of_the_previous_nbpipe_is_migrated_and_keeps_its_results_after_a_move(

@@ -14,7 +14,6 @@ import pickle
 import sqlite3
 import subprocess
 import sys
-import tarfile
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,7 @@ from typing import Any
 import cloudpickle
 import numpy as np
 import pytest
-from conftest import ROOT
-from helpers import write
+from helpers import nbpipe_as_of, write
 from test_dataloss import _nbpipe, _result_files
 from test_reliability import _env, _query
 
@@ -257,23 +255,8 @@ def test_a_pipeline_of_arrays_writes_the_new_format_and_resumes_from_it(tmp_path
 
 def _nbpipe_of_the_previous_format(into: Path) -> Path:
     """The nbpipe of the last commit whose result files had the ``nbpipe-result 1`` header."""
-    try:
-        commits = subprocess.run(["git", "-C", str(ROOT), "log", "--format=%H", "-n", "50", "--",
-                                  "nbpipe/results.py"], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip("needs the git history of nbpipe")
-    for commit in commits.stdout.split():
-        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:nbpipe/results.py"],
-                                capture_output=True, text=True).stdout
-        if 'MAGIC = b"nbpipe-result 1 "' in source:
-            into.mkdir(parents=True, exist_ok=True)
-            archive = into / "old.tar"
-            subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), commit, "nbpipe"],
-                           check=True)
-            with tarfile.open(archive) as tar:
-                tar.extractall(into, filter="data")
-            return into
-    pytest.skip("no commit with the previous result format in the history at hand")
+    return nbpipe_as_of(into, "nbpipe/results.py", 'MAGIC = b"nbpipe-result 1 "', 50,
+                        "no commit with the previous result format in the history at hand")
 
 
 def test_a_store_written_by_the_previous_format_resumes_adopts_and_checks_clean(
