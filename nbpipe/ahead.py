@@ -83,8 +83,9 @@ class HandingAhead:
                     sub.future.cancel()
             else:  # a fused chain whose first tasks stay: its worker skips this attempt
                 self._skip.append((ref.key, sub.dask_key))
-            ref.attempts -= 1
-        ref.worker = None
+            ref.update(attempts=ref.attempts - 1, worker=None)
+        else:
+            ref.update(worker=None)
 
     def _unhand_below(self, ref: TaskRef) -> None:
         """Take back every handed-ahead task that waits for ``ref``'s current attempt."""
@@ -99,7 +100,7 @@ class HandingAhead:
         """A handed-ahead task's upstream tasks all succeeded: it is PENDING now (its Dask task
         may be running or done already: what its worker reported is applied next)."""
         self.ahead.discard(ref)
-        ref.state = State.PENDING
+        ref.update(state=State.PENDING)
         self.host.executed([ref])
         self.batch.state(self.pid, ref.key, State.PENDING.value, attempts=ref.attempts,
                          reason=ref.reason)
@@ -142,8 +143,8 @@ class HandingAhead:
                         f"task {ref.label!r} reads {gone or 'an In file'}, which is gone although "
                         "the task that writes it succeeded; restore the file, or retry that task"))
                 elif twin is not None and twin is not ref and twin.state is State.SUCCEEDED:
-                    ref.result_file, ref.reason = twin.result_file, "found done"
-                    self._finish(ref, State.SUCCEEDED)  # the same content, computed already
+                    self._finish(ref, State.SUCCEEDED, result_file=twin.result_file,
+                                 reason="found done")  # the same content, computed already
                 elif twin is not None and twin is not ref and not twin.state.final:
                     ref.late = True  # the same content, being computed: settled after it
                     self.children[twin].add(ref)

@@ -70,8 +70,7 @@ class Commands:
             sub.future.cancel()
             self._release(sub)
             for ref in live:
-                ref.attempts -= 1
-                ref.state = State.WAITING
+                ref.update(state=State.WAITING, attempts=ref.attempts - 1)
                 taken.append(ref)
         return taken
 
@@ -168,8 +167,7 @@ class Commands:
                     self._finish(other, State.KILLED,
                                  f"task {other.label!r} was killed on request (worker restarted)")
                 elif not other.state.final:
-                    other.attempts -= 1
-                    other.state = State.WAITING
+                    other.update(state=State.WAITING, attempts=other.attempts - 1)
                     self.ready.append(other)
 
     def _restart_worker(self, address: str, key: str, attempt: int) -> None:
@@ -202,12 +200,7 @@ class Commands:
                           busy=lambda r: r in self.sub_of)
         forget_results(self.store, [r.key for r in reset if r.state is State.SUCCEEDED])
         for ref in reset:
-            if ref.state is State.SUCCEEDED:
-                ref.result_file = None
-            ref.state = State.WAITING
-            ref.budget = ref.attempts
-            ref.error = ref.traceback = ref.exception = None
-            ref.reason = RETRY_REASON
+            ref.run_state = ref.run_state.retried(RETRY_REASON)
             self.batch.state(self.pid, ref.key, State.WAITING.value, attempts=ref.attempts,
                              reason=RETRY_REASON, message=RETRY_REASON)
         for ref in reset:

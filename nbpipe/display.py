@@ -57,15 +57,16 @@ def run_seconds(ref: TaskRef) -> float | None:
 
 def _status_text(ref: TaskRef, started: float) -> str:
     elapsed = time.monotonic() - started
-    worker = f" on {ref.worker}" if ref.worker else ""
-    note = f" ({ref.reason})" if ref.state is State.WAITING and ref.reason else ""
-    if ref.state is State.SUCCEEDED and ref.reason == "found done":
-        return f"task {ref.label}: {ref.state.value}, {elapsed:.1f} s (found done: nothing to run)"
-    ran = run_seconds(ref) if ref.state.final else None
+    run = ref.run_state  # (read once: the runner thread may move the task on meanwhile)
+    worker = f" on {run.worker}" if run.worker else ""
+    note = f" ({run.reason})" if run.state is State.WAITING and run.reason else ""
+    if run.state is State.SUCCEEDED and run.reason == "found done":
+        return f"task {ref.label}: {run.state.value}, {elapsed:.1f} s (found done: nothing to run)"
+    ran = run_seconds(ref) if run.state.final else None
     if ran is not None:  # the attempt's own time (as the task panel), then the wall time
-        return (f"task {ref.label}: {ref.state.value}{worker} in {ran:.1f} s "
+        return (f"task {ref.label}: {run.state.value}{worker} in {ran:.1f} s "
                 f"({elapsed:.1f} s since the cell ran)")
-    return f"task {ref.label}: {ref.state.value}{worker}, {elapsed:.1f} s{note}"
+    return f"task {ref.label}: {run.state.value}{worker}, {elapsed:.1f} s{note}"
 
 
 class StatusLine:
@@ -111,8 +112,9 @@ class StatusLine:
             self._out.append_stdout(last["stdout"])
         if last is not None and last["stderr"]:
             self._out.append_stderr(last["stderr"])
-        if ref.state is not State.SUCCEEDED:
-            text = ref.traceback or ref.error or ref.state.value
+        run = ref.run_state
+        if run.state is not State.SUCCEEDED:
+            text = run.traceback or run.error or run.state.value
             self._out.append_stderr(f"{text}\n")
             return
         if getattr(ref.func, "outputs", None) is not None:  # a cell: show its rich output

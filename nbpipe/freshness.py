@@ -155,33 +155,35 @@ class Freshness:
                 self.store.forget_result(r.key)
             missing_out = [p for p in r.out_files if not p.exists()]
             row = rows.get(r.key_)
+            # (one update of its run state per task: a reader sees it before or after)
+            changes: dict[str, Any] = {}
             if row is not None and not r.attempts:
-                r.attempts = r.budget = row["attempts"]
+                changes["attempts"] = changes["budget"] = row["attempts"]
             if r.key_ in retrying:
-                r.state, r.result_file, r.reason = State.WAITING, None, RETRY_REASON
+                changes.update(state=State.WAITING, result_file=None, reason=RETRY_REASON)
             elif r.func.opts.cache and whole and not missing_out:
-                r.state = State.SUCCEEDED
-                r.result_file = (locate(self.store.path, res["path"]), res["checksum"])
-                r.reason = "found done"
+                changes.update(state=State.SUCCEEDED, reason="found done",
+                               result_file=(locate(self.store.path, res["path"]), res["checksum"]))
             else:
-                r.state, r.result_file = State.WAITING, None
+                changes.update(state=State.WAITING, result_file=None)
                 if r.late:
-                    r.reason = pending_reason(r)
+                    changes["reason"] = pending_reason(r)
                 elif not r.func.opts.cache:
-                    r.reason = "cache=False: runs every time"
+                    changes["reason"] = "cache=False: runs every time"
                 elif row is not None and row["state"] == State.SUCCEEDED.value:
-                    r.reason = (f"output file {missing_out[0]} is missing" if missing_out
-                                else "its result file is missing or damaged")
+                    changes["reason"] = (f"output file {missing_out[0]} is missing" if missing_out
+                                         else "its result file is missing or damaged")
                 elif row is not None and row["state"] in {s.value for s in BAD}:
-                    r.reason = f"{PREVIOUS_RUN}{row['state']}" + (
+                    changes["reason"] = f"{PREVIOUS_RUN}{row['state']}" + (
                         f" ({row['error']})" if row["error"] else "")
                 elif row is not None and row["state"] == State.WAITING.value and \
                         (row["reason"] or "").startswith(PREVIOUS_RUN):
-                    r.reason = row["reason"]  # registered again since, never run: still so
+                    changes["reason"] = row["reason"]  # registered again since, never run: still so
                 elif row is not None:
-                    r.reason = "the previous run did not finish"
+                    changes["reason"] = "the previous run did not finish"
                 else:
                     unexplained.append(r)
+            r.update(**changes)
         if unexplained:
             self._explain(unexplained)
         return rows
@@ -232,7 +234,7 @@ class Freshness:
                 old = parsed.get(id(prev))
                 if old is None:
                     old = parsed[id(prev)] = json.loads(prev["components"])
-            r.reason = explain(r.components, old, r.name)
+            r.update(reason=explain(r.components, old, r.name))
             old_version = old_version or (old is not None and old.get("identity")
                                           != r.components.get("identity"))
         if old_version and self.name not in _told_identity:

@@ -140,8 +140,9 @@ def wait_for(runner: Runner, refs: list[TaskRef], timeout: float | None, pipelin
 def load(ref: TaskRef, runner: Runner | None, store: Store) -> Any:
     """The value of a SUCCEEDED task, read from its result file (checked against its
     checksum), or, for a small inline result, from ``runner``'s memory or the store."""
-    assert ref.result_file is not None
-    path, checksum = ref.result_file
+    result_file = ref.result_file
+    assert result_file is not None
+    path, checksum = result_file
     data = None
     if path == INLINE:
         data = runner.inline_data(ref.key) if runner is not None else store.result_data(ref.key)
@@ -153,21 +154,22 @@ def raise_outcome(ref: TaskRef) -> NoReturn:
     (its worker's traceback as the cause) or :class:`~nbpipe.TaskFailed`,
     :class:`~nbpipe.UpstreamFailed`, :class:`~nbpipe.TaskKilled`, else an error saying the task
     has not ended (the pipeline is paused)."""
-    if ref.state is State.FAILED:
-        if ref.exception is not None:
+    run = ref.run_state  # one record: the exception, traceback and error of the same failure
+    if run.state is State.FAILED:
+        if run.exception is not None:
             try:
-                exc = cloudpickle.loads(ref.exception)
+                exc = cloudpickle.loads(run.exception)
             except Exception:
                 exc = None
             if isinstance(exc, BaseException):
-                if ref.traceback:
+                if run.traceback:
                     exc.__cause__ = RemoteTraceback(
-                        f"\nTraceback of task {ref.label!r} on its worker:\n{ref.traceback}")
+                        f"\nTraceback of task {ref.label!r} on its worker:\n{run.traceback}")
                 raise exc
-        raise TaskFailed(f"task {ref.label!r} failed: {ref.error}\n{ref.traceback or ''}",
+        raise TaskFailed(f"task {ref.label!r} failed: {run.error}\n{run.traceback or ''}",
                          [ref.label])
-    if ref.state is State.UPSTREAM_FAILED:
-        raise UpstreamFailed(f"task {ref.label!r} did not run: {ref.error}", [ref.label])
-    if ref.state is State.KILLED:
+    if run.state is State.UPSTREAM_FAILED:
+        raise UpstreamFailed(f"task {ref.label!r} did not run: {run.error}", [ref.label])
+    if run.state is State.KILLED:
         raise TaskKilled(f"task {ref.label!r} was killed")
-    raise NbpipeError(f"task {ref.label!r} is {ref.state.value} (the pipeline is paused?)")
+    raise NbpipeError(f"task {ref.label!r} is {run.state.value} (the pipeline is paused?)")

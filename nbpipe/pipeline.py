@@ -237,7 +237,7 @@ class Pipeline:
         for r in refs:  # what failed or was killed before runs again
             if r.state in BAD:
                 r.queued = False
-                r.state, r.budget = State.WAITING, r.attempts
+                r.update(state=State.WAITING, budget=r.attempts)
         gone = [r for r in refs if r.state is State.SUCCEEDED and r.out_files
                 and not all(p.exists() for p in r.out_files)]
         if gone:  # an output file was deleted since the task ran here: it runs again, saying so
@@ -293,7 +293,8 @@ class Pipeline:
                 return load(ref, self._runner, self.store)
             except ResultCorrupt:  # computed again, once
                 self.store.forget_result(ref.key)
-                ref.state, ref.result_file, ref.key_ = State.WAITING, None, None
+                ref.update(state=State.WAITING, result_file=None)
+                ref.key_ = None
                 self._resolve([ref])
                 self._run([ref], wait=True, timeout=timeout)
                 if ref.state is State.SUCCEEDED and ref.result_file is not None:
@@ -465,10 +466,7 @@ class Pipeline:
         reset = set(self.control.reset_for_retry(keys, failed=failed))
         refs = [r for r in self._refs.values() if r.key_ in reset]
         for r in refs:  # as the runner resets them: the old result is not taken for them
-            r.state, r.result_file, r.queued = State.WAITING, None, False
-            r.budget = r.attempts
-            r.error = r.traceback = r.exception = None
-            r.reason = RETRY_REASON
+            r.run_state, r.queued = r.run_state.retried(RETRY_REASON), False
         if refs:
             self._run([r for r in self._refs.values() if r.state is not State.SUCCEEDED], wait=wait)
 
@@ -491,7 +489,8 @@ class Pipeline:
         changed = self.control.kill_offline(keys)
         for r in self._refs.values():
             if r.key_ in changed:
-                r.state, r.error = changed[r.key_]
+                state, error = changed[r.key_]
+                r.update(state=state, error=error)
 
     def pause(self) -> None:
         """Start no new task; running tasks finish."""

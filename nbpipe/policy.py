@@ -270,7 +270,7 @@ def should_retry(ref: TaskRef, kind: str) -> bool:
     policy = effective(ref.func, ref.pipeline)
     if kind not in policy.retry_on:
         return False
-    return ref.attempts - ref.budget <= policy.retries
+    return ref.run_state.retries_used <= policy.retries
 
 
 def timeout_error(label: str, seconds: float) -> str:

@@ -48,11 +48,10 @@ class Reports:
             sub = self.sub_of.get(ref)
             if sub is not None:
                 sub.started = True
-            ref.state = State.RUNNING
-            ref.worker = msg.get("worker")
+            run = ref.update(state=State.RUNNING, worker=msg.get("worker"))
             job = f" (job {msg['job_id']})" if msg.get("job_id") else ""
-            self.batch.state(self.pid, key, State.RUNNING.value, attempts=ref.attempts,
-                             message=f"{ref.worker}{job}")
+            self.batch.state(self.pid, key, State.RUNNING.value, attempts=run.attempts,
+                             message=f"{run.worker}{job}")
         if msg.get("worker") and msg.get("memory_limit"):
             self.worker_memory[msg["worker"]] = int(msg["memory_limit"])
         # A job seen running a task is recorded now, before the task's transitions are written:
@@ -198,11 +197,10 @@ class Reports:
             self.batch.envs.append((o.env_id, json.dumps(o.env, sort_keys=True)))
         if o.state == State.SUCCEEDED.value and o.result is not None:
             path, checksum, size = o.result  # path relative to the store root
-            ref.result_file = (locate(self.store.path, path), checksum)
             self.batch.results.append((o.key, path, checksum, size, time.time(), o.data))
             if o.data is not None:  # downstream tasks may start before the batch is written
                 self.batch_inline[o.key] = o.data
-            self._finish(ref, State.SUCCEEDED)
+            self._finish(ref, State.SUCCEEDED, result_file=(locate(self.store.path, path), checksum))
         elif o.state == NOT_RUN:  # its upstream's value was lost with a worker after all
             self._attempt_failed(ref, o.error, None, None)
         elif o.state == State.KILLED.value or ref in self.kill_requested:
@@ -224,8 +222,8 @@ class Reports:
         if dep.state is State.SUCCEEDED:
             self.store.forget_result(dep.key)
             self.by_key[dep.key] = dep
-            dep.state, dep.result_file, dep.budget = State.WAITING, None, dep.attempts
-            dep.reason = "its result file was damaged"
+            dep.update(state=State.WAITING, result_file=None, budget=dep.attempts,
+                       reason="its result file was damaged")
             self.batch.state(self.pid, dep.key, State.WAITING.value, attempts=dep.attempts,
                              reason=dep.reason,
                              message=f"result file damaged (read by {ref.label!r}); running it again")
@@ -233,7 +231,7 @@ class Reports:
                 if child.state is State.WAITING and child in self.blockers:
                     self.blockers[child] += 1
             self._arm(dep)
-        ref.state, ref.budget = State.WAITING, ref.budget + 1
+        ref.update(state=State.WAITING, budget=ref.budget + 1)  # (this attempt is not counted)
         self.batch.state(self.pid, ref.key, State.WAITING.value, attempts=ref.attempts,
                          error=o.error, message=f"waiting for {dep.label!r} to run again")
         self.blockers.pop(ref, None)
@@ -247,14 +245,13 @@ class Reports:
 
     def _attempt_failed(self, ref: TaskRef, error: str | None, tb: str | None,
                         exception: bytes | None, kind: str = "exception") -> None:
-        ref.error, ref.traceback, ref.exception = error, tb, exception
         if policy.should_retry(ref, kind):  # i20: retries and retry_on (nbpipe.policy)
             self._unhand_below(ref)  # they wait for its next attempt
-            ref.state = State.WAITING
+            ref.run_state = ref.run_state.ended(State.WAITING, error, tb, exception)
             self.batch.state(
                 self.pid, ref.key, State.WAITING.value, attempts=ref.attempts, error=error,
                 message=f"attempt {ref.attempts} failed ({error}); retrying",
             )
             self.ready.append(ref)
         else:
-            self._finish(ref, State.FAILED, error)
+            self._finish(ref, State.FAILED, error, traceback=tb, exception=exception)

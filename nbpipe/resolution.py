@@ -417,7 +417,7 @@ class TaskGraph:
                 if late and old is not None and key != old:
                     retired[old] = key
                 r.key_ = key  # (a late task is looked at again: its upstream may be found done)
-                r.state, r.result_file = State.WAITING, None  # not final for readers until found
+                r.update(state=State.WAITING, result_file=None)  # not final for readers until found
                 changed.append(r)
             return changed, retired
 

@@ -110,5 +110,5 @@ def mark_done(pipe: Pipeline, refs: list[TaskRef], reasons: dict[str, str]) -> N
     results = pipe.store.results([r.key for r in refs])
     for r in refs:
         res = results[r.key]
-        r.state, r.reason = State.SUCCEEDED, reasons[r.key]
-        r.result_file = (locate(pipe.store.path, res["path"]), res["checksum"])
+        r.run_state = r.run_state.succeeded(
+            (locate(pipe.store.path, res["path"]), res["checksum"]), reason=reasons[r.key])

@@ -232,7 +232,7 @@ class Runner(HandingAhead, Submitting, Reports, Commands, PoolScaling):
             for sub in list(self.inflight.values()):
                 for ref in sub.refs:
                     if ref.state in (State.PENDING, State.RUNNING):
-                        ref.state = State.WAITING
+                        ref.update(state=State.WAITING)
                         self.batch.state(self.pid, ref.key, State.WAITING.value, attempts=ref.attempts,
                                          message="runner closed before the task finished")
                 if sub.future is not None:
@@ -435,11 +435,19 @@ class Runner(HandingAhead, Submitting, Reports, Commands, PoolScaling):
         elif waiting == 0:
             self.ready.append(ref)
 
-    def _finish(self, ref: TaskRef, state: State, error: str | None = None) -> None:
+    def _finish(self, ref: TaskRef, state: State, error: str | None = None, *,
+                result_file: tuple[str, str] | None = None, **changes: Any) -> None:
+        """``ref`` ended in ``state``: SUCCEEDED with its ``result_file`` (by default the one it
+        has), else failed for ``error`` (``changes``: more fields of its run state, set in the
+        same update: a reader never sees half of it)."""
         if ref in self.ahead:  # killed, or not sendable, before its upstream tasks finished
             self._unhand(ref)
-        ref.state = state
-        ref.error = error if state is not State.SUCCEEDED else None
+        if state is State.SUCCEEDED:
+            result_file = result_file or ref.result_file
+            assert result_file is not None, f"task {ref.label!r} succeeded without a result file"
+            ref.run_state = ref.run_state.succeeded(result_file, **changes)
+        else:
+            ref.run_state = ref.run_state.ended(state, error, **changes)
         self.blockers.pop(ref, None)
         self.kill_requested.discard(ref)
         self.kill_deadline.pop(ref, None)
@@ -466,8 +474,8 @@ class Runner(HandingAhead, Submitting, Reports, Commands, PoolScaling):
                 self._unhand(child)
             if child.state is State.WAITING and child not in self.sub_of:
                 self.blockers.pop(child, None)
-                child.state = State.UPSTREAM_FAILED
-                child.error = f"upstream task {ref.label!r} is {state.value}"
+                child.run_state = child.run_state.ended(
+                    State.UPSTREAM_FAILED, f"upstream task {ref.label!r} is {state.value}")
                 self.counters.finished[State.UPSTREAM_FAILED.value] += 1
                 self.batch.state(self.pid, child.key, child.state.value, attempts=child.attempts,
                                  error=child.error)

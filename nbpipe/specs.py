@@ -68,9 +68,9 @@ def write_specs(pipe: Pipeline, refs: list[TaskRef]) -> int:
 def _done_ref(pipe: Pipeline, row: Any, result: Any) -> TaskRef:
     ref = TaskRef.__new__(TaskRef)
     TaskRef.__init__(ref, pipe, None, row["name"], row["label"])  # type: ignore[arg-type]
-    ref.key_, ref.state, ref.attempts = row["key"], State.SUCCEEDED, row["attempts"]
-    ref.result_file = (locate(pipe.store.path, result["path"]), result["checksum"])
-    ref.reason = "found done"
+    ref.key_ = row["key"]
+    ref.update(state=State.SUCCEEDED, attempts=row["attempts"], reason="found done",
+               result_file=(locate(pipe.store.path, result["path"]), result["checksum"]))
     ref.args, ref.kwargs, ref.upstream, ref.after = (), {}, [], ()
     ref.in_files, ref.out_files, ref.call_id = [], [], row["key"]
     return ref
@@ -115,13 +115,14 @@ def revive(pipe: Pipeline) -> list[TaskRef]:
         if spec["outputs"] is not None:
             func.outputs = spec["outputs"]  # type: ignore[attr-defined]
         ref = TaskRef(pipe, func, spec["name"], spec["label"])
-        ref.key_, ref.components, ref.reason = key, spec["components"], spec["reason"]
+        ref.key_, ref.components = key, spec["components"]
+        ref.update(reason=spec["reason"], attempts=rows[key]["attempts"],
+                   budget=rows[key]["attempts"])
         ref.call_id, ref.after = key, ()
         ref.in_files = [Path(p) for p in spec["in_files"]]
         ref.out_files = [Path(p) for p in spec["out_files"]]
         ref.group, ref.chunksize = spec["group"], spec["chunksize"]
         ref.late = spec.get("late", False)  # its key is settled when it is ready
-        ref.attempts = ref.budget = rows[key]["attempts"]
         refs[key] = ref
     for key, spec in specs.items():
         ref = refs[key]

@@ -204,8 +204,7 @@ class Submitting:
         except ResourceError as exc:  # memory grown past every pool after worker deaths
             for ref in refs:
                 self.active[cap_identity(ref.func)] -= 1
-                ref.attempts += 1
-                self._finish(ref, State.FAILED, str(exc))
+                self._finish(ref, State.FAILED, str(exc), attempts=ref.attempts + 1)
             return False
         items = []
         if not ahead:
@@ -215,12 +214,11 @@ class Submitting:
             self.active[cap_identity(ref.func)] += 1
         for ref in [*refs, *chain]:
             needs = bool(ref.upstream) or holds_collection((ref.args, ref.kwargs))
-            ref.attempts += 1
-            ref.worker = None
-            if ahead or ref in chain:
+            if ahead or ref in chain:  # WAITING until its upstream tasks succeed
                 self.ahead.add(ref)
+                ref.update(attempts=ref.attempts + 1, worker=None)
             else:
-                ref.state = State.PENDING
+                ref.update(state=State.PENDING, attempts=ref.attempts + 1, worker=None)
             items.append(WorkItem(
                 key=ref.key, name=ref.name, label=ref.label, attempt=ref.attempts,
                 args=self._substitute(ref.args) if needs else ref.args,

@@ -18,6 +18,7 @@ import difflib
 import functools
 import inspect
 import math
+import operator
 import os
 import re
 import threading
@@ -32,6 +33,7 @@ from .content import upstream_token
 from .errors import TaskDefinitionError
 from .files import file_params
 from .identity import IDENTITY_VERSION, CodeIdentity, DictShape, code_identity, digest
+from .runstate import FIELD_DOCS, RunState
 from .states import State
 
 if TYPE_CHECKING:
@@ -233,7 +235,13 @@ def make_options(task: str, **kw: Any) -> TaskOptions:
     return TaskOptions(**out)
 
 
+_FRESH = RunState()  # every task starts so (records are immutable: one is shared)
 _NO_DEPS: dict[Any, str] = {}  # shared until a task's dependencies are resolved (never changed)
+
+
+def _run_field(name: str) -> property:
+    """A read-only view of one field of ``TaskRef.run_state``."""
+    return property(operator.attrgetter(f"run_state.{name}"), doc=FIELD_DOCS[name])
 
 
 class TaskRef:
@@ -241,14 +249,19 @@ class TaskRef:
 
     Pass it to other tasks (also inside lists, tuples and dicts) to make them depend on it;
     ``ref.result()`` waits for the value.
+
+    Where the task is in its run is one immutable record, ``ref.run_state``
+    (:class:`~nbpipe.runstate.RunState`), which the runner replaces whole: ``ref.state``,
+    ``ref.error``, ``ref.result_file``... read its fields. Each read looks at the record of
+    that moment; take ``run = ref.run_state`` once to read several fields of the same moment
+    (the runner may move on between two reads).
     """
 
     __slots__ = (
         "pipeline", "func", "name", "label", "args", "kwargs", "call_id", "upstream",
         "after", "in_files", "out_files", "shape", "arg_digests", "file_digests", "key_",
-        "components_",
-        "state", "attempts", "error", "exception", "traceback", "result_file", "reason",
-        "group", "chunksize", "worker", "dynamic", "late", "budget", "deps", "queued",
+        "components_", "run_state",
+        "group", "chunksize", "dynamic", "late", "deps", "queued",
         "__weakref__",
     )
 
@@ -262,21 +275,36 @@ class TaskRef:
         self.arg_digests: dict[str, str] = {}
         self.file_digests: dict[str, str] | None = None  # input files, when the task reads any
         self.components_: dict[str, Any] | None = None  # as recorded, for a revived task
-        self.state = State.WAITING
-        self.attempts = 0
-        self.budget = 0  # attempts made before the last retry command
-        self.error: str | None = None
-        self.exception: bytes | None = None
-        self.traceback: str | None = None
-        self.result_file: tuple[str, str] | None = None
-        self.reason: str | None = None
+        self.run_state = _FRESH
         self.group: str | None = None
         self.chunksize: int | None = None
-        self.worker: str | None = None
         self.dynamic = False
         self.queued = False  # handed to a runner: its key no longer changes
         self.late = False  # its key is provisional: it reads upstream content not known yet
         self.deps: dict[TaskRef, str] = _NO_DEPS  # upstream task -> data | after | file
+
+    run_state: RunState
+    """Where the task is in its run, as one record (read it once; see the class docstring)."""
+
+    state = _run_field("state")
+    attempts = _run_field("attempts")
+    budget = _run_field("budget")
+    error = _run_field("error")
+    exception = _run_field("exception")
+    traceback = _run_field("traceback")
+    result_file = _run_field("result_file")
+    reason = _run_field("reason")
+    worker = _run_field("worker")
+
+    def update(self, **changes: Any) -> RunState:
+        """Change fields of the run state in one step (``ref.update(state=State.RUNNING,
+        worker=address)``) and return the new record; readers see all the changes or none.
+
+        Only the thread that owns the task's run changes it (the runner, or the pipeline's
+        thread while no runner holds the task): updates are not merged.
+        """
+        run = self.run_state = self.run_state.but(**changes)
+        return run
 
     @property
     def key(self) -> str:
@@ -340,10 +368,12 @@ class TaskRef:
         cluster, recorded in the store; a failed task raises its error here)."""
         from .results import INLINE
 
-        if self.state is not State.SUCCEEDED or self.result_file is None:
+        run = self.run_state
+        if run.state is not State.SUCCEEDED or run.result_file is None:
             self.result()
-        assert self.result_file is not None
-        path, checksum = self.result_file
+            run = self.run_state
+        assert run.result_file is not None
+        path, checksum = run.result_file
         data = self.pipeline.store.result_data(self.key) if path == INLINE else None
         return {self._dask_name(): (_load_value, path, checksum, data)}
 

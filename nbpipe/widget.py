@@ -56,9 +56,11 @@ class GraphWidget(anywidget.AnyWidget):
     def refresh(self) -> None:
         """Take the tasks' current states (and any new tasks) from the pipeline."""
         refs = self._pipe.refs()
+        # (each task's run state read once: its fields are of one moment, see nbpipe.runstate)
         tasks = [{"key": r.key, "name": r.name, "label": r.label, "kind": r.func.kind,
-                  "state": r.state.value, "attempts": r.attempts, "reason": r.reason,
-                  "error": r.error, "cell": getattr(r.func, "cell_id", None)} for r in refs]
+                  "state": s.state.value, "attempts": s.attempts, "reason": s.reason,
+                  "error": s.error, "cell": getattr(r.func, "cell_id", None)}
+                 for r in refs for s in (r.run_state,)]
         edges = [{"parent": d.key, "child": r.key, "kind": kind} for r in refs for d, kind in r.deps.items()]
         if tasks != self.tasks:
             self.tasks = tasks

@@ -70,7 +70,7 @@ def test_a_task_waits_for_every_upstream_task_not_succeeded_and_names_one_that_f
         pipe: Pipeline, states: list[State], waiting: int, failed: int | None) -> None:
     refs = chain(pipe, len(states) + 1)[:len(states)]
     for ref, state in zip(refs, states, strict=True):
-        ref.state = state
+        ref.update(state=state)
     count, bad = count_blockers(refs)
     assert count == waiting
     assert bad is (None if failed is None else refs[failed])
@@ -119,7 +119,7 @@ def test_a_task_whose_upstream_succeeded_and_others_in_flight_is_handed_ahead(
     a, b = make(1), make(2)
     j = join(a, b)
     pipe.resolve()
-    a.state = State.SUCCEEDED
+    a.update(state=State.SUCCEEDED)
     assert may_hand(j, pipe.deps(j), waits_for=1, sent={b: Submission("b", [b])},
                     killing=set(), capped=False)
     assert not may_hand(j, pipe.deps(j), waits_for=1, sent={}, killing=set(), capped=False)
@@ -138,7 +138,7 @@ def test_these_tasks_are_never_handed_ahead(pipe: Pipeline, why: str) -> None:
     elif why == "chunked":  # map(..., chunksize=): submitted with its chunk
         b.group, b.chunksize = "g", 4
     elif why == "not waiting":
-        b.state = State.KILLED
+        b.update(state=State.KILLED)
     elif why == "already sent":
         sent[b] = Submission("b", [b])
     elif why == "ready":  # waits for nothing: it is submitted as a ready task
@@ -215,7 +215,7 @@ def test_a_chain_stops_at_a_task_that_cannot_join_it(pipe: Pipeline, why: str) -
     elif why == "late":
         stop.late = True
     elif why == "not waiting":
-        stop.state = State.SUCCEEDED
+        stop.update(state=State.SUCCEEDED)
     elif why == "waits for more":  # (an upstream task runs again: its count went up)
         kwargs["waits_for"] = {r: 2 if r is stop else 1 for r in refs[1:]}
     assert fuse(pipe, refs, refs[0], **kwargs) == refs[1:3]
