@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 from .states import State
 
-__all__ = ["FIELD_DOCS", "RunState"]
+__all__ = ["FIELDS", "FIELD_DOCS", "RunState"]
 
 
 # A NamedTuple, not a frozen dataclass: the runner makes a few of these per task and attempt on
@@ -59,7 +59,7 @@ class RunState(NamedTuple):
                 values[_INDEX[name]] = value
         except KeyError as exc:  # (a typo in nbpipe itself: say which names exist)
             raise TypeError(f"RunState has no field {exc.args[0]!r}; its fields are "
-                            f"{', '.join(self._fields)}") from None
+                            f"{', '.join(FIELDS)}") from None
         return tuple.__new__(RunState, values)
 
     def succeeded(self, result_file: tuple[str, str], **changes: Any) -> RunState:
@@ -85,7 +85,9 @@ class RunState(NamedTuple):
         return self.attempts - self.budget
 
 
-_INDEX = {name: i for i, name in enumerate(RunState._fields)}
+#: The names of the fields, in order.
+FIELDS: tuple[str, ...] = tuple(RunState.__annotations__)
+_INDEX = {name: i for i, name in enumerate(FIELDS)}
 
 #: What each field means; also the docstrings of ``TaskRef.state``, ``TaskRef.error``...
 FIELD_DOCS = {

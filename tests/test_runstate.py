@@ -25,11 +25,10 @@ from distributed import Client
 
 import nbpipe.runstate
 from nbpipe import Pipeline, State, context
-from nbpipe.runstate import RunState
+from nbpipe.runstate import FIELDS, RunState
 from nbpipe.task import TaskRef
 
 PACKAGE = Path(nbpipe.runstate.__file__).resolve().parent
-FIELDS = RunState._fields
 FAILURE = ("error", "traceback", "exception")
 
 # -- the record ---------------------------------------------------------------------------------
