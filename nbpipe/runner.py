@@ -18,6 +18,12 @@ in ``Runner.__init__``, which this loop alone changes):
 - :mod:`nbpipe.jobs`: worker pools, scaling and batch jobs;
 - :mod:`nbpipe.events`: the topic workers report through.
 
+Each task's run state (state, attempts, retry budget, error, result file, worker) is one
+immutable :class:`~nbpipe.runstate.RunState` on ``TaskRef.run_state``, which a transition replaces
+whole (``ref.update(...)``, ``_finish``): the kernel, the widget and the user's code read it from
+other threads without the runner's lock and always see one moment of the task. Waiters that need
+the store to agree as well (``run()``) look under ``Runner.changed``, held for each tick.
+
 The runner knows the pipeline only through a :class:`RunnerHost` (what it asks of the pipeline).
 """
 

@@ -69,7 +69,8 @@ class RunState(NamedTuple):
 
     def ended(self, state: State, error: str | None, traceback: str | None = None,
               exception: bytes | None = None, **changes: Any) -> RunState:
-        """Ended in a state other than SUCCEEDED, for the failure described (only that one)."""
+        """An attempt or the task ended otherwise than SUCCEEDED: ``state`` is FAILED, KILLED,
+        UPSTREAM_FAILED, or WAITING for a retry; the failure fields are this failure's only."""
         return self.but(state=state, error=error, traceback=traceback, exception=exception,
                         result_file=None, **changes)
 
