@@ -489,8 +489,7 @@ class Pipeline:
         changed = self.control.kill_offline(keys)
         for r in self._refs.values():
             if r.key_ in changed:
-                state, error = changed[r.key_]
-                r.update(state=state, error=error)
+                r.run_state = r.run_state.ended(*changed[r.key_])
 
     def pause(self) -> None:
         """Start no new task; running tasks finish."""

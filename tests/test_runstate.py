@@ -372,3 +372,34 @@ def test_a_reader_sees_consistent_kills_pauses_and_resumes(
     assert all(r.state is State.KILLED for r in spinning)
     assert any(run.state is State.KILLED and run.worker for _, run in published.records)
     assert all(r.state is State.SUCCEEDED for r in quicks)
+
+
+def test_tasks_killed_without_a_runner_get_whole_records(
+        tmp_path: Path, published: Published) -> None:
+    """Kill from a process with no runner (the store's states are changed directly, then the
+    refs'): each record is replaced whole, as the runner's kills are."""
+    pipe = Pipeline("offline-kill", store=tmp_path / ".nbpipe")
+
+    @pipe.task
+    def first() -> int:
+        return 1
+
+    @pipe.task
+    def second(x: int) -> int:
+        return x
+
+    a = first()
+    b = second(a)
+    try:
+        pipe.pause()
+        assert pipe.run().paused  # registered, and nothing starts: no runner anywhere
+        pipe.kill(a)
+        run_a, run_b = a.run_state, b.run_state
+        assert run_a.state is State.KILLED and "killed" in run_a.error
+        assert run_b.state is State.UPSTREAM_FAILED and run_b.error.startswith("upstream task")
+        assert all(getattr(r, f) is None for r in (run_a, run_b)
+                   for f in ("traceback", "exception", "result_file"))
+    finally:
+        pipe.resume()
+        pipe.close()
+    assert not published.wrong(), published.wrong()[:10]
