@@ -4,8 +4,9 @@ The runner thread moves tasks on while other threads (the kernel waiting for a v
 sidebar's widget, the user's ``ref.state``) read them. Readers take the record once and must see
 one moment of the task: never SUCCEEDED without its result file, never an error, traceback and
 exception of different attempts, never the failure of an earlier attempt on a task that failed
-again or succeeded. These tests hold every transition to that, with a real pipeline on the
-shared LocalCluster and a reader thread polling all the while.
+again or succeeded. These tests hold every transition to that on real runs (the shared
+LocalCluster): every record any task is given, from any thread, is checked (``Published``), and a
+reader thread polls all the while (``Watcher``).
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def attempt_of(text: str | None) -> int | None:
     return int(text.rsplit("attempt ", 1)[1].split(" ", 1)[0])
 
 
-def violations(label: str, run: RunState) -> list[str]:
+def violations(run: RunState) -> list[str]:
     """What is wrong with one record of one of the tasks below, if anything."""
     bad = []
     failure = [getattr(run, f) for f in FAILURE]
@@ -238,7 +239,7 @@ class Published:
 
     def wrong(self) -> list[str]:
         return [f"{label}: {v} ({run})" for label, run in list(self.records)
-                for v in violations(label, run)]
+                for v in violations(run)]
 
 
 @pytest.fixture
@@ -264,7 +265,7 @@ class Watcher:
             for ref in list(self.refs):
                 run = ref.run_state  # one read: one moment
                 self.seen[run.state.value] += 1
-                self.wrong += [f"{ref.label}: {v} ({run})" for v in violations(ref.label, run)]
+                self.wrong += [f"{ref.label}: {v} ({run})" for v in violations(run)]
 
     def __enter__(self) -> Watcher:
         self.thread.start()
