@@ -241,7 +241,14 @@ _NO_DEPS: dict[Any, str] = {}  # shared until a task's dependencies are resolved
 
 def _run_field(name: str) -> property:
     """A read-only view of one field of ``TaskRef.run_state``."""
-    return property(operator.attrgetter(f"run_state.{name}"), doc=FIELD_DOCS[name])
+
+    def refuse(ref: TaskRef, value: Any) -> None:
+        # Set alone, one field would disagree with the others (and with the store) for readers.
+        raise AttributeError(
+            f"task {ref.label!r}: ref.{name} is read-only (nbpipe records where a task is in its "
+            "run); run, retry or kill the task instead: pipe.run(), pipe.retry(ref), pipe.kill(ref)")
+
+    return property(operator.attrgetter(f"run_state.{name}"), refuse, doc=FIELD_DOCS[name])
 
 
 class TaskRef:

@@ -190,6 +190,13 @@ def _damaged_store(tmp: Path, data: bytes | None = None, cut: bool = False) -> N
     _pipe(tmp)
 
 
+def _set_state(tmp: Path) -> None:
+    from nbpipe import State
+
+    ref = _pipe(tmp).task(job)()
+    ref.state = State.SUCCEEDED
+
+
 def _async(tmp: Path) -> None:
     async def fetch() -> int:
         return 1
@@ -550,6 +557,13 @@ PYTHON = [
          "3 (os._exit() or exit() in the task or in C code it called)\n", "code 3",
          "Return or raise instead of exiting; `nbpipe logs PIPELINE TASK` shows what it printed "
          "(and, after a crash in C code, its traceback).", _ends_its_process),
+    Case("Python API", "Setting a task's state by hand, `ref.state = State.SUCCEEDED`",
+         "AttributeError",
+         "task 'job': ref.state is read-only (nbpipe records where a task is in its run); run, "
+         "retry or kill the task instead: pipe.run(), pipe.retry(ref), pipe.kill(ref)",
+         "'job'", "Let nbpipe move the task: `pipe.run()`, `pipe.retry(ref)` or `pipe.kill(ref)`; "
+         "read `ref.run_state` for its state, attempts, error and result file at one moment.",
+         _set_state),
 ]
 
 
