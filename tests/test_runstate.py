@@ -131,7 +131,7 @@ def test_each_run_state_field_of_a_task_reads_its_record(ref: Any, field: str) -
 @pytest.mark.parametrize("field", FIELDS)
 def test_no_run_state_field_of_a_task_can_be_set_alone(ref: Any, field: str) -> None:
     """Setting one field at a time is how half-made states were seen: only whole updates."""
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match=rf"task 'double\(x=1\)': ref\.{field} is read-only"):
         setattr(ref, field, getattr(ref, field))
 
 
