@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 from .errors import PipelineBusy
 from .specs import spawn, write_specs
+from .states import State
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
     from .store import RunnerLock
-    from .task import TaskRef
 
 __all__ = ["hand_over", "take"]
 
@@ -53,8 +53,13 @@ def take(lock: RunnerLock, wait_for_runner: bool, timeout: float | None) -> None
             time.sleep(WAIT_STEP)
 
 
-def hand_over(pipe: Pipeline, todo: list[TaskRef]) -> int:
-    """Write the specs of ``todo`` and start a detached runner (``nbpipe spawn``) for
-    ``pipe``; return its pid."""
-    write_specs(pipe, todo)
+def hand_over(pipe: Pipeline) -> int:
+    """Write the specs of ``pipe``'s unfinished tasks (what they need included) and start a
+    detached runner (``nbpipe spawn``) for them; return its pid. Refused while this process
+    runs the pipeline."""
+    if pipe.runner is not None and pipe.runner.alive:
+        raise PipelineBusy(f"pipeline {pipe.name!r} is running in this process already; "
+                           "wait for it (or pause it) before detaching")
+    pipe.resolve()
+    write_specs(pipe, [r for r in pipe.closure(pipe.refs()) if r.state is not State.SUCCEEDED])
     return spawn(pipe.store, pipe.name)

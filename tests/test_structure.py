@@ -23,9 +23,8 @@ ALLOWED = {
     # the submission side of worker.py is being rewritten (issue 19): listed until then.
     ("worker.py", "self._router._fallback"),
     ("worker.py", "from .context import _set"),
-    # Not another module's objects: the same class's other instance, our own attribute on the
-    # IPython shell, and protocols or names of Python itself.
-    ("pipeline.py", "new._connection"),
+    # Not another module's objects: our own attribute on the IPython shell, and protocols or
+    # names of Python itself.
     ("resolution.py", "from .task import _label"),  # a task's label, made where its options are
     ("magics.py", "shell._nbpipe_session"),
     ("crashes.py", "os._exit"),
