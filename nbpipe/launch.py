@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
     from .runner import Runner
 
-__all__ = ["hand", "plan", "result", "run", "summary"]
+__all__ = ["hand", "plan", "result", "run", "summary", "unsubmitted", "wait"]
 
 
 def plan(pipe: Pipeline, targets: Iterable[TaskRef] | None, modes: dict[str, Any],
@@ -120,6 +120,22 @@ def summary(pipe: Pipeline, refs: list[TaskRef], report: bool = True) -> RunSumm
     runner = pipe.runner
     paused = runner.paused if runner is not None else pipe.paused
     return summarize(refs, pipe.ran, paused, report)
+
+
+def unsubmitted(pipe: Pipeline) -> list[TaskRef]:
+    """The tasks of ``pipe`` registered in this process that no runner has."""
+    runner = pipe.runner
+    live = runner is not None and runner.alive
+    return [r for r in pipe.refs() if r.state is State.WAITING and not (live and runner.was_handed(r))]
+
+
+def wait(pipe: Pipeline, timeout: float | None = None) -> RunSummary:
+    """Wait until every task handed to ``pipe``'s runner ended; sum them up."""
+    waiting = set(unsubmitted(pipe))
+    refs = [r for r in pipe.refs() if r not in waiting]
+    if pipe.runner is not None:
+        wait_for(pipe.runner, refs, timeout, pipe.name)
+    return summary(pipe, refs)
 
 
 def result(pipe: Pipeline, ref: TaskRef, timeout: float | None = None) -> Any:

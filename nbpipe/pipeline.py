@@ -17,18 +17,17 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from . import current, launch, ownership, runmodes
-from .accept import accept_keys
 from .cluster import ClusterHandle, Connection, validate
 from .config import check_configured, setting
 from .control import Controller, local_runner_of
 from .current import current_pipeline, default_name, open_pipelines, use
-from .errors import ClusterError, InvalidArgument, PipelineBusy, TaskDefinitionError
+from .errors import ClusterError, TaskDefinitionError
 from .freshness import Freshness
 from .outcomes import (
     RemoteTraceback,  # noqa: F401  (lives in nbpipe.outcomes; imported from here before)
     RunSummary,
     TaskInfo,
-    wait_for,
+    wanted_state,
 )
 from .policy import check_defaults, run_skip
 from .resolution import TaskGraph
@@ -36,15 +35,10 @@ from .runner import Runner
 from .specs import spawn  # noqa: F401  (lives in nbpipe.specs; imported from here before)
 from .states import State
 from .store import RunnerLock, Store
+from .store.postgres import is_url
 from .task import TaskFunction, TaskRef, bash_task, task
 
 __all__ = ["Pipeline", "RunSummary", "TaskInfo", "current_pipeline", "open_pipelines", "use"]
-
-
-def _is_url(store: Any) -> bool:
-    from .store.postgres import is_url
-
-    return isinstance(store, str) and is_url(store)
 
 
 class Pipeline:
@@ -81,7 +75,7 @@ class Pipeline:
         # (the database setting: a store folder on a network file system keeps it on a local disk)
         if not isinstance(store, Store):
             store = store or os.environ.get("NBPIPE_STORE") or setting("store")
-            if _is_url(store):  # a PostgreSQL store: results-dir names its result files' folder
+            if isinstance(store, str) and is_url(store):  # PostgreSQL: results-dir names its files' folder
                 results = results or os.environ.get("NBPIPE_RESULTS") or setting("results-dir")
             store = Store(store, database=setting("database"), results=results)
         self.store = store
@@ -133,8 +127,8 @@ class Pipeline:
 
     # -- resolution (nbpipe.resolution) and freshness (nbpipe.freshness) -----------------------
 
-    def _resolve(self, refs: Iterable[TaskRef] | None = None) -> None:
-        """Compute keys and dependencies of new (and content-dependent) tasks; find what is done."""
+    def resolve(self, refs: Iterable[TaskRef] | None = None) -> None:
+        """Key new tasks (and ``refs``), find what is already done, record them in the store."""
         with self._lock:
             runner = self._runner
             held = runner.blockers if runner is not None and runner.alive else ()
@@ -161,7 +155,7 @@ class Pipeline:
         if self._runner is not None and self._runner.alive:
             return self._runner
         lock = RunnerLock(self.store, self.name)
-        self._take(lock, wait_for_runner, timeout)  # before starting a cluster: fails fast
+        ownership.take(lock, wait_for_runner, timeout)  # before starting a cluster: fails fast
         try:
             from .runner import RunnerHost
             from .specs import write_specs
@@ -175,9 +169,6 @@ class Pipeline:
             lock.release()
             raise
         return self._runner
-
-    def _take(self, lock: RunnerLock, wait_for_runner: bool, timeout: float | None) -> None:
-        ownership.take(lock, wait_for_runner, timeout)
 
     def run(self, targets: Iterable[TaskRef] | TaskRef | None = None, *, wait: bool = True,
             check: bool = False, timeout: float | None = None,
@@ -215,19 +206,12 @@ class Pipeline:
         Tasks only registered (called, never run nor needed) are not waited for: see
         :meth:`unsubmitted`.
         """
-        waiting = set(self.unsubmitted())
-        refs = [r for r in self._refs.values() if r not in waiting]
-        if self._runner is not None:
-            wait_for(self._runner, refs, timeout, self.name)
-        return launch.summary(self, refs)
+        return launch.wait(self, timeout)
 
     def unsubmitted(self) -> list[TaskRef]:
         """Tasks registered in this process that no runner has: ``pipe.run()`` (or reading their
         values) runs them."""
-        runner = self._runner
-        live = runner is not None and runner.alive
-        return [r for r in self._refs.values()
-                if r.state is State.WAITING and not (live and runner.was_handed(r))]
+        return launch.unsubmitted(self)
 
     def reopen(self, name: str, store: str | os.PathLike[str] | Store | None = None) -> Pipeline:
         """Another pipeline on this one's cluster: this pipeline's runner stops and the new one
@@ -236,44 +220,24 @@ class Pipeline:
 
         >>> other = pipe.reopen("other")     # doctest: +SKIP
         """
-        runner = self._runner
-        if runner is not None and runner.alive and runner.in_flight():
-            raise PipelineBusy(
-                f"pipeline {self.name!r}: {runner.in_flight()} task(s) are running; wait for them "
-                f"(pipe.wait(), %pipeline wait) or kill them before switching to pipeline {name!r}"
-            )
-        new = Pipeline(name, store=store if store is not None else self.store, cluster=self.cluster)
-        with self._lock:
-            connection = self.cluster_handle.take()
-        self.close()  # the runner (its lock given back); the cluster now belongs to `new`
-        new.cluster_handle.started = connection
-        return new
+        return ownership.reopen(self, name, store)
 
     # -- inspection ---------------------------------------------------------------------------
 
     def tasks(self, state: str | State | None = None) -> list[TaskInfo]:
         """The pipeline's tasks: those registered in this process, else those in the store."""
-        try:
-            wanted = State(state).value if state is not None else None
-        except ValueError:
-            raise InvalidArgument(
-                f"pipeline {self.name!r}: tasks(state={state!r}) is not a state; use one of "
-                f"{', '.join(s.value for s in State)}"
-            ) from None
+        wanted = wanted_state(state, f"pipeline {self.name!r}: tasks(state={state!r})")
         if self._refs:
-            self._resolve()
-            infos = [TaskInfo(r.name, r.key, r.label, r.state.value, r.attempts, r.error, r.reason)
-                     for r in self._refs.values()]
+            self.resolve()
+            infos = [TaskInfo.of(r) for r in self.refs()]
         else:
-            rows = self.store.task_rows(self.pipeline_id).values()
-            infos = [TaskInfo(r["name"], r["key"], r["label"], r["state"], r["attempts"],
-                              r["error"], r["reason"]) for r in rows]
+            infos = [TaskInfo.of_row(r) for r in self.store.task_rows(self.pipeline_id).values()]
         return [i for i in infos if wanted is None or i.state == wanted]
 
     def why(self, task: TaskRef | str) -> str:
         """Why the task ran (or will run) in this pipeline's latest run."""
         ref = self.graph.find(task)[0]
-        self._resolve([ref])
+        self.resolve([ref])
         if ref.reason == "found done":  # accepted or adopted earlier: the store says so
             row = self.store.task_rows(self.pipeline_id, [ref.key]).get(ref.key)
             if row is not None and row["reason"] and row["reason"].startswith(("accepted", "adopted")):
@@ -285,13 +249,7 @@ class Pipeline:
         their last successful run, without running them (an edit you call cosmetic): they
         become SUCCEEDED and ``why`` says "accepted by hand on DATE". Undo with :meth:`retry`.
         Returns ``{label: reason}``."""
-        refs = self.graph.find(tasks)
-        with self._lock:
-            self._resolve(refs)
-            reasons = accept_keys(self.store, self.pipeline_id, [r.key for r in refs],
-                                  pipeline=self.name)
-            runmodes.mark_done(self, [r for r in refs if r.key in reasons], reasons)
-        return {r.label: reasons[r.key] for r in refs if r.key in reasons}
+        return runmodes.accept(self, self.graph.find(tasks))
 
     # -- the public core: what the notebook layer, the CLI, specs and the runner use ------------
 
@@ -325,10 +283,6 @@ class Pipeline:
     def adopt(self, refs: Iterable[TaskRef]) -> None:
         """Register refs made elsewhere (revived from specs by a detached runner) as they are."""
         self.graph.adopt(refs)
-
-    def resolve(self, refs: Iterable[TaskRef] | None = None) -> None:
-        """Key new tasks (and ``refs``), find what is already done, record them in the store."""
-        self._resolve(refs)
 
     def find(self, tasks: Any) -> list[TaskRef]:
         """Refs of tasks given as refs or names (:mod:`nbpipe.naming`'s rule);
@@ -381,17 +335,14 @@ class Pipeline:
         Waiting tasks downstream of a killed one become UPSTREAM_FAILED; finished tasks are left
         as they are (the same from every door: see :class:`nbpipe.control.Controller`).
         """
-        if all and self._refs:
-            keys = [r.key for r in self._refs.values() if not r.state.final]
-        else:
-            keys = self.graph.keys(tasks, self.control.keys)
+        keys = [r.key for r in self.refs() if not r.state.final] if all and self._refs \
+            else self.graph.keys(tasks, self.control.keys)
         if all and not self._refs:
             self.control.kill(all=True)
-            return
-        if self.control.attached():
+        elif self.control.attached():
             self.control.command("kill", keys=keys)
-            return
-        self.control.kill_offline(keys)  # (our refs too)
+        else:
+            self.control.kill_offline(keys)  # (our refs too)
 
     def pause(self) -> None:
         """Start no new task; running tasks finish."""
