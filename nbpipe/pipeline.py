@@ -147,7 +147,6 @@ class Pipeline:
         finally:
             self._lock.release()
 
-
     def start_runner(self, wait_for_runner: bool = False, timeout: float | None = None) -> Runner:
         """This process's runner of the pipeline, started when none runs: it takes the runner
         lock first (:class:`~nbpipe.PipelineBusy` while another process runs the pipeline,
@@ -238,11 +237,7 @@ class Pipeline:
         """Why the task ran (or will run) in this pipeline's latest run."""
         ref = self.graph.find(task)[0]
         self.resolve([ref])
-        if ref.reason == "found done":  # accepted or adopted earlier: the store says so
-            row = self.store.task_rows(self.pipeline_id, [ref.key]).get(ref.key)
-            if row is not None and row["reason"] and row["reason"].startswith(("accepted", "adopted")):
-                return row["reason"]
-        return ref.reason or "found done"
+        return self.freshness.why(ref)
 
     def accept(self, tasks: Any) -> dict[str, str]:
         """Let the current definition of ``tasks`` (refs, names or labels) adopt the result of
