@@ -65,7 +65,7 @@ def main() -> None:
             refs.append(ref)
     registered = time.perf_counter()
     if mode == "memory":
-        pipe._resolve()
+        pipe.resolve()
         rss = psutil.Process().memory_info().rss
         print(json.dumps({"per_task": (rss - rss0) / (width * depth)}))
         return
@@ -122,7 +122,7 @@ def store_rate(total: int = 200_000, batch_size: int = 1000, store: str | None =
             return i
 
         keys = [noop(i) for i in range(batch_size)]
-        pipe._resolve()
+        pipe.resolve()
         store: Store = pipe.store
         pid = pipe.pipeline_id
         key_list = [r.key for r in keys]

@@ -71,7 +71,7 @@ def build_store(root: Path) -> dict[str, list[str]]:
         return sum(values)
 
     combine([process(load(i)) for i in range(N // 2)])  # 2,001 tasks
-    mapped._resolve()
+    mapped.resolve()
     distinct = Pipeline("distinct", store=store)
     previous: dict[int, object] = {}
     for i in range(N):
@@ -81,7 +81,7 @@ def build_store(root: Path) -> dict[str, list[str]]:
         chain = i % 40
         fn = distinct.task(name=f"step{i:04d}")(step)
         previous[chain] = fn(previous.get(chain), i)
-    distinct._resolve()
+    distinct.resolve()
     keys = {name: [r.key for r in pipe._refs.values()] for name, pipe in
             (("mapped", mapped), ("distinct", distinct))}
     mapped.close()

@@ -11,25 +11,33 @@
   "pools": {...}}`` (see :mod:`nbpipe.pools`);
 - a scheduler address such as ``"tcp://host:8786"``;
 - a running ``distributed`` Cluster or Client.
+
+A pipeline holds its value in a :class:`ClusterHandle`, which connects on first use and closes
+what it started.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dask.utils import parse_timedelta
 from distributed import Client
 
 from .config import setting
 from .errors import ClusterError
+from .jobs import record_jobs
 from .localcluster import LocalProcessCluster
 from .poolcluster import PoolCluster
 from .pools import DEFAULT_IDLE, KINDS, parse_pools
 
-__all__ = ["ClusterError", "Connection", "connect", "parse_words", "resolve_spec"]
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = ["ClusterError", "ClusterHandle", "Connection", "connect", "parse_words", "resolve_spec"]
 
 
 class Connection:
@@ -243,3 +251,49 @@ def connect(cluster: Any = None, *, store_dir: str | os.PathLike[str] | None = N
         f"kind ({', '.join(KINDS)}), a scheduler address, a dict with a 'kind', a dask Cluster "
         "or a Client"
     )
+
+
+class ClusterHandle:
+    """The cluster a pipeline runs on: its ``cluster=`` value, checked at once (a mistake shows
+    when the pipeline is made, not when tasks first run), and the :class:`Connection` made from
+    it on first use. Closing it closes what nbpipe started and records in ``store`` the batch
+    jobs that were cancelled.
+
+    >>> handle = ClusterHandle("local", store, pipeline_id)   # doctest: +SKIP
+    >>> handle.connection.client          # the LocalCluster starts here   # doctest: +SKIP
+    """
+
+    def __init__(self, cluster: Any, store: Store, pipeline_id: int):
+        validate(cluster, store.path)
+        self.cluster = cluster
+        self.store, self.pipeline_id = store, pipeline_id
+        #: The connection once made (None: nothing needed the cluster yet).
+        self.started: Connection | None = None
+
+    @property
+    def connection(self) -> Connection:
+        """The running connection (made on first use)."""
+        if self.started is None:
+            self.started = connect(self.cluster, store_dir=self.store.path)
+        return self.started
+
+    def replace(self, cluster: Any) -> None:
+        """Close what was started and hold ``cluster`` instead (checked first)."""
+        validate(cluster, self.store.path)
+        self.close()
+        self.cluster = cluster
+
+    def take(self) -> Connection | None:
+        """Give the started connection away (to another pipeline's handle): closing this handle
+        no longer closes it."""
+        connection, self.started = self.started, None
+        return connection
+
+    def close(self) -> None:
+        """Close the connection nbpipe started (its batch jobs cancelled, and recorded)."""
+        connection = self.take()
+        if connection is not None:
+            connection.close()
+            if connection.pools is not None:
+                with contextlib.suppress(Exception):  # (the store may be closing too)
+                    record_jobs(self.store, self.pipeline_id, connection.pools)

@@ -83,7 +83,9 @@ class Controller:
     """Steer pipeline ``name`` of ``store`` from any process: Python, the CLI, the sidebar.
 
     ``local`` is, for a :class:`~nbpipe.Pipeline`, a function giving its own runner (or None):
-    commands to it are waited for, so a call returns once they are applied.
+    commands to it are waited for, so a call returns once they are applied. ``refs`` gives that
+    pipeline's tasks in this process: without a runner, a retry or kill changes them as it
+    changes the store, as a runner changes its own (one behaviour from every door).
 
     >>> c = Controller(".nbpipe", "pi")      # doctest: +SKIP
     >>> c.pause(); c.paused                   # doctest: +SKIP
@@ -91,12 +93,13 @@ class Controller:
     """
 
     def __init__(self, store: Store | str | os.PathLike[str], name: str,
-                 local: Callable[[], Any] | None = None):
+                 local: Callable[[], Any] | None = None, refs: Callable[[], Iterable[Any]] = tuple):
         self.store = store if isinstance(store, Store) else Store(store)
         self.name = name
         # an unknown pipeline is an error (UnknownPipeline-style), not a new one
         self.pipeline_id = self.store.pipeline_id(name, create=False)
         self._local = local
+        self._refs = refs
 
     def __repr__(self) -> str:
         return f"<Controller {self.name!r} store={str(self.store.path)!r}>"
@@ -183,8 +186,9 @@ class Controller:
         return f"retrying {len(self.reset_for_retry(keys, failed=failed))} task(s)"
 
     def reset_for_retry(self, keys: Sequence[str], *, failed: bool = False) -> list[str]:
-        """Without a runner: reset in the store what a retry of ``keys`` resets; return those
-        keys. (A runner does the same with :func:`retry_set` and :func:`forget_results`.)"""
+        """Without a runner: reset in the store (and in this process's tasks) what a retry of
+        ``keys`` resets; return those keys. (A runner does the same with :func:`retry_set` and
+        :func:`forget_results`.)"""
         rows, children = self._graph()
         targets = [k for k in keys if k in rows]
         if failed:
@@ -199,6 +203,10 @@ class Controller:
             batch.state(self.pipeline_id, key, State.WAITING.value, attempts=rows[key]["attempts"],
                         reason=RETRY_REASON, message=RETRY_REASON)
         self.store.write(batch)
+        chosen = set(reset)
+        for r in self._refs():
+            if r.key_ in chosen:  # as a runner resets its own: the old result is not taken
+                r.run_state, r.queued = r.run_state.retried(RETRY_REASON), False
         return reset
 
     def kill(self, keys: Sequence[str] = (), *, all: bool = False) -> str:
@@ -214,7 +222,8 @@ class Controller:
 
     def kill_offline(self, keys: Sequence[str]) -> dict[str, tuple[State, str]]:
         """Without a runner: mark unfinished ``keys`` KILLED and what waits on them
-        UPSTREAM_FAILED; return {key: (state, error)} of every task changed."""
+        UPSTREAM_FAILED, in the store and in this process's tasks; return {key: (state, error)}
+        of every task changed."""
         rows, children = self._graph()
         killed = [k for k in dict.fromkeys(keys) if k in rows and not State(rows[k]["state"]).final]
         changed: dict[str, tuple[State, str]] = {}
@@ -233,6 +242,9 @@ class Controller:
             batch.state(self.pipeline_id, key, state.value, attempts=rows[key]["attempts"],
                         error=error)
         self.store.write(batch)
+        for r in self._refs():
+            if r.key_ in changed:
+                r.run_state = r.run_state.ended(*changed[r.key_])
         return changed
 
     def delete(self, *, force: bool = False) -> dict[str, int]:

@@ -276,6 +276,15 @@ class Freshness:
             self.find_done(done)
         return [r for r in todo if r.state is State.WAITING]
 
+    def why(self, ref: TaskRef) -> str:
+        """Why ``ref`` (resolved) runs, or was found done: a result accepted or adopted earlier
+        says so, as the store recorded it."""
+        if ref.reason == "found done":
+            row = self.store.task_rows(self.pipeline_id, [ref.key]).get(ref.key)
+            if row is not None and row["reason"] and row["reason"].startswith(("accepted", "adopted")):
+                return row["reason"]
+        return ref.reason or "found done"
+
 
 def intact(result: Any, store_dir: Path) -> bool:
     """Whether a recorded result is there with its size (checksums are verified on reading)."""

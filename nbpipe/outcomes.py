@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 import cloudpickle
 
-from .errors import NbpipeError, StoreDamaged, TaskFailed, TaskKilled, UpstreamFailed
+from .errors import InvalidArgument, NbpipeError, StoreDamaged, TaskFailed, TaskKilled, UpstreamFailed
 from .results import INLINE, read_result
 from .states import State
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .task import TaskRef
 
 __all__ = ["RemoteTraceback", "RunSummary", "TaskInfo", "load", "raise_outcome", "stopped",
-           "summarize", "wait_for"]
+           "summarize", "wait_for", "wanted_state"]
 
 
 class TaskInfo(NamedTuple):
@@ -41,6 +41,27 @@ class TaskInfo(NamedTuple):
     attempts: int
     error: str | None
     reason: str | None = None
+
+    @classmethod
+    def of(cls, ref: TaskRef) -> TaskInfo:
+        """The row of a task registered in this process."""
+        return cls(ref.name, ref.key, ref.label, ref.state.value, ref.attempts, ref.error,
+                   ref.reason)
+
+    @classmethod
+    def of_row(cls, row: Any) -> TaskInfo:
+        """The row of a task as the store records it (its columns have these names)."""
+        return cls(*(row[field] for field in cls._fields))
+
+
+def wanted_state(state: str | State | None, asked: str) -> str | None:
+    """The state value a listing keeps (None: every one); :class:`~nbpipe.InvalidArgument`
+    naming what was ``asked`` for a state that does not exist."""
+    try:
+        return State(state).value if state is not None else None
+    except ValueError:
+        raise InvalidArgument(f"{asked} is not a state; use one of "
+                              f"{', '.join(s.value for s in State)}") from None
 
 
 class RunSummary(NamedTuple):

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import PipelineBusy
 from .specs import spawn, write_specs
+from .states import State
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
     from .store import RunnerLock
-    from .task import TaskRef
 
-__all__ = ["hand_over", "take"]
+__all__ = ["hand_over", "reopen", "take"]
 
 WAIT_STEP = 0.5  # seconds between two tries at a lock another runner holds
 
@@ -53,8 +53,31 @@ def take(lock: RunnerLock, wait_for_runner: bool, timeout: float | None) -> None
             time.sleep(WAIT_STEP)
 
 
-def hand_over(pipe: Pipeline, todo: list[TaskRef]) -> int:
-    """Write the specs of ``todo`` and start a detached runner (``nbpipe spawn``) for
-    ``pipe``; return its pid."""
-    write_specs(pipe, todo)
+def hand_over(pipe: Pipeline) -> int:
+    """Write the specs of ``pipe``'s unfinished tasks (what they need included) and start a
+    detached runner (``nbpipe spawn``) for them; return its pid. Refused while this process
+    runs the pipeline."""
+    if pipe.runner is not None and pipe.runner.alive:
+        raise PipelineBusy(f"pipeline {pipe.name!r} is running in this process already; "
+                           "wait for it (or pause it) before detaching")
+    pipe.resolve()
+    write_specs(pipe, [r for r in pipe.closure(pipe.refs()) if r.state is not State.SUCCEEDED])
     return spawn(pipe.store, pipe.name)
+
+
+def reopen(pipe: Pipeline, name: str, store: Any = None) -> Pipeline:
+    """What ``pipe.reopen`` does: pipeline ``name`` (of ``store``, default ``pipe``'s) takes
+    ``pipe``'s cluster over and ``pipe`` closes (its runner stops, its lock given back).
+    Refused while tasks of ``pipe`` run."""
+    runner = pipe.runner
+    if runner is not None and runner.alive and runner.in_flight():
+        raise PipelineBusy(
+            f"pipeline {pipe.name!r}: {runner.in_flight()} task(s) are running; wait for them "
+            f"(pipe.wait(), %pipeline wait) or kill them before switching to pipeline {name!r}"
+        )
+    new = type(pipe)(name, store=store if store is not None else pipe.store, cluster=pipe.cluster)
+    with pipe.graph.lock:
+        connection = pipe.cluster_handle.take()
+    pipe.close()  # the runner (its lock given back); the cluster now belongs to `new`
+    new.cluster_handle.started = connection
+    return new

@@ -12,51 +12,33 @@ Running the same script again executes nothing that already succeeded.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from . import current, ownership, runmodes
-from .accept import accept_keys
-from .cluster import Connection, connect, validate
+from . import current, launch, ownership, runmodes
+from .cluster import ClusterHandle, Connection, validate
 from .config import check_configured, setting
-from .control import RETRY_REASON, Controller, local_runner_of
+from .control import Controller, local_runner_of
 from .current import current_pipeline, default_name, open_pipelines, use
-from .errors import (
-    ClusterError,
-    InvalidArgument,
-    PipelineBusy,
-    ResultCorrupt,
-    TaskDefinitionError,
-    TaskFailed,
-)
+from .errors import ClusterError, TaskDefinitionError
 from .freshness import Freshness
 from .outcomes import (
     RemoteTraceback,  # noqa: F401  (lives in nbpipe.outcomes; imported from here before)
     RunSummary,
     TaskInfo,
-    load,
-    raise_outcome,
-    stopped,
-    summarize,
-    wait_for,
+    wanted_state,
 )
-from .policy import check_defaults, run_mode, run_skip
+from .policy import check_defaults, run_skip
 from .resolution import TaskGraph
-from .runner import Runner, record_jobs
+from .runner import Runner
 from .specs import spawn  # noqa: F401  (lives in nbpipe.specs; imported from here before)
-from .states import BAD, State
+from .states import State
 from .store import RunnerLock, Store
+from .store.postgres import is_url
 from .task import TaskFunction, TaskRef, bash_task, task
 
 __all__ = ["Pipeline", "RunSummary", "TaskInfo", "current_pipeline", "open_pipelines", "use"]
-
-
-def _is_url(store: Any) -> bool:
-    from .store.postgres import is_url
-
-    return isinstance(store, str) and is_url(store)
 
 
 class Pipeline:
@@ -93,23 +75,23 @@ class Pipeline:
         # (the database setting: a store folder on a network file system keeps it on a local disk)
         if not isinstance(store, Store):
             store = store or os.environ.get("NBPIPE_STORE") or setting("store")
-            if _is_url(store):  # a PostgreSQL store: results-dir names its result files' folder
+            if isinstance(store, str) and is_url(store):  # PostgreSQL: results-dir names its files' folder
                 results = results or os.environ.get("NBPIPE_RESULTS") or setting("results-dir")
             store = Store(store, database=setting("database"), results=results)
         self.store = store
         self.pipeline_id = self.store.pipeline_id(name, source=default_name())
-        self._fresh = Freshness(self.store, self.pipeline_id, name, lambda: self.graph.by_label)
+        #: Which tasks are done, and why the others run.
+        self.freshness = Freshness(self.store, self.pipeline_id, name, lambda: self.graph.by_label)
         # A mistake (in the argument or the configured nbpipe.cluster) shows now, not when
         # tasks first run.
         check_configured()
-        validate(cluster, self.store.path)
-        self.cluster = cluster
+        #: The cluster the tasks run on (checked now), connected when a task first runs.
+        self.cluster_handle = ClusterHandle(cluster, self.store, self.pipeline_id)
         #: The tasks registered in this process: their dependencies and keys.
         self.graph = TaskGraph(self, name)
         # (the graph's own containers and lock, under the names the rest of this class uses)
         self._refs, self._by_label, self._lock = self.graph.refs, self.graph.by_label, self.graph.lock
         self._runner: Runner | None = None
-        self._connection: Connection | None = None
         # Tasks this process ran (or handed to its runner) that no summary has reported as
         # finished yet: what `run()` counts as executed, also when a `ref.result()` ran them
         # before it. The runner adds what it submits on its own (retries, retry commands).
@@ -118,7 +100,7 @@ class Pipeline:
         #: does not count their old failures in its exit status).
         self.skipped: set[str] = set()
         #: Pause, resume, kill, retry: the same steering as ``nbpipe`` and the sidebar use.
-        self.control = Controller(self.store, name, local=local_runner_of(self))
+        self.control = Controller(self.store, name, local=local_runner_of(self), refs=self.graph.refs.values)
         current.opened(self)
 
     def __repr__(self) -> str:
@@ -145,14 +127,14 @@ class Pipeline:
 
     # -- resolution (nbpipe.resolution) and freshness (nbpipe.freshness) -----------------------
 
-    def _resolve(self, refs: Iterable[TaskRef] | None = None) -> None:
-        """Compute keys and dependencies of new (and content-dependent) tasks; find what is done."""
+    def resolve(self, refs: Iterable[TaskRef] | None = None) -> None:
+        """Key new tasks (and ``refs``), find what is already done, record them in the store."""
         with self._lock:
             runner = self._runner
             held = runner.blockers if runner is not None and runner.alive else ()
             changed, retired = self.graph.resolve(refs, held)
             if changed:
-                self._fresh.find_done(changed, retired)
+                self.freshness.find_done(changed, retired)
 
     def settle_late(self, refs: list[TaskRef]) -> list[tuple[TaskRef, str]] | None:
         """Final keys for late tasks the runner found ready (see :meth:`Freshness.settle`);
@@ -161,16 +143,18 @@ class Pipeline:
         if not self._lock.acquire(timeout=0.05):
             return None
         try:
-            return self._fresh.settle(refs)
+            return self.freshness.settle(refs)
         finally:
             self._lock.release()
 
-
-    def _ensure_runner(self, wait_for_runner: bool = False, timeout: float | None = None) -> Runner:
+    def start_runner(self, wait_for_runner: bool = False, timeout: float | None = None) -> Runner:
+        """This process's runner of the pipeline, started when none runs: it takes the runner
+        lock first (:class:`~nbpipe.PipelineBusy` while another process runs the pipeline,
+        unless ``wait_for_runner``: then it waits up to ``timeout`` seconds)."""
         if self._runner is not None and self._runner.alive:
             return self._runner
         lock = RunnerLock(self.store, self.name)
-        self._take(lock, wait_for_runner, timeout)  # before starting a cluster: fails fast
+        ownership.take(lock, wait_for_runner, timeout)  # before starting a cluster: fails fast
         try:
             from .runner import RunnerHost
             from .specs import write_specs
@@ -184,9 +168,6 @@ class Pipeline:
             lock.release()
             raise
         return self._runner
-
-    def _take(self, lock: RunnerLock, wait_for_runner: bool, timeout: float | None) -> None:
-        ownership.take(lock, wait_for_runner, timeout)
 
     def run(self, targets: Iterable[TaskRef] | TaskRef | None = None, *, wait: bool = True,
             check: bool = False, timeout: float | None = None,
@@ -213,93 +194,10 @@ class Pipeline:
         :meth:`accept`);
         ``trust_existing=True`` adopts tasks whose declared ``Out`` files exist.
         """
-        return self._run(targets, wait=wait, check=check, timeout=timeout,
-                         wait_for_runner=wait_for_runner, report=True,
-                         modes={"stop_on_failure": stop_on_failure, "skip": run_skip(skip),
-                                "keep_succeeded": keep_succeeded, "trust_existing": trust_existing})
-
-    def _run(self, targets: Iterable[TaskRef] | TaskRef | None, *, wait: bool, check: bool = False,
-             timeout: float | None = None, wait_for_runner: bool = False,
-             report: bool = False, modes: dict[str, Any] | None = None) -> RunSummary:
-        """:meth:`run`; ``report=False`` for the runs nbpipe makes itself (``ref.result()``,
-        ``retry()``): what they execute is counted by the user's next ``run()``."""
-        if isinstance(targets, TaskRef):
-            targets = [targets]
-        self.graph.rekey_changed()
-        self._resolve(targets)
-        refs = self.graph.closure(targets if targets is not None else list(self._refs.values()))
-        modes = modes or {}
-        left_out = runmodes.skipped(refs, modes.get("skip"))  # i20: run modes (nbpipe.runmodes)
-        if left_out:
-            refs = [r for r in refs if r not in left_out]
-        if report:
-            self.skipped = {r.label for r in left_out}
-        for r in refs:  # what failed or was killed before runs again
-            if r.state in BAD:
-                r.queued = False
-                r.update(state=State.WAITING, budget=r.attempts)
-        gone = [r for r in refs if r.state is State.SUCCEEDED and r.out_files
-                and not all(p.exists() for p in r.out_files)]
-        if gone:  # an output file was deleted since the task ran here: it runs again, saying so
-            with self._lock:
-                self._fresh.find_done(gone)
-        with self._lock:
-            if run_mode("keep-succeeded", modes.get("keep_succeeded")):
-                runmodes.keep_succeeded(self, refs)
-            runmodes.adopt_existing(self, refs, run_mode("trust-existing", modes.get("trust_existing")))
-        todo = [r for r in refs if r.state is State.WAITING]
-        live = self._runner is not None and self._runner.alive
-        paused = self._runner.paused if live else self.store.is_paused(self.pipeline_id)
-        if todo and (live or not paused):  # a paused pipeline starts no cluster for nothing
-            runner = self._ensure_runner(wait_for_runner, timeout)
-            if not live:  # a new runner: another process may have run some since they resolved
-                todo = self._fresh.found_since(todo)
-            runner.check(todo)  # a task no worker pool can hold fails here, before any runs
-            runner.stop_on_failure = run_mode("stop-on-failure", modes.get("stop_on_failure"))
-            for r in todo:
-                r.queued = True
-            self.ran.update(todo)
-            runner.add(todo)
-            paused = runner.paused
-        live = self._runner is not None and self._runner.alive
-        if wait and live and not paused and any(not r.state.final for r in refs):
-            self._wait(refs, timeout)
-        if wait and todo and self._runner is not None and self._runner.fatal is not None:
-            raise stopped(self._runner)  # it stopped before the wait began
-        summary = self._summary(refs, report)
-        if check and summary.failed:
-            raise TaskFailed(
-                f"pipeline {self.name!r}: {len(summary.failed)} task(s) failed: "
-                f"{', '.join(summary.failed[:10])}; see pipe.tasks(state='FAILED') and "
-                "ref.result() for their errors",
-                summary.failed,
-            )
-        return summary
-
-    def _summary(self, refs: list[TaskRef], report: bool = True) -> RunSummary:
-        runner = self._runner
-        paused = runner.paused if runner is not None else self.store.is_paused(self.pipeline_id)
-        return summarize(refs, self.ran, paused, report)
-
-    def _wait(self, refs: list[TaskRef], timeout: float | None) -> None:
-        assert self._runner is not None
-        wait_for(self._runner, refs, timeout, self.name)
-
-    def _result(self, ref: TaskRef, timeout: float | None) -> Any:
-        if not ref.state.final or ref.state in BAD and ref.exception is None and ref.error is None:
-            self._run([ref], wait=True, timeout=timeout)
-        if ref.state is State.SUCCEEDED:
-            try:
-                return load(ref, self._runner, self.store)
-            except ResultCorrupt:  # computed again, once
-                self.store.forget_result(ref.key)
-                ref.update(state=State.WAITING, result_file=None)
-                ref.key_ = None
-                self._resolve([ref])
-                self._run([ref], wait=True, timeout=timeout)
-                if ref.state is State.SUCCEEDED and ref.result_file is not None:
-                    return load(ref, self._runner, self.store)
-        raise_outcome(ref)
+        return launch.run(self, targets, wait=wait, check=check, timeout=timeout,
+                          wait_for_runner=wait_for_runner, report=True,
+                          modes={"stop_on_failure": stop_on_failure, "skip": run_skip(skip),
+                                 "keep_succeeded": keep_succeeded, "trust_existing": trust_existing})
 
     def wait(self, timeout: float | None = None) -> RunSummary:
         """Wait until every task handed to the runner reached a final state.
@@ -307,19 +205,12 @@ class Pipeline:
         Tasks only registered (called, never run nor needed) are not waited for: see
         :meth:`unsubmitted`.
         """
-        waiting = set(self.unsubmitted())
-        refs = [r for r in self._refs.values() if r not in waiting]
-        if self._runner is not None:
-            self._wait(refs, timeout)
-        return self._summary(refs)
+        return launch.wait(self, timeout)
 
     def unsubmitted(self) -> list[TaskRef]:
         """Tasks registered in this process that no runner has: ``pipe.run()`` (or reading their
         values) runs them."""
-        runner = self._runner
-        live = runner is not None and runner.alive
-        return [r for r in self._refs.values()
-                if r.state is State.WAITING and not (live and runner.was_handed(r))]
+        return launch.unsubmitted(self)
 
     def reopen(self, name: str, store: str | os.PathLike[str] | Store | None = None) -> Pipeline:
         """Another pipeline on this one's cluster: this pipeline's runner stops and the new one
@@ -328,62 +219,32 @@ class Pipeline:
 
         >>> other = pipe.reopen("other")     # doctest: +SKIP
         """
-        runner = self._runner
-        if runner is not None and runner.alive and runner.in_flight():
-            raise PipelineBusy(
-                f"pipeline {self.name!r}: {runner.in_flight()} task(s) are running; wait for them "
-                f"(pipe.wait(), %pipeline wait) or kill them before switching to pipeline {name!r}"
-            )
-        new = Pipeline(name, store=store if store is not None else self.store, cluster=self.cluster)
-        with self._lock:
-            connection, self._connection = self._connection, None
-        self.close()  # the runner (its lock given back); the cluster now belongs to `new`
-        new._connection = connection
-        return new
+        return ownership.reopen(self, name, store)
 
     # -- inspection ---------------------------------------------------------------------------
 
     def tasks(self, state: str | State | None = None) -> list[TaskInfo]:
         """The pipeline's tasks: those registered in this process, else those in the store."""
-        try:
-            wanted = State(state).value if state is not None else None
-        except ValueError:
-            raise InvalidArgument(
-                f"pipeline {self.name!r}: tasks(state={state!r}) is not a state; use one of "
-                f"{', '.join(s.value for s in State)}"
-            ) from None
+        wanted = wanted_state(state, f"pipeline {self.name!r}: tasks(state={state!r})")
         if self._refs:
-            self._resolve()
-            infos = [TaskInfo(r.name, r.key, r.label, r.state.value, r.attempts, r.error, r.reason)
-                     for r in self._refs.values()]
+            self.resolve()
+            infos = [TaskInfo.of(r) for r in self.refs()]
         else:
-            rows = self.store.task_rows(self.pipeline_id).values()
-            infos = [TaskInfo(r["name"], r["key"], r["label"], r["state"], r["attempts"],
-                              r["error"], r["reason"]) for r in rows]
+            infos = [TaskInfo.of_row(r) for r in self.store.task_rows(self.pipeline_id).values()]
         return [i for i in infos if wanted is None or i.state == wanted]
 
     def why(self, task: TaskRef | str) -> str:
         """Why the task ran (or will run) in this pipeline's latest run."""
         ref = self.graph.find(task)[0]
-        self._resolve([ref])
-        if ref.reason == "found done":  # accepted or adopted earlier: the store says so
-            row = self.store.task_rows(self.pipeline_id, [ref.key]).get(ref.key)
-            if row is not None and row["reason"] and row["reason"].startswith(("accepted", "adopted")):
-                return row["reason"]
-        return ref.reason or "found done"
+        self.resolve([ref])
+        return self.freshness.why(ref)
 
     def accept(self, tasks: Any) -> dict[str, str]:
         """Let the current definition of ``tasks`` (refs, names or labels) adopt the result of
         their last successful run, without running them (an edit you call cosmetic): they
         become SUCCEEDED and ``why`` says "accepted by hand on DATE". Undo with :meth:`retry`.
         Returns ``{label: reason}``."""
-        refs = self.graph.find(tasks)
-        with self._lock:
-            self._resolve(refs)
-            reasons = accept_keys(self.store, self.pipeline_id, [r.key for r in refs],
-                                  pipeline=self.name)
-            runmodes.mark_done(self, [r for r in refs if r.key in reasons], reasons)
-        return {r.label: reasons[r.key] for r in refs if r.key in reasons}
+        return runmodes.accept(self, self.graph.find(tasks))
 
     # -- the public core: what the notebook layer, the CLI, specs and the runner use ------------
 
@@ -418,10 +279,6 @@ class Pipeline:
         """Register refs made elsewhere (revived from specs by a detached runner) as they are."""
         self.graph.adopt(refs)
 
-    def resolve(self, refs: Iterable[TaskRef] | None = None) -> None:
-        """Key new tasks (and ``refs``), find what is already done, record them in the store."""
-        self._resolve(refs)
-
     def find(self, tasks: Any) -> list[TaskRef]:
         """Refs of tasks given as refs or names (:mod:`nbpipe.naming`'s rule);
         :class:`~nbpipe.UnknownTask` for a name no task has."""
@@ -437,12 +294,12 @@ class Pipeline:
 
     def result_of(self, ref: TaskRef, timeout: float | None = None) -> Any:
         """The value of ``ref`` (running what it needs first): what ``ref.result()`` returns."""
-        return self._result(ref, timeout)
+        return launch.result(self, ref, timeout)
 
     @property
     def started_connection(self) -> Connection | None:
         """The cluster connection when one was started (None: nothing started it yet)."""
-        return self._connection
+        return self.cluster_handle.started
 
     @property
     def runner(self) -> Runner | None:
@@ -463,12 +320,9 @@ class Pipeline:
         if self.control.attached():
             self.control.command("retry", keys=keys, failed=failed)
             return
-        reset = set(self.control.reset_for_retry(keys, failed=failed))
-        refs = [r for r in self._refs.values() if r.key_ in reset]
-        for r in refs:  # as the runner resets them: the old result is not taken for them
-            r.run_state, r.queued = r.run_state.retried(RETRY_REASON), False
-        if refs:
-            self._run([r for r in self._refs.values() if r.state is not State.SUCCEEDED], wait=wait)
+        reset = set(self.control.reset_for_retry(keys, failed=failed))  # (our refs too)
+        if any(r.key_ in reset for r in self.refs()):
+            launch.run(self, [r for r in self.refs() if r.state is not State.SUCCEEDED], wait=wait)
 
     def kill(self, tasks: Any = None, *, all: bool = False) -> None:
         """Stop tasks (running ones within seconds, CPU-bound Python loops included).
@@ -476,20 +330,14 @@ class Pipeline:
         Waiting tasks downstream of a killed one become UPSTREAM_FAILED; finished tasks are left
         as they are (the same from every door: see :class:`nbpipe.control.Controller`).
         """
-        if all and self._refs:
-            keys = [r.key for r in self._refs.values() if not r.state.final]
-        else:
-            keys = self.graph.keys(tasks, self.control.keys)
+        keys = [r.key for r in self.refs() if not r.state.final] if all and self._refs \
+            else self.graph.keys(tasks, self.control.keys)
         if all and not self._refs:
             self.control.kill(all=True)
-            return
-        if self.control.attached():
+        elif self.control.attached():
             self.control.command("kill", keys=keys)
-            return
-        changed = self.control.kill_offline(keys)
-        for r in self._refs.values():
-            if r.key_ in changed:
-                r.run_state = r.run_state.ended(*changed[r.key_])
+        else:
+            self.control.kill_offline(keys)  # (our refs too)
 
     def pause(self) -> None:
         """Start no new task; running tasks finish."""
@@ -505,12 +353,7 @@ class Pipeline:
         The runner survives this process (a kernel, a terminal) and exits when the pipeline is
         done or paused. Its output goes to ``<store>/logs/spawn-<pipeline>.log``.
         """
-        if self._runner is not None and self._runner.alive:
-            raise PipelineBusy(f"pipeline {self.name!r} is running in this process already; "
-                               "wait for it (or pause it) before detaching")
-        self._resolve()
-        todo = [r for r in self.graph.closure(list(self._refs.values())) if r.state is not State.SUCCEEDED]
-        return ownership.hand_over(self, todo)
+        return ownership.hand_over(self)
 
     @property
     def paused(self) -> bool:
@@ -531,14 +374,17 @@ class Pipeline:
             )
         with self._lock:
             self._stop()
-            self.cluster = cluster
+            self.cluster_handle.replace(cluster)
+
+    @property
+    def cluster(self) -> Any:
+        """The ``cluster=`` value the tasks run on (see :mod:`nbpipe.cluster`)."""
+        return self.cluster_handle.cluster
 
     @property
     def connection(self) -> Connection:
         """The running cluster connection (started on first use)."""
-        if self._connection is None:
-            self._connection = connect(self.cluster, store_dir=self.store.path)
-        return self._connection
+        return self.cluster_handle.connection
 
     @property
     def client(self) -> Any:
@@ -552,12 +398,7 @@ class Pipeline:
 
     def _stop(self) -> None:
         """Close the runner, then the cluster nbpipe started (recording the jobs it cancelled)."""
-        runner, connection = self._runner, self._connection
-        self._runner = self._connection = None
+        runner, self._runner = self._runner, None
         if runner is not None:
             runner.close()
-        if connection is not None:
-            connection.close()
-            if connection.pools is not None:
-                with contextlib.suppress(Exception):
-                    record_jobs(self.store, self.pipeline_id, connection.pools)
+        self.cluster_handle.close()

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
     from .task import TaskRef
 
-__all__ = ["adopt_existing", "keep_succeeded", "skipped"]
+__all__ = ["accept", "adopt_existing", "keep_succeeded", "skipped"]
 
 
 #: How the reason of a task that failed (or was killed) in an earlier process starts, followed
@@ -73,6 +73,17 @@ def keep_succeeded(pipe: Pipeline, refs: Iterable[TaskRef]) -> list[TaskRef]:
                           how="accepted by hand (keep_succeeded)")
     mark_done(pipe, chosen, reasons)
     return chosen
+
+
+def accept(pipe: Pipeline, refs: list[TaskRef]) -> dict[str, str]:
+    """What ``pipe.accept`` does: each of ``refs`` that has a successful earlier run adopts its
+    result (see :mod:`nbpipe.accept`); returns ``{label: reason}`` of those accepted."""
+    with pipe.graph.lock:
+        pipe.resolve(refs)
+        reasons = accept_keys(pipe.store, pipe.pipeline_id, [r.key for r in refs],
+                              pipeline=pipe.name)
+        mark_done(pipe, [r for r in refs if r.key in reasons], reasons)
+    return {r.label: reasons[r.key] for r in refs if r.key in reasons}
 
 
 def _checksum(path: Any) -> str:

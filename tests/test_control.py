@@ -245,3 +245,58 @@ def test_a_task_killed_inside_a_queued_chunk_runs_when_retried_on_the_other_work
     finally:
         free.touch()
         future.result()
+
+
+# -- without a runner, every door in this process changes its tasks as it changes the store -----
+
+#: door -> (the kill, what becomes of the task waiting on the killed one)
+KILLS = {
+    "pipe.kill(refs)": (lambda pipe, refs: pipe.kill(refs), State.UPSTREAM_FAILED),
+    "pipe.kill(all=True)": (lambda pipe, refs: pipe.kill(all=True), State.KILLED),
+    "pipe.control.kill(keys)": (lambda pipe, refs: pipe.control.kill([r.key for r in refs]),
+                                State.UPSTREAM_FAILED),
+    "pipe.control.kill(all=True)": (lambda pipe, refs: pipe.control.kill(all=True), State.KILLED),
+}
+RETRIES = {
+    "pipe.retry(refs)": lambda pipe, refs: pipe.retry(refs),
+    "pipe.retry(failed=True)": lambda pipe, refs: pipe.retry(failed=True),
+    "pipe.control.retry(keys)": lambda pipe, refs: pipe.control.retry([r.key for r in refs]),
+    "pipe.control.retry(failed=True)": lambda pipe, refs: pipe.control.retry(failed=True),
+}
+
+
+def _same_as_the_store(pipe: Pipeline, refs: list[Any]) -> None:
+    rows = pipe.control.rows()
+    for r in refs:
+        assert (r.state.value, r.error) == (rows[r.key]["state"], rows[r.key]["error"]), r.label
+
+
+@pytest.mark.parametrize("kill", list(KILLS.values()), ids=list(KILLS))
+@pytest.mark.parametrize("retry", list(RETRIES.values()), ids=list(RETRIES))
+def test_kill_and_retry_without_a_runner_change_this_process_tasks_like_the_store(
+        pipe: Pipeline, kill: Any, retry: Any) -> None:
+    @pipe.task
+    def first() -> int:
+        return 1
+
+    @pipe.task
+    def second(x: int) -> int:
+        return x + 1
+
+    a, b = first(), second(first())
+    pipe.resolve()
+    pipe.pause()  # (so a retry through pipe.retry starts nothing either: the states stay to look at)
+    kill, blocked = kill
+    kill(pipe, [a])
+    assert (a.state, b.state) == (State.KILLED, blocked)
+    _same_as_the_store(pipe, [a, b])
+    with pytest.raises(TaskKilled):
+        a.result()
+    retry(pipe, [a])
+    assert (a.state, b.state) == (State.WAITING, State.WAITING)
+    assert a.reason == b.reason == "retry requested"
+    _same_as_the_store(pipe, [a, b])
+    assert pipe.runner is None  # all of it without a runner
+    pipe.resume()
+    assert pipe.run().executed == 2
+    assert b.result() == 2

@@ -156,7 +156,7 @@ def _deep_damaged_store(tmp: Path) -> None:
     pipe = _pipe(tmp)
     for i in range(20):
         pipe.task(takes_two)("x", i)
-    pipe._resolve()
+    pipe.resolve()
     pipe.close()
     db = tmp / ".nbpipe" / "nbpipe.sqlite"
     with sqlite3.connect(db) as conn:
@@ -176,7 +176,7 @@ def _damaged_store(tmp: Path, data: bytes | None = None, cut: bool = False) -> N
         pipe = _pipe(tmp)
         for i in range(20):
             pipe.task(takes_two)("x" * 4000, i)
-        pipe._resolve()
+        pipe.resolve()
         pipe.close()
         db = store / "nbpipe.sqlite"
         import sqlite3

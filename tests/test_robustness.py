@@ -503,7 +503,7 @@ async def test_a_folder_listing_marks_unreadable_stores_and_lists_the_rest(
             big = Pipeline("x", store=other)
             for i in range(40):
                 big.task(uses)("y" * 4000, i)
-            big._resolve()
+            big.resolve()
             big.close()
         damage(other, how)
     outside = tmp_path_factory.mktemp("outside") / ".nbpipe"

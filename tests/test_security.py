@@ -258,7 +258,7 @@ def test_a_real_runs_store_is_private_to_the_user(tmp_path: Path, client, monkey
         refs = [pipe.task(job)(i) for i in range(3)]
         pipe.run(check=True)
         waiting = pipe.task(job, version=2)(9)  # a spec, as a detached runner would get
-        pipe._resolve([waiting])
+        pipe.resolve([waiting])
         write_specs(pipe, [waiting])
         pipe.close()
         monkeypatch.setenv("DASK_NBPIPE__CLUSTER", client.scheduler.address)

@@ -217,7 +217,7 @@ def _registered(store_dir: Path, n: int) -> Pipeline:
         return sum(values)
 
     total([item(i) for i in range(n)])
-    pipe._resolve()
+    pipe.resolve()
     return pipe
 
 

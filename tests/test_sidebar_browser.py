@@ -553,7 +553,7 @@ def _big_pipeline(store: Path, chains: int = 40, length: int = 50) -> list[str]:
 
         fn = pipe.task(name=f"step{i:04d}")(step)
         previous[i % chains] = fn(previous.get(i % chains), i)
-    pipe._resolve()  # registered, not run (as benchmarks/sidebar.py does)
+    pipe.resolve()  # registered, not run (as benchmarks/sidebar.py does)
     keys = [r.key for r in pipe._refs.values()]
     pipe.close()
     return keys

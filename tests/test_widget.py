@@ -20,7 +20,7 @@ def test_the_widget_carries_tasks_edges_and_follows_states(pipe) -> None:
         return sum(parts)
 
     total = whole([part(i) for i in range(5)])
-    pipe._resolve()
+    pipe.resolve()
     widget = GraphWidget(pipe, follow=False)
     assert {t["state"] for t in widget.tasks} == {"WAITING"}
     assert len(widget.edges) == 5 and all(e["child"] == total.key for e in widget.edges)
@@ -40,7 +40,7 @@ def test_the_widget_refreshes_itself_while_tasks_run(pipe) -> None:
         return seconds
 
     ref = nap(0.5)
-    pipe._resolve()
+    pipe.resolve()
     widget = GraphWidget(pipe, poll=0.1)
     pipe.run(wait=False)
     wait_for(lambda: widget.tasks[0]["state"] == "SUCCEEDED")
