@@ -129,57 +129,6 @@ pipe.close()
 '''
 
 
-def test_a_module_beside_the_script_as_task_function_and_inside_a_task(
-        tmp_path: Path, cluster_address: str) -> None:
-    _project(tmp_path, {"mylib.py": MYLIB, "flow.py": _script(f'''
-        import json
-        from nbpipe import Pipeline
-        import mylib
-
-        pipe = Pipeline("flow", cluster="{cluster_address}")
-        f = pipe.task(mylib.f)
-
-        @pipe.task
-        def g(x):
-            return mylib.f(x) + 1
-
-        refs = {{"f": f(3), "g": g(3)}}
-    ''')})
-    assert _results(_run(tmp_path / "flow.py")) == {"executed": 2, "failed": [], "f": 6, "g": 7}
-    # run again: nothing runs, the values are read back
-    assert _results(_run(tmp_path / "flow.py"))["executed"] == 0
-
-
-def test_modules_imported_under_other_names(tmp_path: Path, cluster_address: str) -> None:
-    _project(tmp_path, {"mylib.py": MYLIB, "flow.py": _script(f'''
-        import json
-        from nbpipe import Pipeline
-        import mylib as m
-        from mylib import f as g
-
-        pipe = Pipeline("flow", cluster="{cluster_address}")
-
-        @pipe.task
-        def aliased(x):
-            return m.f(x)
-
-        @pipe.task
-        def renamed(x):
-            return g(x) + 1
-
-        @pipe.task
-        def imported_inside(x):
-            import mylib as lib
-            from mylib import Point as P
-            return P(x).doubled() + lib.K
-
-        refs = {{"aliased": aliased(1), "renamed": renamed(1), "inside": imported_inside(1),
-                 "task_of_alias": pipe.task(g)(5)}}
-    ''')})
-    assert _results(_run(tmp_path / "flow.py")) == {
-        "executed": 4, "failed": [], "aliased": 2, "renamed": 3, "inside": 4, "task_of_alias": 10}
-
-
 PACKAGE = {
     "pkg/__init__.py": "",
     "pkg/helpers.py": '''
@@ -206,46 +155,109 @@ PACKAGE = {
 }
 
 
-def test_a_local_package_with_submodules_and_relative_imports(
-        tmp_path: Path, cluster_address: str) -> None:
-    _project(tmp_path, {**PACKAGE, "flow.py": _script(f'''
-        import json
-        from nbpipe import Pipeline
-        import pkg.sub
-        from pkg.sub import late
-        from pkg import deep
+HEAD = """
+import json, sys
+from pathlib import Path
+from nbpipe import Pipeline
+"""
 
-        pipe = Pipeline("flow", cluster="{cluster_address}")
+#: One way of writing per case, each alone in its script: cloudpickle sends a function by value
+#: once *any* task has registered its module, so two ways in one script would hide each other.
+#: (files beside the script, the script's own lines, the values its tasks must give)
+CASES: dict[str, tuple[dict[str, str], str, dict[str, int]]] = {
+    "function of mylib as the task": ({"mylib.py": MYLIB}, """
+        import mylib
+        refs = {"f": pipe.task(mylib.f)(3)}
+    """, {"f": 6}),
+    "mylib.f called in the task": ({"mylib.py": MYLIB}, """
+        import mylib
+
+        @pipe.task
+        def g(x):
+            return mylib.f(x) + 1
+
+        refs = {"g": g(3)}
+    """, {"g": 7}),
+    "import mylib as m": ({"mylib.py": MYLIB}, """
+        import mylib as m
+
+        @pipe.task
+        def aliased(x):
+            return m.f(x)
+
+        refs = {"aliased": aliased(1)}
+    """, {"aliased": 2}),
+    "from mylib import f as g, as the task": ({"mylib.py": MYLIB}, """
+        from mylib import f as g
+        refs = {"g": pipe.task(g)(5)}
+    """, {"g": 10}),
+    "from mylib import f as g, called in the task": ({"mylib.py": MYLIB}, """
+        from mylib import f as g
+
+        @pipe.task
+        def renamed(x):
+            return g(x) + 1
+
+        refs = {"renamed": renamed(1)}
+    """, {"renamed": 3}),
+    "imports inside the task body": ({"mylib.py": MYLIB}, """
+        @pipe.task
+        def inside(x):
+            import mylib as lib
+            from mylib import Point as P
+            return P(x).doubled() + lib.K
+
+        refs = {"inside": inside(1)}
+    """, {"inside": 4}),
+    "package submodule function as the task": (PACKAGE, """
+        import pkg.sub
+        refs = {"f": pipe.task(pkg.sub.f)(1)}
+    """, {"f": 20}),
+    "package function with a relative import at run time": (PACKAGE, """
+        from pkg.sub import late
+        refs = {"late": pipe.task(late)(1)}
+    """, {"late": 9}),
+    "package and its subpackage called in the task": (PACKAGE, """
+        import pkg.sub
+        from pkg import deep
 
         @pipe.task
         def uses(x):
             return pkg.sub.f(x) + deep.base()
 
-        refs = {{"f": pipe.task(pkg.sub.f)(1), "late": pipe.task(late)(1), "uses": uses(1)}}
-    ''')})
-    assert _results(_run(tmp_path / "flow.py")) == {
-        "executed": 3, "failed": [], "f": 20, "late": 9, "uses": 120}
-
-
-def test_a_module_in_a_folder_put_on_sys_path(tmp_path: Path, cluster_address: str) -> None:
-    _project(tmp_path, {"shared/code/mylib.py": MYLIB, "project/flow.py": _script(f'''
-        import json, sys
-        from pathlib import Path
-        from nbpipe import Pipeline
-
+        refs = {"uses": uses(1)}
+    """, {"uses": 120}),
+    "folder put on sys.path, function as the task": ({"../shared/code/mylib.py": MYLIB}, """
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "shared" / "code"))
+        import mylib
+        refs = {"f": pipe.task(mylib.f)(4)}
+    """, {"f": 8}),
+    "folder put on sys.path, called in the task": ({"../shared/code/mylib.py": MYLIB}, """
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "shared" / "code"))
         import mylib
 
-        pipe = Pipeline("flow", cluster="{cluster_address}")
-
         @pipe.task
         def g(x):
-            return mylib.f(x)
+            return mylib.Point(x).doubled()
 
-        refs = {{"f": pipe.task(mylib.f)(4), "g": g(5)}}
-    ''')})
-    assert _results(_run(tmp_path / "project" / "flow.py")) == {
-        "executed": 2, "failed": [], "f": 8, "g": 10}
+        refs = {"g": g(5)}
+    """, {"g": 10}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_user_modules_reach_workers_that_cannot_import_them(
+        case: str, tmp_path: Path, cluster_address: str) -> None:
+    files, body, values = CASES[case]
+    project = tmp_path / "project"
+    _project(project, files)
+    _project(project, {"flow.py": _script(
+        HEAD + f'pipe = Pipeline("flow", cluster="{cluster_address}")\n' +
+        textwrap.dedent(body))})
+    assert _results(_run(project / "flow.py")) == {"executed": len(values), "failed": [],
+                                                   **values}
+    # run again: nothing runs, the values are read back
+    assert _results(_run(project / "flow.py")) == {"executed": 0, "failed": [], **values}
 
 
 OBJECTS = '''
