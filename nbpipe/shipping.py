@@ -9,8 +9,8 @@ mylib`` there gives the driver's. Which modules go:
 
 - the module the function itself lives in (``pipe.task(mylib.f)``) and every user module its
   identity reached (``mylib.f(x)`` in its body, ``import mylib as m``, ``from mylib import f``);
-- every other user module this process has shipped before: the results of upstream tasks may be
-  objects of their classes, and a worker unpickling them must know those classes;
+- every other user module this process has shipped before that defines classes: the results of
+  upstream tasks may be objects of those classes, and a worker unpickling them must know them;
 - a package's parents and its loaded submodules (``from . import helpers`` inside ``pkg.sub``
   finds ``pkg.helpers`` on the worker).
 
@@ -33,6 +33,7 @@ import functools
 import importlib.abc
 import importlib.machinery
 import logging
+import os
 import sys
 import threading
 import types
@@ -176,8 +177,33 @@ class _Modules:
         return (_install_modules, (self.blobs, self.missing, self.replace))
 
 
-def _second(_installed_first: Any, value: Any) -> Any:
+def _second(_installed_first: Any, value: Any, folder: str = "") -> Any:
+    if folder and folder != os.getcwd() and callable(value):
+        return _in_folder(value, folder)
     return value
+
+
+def _in_folder(fn: Callable[..., Any], folder: str) -> Callable[..., Any]:
+    """``fn`` on a worker whose working directory is not the driver's ``folder``: a relative
+    path the task cannot open gets a message saying where it was looked for, and the fix."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FileNotFoundError as exc:
+            name = exc.filename
+            if not isinstance(name, (str, os.PathLike)) or os.path.isabs(name):
+                raise
+            here = os.getcwd()
+            raise FileNotFoundError(
+                exc.errno, f"{exc.strerror}: {os.fspath(name)!r} is a relative path, and this "
+                f"worker's working directory is {here}, not {folder} where the pipeline was "
+                f"defined; give the task an absolute path (e.g. Path({os.fspath(name)!r})"
+                f".resolve() in your script), or start the workers in that folder",
+                name).with_traceback(exc.__traceback__) from None
+
+    return run
 
 
 def _rebuild(_installed_first: Any, rebuild: Callable[..., Any], args: tuple[Any, ...]) -> Any:
@@ -193,7 +219,7 @@ class _Bundle:
         self.modules = modules
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_second, (self.modules, self.fn))
+        return (_second, (self.modules, self.fn, os.getcwd()))
 
 
 def carrying(rebuild: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -227,6 +253,12 @@ def _reduce_lru_cache(wrapper: Any) -> Any:
 copyreg.pickle(functools._lru_cache_wrapper, _reduce_lru_cache)
 
 
+def _defines_classes(name: str) -> bool:
+    module = sys.modules.get(name)
+    return module is not None and any(
+        isinstance(v, type) and v.__module__ == name for v in list(vars(module).values()))
+
+
 def _refuse(name: str, exc: Exception, task: str) -> None:
     reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
     if name not in _refused:
@@ -237,21 +269,22 @@ def _refuse(name: str, exc: Exception, task: str) -> None:
 
 def bundle(fn: Callable[..., Any], modules: Iterable[str], task: str = "") -> Any:
     """``fn`` with the user modules it runs with, ready for ``cloudpickle.dumps``: ``modules``
-    (those its identity reached), the module ``fn`` lives in, and every user module shipped
-    before (see the module docstring); ``fn`` itself when there are none. A module that cannot
+    (those its identity reached), the module ``fn`` lives in, and the other user modules
+    shipped before that define classes (see the module docstring), and the driver's working
+    folder (a relative path a task cannot open then says where it looked). A module that cannot
     be pickled by value (a lock at module level) is left out, with a warning naming ``task``:
     the worker then imports its own copy, or says why it cannot."""
     wanted = set(modules)
     own = _own_module(fn)
     if own is not None:
         wanted.add(own)
-    for name in list(wanted):  # (submodules imported since it was first registered too)
-        for part in _family(name):
-            _register(part)
-    names = {n for n in _registered | wanted if n in sys.modules and n not in _refused}
+    family = {part for name in wanted for part in _family(name)}  # (submodules imported since)
+    family = {name for name in family if _register(name)}
+    # Upstream results may be objects of any user class met so far: modules that define
+    # classes go along (others only with the functions that use them).
+    names = {n for n in family if n not in _refused}
+    names |= {n for n in _registered - names if n not in _refused and _defines_classes(n)}
     missing = {n: r for n, r in _refused.items() if n in wanted or n in _registered}
-    if not names and not missing:
-        return fn
     found = {name: sys.modules[name] for name in sorted(names)}
     try:
         blob = cloudpickle.dumps(found, protocol=5)
@@ -264,4 +297,6 @@ def bundle(fn: Callable[..., Any], modules: Iterable[str], task: str = "") -> An
         found = {n: m for n, m in found.items() if n not in _refused}
         missing = {n: r for n, r in _refused.items() if n in wanted or n in _registered}
         blob = cloudpickle.dumps(found, protocol=5) if found else b""
+    if not names and not missing:  # (still a bundle: it carries the driver's folder)
+        return _Bundle(fn, _Modules((), {}, True))
     return _Bundle(fn, _Modules((blob,) if blob else (), missing, True))

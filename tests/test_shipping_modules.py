@@ -345,10 +345,17 @@ def test_a_script_run_from_another_directory_on_the_default_local_cluster(
         def g(x):
             return mylib.Point(x).doubled()
 
-        refs = {"f": pipe.task(mylib.f)(2), "g": g(2)}
+        @pipe.task
+        def read():
+            with open("data.txt") as f:  # relative: the folder the script was started in
+                return f.read()
+
+        refs = {"f": pipe.task(mylib.f)(2), "g": g(2), "read": read()}
     ''')})
+    (tmp_path / "data.txt").write_text("from the driver's folder")
     out = _run(Path("sub") / "flow.py", cwd=tmp_path)
-    assert _results(out) == {"executed": 2, "failed": [], "f": 4, "g": 4}
+    assert _results(out) == {"executed": 3, "failed": [], "f": 4, "g": 4,
+                             "read": "from the driver's folder"}
 
 
 def test_a_notebook_beside_its_module_on_a_shared_cluster(
@@ -372,3 +379,76 @@ def test_a_notebook_beside_its_module_on_a_shared_cluster(
     ])
     text = notebook_text(execute_notebook(path))
     assert "VALUES [3, 'B'] 10 12" in text
+
+
+def test_a_relative_path_on_a_shared_cluster_says_where_it_was_looked_for(
+        tmp_path: Path, cluster_address: str) -> None:
+    """The workers of a cluster started elsewhere keep their own working directory (two
+    pipelines from two folders may share one worker process): a relative path that is not found
+    there names the worker's folder and the driver's, and the fix."""
+    (tmp_path / "data.txt").write_text("here")
+    _project(tmp_path, {"flow.py": f"""
+        from nbpipe import Pipeline
+
+        pipe = Pipeline("flow", cluster="{cluster_address}")
+
+        @pipe.task
+        def read():
+            with open("data.txt") as f:
+                return f.read()
+
+        ref = read()
+        print(pipe.run().failed)
+        print("ERROR", pipe.tasks()[0].error)
+    """})
+    out = _run(tmp_path / "flow.py")
+    error = [x for x in out.splitlines() if x.startswith("ERROR")][0]
+    assert "FileNotFoundError: [Errno 2] No such file or directory: 'data.txt' is a relative " \
+        "path, and this worker's working directory is " in error, error
+    assert f"not {tmp_path} where the pipeline was defined; give the task an absolute path " \
+        "(e.g. Path('data.txt').resolve() in your script), or start the workers in that " \
+        "folder" in error, error
+
+
+def test_a_module_that_cannot_travel_fails_on_the_worker_naming_it_and_the_fix(
+        tmp_path: Path, cluster_address: str) -> None:
+    """A lock at module level: the module cannot be pickled by value. The driver warns once;
+    a task that imports it on a worker that cannot fails with a message naming the module, why
+    and what to do; a function of it that does not touch the lock still runs."""
+    _project(tmp_path, {"locked.py": """
+        import threading
+
+        LOCK = threading.Lock()
+
+
+        def f(x):
+            return x + 1
+    """, "flow.py": f"""
+        import locked
+        from nbpipe import Pipeline
+
+        pipe = Pipeline("flow", cluster="{cluster_address}")
+
+        @pipe.task
+        def uses(x):
+            import locked
+            return locked.f(x) * 10
+
+        ok = pipe.task(locked.f)(1)
+        bad = uses(1)
+        print(pipe.run().failed)
+        print("VALUE", ok.result())
+        print("ERROR", [t.error for t in pipe.tasks() if t.error][0])
+    """})
+    proc = subprocess.run([sys.executable, str(tmp_path / "flow.py")], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "VALUE 2" in proc.stdout
+    error = [x for x in proc.stdout.splitlines() if x.startswith("ERROR")][0]
+    assert error == (
+        "ERROR ModuleNotFoundError: No module named 'locked' on this worker: nbpipe could not "
+        "send your module 'locked' to the workers by value (TypeError: cannot pickle "
+        "'_thread.lock' object). Make it importable on the workers (install it, or put its "
+        "folder on the workers' PYTHONPATH), or keep values that cannot be pickled (locks, open "
+        "files, clients) out of its module level"), error
+    assert proc.stderr.count("which cannot be sent to the workers by value") == 1, proc.stderr
