@@ -452,3 +452,22 @@ def test_a_module_that_cannot_travel_fails_on_the_worker_naming_it_and_the_fix(
         "folder on the workers' PYTHONPATH), or keep values that cannot be pickled (locks, open "
         "files, clients) out of its module level"), error
     assert proc.stderr.count("which cannot be sent to the workers by value") == 1, proc.stderr
+
+
+def test_the_documented_module_example_runs_on_a_cluster_that_cannot_import_it(
+        tmp_path: Path, cluster_address: str) -> None:
+    """docs/concepts.md, "Your modules on the workers": its ``mylib.py`` and script, as printed,
+    on the shared cluster (given as a user's environment would: ``DASK_NBPIPE__CLUSTER``)."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "concepts.md").read_text()
+    section = page.split("## Your modules on the workers", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("\n", 1)[1] for b in section.split("```python")[1:3]]
+    module, script = (b.split("```", 1)[0] for b in blocks)
+    assert module.startswith("# mylib.py\n")
+    (tmp_path / "mylib.py").write_text(module)
+    (tmp_path / "script.py").write_text(script)
+    proc = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=TIMEOUT,
+                          env={**_env(), "DASK_NBPIPE__CLUSTER": cluster_address})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[0.0, 5.0, 10.0]", proc.stdout
+    assert "6 executed" in proc.stdout, proc.stdout
