@@ -196,10 +196,10 @@ def _in_folder(fn: Callable[..., Any], folder: str) -> Callable[..., Any]:
             if not isinstance(name, (str, os.PathLike)) or os.path.isabs(name):
                 raise
             here = os.getcwd()
-            raise FileNotFoundError(
-                exc.errno, f"{exc.strerror}: {os.fspath(name)!r} is a relative path, and this "
-                f"worker's working directory is {here}, not {folder} where the pipeline was "
-                f"defined; give the task an absolute path (e.g. Path({os.fspath(name)!r})"
+            raise FileNotFoundError(  # (str() appends ": 'name'")
+                exc.errno, f"{exc.strerror} on this worker, whose working directory is {here}, "
+                f"not {folder} where the pipeline was defined (a relative path is looked for "
+                f"there); give the task an absolute path (e.g. Path({os.fspath(name)!r})"
                 f".resolve() in your script), or start the workers in that folder",
                 name).with_traceback(exc.__traceback__) from None
 

@@ -403,11 +403,11 @@ def test_a_relative_path_on_a_shared_cluster_says_where_it_was_looked_for(
     """})
     out = _run(tmp_path / "flow.py")
     error = [x for x in out.splitlines() if x.startswith("ERROR")][0]
-    assert "FileNotFoundError: [Errno 2] No such file or directory: 'data.txt' is a relative " \
-        "path, and this worker's working directory is " in error, error
-    assert f"not {tmp_path} where the pipeline was defined; give the task an absolute path " \
-        "(e.g. Path('data.txt').resolve() in your script), or start the workers in that " \
-        "folder" in error, error
+    assert "FileNotFoundError: [Errno 2] No such file or directory on this worker, whose " \
+        "working directory is " in error, error
+    assert f"not {tmp_path} where the pipeline was defined (a relative path is looked for " \
+        "there); give the task an absolute path (e.g. Path('data.txt').resolve() in your " \
+        "script), or start the workers in that folder: 'data.txt'" in error, error
 
 
 def test_a_module_that_cannot_travel_fails_on_the_worker_naming_it_and_the_fix(
