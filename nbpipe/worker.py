@@ -450,7 +450,8 @@ def _notify_start(topic: str | None, keys: list[str], address: str | None) -> No
 # ---------------------------------------------------------------------------------------------
 
 
-_OWN_FILES = (__file__, __file__.replace("worker.py", "cells.py"), __file__.replace("worker.py", "bash.py"))
+_OWN_FILES = (__file__, __file__.replace("worker.py", "cells.py"), __file__.replace("worker.py", "bash.py"),
+              __file__.replace("worker.py", "shipping.py"))  # (its folder hint wraps tasks)
 
 
 def _user_frames(tb: Any) -> Any:

@@ -400,9 +400,12 @@ def test_a_relative_path_on_a_shared_cluster_says_where_it_was_looked_for(
         ref = read()
         print(pipe.run().failed)
         print("ERROR", pipe.tasks()[0].error)
+        print("TRACEBACK", repr(ref.traceback))
     """})
     out = _run(tmp_path / "flow.py")
     error = [x for x in out.splitlines() if x.startswith("ERROR")][0]
+    traceback = [x for x in out.splitlines() if x.startswith("TRACEBACK")][0]
+    assert ", in read\\n" in traceback and "nbpipe" not in traceback, traceback  # users' code only
     assert "FileNotFoundError: [Errno 2] No such file or directory on this worker, whose " \
         "working directory is " in error, error
     assert f"not {tmp_path} where the pipeline was defined (a relative path is looked for " \
