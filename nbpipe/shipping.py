@@ -56,7 +56,7 @@ _refused: dict[str, str] = {}
 _installed: dict[str, types.ModuleType] = {}
 #: In a worker: the pickled modules it was given, newest last, to send along with values.
 _blobs: dict[frozenset[str], bytes] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()
 
 
 def _register(name: str) -> bool:

@@ -474,3 +474,18 @@ def test_the_documented_module_example_runs_on_a_cluster_that_cannot_import_it(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[-1] == "[0.0, 5.0, 10.0]", proc.stdout
     assert "6 executed" in proc.stdout, proc.stdout
+
+
+def test_a_module_made_after_the_cluster_started_in_the_test_process(
+        tmp_path: Path, pipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report this file answers: ``mylib.py`` written into a test's ``tmp_path`` and put on
+    ``sys.path`` after the session's LocalCluster started, ``pipe.task(mylib.f)`` alone."""
+    (tmp_path / "mylib.py").write_text(MYLIB)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mylib", raising=False)
+    import mylib  # type: ignore[import-not-found]
+
+    try:
+        assert pipe.task(mylib.f)(3).result() == 6
+    finally:
+        sys.modules.pop("mylib", None)
