@@ -49,7 +49,7 @@ from .errors import UnhashableValue
 
 __all__ = ["IDENTITY_VERSION", "CodeIdentity", "DictShape", "SealedDict", "Unencodable",
            "cell_identity", "code_identity", "digest", "encode", "is_immutable", "is_stand_in",
-           "key_digest", "module_version", "register_stand_ins"]
+           "is_user_module", "key_digest", "module_version", "register_stand_ins"]
 
 #: The version of the rules that make a task's key. Keys made under another version never match:
 #: a store's results are kept, and its tasks re-run once, saying why (see ``docs/concepts.md``).
@@ -446,12 +446,20 @@ def _is_user_code(obj: Any) -> bool:
     return not _is_library_file(filename)
 
 
-def _is_user_module(module: types.ModuleType) -> bool:
-    """A module of the user's own code (see the module docstring): not installed, not nbpipe."""
+def is_user_module(module: types.ModuleType) -> bool:
+    """A module of the user's own code (see the module docstring): not installed, not nbpipe.
+
+    >>> import json
+    >>> is_user_module(json)
+    False
+    """
     filename = getattr(module, "__file__", None)
     if not filename or module.__name__.partition(".")[0] in ("nbpipe", "builtins"):
         return False
     return not _is_library_file(filename)
+
+
+_is_user_module = is_user_module
 
 
 _source_digests: dict[tuple[str, int, int], str] = {}

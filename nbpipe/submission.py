@@ -266,7 +266,8 @@ class Submitting:
         if blob is None:
             modules = func.identity().user_modules if func.shape_identity is None \
                 else func.shape_identity.user_modules
-            blob = self._fn_blobs[func] = cloudpickle.dumps(bundle(func.fn, modules), protocol=5)
+            shipped = bundle(func.fn, modules, func.name)
+            blob = self._fn_blobs[func] = cloudpickle.dumps(shipped, protocol=5)
         return blob
 
     def _flush_submissions(self) -> None:

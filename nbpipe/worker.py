@@ -51,6 +51,7 @@ from .errors import (
 )
 from .policy import TIMED_OUT, TIMEOUT_GRACE, timeout_error
 from .results import INLINE_SECONDS, Unwritten, prepare_result, read_result
+from .shipping import carrying
 from .walk import map_leaves
 
 __all__ = ["NOT_RUN", "Done", "Outcome", "Upstream", "WorkItem", "interrupt", "outcomes_of",
@@ -116,7 +117,8 @@ class Done:
         # A copy (a consumer's input on another worker) carries final outcomes: whichever
         # copy outcomes_of runs on, it reads the truth.
         self.wait()
-        return Done, (self.outcomes, self.values)
+        # (with the user modules this worker was given: the receiver may not know mylib.Point)
+        return carrying(Done, (self.outcomes, self.values))
 
 
 def _sizeof_done(done: Done) -> int:
@@ -448,7 +450,8 @@ def _notify_start(topic: str | None, keys: list[str], address: str | None) -> No
 # ---------------------------------------------------------------------------------------------
 
 
-_OWN_FILES = (__file__, __file__.replace("worker.py", "cells.py"), __file__.replace("worker.py", "bash.py"))
+_OWN_FILES = (__file__, __file__.replace("worker.py", "cells.py"), __file__.replace("worker.py", "bash.py"),
+              __file__.replace("worker.py", "shipping.py"))  # (its folder hint wraps tasks)
 
 
 def _user_frames(tb: Any) -> Any:

@@ -11,6 +11,7 @@ against the documented one (``…`` stands for a part that varies: a path, a pid
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import itertools
 import json
@@ -261,6 +262,63 @@ def _ends_its_process(tmp: Path) -> None:
         pipe.task(ender)().result()
     finally:
         pipe.close()
+
+
+@contextlib.contextmanager
+def _cluster_elsewhere(tmp: Path) -> Any:
+    """A client of a one-worker LocalCluster whose worker runs in another folder and was started
+    before anything of ``tmp`` was on ``sys.path`` (a cluster someone else started)."""
+    import os
+
+    from distributed import Client, LocalCluster
+
+    here = os.getcwd()
+    (tmp / "elsewhere").mkdir()
+    os.chdir(tmp / "elsewhere")
+    try:
+        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                               dashboard_address=":0")
+    finally:
+        os.chdir(here)
+    with cluster, Client(cluster) as client:
+        yield client
+
+
+def _module_that_cannot_travel(tmp: Path) -> None:
+    with _cluster_elsewhere(tmp) as client:
+        (tmp / "lockedlib.py").write_text("import threading\n\nLOCK = threading.Lock()\n\n\n"
+                                          "def f(x):\n    return x + 1\n")
+        sys.path.insert(0, str(tmp))
+        try:
+            pipe = _pipe(tmp, cluster=client)
+
+            def uses(x: int) -> int:
+                import lockedlib
+
+                return lockedlib.f(x)
+
+            try:
+                pipe.task(uses)(1).result()
+            finally:
+                pipe.close()
+        finally:
+            sys.path.remove(str(tmp))
+            sys.modules.pop("lockedlib", None)
+
+
+def _relative_path_elsewhere(tmp: Path) -> None:
+    (tmp / "data.txt").write_text("here")
+    with _cluster_elsewhere(tmp) as client:
+        pipe = _pipe(tmp, cluster=client)
+
+        def read() -> str:
+            with open("data.txt") as f:
+                return f.read()
+
+        try:
+            pipe.task(read)().result()
+        finally:
+            pipe.close()
 
 
 def _task_file(tmp: Path, name: str, text: str) -> None:
@@ -564,6 +622,23 @@ PYTHON = [
          "'job'", "Let nbpipe move the task: `pipe.run()`, `pipe.retry(ref)` or `pipe.kill(ref)`; "
          "read `ref.run_state` for its state, attempts, error and result file at one moment.",
          _set_state),
+    Case("Python API", "A task imports a module of yours whose top level holds a lock, on workers "
+         "that cannot import it", "TaskFailed",
+         "task 'uses(x=1)' failed: ModuleNotFoundError: No module named 'lockedlib' on this worker: "
+         "nbpipe could not send your module 'lockedlib' to the workers by value (TypeError: "
+         "cannot pickle '_thread.lock' object). Make it importable on the workers (install it, or "
+         "put its folder on the workers' PYTHONPATH), or keep values that cannot be pickled "
+         "(locks, open files, clients) out of its module level\n…", "'lockedlib'",
+         "Install the module where the workers run (or add its folder to their `PYTHONPATH`), or "
+         "build the lock inside a function.", _module_that_cannot_travel),
+    Case("Python API", "A task opens a relative path on a cluster whose workers run in another "
+         "folder", "FileNotFoundError",
+         "[Errno 2] No such file or directory on this worker, whose working directory is …, not "
+         "… where the pipeline was defined (a relative path is looked for there); give the task "
+         "an absolute path (e.g. Path('data.txt').resolve() in your script), or start the "
+         "workers in that folder: 'data.txt'",
+         "'data.txt'", "Pass `Path(\"data.txt\").resolve()` from the script, or declare the file "
+         "with `In`.", _relative_path_elsewhere),
 ]
 
 

@@ -32,6 +32,10 @@ OTHER_SYSTEMS = re.compile(r"^(from|import) (desipipe|depio|jobmon|cloud_tasks)\
 NEEDS: dict[str, tuple[list[str], dict[str, str]]] = {
     "load_tasks(sys.argv[1])": (["my_tasks.json"], {"my_tasks.json": json.dumps(
         [{"task_id": f"frame-{i}", "data": {"x": i}} for i in range(3)])}),
+    # the module the page shows beside the script, as printed there
+    "import mylib\n": ([], {"mylib.py": next(
+        m.group(2) for m in FENCE.finditer((ROOT / "docs" / "concepts.md").read_text())
+        if m.group(2).startswith("# mylib.py\n"))}),
 }
 
 
