@@ -821,8 +821,10 @@ class _Writer:
     stream to the disk), then completes each outcome and pushes it to the runner.
 
     The task counts as done only when its outcome arrives, after the file is written: a worker
-    that dies in between loses the attempt (it runs again); a runner that dies in between
-    finds the file on its next run and adopts it once its checksum verifies."""
+    that dies in between loses the attempt (it runs again; the runner sees that worker gone,
+    :class:`Unsettled`); a runner that dies in between finds the file on its next run and adopts
+    it once its checksum verifies. Copies of the value sent to consumers meanwhile carry no
+    outcome (:meth:`Done.__reduce__`)."""
 
     _jobs: queue.SimpleQueue[_Deferred] | None = None
     _lock = threading.Lock()
