@@ -26,7 +26,7 @@ from test_reliability import _file_size_limit, _query, _verify_results
 from nbpipe import Pipeline, State
 from nbpipe.reports import OUTCOME_GRACE
 from nbpipe.results import locate, read_verified, result_path
-from nbpipe.worker import DEFER_BYTES, Done, Outcome, Unsettled, outcomes_of
+from nbpipe.worker import DEFER_BYTES, WRITER_NICENESS, Done, Outcome, Unsettled, outcomes_of
 
 # Values over DEFER_BYTES: in-band bytes, an array written out of band, several arrays.
 BIG = {
@@ -40,6 +40,15 @@ def _threads() -> list[str]:
     import threading
 
     return [t.name for t in threading.enumerate()]
+
+
+def _niceness() -> tuple[int, int | None]:
+    """On a worker: the niceness of its thread running tasks, and of its result writer."""
+    import threading
+
+    writer = next((t for t in threading.enumerate() if t.name == "nbpipe-result-writer"), None)
+    return (os.getpriority(os.PRIO_PROCESS, threading.get_native_id()),
+            None if writer is None else os.getpriority(os.PRIO_PROCESS, writer.native_id))
 
 
 def _total(value: object) -> float:
@@ -116,8 +125,11 @@ def test_a_large_result_that_cannot_be_written_fails_its_task_and_its_consumer_w
             assert ref.error.startswith("ResultWriteError: task 'produce(i=3)' finished but its "
                                         "result could not be written"), ref.error
             assert "the file-size limit (ulimit -f) is exceeded" in ref.error
-            # (this worker's files were written after their values were handed on)
+            # (this worker's files were written after their values were handed on, by a
+            # thread that gives way to the tasks and the transfers of values)
             assert "nbpipe-result-writer" in next(iter(client.run(_threads).values()))
+            tasks, writer = next(iter(client.run(_niceness).values()))
+            assert writer == min(19, tasks + WRITER_NICENESS)
             db = store / "nbpipe.sqlite"
             assert not _query(db, "SELECT 1 FROM results")  # neither counts as done
             assert not list((store / "results").rglob("*.tmp"))  # no half-written file left
