@@ -92,29 +92,33 @@ class Reports:
             gathered = []
         results = ({id(s): g for s, g in zip(due, gathered, strict=True)}
                    if len(gathered) == len(due) else {})
+        unsettled = []
         for sub in due:
             if id(sub) not in results:
                 self._failed_future(sub)
             elif isinstance(results[id(sub)], Unsettled):
-                self._unsettled(sub, results[id(sub)].origin, now)
+                unsettled.append((sub, results[id(sub)].origin))
             else:
                 self._apply(sub, results[id(sub)])
+        if unsettled:
+            self._unsettled(unsettled, now)
 
-    def _unsettled(self, sub: Submission, origin: str | None, now: float) -> None:
-        """A finished Dask task whose outcomes are not final where they were read: its result
-        file is still being written on ``origin``, whose writer pushes them once it is (the
-        gather read the original, or a copy made before). Wait for that event again; when
-        ``origin`` has left the cluster, the file may never be written: the attempt is lost."""
-        try:
-            gone = origin is not None and origin not in self.client.scheduler_info(
-                n_workers=-1)["workers"]
+    def _unsettled(self, subs: list[tuple[Submission, str | None]], now: float) -> None:
+        """Finished Dask tasks whose outcomes are not final where they were read, each with
+        its origin: its result file is still being written there, and that worker's writer
+        pushes them once it is (the gather read the original, or a copy made before). Wait
+        for that event again; when the origin has left the cluster, the file may never be
+        written: the attempt is lost."""
+        try:  # (one look at the cluster for all of them)
+            workers = set(self.client.scheduler_info(n_workers=-1)["workers"])
         except Exception:  # the scheduler cannot say now: ask again later
-            gone = False
-        if not gone:
-            self.awaiting[sub] = now + OUTCOME_GRACE
-            return
-        self._failed_future(sub, f"task {sub.refs[0].label!r}: the worker that ran it ({origin}) "
-                                 "left before its result file was written")
+            workers = None
+        for sub, origin in subs:
+            if workers is None or origin is None or origin in workers:
+                self.awaiting[sub] = now + OUTCOME_GRACE
+            else:
+                self._failed_future(sub, f"task {sub.refs[0].label!r}: the worker that ran it "
+                                         f"({origin}) left before its result file was written")
 
     def _detach(self, sub: Submission, ref: TaskRef) -> bool:
         """Take ``ref`` out of ``sub``; False when it was no longer part of it."""
