@@ -35,7 +35,7 @@ from distributed import Client, LocalCluster
 
 from nbpipe import Pipeline
 from nbpipe.runner import BATCH_SECONDS, FUSE_UNKNOWN, MAX_BATCH
-from nbpipe.worker import DEFER_BYTES
+from nbpipe.worker import DEFER_BYTES, WRITER_NICENESS
 
 try:
     from benchmarks.report import machine, write_section
@@ -277,11 +277,13 @@ task's success.
 Large results: a task's result file is written from the value's own memory (pickle protocol 5
 with out-of-band buffers, no copy; an XXH3-128 checksum), and a Dask task of one task whose
 file takes at least {DEFER_BYTES >> 20} MiB returns its value before the file is written: its
-consumers start at once, while the worker's writer thread writes the file; the task's success
-is pushed (and recorded) only once the file is written. A consumer on another worker receives
-the value once its file is written (a copy carries the final outcome). What remains of the
-gap on the arrays row is the disk: nbpipe writes every 40 MB result for resume, raw Dask
-writes nothing, and `run()` returns when the last file is written.{_floor_text()}
+consumers start at once, on its worker or, with a copy of the value, on another (a copy never
+waits for the file and carries no outcome), while the worker's writer thread writes the file
+at a lower CPU priority (niceness +{WRITER_NICENESS}: the tasks and the transfers of values
+come first); the task's success is pushed (and recorded) only once the file is written, and a
+consumer is recorded only after it. What remains of the gap on the arrays row is the disk:
+nbpipe writes every 40 MB result for resume, raw Dask writes nothing, and `run()` returns when
+the last file is written.{_floor_text()}
 """
     write_section(Path(__file__).resolve().parent.parent / "docs" / "performance.md",
                   "Graph shapes against raw Dask", body, machine())

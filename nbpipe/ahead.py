@@ -118,8 +118,8 @@ class HandingAhead:
                     self._started({**payload, "keys": [ref.key]})
                 elif kind == "outcome":
                     self._apply(sub, [payload])
-                else:
-                    self._failed_future(sub)
+                else:  # (payload: why its outcomes were lost, if not a failed future)
+                    self._failed_future(sub, payload)
 
     def _settle_late(self) -> None:
         """Ready late tasks (keys waiting for upstream content, see :mod:`nbpipe.content`) get

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +53,26 @@ class TerminationNoticePlugin(WorkerPlugin):
         install_termination_notice()
 
 
+# The clients whose scheduler has the notice plugin: the scheduler keeps a plugin and installs it
+# on every worker that joins later, so a runner on a client that registered it already does not
+# send it again (a round trip to every worker before the first task of every run).
+_registered: weakref.WeakSet[Any] = weakref.WeakSet()
+_registered_lock = threading.Lock()
+
+
+def _register_plugin(client: Any) -> None:
+    """Register :class:`TerminationNoticePlugin` on ``client``'s scheduler, once per client."""
+    with _registered_lock:
+        if client in _registered:
+            return
+        try:
+            client.register_plugin(TerminationNoticePlugin())
+        except Exception:  # pragma: no cover - old schedulers without plugin support
+            log.debug("could not register the termination notice plugin", exc_info=True)
+            return
+        _registered.add(client)
+
+
 class Topic:
     """A runner's topic on ``client``'s scheduler; ``on_event`` is called (in the client's
     thread) with each event published on it."""
@@ -60,15 +81,20 @@ class Topic:
         self.client = client
         self.name = f"nbpipe-{uuid.uuid4().hex[:12]}"
         client.subscribe_topic(self.name, on_event)
+        # Bounding the topic's history is a round trip to the scheduler that nothing waits for
+        # (memory only): done beside the run, not before its first task is sent.
+        self._bounding = threading.Thread(target=self._bound, daemon=True,
+                                          name="nbpipe-topic-bound")
+        self._bounding.start()
+        _register_plugin(client)
+
+    def _bound(self) -> None:
         with contextlib.suppress(Exception):  # memory only: never worth failing a run for
-            client.run_on_scheduler(bound_topic, self.name, TOPIC_HISTORY)
-        try:
-            client.register_plugin(TerminationNoticePlugin())
-        except Exception:  # pragma: no cover - old schedulers without plugin support
-            log.debug("could not register the termination notice plugin", exc_info=True)
+            self.client.run_on_scheduler(bound_topic, self.name, TOPIC_HISTORY)
 
     def close(self) -> None:
         """Unsubscribe and make the scheduler forget the topic."""
+        self._bounding.join(timeout=5)  # (else it could bound the topic again once dropped)
         with contextlib.suppress(Exception):
             self.client.unsubscribe_topic(self.name)
         # Before the client closes (else the scheduler keeps the topic), but a scheduler that is

@@ -24,7 +24,7 @@ from .jobs import record_jobs
 from .results import locate
 from .states import BAD, State
 from .submission import Submission, cap_identity
-from .worker import NOT_RUN, TAIL, Outcome, outcomes_of
+from .worker import NOT_RUN, TAIL, Outcome, Unsettled, outcomes_of
 
 if TYPE_CHECKING:
     from .task import TaskRef
@@ -91,11 +91,33 @@ class Reports:
             gathered = []
         results = ({id(s): g for s, g in zip(due, gathered, strict=True)}
                    if len(gathered) == len(due) else {})
+        unsettled = []
         for sub in due:
-            if id(sub) in results:
-                self._apply(sub, results[id(sub)])
-            else:
+            if id(sub) not in results:
                 self._failed_future(sub)
+            elif isinstance(results[id(sub)], Unsettled):
+                unsettled.append((sub, results[id(sub)].origin))
+            else:
+                self._apply(sub, results[id(sub)])
+        if unsettled:
+            self._unsettled(unsettled, now)
+
+    def _unsettled(self, subs: list[tuple[Submission, str | None]], now: float) -> None:
+        """Finished Dask tasks whose outcomes are not final where they were read, each with
+        its origin: its result file is still being written there, and that worker's writer
+        pushes them once it is (the gather read the original, or a copy made before). Wait
+        for that event again; when the origin has left the cluster, the file may never be
+        written: the attempt is lost."""
+        try:  # (one look at the cluster for all of them)
+            workers = set(self.client.scheduler_info(n_workers=-1)["workers"])
+        except Exception:  # the scheduler cannot say now: ask again later
+            workers = None
+        for sub, origin in subs:
+            if workers is None or origin is None or origin in workers:
+                self.awaiting[sub] = now + OUTCOME_GRACE
+            else:
+                self._failed_future(sub, f"task {sub.refs[0].label!r}: the worker that ran it "
+                                         f"({origin}) left before its result file was written")
 
     def _detach(self, sub: Submission, ref: TaskRef) -> bool:
         """Take ``ref`` out of ``sub``; False when it was no longer part of it."""
@@ -122,11 +144,13 @@ class Reports:
             elif self._detach(sub, ref):
                 self._outcome(ref, outcome)
 
-    def _failed_future(self, sub: Submission) -> None:
+    def _failed_future(self, sub: Submission, reason: str | None = None) -> None:
+        """``sub``'s Dask task failed (a lost worker, a cancelled key), or, with ``reason``,
+        its outcomes were lost: every task of it that is still part of it failed an attempt."""
         future = sub.future
-        exc = future.exception() if future.status == "error" else None
-        message = (f"{type(exc).__name__}: {exc}" if exc is not None
-                   else f"the Dask future was {future.status}")
+        exc = future.exception() if future.status == "error" and reason is None else None
+        message = reason or (f"{type(exc).__name__}: {exc}" if exc is not None
+                             else f"the Dask future was {future.status}")
         died = isinstance(exc, KilledWorker)
         # The record the dead process left says which item ended it, how, and what it printed.
         crash = (read_crash(self.store.path, sub.refs[0].key, sub.refs[0].attempts)
@@ -134,7 +158,7 @@ class Reports:
         for ref in list(sub.refs):
             if ref in self.ahead:  # its upstream failed too (then it is taken back) or not
                 if self.sub_of.get(ref) is sub:
-                    self.early[ref].append(("failed", sub, None))
+                    self.early[ref].append(("failed", sub, reason))
                 continue
             if not self._detach(sub, ref):
                 continue

@@ -54,8 +54,8 @@ from .results import INLINE_SECONDS, Unwritten, prepare_result, read_result
 from .shipping import carrying
 from .walk import map_leaves
 
-__all__ = ["NOT_RUN", "Done", "Outcome", "Upstream", "WorkItem", "interrupt", "outcomes_of",
-           "run_items"]
+__all__ = ["NOT_RUN", "Done", "Outcome", "Unsettled", "Upstream", "WorkItem", "interrupt",
+           "outcomes_of", "run_items"]
 
 TAIL = 64 * 1024  # characters of stdout/stderr kept with an attempt
 EVENT_LIMIT = 16 * 1024  # outcomes larger than this are gathered, not pushed as events
@@ -63,10 +63,9 @@ EVENT_LIMIT = 16 * 1024  # outcomes larger than this are gathered, not pushed as
 #: the next items take (what a runner killed mid-chunk can lose: docs/reliability.md).
 STREAM_SECONDS = 0.25
 #: A Dask task of one item whose result file takes at least this many bytes returns its value
-#: before the file is written: consumers start at once, and the item's outcome (success only
-#: once the file is written) follows from this process's writer thread (:class:`_Writer`).
-#: (Above Dask's offload threshold, 10 MiB by default: a copy of such a value sent to another
-#: worker waits for its file in an offload thread, never in the worker's event loop.)
+#: before the file is written: consumers start at once (on this worker or, with a copy of the
+#: value, on another), and the item's outcome (success only once the file is written) follows
+#: from this process's writer thread (:class:`_Writer`).
 DEFER_BYTES = 16 << 20
 
 
@@ -98,27 +97,43 @@ class Done:
     places those consumers next to the data and moves it worker to worker, and no consumer
     reads back a result file that was just written. The runner itself only ever fetches the
     outcomes (:func:`outcomes_of`).
+
+    A Dask task whose result file is written after it returned (:data:`DEFER_BYTES`) returns a
+    ``Done`` whose outcomes are not final until ``pending`` is set; ``origin`` is the address
+    of the worker that ran it, whose writer thread pushes the final outcomes to the runner.
     """
 
-    __slots__ = ("outcomes", "pending", "values")
+    __slots__ = ("origin", "outcomes", "pending", "values")
 
-    def __init__(self, outcomes: list[Outcome], values: dict[str, Any],
-                 pending: threading.Event | None = None):
-        self.outcomes = outcomes
+    def __init__(self, outcomes: list[Outcome] | None, values: dict[str, Any],
+                 pending: threading.Event | None = None, origin: str | None = None):
+        self.outcomes = outcomes  # None: a copy made before they were final (see __reduce__)
         self.values = values
         self.pending = pending  # set once a deferred result file is written (outcomes final)
+        self.origin = origin
 
-    def wait(self) -> None:
-        """Wait until the outcomes are final (a deferred result file written)."""
-        if self.pending is not None:
-            self.pending.wait()
+    @property
+    def final(self) -> bool:
+        """Whether the outcomes held here are final (none held: a copy made before)."""
+        return self.outcomes is not None and (self.pending is None or self.pending.is_set())
 
     def __reduce__(self) -> Any:
-        # A copy (a consumer's input on another worker) carries final outcomes: whichever
-        # copy outcomes_of runs on, it reads the truth.
-        self.wait()
+        # A copy (a consumer's input on another worker, a value spilled to disk) is made at
+        # once, never waiting for a result file being written: its consumer starts while the
+        # file is written. It carries the outcomes only when they are final already; otherwise
+        # only the values, and the outcomes reach the runner from the producing worker alone
+        # (its writer thread's event), so no copy can tell a success before the file exists.
         # (with the user modules this worker was given: the receiver may not know mylib.Point)
-        return carrying(Done, (self.outcomes, self.values))
+        return carrying(Done, (self.outcomes if self.final else None, self.values, None,
+                               self.origin))
+
+
+class Unsettled(NamedTuple):
+    """What :func:`outcomes_of` gives for a Dask task whose outcomes are not final where it ran:
+    its result file is still being written on ``origin`` (the worker that ran it), which pushes
+    them when it is, or it read a copy made before that."""
+
+    origin: str | None
 
 
 def _sizeof_done(done: Done) -> int:
@@ -143,12 +158,12 @@ def as_done(key: str, value: Any) -> Done:
     return Done([], {key: value})
 
 
-def outcomes_of(done: Done | list[Outcome]) -> list[Outcome]:
-    """The outcomes of a finished Dask task, without its values (run where the task ran);
-    waits for a result file still being written."""
+def outcomes_of(done: Done | list[Outcome]) -> list[Outcome] | Unsettled:
+    """The outcomes of a finished Dask task, without its values (run where the task's result
+    is held); :class:`Unsettled` when they are not final there. Never waits: a worker thread
+    is not held while a result file is written."""
     if isinstance(done, Done):
-        done.wait()
-        return done.outcomes
+        return done.outcomes if done.final else Unsettled(done.origin)  # type: ignore[return-value]
     return done
 
 
@@ -532,24 +547,13 @@ def _write(store_dir: str, item: WorkItem, value: Any, inline: int,
         ) from None
     if not isinstance(prepared, Unwritten):
         return prepared
-    if defer is not None and prepared.result.size >= max(DEFER_BYTES, _offload_bytes()):
+    if defer is not None and prepared.result.size >= DEFER_BYTES:
         defer.append(prepared)
         return None, None
     try:
         return prepared.write(), None
     except OSError as exc:
         raise _write_failed(store_dir, item, exc) from None
-
-
-@functools.lru_cache(maxsize=1)
-def _offload_bytes() -> float:
-    """Dask's threshold above which messages are serialised off the event loop (infinite when
-    offloading is off: then nothing is deferred)."""
-    import dask
-    from dask.utils import parse_bytes
-
-    offload = dask.config.get("distributed.comm.offload", "10MiB")
-    return float("inf") if not offload else parse_bytes(offload) + 1
 
 
 def _write_failed(store_dir: str, item: WorkItem, exc: OSError) -> ResultWriteError:
@@ -795,7 +799,7 @@ def run_items(
     own = {o.key for o in outcomes if o.state == "SUCCEEDED"}
     done = Done(outcomes, {k: v for k, v in values.items() if k in own})
     if defer and outcomes[0].state == "SUCCEEDED":
-        done.pending = threading.Event()
+        done.pending, done.origin = threading.Event(), address
         _Writer.queue(_Deferred(defer[0], items[0], outcomes[0], store_dir, topic, done.pending,
                                 _current_worker() if topic else None, where.task))
     elif topic:  # pushed to the runner at once: no gather round trip per task
@@ -821,8 +825,10 @@ class _Writer:
     stream to the disk), then completes each outcome and pushes it to the runner.
 
     The task counts as done only when its outcome arrives, after the file is written: a worker
-    that dies in between loses the attempt (it runs again); a runner that dies in between
-    finds the file on its next run and adopts it once its checksum verifies."""
+    that dies in between loses the attempt (it runs again; the runner sees that worker gone,
+    :class:`Unsettled`); a runner that dies in between finds the file on its next run and adopts
+    it once its checksum verifies. Copies of the value sent to consumers meanwhile carry no
+    outcome (:meth:`Done.__reduce__`)."""
 
     _jobs: queue.SimpleQueue[_Deferred] | None = None
     _lock = threading.Lock()
@@ -839,10 +845,24 @@ class _Writer:
 
     @staticmethod
     def _run(jobs: queue.SimpleQueue[_Deferred]) -> None:
+        _lower_priority()
         while True:
             job = jobs.get()
             with contextlib.suppress(Exception):  # (the outcome says what failed; go on)
                 _write_deferred(job)
+
+
+#: The niceness added to the writer thread: the tasks' own work (and the worker's transfers of
+#: values to consumers) comes first, the copy into the page cache fills the CPU they leave.
+WRITER_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    """Lower this thread's CPU priority by :data:`WRITER_NICENESS` (Linux schedules threads
+    each with its own niceness; elsewhere, or when not allowed, it stays as it is)."""
+    with contextlib.suppress(AttributeError, OSError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + WRITER_NICENESS)
 
 
 def _write_deferred(job: _Deferred) -> None:
@@ -863,7 +883,7 @@ def _write_deferred(job: _Deferred) -> None:
     if job.topic and job.worker is not None:  # through the worker's event loop, as _Stream does
         with contextlib.suppress(Exception):  # (a closed worker: the task is lost, runs again)
             job.worker.loop.add_callback(_push, job.topic, [outcome], partial=False,
-                                         worker=job.worker, dask_key=job.dask_key)
+                                         worker=job.worker, dask_key=job.dask_key, whole=True)
 
 
 def _current_worker() -> Any:
@@ -930,10 +950,12 @@ class _Stream:
 
 
 def _push(topic: str, outcomes: list[Outcome], *, partial: bool, worker: Any = None,
-          dask_key: Any = None) -> bool:
+          dask_key: Any = None, whole: bool = False) -> bool:
     """Send outcomes to the runner as an event; False when they were not sent (too large for an
     event while the chunk goes on, or not on a Dask worker: the runner gathers the return value).
-    ``worker`` and ``dask_key`` are given off the item's thread (the event loop's)."""
+    ``worker`` and ``dask_key`` are given off the item's thread (the event loop's). ``whole``:
+    the outcomes travel in the event whatever their size (a deferred write's: copies of its
+    value made before the file was written do not hold them, so a gather could not read them)."""
     if worker is None:
         try:
             from distributed import get_worker
@@ -947,7 +969,7 @@ def _push(topic: str, outcomes: list[Outcome], *, partial: bool, worker: Any = N
     if size > EVENT_LIMIT and partial:
         return False  # sent with the rest of the chunk (or gathered at its end)
     # Large outcomes are fetched by the runner (the scheduler keeps a log of events).
-    payload = [o.fields() for o in outcomes] if size <= EVENT_LIMIT else None
+    payload = [o.fields() for o in outcomes] if size <= EVENT_LIMIT or whole else None
     try:
         worker.log_event(topic, {"dask_key": dask_key, "outcomes": payload,
                                  "partial": partial})
