@@ -623,12 +623,12 @@ PYTHON = [
          "read `ref.run_state` for its state, attempts, error and result file at one moment.",
          _set_state),
     Case("Python API", "A task imports a module of yours whose top level holds a lock, on workers "
-         "that cannot import it", "TaskFailed",
-         "task 'uses(x=1)' failed: ModuleNotFoundError: No module named 'lockedlib' on this worker: "
+         "that cannot import it", "ModuleNotFoundError",
+         "No module named 'lockedlib' on this worker: "
          "nbpipe could not send your module 'lockedlib' to the workers by value (TypeError: "
          "cannot pickle '_thread.lock' object). Make it importable on the workers (install it, or "
          "put its folder on the workers' PYTHONPATH), or keep values that cannot be pickled "
-         "(locks, open files, clients) out of its module level\n…", "'lockedlib'",
+         "(locks, open files, clients) out of its module level", "'lockedlib'",
          "Install the module where the workers run (or add its folder to their `PYTHONPATH`), or "
          "build the lock inside a function.", _module_that_cannot_travel),
     Case("Python API", "A task opens a relative path on a cluster whose workers run in another "
