@@ -284,10 +284,9 @@ def bundle(fn: Callable[..., Any], modules: Iterable[str], task: str = "") -> An
     # classes go along (others only with the functions that use them).
     names = {n for n in family if n not in _refused}
     names |= {n for n in _registered - names if n not in _refused and _defines_classes(n)}
-    missing = {n: r for n, r in _refused.items() if n in wanted or n in _registered}
     found = {name: sys.modules[name] for name in sorted(names)}
     try:
-        blob = cloudpickle.dumps(found, protocol=5)
+        blob = cloudpickle.dumps(found, protocol=5) if found else b""
     except Exception:
         for name in sorted(found):  # which ones cannot travel: the others still do
             try:
@@ -295,8 +294,7 @@ def bundle(fn: Callable[..., Any], modules: Iterable[str], task: str = "") -> An
             except Exception as exc:
                 _refuse(name, exc, task or getattr(fn, "__name__", "?"))
         found = {n: m for n, m in found.items() if n not in _refused}
-        missing = {n: r for n, r in _refused.items() if n in wanted or n in _registered}
         blob = cloudpickle.dumps(found, protocol=5) if found else b""
-    if not names and not missing:  # (still a bundle: it carries the driver's folder)
-        return _Bundle(fn, _Modules((), {}, True))
+    missing = {n: r for n, r in _refused.items() if n in wanted or n in _registered}
+    # (a bundle even without modules: it carries the driver's folder)
     return _Bundle(fn, _Modules((blob,) if blob else (), missing, True))
